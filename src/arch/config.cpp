@@ -1,0 +1,365 @@
+// config.json / generation_config.json -> ModelConfig, and ModelConfig <-> manifest JSON.
+#include <cmath>
+
+#include "arch/registry.h"
+#include "core/error.h"
+
+namespace kiln {
+
+using json = nlohmann::json;
+
+NLOHMANN_JSON_SERIALIZE_ENUM(NormKind, {{NormKind::RMS, "rms"},
+                                        {NormKind::RMSPlusOne, "rms_plus_one"},
+                                        {NormKind::Layer, "layer"}})
+NLOHMANN_JSON_SERIALIZE_ENUM(Activation, {{Activation::SiLU, "silu"},
+                                          {Activation::GeluTanh, "gelu_tanh"},
+                                          {Activation::GeluErf, "gelu"},
+                                          {Activation::ReLU, "relu"}})
+NLOHMANN_JSON_SERIALIZE_ENUM(RopeType, {{RopeType::None, "none"},
+                                        {RopeType::Default, "default"},
+                                        {RopeType::Linear, "linear"},
+                                        {RopeType::Dynamic, "dynamic"},
+                                        {RopeType::Llama3, "llama3"},
+                                        {RopeType::Yarn, "yarn"},
+                                        {RopeType::LongRope, "longrope"}})
+NLOHMANN_JSON_SERIALIZE_ENUM(Routing, {{Routing::None, "none"},
+                                       {Routing::SoftmaxTopK, "softmax_topk"}})
+
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(Knobs, norm, norm_bias, qkv_bias, o_bias, mlp_bias, gated_mlp,
+                                   qk_norm, post_attn_norm, post_ffn_norm, embed_scale_sqrt_hidden,
+                                   learned_positions, tied_embeddings_default, routing,
+                                   shared_expert)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LayerConfig, sliding_window, rope)
+
+namespace {
+
+template <typename T>
+void put_opt(json& j, const char* k, const std::optional<T>& v) {
+  if (v) j[k] = *v;
+}
+template <typename T>
+void get_opt(const json& j, const char* k, std::optional<T>& v) {
+  if (j.contains(k) && !j[k].is_null()) v = j[k].get<T>();
+}
+
+json rope_to_json(const RopeConfig& r) {
+  json j = {{"type", r.type},
+            {"theta", r.theta},
+            {"partial_rotary_factor", r.partial_rotary_factor},
+            {"factor", r.factor},
+            {"low_freq_factor", r.low_freq_factor},
+            {"high_freq_factor", r.high_freq_factor},
+            {"original_max_position_embeddings", r.original_max_position_embeddings},
+            {"beta_fast", r.beta_fast},
+            {"beta_slow", r.beta_slow},
+            {"truncate", r.truncate},
+            {"short_factor", r.short_factor},
+            {"long_factor", r.long_factor}};
+  put_opt(j, "attention_factor", r.attention_factor);
+  put_opt(j, "mscale", r.mscale);
+  put_opt(j, "mscale_all_dim", r.mscale_all_dim);
+  return j;
+}
+
+RopeConfig rope_from_json(const json& j) {
+  RopeConfig r;
+  j.at("type").get_to(r.type);
+  j.at("theta").get_to(r.theta);
+  j.at("partial_rotary_factor").get_to(r.partial_rotary_factor);
+  j.at("factor").get_to(r.factor);
+  j.at("low_freq_factor").get_to(r.low_freq_factor);
+  j.at("high_freq_factor").get_to(r.high_freq_factor);
+  j.at("original_max_position_embeddings").get_to(r.original_max_position_embeddings);
+  j.at("beta_fast").get_to(r.beta_fast);
+  j.at("beta_slow").get_to(r.beta_slow);
+  j.at("truncate").get_to(r.truncate);
+  j.at("short_factor").get_to(r.short_factor);
+  j.at("long_factor").get_to(r.long_factor);
+  get_opt(j, "attention_factor", r.attention_factor);
+  get_opt(j, "mscale", r.mscale);
+  get_opt(j, "mscale_all_dim", r.mscale_all_dim);
+  return r;
+}
+
+// Reads typed config fields and names the file and key in every error.
+struct Reader {
+  const json& c;
+  const std::string& file;
+
+  const json* find(const std::vector<std::string>& keys) const {
+    for (const auto& k : keys)
+      if (c.contains(k) && !c[k].is_null()) return &c[k];
+    return nullptr;
+  }
+  int64_t integer(const std::vector<std::string>& keys) const {
+    const json* v = find(keys);
+    if (!v) throw Error(cat(file, ": missing config field '", keys[0], "'"));
+    if (!v->is_number_integer() || v->get<int64_t>() < 0)
+      throw Error(cat(file, ": field '", keys[0], "' must be a non-negative integer"));
+    return v->get<int64_t>();
+  }
+  int64_t integer(const std::vector<std::string>& keys, int64_t dflt) const {
+    return find(keys) ? integer(keys) : dflt;
+  }
+  double number(const std::vector<std::string>& keys, double dflt) const {
+    const json* v = find(keys);
+    if (!v) return dflt;
+    if (!v->is_number()) throw Error(cat(file, ": field '", keys[0], "' must be a number"));
+    return v->get<double>();
+  }
+  bool boolean(const std::string& key, bool dflt) const {
+    if (!c.contains(key) || c[key].is_null()) return dflt;
+    if (!c[key].is_boolean()) throw Error(cat(file, ": field '", key, "' must be true or false"));
+    return c[key].get<bool>();
+  }
+};
+
+Activation parse_act(const std::string& s, const std::string& file) {
+  if (s == "silu" || s == "swish") return Activation::SiLU;
+  if (s == "gelu_pytorch_tanh" || s == "gelu_new" || s == "gelu_fast" || s == "gelu_tanh")
+    return Activation::GeluTanh;
+  if (s == "gelu") return Activation::GeluErf;
+  if (s == "relu") return Activation::ReLU;
+  throw Error(cat(file, ": unsupported activation '", s, "'"));
+}
+
+// One rope description: `p` is a transformers-5 rope_parameters object or a transformers-4
+// rope_scaling object (possibly null), `theta` the base when `p` does not carry rope_theta.
+RopeConfig parse_rope(const json& p, double theta, double partial, int64_t max_pos,
+                      const std::string& file) {
+  RopeConfig r;
+  r.theta = theta;
+  r.partial_rotary_factor = partial;
+  if (p.is_null()) return r;
+  if (!p.is_object()) throw Error(cat(file, ": rope parameters must be an object"));
+  Reader rd{p, file};
+  std::string type = "default";
+  if (p.contains("rope_type") && p["rope_type"].is_string()) type = p["rope_type"];
+  else if (p.contains("type") && p["type"].is_string()) type = p["type"];
+  r.theta = rd.number({"rope_theta"}, theta);
+  r.partial_rotary_factor = rd.number({"partial_rotary_factor"}, partial);
+  r.factor = rd.number({"factor"}, 1.0);
+  r.original_max_position_embeddings = rd.integer({"original_max_position_embeddings"}, max_pos);
+  if (type == "default") {
+    r.type = RopeType::Default;
+  } else if (type == "linear") {
+    r.type = RopeType::Linear;
+  } else if (type == "dynamic") {
+    r.type = RopeType::Dynamic;
+  } else if (type == "llama3") {
+    r.type = RopeType::Llama3;
+    r.low_freq_factor = rd.number({"low_freq_factor"}, 1.0);
+    r.high_freq_factor = rd.number({"high_freq_factor"}, 4.0);
+    if (!p.contains("original_max_position_embeddings"))
+      throw Error(cat(file, ": llama3 rope needs 'original_max_position_embeddings'"));
+  } else if (type == "yarn") {
+    r.type = RopeType::Yarn;
+    r.beta_fast = rd.number({"beta_fast"}, 32.0);
+    r.beta_slow = rd.number({"beta_slow"}, 1.0);
+    if (p.contains("truncate") && p["truncate"].is_boolean()) r.truncate = p["truncate"];
+    get_opt(p, "attention_factor", r.attention_factor);
+    get_opt(p, "mscale", r.mscale);
+    get_opt(p, "mscale_all_dim", r.mscale_all_dim);
+  } else if (type == "longrope" || type == "su") {
+    r.type = RopeType::LongRope;
+    if (!p.contains("short_factor") || !p.contains("long_factor"))
+      throw Error(cat(file, ": longrope needs 'short_factor' and 'long_factor'"));
+    r.short_factor = p["short_factor"].get<std::vector<double>>();
+    r.long_factor = p["long_factor"].get<std::vector<double>>();
+    get_opt(p, "attention_factor", r.attention_factor);
+  } else {
+    throw Error(cat(file, ": unsupported rope type '", type, "'"));
+  }
+  return r;
+}
+
+}  // namespace
+
+ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::string& file) {
+  if (!c.is_object()) throw Error(cat(file, ": config is not a JSON object"));
+  Reader rd{c, file};
+  auto keys = [&](const std::string& canon, std::vector<std::string> dflt) {
+    auto it = spec.keys.find(canon);
+    return it == spec.keys.end() ? dflt : it->second;
+  };
+  ModelConfig m;
+  m.architecture = spec.name;
+  m.knobs = spec.knobs;
+  for (const auto& [knob, key] : spec.knob_keys) {
+    bool* k = knob == "qkv_bias"  ? &m.knobs.qkv_bias
+              : knob == "o_bias"  ? &m.knobs.o_bias
+              : knob == "mlp_bias" ? &m.knobs.mlp_bias
+                                   : nullptr;
+    if (!k) throw Error(cat("architecture table ", spec.name, ": unknown knob '", knob, "'"));
+    *k = rd.boolean(key, *k);
+  }
+  m.vocab_size = rd.integer(keys("vocab_size", {"vocab_size"}));
+  m.hidden_size = rd.integer(keys("hidden_size", {"hidden_size"}));
+  m.num_layers = rd.integer(keys("num_layers", {"num_hidden_layers"}));
+  m.num_heads = rd.integer(keys("num_heads", {"num_attention_heads"}));
+  m.num_kv_heads = rd.integer(keys("num_kv_heads", {"num_key_value_heads"}), m.num_heads);
+  if (m.num_heads == 0 || m.hidden_size == 0 || m.num_layers == 0 || m.vocab_size == 0)
+    throw Error(cat(file, ": hidden_size, vocab_size and the layer and head counts must be > 0"));
+  // transformers itself falls back to hidden_size / num_attention_heads when head_dim is absent.
+  m.head_dim = rd.integer(keys("head_dim", {"head_dim"}), m.hidden_size / m.num_heads);
+  if (m.num_kv_heads == 0 || m.num_heads % m.num_kv_heads != 0)
+    throw Error(cat(file, ": num_attention_heads (", m.num_heads,
+                    ") must be a multiple of num_key_value_heads (", m.num_kv_heads, ")"));
+  m.intermediate_size = rd.integer(keys("intermediate_size", {"intermediate_size"}));
+  m.max_position_embeddings = rd.integer(keys("max_position_embeddings", {"max_position_embeddings"}));
+  m.norm_eps = rd.number(keys("norm_eps", {"rms_norm_eps", "layer_norm_eps"}), 1e-6);
+  std::string act = spec.default_act;
+  if (const json* v = rd.find(keys("act", {"hidden_act"}))) act = v->get<std::string>();
+  m.act = parse_act(act, file);
+  m.tie_word_embeddings = rd.boolean("tie_word_embeddings", spec.knobs.tied_embeddings_default);
+  m.attn_scale = 1.0 / std::sqrt(double(m.head_dim));
+
+  // RoPE: transformers-5 rope_parameters (one object, or one per layer type), else
+  // transformers-4 rope_theta + rope_scaling.
+  const double partial = rd.number({"partial_rotary_factor"}, 1.0);
+  std::vector<std::string> rope_types;  // layer type per rope entry, when keyed by layer type
+  if (c.contains("rope_parameters") && c["rope_parameters"].is_object()) {
+    const json& rp = c["rope_parameters"];
+    bool keyed = !rp.empty();
+    for (auto& [k, v] : rp.items()) keyed = keyed && v.is_object();
+    if (keyed) {
+      for (auto& [k, v] : rp.items()) {
+        rope_types.push_back(k);
+        m.ropes.push_back(parse_rope(v, 10000.0, partial, m.max_position_embeddings, file));
+      }
+    } else {
+      m.ropes.push_back(parse_rope(rp, rd.number({"rope_theta"}, 10000.0), partial,
+                                   m.max_position_embeddings, file));
+    }
+  } else {
+    const json null;
+    const json& scaling = c.contains("rope_scaling") ? c["rope_scaling"] : null;
+    m.ropes.push_back(
+        parse_rope(scaling, rd.number({"rope_theta"}, 10000.0), partial, m.max_position_embeddings, file));
+  }
+
+  // Per-layer attention pattern.
+  const int64_t window = rd.integer({"sliding_window"}, 0);
+  std::vector<std::string> types;
+  if (c.contains("layer_types") && c["layer_types"].is_array()) {
+    types = c["layer_types"].get<std::vector<std::string>>();
+    if (int64_t(types.size()) != m.num_layers)
+      throw Error(cat(file, ": layer_types has ", types.size(), " entries but num_hidden_layers is ",
+                      m.num_layers));
+  } else {
+    const bool use_sw = rd.boolean("use_sliding_window", true);
+    const int64_t first_sw = c.contains("use_sliding_window") ? rd.integer({"max_window_layers"}, 0) : 0;
+    const int64_t period = rd.integer({"sliding_window_pattern"}, spec.sliding_period);
+    for (int64_t i = 0; i < m.num_layers; ++i) {
+      bool sw = use_sw && window > 0 && i >= first_sw && (period == 0 || (i + 1) % period != 0);
+      types.push_back(sw ? "sliding_attention" : "full_attention");
+    }
+  }
+  for (int64_t i = 0; i < m.num_layers; ++i) {
+    LayerConfig l;
+    const std::string& t = types[size_t(i)];
+    if (t == "sliding_attention") {
+      if (window <= 0)
+        throw Error(cat(file, ": layer ", i, " is sliding_attention but sliding_window is not set"));
+      l.sliding_window = window;
+    } else if (t != "full_attention") {
+      throw Error(cat(file, ": layer_types[", i, "] = '", t, "' is not supported"));
+    }
+    if (!rope_types.empty()) {
+      auto it = std::find(rope_types.begin(), rope_types.end(), t);
+      if (it == rope_types.end())
+        throw Error(cat(file, ": rope_parameters has no entry for layer type '", t, "'"));
+      l.rope = int(it - rope_types.begin());
+    }
+    m.layers.push_back(l);
+  }
+
+  if (const json* v = rd.find({"bos_token_id"}); v && v->is_number_integer()) m.bos_token_id = v->get<int64_t>();
+  if (const json* v = rd.find({"eos_token_id"})) {
+    if (v->is_number_integer()) m.eos_token_ids = {v->get<int64_t>()};
+    else if (v->is_array()) m.eos_token_ids = v->get<std::vector<int64_t>>();
+  }
+  for (size_t i = 0; i < m.ropes.size(); ++i)
+    if (m.rotary_dim(int(i)) <= 0 || m.rotary_dim(int(i)) > m.head_dim)
+      throw Error(cat(file, ": partial_rotary_factor gives an invalid rotary dimension"));
+  return m;
+}
+
+json apply_generation_config(ModelConfig& m, const json& g, const std::string& file) {
+  if (!g.is_object()) throw Error(cat(file, ": not a JSON object"));
+  if (g.contains("eos_token_id")) {
+    const json& v = g["eos_token_id"];
+    if (v.is_number_integer()) m.eos_token_ids = {v.get<int64_t>()};
+    else if (v.is_array()) m.eos_token_ids = v.get<std::vector<int64_t>>();
+    else if (!v.is_null()) throw Error(cat(file, ": eos_token_id must be an integer or a list"));
+  }
+  if (g.contains("bos_token_id") && g["bos_token_id"].is_number_integer())
+    m.bos_token_id = g["bos_token_id"].get<int64_t>();
+  json d = json::object();
+  for (const char* k : {"temperature", "top_k", "top_p", "do_sample"})
+    if (g.contains(k) && !g[k].is_null()) d[k] = g[k];
+  return d;
+}
+
+json to_json(const ModelConfig& m) {
+  json ropes = json::array();
+  for (const auto& r : m.ropes) ropes.push_back(rope_to_json(r));
+  json j = {{"architecture", m.architecture},
+            {"knobs", m.knobs},
+            {"vocab_size", m.vocab_size},
+            {"hidden_size", m.hidden_size},
+            {"num_layers", m.num_layers},
+            {"num_heads", m.num_heads},
+            {"num_kv_heads", m.num_kv_heads},
+            {"head_dim", m.head_dim},
+            {"intermediate_size", m.intermediate_size},
+            {"max_position_embeddings", m.max_position_embeddings},
+            {"norm_eps", m.norm_eps},
+            {"act", m.act},
+            {"tie_word_embeddings", m.tie_word_embeddings},
+            {"ropes", ropes},
+            {"layers", m.layers},
+            {"attn_scale", m.attn_scale},
+            {"attn_softcap", m.attn_softcap},
+            {"final_softcap", m.final_softcap},
+            {"num_experts", m.num_experts},
+            {"experts_per_token", m.experts_per_token},
+            {"moe_intermediate_size", m.moe_intermediate_size},
+            {"shared_expert_intermediate_size", m.shared_expert_intermediate_size},
+            {"norm_topk_prob", m.norm_topk_prob},
+            {"eos_token_ids", m.eos_token_ids}};
+  put_opt(j, "bos_token_id", m.bos_token_id);
+  return j;
+}
+
+ModelConfig model_config_from_json(const json& j) {
+  ModelConfig m;
+  j.at("architecture").get_to(m.architecture);
+  j.at("knobs").get_to(m.knobs);
+  j.at("vocab_size").get_to(m.vocab_size);
+  j.at("hidden_size").get_to(m.hidden_size);
+  j.at("num_layers").get_to(m.num_layers);
+  j.at("num_heads").get_to(m.num_heads);
+  j.at("num_kv_heads").get_to(m.num_kv_heads);
+  j.at("head_dim").get_to(m.head_dim);
+  j.at("intermediate_size").get_to(m.intermediate_size);
+  j.at("max_position_embeddings").get_to(m.max_position_embeddings);
+  j.at("norm_eps").get_to(m.norm_eps);
+  j.at("act").get_to(m.act);
+  j.at("tie_word_embeddings").get_to(m.tie_word_embeddings);
+  for (const auto& r : j.at("ropes")) m.ropes.push_back(rope_from_json(r));
+  j.at("layers").get_to(m.layers);
+  j.at("attn_scale").get_to(m.attn_scale);
+  j.at("attn_softcap").get_to(m.attn_softcap);
+  j.at("final_softcap").get_to(m.final_softcap);
+  j.at("num_experts").get_to(m.num_experts);
+  j.at("experts_per_token").get_to(m.experts_per_token);
+  j.at("moe_intermediate_size").get_to(m.moe_intermediate_size);
+  j.at("shared_expert_intermediate_size").get_to(m.shared_expert_intermediate_size);
+  j.at("norm_topk_prob").get_to(m.norm_topk_prob);
+  j.at("eos_token_ids").get_to(m.eos_token_ids);
+  get_opt(j, "bos_token_id", m.bos_token_id);
+  return m;
+}
+
+}  // namespace kiln

@@ -1,0 +1,85 @@
+// The resolved description of one decoder model: the builder knobs an architecture table fixes,
+// and the hyper-parameters read from config.json. Every architecture is expressed with these same
+// fields; nothing here is specific to one model family.
+#pragma once
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace kiln {
+
+enum class NormKind { RMS, RMSPlusOne, Layer };  // RMSPlusOne: Gemma's x * (1 + w)
+enum class Activation { SiLU, GeluTanh, GeluErf, ReLU };
+enum class RopeType { None, Default, Linear, Dynamic, Llama3, Yarn, LongRope };
+enum class Routing { None, SoftmaxTopK };  // MoE router
+
+// Builder knobs: orthogonal switches of the one shared decoder graph.
+struct Knobs {
+  NormKind norm = NormKind::RMS;
+  bool norm_bias = false;          // LayerNorm with bias
+  bool qkv_bias = false;
+  bool o_bias = false;
+  bool mlp_bias = false;
+  bool gated_mlp = true;           // act(gate) * up, else act(up)
+  bool qk_norm = false;            // per-head norm of q and k before RoPE
+  bool post_attn_norm = false;     // norm of the attention output before the residual add
+  bool post_ffn_norm = false;      // norm of the FFN output before the residual add
+  bool embed_scale_sqrt_hidden = false;
+  bool learned_positions = false;  // absolute position embeddings added to the input
+  bool tied_embeddings_default = false;
+  Routing routing = Routing::None;
+  bool shared_expert = false;      // always-on expert with a sigmoid gate
+};
+
+struct RopeConfig {
+  RopeType type = RopeType::Default;
+  double theta = 10000.0;
+  double partial_rotary_factor = 1.0;
+  double factor = 1.0;
+  double low_freq_factor = 1.0, high_freq_factor = 4.0;  // llama3
+  int64_t original_max_position_embeddings = 0;
+  double beta_fast = 32.0, beta_slow = 1.0;               // yarn
+  std::optional<double> attention_factor;                 // yarn / longrope
+  std::optional<double> mscale, mscale_all_dim;           // yarn
+  bool truncate = true;                                   // yarn
+  std::vector<double> short_factor, long_factor;          // longrope
+};
+
+struct LayerConfig {
+  int64_t sliding_window = 0;  // 0: full attention; else attend to the last `sliding_window` keys
+  int rope = 0;                // index into ModelConfig::ropes
+};
+
+struct ModelConfig {
+  std::string architecture;
+  Knobs knobs;
+  int64_t vocab_size = 0, hidden_size = 0, num_layers = 0, num_heads = 0, num_kv_heads = 0,
+          head_dim = 0, intermediate_size = 0, max_position_embeddings = 0;
+  double norm_eps = 1e-6;
+  Activation act = Activation::SiLU;
+  bool tie_word_embeddings = false;
+  std::vector<RopeConfig> ropes;
+  std::vector<LayerConfig> layers;
+  double attn_scale = 0;      // multiplies q.k; default 1/sqrt(head_dim)
+  double attn_softcap = 0;    // 0: off
+  double final_softcap = 0;   // 0: off
+  int64_t num_experts = 0, experts_per_token = 0, moe_intermediate_size = 0,
+          shared_expert_intermediate_size = 0;
+  bool norm_topk_prob = true;
+  std::optional<int64_t> bos_token_id;
+  std::vector<int64_t> eos_token_ids;
+
+  int64_t q_dim() const { return num_heads * head_dim; }
+  int64_t kv_dim() const { return num_kv_heads * head_dim; }
+  int64_t rotary_dim(int rope) const {
+    return int64_t(double(head_dim) * ropes[size_t(rope)].partial_rotary_factor) / 2 * 2;
+  }
+};
+
+nlohmann::json to_json(const ModelConfig& c);
+ModelConfig model_config_from_json(const nlohmann::json& j);
+
+}  // namespace kiln

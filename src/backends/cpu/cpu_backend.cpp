@@ -1,0 +1,142 @@
+// The CPU backend: FP32 activations, kernels from cpu_ops.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <numeric>
+#include <vector>
+
+#include "backends/cpu/cpu_ops.h"
+#include "graph/backend.h"
+
+namespace kiln {
+
+namespace {
+
+const float* fptr(const Tensor* t) { return t ? t->ptr<float>() : nullptr; }
+float* F(void* p) { return static_cast<float*>(p); }
+const float* F(const void* p) { return static_cast<const float*>(p); }
+
+cpu::KVView view(const KVLayerView& kv) {
+  return {F(kv.k), F(kv.v), kv.block_table, kv.block_size, kv.kv_dim};
+}
+
+class CpuBackend final : public Backend {
+ public:
+  Device device() const override { return Device::CPU; }
+  std::string name() const override { return "CPU"; }
+  DType act_dtype() const override { return DType::F32; }
+
+  void* alloc(size_t bytes) override {
+    void* p = std::aligned_alloc(64, (std::max<size_t>(bytes, 1) + 63) / 64 * 64);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+  void release(void* p) override { std::free(p); }
+  void to_device(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
+  void to_host(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
+  Tensor upload(const Tensor& host) override { return host; }
+
+  void embed(const Tensor& t, const int32_t* ids, int64_t n, float scale, void* out) override {
+    cpu::embed(t.data, t.dtype, t.shape[0], t.shape[1], ids, n, scale, F(out));
+  }
+  void add_rows(const Tensor& t, const int32_t* rows, int64_t n, void* x) override {
+    cpu::add_rows(t.data, t.dtype, t.shape[1], rows, n, F(x));
+  }
+  void linear(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
+              int64_t ldy) override {
+    cpu::linear(F(x), n, w.shape[1], ldx, w.data, w.dtype, w.shape[0], fptr(b), F(y), ldy);
+  }
+  void norm(const void* x, int64_t rows, int64_t dim, int64_t ldx, const Tensor& w,
+            const Tensor* b, NormKind kind, float eps, void* y, int64_t ldy) override {
+    cpu::norm(F(x), rows, dim, ldx, w.ptr<float>(), fptr(b), kind, eps, F(y), ldy);
+  }
+  void add_norm(void* r, const void* d, int64_t rows, int64_t dim, const Tensor& w,
+                const Tensor* b, NormKind kind, float eps, void* y) override {
+    cpu::add_norm(F(r), F(d), rows, dim, w.ptr<float>(), fptr(b), kind, eps, F(y));
+  }
+  void head_norm(void* x, int64_t n, int64_t ld, int64_t heads, int64_t hd, const Tensor& w,
+                 NormKind kind, float eps) override {
+    for (int64_t i = 0; i < n; ++i)
+      cpu::norm(F(x) + i * ld, heads, hd, hd, w.ptr<float>(), nullptr, kind, eps, F(x) + i * ld, hd);
+  }
+  void add(void* x, const void* y, int64_t count) override {
+    for (int64_t i = 0; i < count; ++i) F(x)[i] += F(y)[i];
+  }
+  void rope(void* x, int64_t n, int64_t ld, int64_t heads, int64_t hd, int64_t rot,
+            const float* cos, const float* sin) override {
+    cpu::rope(F(x), n, ld, heads, hd, rot, cos, sin);
+  }
+  void kv_write(const KVLayerView& kv, const void* k, const void* v, int64_t ld,
+                const int32_t* pos, int64_t n) override {
+    cpu::kv_write(view(kv), F(k), F(v), ld, pos, n);
+  }
+  void attention(const void* q, int64_t ldq, int64_t n, const int32_t* pos,
+                 const KVLayerView& kv, const AttnParams& p, void* out, int64_t ldo) override {
+    cpu::attention(F(q), ldq, n, pos, view(kv), p.heads, p.kv_heads, p.head_dim, p.scale,
+                   p.softcap, p.window, F(out), ldo);
+  }
+  void gated_act(const void* gu, int64_t n, int64_t inter, Activation a, void* out) override {
+    cpu::gated_act(F(gu), n, inter, a, F(out));
+  }
+  void act(void* x, int64_t count, Activation a) override { cpu::act_inplace(F(x), count, a); }
+  void softcap(void* x, int64_t count, float cap) override { cpu::softcap(F(x), count, cap); }
+  void to_f32(const void* x, int64_t count, float* out) override {
+    std::memcpy(out, x, size_t(count) * 4);
+  }
+
+  void moe_ffn(const void* xv, int64_t n, int64_t H, const MoeWeights& w, int64_t E,
+               int64_t top_k, bool renorm, Activation a, void* outv) override {
+    const float* x = F(xv);
+    float* out = F(outv);
+    std::vector<float> logits(size_t(n * E));
+    cpu::linear(x, n, H, H, w.router->data, w.router->dtype, E, nullptr, logits.data(), E);
+    std::fill(out, out + n * H, 0.0f);
+    std::vector<float> gu, h, y(static_cast<size_t>(H));
+    for (int64_t i = 0; i < n; ++i) {
+      // softmax over experts, then top-k (ties to the lower index, like torch.topk).
+      float* l = logits.data() + i * E;
+      const float mx = *std::max_element(l, l + E);
+      float sum = 0;
+      for (int64_t e = 0; e < E; ++e) sum += (l[e] = std::exp(l[e] - mx));
+      for (int64_t e = 0; e < E; ++e) l[e] /= sum;
+      std::vector<int64_t> idx(static_cast<size_t>(E));
+      std::iota(idx.begin(), idx.end(), 0);
+      std::stable_sort(idx.begin(), idx.end(), [&](int64_t p, int64_t q) { return l[p] > l[q]; });
+      float wsum = 0;
+      for (int64_t k = 0; k < top_k; ++k) wsum += l[idx[size_t(k)]];
+      const float* xi = x + i * H;
+      float* oi = out + i * H;
+      auto run = [&](const Tensor& wgu, const Tensor& wd, float scale) {
+        const int64_t I = wgu.shape[0] / 2;
+        gu.resize(size_t(2 * I));
+        h.resize(size_t(I));
+        cpu::linear(xi, 1, H, H, wgu.data, wgu.dtype, 2 * I, nullptr, gu.data(), 2 * I);
+        cpu::gated_act(gu.data(), 1, I, a, h.data());
+        cpu::linear(h.data(), 1, I, I, wd.data, wd.dtype, H, nullptr, y.data(), H);
+        for (int64_t d = 0; d < H; ++d) oi[d] += scale * y[size_t(d)];
+      };
+      for (int64_t k = 0; k < top_k; ++k) {
+        const int64_t e = idx[size_t(k)];
+        run(*w.gate_up[e], *w.down[e], renorm ? l[e] / wsum : l[e]);
+      }
+      if (w.shared_gate_up) {
+        float g = 0;
+        cpu::linear(xi, 1, H, H, w.shared_gate->data, w.shared_gate->dtype, 1, nullptr, &g, 1);
+        run(*w.shared_gate_up, *w.shared_down, 1.0f / (1.0f + std::exp(-g)));
+      }
+    }
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+#ifndef KILN_HAVE_CUDA
+std::unique_ptr<Backend> make_cuda_backend() { return nullptr; }
+bool cuda_available() { return false; }
+#endif
+
+}  // namespace kiln

@@ -1,0 +1,236 @@
+#include "backends/cpu/cpu_ops.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace kiln::cpu {
+
+namespace {
+
+// Thread-local scratch that grows but never shrinks, so hot loops do not allocate.
+float* scratch(size_t n, int slot) {
+  thread_local std::vector<float> bufs[2];
+  auto& b = bufs[slot];
+  if (b.size() < n) b.resize(n);
+  return b.data();
+}
+
+const float* row_f32(const void* w, DType t, int64_t row, int64_t in, float* buf) {
+  if (t == DType::F32) return static_cast<const float*>(w) + row * in;
+  const auto* s = static_cast<const uint16_t*>(w) + row * in;
+  if (t == DType::BF16) {
+#pragma omp simd
+    for (int64_t k = 0; k < in; ++k) buf[k] = bf16_to_f32(s[k]);
+  } else {
+    for (int64_t k = 0; k < in; ++k) buf[k] = f16_to_f32(s[k]);
+  }
+  return buf;
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  float s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < n; ++k) s += a[k] * b[k];
+  return s;
+}
+
+float apply_act(float x, Activation a) {
+  switch (a) {
+    case Activation::SiLU:
+      return x / (1.0f + std::exp(-x));
+    case Activation::GeluTanh: {
+      const float c = 0.7978845608028654f;  // sqrt(2/pi)
+      return 0.5f * x * (1.0f + std::tanh(c * (x + 0.044715f * x * x * x)));
+    }
+    case Activation::GeluErf:
+      return 0.5f * x * (1.0f + std::erf(x * 0.7071067811865476f));
+    case Activation::ReLU:
+      return x > 0 ? x : 0;
+  }
+  return x;
+}
+
+}  // namespace
+
+void linear(const float* x, int64_t n, int64_t in, int64_t ldx, const void* w, DType wt,
+            int64_t out, const float* bias, float* y, int64_t ldy) {
+  constexpr int64_t RB = 4, TB = 4;
+#pragma omp parallel for schedule(static)
+  for (int64_t o0 = 0; o0 < out; o0 += RB) {
+    const int64_t rb = std::min(RB, out - o0);
+    float* buf = scratch(size_t(RB * in), 0);
+    const float* wr[RB];
+    for (int64_t r = 0; r < rb; ++r) wr[r] = row_f32(w, wt, o0 + r, in, buf + r * in);
+    int64_t t0 = 0;
+    if (rb == RB) {
+      for (; t0 + TB <= n; t0 += TB) {
+        const float *x0 = x + t0 * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+        const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];
+        float a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
+        float a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
+#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, \
+                               a31, a32, a33)
+        for (int64_t k = 0; k < in; ++k) {
+          a00 += x0[k] * w0[k], a01 += x0[k] * w1[k], a02 += x0[k] * w2[k], a03 += x0[k] * w3[k];
+          a10 += x1[k] * w0[k], a11 += x1[k] * w1[k], a12 += x1[k] * w2[k], a13 += x1[k] * w3[k];
+          a20 += x2[k] * w0[k], a21 += x2[k] * w1[k], a22 += x2[k] * w2[k], a23 += x2[k] * w3[k];
+          a30 += x3[k] * w0[k], a31 += x3[k] * w1[k], a32 += x3[k] * w2[k], a33 += x3[k] * w3[k];
+        }
+        const float acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
+                                 {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+        for (int64_t t = 0; t < TB; ++t)
+          for (int64_t r = 0; r < RB; ++r)
+            y[(t0 + t) * ldy + o0 + r] = acc[t][r] + (bias ? bias[o0 + r] : 0.0f);
+      }
+    }
+    for (; t0 < n; ++t0)
+      for (int64_t r = 0; r < rb; ++r)
+        y[t0 * ldy + o0 + r] = dot(x + t0 * ldx, wr[r], in) + (bias ? bias[o0 + r] : 0.0f);
+  }
+}
+
+static void norm_row(const float* x, int64_t dim, const float* w, const float* b, NormKind kind,
+                     float eps, float* y) {
+  if (kind == NormKind::Layer) {
+    float mean = 0;
+#pragma omp simd reduction(+ : mean)
+    for (int64_t i = 0; i < dim; ++i) mean += x[i];
+    mean /= float(dim);
+    float var = 0;
+#pragma omp simd reduction(+ : var)
+    for (int64_t i = 0; i < dim; ++i) var += (x[i] - mean) * (x[i] - mean);
+    const float inv = 1.0f / std::sqrt(var / float(dim) + eps);
+    for (int64_t i = 0; i < dim; ++i) y[i] = (x[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
+    return;
+  }
+  float ss = 0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < dim; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / float(dim) + eps);
+  const float off = kind == NormKind::RMSPlusOne ? 1.0f : 0.0f;
+  for (int64_t i = 0; i < dim; ++i) y[i] = x[i] * inv * (w[i] + off) + (b ? b[i] : 0.0f);
+}
+
+void norm(const float* x, int64_t rows, int64_t dim, int64_t ldx, const float* w, const float* b,
+          NormKind kind, float eps, float* y, int64_t ldy) {
+#pragma omp parallel for schedule(static) if (rows * dim > 16384)
+  for (int64_t r = 0; r < rows; ++r) norm_row(x + r * ldx, dim, w, b, kind, eps, y + r * ldy);
+}
+
+void add_norm(float* residual, const float* delta, int64_t rows, int64_t dim, const float* w,
+              const float* b, NormKind kind, float eps, float* y) {
+#pragma omp parallel for schedule(static) if (rows * dim > 16384)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = residual + r * dim;
+    const float* d = delta + r * dim;
+    for (int64_t i = 0; i < dim; ++i) x[i] += d[i];
+    norm_row(x, dim, w, b, kind, eps, y + r * dim);
+  }
+}
+
+void embed(const void* table, DType t, int64_t vocab, int64_t dim, const int32_t* ids, int64_t n,
+           float scale, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    to_f32(t, static_cast<const char*>(table) + size_t(ids[i]) * dim * dtype_size(t), out + i * dim,
+           size_t(dim));
+    if (scale != 1.0f)
+      for (int64_t k = 0; k < dim; ++k) out[i * dim + k] *= scale;
+  }
+}
+
+void add_rows(const void* table, DType t, int64_t dim, const int32_t* pos, int64_t n, float* x) {
+  float* buf = scratch(size_t(dim), 1);
+  for (int64_t i = 0; i < n; ++i) {
+    to_f32(t, static_cast<const char*>(table) + size_t(pos[i]) * dim * dtype_size(t), buf,
+           size_t(dim));
+    for (int64_t k = 0; k < dim; ++k) x[i * dim + k] += buf[k];
+  }
+}
+
+void rope(float* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim, int64_t rot_dim,
+          const float* cos, const float* sin) {
+  const int64_t half = rot_dim / 2;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* c = cos + i * half;
+    const float* s = sin + i * half;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + i * ld + h * head_dim;
+      for (int64_t k = 0; k < half; ++k) {
+        const float a = v[k], b = v[k + half];
+        v[k] = a * c[k] - b * s[k];
+        v[k + half] = b * c[k] + a * s[k];
+      }
+    }
+  }
+}
+
+void gated_act(const float* gu, int64_t n, int64_t inter, Activation a, float* out) {
+#pragma omp parallel for schedule(static) if (n * inter > 16384)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < inter; ++k)
+      out[i * inter + k] = apply_act(gu[i * 2 * inter + k], a) * gu[i * 2 * inter + inter + k];
+}
+
+void act_inplace(float* x, int64_t count, Activation a) {
+#pragma omp parallel for schedule(static) if (count > 16384)
+  for (int64_t i = 0; i < count; ++i) x[i] = apply_act(x[i], a);
+}
+
+void softcap(float* x, int64_t count, float cap) {
+  for (int64_t i = 0; i < count; ++i) x[i] = cap * std::tanh(x[i] / cap);
+}
+
+void kv_write(const KVView& kv, const float* k, const float* v, int64_t ld, const int32_t* pos,
+              int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t p = pos[i];
+    const int64_t slot = int64_t(kv.block_table[p / kv.block_size]) * kv.block_size + p % kv.block_size;
+    std::memcpy(kv.k + slot * kv.kv_dim, k + i * ld, size_t(kv.kv_dim) * 4);
+    std::memcpy(kv.v + slot * kv.kv_dim, v + i * ld, size_t(kv.kv_dim) * 4);
+  }
+}
+
+void attention(const float* q, int64_t ldq, int64_t n, const int32_t* pos, const KVView& kv,
+               int64_t heads, int64_t kv_heads, int64_t head_dim, float scale, float cap,
+               int64_t window, float* out, int64_t ldo) {
+  const int64_t group = heads / kv_heads;
+#pragma omp parallel for collapse(2) schedule(dynamic)
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t p = pos[i];
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+      const int64_t len = p - lo + 1;
+      float* s = scratch(size_t(len), 0);
+      const float* qh = q + i * ldq + h * head_dim;
+      const int64_t kvo = (h / group) * head_dim;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t t = lo + j;
+        const int64_t slot = int64_t(kv.block_table[t / kv.block_size]) * kv.block_size + t % kv.block_size;
+        float x = dot(qh, kv.k + slot * kv.kv_dim + kvo, head_dim) * scale;
+        if (cap > 0) x = cap * std::tanh(x / cap);
+        s[j] = x;
+        mx = std::max(mx, x);
+      }
+      float sum = 0;
+      for (int64_t j = 0; j < len; ++j) sum += (s[j] = std::exp(s[j] - mx));
+      const float inv = 1.0f / sum;
+      float* o = out + i * ldo + h * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) o[d] = 0;
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t t = lo + j;
+        const int64_t slot = int64_t(kv.block_table[t / kv.block_size]) * kv.block_size + t % kv.block_size;
+        const float* vr = kv.v + slot * kv.kv_dim + kvo;
+        const float pj = s[j] * inv;
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; ++d) o[d] += pj * vr[d];
+      }
+    }
+  }
+}
+
+}  // namespace kiln::cpu

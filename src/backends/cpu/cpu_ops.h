@@ -1,0 +1,63 @@
+// CPU reference kernels: free functions on raw pointers, FP32 activations, weights in F32, F16 or
+// BF16 (upcast on the fly). Parallel with OpenMP. These define the numerics every other backend
+// is checked against.
+#pragma once
+
+#include <cstdint>
+
+#include "arch/model_config.h"
+#include "core/dtype.h"
+
+namespace kiln::cpu {
+
+// y[n, out] = x[n, in] . w[out, in]^T (+ bias[out]); x rows are `ldx` floats apart, y rows `ldy`.
+void linear(const float* x, int64_t n, int64_t in, int64_t ldx, const void* w, DType wt,
+            int64_t out, const float* bias, float* y, int64_t ldy);
+
+// y = norm(x) * w (+ b) row-wise over `dim`; y may alias x.
+void norm(const float* x, int64_t rows, int64_t dim, int64_t ldx, const float* w, const float* b,
+          NormKind kind, float eps, float* y, int64_t ldy);
+
+// residual += delta; y = norm(residual) (the fused pre-norm of the next block).
+void add_norm(float* residual, const float* delta, int64_t rows, int64_t dim, const float* w,
+              const float* b, NormKind kind, float eps, float* y);
+
+// out[i] = table[ids[i]] * scale, table rows in dtype `t`.
+void embed(const void* table, DType t, int64_t vocab, int64_t dim, const int32_t* ids, int64_t n,
+           float scale, float* out);
+
+// x[i] += table[pos[i]].
+void add_rows(const void* table, DType t, int64_t dim, const int32_t* pos, int64_t n, float* x);
+
+// Rotates the first `rot_dim` dims of each head (rotate-half convention) of `heads` heads per
+// row; cos/sin are [n, rot_dim / 2].
+void rope(float* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim, int64_t rot_dim,
+          const float* cos, const float* sin);
+
+// Gated activation: out[n, inter] = act(gu[:, :inter]) * gu[:, inter:]; or act in place (!gated).
+void gated_act(const float* gu, int64_t n, int64_t inter, Activation a, float* out);
+void act_inplace(float* x, int64_t count, Activation a);
+
+// x = cap * tanh(x / cap).
+void softcap(float* x, int64_t count, float cap);
+
+// Paged KV cache geometry: pool is [num_blocks, block_size, kv_dim] per layer for K and for V.
+struct KVView {
+  float* k;
+  float* v;
+  const int32_t* block_table;
+  int64_t block_size;
+  int64_t kv_dim;
+};
+
+// Writes rows k/v [n, kv_dim] (row stride ld) at positions pos[i].
+void kv_write(const KVView& kv, const float* k, const float* v, int64_t ld, const int32_t* pos,
+              int64_t n);
+
+// out[n, heads*head_dim] = softmax(scale * q.k (soft-capped), causal, window) . v for query
+// rows at positions pos[i]; keys are the cache positions [lo, pos[i]].
+void attention(const float* q, int64_t ldq, int64_t n, const int32_t* pos, const KVView& kv,
+               int64_t heads, int64_t kv_heads, int64_t head_dim, float scale, float softcap,
+               int64_t window, float* out, int64_t ldo);
+
+}  // namespace kiln::cpu

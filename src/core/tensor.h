@@ -1,0 +1,52 @@
+// A plain tensor: dtype, shape and a pointer to contiguous row-major bytes. Storage is shared
+// (a heap buffer, or a whole mmapped file kept alive by any tensor viewing into it).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+
+namespace kiln {
+
+using Shape = std::vector<int64_t>;
+
+std::string shape_str(const Shape& s);
+inline int64_t numel(const Shape& s) {
+  return std::accumulate(s.begin(), s.end(), int64_t{1}, std::multiplies<>());
+}
+
+enum class Device : uint8_t { CPU, CUDA };
+
+struct Tensor {
+  DType dtype = DType::F32;
+  Device device = Device::CPU;
+  Shape shape;
+  std::shared_ptr<void> storage;  // keeps `data` alive
+  void* data = nullptr;
+
+  int64_t numel() const { return kiln::numel(shape); }
+  size_t nbytes() const { return size_t(numel()) * dtype_size(dtype); }
+  bool empty() const { return data == nullptr; }
+  template <typename T>
+  T* ptr() {
+    return static_cast<T*>(data);
+  }
+  template <typename T>
+  const T* ptr() const {
+    return static_cast<const T*>(data);
+  }
+
+  // A zero-filled, 64-byte-aligned heap tensor.
+  static Tensor zeros(DType t, Shape shape);
+  // Wraps bytes owned by `owner` without copying.
+  static Tensor view(DType t, Shape shape, std::shared_ptr<void> owner, void* data);
+};
+
+// Returns a copy converted to float dtype `to` (F32/F16/BF16 in, any float out).
+Tensor convert(const Tensor& t, DType to);
+
+}  // namespace kiln

@@ -1,0 +1,107 @@
+#include "graph/layout.h"
+
+#include "core/error.h"
+
+namespace kiln {
+
+namespace {
+
+// FFN sub-block tensors with inner size I under `prefix` (dense MLP, one expert, shared expert).
+void ffn_specs(const ModelConfig& c, const std::string& p, int64_t I, std::vector<WeightSpec>& r) {
+  const int64_t H = c.hidden_size;
+  const bool g = c.knobs.gated_mlp;
+  r.push_back({p + (g ? "w_gate_up" : "w_up"), {g ? 2 * I : I, H}, true});
+  if (c.knobs.mlp_bias) r.push_back({p + (g ? "b_gate_up" : "b_up"), {g ? 2 * I : I}, false});
+  r.push_back({p + "w_down", {H, I}, true});
+  if (c.knobs.mlp_bias) r.push_back({p + "b_down", {H}, false});
+}
+
+void norm_specs(const ModelConfig& c, const std::string& name, std::vector<WeightSpec>& r) {
+  r.push_back({name, {c.hidden_size}, false});
+  if (c.knobs.norm_bias) r.push_back({name + ".bias", {c.hidden_size}, false});
+}
+
+}  // namespace
+
+std::vector<WeightSpec> engine_layout(const ModelConfig& c) {
+  const int64_t H = c.hidden_size, V = c.vocab_size, hd = c.head_dim;
+  const int64_t qkv = c.q_dim() + 2 * c.kv_dim();
+  std::vector<WeightSpec> r;
+  r.push_back({"embed", {V, H}, true});
+  if (c.knobs.learned_positions) r.push_back({"pos_embed", {c.max_position_embeddings, H}, true});
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    norm_specs(c, p + "attn_norm", r);
+    r.push_back({p + "wqkv", {qkv, H}, true});
+    if (c.knobs.qkv_bias) r.push_back({p + "bqkv", {qkv}, false});
+    if (c.knobs.qk_norm) {
+      r.push_back({p + "q_norm", {hd}, false});
+      r.push_back({p + "k_norm", {hd}, false});
+    }
+    r.push_back({p + "wo", {H, c.q_dim()}, true});
+    if (c.knobs.o_bias) r.push_back({p + "bo", {H}, false});
+    if (c.knobs.post_attn_norm) norm_specs(c, p + "post_attn_norm", r);
+    norm_specs(c, p + "ffn_norm", r);
+    if (c.knobs.routing == Routing::None) {
+      ffn_specs(c, p, c.intermediate_size, r);
+    } else {
+      r.push_back({p + "router", {c.num_experts, H}, true});
+      for (int64_t e = 0; e < c.num_experts; ++e)
+        ffn_specs(c, p + "experts." + std::to_string(e) + ".", c.moe_intermediate_size, r);
+      if (c.knobs.shared_expert) {
+        ffn_specs(c, p + "shared.", c.shared_expert_intermediate_size, r);
+        r.push_back({p + "shared_gate", {1, H}, true});
+      }
+    }
+    if (c.knobs.post_ffn_norm) norm_specs(c, p + "post_ffn_norm", r);
+  }
+  norm_specs(c, "final_norm", r);
+  if (!c.tie_word_embeddings) r.push_back({"lm_head", {V, H}, true});
+  return r;
+}
+
+Shape source_shape(const ModelConfig& c, const std::string& name) {
+  const int64_t H = c.hidden_size, hd = c.head_dim;
+  // Split "layers.L.[experts.E.|shared.]base".
+  std::string base = name;
+  int64_t I = c.intermediate_size;
+  bool in_layer = false;
+  if (base.rfind("layers.", 0) == 0) {
+    in_layer = true;
+    base = base.substr(base.find('.', 7) + 1);
+    if (base.rfind("experts.", 0) == 0) {
+      base = base.substr(base.find('.', 8) + 1);
+      I = c.moe_intermediate_size;
+    } else if (base.rfind("shared.", 0) == 0) {
+      base = base.substr(7);
+      I = c.shared_expert_intermediate_size;
+    }
+  }
+  const int64_t qd = c.q_dim(), kvd = c.kv_dim();
+  if (!in_layer) {
+    if (base == "embed" || base == "lm_head") return {c.vocab_size, H};
+    if (base == "pos_embed") return {c.max_position_embeddings, H};
+    if (base == "final_norm" || base == "final_norm.bias") return {H};
+    return {};
+  }
+  if (base == "wq") return {qd, H};
+  if (base == "wk" || base == "wv") return {kvd, H};
+  if (base == "wqkv") return {qd + 2 * kvd, H};
+  if (base == "bq") return {qd};
+  if (base == "bk" || base == "bv") return {kvd};
+  if (base == "bqkv") return {qd + 2 * kvd};
+  if (base == "wo") return {H, qd};
+  if (base == "bo" || base == "b_down") return {H};
+  if (base == "q_norm" || base == "k_norm") return {hd};
+  if (base.find("norm") != std::string::npos) return {H};
+  if (base == "w_gate" || base == "w_up") return {I, H};
+  if (base == "b_gate" || base == "b_up") return {I};
+  if (base == "w_gate_up") return {2 * I, H};
+  if (base == "b_gate_up") return {2 * I};
+  if (base == "w_down") return {H, I};
+  if (base == "router") return {c.num_experts, H};
+  if (base == "shared_gate") return {1, H};
+  return {};
+}
+
+}  // namespace kiln

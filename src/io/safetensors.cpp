@@ -1,0 +1,236 @@
+#include "io/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "core/error.h"
+
+namespace kiln {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+constexpr uint64_t kMaxHeader = 100ull << 20;
+}
+
+uint64_t fnv1a(const void* data, size_t n, uint64_t h) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
+  return h;
+}
+
+SafetensorsFile::~SafetensorsFile() = default;
+
+std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
+  const std::string f = path.string();
+  int fd = ::open(f.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw Error(cat(f, ": cannot open: ", std::strerror(errno)));
+  struct stat st {};
+  if (fstat(fd, &st) != 0) {
+    ::close(fd);
+    throw Error(cat(f, ": cannot stat"));
+  }
+  const size_t size = size_t(st.st_size);
+  if (size < 8) {
+    ::close(fd);
+    throw Error(cat(f, ": truncated safetensors file (", size, " bytes, need at least 8)"));
+  }
+  void* m = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (m == MAP_FAILED) throw Error(cat(f, ": mmap failed: ", std::strerror(errno)));
+  std::shared_ptr<SafetensorsFile> r(new SafetensorsFile());
+  r->path_ = path;
+  r->size_ = size;
+  r->map_ = std::shared_ptr<void>(m, [size](void* p) { munmap(p, size); });
+  const auto* base = static_cast<const uint8_t*>(m);
+
+  uint64_t n = 0;
+  for (int i = 0; i < 8; ++i) n |= uint64_t(base[i]) << (8 * i);
+  if (n > kMaxHeader)
+    throw Error(cat(f, ": safetensors header length ", n, " exceeds the 100 MB limit"));
+  if (n > size - 8)
+    throw Error(cat(f, ": truncated safetensors file: header length ", n, " but only ",
+                    size - 8, " bytes follow"));
+  const char* hdr = reinterpret_cast<const char*>(base + 8);
+  r->header_hash_ = fnv1a(hdr, n);
+  r->data_ = base + 8 + n;
+  const uint64_t data_size = size - 8 - n;
+
+  std::set<std::string> seen;
+  std::string dup;
+  json j;
+  try {
+    j = json::parse(hdr, hdr + n, [&](int depth, json::parse_event_t ev, json& parsed) {
+      if (depth == 1 && ev == json::parse_event_t::key) {
+        const auto& k = parsed.get_ref<const std::string&>();
+        if (!seen.insert(k).second && dup.empty()) dup = k;
+      }
+      return true;
+    });
+  } catch (const json::exception& e) {
+    throw Error(cat(f, ": safetensors header is not valid JSON: ", e.what()));
+  }
+  if (!dup.empty()) throw Error(cat(f, ": duplicate tensor name '", dup, "' in header"));
+  if (!j.is_object()) throw Error(cat(f, ": safetensors header is not a JSON object"));
+
+  std::vector<std::pair<std::pair<uint64_t, uint64_t>, std::string>> ranges;
+  for (auto& [name, v] : j.items()) {
+    if (name == "__metadata__") {
+      if (!v.is_object()) throw Error(cat(f, ": __metadata__ is not an object"));
+      for (auto& [k, s] : v.items()) {
+        if (!s.is_string()) throw Error(cat(f, ": __metadata__.", k, " is not a string"));
+        r->metadata_[k] = s.get<std::string>();
+      }
+      continue;
+    }
+    auto bad = [&](const std::string& why) { return Error(cat(f, ": tensor '", name, "': ", why)); };
+    if (!v.is_object()) throw bad("entry is not an object");
+    if (!v.contains("dtype") || !v["dtype"].is_string()) throw bad("missing dtype");
+    TensorInfo ti;
+    if (!parse_dtype(v["dtype"].get<std::string>(), &ti.dtype))
+      throw bad(cat("unknown dtype '", v["dtype"].get<std::string>(), "'"));
+    if (!v.contains("shape") || !v["shape"].is_array()) throw bad("missing shape");
+    uint64_t elems = 1;
+    for (auto& d : v["shape"]) {
+      if (!d.is_number_unsigned()) throw bad("shape has a non-integer or negative dimension");
+      uint64_t x = d.get<uint64_t>();
+      if (x != 0 && elems > (uint64_t(1) << 62) / x) throw bad("shape overflows");
+      elems *= x;
+      ti.shape.push_back(int64_t(x));
+    }
+    auto& off = v["data_offsets"];
+    if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() ||
+        !off[1].is_number_unsigned())
+      throw bad("data_offsets must be [begin, end]");
+    ti.begin = off[0].get<uint64_t>();
+    ti.end = off[1].get<uint64_t>();
+    if (ti.begin > ti.end) throw bad("data_offsets begin > end");
+    if (ti.end > data_size)
+      throw bad(cat("data_offsets end ", ti.end, " is past the end of the data (", data_size,
+                    " bytes); file truncated?"));
+    if (ti.end - ti.begin != elems * dtype_size(ti.dtype))
+      throw bad(cat("byte size ", ti.end - ti.begin, " does not match ", v["dtype"].get<std::string>(),
+                    " x ", shape_str(ti.shape), " = ", elems * dtype_size(ti.dtype)));
+    ranges.push_back({{ti.begin, ti.end}, name});
+    r->tensors_[name] = std::move(ti);
+  }
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); ++i)
+    if (ranges[i].first.first < ranges[i - 1].first.second)
+      throw Error(cat(f, ": tensors '", ranges[i - 1].second, "' and '", ranges[i].second,
+                      "' overlap"));
+  return r;
+}
+
+Tensor SafetensorsFile::get(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) throw Error(cat(path_.string(), ": no tensor '", name, "'"));
+  const TensorInfo& ti = it->second;
+  const uint8_t* p = data_ + ti.begin;
+  // Reading a float through a misaligned pointer is undefined behaviour: copy such tensors.
+  if (reinterpret_cast<uintptr_t>(p) % std::max<size_t>(dtype_size(ti.dtype), 1) == 0)
+    return Tensor::view(ti.dtype, ti.shape, map_, const_cast<uint8_t*>(p));
+  Tensor t = Tensor::zeros(ti.dtype, ti.shape);
+  std::memcpy(t.data, p, ti.end - ti.begin);
+  return t;
+}
+
+void write_safetensors(const fs::path& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  json h = json::object();
+  if (!metadata.empty()) h["__metadata__"] = metadata;
+  uint64_t off = 0;
+  for (const auto& [name, t] : tensors) {
+    json e;
+    e["dtype"] = std::string(dtype_name(t.dtype));
+    e["shape"] = t.shape;
+    e["data_offsets"] = {off, off + t.nbytes()};
+    off += t.nbytes();
+    h[name] = std::move(e);
+  }
+  std::string hs = h.dump();
+  while ((8 + hs.size()) % 64) hs.push_back(' ');
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) throw Error(cat(path.string(), ": cannot open for writing"));
+  uint8_t len[8];
+  for (int i = 0; i < 8; ++i) len[i] = uint8_t(uint64_t(hs.size()) >> (8 * i));
+  out.write(reinterpret_cast<const char*>(len), 8);
+  out.write(hs.data(), std::streamsize(hs.size()));
+  for (const auto& [name, t] : tensors)
+    out.write(static_cast<const char*>(t.data), std::streamsize(t.nbytes()));
+  out.flush();
+  if (!out) throw Error(cat(path.string(), ": write failed (disk full?)"));
+}
+
+WeightSet WeightSet::open_dir(const fs::path& dir) {
+  WeightSet w;
+  const fs::path index = dir / "model.safetensors.index.json", single = dir / "model.safetensors";
+  if (fs::exists(index)) {
+    json j;
+    std::ifstream in(index);
+    try {
+      j = json::parse(in);
+    } catch (const json::exception& e) {
+      throw Error(cat(index.string(), ": invalid JSON: ", e.what()));
+    }
+    if (!j.contains("weight_map") || !j["weight_map"].is_object())
+      throw Error(cat(index.string(), ": missing object field 'weight_map'"));
+    std::map<std::string, size_t> file_idx;
+    for (auto& [name, file] : j["weight_map"].items()) {
+      if (!file.is_string()) throw Error(cat(index.string(), ": weight_map.", name, " is not a string"));
+      const std::string fn = file.get<std::string>();
+      if (fn.find('/') != std::string::npos || fn.find("..") != std::string::npos)
+        throw Error(cat(index.string(), ": weight_map.", name, " names a file outside the folder"));
+      auto it = file_idx.find(fn);
+      if (it == file_idx.end()) {
+        it = file_idx.emplace(fn, w.files_.size()).first;
+        w.files_.push_back(SafetensorsFile::open(dir / fn));
+      }
+      if (!w.files_[it->second]->contains(name))
+        throw Error(cat(index.string(), ": '", name, "' is listed in ", fn, " but not stored there"));
+      w.where_[name] = it->second;
+    }
+  } else if (fs::exists(single)) {
+    w.files_.push_back(SafetensorsFile::open(single));
+    for (const auto& [name, ti] : w.files_[0]->tensors()) w.where_[name] = 0;
+  } else {
+    throw Error(cat(dir.string(), ": no model.safetensors or model.safetensors.index.json"));
+  }
+  return w;
+}
+
+std::vector<std::string> WeightSet::names() const {
+  std::vector<std::string> r;
+  for (const auto& [n, i] : where_) r.push_back(n);
+  return r;
+}
+
+const TensorInfo& WeightSet::info(const std::string& name) const {
+  return files_[where_.at(name)]->tensors().at(name);
+}
+
+Tensor WeightSet::get(const std::string& name) const {
+  auto it = where_.find(name);
+  if (it == where_.end()) throw Error(cat("no weight '", name, "' in the checkpoint"));
+  return files_[it->second]->get(name);
+}
+
+uint64_t WeightSet::identity_hash() const {
+  uint64_t h = fnv1a("kiln", 4);
+  for (const auto& f : files_) {
+    uint64_t x = f->header_hash();
+    h = fnv1a(&x, 8, h);
+  }
+  return h;
+}
+
+}  // namespace kiln

@@ -1,0 +1,77 @@
+// Safetensors: a validating mmap reader, a writer, and a multi-file (sharded) view.
+#pragma once
+
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace kiln {
+
+struct TensorInfo {
+  DType dtype;
+  Shape shape;
+  uint64_t begin = 0, end = 0;  // byte offsets within the data area
+};
+
+// One .safetensors file, memory-mapped. open() validates the whole header: the 8-byte length
+// (inside the file, at most 100 MB), well-formed JSON, known dtypes, offsets inside the data area,
+// bytes == dtype size x shape, no overlapping ranges and no duplicate names. Any violation throws
+// kiln::Error naming the file and the tensor.
+class SafetensorsFile {
+ public:
+  static std::shared_ptr<SafetensorsFile> open(const std::filesystem::path& path);
+
+  const std::filesystem::path& path() const { return path_; }
+  const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
+  // Zero-copy view into the mapping when the data is suitably aligned, an aligned copy otherwise.
+  Tensor get(const std::string& name) const;
+  // Hash of the header bytes: identifies the file's contents cheaply.
+  uint64_t header_hash() const { return header_hash_; }
+
+  ~SafetensorsFile();
+
+ private:
+  SafetensorsFile() = default;
+  std::filesystem::path path_;
+  std::shared_ptr<void> map_;
+  size_t size_ = 0;
+  const uint8_t* data_ = nullptr;  // start of the data area
+  std::map<std::string, TensorInfo> tensors_;
+  std::map<std::string, std::string> metadata_;
+  uint64_t header_hash_ = 0;
+};
+
+// Writes tensors (in the given order, back to back) with optional __metadata__. The header is
+// padded so the data area starts 64-byte aligned. Writes to `path` directly; callers that need
+// atomicity write into a temporary folder.
+void write_safetensors(const std::filesystem::path& path,
+                       const std::vector<std::pair<std::string, Tensor>>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
+// All weights of a checkpoint folder: model.safetensors, or the shards listed by
+// model.safetensors.index.json (every listed name must be in its shard).
+class WeightSet {
+ public:
+  static WeightSet open_dir(const std::filesystem::path& dir);
+  std::vector<std::string> names() const;
+  bool contains(const std::string& name) const { return where_.count(name) != 0; }
+  const TensorInfo& info(const std::string& name) const;
+  Tensor get(const std::string& name) const;
+  // Combined identity of all files (for engine manifests).
+  uint64_t identity_hash() const;
+  const std::vector<std::shared_ptr<SafetensorsFile>>& files() const { return files_; }
+
+ private:
+  std::vector<std::shared_ptr<SafetensorsFile>> files_;
+  std::map<std::string, size_t> where_;
+};
+
+uint64_t fnv1a(const void* data, size_t n, uint64_t h = 1469598103934665603ull);
+
+}  // namespace kiln

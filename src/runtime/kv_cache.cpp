@@ -1,0 +1,35 @@
+#include "runtime/kv_cache.h"
+
+#include "core/error.h"
+
+namespace kiln {
+
+KVCache::KVCache(Backend& be, const ModelConfig& c, int64_t num_blocks, int64_t block_size)
+    : be_(be), num_blocks_(num_blocks), block_size_(block_size), kv_dim_(c.kv_dim()) {
+  const size_t bytes = size_t(num_blocks * block_size * kv_dim_) * dtype_size(be.act_dtype());
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    k_.push_back(be.alloc(bytes));
+    v_.push_back(be.alloc(bytes));
+  }
+  for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(int32_t(b));
+}
+
+KVCache::~KVCache() {
+  for (void* p : k_) be_.release(p);
+  for (void* p : v_) be_.release(p);
+}
+
+std::vector<int32_t> KVCache::take(int64_t n) {
+  if (n > int64_t(free_.size()))
+    throw Error(cat("KV cache full: need ", n, " more blocks of ", block_size_, " tokens, ",
+                    free_.size(), " of ", num_blocks_, " free"));
+  std::vector<int32_t> r(free_.end() - n, free_.end());
+  free_.resize(free_.size() - size_t(n));
+  return r;
+}
+
+void KVCache::give_back(const std::vector<int32_t>& blocks) {
+  free_.insert(free_.end(), blocks.begin(), blocks.end());
+}
+
+}  // namespace kiln

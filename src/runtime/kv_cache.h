@@ -1,0 +1,44 @@
+// Paged KV cache: per layer, pools of fixed-size blocks for K and V on the backend's device;
+// each sequence owns a block table. Running out of blocks is a kiln::Error, never a crash.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "arch/model_config.h"
+#include "graph/backend.h"
+
+namespace kiln {
+
+class KVCache {
+ public:
+  KVCache(Backend& be, const ModelConfig& c, int64_t num_blocks, int64_t block_size = 16);
+  ~KVCache();
+  KVCache(const KVCache&) = delete;
+  KVCache& operator=(const KVCache&) = delete;
+
+  int64_t block_size() const { return block_size_; }
+  int64_t num_blocks() const { return num_blocks_; }
+  int64_t free_blocks() const { return int64_t(free_.size()); }
+  void* k_pool(int64_t layer) const { return k_[size_t(layer)]; }
+  void* v_pool(int64_t layer) const { return v_[size_t(layer)]; }
+  int64_t kv_dim() const { return kv_dim_; }
+
+  // Takes and returns blocks; take() throws kiln::Error when the pool is exhausted.
+  std::vector<int32_t> take(int64_t n);
+  void give_back(const std::vector<int32_t>& blocks);
+
+ private:
+  Backend& be_;
+  int64_t num_blocks_, block_size_, kv_dim_;
+  std::vector<void*> k_, v_;
+  std::vector<int32_t> free_;
+};
+
+// One sequence's place in the cache.
+struct Sequence {
+  std::vector<int32_t> blocks;
+  int64_t length = 0;
+};
+
+}  // namespace kiln
