@@ -87,8 +87,10 @@ class Backend {
 };
 
 std::unique_ptr<Backend> make_cpu_backend();
-// nullptr when kiln was built without CUDA or no GPU is visible.
-std::unique_ptr<Backend> make_cuda_backend();
+// CUDA backend whose activations and KV cache use `act` (the engine dtype: f32 engines compute
+// in FP32, f16/bf16 engines in that type with FP32 accumulation). nullptr when kiln was built
+// without CUDA or no GPU is visible.
+std::unique_ptr<Backend> make_cuda_backend(DType act);
 bool cuda_available();
 
 }  // namespace kiln

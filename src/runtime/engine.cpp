@@ -240,7 +240,7 @@ void Engine::start(const RuntimeConfig& rc) {
   if (m.decoder) return;
   if (rc.threads > 0) omp_set_num_threads(rc.threads);
   if (rc.device == "cuda" || (rc.device == "auto" && cuda_available())) {
-    m.backend = make_cuda_backend();
+    m.backend = make_cuda_backend(m.dtype);
     if (!m.backend) {
       if (rc.device == "cuda") throw Error("--device cuda: no usable CUDA GPU (or kiln was built without CUDA)");
       m.backend = make_cpu_backend();

@@ -135,7 +135,7 @@ class CpuBackend final : public Backend {
 std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
 
 #ifndef KILN_HAVE_CUDA
-std::unique_ptr<Backend> make_cuda_backend() { return nullptr; }
+std::unique_ptr<Backend> make_cuda_backend(DType) { return nullptr; }
 bool cuda_available() { return false; }
 #endif
 
