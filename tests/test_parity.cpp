@@ -52,7 +52,9 @@ TEST_P(Parity, PrefillDecodeAndGreedy) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Hf, Parity,
-                         ::testing::Values("llama", "llama31_rope", "mistral_swa", "qwen2", "qwen3"));
+                         ::testing::Values("llama", "llama31_rope", "mistral_swa", "qwen2", "qwen3",
+                                           "gemma", "gemma2", "gemma3_text", "phi3", "gpt2",
+                                           "mixtral", "qwen2_moe"));
 
 TEST(Engine, RoundTripIsBitIdentical) {
   TempDir tmp;

@@ -37,6 +37,68 @@ std::vector<TensorRule> llama_tensors() {
   };
 }
 
+// Replaces (or adds) the rules for the given HF names.
+std::vector<TensorRule> with(std::vector<TensorRule> rules, const std::vector<TensorRule>& over) {
+  for (const auto& o : over) {
+    auto it = std::find_if(rules.begin(), rules.end(), [&](const TensorRule& r) { return r.hf == o.hf; });
+    if (it != rules.end()) *it = o;
+    else rules.push_back(o);
+  }
+  return rules;
+}
+
+// Gemma 2/3 sandwich norms: HF's post_attention_layernorm is a real post-attention norm there.
+std::vector<TensorRule> gemma2_tensors() {
+  const std::string L = "model.layers.{layer}.";
+  const std::string C = "layers.{layer}.";
+  return with(llama_tensors(), {{L + "post_attention_layernorm.weight", C + "post_attn_norm"},
+                                {L + "pre_feedforward_layernorm.weight", C + "ffn_norm"},
+                                {L + "post_feedforward_layernorm.weight", C + "post_ffn_norm"}});
+}
+
+// MoE experts under `block` ("block_sparse_moe" / "mlp") with the given projection names.
+std::vector<TensorRule> moe_tensors(const std::string& block, const std::string& router,
+                                    const std::string& gate, const std::string& up,
+                                    const std::string& down) {
+  const std::string L = "model.layers.{layer}." + block + ".";
+  const std::string C = "layers.{layer}.";
+  return {{L + router + ".weight", C + "router"},
+          {L + "experts.{expert}." + gate + ".weight", C + "experts.{expert}.w_gate"},
+          {L + "experts.{expert}." + up + ".weight", C + "experts.{expert}.w_up"},
+          {L + "experts.{expert}." + down + ".weight", C + "experts.{expert}.w_down"}};
+}
+
+// GPT-2 (with and without the "transformer." prefix of older checkpoints); Conv1D weights are
+// stored [in, out].
+std::vector<TensorRule> gpt2_tensors() {
+  std::vector<TensorRule> r;
+  for (const std::string P : {"transformer.", ""}) {
+    const std::string L = P + "h.{layer}.";
+    const std::string C = "layers.{layer}.";
+    std::vector<TensorRule> t = {
+        {P + "wte.weight", "embed"},
+        {P + "wpe.weight", "pos_embed"},
+        {P + "ln_f.weight", "final_norm"},
+        {P + "ln_f.bias", "final_norm.bias"},
+        {L + "ln_1.weight", C + "attn_norm"},
+        {L + "ln_1.bias", C + "attn_norm.bias"},
+        {L + "attn.c_attn.weight", C + "wqkv", true},
+        {L + "attn.c_attn.bias", C + "bqkv"},
+        {L + "attn.c_proj.weight", C + "wo", true},
+        {L + "attn.c_proj.bias", C + "bo"},
+        {L + "ln_2.weight", C + "ffn_norm"},
+        {L + "ln_2.bias", C + "ffn_norm.bias"},
+        {L + "mlp.c_fc.weight", C + "w_up", true},
+        {L + "mlp.c_fc.bias", C + "b_up"},
+        {L + "mlp.c_proj.weight", C + "w_down", true},
+        {L + "mlp.c_proj.bias", C + "b_down"},
+    };
+    r.insert(r.end(), t.begin(), t.end());
+  }
+  r.push_back({"lm_head.weight", "lm_head"});
+  return r;
+}
+
 const std::vector<std::string> kLlamaIgnored = {"model.layers.{layer}.self_attn.rotary_emb.inv_freq"};
 
 std::vector<ArchSpec> make_registry() {
@@ -72,6 +134,110 @@ std::vector<ArchSpec> make_registry() {
     a.ignored = kLlamaIgnored;
     a.knobs.qk_norm = true;
     a.knob_keys = {{"qkv_bias", "attention_bias"}, {"o_bias", "attention_bias"}};
+    r.push_back(a);
+  }
+  ArchSpec gemma;
+  gemma.tensors = llama_tensors();
+  gemma.ignored = kLlamaIgnored;
+  gemma.knobs.norm = NormKind::RMSPlusOne;
+  gemma.knobs.embed_scale_sqrt_hidden = true;
+  gemma.knobs.tied_embeddings_default = true;
+  gemma.keys = {{"act", {"hidden_activation"}}};  // Gemma ignores hidden_act
+  gemma.default_act = "gelu_pytorch_tanh";
+  gemma.knob_keys = {{"qkv_bias", "attention_bias"}, {"o_bias", "attention_bias"}};
+  {
+    ArchSpec a = gemma;
+    a.name = "GemmaForCausalLM";
+    r.push_back(a);
+  }
+  {
+    ArchSpec a = gemma;
+    a.name = "Gemma2ForCausalLM";
+    a.tensors = gemma2_tensors();
+    a.knobs.post_attn_norm = a.knobs.post_ffn_norm = true;
+    a.sliding_period = 2;
+    r.push_back(a);
+  }
+  {
+    ArchSpec a = gemma;
+    a.name = "Gemma3ForCausalLM";
+    a.tensors = gemma2_tensors();
+    a.knobs.post_attn_norm = a.knobs.post_ffn_norm = a.knobs.qk_norm = true;
+    a.sliding_period = 6;
+    r.push_back(a);
+  }
+  {
+    ArchSpec a;
+    a.name = "Phi3ForCausalLM";
+    const std::string L = "model.layers.{layer}.", C = "layers.{layer}.";
+    a.tensors = with(llama_tensors(), {{L + "self_attn.qkv_proj.weight", C + "wqkv"},
+                                       {L + "mlp.gate_up_proj.weight", C + "w_gate_up"}});
+    a.ignored = kLlamaIgnored;
+    r.push_back(a);
+  }
+  {
+    ArchSpec a;
+    a.name = "GPT2LMHeadModel";
+    a.tensors = gpt2_tensors();
+    a.ignored = {"transformer.h.{layer}.attn.bias", "transformer.h.{layer}.attn.masked_bias",
+                 "h.{layer}.attn.bias", "h.{layer}.attn.masked_bias"};
+    a.knobs.norm = NormKind::Layer;
+    a.knobs.norm_bias = a.knobs.qkv_bias = a.knobs.o_bias = a.knobs.mlp_bias = true;
+    a.knobs.gated_mlp = false;
+    a.knobs.learned_positions = true;
+    a.knobs.rope = false;
+    a.knobs.tied_embeddings_default = true;
+    a.keys = {{"hidden_size", {"n_embd"}},
+              {"num_layers", {"n_layer"}},
+              {"num_heads", {"n_head"}},
+              {"max_position_embeddings", {"n_positions"}},
+              {"intermediate_size", {"n_inner"}},
+              {"norm_eps", {"layer_norm_epsilon"}},
+              {"act", {"activation_function"}}};
+    a.default_act = "gelu_new";
+    a.intermediate_mult = 4;
+    r.push_back(a);
+  }
+  {
+    ArchSpec a;
+    a.name = "MixtralForCausalLM";
+    a.tensors = llama_tensors();
+    auto moe = moe_tensors("block_sparse_moe", "gate", "w1", "w3", "w2");
+    a.tensors.insert(a.tensors.end(), moe.begin(), moe.end());
+    a.ignored = kLlamaIgnored;
+    a.knobs.routing = Routing::SoftmaxTopK;
+    a.keys = {{"num_experts", {"num_local_experts"}}, {"moe_intermediate_size", {"intermediate_size"}}};
+    r.push_back(a);
+  }
+  {
+    ArchSpec a;
+    a.name = "Qwen2MoeForCausalLM";
+    const std::string L = "model.layers.{layer}.mlp.", C = "layers.{layer}.";
+    a.tensors = llama_tensors();
+    auto moe = moe_tensors("mlp", "gate", "gate_proj", "up_proj", "down_proj");
+    a.tensors.insert(a.tensors.end(), moe.begin(), moe.end());
+    a.tensors = with(a.tensors, {{L + "shared_expert.gate_proj.weight", C + "shared.w_gate"},
+                                 {L + "shared_expert.up_proj.weight", C + "shared.w_up"},
+                                 {L + "shared_expert.down_proj.weight", C + "shared.w_down"},
+                                 {L + "shared_expert_gate.weight", C + "shared_gate"}});
+    a.ignored = kLlamaIgnored;
+    a.knobs.qkv_bias = true;
+    a.knob_keys = {{"qkv_bias", "qkv_bias"}};
+    a.knobs.routing = Routing::SoftmaxTopK;
+    a.knobs.shared_expert = true;
+    a.norm_topk_default = false;
+    r.push_back(a);
+  }
+  {
+    ArchSpec a;
+    a.name = "Qwen3MoeForCausalLM";
+    a.tensors = llama_tensors();
+    auto moe = moe_tensors("mlp", "gate", "gate_proj", "up_proj", "down_proj");
+    a.tensors.insert(a.tensors.end(), moe.begin(), moe.end());
+    a.ignored = kLlamaIgnored;
+    a.knobs.qk_norm = true;
+    a.knob_keys = {{"qkv_bias", "attention_bias"}, {"o_bias", "attention_bias"}};
+    a.knobs.routing = Routing::SoftmaxTopK;
     r.push_back(a);
   }
   return r;

@@ -1,4 +1,5 @@
 // config.json / generation_config.json -> ModelConfig, and ModelConfig <-> manifest JSON.
+#include <algorithm>
 #include <cmath>
 
 #include "arch/registry.h"
@@ -27,9 +28,9 @@ NLOHMANN_JSON_SERIALIZE_ENUM(Routing, {{Routing::None, "none"},
 
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(Knobs, norm, norm_bias, qkv_bias, o_bias, mlp_bias, gated_mlp,
                                    qk_norm, post_attn_norm, post_ffn_norm, embed_scale_sqrt_hidden,
-                                   learned_positions, tied_embeddings_default, routing,
+                                   learned_positions, rope, tied_embeddings_default, routing,
                                    shared_expert)
-NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LayerConfig, sliding_window, rope)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LayerConfig, sliding_window, rope, moe)
 
 namespace {
 
@@ -205,7 +206,10 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
   if (m.num_kv_heads == 0 || m.num_heads % m.num_kv_heads != 0)
     throw Error(cat(file, ": num_attention_heads (", m.num_heads,
                     ") must be a multiple of num_key_value_heads (", m.num_kv_heads, ")"));
-  m.intermediate_size = rd.integer(keys("intermediate_size", {"intermediate_size"}));
+  if (spec.intermediate_mult > 0 && !rd.find(keys("intermediate_size", {"intermediate_size"})))
+    m.intermediate_size = spec.intermediate_mult * m.hidden_size;
+  else
+    m.intermediate_size = rd.integer(keys("intermediate_size", {"intermediate_size"}));
   m.max_position_embeddings = rd.integer(keys("max_position_embeddings", {"max_position_embeddings"}));
   m.norm_eps = rd.number(keys("norm_eps", {"rms_norm_eps", "layer_norm_eps"}), 1e-6);
   std::string act = spec.default_act;
@@ -213,10 +217,29 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
   m.act = parse_act(act, file);
   m.tie_word_embeddings = rd.boolean("tie_word_embeddings", spec.knobs.tied_embeddings_default);
   m.attn_scale = 1.0 / std::sqrt(double(m.head_dim));
+  // Gemma 2/3 scale queries by query_pre_attn_scalar instead of head_dim.
+  if (rd.find({"query_pre_attn_scalar"}))
+    m.attn_scale = 1.0 / std::sqrt(rd.number({"query_pre_attn_scalar"}, double(m.head_dim)));
+  m.attn_softcap = rd.number({"attn_logit_softcapping"}, 0.0);
+  m.final_softcap = rd.number({"final_logit_softcapping"}, 0.0);
+
+  if (m.knobs.routing != Routing::None) {
+    m.num_experts = rd.integer(keys("num_experts", {"num_experts"}));
+    m.experts_per_token = rd.integer({"num_experts_per_tok"});
+    m.moe_intermediate_size = rd.integer(keys("moe_intermediate_size", {"moe_intermediate_size"}));
+    if (m.knobs.shared_expert)
+      m.shared_expert_intermediate_size = rd.integer({"shared_expert_intermediate_size"});
+    m.norm_topk_prob = rd.boolean("norm_topk_prob", spec.norm_topk_default);
+    if (m.experts_per_token < 1 || m.experts_per_token > m.num_experts)
+      throw Error(cat(file, ": num_experts_per_tok (", m.experts_per_token,
+                      ") must be between 1 and the number of experts (", m.num_experts, ")"));
+  }
 
   // RoPE: transformers-5 rope_parameters (one object, or one per layer type), else
   // transformers-4 rope_theta + rope_scaling.
   const double partial = rd.number({"partial_rotary_factor"}, 1.0);
+  // Phi-3 keeps original_max_position_embeddings at the top level, not in rope_scaling.
+  const int64_t orig_max = rd.integer({"original_max_position_embeddings"}, m.max_position_embeddings);
   std::vector<std::string> rope_types;  // layer type per rope entry, when keyed by layer type
   if (c.contains("rope_parameters") && c["rope_parameters"].is_object()) {
     const json& rp = c["rope_parameters"];
@@ -225,17 +248,26 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
     if (keyed) {
       for (auto& [k, v] : rp.items()) {
         rope_types.push_back(k);
-        m.ropes.push_back(parse_rope(v, 10000.0, partial, m.max_position_embeddings, file));
+        m.ropes.push_back(parse_rope(v, 10000.0, partial, orig_max, file));
       }
     } else {
-      m.ropes.push_back(parse_rope(rp, rd.number({"rope_theta"}, 10000.0), partial,
-                                   m.max_position_embeddings, file));
+      m.ropes.push_back(parse_rope(rp, rd.number({"rope_theta"}, 10000.0), partial, orig_max, file));
     }
   } else {
     const json null;
     const json& scaling = c.contains("rope_scaling") ? c["rope_scaling"] : null;
-    m.ropes.push_back(
-        parse_rope(scaling, rd.number({"rope_theta"}, 10000.0), partial, m.max_position_embeddings, file));
+    m.ropes.push_back(parse_rope(scaling, rd.number({"rope_theta"}, 10000.0), partial, orig_max, file));
+    // Gemma 3 (transformers 4): sliding layers use plain RoPE with rope_local_base_freq.
+    if (rd.find({"rope_local_base_freq"})) {
+      rope_types = {"full_attention", "sliding_attention"};
+      m.ropes.push_back(parse_rope(json(), rd.number({"rope_local_base_freq"}, 10000.0), partial,
+                                   orig_max, file));
+    }
+  }
+  if (!m.knobs.rope) {
+    m.ropes.assign(1, RopeConfig{});
+    m.ropes[0].type = RopeType::None;
+    rope_types.clear();
   }
 
   // Per-layer attention pattern.
@@ -273,6 +305,15 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
     }
     m.layers.push_back(l);
   }
+  if (m.knobs.routing != Routing::None) {
+    const int64_t step = rd.integer({"decoder_sparse_step"}, 1);
+    std::vector<int64_t> dense;
+    if (c.contains("mlp_only_layers") && c["mlp_only_layers"].is_array())
+      dense = c["mlp_only_layers"].get<std::vector<int64_t>>();
+    for (int64_t i = 0; i < m.num_layers; ++i)
+      m.layers[size_t(i)].moe = std::find(dense.begin(), dense.end(), i) == dense.end() &&
+                                step > 0 && (i + 1) % step == 0;
+  }
 
   if (const json* v = rd.find({"bos_token_id"}); v && v->is_number_integer()) m.bos_token_id = v->get<int64_t>();
   if (const json* v = rd.find({"eos_token_id"})) {
@@ -280,7 +321,7 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
     else if (v->is_array()) m.eos_token_ids = v->get<std::vector<int64_t>>();
   }
   for (size_t i = 0; i < m.ropes.size(); ++i)
-    if (m.rotary_dim(int(i)) <= 0 || m.rotary_dim(int(i)) > m.head_dim)
+    if (m.ropes[i].type != RopeType::None && (m.rotary_dim(int(i)) <= 0 || m.rotary_dim(int(i)) > m.head_dim))
       throw Error(cat(file, ": partial_rotary_factor gives an invalid rotary dimension"));
   return m;
 }

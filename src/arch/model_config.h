@@ -29,6 +29,7 @@ struct Knobs {
   bool post_ffn_norm = false;      // norm of the FFN output before the residual add
   bool embed_scale_sqrt_hidden = false;
   bool learned_positions = false;  // absolute position embeddings added to the input
+  bool rope = true;                // rotary embeddings on q and k
   bool tied_embeddings_default = false;
   Routing routing = Routing::None;
   bool shared_expert = false;      // always-on expert with a sigmoid gate
@@ -51,6 +52,7 @@ struct RopeConfig {
 struct LayerConfig {
   int64_t sliding_window = 0;  // 0: full attention; else attend to the last `sliding_window` keys
   int rope = 0;                // index into ModelConfig::ropes
+  bool moe = false;            // routed experts instead of the dense FFN
 };
 
 struct ModelConfig {

@@ -32,6 +32,10 @@ struct ArchSpec {
   // Without `layer_types`: layer i uses the sliding window iff (i + 1) % period != 0 (0: all).
   int sliding_period = 0;
   std::string default_act = "silu";
+  // intermediate_size = mult x hidden_size when the config has none (GPT-2's n_inner: null).
+  int64_t intermediate_mult = 0;
+  // MoE: renormalise the top-k routing weights when the config has no norm_topk_prob.
+  bool norm_topk_default = true;
 };
 
 // Looks up `architectures[0]`; unknown names throw kiln::Error listing the supported ones.

@@ -21,6 +21,9 @@ struct KVLayerView {
   const int32_t* block_table;  // of the (single) sequence being processed
   int64_t block_size;
   int64_t kv_dim;
+  // Cache positions valid once this step's K/V are written (max position + 1), so device
+  // backends can size attention launches without reading positions back; 0: unknown.
+  int64_t len = 0;
 };
 
 struct AttnParams {

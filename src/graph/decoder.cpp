@@ -68,7 +68,7 @@ void Decoder::build_attn(int64_t l, int64_t n, KVCache& cache) {
     be_.rope(qkv, n, ld, c_.num_heads, hd, rot, d_cos_[size_t(r)], d_sin_[size_t(r)]);
     be_.rope(k, n, ld, c_.num_kv_heads, hd, rot, d_cos_[size_t(r)], d_sin_[size_t(r)]);
   }
-  KVLayerView kv{cache.k_pool(l), cache.v_pool(l), d_blocks_, cache.block_size(), kvd};
+  KVLayerView kv{cache.k_pool(l), cache.v_pool(l), d_blocks_, cache.block_size(), kvd, kv_len_};
   be_.kv_write(kv, k, v, ld, d_pos_, n);
   void* att = buf("att", size_t(n * qd) * a);
   AttnParams ap{c_.num_heads, c_.num_kv_heads, hd, float(c_.attn_scale), float(c_.attn_softcap),
@@ -119,6 +119,7 @@ std::vector<float> Decoder::forward(const int32_t* tokens, int64_t n, Sequence& 
   for (int64_t i = 0; i < n; ++i)
     KILN_CHECK(tokens[i] >= 0 && tokens[i] < V, "token id ", tokens[i], " is outside the vocabulary [0, ", V, ")");
   const int64_t end = seq.length + n;
+  kv_len_ = end;
   const int64_t need = (end + cache.block_size() - 1) / cache.block_size() - int64_t(seq.blocks.size());
   if (need > 0) {
     auto more = cache.take(need);
@@ -160,7 +161,7 @@ std::vector<float> Decoder::forward(const int32_t* tokens, int64_t n, Sequence& 
     const std::string ffn_norm = p + "ffn_norm";
     be_.add_norm(x, bufs_["o"].first, n, H, w_.at(ffn_norm), w_.find(ffn_norm + ".bias"),
                  c_.knobs.norm, float(c_.norm_eps), h);
-    if (c_.knobs.routing == Routing::None) build_ffn(l, n);
+    if (!c_.layers[size_t(l)].moe) build_ffn(l, n);
     else build_moe_ffn(l, n);
     void* f = bufs_["o"].first;
     if (c_.knobs.post_ffn_norm) build_norm(p + "post_ffn_norm", f, n, f);

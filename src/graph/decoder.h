@@ -52,6 +52,7 @@ class Decoder {
   // Per-forward device-side inputs.
   const int32_t* d_pos_ = nullptr;
   const int32_t* d_blocks_ = nullptr;
+  int64_t kv_len_ = 0;  // seq.length after this forward
   std::vector<const float*> d_cos_, d_sin_;
 };
 

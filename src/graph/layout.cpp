@@ -42,7 +42,7 @@ std::vector<WeightSpec> engine_layout(const ModelConfig& c) {
     if (c.knobs.o_bias) r.push_back({p + "bo", {H}, false});
     if (c.knobs.post_attn_norm) norm_specs(c, p + "post_attn_norm", r);
     norm_specs(c, p + "ffn_norm", r);
-    if (c.knobs.routing == Routing::None) {
+    if (!c.layers[size_t(l)].moe) {
       ffn_specs(c, p, c.intermediate_size, r);
     } else {
       r.push_back({p + "router", {c.num_experts, H}, true});

@@ -1,0 +1,371 @@
+// Safetensors validation, HF config parsing (transformers 4 and 5 styles) and bad-input errors.
+#include <cstring>
+
+#include "arch/registry.h"
+#include "build/checkpoint.h"
+#include "graph/rope.h"
+#include "core/error.h"
+#include "kiln/kiln.h"
+#include "test_util.h"
+
+namespace kiln::test {
+namespace {
+
+// Writes a safetensors file from a raw header string and `data_bytes` zero bytes.
+void write_raw(const fs::path& p, const std::string& header, size_t data_bytes) {
+  std::ofstream o(p, std::ios::binary);
+  uint64_t n = header.size();
+  o.write(reinterpret_cast<const char*>(&n), 8);
+  o << header;
+  std::string zeros(data_bytes, '\0');
+  o << zeros;
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    std::string m = e.what();
+    EXPECT_EQ(m.find('\n'), std::string::npos) << "multi-line error: " << m;
+    return m;
+  }
+  ADD_FAILURE() << "no kiln::Error thrown";
+  return "";
+}
+
+bool has(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
+TEST(Safetensors, RoundTripAllDtypesAndMetadata) {
+  TempDir tmp;
+  std::vector<std::pair<std::string, Tensor>> ts;
+  const DType all[] = {DType::F32, DType::F16, DType::BF16, DType::F8_E4M3, DType::F8_E5M2,
+                       DType::I8,  DType::U8,  DType::I16,  DType::I32,     DType::I64, DType::BOOL};
+  for (DType d : all) {
+    Tensor t = Tensor::zeros(d, {3, 5});
+    for (size_t i = 0; i < t.nbytes(); ++i) static_cast<uint8_t*>(t.data)[i] = uint8_t(i * 7 + 1);
+    ts.push_back({"t_" + std::string(dtype_name(d)), t});
+  }
+  write_safetensors(tmp / "a.safetensors", ts, {{"format", "pt"}});
+  auto f = SafetensorsFile::open(tmp / "a.safetensors");
+  EXPECT_EQ(f->metadata().at("format"), "pt");
+  for (const auto& [name, t] : ts) {
+    Tensor g = f->get(name);
+    EXPECT_EQ(g.dtype, t.dtype);
+    EXPECT_EQ(g.shape, t.shape);
+    EXPECT_EQ(std::memcmp(g.data, t.data, t.nbytes()), 0) << name;
+  }
+}
+
+TEST(Safetensors, UnalignedDataIsCopiedNotMisread) {
+  TempDir tmp;
+  // A 1-byte U8 tensor first puts the F32 tensor at an odd offset.
+  std::string h = R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"F32","shape":[2],"data_offsets":[1,9]}})";
+  std::ofstream o(tmp / "u.safetensors", std::ios::binary);
+  uint64_t n = h.size();
+  o.write(reinterpret_cast<const char*>(&n), 8);
+  o << h;
+  const float v[2] = {1.5f, -2.25f};
+  o.put(7);
+  o.write(reinterpret_cast<const char*>(v), 8);
+  o.close();
+  auto f = SafetensorsFile::open(tmp / "u.safetensors");
+  Tensor b = f->get("b");
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(b.data) % 4, 0u);
+  EXPECT_EQ(b.ptr<float>()[0], 1.5f);
+  EXPECT_EQ(b.ptr<float>()[1], -2.25f);
+}
+
+TEST(Safetensors, HeaderValidation) {
+  TempDir tmp;
+  const fs::path p = tmp / "x.safetensors";
+  struct Case {
+    std::string header;
+    size_t data;
+    std::string expect;
+  } cases[] = {
+      {"{not json", 0, "not valid JSON"},
+      {"[1,2]", 0, "not a JSON object"},
+      {R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,16]}})", 8, "past the end"},
+      {R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8, "does not match"},
+      {R"({"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", 8, "unknown dtype"},
+      {R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8, "negative"},
+      {R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", 8, "begin > end"},
+      {R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
+       16, "duplicate tensor name 'a'"},
+      {R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+       16, "overlap"},
+      {R"({"a":{"shape":[2],"data_offsets":[0,8]}})", 8, "missing dtype"},
+      {R"({"__metadata__":{"k":1}})", 0, "__metadata__.k is not a string"},
+  };
+  for (const auto& c : cases) {
+    write_raw(p, c.header, c.data);
+    std::string m = error_of([&] { SafetensorsFile::open(p); });
+    EXPECT_TRUE(has(m, c.expect)) << c.header << " -> " << m;
+    EXPECT_TRUE(has(m, p.string())) << m;
+  }
+  // Header length beyond the file, beyond 100 MB, and a file shorter than 8 bytes.
+  {
+    std::ofstream o(p, std::ios::binary | std::ios::trunc);
+    uint64_t n = 1000;
+    o.write(reinterpret_cast<const char*>(&n), 8);
+    o << "{}";
+  }
+  EXPECT_TRUE(has(error_of([&] { SafetensorsFile::open(p); }), "truncated"));
+  {
+    std::ofstream o(p, std::ios::binary | std::ios::trunc);
+    uint64_t n = 200ull << 20;
+    o.write(reinterpret_cast<const char*>(&n), 8);
+  }
+  EXPECT_TRUE(has(error_of([&] { SafetensorsFile::open(p); }), "100 MB"));
+  std::ofstream(p, std::ios::trunc) << "abc";
+  EXPECT_TRUE(has(error_of([&] { SafetensorsFile::open(p); }), "truncated"));
+  EXPECT_TRUE(has(error_of([&] { SafetensorsFile::open(tmp / "nope.safetensors"); }), "cannot open"));
+}
+
+TEST(Safetensors, ShardedCheckpointMatchesSingleFile) {
+  TempDir tmp;
+  copy_dir(hf("qwen3"), tmp / "m");
+  auto single = SafetensorsFile::open(tmp / "m" / "model.safetensors");
+  std::vector<std::pair<std::string, Tensor>> a, b;
+  nlohmann::json map;
+  for (const auto& [name, ti] : single->tensors()) {
+    bool first = name.find("layers.0.") != std::string::npos || name.find("embed") != std::string::npos;
+    (first ? a : b).push_back({name, single->get(name)});
+    map[name] = first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
+  }
+  write_safetensors(tmp / "m" / "model-00001-of-00002.safetensors", a);
+  write_safetensors(tmp / "m" / "model-00002-of-00002.safetensors", b);
+  fs::remove(tmp / "m" / "model.safetensors");
+  write_json(tmp / "m" / "model.safetensors.index.json", {{"metadata", {}}, {"weight_map", map}});
+  BuildConfig bc;
+  bc.dtype = "f32";
+  Engine sharded = Engine::build(tmp / "m", bc);
+  Engine whole = Engine::build(hf("qwen3"), bc);
+  const std::vector<int32_t> p = {1, 200, 3};
+  EXPECT_EQ(sharded.logits(p), whole.logits(p));
+  // A name listed in the index but absent from its shard is reported.
+  map["model.norm.weight"] = "model-00001-of-00002.safetensors";
+  write_json(tmp / "m" / "model.safetensors.index.json", {{"weight_map", map}});
+  EXPECT_TRUE(has(error_of([&] { Engine::build(tmp / "m", bc); }), "not stored there"));
+}
+
+TEST(Config, TransformersFourAndFiveStyles) {
+  auto resolve = [](const fs::path& p) {
+    auto j = read_json(p);
+    return resolve_config(find_arch(j["architectures"][0]), j, p.string());
+  };
+  ModelConfig l31 = resolve(data("configs/meta-llama__Llama-3.1-8B-Instruct.json"));
+  EXPECT_EQ(l31.head_dim, 128);  // absent from this config: hidden_size / heads, as transformers
+  EXPECT_EQ(l31.ropes[0].type, RopeType::Llama3);
+  EXPECT_EQ(l31.ropes[0].theta, 500000.0);
+  EXPECT_EQ(l31.ropes[0].original_max_position_embeddings, 8192);
+  EXPECT_EQ(l31.eos_token_ids, (std::vector<int64_t>{128001, 128008, 128009}));
+  ModelConfig q3 = resolve(data("configs/Qwen__Qwen3-0.6B.json"));
+  EXPECT_EQ(q3.head_dim, 128);  // explicit field, not 1024 / 16
+  EXPECT_TRUE(q3.knobs.qk_norm);
+  EXPECT_TRUE(q3.tie_word_embeddings);
+  EXPECT_EQ(q3.ropes[0].theta, 1000000.0);
+  EXPECT_EQ(q3.layers[5].sliding_window, 0);
+  ModelConfig q25 = resolve(data("configs/Qwen__Qwen2.5-7B-Instruct.json"));
+  EXPECT_TRUE(q25.knobs.qkv_bias);
+  for (const auto& l : q25.layers) EXPECT_EQ(l.sliding_window, 0);  // use_sliding_window false
+  ModelConfig m7 = resolve(data("configs/mistralai__Mistral-7B-Instruct-v0.3.json"));
+  EXPECT_EQ(m7.layers[0].sliding_window, 0);  // sliding_window: null
+  ModelConfig swa = resolve(hf("mistral_swa") / "config.json");  // transformers 5
+  EXPECT_EQ(swa.layers[2].sliding_window, 8);
+  ModelConfig r31 = resolve(hf("llama31_rope") / "config.json");
+  EXPECT_EQ(r31.ropes[0].type, RopeType::Llama3);
+  EXPECT_EQ(r31.ropes[0].factor, 8.0);
+
+  // Other rope types parse from both spellings.
+  auto j = read_json(hf("llama") / "config.json");
+  j.erase("rope_parameters");
+  j["rope_theta"] = 1234.0;
+  j["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}};
+  auto lin = resolve_config(find_arch("LlamaForCausalLM"), j, "c");
+  EXPECT_EQ(lin.ropes[0].type, RopeType::Linear);
+  EXPECT_EQ(lin.ropes[0].theta, 1234.0);
+  j["rope_scaling"] = {{"rope_type", "dynamic"}, {"factor", 2.0}};
+  EXPECT_EQ(resolve_config(find_arch("LlamaForCausalLM"), j, "c").ropes[0].type, RopeType::Dynamic);
+  j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 64}};
+  EXPECT_EQ(resolve_config(find_arch("LlamaForCausalLM"), j, "c").ropes[0].type, RopeType::Yarn);
+  j["rope_scaling"] = {{"rope_type", "weird"}};
+  EXPECT_TRUE(has(error_of([&] { resolve_config(find_arch("LlamaForCausalLM"), j, "c"); }), "unsupported rope type 'weird'"));
+}
+
+TEST(Config, RealConfigsOfTheBreadthFamilies) {
+  auto resolve = [](const std::string& name) {
+    const fs::path p = data("configs/" + name + ".json");
+    auto j = read_json(p);
+    return resolve_config(find_arch(j["architectures"][0]), j, p.string());
+  };
+  ModelConfig phi = resolve("microsoft__Phi-3.5-mini-instruct");
+  EXPECT_EQ(phi.ropes[0].type, RopeType::LongRope);
+  EXPECT_EQ(phi.ropes[0].original_max_position_embeddings, 4096);  // top-level field
+  EXPECT_EQ(phi.ropes[0].long_factor.size(), 48u);
+  double af = 0;
+  auto inv_short = rope_inv_freq(phi.ropes[0], 96, phi.max_position_embeddings, 100, &af);
+  auto inv_long = rope_inv_freq(phi.ropes[0], 96, phi.max_position_embeddings, 5000, &af);
+  EXPECT_NEAR(af, std::sqrt(1 + std::log(32.0) / std::log(4096.0)), 1e-12);
+  EXPECT_NE(inv_short, inv_long);  // long factors past original_max_position_embeddings
+  ModelConfig g2 = resolve("google__gemma-2-9b-it");  // transformers 4: no layer_types
+  EXPECT_EQ(g2.layers[0].sliding_window, 4096);
+  EXPECT_EQ(g2.layers[1].sliding_window, 0);
+  EXPECT_EQ(g2.attn_softcap, 50.0);
+  EXPECT_EQ(g2.final_softcap, 30.0);
+  EXPECT_DOUBLE_EQ(g2.attn_scale, 1.0 / 16.0);  // query_pre_attn_scalar 256
+  EXPECT_EQ(g2.act, Activation::GeluTanh);
+  ModelConfig g3 = resolve("google__gemma-3-1b-it");
+  for (int i = 0; i < 12; ++i) {
+    const bool global = (i + 1) % 6 == 0;
+    EXPECT_EQ(g3.layers[size_t(i)].sliding_window, global ? 0 : 512) << i;
+    EXPECT_EQ(g3.ropes[size_t(g3.layers[size_t(i)].rope)].theta, global ? 1e6 : 1e4) << i;
+  }
+  ModelConfig gpt2 = resolve("openai-community__gpt2");
+  EXPECT_EQ(gpt2.hidden_size, 768);
+  EXPECT_EQ(gpt2.intermediate_size, 3072);  // n_inner absent: 4 x n_embd
+  EXPECT_EQ(gpt2.ropes[0].type, RopeType::None);
+  EXPECT_TRUE(gpt2.tie_word_embeddings);
+  ModelConfig moe = resolve("Qwen__Qwen3-30B-A3B");
+  EXPECT_EQ(moe.num_experts, 128);
+  EXPECT_EQ(moe.experts_per_token, 8);
+  EXPECT_TRUE(moe.norm_topk_prob);
+  EXPECT_TRUE(moe.layers[0].moe);
+  for (const char* n : {"microsoft__phi-4", "HuggingFaceTB__SmolLM2-1.7B-Instruct",
+                        "meta-llama__Llama-3.2-1B-Instruct"})
+    EXPECT_GT(resolve(n).num_layers, 0) << n;
+}
+
+TEST(Config, RopeScalingVariantsChangeLogits) {
+  // linear / dynamic / yarn must run and differ from plain RoPE on the llama fixture.
+  BuildConfig bc;
+  bc.dtype = "f32";
+  Engine base = Engine::build(hf("llama"), bc);
+  std::vector<int32_t> p(40);
+  for (size_t i = 0; i < p.size(); ++i) p[i] = int32_t(i * 7 % 500);
+  const auto ref = base.logits(p);
+  for (nlohmann::json rp : {nlohmann::json{{"rope_type", "linear"}, {"factor", 2.0}, {"rope_theta", 10000.0}},
+                            nlohmann::json{{"rope_type", "dynamic"}, {"factor", 2.0}, {"rope_theta", 10000.0}},
+                            nlohmann::json{{"rope_type", "yarn"}, {"factor", 4.0}, {"rope_theta", 10000.0},
+                                           {"original_max_position_embeddings", 64}}}) {
+    TempDir tmp;
+    copy_dir(hf("llama"), tmp / "m");
+    auto c = read_json(tmp / "m" / "config.json");
+    c["rope_parameters"] = rp;
+    if (rp["rope_type"] == "dynamic") c["max_position_embeddings"] = 32;  // 40 > 32 triggers NTK
+    write_json(tmp / "m" / "config.json", c);
+    BuildConfig b2 = bc;
+    if (rp["rope_type"] == "dynamic") {
+      std::vector<int32_t> q(p.begin(), p.begin() + 32);
+      EXPECT_EQ(Engine::build(tmp / "m", b2).logits(q).size(), q.size() * 512);
+      continue;
+    }
+    auto got = Engine::build(tmp / "m", b2).logits(p);
+    EXPECT_GT(rel_err(got.data(), ref.data(), int64_t(ref.size())), 1e-3) << rp.dump();
+  }
+}
+
+// The bad inputs the foundation issue lists, each through the CLI: exit status 1, one line.
+class BadInput : public ::testing::Test {
+ protected:
+  TempDir tmp;
+  fs::path model() {
+    copy_dir(hf("llama"), tmp / "m");
+    return tmp / "m";
+  }
+  void expect_error(const std::string& args, const std::string& part) {
+    std::string out;
+    int rc = run_cli(args, &out);
+    EXPECT_EQ(rc, 1) << args << "\n" << out;
+    EXPECT_TRUE(out.rfind("kiln: error: ", 0) == 0) << out;
+    EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
+    EXPECT_TRUE(has(out, part)) << "expected '" << part << "' in: " << out;
+    EXPECT_FALSE(fs::exists(tmp / "engine")) << "a failed build left an engine behind";
+  }
+};
+
+TEST_F(BadInput, TruncatedSafetensors) {
+  fs::path m = model();
+  fs::resize_file(m / "model.safetensors", fs::file_size(m / "model.safetensors") / 2);
+  expect_error("build " + m.string() + " -o " + (tmp / "engine").string(), "past the end of the data");
+}
+
+TEST_F(BadInput, OffsetPastEnd) {
+  fs::path m = model();
+  write_raw(m / "model.safetensors", R"({"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 4);
+  expect_error("build " + m.string() + " -o " + (tmp / "engine").string(), "data_offsets end 16 is past the end");
+}
+
+TEST_F(BadInput, WrongShapeAndMissingWeightAllReported) {
+  fs::path m = model();
+  auto f = SafetensorsFile::open(m / "model.safetensors");
+  std::vector<std::pair<std::string, Tensor>> ts;
+  for (const auto& [name, ti] : f->tensors()) {
+    if (name == "model.layers.1.mlp.up_proj.weight" || name == "model.layers.2.self_attn.o_proj.weight") continue;
+    Tensor t = f->get(name);
+    if (name == "model.layers.0.self_attn.k_proj.weight") t.shape = {64, 32};  // transposed
+    ts.push_back({name, t});
+  }
+  ts.push_back({"model.layers.0.mlp.extra.weight", Tensor::zeros(DType::F32, {2})});
+  write_safetensors(tmp / "w.safetensors", ts);
+  f.reset();
+  fs::rename(tmp / "w.safetensors", m / "model.safetensors");
+  std::string out;
+  EXPECT_EQ(run_cli("build " + m.string() + " -o " + (tmp / "engine").string(), &out), 1);
+  EXPECT_TRUE(has(out, "layers.1.w_up")) << out;
+  EXPECT_TRUE(has(out, "layers.2.wo")) << out;
+  EXPECT_TRUE(has(out, "model.layers.0.self_attn.k_proj.weight [64, 32] (expected [32, 64])")) << out;
+  EXPECT_TRUE(has(out, "unexpected weights: model.layers.0.mlp.extra.weight")) << out;
+  EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
+  EXPECT_FALSE(fs::exists(tmp / "engine"));
+}
+
+TEST_F(BadInput, UnknownArchitecture) {
+  fs::path m = model();
+  auto c = read_json(m / "config.json");
+  c["architectures"] = {"FooForCausalLM"};
+  write_json(m / "config.json", c);
+  expect_error("build " + m.string() + " -o " + (tmp / "engine").string(),
+               "unsupported architecture 'FooForCausalLM' (supported: LlamaForCausalLM");
+}
+
+TEST_F(BadInput, MissingConfigField) {
+  fs::path m = model();
+  auto c = read_json(m / "config.json");
+  c.erase("num_attention_heads");
+  write_json(m / "config.json", c);
+  expect_error("build " + m.string() + " -o " + (tmp / "engine").string(),
+               "config.json: missing config field 'num_attention_heads'");
+}
+
+TEST_F(BadInput, PromptLongerThanMaxPositions) {
+  fs::path m = model();
+  std::string ids = "1";
+  for (int i = 1; i < 257; ++i) ids += ",5";
+  expect_error("run " + m.string() + " --prompt-ids " + ids, "prompt has 257 tokens but the engine allows at most 256");
+  expect_error("run " + m.string() + " --prompt-ids 1,2,x", "'x' is not a token id");
+  expect_error("run " + m.string() + " --prompt-ids 1,512", "outside the vocabulary");
+  expect_error("run " + (tmp / "nowhere").string() + " --prompt-ids 1", "no such file or directory");
+}
+
+TEST(Cli, BuildRunLogitsEndToEnd) {
+  TempDir tmp;
+  std::string out;
+  ASSERT_EQ(run_cli("build " + hf("llama").string() + " -o " + (tmp / "e").string(), &out), 0) << out;
+  Reference ref = load_reference("llama");
+  std::string ids;
+  for (size_t i = 0; i < ref.prompts[1].size(); ++i) ids += (i ? "," : "") + std::to_string(ref.prompts[1][i]);
+  ASSERT_EQ(run_cli("run " + (tmp / "e").string() + " --prompt-ids " + ids + " --max-tokens 16 --ignore-eos --temperature 0", &out), 0) << out;
+  std::string want;
+  for (size_t i = 0; i < 16; ++i) want += (i ? "," : "") + std::to_string(ref.greedy[1][i]);
+  EXPECT_EQ(out, want + "\n");
+  ASSERT_EQ(run_cli("logits " + (tmp / "e").string() + " --prompt-ids " + ids + " --out " + (tmp / "l.safetensors").string(), &out), 0) << out;
+  auto f = SafetensorsFile::open(tmp / "l.safetensors");
+  Tensor l = f->get("logits");
+  ASSERT_EQ(l.shape, (Shape{int64_t(ref.prompts[1].size()), 512}));
+  for (int64_t i = 0; i < l.shape[0]; ++i)
+    EXPECT_LE(rel_err(l.ptr<float>() + i * 512, ref.logits[1].ptr<float>() + i * 512, 512), 1e-5);
+}
+
+}  // namespace
+}  // namespace kiln::test
