@@ -202,6 +202,8 @@ WeightSet WeightSet::open_dir(const fs::path& dir) {
   } else if (fs::exists(single)) {
     w.files_.push_back(SafetensorsFile::open(single));
     for (const auto& [name, ti] : w.files_[0]->tensors()) w.where_[name] = 0;
+  } else if (fs::exists(dir / "pytorch_model.bin") || fs::exists(dir / "pytorch_model.bin.index.json")) {
+    throw Error(cat(dir.string(), ": only safetensors checkpoints are supported (found pytorch_model.bin)"));
   } else {
     throw Error(cat(dir.string(), ": no model.safetensors or model.safetensors.index.json"));
   }
