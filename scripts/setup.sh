@@ -19,5 +19,6 @@ fi
 
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release
 cmake --build build -j"$(nproc)" --target kiln
-./build/kiln build tests/fixtures/hf/llama -o build/demo.engine
+./build/kiln build models/demo -o build/demo.engine
+./build/kiln run build/demo.engine --prompt "Hello from kiln" --max-tokens 24 --temperature 0
 ./build/kiln run build/demo.engine --prompt-ids 1,2,3,4,5 --max-tokens 16 --ignore-eos

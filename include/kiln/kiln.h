@@ -47,6 +47,7 @@ struct SamplingParams {
   uint64_t seed = 0;
   int64_t max_tokens = 16;
   bool ignore_eos = false;
+  std::vector<int32_t> stop_token_ids;  // stop after any of these, besides the model's eos ids
 };
 
 // What an engine holds, for display.

@@ -310,8 +310,10 @@ std::vector<int32_t> Engine::generate(std::span<const int32_t> prompt, const Sam
     const int32_t t = sampler.sample(lg.data(), V);
     out.push_back(t);
     if (on_token && !on_token(t)) break;
-    if (!sp.ignore_eos && std::find(m.config.eos_token_ids.begin(), m.config.eos_token_ids.end(), t) !=
-                              m.config.eos_token_ids.end())
+    const auto& eos = m.config.eos_token_ids;
+    if (!sp.ignore_eos && (std::find(eos.begin(), eos.end(), t) != eos.end() ||
+                           std::find(sp.stop_token_ids.begin(), sp.stop_token_ids.end(), t) !=
+                               sp.stop_token_ids.end()))
       break;
     if (i + 1 < budget) lg = s.forward(std::span<const int32_t>(&t, 1), false);
   }

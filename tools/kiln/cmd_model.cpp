@@ -109,7 +109,10 @@ void register_model_commands(CLI::App& app) {
     static float temperature = -1, top_p = -1;
     static int top_k = -1;
     add_model_args(c, a);
-    c->add_option("--prompt-ids", ids, "comma-separated token ids")->required();
+    static std::string text;
+    auto* o_ids = c->add_option("--prompt-ids", ids, "comma-separated token ids");
+    auto* o_text = c->add_option("--prompt", text, "prompt text (tokenized with the model's tokenizer)");
+    o_ids->excludes(o_text);
     c->add_option("--max-tokens", sp.max_tokens, "tokens to generate");
     c->add_flag("--ignore-eos", sp.ignore_eos, "keep going past end-of-sequence tokens");
     c->add_option("--temperature", temperature, "0: greedy (default: generation_config.json)");
@@ -120,8 +123,13 @@ void register_model_commands(CLI::App& app) {
       if (temperature >= 0) sp.temperature = temperature;
       if (top_k >= 0) sp.top_k = top_k;
       if (top_p >= 0) sp.top_p = top_p;
-      std::vector<int32_t> prompt = parse_ids(ids);
+      KILN_CHECK(!ids.empty() || !text.empty(), "run needs --prompt or --prompt-ids");
       Engine e = Engine::open(a.model, a.bc);
+      if (!text.empty()) {
+        generate_text(e, a.rc, text, sp);
+        return;
+      }
+      std::vector<int32_t> prompt = parse_ids(ids);
       check_ids(e, prompt);
       e.start(a.rc);
       std::vector<int32_t> out = e.generate(prompt, sp);

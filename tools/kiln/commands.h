@@ -2,10 +2,17 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <string>
+
+#include "kiln/kiln.h"
 
 namespace kiln::cli {
 
 void register_model_commands(CLI::App& app);  // build, run, logits, bench (cmd_model.cpp)
 void register_tokenize(CLI::App& app);        // tokenize (cmd_tokenize.cpp)
+void register_chat(CLI::App& app);            // chat (cmd_text.cpp)
+
+// Tokenizes `text` with the engine's tokenizer, generates and streams the decoded text to stdout.
+void generate_text(Engine& e, const RuntimeConfig& rc, const std::string& text, SamplingParams sp);
 
 }  // namespace kiln::cli

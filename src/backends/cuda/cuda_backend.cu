@@ -1,15 +1,419 @@
-// CUDA backend entry points (kernels land with the CUDA backend work).
-#include <cuda_runtime.h>
+// The CUDA backend: activations and KV cache in the engine dtype (F32, F16 or BF16), FP32
+// accumulation everywhere. One stream; weights are uploaded once with cudaMalloc; the only
+// host/device synchronisation inside a forward is the Decoder's final logits read-back.
+//
+// linear() takes the hand-written GEMV for decode-sized inputs (n <= 2 rows) and cuBLASLt
+// otherwise. Environment switches, for measurements:
+//   KILN_CUDA_GEMV=0     cuBLASLt for every product
+//   KILN_CUDA_PDL=0      plain launches (no programmatic dependent launch)
+//   KILN_CUDA_PROFILE=1  GPU time per op kind, printed to stderr when the backend goes away
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <vector>
 
+#include "backends/cuda/cuda_common.h"
+#include "backends/cuda/cuda_gemm.h"
+#include "backends/cuda/cuda_kernels.h"
 #include "graph/backend.h"
 
 namespace kiln {
+
+namespace cuda {
+
+void throw_error(const char* file, int line, const char* expr, const char* what) {
+  cudaGetLastError();  // reset a non-sticky error so later launch checks do not repeat it
+  const char* base = std::strrchr(file, '/');
+  throw Error(cat("CUDA error at ", base ? base + 1 : file, ":", line, ": ", expr, ": ", what));
+}
+
+bool pdl_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("KILN_CUDA_PDL");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on;
+}
+
+}  // namespace cuda
+
+namespace {
+
+const float* fptr(const Tensor* t) { return t ? t->ptr<float>() : nullptr; }
+
+// GPU time per op kind, from events recorded around each outermost op on the stream. The time
+// of an op includes any wait for its own launch, so a starved GPU shows up as slow small ops.
+class OpProfile {
+ public:
+  explicit OpProfile(cudaStream_t s) : stream_(s) {}
+  ~OpProfile() {
+    for (auto& p : pending_) cudaEventDestroy(p.a), cudaEventDestroy(p.b);
+    for (cudaEvent_t e : pool_) cudaEventDestroy(e);
+  }
+  void begin(const char* op) {
+    if (depth_++) return;
+    cur_ = {op, event(), event()};
+    KILN_CUDA_CHECK(cudaEventRecord(cur_.a, stream_));
+  }
+  void end() {
+    if (--depth_) return;
+    KILN_CUDA_CHECK(cudaEventRecord(cur_.b, stream_));
+    pending_.push_back(cur_);
+  }
+  // After the stream is synchronised.
+  void harvest(bool forward_done) {
+    for (auto& p : pending_) {
+      float ms = 0;
+      KILN_CUDA_CHECK(cudaEventElapsedTime(&ms, p.a, p.b));
+      auto& t = total_[p.op];
+      t.first += ms, t.second += 1;
+      pool_.push_back(p.a), pool_.push_back(p.b);
+    }
+    pending_.clear();
+    forwards_ += forward_done;
+  }
+  void report() const {
+    if (total_.empty()) return;
+    std::vector<std::pair<std::string, std::pair<double, int64_t>>> v(total_.begin(), total_.end());
+    std::sort(v.begin(), v.end(), [](auto& a, auto& b) { return a.second.first > b.second.first; });
+    double all = 0;
+    for (auto& [k, t] : v) all += t.first;
+    std::fprintf(stderr, "kiln CUDA profile: %lld forwards, %.3f ms GPU time per forward\n",
+                 (long long)forwards_, all / double(std::max<int64_t>(forwards_, 1)));
+    std::fprintf(stderr, "  %-12s %10s %10s %10s %12s\n", "op", "calls", "total ms", "avg us",
+                 "ms/forward");
+    for (auto& [k, t] : v)
+      std::fprintf(stderr, "  %-12s %10lld %10.3f %10.2f %12.4f\n", k.c_str(), (long long)t.second,
+                   t.first, 1e3 * t.first / double(t.second),
+                   t.first / double(std::max<int64_t>(forwards_, 1)));
+  }
+
+ private:
+  struct Span {
+    const char* op;
+    cudaEvent_t a, b;
+  };
+  cudaEvent_t event() {
+    if (!pool_.empty()) {
+      cudaEvent_t e = pool_.back();
+      pool_.pop_back();
+      return e;
+    }
+    cudaEvent_t e;
+    KILN_CUDA_CHECK(cudaEventCreate(&e));
+    return e;
+  }
+  cudaStream_t stream_;
+  int depth_ = 0;
+  Span cur_{};
+  std::vector<Span> pending_;
+  std::vector<cudaEvent_t> pool_;
+  std::map<std::string, std::pair<double, int64_t>> total_;
+  int64_t forwards_ = 0;
+};
+
+// Times the enclosing op when profiling is on.
+struct Prof {
+  Prof(OpProfile* p, const char* op) : p_(p) {
+    if (p_) p_->begin(op);
+  }
+  ~Prof() {
+    if (p_) p_->end();
+  }
+  OpProfile* p_;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(DType act) : act_(act) {
+    KILN_CHECK(act == DType::F32 || act == DType::F16 || act == DType::BF16,
+               "CUDA backend: engine dtype must be f32, f16 or bf16 (got ", dtype_name(act), ")");
+    KILN_CUDA_CHECK(cudaGetDevice(&device_));
+    cudaDeviceProp prop{};
+    KILN_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
+    name_ = cat("CUDA (", prop.name, ")");
+    sms_ = prop.multiProcessorCount;
+    // A blocking stream: it also orders against anything issued on the legacy default stream.
+    KILN_CUDA_CHECK(cudaStreamCreate(&stream_));
+    lt_ = std::make_unique<cuda::LtGemm>(stream_);
+    const char* g = std::getenv("KILN_CUDA_GEMV");
+    gemv_ = !(g && std::strcmp(g, "0") == 0);
+    const char* pr = std::getenv("KILN_CUDA_PROFILE");
+    if (pr && std::strcmp(pr, "0") != 0) prof_ = std::make_unique<OpProfile>(stream_);
+    KILN_CUDA_CHECK(cudaMallocHost(&pinned_, kPinnedBytes));
+  }
+
+  ~CudaBackend() override {
+    // Nothing here may throw; pending work is drained first so frees are safe.
+    cudaStreamSynchronize(stream_);
+    if (prof_) {
+      try {
+        prof_->harvest(false);
+        prof_->report();
+      } catch (const Error&) {
+      }
+      prof_.reset();
+    }
+    lt_.reset();
+    for (auto& [k, p] : scratch_) cudaFree(p.first);
+    for (auto& [k, p] : expert_tables_) cudaFree(p);
+    cudaFreeHost(pinned_);
+    cudaStreamDestroy(stream_);
+  }
+
+  Device device() const override { return Device::CUDA; }
+  std::string name() const override { return name_; }
+  DType act_dtype() const override { return act_; }
+
+  void* alloc(size_t bytes) override {
+    void* p = nullptr;
+    KILN_CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(bytes, 1)));
+    return p;
+  }
+  // Called from destructors (Decoder, KVCache): never throws.
+  void release(void* p) override {
+    if (p) cudaFree(p);
+  }
+  // Pageable sources are staged by the driver before the call returns, so callers may reuse
+  // their buffers at once; the copy stays ordered on the stream.
+  void to_device(void* dst, const void* src, size_t bytes) override {
+    if (bytes) KILN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
+  }
+  void to_host(void* dst, const void* src, size_t bytes) override {
+    if (!bytes) return;
+    KILN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    KILN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  void synchronize() override { KILN_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+  Tensor upload(const Tensor& host) override {
+    KILN_CHECK(host.device == Device::CPU, "upload: tensor is already on a device");
+    const size_t bytes = host.nbytes();
+    void* p = alloc(bytes);
+    std::shared_ptr<void> owner(p, [](void* q) { cudaFree(q); });
+    // On the stream, so the kernels that read the weight are ordered after the copy.
+    if (bytes)
+      KILN_CUDA_CHECK(cudaMemcpyAsync(p, host.data, bytes, cudaMemcpyHostToDevice, stream_));
+    Tensor t = Tensor::view(host.dtype, host.shape, owner, p);
+    t.device = Device::CUDA;
+    return t;
+  }
+
+  void embed(const Tensor& table, const int32_t* ids, int64_t n, float scale, void* out) override {
+    Prof prof(prof_.get(), "embed");
+    cuda::embed(act_, table.data, table.dtype, table.shape[1], ids, n, scale, out, stream_);
+  }
+  void add_rows(const Tensor& table, const int32_t* rows, int64_t n, void* x) override {
+    Prof prof(prof_.get(), "add_rows");
+    cuda::add_rows(act_, table.data, table.dtype, table.shape[1], rows, n, x, stream_);
+  }
+
+  void linear(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
+              int64_t ldy) override {
+    Prof prof(prof_.get(), "linear");
+    KILN_CHECK(w.dtype == act_, "CUDA linear: weight dtype ", dtype_name(w.dtype),
+               " differs from the activation dtype ", dtype_name(act_));
+    KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
+    const int64_t in = w.shape[1], out = w.shape[0];
+    if (n == 0 || out == 0) return;
+    if (gemv_ && n <= cuda::kGemvMaxRows &&
+        cuda::gemv(act_, x, n, ldx, w.data, in, out, fptr(b), y, ldy, stream_))
+      return;
+    lt_->run(act_, x, n, ldx, w.data, in, out, y, ldy);
+    if (b) cuda::bias_add(act_, y, n, out, ldy, b->ptr<float>(), stream_);
+  }
+
+  void norm(const void* x, int64_t rows, int64_t dim, int64_t ldx, const Tensor& w,
+            const Tensor* b, NormKind kind, float eps, void* y, int64_t ldy) override {
+    Prof prof(prof_.get(), "norm");
+    check_f32(w, b);
+    cuda::norm(act_, x, rows, 1, dim, ldx, y, ldy, w.ptr<float>(), fptr(b), kind, eps, stream_);
+  }
+  void add_norm(void* residual, const void* delta, int64_t rows, int64_t dim, const Tensor& w,
+                const Tensor* b, NormKind kind, float eps, void* y) override {
+    Prof prof(prof_.get(), "add_norm");
+    check_f32(w, b);
+    cuda::add_norm(act_, residual, delta, rows, dim, w.ptr<float>(), fptr(b), kind, eps, y,
+                   stream_);
+  }
+  void head_norm(void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim,
+                 const Tensor& w, NormKind kind, float eps) override {
+    Prof prof(prof_.get(), "head_norm");
+    check_f32(w, nullptr);
+    cuda::norm(act_, x, n, heads, head_dim, ld, x, ld, w.ptr<float>(), nullptr, kind, eps,
+               stream_);
+  }
+  void add(void* x, const void* y, int64_t count) override {
+    Prof prof(prof_.get(), "add");
+    cuda::add(act_, x, y, count, stream_);
+  }
+  void rope(void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim, int64_t rot_dim,
+            const float* cos, const float* sin) override {
+    Prof prof(prof_.get(), "rope");
+    cuda::rope(act_, x, n, ld, heads, head_dim, rot_dim, cos, sin, stream_);
+  }
+  void kv_write(const KVLayerView& kv, const void* k, const void* v, int64_t ld,
+                const int32_t* pos, int64_t n) override {
+    Prof prof(prof_.get(), "kv_write");
+    cuda::kv_write(act_, kv.k, kv.v, kv.block_table, kv.block_size, kv.kv_dim, k, v, ld, pos, n,
+                   stream_);
+  }
+
+  void attention(const void* q, int64_t ldq, int64_t n, const int32_t* pos,
+                 const KVLayerView& kv, const AttnParams& p, void* out, int64_t ldo) override {
+    Prof prof(prof_.get(), "attention");
+    if (n == 0) return;
+    int64_t len = kv.len;
+    if (len <= 0) {  // caller did not say: read the positions back (a sync; the Decoder says)
+      std::vector<int32_t> h(static_cast<size_t>(n));
+      to_host(h.data(), pos, size_t(n) * 4);
+      len = int64_t(*std::max_element(h.begin(), h.end())) + 1;
+    }
+    const cuda::AttnLaunch a{q,           ldq,          n,           pos,        kv.k,
+                             kv.v,        kv.block_table, kv.block_size, kv.kv_dim, p.heads,
+                             p.kv_heads,  p.head_dim,   p.scale,     p.softcap,  p.window,
+                             len,         out,          ldo};
+    const size_t ws = cuda::attention_workspace(a, sms_);
+    cuda::attention(act_, a, ws ? static_cast<float*>(scratch("attn_ws", ws)) : nullptr, sms_,
+                    stream_);
+  }
+
+  void gated_act(const void* gu, int64_t n, int64_t inter, Activation a, void* out) override {
+    Prof prof(prof_.get(), "gated_act");
+    cuda::gated_act(act_, gu, n, inter, a, out, stream_);
+  }
+  void act(void* x, int64_t count, Activation a) override {
+    Prof prof(prof_.get(), "act");
+    cuda::act_inplace(act_, x, count, a, stream_);
+  }
+  void softcap(void* x, int64_t count, float cap) override {
+    Prof prof(prof_.get(), "softcap");
+    cuda::softcap(act_, x, count, cap, stream_);
+  }
+
+  void to_f32(const void* x, int64_t count, float* host_out) override {
+    if (count <= 0) return;
+    Prof prof(prof_.get(), "to_f32");
+    const float* src = static_cast<const float*>(x);
+    if (act_ != DType::F32) {
+      float* f = static_cast<float*>(scratch("to_f32", size_t(count) * 4));
+      cuda::to_f32(act_, x, count, f, stream_);
+      src = f;
+    }
+    // Through a pinned buffer: a pageable destination would be copied at a fraction of the
+    // bus speed. Chunks keep the pinned buffer small for whole-prompt logits.
+    const size_t total = size_t(count) * 4;
+    for (size_t off = 0; off < total; off += kPinnedBytes) {
+      const size_t m = std::min(kPinnedBytes, total - off);
+      KILN_CUDA_CHECK(cudaMemcpyAsync(pinned_, reinterpret_cast<const char*>(src) + off, m,
+                                      cudaMemcpyDeviceToHost, stream_));
+      KILN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      std::memcpy(reinterpret_cast<char*>(host_out) + off, pinned_, m);
+    }
+    if (prof_) prof_->harvest(true);
+  }
+
+  void moe_ffn(const void* x, int64_t n, int64_t H, const MoeWeights& w, int64_t E, int64_t k,
+               bool renorm, Activation a, void* out) override {
+    Prof prof(prof_.get(), "moe_ffn");
+    if (n == 0) return;
+    const size_t es = dtype_size(act_);
+    const int64_t I = w.gate_up[0]->shape[0] / 2, nk = n * k;
+    void* logits = scratch("moe_logits", size_t(n * E) * es);
+    auto* sel_row = static_cast<int32_t*>(scratch("moe_rows", size_t(nk) * 4));
+    auto* sel_exp = static_cast<int32_t*>(scratch("moe_experts", size_t(nk) * 4));
+    auto* weights = static_cast<float*>(scratch("moe_weights", size_t(nk) * 4));
+    linear(x, n, H, *w.router, nullptr, logits, E);
+    cuda::moe_route(act_, logits, n, E, k, renorm, sel_row, sel_exp, weights, stream_);
+    // Routed experts: gathered GEMVs over (row, expert) assignments, reading only the chosen
+    // experts' weights (a grouped GEMM for long prompts is future work).
+    void* gu = scratch("moe_gu", size_t(nk * 2 * I) * es);
+    void* h = scratch("moe_h", size_t(nk * I) * es);
+    void* ye = scratch("moe_ye", size_t(nk * H) * es);
+    cuda::gemv_gather(act_, x, H, expert_table(w.gate_up, E), sel_row, sel_exp, nk, H, 2 * I, gu,
+                      stream_);
+    cuda::gated_act(act_, gu, nk, I, a, h, stream_);
+    cuda::gemv_gather(act_, h, I, expert_table(w.down, E), nullptr, sel_exp, nk, I, H, ye,
+                      stream_);
+    const void* ys = nullptr;
+    const void* gate = nullptr;
+    if (w.shared_gate_up) {
+      const int64_t Is = w.shared_gate_up->shape[0] / 2;
+      void* sgu = scratch("moe_sgu", size_t(n * 2 * Is) * es);
+      void* sh = scratch("moe_sh", size_t(n * Is) * es);
+      void* sy = scratch("moe_sy", size_t(n * H) * es);
+      void* sg = scratch("moe_sg", size_t(n) * es);
+      linear(x, n, H, *w.shared_gate_up, nullptr, sgu, 2 * Is);
+      cuda::gated_act(act_, sgu, n, Is, a, sh, stream_);
+      linear(sh, n, Is, *w.shared_down, nullptr, sy, H);
+      linear(x, n, H, *w.shared_gate, nullptr, sg, 1);
+      ys = sy, gate = sg;
+    }
+    cuda::moe_combine(act_, ye, weights, n, k, H, ys, gate, out, stream_);
+  }
+
+ private:
+  static constexpr size_t kPinnedBytes = size_t(4) << 20;
+
+  static void check_f32(const Tensor& w, const Tensor* b) {
+    KILN_CHECK(w.dtype == DType::F32 && (!b || b->dtype == DType::F32),
+               "CUDA backend: norm weights and biases must be F32");
+  }
+
+  // Grow-only device scratch by name. Growing frees the old buffer; cudaFree waits for the
+  // device, so kernels still reading it finish first.
+  void* scratch(const std::string& name, size_t bytes) {
+    auto& s = scratch_[name];
+    if (s.second < bytes) {
+      if (s.first) cudaFree(s.first);
+      s.first = nullptr;
+      s.second = 0;
+      s.first = alloc(bytes);
+      s.second = bytes;
+    }
+    return s.first;
+  }
+
+  // Device array of the experts' weight pointers, built on first use per layer.
+  const void* const* expert_table(const Tensor* const* ts, int64_t E) {
+    void*& d = expert_tables_[ts[0]->data];
+    if (!d) {
+      std::vector<const void*> h(static_cast<size_t>(E));
+      for (int64_t e = 0; e < E; ++e) {
+        KILN_CHECK(ts[e]->dtype == act_ && ts[e]->shape == ts[0]->shape,
+                   "CUDA MoE: experts must share one shape and the activation dtype");
+        h[size_t(e)] = ts[e]->data;
+      }
+      d = alloc(h.size() * sizeof(void*));
+      to_device(d, h.data(), h.size() * sizeof(void*));
+    }
+    return static_cast<const void* const*>(d);
+  }
+
+  DType act_;
+  int device_ = 0, sms_ = 1;
+  std::string name_;
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<cuda::LtGemm> lt_;
+  bool gemv_ = true;
+  void* pinned_ = nullptr;
+  std::map<std::string, std::pair<void*, size_t>> scratch_;
+  std::map<const void*, void*> expert_tables_;
+  std::unique_ptr<OpProfile> prof_;
+};
+
+}  // namespace
 
 bool cuda_available() {
   int n = 0;
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
-std::unique_ptr<Backend> make_cuda_backend(DType) { return nullptr; }
+std::unique_ptr<Backend> make_cuda_backend(DType act) {
+  if (!cuda_available()) return nullptr;
+  return std::make_unique<CudaBackend>(act);
+}
 
 }  // namespace kiln

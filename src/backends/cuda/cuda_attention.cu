@@ -1,0 +1,329 @@
+// Attention over the paged KV cache: one kernel for prefill and decode, flash-attention style.
+//
+// A block owns 16 query rows that share one KV head: the rows are the flattened pairs
+// (token i, query head g of the GQA group), so for decode the whole group of query heads reads
+// each K/V tile once. Each of the 4 warps owns 4 rows. The block walks the keys its rows can see
+// in tiles of 32, staged in shared memory as FP32 (K transposed, so lane j reads key j without
+// bank conflicts); scores use lane = key, the PV product uses lane = output dims; softmax is
+// online (running max m, running sum l, rescaled accumulators), all in FP32.
+//
+// Decode has too few rows to fill the GPU, so the keys are also split (flash-decoding): grid.z
+// blocks each take a range of keys and write unnormalised partial outputs with their (m, l);
+// a second kernel merges them. Splits are sized from kv_len on the host; the first and last
+// split are open-ended, so the result is right whatever the positions are.
+//
+// Everything here runs on CUDA cores (no tensor cores yet): F32 engines need exact FP32 math
+// anyway, and for 16-bit engines attention is a small share of the step at these lengths.
+#include <algorithm>
+#include <climits>
+
+#include "backends/cuda/cuda_common.h"
+#include "backends/cuda/cuda_kernels.h"
+
+namespace kiln::cuda {
+
+namespace {
+
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kWarpRows = 4;   // query rows per warp
+constexpr int kRows = 16;      // query rows per block
+constexpr int kBK = 32;        // keys per tile
+constexpr int kMaxHeadDim = 256;
+
+struct Args {
+  const void* q;
+  int64_t ldq;
+  int n;
+  const int32_t* pos;
+  const void* kpool;
+  const void* vpool;
+  const int32_t* bt;
+  int bs;
+  int64_t kv_dim;
+  int heads, group, D;
+  float scale, softcap;
+  int window;
+  int splits, split_len, split_base;
+  bool vec;  // 16-byte K/V loads
+  void* out;
+  int64_t ldo;
+  float* ws;  // [n * heads][splits][D + 2] when splits > 1
+};
+
+size_t smem_bytes(int D) {
+  return size_t(kRows * D + kBK * D + kBK * (D + 4) + 4 * kBK * kWarpRows) * sizeof(float);
+}
+
+// DPL: output dims per lane, ceil(D / 32) rounded up to an instantiated value.
+template <typename T, int DPL>
+__global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
+  pdl_begin();
+  extern __shared__ float4 smem4[];
+  const int D = a.D;
+  float* Qs = reinterpret_cast<float*>(smem4);  // [D][kRows]
+  float* Kt = Qs + D * kRows;                    // [D][kBK]
+  float* Vs = Kt + D * kBK;                      // [kBK][D + 4] (+4: conflict-free float4 stores)
+  float* Ps = Vs + kBK * (D + 4);                // [warp][kBK][kWarpRows]
+  __shared__ int s_lo[kRows], s_hi[kRows];
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int kvh = blockIdx.y, split = blockIdx.z;
+  const int total = a.n * a.group, rbase = blockIdx.x * kRows;
+  if (tid < kRows) {  // key range [lo, hi] of each row; empty for padding rows
+    const int r = rbase + tid;
+    int lo = INT_MAX, hi = -1;
+    if (r < total) {
+      hi = a.pos[r / a.group];
+      lo = a.window > 0 ? max(0, hi - a.window + 1) : 0;
+    }
+    s_lo[tid] = lo, s_hi[tid] = hi;
+  }
+  const T* q = static_cast<const T*>(a.q);
+  for (int e = tid; e < kRows * D; e += kThreads) {
+    const int r = e / D, d = e % D, fr = rbase + r;
+    float v = 0.0f;
+    if (fr < total) {
+      const int i = fr / a.group, h = kvh * a.group + fr % a.group;
+      v = to_f(q[int64_t(i) * a.ldq + int64_t(h) * D + d]);
+    }
+    Qs[d * kRows + r] = v;
+  }
+  __syncthreads();
+
+  int kmin = INT_MAX, kmax = -1;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) kmin = min(kmin, s_lo[r]), kmax = max(kmax, s_hi[r]);
+  int my_lo[kWarpRows], my_hi[kWarpRows];
+#pragma unroll
+  for (int j = 0; j < kWarpRows; ++j) my_lo[j] = s_lo[warp * kWarpRows + j], my_hi[j] = s_hi[warp * kWarpRows + j];
+  int k0 = kmin, k1 = kmax + 1;
+  if (a.splits > 1) {
+    const int s0 = a.split_base + split * a.split_len;
+    if (split > 0) k0 = max(k0, s0);
+    if (split < a.splits - 1) k1 = min(k1, s0 + a.split_len);
+  }
+
+  float m[kWarpRows], l[kWarpRows], o[kWarpRows][DPL];
+#pragma unroll
+  for (int j = 0; j < kWarpRows; ++j) {
+    m[j] = -INFINITY, l[j] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < DPL; ++k) o[j][k] = 0.0f;
+  }
+  const T* kp = static_cast<const T*>(a.kpool) + int64_t(kvh) * D;
+  const T* vp = static_cast<const T*>(a.vpool) + int64_t(kvh) * D;
+  float* pw = Ps + warp * kBK * kWarpRows;
+  const float4* q4 = reinterpret_cast<const float4*>(Qs) + warp;  // rows warp*4 .. +3 of dim d
+
+  for (int t0 = k0; t0 < k1; t0 += kBK) {
+    __syncthreads();  // the previous tile's readers are done with Kt / Vs
+    {
+      const int j = tid % kBK, t = t0 + j;
+      const bool ok = t < k1;
+      const int64_t off = ok ? (int64_t(a.bt[t / a.bs]) * a.bs + t % a.bs) * a.kv_dim : 0;
+      if (a.vec) {
+        constexpr int E = kVec<T>;
+        for (int c = tid / kBK; c < D / E; c += kThreads / kBK) {
+          float kf[E], vf[E];
+          if (ok) {
+            unpack_vec<T>(*reinterpret_cast<const uint4*>(kp + off + c * E), kf);
+            unpack_vec<T>(*reinterpret_cast<const uint4*>(vp + off + c * E), vf);
+          } else {  // zeros, never garbage: 0 * NaN would poison the PV sum
+#pragma unroll
+            for (int e = 0; e < E; ++e) kf[e] = vf[e] = 0.0f;
+          }
+#pragma unroll
+          for (int e = 0; e < E; ++e) Kt[(c * E + e) * kBK + j] = kf[e];
+          float4* vd = reinterpret_cast<float4*>(Vs + j * (D + 4) + c * E);
+#pragma unroll
+          for (int e = 0; e < E; e += 4) vd[e / 4] = make_float4(vf[e], vf[e + 1], vf[e + 2], vf[e + 3]);
+        }
+      } else {
+        for (int d = tid / kBK; d < D; d += kThreads / kBK) {
+          Kt[d * kBK + j] = ok ? to_f(kp[off + d]) : 0.0f;
+          Vs[j * (D + 4) + d] = ok ? to_f(vp[off + d]) : 0.0f;
+        }
+      }
+    }
+    __syncthreads();
+
+    float s[kWarpRows] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 4
+    for (int d = 0; d < D; ++d) {
+      const float kv = Kt[d * kBK + lane];
+      const float4 qq = q4[d * (kRows / 4)];
+      s[0] = fmaf(qq.x, kv, s[0]);
+      s[1] = fmaf(qq.y, kv, s[1]);
+      s[2] = fmaf(qq.z, kv, s[2]);
+      s[3] = fmaf(qq.w, kv, s[3]);
+    }
+    const int t = t0 + lane;
+#pragma unroll
+    for (int j = 0; j < kWarpRows; ++j) {
+      float x = s[j] * a.scale;
+      if (a.softcap > 0.0f) x = a.softcap * tanhf(x / a.softcap);
+      const bool ok = t < k1 && t >= my_lo[j] && t <= my_hi[j];
+      x = ok ? x : -INFINITY;
+      const float mnew = fmaxf(m[j], warp_max(x));
+      float p = 0.0f, corr = 1.0f;
+      if (mnew != -INFINITY) {  // else every key so far is masked: nothing to rescale
+        p = ok ? expf(x - mnew) : 0.0f;
+        corr = expf(m[j] - mnew);
+      }
+      l[j] = l[j] * corr + warp_sum(p);
+#pragma unroll
+      for (int k = 0; k < DPL; ++k) o[j][k] *= corr;
+      m[j] = mnew;
+      pw[lane * kWarpRows + j] = p;
+    }
+    __syncwarp();
+    const int kend = min(kBK, k1 - t0);
+    for (int jj = 0; jj < kend; ++jj) {
+      const float4 p4 = reinterpret_cast<const float4*>(pw)[jj];
+      const float* vr = Vs + jj * (D + 4);
+#pragma unroll
+      for (int k = 0; k < DPL; ++k) {
+        const int d = lane + 32 * k;
+        if (d < D) {
+          const float v = vr[d];
+          o[0][k] = fmaf(p4.x, v, o[0][k]);
+          o[1][k] = fmaf(p4.y, v, o[1][k]);
+          o[2][k] = fmaf(p4.z, v, o[2][k]);
+          o[3][k] = fmaf(p4.w, v, o[3][k]);
+        }
+      }
+    }
+    __syncwarp();  // pw is rewritten by the next tile
+  }
+
+#pragma unroll
+  for (int j = 0; j < kWarpRows; ++j) {
+    const int fr = rbase + warp * kWarpRows + j;
+    if (fr >= total) continue;
+    const int i = fr / a.group, h = blockIdx.y * a.group + fr % a.group;
+    if (a.splits == 1) {
+      const float inv = l[j] > 0.0f ? 1.0f / l[j] : 0.0f;
+      T* op = static_cast<T*>(a.out) + int64_t(i) * a.ldo + int64_t(h) * D;
+#pragma unroll
+      for (int k = 0; k < DPL; ++k)
+        if (lane + 32 * k < D) op[lane + 32 * k] = from_f<T>(o[j][k] * inv);
+    } else {
+      float* w = a.ws + ((int64_t(i) * a.heads + h) * a.splits + split) * (D + 2);
+#pragma unroll
+      for (int k = 0; k < DPL; ++k)
+        if (lane + 32 * k < D) w[lane + 32 * k] = o[j][k];
+      if (lane == 0) w[D] = m[j], w[D + 1] = l[j];
+    }
+  }
+}
+
+// Merges the splits of one query row (block) into the normalised output.
+template <typename T>
+__global__ void attn_combine_kernel(const float* ws, int splits, int D, int heads, T* out,
+                                    int64_t ldo) {
+  pdl_begin();
+  const int row = blockIdx.x, i = row / heads, h = row % heads;
+  const float* w = ws + int64_t(row) * splits * (D + 2);
+  float M = -INFINITY;
+  for (int s = 0; s < splits; ++s) M = fmaxf(M, w[s * (D + 2) + D]);
+  float L = 0.0f;
+  for (int s = 0; s < splits; ++s) {
+    const float ms = w[s * (D + 2) + D];
+    if (ms != -INFINITY) L += w[s * (D + 2) + D + 1] * expf(ms - M);
+  }
+  const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      const float ms = w[s * (D + 2) + D];
+      if (ms != -INFINITY) acc += w[s * (D + 2) + d] * expf(ms - M);
+    }
+    out[int64_t(i) * ldo + int64_t(h) * D + d] = from_f<T>(acc * inv);
+  }
+}
+
+struct Plan {
+  int row_blocks, splits = 1, split_len = 0, split_base = 0;
+};
+
+Plan make_plan(const AttnLaunch& a, int num_sms) {
+  Plan p;
+  const int64_t group = a.heads / a.kv_heads;
+  p.row_blocks = int((a.n * group + kRows - 1) / kRows);
+  const int64_t blocks = int64_t(p.row_blocks) * a.kv_heads;
+  if (blocks >= num_sms || a.kv_len <= 0) return p;
+  // The keys the rows see, if positions are the usual kv_len - n .. kv_len - 1.
+  const int64_t first = a.window > 0 ? std::max<int64_t>(0, a.kv_len - a.n - a.window + 1) : 0;
+  const int64_t keys = a.kv_len - first;
+  const int64_t want = (2 * int64_t(num_sms) + blocks - 1) / blocks;  // ~2 blocks per SM
+  const int64_t most = (keys + 2 * kBK - 1) / (2 * kBK);              // >= 2 tiles per split
+  int64_t splits = std::min(want, most);
+  if (splits <= 1) return p;
+  const int64_t len = ((keys + splits - 1) / splits + kBK - 1) / kBK * kBK;
+  p.splits = int((keys + len - 1) / len);
+  if (p.splits <= 1) {
+    p.splits = 1;
+    return p;
+  }
+  p.split_len = int(len);
+  p.split_base = int(first);
+  return p;
+}
+
+template <typename T, int DPL>
+void launch(const Args& args, dim3 grid, cudaStream_t s) {
+  const size_t smem = smem_bytes(args.D);
+  static bool raised = false;  // per instantiation; the limit is per kernel, not per launch
+  if (!raised) {
+    KILN_CUDA_CHECK(cudaFuncSetAttribute(attn_kernel<T, DPL>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(smem_bytes(kMaxHeadDim))));
+    raised = true;
+  }
+  launch_kernel(attn_kernel<T, DPL>, grid, kThreads, smem, s, args);
+}
+
+template <typename T>
+void launch_dpl(const Args& args, dim3 grid, cudaStream_t s) {
+  const int dpl = (args.D + 31) / 32;
+  if (dpl <= 1) return launch<T, 1>(args, grid, s);
+  if (dpl <= 2) return launch<T, 2>(args, grid, s);
+  if (dpl <= 3) return launch<T, 3>(args, grid, s);
+  if (dpl <= 4) return launch<T, 4>(args, grid, s);
+  if (dpl <= 6) return launch<T, 6>(args, grid, s);
+  return launch<T, 8>(args, grid, s);
+}
+
+}  // namespace
+
+size_t attention_workspace(const AttnLaunch& a, int num_sms) {
+  if (a.kv_heads <= 0 || a.heads % a.kv_heads) return 0;
+  const Plan p = make_plan(a, num_sms);
+  return p.splits > 1 ? size_t(a.n * a.heads) * size_t(p.splits) * size_t(a.head_dim + 2) * 4 : 0;
+}
+
+void attention(DType act, const AttnLaunch& a, float* ws, int num_sms, cudaStream_t s) {
+  KILN_CHECK(a.kv_heads > 0 && a.heads % a.kv_heads == 0, "attention: ", a.heads,
+             " query heads are not a multiple of ", a.kv_heads, " KV heads");
+  KILN_CHECK(a.head_dim >= 1 && a.head_dim <= kMaxHeadDim, "attention: head_dim ", a.head_dim,
+             " outside the CUDA kernel's range [1, ", kMaxHeadDim, "]");
+  KILN_CHECK(a.n * a.heads < INT_MAX && a.kv_len < INT_MAX, "attention: sizes exceed 2^31");
+  if (a.n == 0) return;
+  const Plan p = make_plan(a, num_sms);
+  KILN_CHECK(p.splits == 1 || ws, "attention: split-K workspace missing");
+  const int64_t e = 16 / int64_t(dtype_size(act));
+  Args g{a.q, a.ldq, int(a.n), a.pos, a.kpool, a.vpool, a.block_table, int(a.block_size),
+         a.kv_dim, int(a.heads), int(a.heads / a.kv_heads), int(a.head_dim), a.scale, a.softcap,
+         int(a.window), p.splits, p.split_len, p.split_base,
+         a.head_dim % e == 0 && a.kv_dim % e == 0, a.out, a.ldo, ws};
+  const dim3 grid(unsigned(p.row_blocks), unsigned(a.kv_heads), unsigned(p.splits));
+  KILN_CHECK(grid.y <= 65535 && grid.z <= 65535, "attention: too many KV heads");
+  KILN_DISPATCH_ACT(act, launch_dpl<T>(g, grid, s));
+  if (p.splits > 1) {
+    KILN_DISPATCH_ACT(act, launch_kernel(attn_combine_kernel<T>, unsigned(a.n * a.heads), 128, 0,
+                                         s, ws, p.splits, int(a.head_dim), int(a.heads),
+                                         static_cast<T*>(a.out), a.ldo));
+  }
+}
+
+}  // namespace kiln::cuda

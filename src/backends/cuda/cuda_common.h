@@ -1,0 +1,177 @@
+// Shared pieces of the CUDA backend: error checking that throws kiln::Error, element-type helpers
+// (FP32 / FP16 / BF16 activations, always computed in FP32) and warp reductions.
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "core/dtype.h"
+#include "core/error.h"
+
+namespace kiln::cuda {
+
+// Throws kiln::Error("CUDA error at file:line: expr: what") after clearing the runtime's
+// last-error slot, so a caught failure is not reported again by the next launch check.
+[[noreturn]] void throw_error(const char* file, int line, const char* expr, const char* what);
+
+// Programmatic dependent launch (Hopper): each kernel may be launched while its predecessor on
+// the stream is still running; it waits (griddepcontrol.wait, see pdl_begin) before touching
+// memory. This hides most of the launch gap between the many small kernels of a decode step.
+// On unless KILN_CUDA_PDL=0.
+bool pdl_enabled();
+
+}  // namespace kiln::cuda
+
+#define KILN_CUDA_CHECK(expr)                                                          \
+  do {                                                                                 \
+    const cudaError_t kiln_e_ = (expr);                                                \
+    if (kiln_e_ != cudaSuccess)                                                        \
+      ::kiln::cuda::throw_error(__FILE__, __LINE__, #expr, cudaGetErrorString(kiln_e_)); \
+  } while (0)
+
+#define KILN_CUBLAS_CHECK(expr)                                                             \
+  do {                                                                                      \
+    const cublasStatus_t kiln_s_ = (expr);                                                  \
+    if (kiln_s_ != CUBLAS_STATUS_SUCCESS)                                                   \
+      ::kiln::cuda::throw_error(__FILE__, __LINE__, #expr, cublasLtGetStatusString(kiln_s_)); \
+  } while (0)
+
+// After every kernel launch: launch-configuration errors surface here, not at the next sync.
+#define KILN_CUDA_LAUNCH_CHECK() KILN_CUDA_CHECK(cudaGetLastError())
+
+// Runs the statement with `T` bound to the device element type of activation dtype `dt`.
+#define KILN_DISPATCH_ACT(dt, ...)                                         \
+  switch (dt) {                                                            \
+    case ::kiln::DType::F32: {                                             \
+      using T = float;                                                     \
+      __VA_ARGS__;                                                         \
+      break;                                                               \
+    }                                                                      \
+    case ::kiln::DType::F16: {                                             \
+      using T = __half;                                                    \
+      __VA_ARGS__;                                                         \
+      break;                                                               \
+    }                                                                      \
+    case ::kiln::DType::BF16: {                                            \
+      using T = __nv_bfloat16;                                             \
+      __VA_ARGS__;                                                         \
+      break;                                                               \
+    }                                                                      \
+    default:                                                               \
+      throw ::kiln::Error("CUDA backend: activations must be F32, F16 or BF16"); \
+  }
+
+#ifdef __CUDACC__
+namespace kiln::cuda {
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Rounds through T and back: the value a T activation store would keep.
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return to_f(from_f<T>(v));
+}
+
+// Elements of T in one 16-byte vector.
+template <typename T>
+constexpr int kVec = 16 / int(sizeof(T));
+
+// Unpacks a 16-byte vector of T into kVec<T> floats.
+__device__ __forceinline__ void unpack(const uint4& u, float* f, float*) {
+  f[0] = __uint_as_float(u.x), f[1] = __uint_as_float(u.y);
+  f[2] = __uint_as_float(u.z), f[3] = __uint_as_float(u.w);
+}
+__device__ __forceinline__ void unpack_word(uint32_t w, float* f, __nv_bfloat16*) {
+  // bf16 is the top half of an f32: two shifts/masks instead of a conversion instruction.
+  f[0] = __uint_as_float(w << 16);
+  f[1] = __uint_as_float(w & 0xffff0000u);
+}
+__device__ __forceinline__ void unpack_word(uint32_t w, float* f, __half*) {
+  __half2 h;
+  memcpy(&h, &w, 4);
+  const float2 v = __half22float2(h);
+  f[0] = v.x, f[1] = v.y;
+}
+template <typename H>
+__device__ __forceinline__ void unpack(const uint4& u, float* f, H* tag) {
+  unpack_word(u.x, f + 0, tag);
+  unpack_word(u.y, f + 2, tag);
+  unpack_word(u.z, f + 4, tag);
+  unpack_word(u.w, f + 6, tag);
+}
+template <typename T>
+__device__ __forceinline__ void unpack_vec(const uint4& u, float* f) {
+  unpack(u, f, static_cast<T*>(nullptr));
+}
+
+// Packs kVec<T> floats into a 16-byte vector of T (round to nearest even).
+template <typename T>
+__device__ __forceinline__ uint4 pack_vec(const float* f) {
+  uint4 u;
+  T* t = reinterpret_cast<T*>(&u);
+#pragma unroll
+  for (int i = 0; i < kVec<T>; ++i) t[i] = from_f<T>(f[i]);
+  return u;
+}
+
+// First statement of every kernel: wait until the previous kernel on the stream has finished
+// and its writes are visible (a no-op without programmatic dependent launch), then let the next
+// kernel start launching. Dependents launch only once every block of this grid has started,
+// so they never take SM slots this grid still needs.
+__device__ __forceinline__ void pdl_begin() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// Launches `kernel` on `s`, with programmatic dependent launch when enabled; checks the launch.
+template <typename... K, typename... A>
+void launch_kernel(void (*kernel)(K...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
+                   A&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  KILN_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+}  // namespace kiln::cuda
+#endif  // __CUDACC__

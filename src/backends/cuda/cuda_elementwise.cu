@@ -1,0 +1,410 @@
+// Elementwise and row-wise kernels of the CUDA backend: embeddings, norms, RoPE, activations,
+// KV-cache writes and the MoE routing/combine steps. These move little data next to the matrix
+// products, so they favour simplicity: one element (or one row) per thread (or block), FP32 math,
+// one rounding on store. Grid-stride loops keep any count legal.
+#include <algorithm>
+#include <cfloat>
+
+#include "backends/cuda/cuda_common.h"
+#include "backends/cuda/cuda_kernels.h"
+
+namespace kiln::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+unsigned grid_for(int64_t count) {
+  const int64_t b = (count + kThreads - 1) / kThreads;
+  return unsigned(std::clamp<int64_t>(b, 1, int64_t(1) << 20));
+}
+
+#define GRID_STRIDE(i, count)                                                   \
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (count); \
+       i += int64_t(gridDim.x) * blockDim.x)
+
+// Loads element `i` of a table whose dtype is only known at run time (embedding tables).
+__device__ __forceinline__ float load_any(const void* p, int dt, int64_t i) {
+  if (dt == int(DType::F32)) return static_cast<const float*>(p)[i];
+  if (dt == int(DType::F16)) return __half2float(static_cast<const __half*>(p)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+__device__ __forceinline__ float apply_act(float x, int a) {
+  switch (Activation(a)) {
+    case Activation::SiLU:
+      return x / (1.0f + expf(-x));
+    case Activation::GeluTanh:
+      return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    case Activation::GeluErf:
+      return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+    case Activation::ReLU:
+      return x > 0.0f ? x : 0.0f;
+  }
+  return x;
+}
+
+template <typename T>
+__global__ void embed_kernel(const void* table, int tdt, int64_t dim, const int32_t* ids,
+                             int64_t n, float scale, T* out) {
+  pdl_begin();
+  GRID_STRIDE(e, n * dim) {
+    const int64_t i = e / dim, d = e % dim;
+    out[e] = from_f<T>(load_any(table, tdt, int64_t(ids[i]) * dim + d) * scale);
+  }
+}
+
+template <typename T>
+__global__ void add_rows_kernel(const void* table, int tdt, int64_t dim, const int32_t* rows,
+                                int64_t n, T* x) {
+  pdl_begin();
+  GRID_STRIDE(e, n * dim) {
+    const int64_t i = e / dim, d = e % dim;
+    x[e] = from_f<T>(to_f(x[e]) + load_any(table, tdt, int64_t(rows[i]) * dim + d));
+  }
+}
+
+// Sum over the TPR threads that share one vector; every one of them gets the total. With
+// TPR == 32 a warp owns a vector; with larger TPR the block does and partials go through smem.
+template <int TPR>
+__device__ __forceinline__ float vec_sum(float v, float* red) {
+  v = warp_sum(v);
+  if constexpr (TPR == 32) {
+    return v;
+  } else {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float s = 0;
+#pragma unroll
+    for (int i = 0; i < TPR / 32; ++i) s += red[i];
+    __syncthreads();  // `red` is reused by the next reduction
+    return s;
+  }
+}
+
+// RMS / RMS(1+w) / LayerNorm over vectors of `dim` <= TPR * EPT; ADD first folds `delta` into
+// the residual x (rounded to T: the stored residual is what later layers read). The vector is
+// loaded once into registers (EPT independent loads per thread in flight, then reductions, then
+// stores), which matters for decode, where one block per row is all the work there is.
+// y may alias x: all reads happen before the first reduction's barrier, all writes after.
+template <typename T, int TPR, int EPT, bool ADD>
+__global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
+    norm_kernel(T* x, const T* __restrict__ delta, int64_t nvec, int64_t heads, int dim,
+                int64_t ldx, T* y, int64_t ldy, const float* __restrict__ w,
+                const float* __restrict__ b, int kind, float eps) {
+  pdl_begin();
+  constexpr int kVecs = (TPR < 256 ? 256 : TPR) / TPR;
+  __shared__ float red[TPR / 32];
+  const int64_t vi = int64_t(blockIdx.x) * kVecs + threadIdx.x / TPR;
+  const int t = threadIdx.x % TPR;
+  const bool live = vi < nvec;
+  const int len = live ? dim : 0;  // dead threads still join the reductions
+  const int64_t r = live ? vi / heads : 0, h = live ? vi % heads : 0;
+  T* xr = x + r * ldx + h * dim;
+  T* yr = y + r * ldy + h * dim;
+  const bool layer = kind == int(NormKind::Layer);
+  float v[EPT];
+#pragma unroll
+  for (int k = 0; k < EPT; ++k) v[k] = t + k * TPR < len ? to_f(xr[t + k * TPR]) : 0.0f;
+  if constexpr (ADD) {
+    float d[EPT];
+#pragma unroll
+    for (int k = 0; k < EPT; ++k) d[k] = t + k * TPR < len ? to_f(delta[r * ldx + t + k * TPR]) : 0.0f;
+#pragma unroll
+    for (int k = 0; k < EPT; ++k) {
+      const T s = from_f<T>(v[k] + d[k]);
+      v[k] = to_f(s);
+      if (t + k * TPR < len) xr[t + k * TPR] = s;
+    }
+  }
+  float acc = 0;
+#pragma unroll
+  for (int k = 0; k < EPT; ++k) acc += layer ? v[k] : v[k] * v[k];
+  acc = vec_sum<TPR>(acc, red);
+  float mean = 0, inv;
+  if (layer) {
+    mean = acc / float(dim);
+    float var = 0;
+#pragma unroll
+    for (int k = 0; k < EPT; ++k)
+      if (t + k * TPR < len) var += (v[k] - mean) * (v[k] - mean);
+    var = vec_sum<TPR>(var, red);
+    inv = 1.0f / sqrtf(var / float(dim) + eps);  // not rsqrtf: match the CPU's rounding
+  } else {
+    inv = 1.0f / sqrtf(acc / float(dim) + eps);
+  }
+  const float off = kind == int(NormKind::RMSPlusOne) ? 1.0f : 0.0f;
+#pragma unroll
+  for (int k = 0; k < EPT; ++k) {
+    const int i = t + k * TPR;
+    if (i < len) yr[i] = from_f<T>((v[k] - mean) * inv * (w[i] + off) + (b ? b[i] : 0.0f));
+  }
+}
+
+template <typename T, bool ADD, int TPR, int EPT>
+void launch_norm_cfg(T* x, const T* delta, int64_t nvec, int64_t heads, int64_t dim, int64_t ldx,
+                     T* y, int64_t ldy, const float* w, const float* b, NormKind kind, float eps,
+                     cudaStream_t s) {
+  constexpr int kBlock = TPR < 256 ? 256 : TPR, kVecs = kBlock / TPR;
+  const unsigned blocks = unsigned((nvec + kVecs - 1) / kVecs);
+  launch_kernel(norm_kernel<T, TPR, EPT, ADD>, blocks, kBlock, 0, s, x, delta, nvec, heads,
+                int(dim), ldx, y, ldy, w, b, int(kind), eps);
+}
+
+template <typename T, bool ADD>
+void launch_norm(T* x, const T* delta, int64_t nvec, int64_t heads, int64_t dim, int64_t ldx, T* y,
+                 int64_t ldy, const float* w, const float* b, NormKind kind, float eps,
+                 cudaStream_t s) {
+  // A warp per head-sized vector, a block per hidden-sized one.
+  if (dim <= 128)
+    launch_norm_cfg<T, ADD, 32, 4>(x, delta, nvec, heads, dim, ldx, y, ldy, w, b, kind, eps, s);
+  else if (dim <= 512)
+    launch_norm_cfg<T, ADD, 32, 16>(x, delta, nvec, heads, dim, ldx, y, ldy, w, b, kind, eps, s);
+  else if (dim <= 2048)
+    launch_norm_cfg<T, ADD, 256, 8>(x, delta, nvec, heads, dim, ldx, y, ldy, w, b, kind, eps, s);
+  else if (dim <= 8192)
+    launch_norm_cfg<T, ADD, 1024, 8>(x, delta, nvec, heads, dim, ldx, y, ldy, w, b, kind, eps, s);
+  else if (dim <= 32768)
+    launch_norm_cfg<T, ADD, 1024, 32>(x, delta, nvec, heads, dim, ldx, y, ldy, w, b, kind, eps, s);
+  else
+    throw Error(cat("CUDA norm: dimension ", dim, " exceeds the kernel's limit of 32768"));
+}
+
+template <typename T>
+__global__ void add_kernel(T* x, const T* y, int64_t count) {
+  pdl_begin();
+  GRID_STRIDE(i, count) x[i] = from_f<T>(to_f(x[i]) + to_f(y[i]));
+}
+
+template <typename T>
+__global__ void rope_kernel(T* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim,
+                            int64_t half, const float* cos, const float* sin) {
+  pdl_begin();
+  GRID_STRIDE(e, n * heads * half) {
+    const int64_t i = e / (heads * half), rem = e % (heads * half);
+    const int64_t h = rem / half, k = rem % half;
+    T* v = x + i * ld + h * head_dim;
+    const float c = cos[i * half + k], sn = sin[i * half + k];
+    const float a = to_f(v[k]), b = to_f(v[k + half]);
+    v[k] = from_f<T>(a * c - b * sn);
+    v[k + half] = from_f<T>(b * c + a * sn);
+  }
+}
+
+template <typename T>
+__global__ void gated_act_kernel(const T* gu, int64_t n, int64_t inter, int a, T* out) {
+  pdl_begin();
+  GRID_STRIDE(e, n * inter) {
+    const int64_t i = e / inter, k = e % inter;
+    const T* row = gu + i * 2 * inter;
+    out[e] = from_f<T>(apply_act(to_f(row[k]), a) * to_f(row[inter + k]));
+  }
+}
+
+template <typename T>
+__global__ void act_kernel(T* x, int64_t count, int a) {
+  pdl_begin();
+  GRID_STRIDE(i, count) x[i] = from_f<T>(apply_act(to_f(x[i]), a));
+}
+
+template <typename T>
+__global__ void softcap_kernel(T* x, int64_t count, float cap) {
+  pdl_begin();
+  GRID_STRIDE(i, count) x[i] = from_f<T>(cap * tanhf(to_f(x[i]) / cap));
+}
+
+template <typename T>
+__global__ void to_f32_kernel(const T* x, int64_t count, float* out) {
+  pdl_begin();
+  GRID_STRIDE(i, count) out[i] = to_f(x[i]);
+}
+
+template <typename T>
+__global__ void bias_add_kernel(T* y, int64_t n, int64_t out, int64_t ldy, const float* bias) {
+  pdl_begin();
+  GRID_STRIDE(e, n * out) {
+    const int64_t i = e / out, o = e % out;
+    T* p = y + i * ldy + o;
+    *p = from_f<T>(to_f(*p) + bias[o]);
+  }
+}
+
+template <typename T>
+__global__ void kv_write_kernel(T* kpool, T* vpool, const int32_t* bt, int64_t bs, int64_t kv_dim,
+                                const T* k, const T* v, int64_t ld, const int32_t* pos,
+                                int64_t n) {
+  pdl_begin();
+  GRID_STRIDE(e, n * kv_dim) {
+    const int64_t i = e / kv_dim, d = e % kv_dim;
+    const int64_t p = pos[i];
+    const int64_t slot = int64_t(bt[p / bs]) * bs + p % bs;
+    kpool[slot * kv_dim + d] = k[i * ld + d];
+    vpool[slot * kv_dim + d] = v[i * ld + d];
+  }
+}
+
+// One warp per row: softmax over E experts (probabilities kept in shared memory), then k rounds
+// of argmax (ties to the lower index, as torch.topk / the CPU's stable sort do).
+template <typename T>
+__global__ void moe_route_kernel(const T* logits, int64_t E, int64_t k, bool renorm,
+                                 int32_t* sel_row, int32_t* sel_expert, float* weights) {
+  pdl_begin();
+  extern __shared__ float prob[];
+  const int64_t i = blockIdx.x;
+  const int lane = threadIdx.x;
+  float mx = -INFINITY;
+  for (int64_t e = lane; e < E; e += 32) {
+    prob[e] = to_f(logits[i * E + e]);
+    mx = fmaxf(mx, prob[e]);
+  }
+  mx = warp_max(mx);
+  float sum = 0;
+  for (int64_t e = lane; e < E; e += 32) sum += (prob[e] = expf(prob[e] - mx));
+  sum = warp_sum(sum);
+  for (int64_t e = lane; e < E; e += 32) prob[e] /= sum;
+  __syncwarp();
+  float wsum = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    float best = -2.0f;
+    int bi = int(E);
+    for (int e = lane; e < int(E); e += 32)
+      if (prob[e] > best) best = prob[e], bi = e;  // lane-local: ascending e keeps the lowest
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ob > best || (ob == best && oi < bi)) best = ob, bi = oi;
+    }
+    if (lane == 0) {
+      sel_row[i * k + j] = int32_t(i);
+      sel_expert[i * k + j] = int32_t(bi);
+      weights[i * k + j] = best;
+      prob[bi] = -1.0f;  // taken
+    }
+    wsum += best;
+    __syncwarp();
+  }
+  if (renorm && lane == 0)
+    for (int64_t j = 0; j < k; ++j) weights[i * k + j] /= wsum;
+}
+
+template <typename T>
+__global__ void moe_combine_kernel(const T* ye, const float* weights, int64_t n, int64_t k,
+                                   int64_t hidden, const T* ys, const T* gate, T* out) {
+  pdl_begin();
+  GRID_STRIDE(e, n * hidden) {
+    const int64_t i = e / hidden, d = e % hidden;
+    float acc = 0;
+    for (int64_t j = 0; j < k; ++j) acc += weights[i * k + j] * to_f(ye[(i * k + j) * hidden + d]);
+    if (ys) acc += 1.0f / (1.0f + expf(-to_f(gate[i]))) * to_f(ys[e]);
+    out[e] = from_f<T>(acc);
+  }
+}
+
+}  // namespace
+
+void embed(DType act, const void* table, DType tdt, int64_t dim, const int32_t* ids, int64_t n,
+           float scale, void* out, cudaStream_t s) {
+  KILN_DISPATCH_ACT(act, launch_kernel(embed_kernel<T>, grid_for(n * dim), kThreads, 0, s, 
+                             table, int(tdt), dim, ids, n, scale, static_cast<T*>(out)));
+}
+
+void add_rows(DType act, const void* table, DType tdt, int64_t dim, const int32_t* rows, int64_t n,
+              void* x, cudaStream_t s) {
+  KILN_DISPATCH_ACT(act, launch_kernel(add_rows_kernel<T>, grid_for(n * dim), kThreads, 0, s, 
+                             table, int(tdt), dim, rows, n, static_cast<T*>(x)));
+}
+
+void norm(DType act, const void* x, int64_t rows, int64_t heads, int64_t dim, int64_t ldx, void* y,
+          int64_t ldy, const float* w, const float* b, NormKind kind, float eps, cudaStream_t s) {
+  if (rows * heads == 0) return;
+  KILN_DISPATCH_ACT(act, launch_norm<T, false>(const_cast<T*>(static_cast<const T*>(x)), nullptr,
+                                               rows * heads, heads, dim, ldx, static_cast<T*>(y),
+                                               ldy, w, b, kind, eps, s));
+}
+
+void add_norm(DType act, void* residual, const void* delta, int64_t rows, int64_t dim,
+              const float* w, const float* b, NormKind kind, float eps, void* y, cudaStream_t s) {
+  if (rows == 0) return;
+  KILN_DISPATCH_ACT(act, launch_norm<T, true>(static_cast<T*>(residual),
+                                              static_cast<const T*>(delta), rows, 1, dim, dim,
+                                              static_cast<T*>(y), dim, w, b, kind, eps, s));
+}
+
+void add(DType act, void* x, const void* y, int64_t count, cudaStream_t s) {
+  if (count == 0) return;
+  KILN_DISPATCH_ACT(act, launch_kernel(add_kernel<T>, grid_for(count), kThreads, 0, s, 
+                             static_cast<T*>(x), static_cast<const T*>(y), count));
+}
+
+void rope(DType act, void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim,
+          int64_t rot_dim, const float* cos, const float* sin, cudaStream_t s) {
+  const int64_t half = rot_dim / 2;
+  if (n * heads * half == 0) return;
+  KILN_DISPATCH_ACT(act, launch_kernel(rope_kernel<T>, grid_for(n * heads * half), kThreads, 0, s, 
+                             static_cast<T*>(x), n, ld, heads, head_dim, half, cos, sin));
+}
+
+void gated_act(DType act, const void* gu, int64_t n, int64_t inter, Activation a, void* out,
+               cudaStream_t s) {
+  if (n * inter == 0) return;
+  KILN_DISPATCH_ACT(act, launch_kernel(gated_act_kernel<T>, grid_for(n * inter), kThreads, 0, s, 
+                             static_cast<const T*>(gu), n, inter, int(a), static_cast<T*>(out)));
+}
+
+void act_inplace(DType act, void* x, int64_t count, Activation a, cudaStream_t s) {
+  if (count == 0) return;
+  KILN_DISPATCH_ACT(act, launch_kernel(act_kernel<T>, grid_for(count), kThreads, 0, s, static_cast<T*>(x),
+                                                                            count, int(a)));
+}
+
+void softcap(DType act, void* x, int64_t count, float cap, cudaStream_t s) {
+  if (count == 0) return;
+  KILN_DISPATCH_ACT(act, launch_kernel(softcap_kernel<T>, grid_for(count), kThreads, 0, s, 
+                             static_cast<T*>(x), count, cap));
+}
+
+void to_f32(DType act, const void* x, int64_t count, float* out, cudaStream_t s) {
+  if (count == 0) return;
+  KILN_DISPATCH_ACT(act, launch_kernel(to_f32_kernel<T>, grid_for(count), kThreads, 0, s, 
+                             static_cast<const T*>(x), count, out));
+}
+
+void bias_add(DType act, void* y, int64_t n, int64_t out, int64_t ldy, const float* bias,
+              cudaStream_t s) {
+  if (n * out == 0) return;
+  KILN_DISPATCH_ACT(act, launch_kernel(bias_add_kernel<T>, grid_for(n * out), kThreads, 0, s, 
+                             static_cast<T*>(y), n, out, ldy, bias));
+}
+
+void kv_write(DType act, void* kpool, void* vpool, const int32_t* block_table, int64_t block_size,
+              int64_t kv_dim, const void* k, const void* v, int64_t ld, const int32_t* pos,
+              int64_t n, cudaStream_t s) {
+  if (n * kv_dim == 0) return;
+  KILN_DISPATCH_ACT(act, launch_kernel(kv_write_kernel<T>, grid_for(n * kv_dim), kThreads, 0, s, 
+                             static_cast<T*>(kpool), static_cast<T*>(vpool), block_table,
+                             block_size, kv_dim, static_cast<const T*>(k),
+                             static_cast<const T*>(v), ld, pos, n));
+}
+
+void moe_route(DType act, const void* logits, int64_t n, int64_t E, int64_t k, bool renorm,
+               int32_t* sel_row, int32_t* sel_expert, float* weights, cudaStream_t s) {
+  if (n == 0) return;
+  KILN_CHECK(k >= 1 && k <= E, "MoE: top-k ", k, " outside [1, ", E, "]");
+  KILN_CHECK(E <= 8192, "MoE: ", E, " experts exceed the router kernel's limit of 8192");
+  KILN_DISPATCH_ACT(act, launch_kernel(moe_route_kernel<T>, unsigned(n), 32, size_t(E) * 4, s, 
+                             static_cast<const T*>(logits), E, k, renorm, sel_row, sel_expert,
+                             weights));
+}
+
+void moe_combine(DType act, const void* ye, const float* weights, int64_t n, int64_t k,
+                 int64_t hidden, const void* ys, const void* gate, void* out, cudaStream_t s) {
+  if (n * hidden == 0) return;
+  KILN_DISPATCH_ACT(act, launch_kernel(moe_combine_kernel<T>, grid_for(n * hidden), kThreads, 0, s, 
+                             static_cast<const T*>(ye), weights, n, k, hidden,
+                             static_cast<const T*>(ys), static_cast<const T*>(gate),
+                             static_cast<T*>(out)));
+}
+
+}  // namespace kiln::cuda

@@ -1,0 +1,53 @@
+// cuBLASLt matrix products for the CUDA backend: y[n, out] = x[n, in] . W[out, in]^T with F32,
+// F16 or BF16 operands and FP32 accumulation (F32 without TF32, so F32 engines stay exact).
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <map>
+#include <tuple>
+
+#include "core/dtype.h"
+
+namespace kiln::cuda {
+
+class LtGemm {
+ public:
+  explicit LtGemm(cudaStream_t s);
+  ~LtGemm();
+  LtGemm(const LtGemm&) = delete;
+  LtGemm& operator=(const LtGemm&) = delete;
+
+  // Row-major x (rows ldx apart), W and y (rows ldy apart), all of dtype `dt`.
+  void run(DType dt, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in,
+           int64_t out, void* y, int64_t ldy);
+
+ private:
+  // The heuristic's choice depends on shapes, strides and how aligned the pointers are, so all
+  // of them key the cache: each distinct product asks the heuristic once.
+  struct Key {
+    int dt;
+    int64_t m, n, k, ldx, ldy;
+    int align_x, align_w, align_y;
+    bool operator<(const Key& o) const {  // (nvcc compiles this as C++17: no <=>)
+      return std::tie(dt, m, n, k, ldx, ldy, align_x, align_w, align_y) <
+             std::tie(o.dt, o.m, o.n, o.k, o.ldx, o.ldy, o.align_x, o.align_w, o.align_y);
+    }
+  };
+  struct Plan {
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasLtMatmulAlgo_t algo;
+  };
+  const Plan& plan(const Key& key);
+
+  cublasLtHandle_t handle_ = nullptr;
+  cudaStream_t stream_;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
+  std::map<Key, Plan> plans_;
+};
+
+}  // namespace kiln::cuda

@@ -1,0 +1,92 @@
+// Launchers of the CUDA backend's kernels. Each takes the activation dtype `act` (F32, F16 or
+// BF16: the element type of every activation, KV-cache and matrix-weight pointer), raw device
+// pointers and the stream; vector weights (norm scales, biases) and RoPE tables are F32.
+// Kernels compute in FP32 and round once on store.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "arch/model_config.h"
+#include "core/dtype.h"
+
+namespace kiln::cuda {
+
+// ---- elementwise / row ops (cuda_elementwise.cu) ----
+
+// out[i] = table[ids[i]] * scale; table rows of `dim` elements in dtype `tdt`.
+void embed(DType act, const void* table, DType tdt, int64_t dim, const int32_t* ids, int64_t n,
+           float scale, void* out, cudaStream_t s);
+// x[i] += table[rows[i]].
+void add_rows(DType act, const void* table, DType tdt, int64_t dim, const int32_t* rows, int64_t n,
+              void* x, cudaStream_t s);
+// Normalises `rows * heads` vectors of `dim`: vector (r, h) is at x + r*ldx + h*dim and goes to
+// y + r*ldy + h*dim (y may alias x). w, b: F32 [dim] (b may be null).
+void norm(DType act, const void* x, int64_t rows, int64_t heads, int64_t dim, int64_t ldx, void* y,
+          int64_t ldy, const float* w, const float* b, NormKind kind, float eps, cudaStream_t s);
+// residual[rows, dim] += delta; y = norm(residual) (rows contiguous).
+void add_norm(DType act, void* residual, const void* delta, int64_t rows, int64_t dim,
+              const float* w, const float* b, NormKind kind, float eps, void* y, cudaStream_t s);
+void add(DType act, void* x, const void* y, int64_t count, cudaStream_t s);
+void rope(DType act, void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim,
+          int64_t rot_dim, const float* cos, const float* sin, cudaStream_t s);
+void gated_act(DType act, const void* gu, int64_t n, int64_t inter, Activation a, void* out,
+               cudaStream_t s);
+void act_inplace(DType act, void* x, int64_t count, Activation a, cudaStream_t s);
+void softcap(DType act, void* x, int64_t count, float cap, cudaStream_t s);
+void to_f32(DType act, const void* x, int64_t count, float* out, cudaStream_t s);
+// y[i, o] += bias[o] over n rows of `out` columns, rows `ldy` apart.
+void bias_add(DType act, void* y, int64_t n, int64_t out, int64_t ldy, const float* bias,
+              cudaStream_t s);
+void kv_write(DType act, void* kpool, void* vpool, const int32_t* block_table, int64_t block_size,
+              int64_t kv_dim, const void* k, const void* v, int64_t ld, const int32_t* pos,
+              int64_t n, cudaStream_t s);
+
+// ---- MoE helpers (cuda_elementwise.cu) ----
+
+// Per row of logits [n, E]: softmax, top-k (ties to the lower index), optional renormalisation.
+// Writes sel_row/sel_expert [n*k] (assignment a = i*k + j) and weights [n*k].
+void moe_route(DType act, const void* logits, int64_t n, int64_t E, int64_t k, bool renorm,
+               int32_t* sel_row, int32_t* sel_expert, float* weights, cudaStream_t s);
+// out[i] = sum_j weights[i*k+j] * ye[i*k+j] (+ sigmoid(gate[i]) * ys[i]); rows of `hidden`.
+void moe_combine(DType act, const void* ye, const float* weights, int64_t n, int64_t k,
+                 int64_t hidden, const void* ys, const void* gate, void* out, cudaStream_t s);
+
+// ---- GEMV for few rows (cuda_gemv.cu) ----
+
+// y[n, out] = x[n, in] . w[out, in]^T (+ bias) for n <= kGemvMaxRows. Returns false (and does
+// nothing) when the shapes or alignment do not suit the vectorised kernel.
+constexpr int64_t kGemvMaxRows = 2;
+bool gemv(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in,
+          int64_t out, const float* bias, void* y, int64_t ldy, cudaStream_t s);
+// Gathered GEMV for MoE: for each assignment a < count, y[a] = x[rows[a]] . W_{experts[a]}^T
+// where W_e = weights[e] (device array of device pointers), each [out, in]; y rows `out` apart.
+// rows == nullptr: x row a for assignment a.
+void gemv_gather(DType act, const void* x, int64_t ldx, const void* const* weights,
+                 const int32_t* rows, const int32_t* experts, int64_t count, int64_t in,
+                 int64_t out, void* y, cudaStream_t s);
+
+// ---- attention (cuda_attention.cu) ----
+
+struct AttnLaunch {
+  const void* q;
+  int64_t ldq;
+  int64_t n;
+  const int32_t* pos;
+  const void* kpool;
+  const void* vpool;
+  const int32_t* block_table;
+  int64_t block_size, kv_dim;
+  int64_t heads, kv_heads, head_dim;
+  float scale, softcap;
+  int64_t window;
+  int64_t kv_len;  // max(pos) + 1: sizes the split over keys
+  void* out;
+  int64_t ldo;
+};
+// Bytes of FP32 workspace attention() needs for this launch (0: none).
+size_t attention_workspace(const AttnLaunch& a, int num_sms);
+void attention(DType act, const AttnLaunch& a, float* workspace, int num_sms, cudaStream_t s);
+
+}  // namespace kiln::cuda

@@ -1,0 +1,374 @@
+// Tokenizer tests: every fixture case of Llama 3, Qwen3 and Gemma 3 must match what Hugging Face
+// produced, plus streaming decode, error reporting, and small component checks.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+#include "core/error.h"
+#include "tokenizer/tokenizer.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+const fs::path kData = KILN_TEST_DATA;
+
+// Decompressed copies of the fixture tokenizers, made once per test process.
+class FixtureDir {
+ public:
+  static FixtureDir& get() {
+    static FixtureDir d;
+    return d;
+  }
+  // Returns a directory holding tokenizer.json + tokenizer_config.json for `name`; fails the
+  // test (never skips) when the fixture is missing.
+  fs::path prepare(const std::string& name) {
+    auto it = done_.find(name);
+    if (it != done_.end()) return it->second;
+    fs::path src = kData / "tokenizers" / name;
+    EXPECT_TRUE(fs::exists(src / "tokenizer.json.xz")) << "missing fixture " << src;
+    EXPECT_TRUE(fs::exists(src / "tokenizer_config.json")) << "missing fixture " << src;
+    fs::path dst = root_ / name;
+    fs::create_directories(dst);
+    std::string cmd = "xz -dc '" + (src / "tokenizer.json.xz").string() + "' > '" +
+                      (dst / "tokenizer.json").string() + "'";
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    fs::copy_file(src / "tokenizer_config.json", dst / "tokenizer_config.json",
+                  fs::copy_options::overwrite_existing);
+    done_[name] = dst;
+    return dst;
+  }
+  const fs::path& root() const { return root_; }
+  ~FixtureDir() {
+    std::error_code ec;
+    fs::remove_all(root_, ec);
+  }
+
+ private:
+  FixtureDir() {
+    root_ = fs::temp_directory_path() / ("kiln_tok_test_" + std::to_string(getpid()));
+    fs::create_directories(root_);
+  }
+  fs::path root_;
+  std::map<std::string, fs::path> done_;
+};
+
+const kiln::Tokenizer& tokenizer(const std::string& name) {
+  static std::map<std::string, kiln::Tokenizer> cache;
+  auto it = cache.find(name);
+  if (it == cache.end())
+    it = cache.emplace(name, kiln::Tokenizer::from_dir(FixtureDir::get().prepare(name))).first;
+  return it->second;
+}
+
+json cases(const std::string& name) {
+  fs::path p = kData / "tokenizers" / (name + ".json");
+  std::ifstream f(p);
+  EXPECT_TRUE(f.good()) << "missing fixture " << p;
+  if (!f) return json::array();
+  return json::parse(f)["cases"];
+}
+
+std::vector<int32_t> ids_of(const json& j) {
+  return j.get<std::vector<int32_t>>();
+}
+
+bool valid_utf8(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    auto c = static_cast<unsigned char>(s[i]);
+    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return false;
+    for (size_t k = 1; k < n; ++k)
+      if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return false;
+    i += n;
+  }
+  return true;
+}
+
+class TokenizerFixture : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(TokenizerFixture, EncodeMatchesHuggingFace) {
+  const auto& tk = tokenizer(GetParam());
+  json cs = cases(GetParam());
+  ASSERT_EQ(cs.size(), 198u);
+  int bad = 0;
+  for (const json& c : cs) {
+    std::string text = c["text"];
+    auto got = tk.encode(text, false);
+    if (got != ids_of(c["ids"])) {
+      ++bad;
+      ADD_FAILURE() << "encode(special=false) mismatch for " << json(text).dump().substr(0, 200);
+    }
+    got = tk.encode(text, true);
+    if (got != ids_of(c["ids_with_special"])) {
+      ++bad;
+      ADD_FAILURE() << "encode(special=true) mismatch for " << json(text).dump().substr(0, 200);
+    }
+  }
+  EXPECT_EQ(bad, 0);
+}
+
+// The fixtures' `decoded` is transformers' tokenizer.decode(ids) with its default
+// skip_special_tokens=False (special tokens written in the text come back verbatim).
+TEST_P(TokenizerFixture, DecodeMatchesHuggingFace) {
+  const auto& tk = tokenizer(GetParam());
+  int bad = 0;
+  for (const json& c : cases(GetParam())) {
+    auto ids = ids_of(c["ids"]);
+    std::string got = tk.decode(ids, false);
+    if (got != c["decoded"].get<std::string>()) {
+      ++bad;
+      ADD_FAILURE() << "decode mismatch for " << c["text"].dump().substr(0, 200) << ": got "
+                    << json(got).dump().substr(0, 200);
+    }
+    // Dropping the template's special tokens gives the same text back.
+    auto with = ids_of(c["ids_with_special"]);
+    std::string text = c["text"];
+    if (text.find("<|") == std::string::npos && text.find("<start_of_turn>") == std::string::npos)
+      EXPECT_EQ(tk.decode(with, true), got);
+  }
+  EXPECT_EQ(bad, 0);
+}
+
+TEST_P(TokenizerFixture, StreamDecoderMatchesDecode) {
+  const auto& tk = tokenizer(GetParam());
+  for (const json& c : cases(GetParam())) {
+    auto ids = ids_of(c["ids_with_special"]);
+    for (bool skip : {true, false}) {
+      kiln::StreamDecoder sd(tk, skip);
+      std::string all;
+      for (int32_t id : ids) {
+        std::string part = sd.push(id);
+        ASSERT_TRUE(valid_utf8(part)) << "broken UTF-8 mid-stream in " << c["text"].dump();
+        all += part;
+      }
+      all += sd.flush();
+      ASSERT_EQ(all, tk.decode(ids, skip)) << c["text"].dump().substr(0, 200);
+    }
+  }
+}
+
+TEST_P(TokenizerFixture, VocabRoundTrip) {
+  const auto& tk = tokenizer(GetParam());
+  EXPECT_GT(tk.vocab_size(), 100000u);
+  for (int32_t id : {0, 1, 2, 100, 1000, 50000, static_cast<int32_t>(tk.vocab_size()) - 1}) {
+    std::string t = tk.id_to_token(id);
+    ASSERT_FALSE(t.empty()) << id;
+    EXPECT_EQ(tk.token_to_id(t), id) << t;
+  }
+  EXPECT_EQ(tk.id_to_token(-1), "");
+  EXPECT_EQ(tk.id_to_token(static_cast<int32_t>(tk.vocab_size()) + 10), "");
+  EXPECT_FALSE(tk.token_to_id("\x01no such token\x02").has_value());
+}
+
+INSTANTIATE_TEST_SUITE_P(Tokenizer, TokenizerFixture,
+                         ::testing::Values("llama3", "qwen3", "gemma3"));
+
+// encode/decode are const and thread-safe (per-thread caches and regex match data).
+TEST(TokenizerConcurrency, ParallelEncodeMatchesSerial) {
+  const auto& tk = tokenizer("llama3");
+  json cs = cases("llama3");
+  std::vector<std::vector<int32_t>> want;
+  for (const json& c : cs) want.push_back(ids_of(c["ids"]));
+  std::vector<int> bad(4, 0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int rep = 0; rep < 3; ++rep)
+        for (size_t i = t; i < cs.size(); i += (rep + 1))
+          if (tk.encode(cs[i]["text"].get<std::string>(), false) != want[i]) ++bad[t];
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(bad, std::vector<int>(4, 0));
+}
+
+TEST(TokenizerConfig, BosEosFromConfig) {
+  EXPECT_EQ(tokenizer("llama3").bos_token(), "<|begin_of_text|>");
+  EXPECT_EQ(tokenizer("llama3").eos_token(), "<|end_of_text|>");
+  EXPECT_EQ(tokenizer("llama3").bos_token_id(), 128000);
+  EXPECT_EQ(tokenizer("qwen3").bos_token(), std::nullopt);
+  EXPECT_EQ(tokenizer("qwen3").eos_token(), "<|im_end|>");
+  EXPECT_EQ(tokenizer("gemma3").bos_token(), "<bos>");
+  EXPECT_EQ(tokenizer("gemma3").eos_token(), "<end_of_turn>");
+  EXPECT_EQ(tokenizer("gemma3").encode("hi", true).front(), 2);
+  EXPECT_TRUE(tokenizer("qwen3").is_special(151645));
+  EXPECT_FALSE(tokenizer("qwen3").is_special(151667));  // <think> is added but not special
+}
+
+TEST(TokenizerStream, HoldsBackIncompleteUtf8) {
+  const auto& tk = tokenizer("llama3");
+  // An emoji is several byte-level tokens; nothing may be emitted until it is complete.
+  auto ids = tk.encode("a\xF0\x9F\x98\x80\xF0\x9F\x8E\x89 b", false);
+  kiln::StreamDecoder sd(tk);
+  std::string all;
+  for (int32_t id : ids) {
+    std::string part = sd.push(id);
+    EXPECT_TRUE(valid_utf8(part));
+    EXPECT_EQ(part.find("\xEF\xBF\xBD"), std::string::npos);
+    all += part;
+  }
+  all += sd.flush();
+  EXPECT_EQ(all, "a\xF0\x9F\x98\x80\xF0\x9F\x8E\x89 b");
+  // A truncated sequence is flushed as U+FFFD at the end only.
+  kiln::StreamDecoder sd2(tk);
+  auto partial = tk.encode("\xF0\x9F\x98\x80", false);
+  ASSERT_GT(partial.size(), 1u);
+  EXPECT_EQ(sd2.push(partial[0]), "");
+  EXPECT_EQ(sd2.flush(), "\xEF\xBF\xBD");
+}
+
+TEST(TokenizerErrors, InvalidUtf8Input) {
+  try {
+    tokenizer("qwen3").encode("ab\xC3(", false);
+    FAIL() << "expected kiln::Error";
+  } catch (const kiln::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("UTF-8"), std::string::npos);
+  }
+}
+
+fs::path write_file(const std::string& name, const std::string& content) {
+  fs::path p = FixtureDir::get().root() / name;
+  fs::create_directories(p.parent_path());
+  std::ofstream(p) << content;
+  return p;
+}
+
+std::string load_error(const fs::path& p) {
+  try {
+    kiln::Tokenizer::from_json_file(p);
+  } catch (const kiln::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+const char* kTinyModel =
+    R"("model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]})";
+
+TEST(TokenizerErrors, UnknownComponentNamesTypeAndFile) {
+  for (const char* field : {"normalizer", "pre_tokenizer", "decoder", "post_processor"}) {
+    fs::path p = write_file(
+        std::string("bad_") + field + ".json",
+        std::string("{\"") + field + "\": {\"type\": \"Frobnicate\"}, " + kTinyModel + "}");
+    std::string err = load_error(p);
+    EXPECT_NE(err.find("Frobnicate"), std::string::npos) << err;
+    EXPECT_NE(err.find(p.string()), std::string::npos) << err;
+    EXPECT_NE(err.find(field), std::string::npos) << err;
+    EXPECT_EQ(err.find('\n'), std::string::npos) << err;
+  }
+  fs::path p = write_file("bad_model.json", R"({"model": {"type": "WordPiece", "vocab": {}}})");
+  EXPECT_NE(load_error(p).find("WordPiece"), std::string::npos);
+}
+
+TEST(TokenizerErrors, BadFilesNameTheFile) {
+  fs::path p = write_file("truncated.json", "{\"model\": {");
+  std::string err = load_error(p);
+  EXPECT_NE(err.find(p.string()), std::string::npos) << err;
+  EXPECT_EQ(err.find('\n'), std::string::npos) << err;
+  err = load_error(FixtureDir::get().root() / "does_not_exist.json");
+  EXPECT_NE(err.find("does_not_exist.json"), std::string::npos) << err;
+  p = write_file("bad_merge.json",
+                 R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a zz"]}})");
+  err = load_error(p);
+  EXPECT_NE(err.find("zz"), std::string::npos) << err;
+  EXPECT_THROW(kiln::Tokenizer::from_dir(FixtureDir::get().root() / "empty_dir_missing"),
+               kiln::Error);
+}
+
+// A SentencePiece BPE model (no tokenizer.json): ids and text must match sentencepiece itself.
+TEST(TokenizerSentencePiece, MatchesSentencePiece) {
+  fs::path dir = kData / "tokenizers" / "spm_bpe";
+  ASSERT_TRUE(fs::exists(dir / "tokenizer.model")) << "missing fixture " << dir;
+  auto tk = kiln::Tokenizer::from_dir(dir);
+  std::ifstream f(kData / "tokenizers" / "spm_bpe.json");
+  ASSERT_TRUE(f.good());
+  json j = json::parse(f);
+  ASSERT_GE(j["cases"].size(), 40u);
+  int32_t bos = j["bos_id"];
+  EXPECT_EQ(tk.bos_token_id(), bos);
+  for (const json& c : j["cases"]) {
+    std::string text = c["text"];
+    auto ids = ids_of(c["ids"]);
+    EXPECT_EQ(tk.encode(text, false), ids) << json(text).dump();
+    auto with = ids;
+    with.insert(with.begin(), bos);
+    EXPECT_EQ(tk.encode(text, true), with) << json(text).dump();
+    EXPECT_EQ(tk.decode(with, true), c["decoded"].get<std::string>()) << json(text).dump();
+  }
+  EXPECT_EQ(tk.encode("<s>a", false).front(), bos);  // control pieces are special tokens
+}
+
+TEST(TokenizerComponents, MetaspaceByteFallbackPipeline) {
+  // A Llama-2 style pipeline: Metaspace pre-tokenizer, byte fallback, Metaspace-like decoding.
+  fs::path p = write_file("llama2_style.json", R"({
+    "added_tokens": [{"id": 0, "content": "<s>", "special": true, "normalized": false,
+                      "lstrip": false, "rstrip": false, "single_word": false}],
+    "normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+    "pre_tokenizer": null,
+    "post_processor": {"type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [], "special_tokens": {"<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]}}},
+    "decoder": {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+    "model": {"type": "BPE", "byte_fallback": true, "fuse_unk": true, "unk_token": "<unk>",
+      "vocab": {"<s>": 0, "<unk>": 1, "<0xC3>": 2, "<0xA9>": 3, "\u2581": 4, "h": 5, "i": 6,
+                "\u2581h": 7, "\u2581hi": 8},
+      "merges": [["\u2581", "h"], ["\u2581h", "i"]]}})");
+  auto tk = kiln::Tokenizer::from_json_file(p);
+  EXPECT_EQ(tk.encode("hi hi", true), (std::vector<int32_t>{0, 8, 8}));
+  // 'é' is not in the vocab: byte fallback; 'z' has no byte tokens: unk.
+  EXPECT_EQ(tk.encode("h\xC3\xA9z", false), (std::vector<int32_t>{7, 2, 3, 1}));
+  EXPECT_EQ(tk.decode(std::vector<int32_t>{0, 8, 8, 2, 3}, true), "hi hi\xC3\xA9");
+  EXPECT_EQ(tk.decode(std::vector<int32_t>{8, 2}, true), "hi\xEF\xBF\xBD");
+  // Special token in the text, then the next segment gets its own prepended marker.
+  EXPECT_EQ(tk.encode("hi<s>hi", false), (std::vector<int32_t>{8, 0, 8}));
+}
+
+std::string run_cli(const std::string& args, const std::string& input, int* rc) {
+  fs::path in = FixtureDir::get().root() / "cli_input.txt";
+  std::ofstream(in, std::ios::binary) << input;
+  std::string cmd =
+      std::string("'") + KILN_CLI + "' tokenize " + args + " < '" + in.string() + "' 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while (p && (n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  *rc = p ? pclose(p) : -1;
+  return out;
+}
+
+TEST(TokenizerCli, EncodeDecodeJsonl) {
+  const auto& tk = tokenizer("qwen3");
+  std::string dir = "'" + FixtureDir::get().prepare("qwen3").string() + "'";
+  int rc = 0;
+  std::string text = "Hello <|im_start|>wörld\n";
+  std::string out = run_cli(dir + " --special", text, &rc);
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_EQ(json::parse(out).get<std::vector<int32_t>>(), tk.encode(text, true));
+  out = run_cli(dir + " --decode", json(tk.encode(text, false)).dump(), &rc);
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_EQ(out, tk.decode(tk.encode(text, false), true));
+  out = run_cli(dir + " --jsonl", "\"a b\"\n{\"ids\": [64, 293], \"special\": true}\n", &rc);
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_EQ(out, json(tk.encode("a b", false)).dump() + "\n\"a b\"\n");
+  out = run_cli(dir + " --decode", "[1, 2", &rc);
+  EXPECT_NE(rc, 0);
+  EXPECT_NE(out.find("kiln: error: stdin"), std::string::npos) << out;
+}
+
+}  // namespace

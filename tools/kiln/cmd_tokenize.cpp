@@ -1,0 +1,115 @@
+// `kiln tokenize`: encode stdin text to ids or decode ids to text with a model's tokenizer.
+#include <cstdio>
+#include <iostream>
+#include <iterator>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "commands.h"
+#include "core/error.h"
+#include "tokenizer/tokenizer.h"
+
+namespace kiln::cli {
+
+namespace {
+
+using json = nlohmann::json;
+
+struct TokenizeArgs {
+  std::string dir;
+  bool special = false;
+  bool decode = false;
+  bool jsonl = false;
+};
+
+std::string dump(const json& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+std::vector<int32_t> ids_of(const json& j, const std::string& where) {
+  KILN_CHECK(j.is_array(), where, ": expected a JSON array of token ids");
+  std::vector<int32_t> ids;
+  ids.reserve(j.size());
+  for (const json& v : j) {
+    KILN_CHECK(v.is_number_integer(), where, ": token ids must be integers, got ", dump(v));
+    ids.push_back(v.get<int32_t>());
+  }
+  return ids;
+}
+
+std::vector<int32_t> parse_ids(const std::string& text, const std::string& where) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception& e) {
+    throw Error(cat(where, ": expected a JSON array of token ids: ", e.what()));
+  }
+  return ids_of(j, where);
+}
+
+void run_tokenize(const TokenizeArgs& a) {
+  Tokenizer tk = Tokenizer::from_dir(a.dir);
+  // Encoding: --special adds the template's special tokens. Decoding: --special keeps special
+  // tokens in the text (otherwise they are skipped).
+  if (!a.jsonl) {
+    std::string in((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
+    if (a.decode) {
+      std::string text = tk.decode(parse_ids(in, "stdin"), !a.special);
+      std::fwrite(text.data(), 1, text.size(), stdout);
+    } else {
+      std::string out = dump(json(tk.encode(in, a.special))) + "\n";
+      std::fwrite(out.data(), 1, out.size(), stdout);
+    }
+    return;
+  }
+  // Besides strings (or id arrays with --decode), a line may be an object that picks the
+  // operation itself: {"text": "...", "special": bool} or {"ids": [...], "special": bool}. The
+  // differential test uses this to run every check through one process.
+  std::string line;
+  for (size_t n = 1; std::getline(std::cin, line); ++n) {
+    std::string where = cat("stdin line ", n);
+    json j;
+    try {
+      j = json::parse(line);
+    } catch (const json::exception& e) {
+      throw Error(cat(where, ": expected a JSON value: ", e.what()));
+    }
+    bool decode = a.decode, special = a.special;
+    if (j.is_object()) {
+      if (j.contains("special")) special = j["special"].get<bool>();
+      decode = j.contains("ids");
+      KILN_CHECK(decode || (j.contains("text") && j["text"].is_string()), where,
+                 ": an object line needs \"text\" (a string) or \"ids\"");
+      j = decode ? j["ids"] : j["text"];
+    }
+    std::string out;
+    if (decode) {
+      out = dump(json(tk.decode(ids_of(j, where), !special)));
+    } else {
+      KILN_CHECK(j.is_string(), where, ": expected a JSON string to encode");
+      out = dump(json(tk.encode(j.get<std::string>(), special)));
+    }
+    out += '\n';
+    std::fwrite(out.data(), 1, out.size(), stdout);
+    std::fflush(stdout);
+  }
+}
+
+}  // namespace
+
+void register_tokenize(CLI::App& app) {
+  auto args = std::make_shared<TokenizeArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "tokenize", "Encode stdin text to token ids (JSON array), or decode ids with --decode");
+  cmd->add_option("dir", args->dir, "model, engine or tokenizer folder")->required();
+  cmd->add_flag("--special", args->special,
+                "encode: add the special tokens of the template (e.g. <bos>); "
+                "decode: keep special tokens in the text");
+  cmd->add_flag("--decode", args->decode, "read a JSON array of ids and print the text");
+  cmd->add_flag("--jsonl", args->jsonl,
+                "one JSON value per line in and out (strings to encode, id arrays to decode)");
+  cmd->callback([args] { run_tokenize(*args); });
+}
+
+}  // namespace kiln::cli
