@@ -62,6 +62,9 @@ if has tests; then
   echo "kiln_tests exit $?"
   grep -E "^\[cuda parity|^\[  FAILED  \]|^\[  PASSED  \]|^\[  SKIPPED \]" "$OUT/tests.txt" | sort -u
   grep -E -A4 "Failure$" "$OUT/tests.txt" | head -n 60
+  stamp "transformers BF16 on the parity fixtures (what the BF16 criteria can expect)"
+  PYTHONUNBUFFERED=1 timeout 240 python3 bench/hf_bf16_agreement.py 2>&1 | grep -E "^\[hf|Error" |
+    tee -a "$OUT/tests.txt"
   stamp "tests done"
 fi
 

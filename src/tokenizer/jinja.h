@@ -34,7 +34,8 @@ struct JinjaOptions {
   size_t max_output_bytes = size_t{16} << 20;
   // Total for-loop iterations plus elements visited by sequence filters (sort, map, join ...).
   size_t max_loop_iterations = size_t{1} << 20;
-  // Nested macro/caller invocations.
+  // Nested macro/caller invocations. Each level costs a few KiB of C++ stack; the default fits
+  // in a 512 KiB thread stack.
   int max_recursion_depth = 100;
 
   // Seconds since the Unix epoch that strftime_now() formats (local time zone); negative means the

@@ -2,7 +2,7 @@
 //
 // Layout: jinja_value.cpp holds the Python value model (str/repr/json/equality, UTF-8 string
 // helpers); jinja_parse.cpp the lexer and parser; jinja_eval.cpp the tree-walking interpreter;
-// jinja_builtins.cpp the filters, tests, globals and str/list/dict methods.
+// jinja_filters.cpp the filters and tests; jinja_methods.cpp the str/list/dict methods and globals.
 #pragma once
 
 #include <cstdint>

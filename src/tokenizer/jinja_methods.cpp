@@ -230,18 +230,18 @@ Value m_zfill(Interp& in, const Value& self, CallArgs& a) {
 }
 
 Value m_removeprefix(Interp&, const Value& self, CallArgs& a) {
-  const std::string& p = str_arg(bind("removeprefix", a, {"prefix"}, 1)[0], "prefix");
+  const std::string p = str_arg(bind("removeprefix", a, {"prefix"}, 1)[0], "prefix");
   return Value::str(self.s.compare(0, p.size(), p) == 0 ? self.s.substr(p.size()) : self.s);
 }
 Value m_removesuffix(Interp&, const Value& self, CallArgs& a) {
-  const std::string& p = str_arg(bind("removesuffix", a, {"suffix"}, 1)[0], "suffix");
+  const std::string p = str_arg(bind("removesuffix", a, {"suffix"}, 1)[0], "suffix");
   bool ends = !p.empty() && self.s.size() >= p.size() &&
               self.s.compare(self.s.size() - p.size(), p.size(), p) == 0;
   return Value::str(ends ? self.s.substr(0, self.s.size() - p.size()) : self.s);
 }
 
 Value partition_impl(const Value& self, CallArgs& a, bool right) {
-  const std::string& sep =
+  const std::string sep =
       str_arg(bind(right ? "rpartition" : "partition", a, {"sep"}, 1)[0], "sep");
   if (sep.empty()) fail("empty separator");
   size_t pos = right ? self.s.rfind(sep) : self.s.find(sep);

@@ -938,13 +938,26 @@ std::string py_capitalize(std::string_view s) {
 }
 
 std::string py_strip(std::string_view s, const Value& chars, bool left, bool right) {
+  bool whitespace = chars.is_none() || chars.is_undefined();
+  if (!whitespace && !chars.is_string()) fail("strip arg must be None or str");
+  if (is_ascii(s) && (whitespace || is_ascii(chars.s))) {
+    // Byte-wise fast path: message contents are stripped on every render.
+    auto strip_me = [&](char c) {
+      return whitespace ? py_isspace(static_cast<unsigned char>(c))
+                        : chars.s.find(c) != std::string::npos;
+    };
+    size_t b = 0, e = s.size();
+    if (left) {
+      while (b < e && strip_me(s[b])) ++b;
+    }
+    if (right) {
+      while (e > b && strip_me(s[e - 1])) --e;
+    }
+    return std::string(s.substr(b, e - b));
+  }
   std::u32string u = decode_utf8(s);
   std::u32string set;
-  bool whitespace = chars.is_none() || chars.is_undefined();
-  if (!whitespace) {
-    if (!chars.is_string()) fail("strip arg must be None or str");
-    set = decode_utf8(chars.s);
-  }
+  if (!whitespace) set = decode_utf8(chars.s);
   auto strip_me = [&](char32_t c) {
     return whitespace ? py_isspace(c) : set.find(c) != std::u32string::npos;
   };
