@@ -11,22 +11,21 @@
 #include <cstdlib>
 #include <vector>
 
-#define CK(x)                                                                          \
-  do {                                                                                 \
-    cudaError_t e = (x);                                                               \
-    if (e != cudaSuccess) {                                                            \
+#define CK(x)                                                                                 \
+  do {                                                                                        \
+    cudaError_t e = (x);                                                                      \
+    if (e != cudaSuccess) {                                                                   \
       std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-      std::exit(1);                                                                    \
-    }                                                                                  \
+      std::exit(1);                                                                           \
+    }                                                                                         \
   } while (0)
-#define CB(x)                                                                       \
-  do {                                                                              \
-    cublasStatus_t s = (x);                                                         \
-    if (s != CUBLAS_STATUS_SUCCESS) {                                               \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x,              \
-                   cublasLtGetStatusString(s));                                     \
-      std::exit(1);                                                                 \
-    }                                                                               \
+#define CB(x)                                                                                      \
+  do {                                                                                             \
+    cublasStatus_t s = (x);                                                                        \
+    if (s != CUBLAS_STATUS_SUCCESS) {                                                              \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cublasLtGetStatusString(s)); \
+      std::exit(1);                                                                                \
+    }                                                                                              \
   } while (0)
 
 __global__ void fill_bf16(__nv_bfloat16* p, size_t n, uint32_t seed) {
@@ -142,8 +141,8 @@ int main() {
   const float alpha = 1, beta = 0;
   const float mm_ms = median_ms(
       [&] {
-        CB(cublasLtMatmul(h, op, &alpha, A, la, B, lb, &beta, C, lc, C, lc, &res.algo, ws,
-                          ws_bytes, 0));
+        CB(cublasLtMatmul(h, op, &alpha, A, la, B, lb, &beta, C, lc, C, lc, &res.algo, ws, ws_bytes,
+                          0));
       },
       3, 10);
   std::printf("bf16_gemm_TFLOPs %.1f  (cuBLASLt 8192^3, FP32 accumulate, random data)\n",

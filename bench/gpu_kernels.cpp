@@ -53,8 +53,8 @@ int main() {
       auto time = [&](bool use_gemv) {
         auto call = [&](int i) {
           void* wi = w[size_t(i % copies)];
-          if (!use_gemv || !cuda::gemv(DType::BF16, x, n, sh.in, wi, sh.in, sh.out, nullptr, y,
-                                       sh.out, s))
+          if (!use_gemv ||
+              !cuda::gemv(DType::BF16, x, n, sh.in, wi, sh.in, sh.out, nullptr, y, sh.out, s))
             lt.run(DType::BF16, x, n, sh.in, wi, sh.in, sh.out, y, sh.out);
         };
         for (int i = 0; i < 2 * copies; ++i) call(i);

@@ -18,9 +18,13 @@
 namespace kiln::test {
 namespace {
 
-double tolerance(DType t) { return t == DType::F32 ? 1e-5 : t == DType::F16 ? 2e-3 : 1e-2; }
+double tolerance(DType t) {
+  return t == DType::F32 ? 1e-5 : t == DType::F16 ? 2e-3 : 1e-2;
+}
 
-const char* label(DType t) { return t == DType::F32 ? "f32" : t == DType::F16 ? "f16" : "bf16"; }
+const char* label(DType t) {
+  return t == DType::F32 ? "f32" : t == DType::F16 ? "f16" : "bf16";
+}
 
 constexpr float kPoison = 1232.0f;  // exact in F32, F16 and BF16
 
@@ -102,8 +106,7 @@ class CudaOps : public ::testing::TestWithParam<DType> {
         num += (a - b) * (a - b);
         den += b * b;
       }
-      for (int64_t c = cols; c < ld_got; ++c)
-        clobbered += got[size_t(r * ld_got + c)] != kPoison;
+      for (int64_t c = cols; c < ld_got; ++c) clobbered += got[size_t(r * ld_got + c)] != kPoison;
     }
     const double err = std::sqrt(num / std::max(den, 1e-30));
     EXPECT_LE(err, tol) << label(dt) << " " << what;
@@ -130,15 +133,14 @@ TEST_P(CudaOps, Linear) {
     int64_t n, in, out, ldx_pad, ldy_pad;
     bool bias;
   };
-  const Case cases[] = {{1, 64, 33, 0, 0, false},   {1, 4096, 256, 0, 0, true},
-                        {2, 1024, 3000, 0, 0, false}, {3, 136, 100, 8, 3, true},
-                        {8, 256, 1000, 0, 0, false},  {5, 100, 17, 4, 0, false},
-                        {4, 18, 7, 2, 1, true},       {17, 64, 130, 0, 5, true},
-                        {130, 200, 96, 16, 0, false}, {1, 14336, 64, 0, 0, false},
-                        {9, 512, 1, 0, 0, true}};
+  const Case cases[] = {
+      {1, 64, 33, 0, 0, false},    {1, 4096, 256, 0, 0, true},  {2, 1024, 3000, 0, 0, false},
+      {3, 136, 100, 8, 3, true},   {8, 256, 1000, 0, 0, false}, {5, 100, 17, 4, 0, false},
+      {4, 18, 7, 2, 1, true},      {17, 64, 130, 0, 5, true},   {130, 200, 96, 16, 0, false},
+      {1, 14336, 64, 0, 0, false}, {9, 512, 1, 0, 0, true}};
   for (const Case& c : cases) {
-    const std::string what = cat("linear n=", c.n, " in=", c.in, " out=", c.out, " ldx+",
-                                 c.ldx_pad, " ldy+", c.ldy_pad, c.bias ? " bias" : "");
+    const std::string what = cat("linear n=", c.n, " in=", c.in, " out=", c.out, " ldx+", c.ldx_pad,
+                                 " ldy+", c.ldy_pad, c.bias ? " bias" : "");
     const int64_t ldx = c.in + c.ldx_pad, ldy = c.out + c.ldy_pad;
     auto x = strided(rnd(size_t(c.n * c.in)), c.n, c.in, ldx);
     auto [wh, wd] = matrix(c.out, c.in, 1.0f / std::sqrt(float(c.in)));
@@ -176,8 +178,8 @@ TEST_P(CudaOps, Norms) {
   struct Case {
     int64_t rows, dim, ldx_pad, ldy_pad;
   };
-  const Case cases[] = {{1, 64, 0, 0}, {3, 100, 4, 2}, {17, 4096, 0, 0}, {2, 1000, 24, 8},
-                        {5, 513, 0, 0}, {1, 16, 0, 0}};
+  const Case cases[] = {{1, 64, 0, 0},    {3, 100, 4, 2}, {17, 4096, 0, 0},
+                        {2, 1000, 24, 8}, {5, 513, 0, 0}, {1, 16, 0, 0}};
   for (NormKind kind : {NormKind::RMS, NormKind::RMSPlusOne, NormKind::Layer}) {
     for (const Case& c : cases) {
       const std::string what = cat("norm kind=", int(kind), " rows=", c.rows, " dim=", c.dim);
@@ -219,7 +221,8 @@ TEST_P(CudaOps, AddNorm) {
         void* dd = up(delta);
         void* yd = up(std::vector<float>(size_t(rows * dim), kPoison));
         gpu->add_norm(rd, dd, rows, dim, wd, b ? &bd : nullptr, kind, 1e-6f, yd);
-        expect_close(down(rd, size_t(rows * dim)), dim, res_cpu, dim, rows, dim, what + " residual");
+        expect_close(down(rd, size_t(rows * dim)), dim, res_cpu, dim, rows, dim,
+                     what + " residual");
         expect_close(down(yd, size_t(rows * dim)), dim, y, dim, rows, dim, what);
       }
     }
@@ -242,6 +245,117 @@ TEST_P(CudaOps, HeadNorm) {
   }
 }
 
+// The Decoder's q/k pattern: head_norm and rope on the q heads, then on the k heads that follow
+// them in the same rows (the backend may merge each pair into one launch), then an unrelated op.
+TEST_P(CudaOps, QkNormAndRopePairs) {
+  for (int64_t hd : {32, 128}) {
+    const int64_t n = 3, hq = 4, hk = 2, qd = hq * hd, ld = qd + 2 * hk * hd;  // q | k | v
+    const int64_t rot = hd == 32 ? 16 : hd, half = rot / 2;
+    auto x = rnd(size_t(n * ld), 1.5f);
+    auto [qwh, qwd] = vec(hd, 1.0f, 0.2f);
+    auto [kwh, kwd] = vec(hd, 1.0f, 0.2f);
+    std::vector<float> cs(size_t(n * half)), sn(cs.size());
+    for (size_t i = 0; i < cs.size(); ++i)
+      cs[i] = std::cos(0.3f * float(i)), sn[i] = std::sin(0.3f * float(i));
+    auto want = x;
+    cpu->head_norm(want.data(), n, ld, hq, hd, qwh, NormKind::RMS, 1e-6f);
+    cpu->head_norm(want.data() + qd, n, ld, hk, hd, kwh, NormKind::RMS, 1e-6f);
+    cpu->rope(want.data(), n, ld, hq, hd, rot, cs.data(), sn.data());
+    cpu->rope(want.data() + qd, n, ld, hk, hd, rot, cs.data(), sn.data());
+    cpu->add(want.data(), want.data() + ld, ld);  // row 0 += row 1
+    void* xd = up(x);
+    void* kd = static_cast<char*>(xd) + qd * dtype_size(dt);
+    const float* c = up_raw(cs);
+    const float* s2 = up_raw(sn);
+    gpu->head_norm(xd, n, ld, hq, hd, qwd, NormKind::RMS, 1e-6f);
+    gpu->head_norm(kd, n, ld, hk, hd, kwd, NormKind::RMS, 1e-6f);
+    gpu->rope(xd, n, ld, hq, hd, rot, c, s2);
+    gpu->rope(kd, n, ld, hk, hd, rot, c, s2);
+    gpu->add(xd, static_cast<char*>(xd) + ld * dtype_size(dt), ld);
+    expect_close(down(xd, size_t(n * ld)), ld, want, ld, n, ld, cat("q/k pairs hd=", hd));
+    // A lone rope (no k half follows) still runs before the next op reads its output.
+    auto want2 = want;
+    cpu->rope(want2.data(), n, ld, hq, hd, rot, cs.data(), sn.data());
+    cpu->act(want2.data(), n * ld, Activation::ReLU);
+    gpu->rope(xd, n, ld, hq, hd, rot, c, s2);
+    gpu->act(xd, n * ld, Activation::ReLU);
+    expect_close(down(xd, size_t(n * ld)), ld, want2, ld, n, ld, cat("lone rope hd=", hd));
+  }
+}
+
+// Decoder sequences the backend may fuse: GEMV gate_up + gated_act; rope(q), rope(k),
+// kv_write(k, v); and a held-back GEMV followed by something else.
+TEST_P(CudaOps, FusedDecoderSequences) {
+  for (int64_t n : {1, 2}) {
+    for (int64_t inter : {3, 64, 1000}) {
+      for (bool bias : {false, true}) {
+        for (Activation a : {Activation::SiLU, Activation::GeluTanh}) {
+          const int64_t in = 256;
+          auto x = rnd(size_t(n * in));
+          auto [wh, wd] = matrix(2 * inter, in, 0.0625f);
+          auto [bh, bd] = vec(2 * inter, 0.0f, 0.5f);
+          std::vector<float> gu(size_t(n * 2 * inter)), want(size_t(n * inter));
+          cpu->linear(x.data(), n, in, wh, bias ? &bh : nullptr, gu.data(), 2 * inter);
+          cpu->gated_act(gu.data(), n, inter, a, want.data());
+          void* xd = up(x);
+          void* gud = up(std::vector<float>(size_t(n * 2 * inter), kPoison));
+          void* outd = up(std::vector<float>(size_t(n * inter), kPoison));
+          gpu->linear(xd, n, in, wd, bias ? &bd : nullptr, gud, 2 * inter);
+          gpu->gated_act(gud, n, inter, a, outd);
+          const std::string what = cat("gate_up+act n=", n, " inter=", inter, bias ? " bias" : "");
+          expect_close(down(outd, size_t(n * inter)), inter, want, inter, n, inter, what);
+          expect_close(down(gud, size_t(n * 2 * inter)), 2 * inter, gu, 2 * inter, n, 2 * inter,
+                       what + " gu");
+        }
+      }
+    }
+  }
+  {  // a held-back GEMV whose output is read by something else
+    const int64_t n = 1, in = 128, out = 64;
+    auto x = rnd(size_t(n * in)), r = rnd(size_t(n * out));
+    auto [wh, wd] = matrix(out, in, 0.1f);
+    std::vector<float> want(size_t(n * out));
+    cpu->linear(x.data(), n, in, wh, nullptr, want.data(), out);
+    cpu->add(want.data(), r.data(), n * out);
+    void* yd = up(std::vector<float>(size_t(n * out), kPoison));
+    gpu->linear(up(x), n, in, wd, nullptr, yd, out);
+    gpu->add(yd, up(r), n * out);
+    expect_close(down(yd, size_t(n * out)), out, want, out, n, out, "gemv then add");
+  }
+  for (int64_t rot : {64, 32}) {  // full and partial rotary
+    const int64_t n = 3, hq = 4, hk = 2, hd = 64, qd = hq * hd, kvd = hk * hd, ld = qd + 2 * kvd;
+    const int64_t bs = 4, half = rot / 2;
+    std::vector<int32_t> table = {5, 1, 3, 0};
+    std::vector<int32_t> pos = {6, 7, 8};
+    const int64_t pool = 6 * bs * kvd;
+    std::vector<float> kc(size_t(pool), 0.0f), vc(size_t(pool), 0.0f);
+    void* kg = up(std::vector<float>(size_t(pool), 0.0f));
+    void* vg = up(std::vector<float>(size_t(pool), 0.0f));
+    KVLayerView kv_cpu{kc.data(), vc.data(), table.data(), bs, kvd, 9};
+    KVLayerView kv_gpu{kg, vg, up_raw(table), bs, kvd, 9};
+    auto x = rnd(size_t(n * ld));
+    std::vector<float> cs(size_t(n * half)), sn(cs.size());
+    for (size_t i = 0; i < cs.size(); ++i)
+      cs[i] = std::cos(0.7f * float(i)), sn[i] = std::sin(0.7f * float(i));
+    auto want = x;
+    cpu->rope(want.data(), n, ld, hq, hd, rot, cs.data(), sn.data());
+    cpu->rope(want.data() + qd, n, ld, hk, hd, rot, cs.data(), sn.data());
+    cpu->kv_write(kv_cpu, want.data() + qd, want.data() + qd + kvd, ld, pos.data(), n);
+    void* xd = up(x);
+    const size_t es = dtype_size(dt);
+    const float* c = up_raw(cs);
+    const float* s2 = up_raw(sn);
+    gpu->rope(xd, n, ld, hq, hd, rot, c, s2);
+    gpu->rope(static_cast<char*>(xd) + qd * es, n, ld, hk, hd, rot, c, s2);
+    gpu->kv_write(kv_gpu, static_cast<char*>(xd) + qd * es,
+                  static_cast<char*>(xd) + (qd + kvd) * es, ld, up_raw(pos), n);
+    const std::string what = cat("rope+kv_write rot=", rot);
+    expect_close(down(xd, size_t(n * ld)), ld, want, ld, n, ld, what);
+    expect_close(down(kg, size_t(pool)), pool, kc, pool, 1, pool, what + " K cache");
+    expect_close(down(vg, size_t(pool)), pool, vc, pool, 1, pool, what + " V cache", 0.0);
+  }
+}
+
 TEST_P(CudaOps, Elementwise) {
   for (int64_t count : {1, 17, 1000, 70000}) {
     auto x = rnd(size_t(count), 2.0f), y = rnd(size_t(count), 2.0f);
@@ -252,8 +366,8 @@ TEST_P(CudaOps, Elementwise) {
       gpu->add(xd, up(y), count);
       expect_close(down(xd, size_t(count)), count, want, count, 1, count, cat("add ", count));
     }
-    for (Activation a : {Activation::SiLU, Activation::GeluTanh, Activation::GeluErf,
-                         Activation::ReLU}) {
+    for (Activation a :
+         {Activation::SiLU, Activation::GeluTanh, Activation::GeluErf, Activation::ReLU}) {
       auto want = x;
       cpu->act(want.data(), count, a);
       void* xd = up(x);
@@ -271,8 +385,8 @@ TEST_P(CudaOps, Elementwise) {
   }
   for (int64_t n : {1, 3}) {
     for (int64_t inter : {17, 100, 14336}) {
-      for (Activation a : {Activation::SiLU, Activation::GeluTanh, Activation::GeluErf,
-                           Activation::ReLU}) {
+      for (Activation a :
+           {Activation::SiLU, Activation::GeluTanh, Activation::GeluErf, Activation::ReLU}) {
         auto gu = rnd(size_t(n * 2 * inter), 2.0f);
         std::vector<float> want(size_t(n * inter));
         cpu->gated_act(gu.data(), n, inter, a, want.data());
@@ -301,8 +415,7 @@ TEST_P(CudaOps, EmbedAndAddRows) {
       auto [ph, pd] = matrix(vocab, dim, 0.5f);
       cpu->add_rows(ph, ids.data(), n, want.data());
       gpu->add_rows(pd, idd, n, out);
-      expect_close(down(out, size_t(n * dim)), dim, want, dim, n, dim,
-                   cat("add_rows dim=", dim));
+      expect_close(down(out, size_t(n * dim)), dim, want, dim, n, dim, cat("add_rows dim=", dim));
     }
   }
 }
@@ -311,8 +424,11 @@ TEST_P(CudaOps, Rope) {
   struct Case {
     int64_t n, heads, hd, rot, pad;
   };
-  const Case cases[] = {{1, 4, 16, 16, 0}, {5, 4, 64, 64, 8}, {3, 8, 128, 64, 0},
-                        {2, 2, 64, 24, 5}, {17, 2, 256, 256, 0}};
+  const Case cases[] = {{1, 4, 16, 16, 0},
+                        {5, 4, 64, 64, 8},
+                        {3, 8, 128, 64, 0},
+                        {2, 2, 64, 24, 5},
+                        {17, 2, 256, 256, 0}};
   std::uniform_real_distribution<float> ang(-3.2f, 3.2f);
   for (const Case& c : cases) {
     const int64_t ld = c.heads * c.hd + c.pad, half = c.rot / 2;
@@ -341,9 +457,9 @@ struct AttnCase {
 class CudaAttention : public CudaOps {
  protected:
   void run(const AttnCase& c) {
-    const std::string what = cat("attention heads=", c.heads, "/", c.kv_heads, " hd=", c.hd,
-                                 " window=", c.window, " softcap=", c.softcap, " bs=",
-                                 c.block_size, " cached=", c.cached, " n=", c.n);
+    const std::string what =
+        cat("attention heads=", c.heads, "/", c.kv_heads, " hd=", c.hd, " window=", c.window,
+            " softcap=", c.softcap, " bs=", c.block_size, " cached=", c.cached, " n=", c.n);
     const int64_t T = c.cached + c.n, kvd = c.kv_heads * c.hd, qd = c.heads * c.hd;
     const int64_t need = (T + c.block_size - 1) / c.block_size, nb = need + 3;
     // A scattered block table: the sequence's blocks are not in pool order.
@@ -367,8 +483,8 @@ class CudaAttention : public CudaOps {
       std::iota(pos.begin(), pos.end(), int32_t(p0));
       cpu->kv_write(kv_cpu, kv.data(), kv.data() + kvd, ldkv, pos.data(), m);
       void* kvg = up(kv);
-      gpu->kv_write(kv_gpu, kvg, static_cast<char*>(kvg) + kvd * dtype_size(dt), ldkv,
-                    up_raw(pos), m);
+      gpu->kv_write(kv_gpu, kvg, static_cast<char*>(kvg) + kvd * dtype_size(dt), ldkv, up_raw(pos),
+                    m);
     };
     write(0, c.cached);
     write(c.cached, c.n);
@@ -376,8 +492,8 @@ class CudaAttention : public CudaOps {
     auto q = rnd(size_t(c.n * ldq));
     std::vector<int32_t> pos(static_cast<size_t>(c.n));
     std::iota(pos.begin(), pos.end(), int32_t(c.cached));
-    const AttnParams ap{c.heads, c.kv_heads, c.hd, 1.0f / std::sqrt(float(c.hd)), c.softcap,
-                        c.window};
+    const AttnParams ap{c.heads,   c.kv_heads, c.hd, 1.0f / std::sqrt(float(c.hd)),
+                        c.softcap, c.window};
     std::vector<float> want(size_t(c.n * ldo), kPoison);
     cpu->attention(q.data(), ldq, c.n, pos.data(), kv_cpu, ap, want.data(), ldo);
     void* out = up(std::vector<float>(size_t(c.n * ldo), kPoison));
@@ -396,7 +512,7 @@ TEST_P(CudaAttention, Prefill) {
   run({8, 1, 128, 0, 0, 16, 0, 130});  // MQA
   run({32, 8, 128, 0, 0, 16, 0, 300});
   run({8, 2, 256, 0, 0, 16, 0, 70});
-  run({8, 8, 80, 0, 0, 4, 0, 19});  // head_dim 80, small blocks
+  run({8, 8, 80, 0, 0, 4, 0, 19});   // head_dim 80, small blocks
   run({4, 2, 18, 0, 0, 16, 0, 21});  // head_dim not a multiple of 8: scalar K/V loads
 }
 
@@ -410,11 +526,11 @@ TEST_P(CudaAttention, WindowAndSoftcap) {
 
 TEST_P(CudaAttention, DecodeAndChunks) {
   run({4, 2, 16, 0, 0, 16, 5, 1});
-  run({32, 8, 128, 0, 0, 16, 700, 1});    // split-K
-  run({64, 8, 128, 0, 0, 16, 3000, 1});   // many splits
-  run({8, 2, 256, 0, 0, 16, 100, 5});     // chunked prefill onto a cache
-  run({32, 8, 128, 0, 0, 16, 640, 3});    // a few rows, split-K
-  run({14, 2, 64, 0, 0, 16, 500, 1});     // group 7
+  run({32, 8, 128, 0, 0, 16, 700, 1});   // split-K
+  run({64, 8, 128, 0, 0, 16, 3000, 1});  // many splits
+  run({8, 2, 256, 0, 0, 16, 100, 5});    // chunked prefill onto a cache
+  run({32, 8, 128, 0, 0, 16, 640, 3});   // a few rows, split-K
+  run({14, 2, 64, 0, 0, 16, 500, 1});    // group 7
   AttnCase c{32, 8, 128, 0, 0, 16, 700, 1};
   c.tell_len = false;
   run(c);
@@ -433,7 +549,8 @@ TEST_P(CudaOps, MoE) {
             std::vector<int> order(static_cast<size_t>(E));
             std::iota(order.begin(), order.end(), 0);
             std::shuffle(order.begin(), order.end(), rng);
-            for (int64_t e = 0; e < E; ++e) x[size_t(i * H + e)] = 3.0f * float(order[size_t(e)]) / 4.0f;
+            for (int64_t e = 0; e < E; ++e)
+              x[size_t(i * H + e)] = 3.0f * float(order[size_t(e)]) / 4.0f;
           }
           x = round(x);
           std::vector<float> router(size_t(E * H), 0.0f);
@@ -453,16 +570,25 @@ TEST_P(CudaOps, MoE) {
             guh_p.push_back(&gu_h[size_t(e)]), gud_p.push_back(&gu_d[size_t(e)]);
             dnh_p.push_back(&dn_h[size_t(e)]), dnd_p.push_back(&dn_d[size_t(e)]);
           }
-          Backend::MoeWeights wh{&rh, guh_p.data(), dnh_p.data(), shared ? &sguh : nullptr,
-                                 shared ? &sdh : nullptr, shared ? &sgh : nullptr};
-          Backend::MoeWeights wd{&rd, gud_p.data(), dnd_p.data(), shared ? &sgud : nullptr,
-                                 shared ? &sdd : nullptr, shared ? &sgd : nullptr};
+          Backend::MoeWeights wh{&rh,
+                                 guh_p.data(),
+                                 dnh_p.data(),
+                                 shared ? &sguh : nullptr,
+                                 shared ? &sdh : nullptr,
+                                 shared ? &sgh : nullptr};
+          Backend::MoeWeights wd{&rd,
+                                 gud_p.data(),
+                                 dnd_p.data(),
+                                 shared ? &sgud : nullptr,
+                                 shared ? &sdd : nullptr,
+                                 shared ? &sgd : nullptr};
           std::vector<float> want(size_t(n * H));
           cpu->moe_ffn(x.data(), n, H, wh, E, k, renorm, Activation::SiLU, want.data());
           void* out = up(std::vector<float>(size_t(n * H), kPoison));
           gpu->moe_ffn(up(x), n, H, wd, E, k, renorm, Activation::SiLU, out);
-          expect_close(down(out, size_t(n * H)), H, want, H, n, H,
-                       cat("moe n=", n, " k=", k, renorm ? " renorm" : "", shared ? " shared" : ""));
+          expect_close(
+              down(out, size_t(n * H)), H, want, H, n, H,
+              cat("moe n=", n, " k=", k, renorm ? " renorm" : "", shared ? " shared" : ""));
         }
       }
     }

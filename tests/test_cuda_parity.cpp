@@ -1,8 +1,14 @@
 // HF parity of the CUDA backend: the fixtures' reference logits at every position (one prefill,
 // and one-token decode steps), greedy continuations. F32 engines must match transformers to
-// 1e-5 like the CPU backend; BF16 engines (BF16 activations and KV cache) within 2e-2 and agree
-// on >= 95% of the greedy tokens. Fixtures of architectures kiln does not support yet skip.
-// Skips when no GPU is visible (CI).
+// 1e-5 like the CPU backend. BF16 engines (BF16 activations and KV cache) must stay within 2e-2
+// of the FP32 reference and agree with its greedy tokens (teacher-forced: after the prompt and
+// each reference token, our argmax against the reference's next token) on >= 95% of the steps,
+// per fixture (the bar) and over all fixtures. Known gap: these tiny random models have
+// near-tied logits, so BF16 rounding flips a few argmaxes whoever computes; transformers' own
+// BF16 forward (bench/hf_bf16_agreement.py, H100) agrees on 755/768 steps overall and on 61/64
+// at worst per fixture; kiln also on 755/768 but 59/64 on mistral_swa, which therefore fails
+// here until the LM head runs in F32.
+// Fixtures of architectures kiln does not support yet skip. Skips when no GPU is visible (CI).
 #include <algorithm>
 #include <optional>
 
@@ -14,26 +20,51 @@
 namespace kiln::test {
 namespace {
 
-int32_t argmax(const float* v, int64_t n) { return int32_t(std::max_element(v, v + n) - v); }
+int32_t argmax(const float* v, int64_t n) {
+  return int32_t(std::max_element(v, v + n) - v);
+}
+
+const char* const kFixtures[] = {"llama", "llama31_rope", "mistral_swa", "qwen2",
+                                 "qwen3", "gemma",        "gemma2",      "gemma3_text",
+                                 "gpt2",  "mixtral",      "phi3",        "qwen2_moe"};
+
+// Teacher-forced greedy agreement with the reference continuations: {agreeing steps, steps}.
+std::pair<int, int> teacher_forced(Engine& e, const Reference& ref) {
+  const int64_t V = e.info().vocab_size;
+  int agree = 0, steps = 0;
+  for (size_t j = 0; j < ref.prompts.size(); ++j) {
+    const auto& g = ref.greedy[j];
+    Session s = e.session();
+    std::vector<float> lg = s.forward(ref.prompts[j]);
+    for (size_t t = 0; t < g.size(); ++t) {
+      agree += argmax(lg.data(), V) == g[t];
+      ++steps;
+      if (t + 1 < g.size()) lg = s.forward(std::span<const int32_t>(&g[t], 1));
+    }
+  }
+  return {agree, steps};
+}
+
+std::optional<Engine> open_engine(const std::string& arch, const std::string& dtype,
+                                  std::string* unsupported) {
+  BuildConfig bc;
+  bc.dtype = dtype;
+  try {
+    std::optional<Engine> e(Engine::build(hf(arch), bc));
+    e->start({.device = "cuda"});
+    return e;
+  } catch (const Error& ex) {
+    if (std::string(ex.what()).find("unsupported architecture") == std::string::npos) throw;
+    *unsupported = ex.what();
+    return std::nullopt;
+  }
+}
 
 class CudaParity : public ::testing::TestWithParam<std::string> {
  protected:
   // The engine on the GPU, or nullopt (test skipped) for an unsupported architecture.
   std::optional<Engine> open(const std::string& dtype) {
-    if (!cuda_available()) return std::nullopt;
-    BuildConfig bc;
-    bc.dtype = dtype;
-    try {
-      std::optional<Engine> e(Engine::build(hf(GetParam()), bc));
-      e->start({.device = "cuda"});
-      return e;
-    } catch (const Error& ex) {
-      if (std::string(ex.what()).find("unsupported architecture") != std::string::npos) {
-        unsupported = ex.what();
-        return std::nullopt;
-      }
-      throw;
-    }
+    return open_engine(GetParam(), dtype, &unsupported);
   }
   std::string unsupported;
 };
@@ -86,7 +117,7 @@ TEST_P(CudaParity, Bf16StaysClose) {
   Reference ref = load_reference(arch);
   const int64_t V = e->info().vocab_size;
   double worst_prefill = 0, worst_decode = 0;
-  int agree = 0, steps = 0, free_match = 0, free_total = 0;
+  int free_match = 0, free_total = 0;
   for (size_t j = 0; j < ref.prompts.size(); ++j) {
     const auto& p = ref.prompts[j];
     const float* want = ref.logits[j].ptr<float>();
@@ -105,16 +136,7 @@ TEST_P(CudaParity, Bf16StaysClose) {
         EXPECT_LE(err, kTol) << arch << " prompt " << j << " position " << i << " (decode)";
       }
     }
-    // Greedy agreement, teacher-forced: after the prompt and each reference token, is our
-    // argmax the reference's next token? (One early flip does not cascade into the count.)
     const auto& g = ref.greedy[j];
-    Session s = e->session();
-    std::vector<float> lg = s.forward(p);
-    for (size_t t = 0; t < g.size(); ++t) {
-      agree += argmax(lg.data(), V) == g[t];
-      ++steps;
-      if (t + 1 < g.size()) lg = s.forward(std::span<const int32_t>(&g[t], 1));
-    }
     SamplingParams sp;
     sp.temperature = 0;
     sp.max_tokens = int64_t(g.size());
@@ -123,16 +145,32 @@ TEST_P(CudaParity, Bf16StaysClose) {
     for (size_t t = 0; t < g.size() && t < gen.size(); ++t) free_match += gen[t] == g[t];
     free_total += int(g.size());
   }
+  const auto [agree, steps] = teacher_forced(*e, ref);
   EXPECT_GE(double(agree), 0.95 * steps) << arch << ": greedy agreement " << agree << "/" << steps;
-  std::printf("[cuda parity bf16] %-14s prefill max rel err %.2e | decode %.2e | greedy "
-              "teacher-forced %d/%d, free-running %d/%d\n",
-              arch.c_str(), worst_prefill, worst_decode, agree, steps, free_match, free_total);
+  std::printf(
+      "[cuda parity bf16] %-14s prefill max rel err %.2e | decode %.2e | greedy "
+      "teacher-forced %d/%d, free-running %d/%d\n",
+      arch.c_str(), worst_prefill, worst_decode, agree, steps, free_match, free_total);
 }
 
 INSTANTIATE_TEST_SUITE_P(Hf, CudaParity,
-                         ::testing::Values("llama", "llama31_rope", "mistral_swa", "qwen2",
-                                           "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2",
-                                           "mixtral", "phi3", "qwen2_moe"));
+                         ::testing::ValuesIn(std::vector<std::string>(std::begin(kFixtures),
+                                                                      std::end(kFixtures))));
+
+TEST(CudaParityAll, Bf16GreedyAgreementOverAllFixtures) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA GPU visible";
+  int agree = 0, steps = 0;
+  std::string unsupported;
+  for (const char* arch : kFixtures) {
+    std::optional<Engine> e = open_engine(arch, "bf16", &unsupported);
+    if (!e) continue;
+    const auto [a, s] = teacher_forced(*e, load_reference(arch));
+    agree += a, steps += s;
+  }
+  if (steps == 0) GTEST_SKIP() << "no supported fixture";
+  std::printf("[cuda parity bf16] all fixtures: greedy teacher-forced %d/%d\n", agree, steps);
+  EXPECT_GE(double(agree), 0.95 * steps) << "greedy agreement " << agree << "/" << steps;
+}
 
 }  // namespace
 }  // namespace kiln::test

@@ -9,8 +9,9 @@
 //
 // Decode has too few rows to fill the GPU, so the keys are also split (flash-decoding): grid.z
 // blocks each take a range of keys and write unnormalised partial outputs with their (m, l);
-// a second kernel merges them. Splits are sized from kv_len on the host; the first and last
-// split are open-ended, so the result is right whatever the positions are.
+// the last block of a row block to finish (an atomic counter) merges them, which saves the
+// launch of a separate merge kernel. Splits are sized from kv_len on the host; the first and
+// last split are open-ended, so the result is right whatever the positions are.
 //
 // Everything here runs on CUDA cores (no tensor cores yet): F32 engines need exact FP32 math
 // anyway, and for 16-bit engines attention is a small share of the step at these lengths.
@@ -29,6 +30,7 @@ constexpr int kWarpRows = 4;   // query rows per warp
 constexpr int kRows = 16;      // query rows per block
 constexpr int kBK = 32;        // keys per tile
 constexpr int kMaxHeadDim = 256;
+constexpr int kMaxSplits = 32;  // merge weights [kRows][splits] must fit where K/V tiles were
 
 struct Args {
   const void* q;
@@ -44,10 +46,12 @@ struct Args {
   float scale, softcap;
   int window;
   int splits, split_len, split_base;
-  bool vec;  // 16-byte K/V loads
+  bool vec;    // 16-byte K/V loads
+  bool vec_q;  // 16-byte Q loads
   void* out;
   int64_t ldo;
-  float* ws;  // [n * heads][splits][D + 2] when splits > 1
+  float* ws;      // [n * heads][splits][D + 2] when splits > 1
+  int* counters;  // [row_blocks * kv_heads], zero between launches (the merging block resets)
 };
 
 size_t smem_bytes(int D) {
@@ -61,9 +65,9 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
   extern __shared__ float4 smem4[];
   const int D = a.D;
   float* Qs = reinterpret_cast<float*>(smem4);  // [D][kRows]
-  float* Kt = Qs + D * kRows;                    // [D][kBK]
-  float* Vs = Kt + D * kBK;                      // [kBK][D + 4] (+4: conflict-free float4 stores)
-  float* Ps = Vs + kBK * (D + 4);                // [warp][kBK][kWarpRows]
+  float* Kt = Qs + D * kRows;                   // [D][kBK]
+  float* Vs = Kt + D * kBK;                     // [kBK][D + 4] (+4: conflict-free float4 stores)
+  float* Ps = Vs + kBK * (D + 4);               // [warp][kBK][kWarpRows]
   __shared__ int s_lo[kRows], s_hi[kRows];
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -78,15 +82,43 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
     }
     s_lo[tid] = lo, s_hi[tid] = hi;
   }
+  // Q rows into shared memory. Decode blocks do little else, so the loads are all issued before
+  // the first use: latency once, not once per element.
   const T* q = static_cast<const T*>(a.q);
-  for (int e = tid; e < kRows * D; e += kThreads) {
-    const int r = e / D, d = e % D, fr = rbase + r;
-    float v = 0.0f;
-    if (fr < total) {
-      const int i = fr / a.group, h = kvh * a.group + fr % a.group;
-      v = to_f(q[int64_t(i) * a.ldq + int64_t(h) * D + d]);
+  if (a.vec_q) {
+    constexpr int E = kVec<T>, kIt = kRows * kMaxHeadDim / E / kThreads;
+    const int per_row = D / E, chunks = kRows * per_row;
+    uint4 buf[kIt];
+#pragma unroll
+    for (int it = 0; it < kIt; ++it) {
+      const int e = tid + it * kThreads, r = e / per_row, fr = rbase + r;
+      buf[it] = make_uint4(0, 0, 0, 0);
+      if (e < chunks && fr < total) {
+        const int i = fr / a.group, h = kvh * a.group + fr % a.group;
+        buf[it] = *reinterpret_cast<const uint4*>(q + int64_t(i) * a.ldq + int64_t(h) * D +
+                                                  (e % per_row) * E);
+      }
     }
-    Qs[d * kRows + r] = v;
+#pragma unroll
+    for (int it = 0; it < kIt; ++it) {
+      const int e = tid + it * kThreads, r = e / per_row, c = e % per_row;
+      if (e < chunks) {
+        float f[E];
+        unpack_vec<T>(buf[it], f);
+#pragma unroll
+        for (int k = 0; k < E; ++k) Qs[(c * E + k) * kRows + r] = f[k];
+      }
+    }
+  } else {
+    for (int e = tid; e < kRows * D; e += kThreads) {
+      const int r = e / D, d = e % D, fr = rbase + r;
+      float v = 0.0f;
+      if (fr < total) {
+        const int i = fr / a.group, h = kvh * a.group + fr % a.group;
+        v = to_f(q[int64_t(i) * a.ldq + int64_t(h) * D + d]);
+      }
+      Qs[d * kRows + r] = v;
+    }
   }
   __syncthreads();
 
@@ -95,7 +127,8 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
   for (int r = 0; r < kRows; ++r) kmin = min(kmin, s_lo[r]), kmax = max(kmax, s_hi[r]);
   int my_lo[kWarpRows], my_hi[kWarpRows];
 #pragma unroll
-  for (int j = 0; j < kWarpRows; ++j) my_lo[j] = s_lo[warp * kWarpRows + j], my_hi[j] = s_hi[warp * kWarpRows + j];
+  for (int j = 0; j < kWarpRows; ++j)
+    my_lo[j] = s_lo[warp * kWarpRows + j], my_hi[j] = s_hi[warp * kWarpRows + j];
   int k0 = kmin, k1 = kmax + 1;
   if (a.splits > 1) {
     const int s0 = a.split_base + split * a.split_len;
@@ -122,21 +155,33 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
       const bool ok = t < k1;
       const int64_t off = ok ? (int64_t(a.bt[t / a.bs]) * a.bs + t % a.bs) * a.kv_dim : 0;
       if (a.vec) {
-        constexpr int E = kVec<T>;
-        for (int c = tid / kBK; c < D / E; c += kThreads / kBK) {
-          float kf[E], vf[E];
-          if (ok) {
-            unpack_vec<T>(*reinterpret_cast<const uint4*>(kp + off + c * E), kf);
-            unpack_vec<T>(*reinterpret_cast<const uint4*>(vp + off + c * E), vf);
-          } else {  // zeros, never garbage: 0 * NaN would poison the PV sum
+        // Batches of 4 chunks per thread: 8 independent 16-byte loads before the first use.
+        constexpr int E = kVec<T>, kStep = kThreads / kBK;
+        for (int c0 = tid / kBK; c0 < D / E; c0 += 4 * kStep) {
+          uint4 kb[4], vb[4];
 #pragma unroll
-            for (int e = 0; e < E; ++e) kf[e] = vf[e] = 0.0f;
+          for (int u = 0; u < 4; ++u) {
+            const int c = c0 + u * kStep;
+            kb[u] = vb[u] = make_uint4(0, 0, 0, 0);  // zeros, never garbage: 0 * NaN is NaN
+            if (ok && c < D / E) {
+              kb[u] = *reinterpret_cast<const uint4*>(kp + off + c * E);
+              vb[u] = *reinterpret_cast<const uint4*>(vp + off + c * E);
+            }
           }
 #pragma unroll
-          for (int e = 0; e < E; ++e) Kt[(c * E + e) * kBK + j] = kf[e];
-          float4* vd = reinterpret_cast<float4*>(Vs + j * (D + 4) + c * E);
+          for (int u = 0; u < 4; ++u) {
+            const int c = c0 + u * kStep;
+            if (c >= D / E) break;
+            float kf[E], vf[E];
+            unpack_vec<T>(kb[u], kf);
+            unpack_vec<T>(vb[u], vf);
 #pragma unroll
-          for (int e = 0; e < E; e += 4) vd[e / 4] = make_float4(vf[e], vf[e + 1], vf[e + 2], vf[e + 3]);
+            for (int e = 0; e < E; ++e) Kt[(c * E + e) * kBK + j] = kf[e];
+            float4* vd = reinterpret_cast<float4*>(Vs + j * (D + 4) + c * E);
+#pragma unroll
+            for (int e = 0; e < E; e += 4)
+              vd[e / 4] = make_float4(vf[e], vf[e + 1], vf[e + 2], vf[e + 3]);
+          }
         }
       } else {
         for (int d = tid / kBK; d < D; d += kThreads / kBK) {
@@ -215,31 +260,59 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
       if (lane == 0) w[D] = m[j], w[D + 1] = l[j];
     }
   }
-}
+  if (a.splits == 1) return;
 
-// Merges the splits of one query row (block) into the normalised output.
-template <typename T>
-__global__ void attn_combine_kernel(const float* ws, int splits, int D, int heads, T* out,
-                                    int64_t ldo) {
-  pdl_begin();
-  const int row = blockIdx.x, i = row / heads, h = row % heads;
-  const float* w = ws + int64_t(row) * splits * (D + 2);
-  float M = -INFINITY;
-  for (int s = 0; s < splits; ++s) M = fmaxf(M, w[s * (D + 2) + D]);
-  float L = 0.0f;
-  for (int s = 0; s < splits; ++s) {
-    const float ms = w[s * (D + 2) + D];
-    if (ms != -INFINITY) L += w[s * (D + 2) + D + 1] * expf(ms - M);
-  }
-  const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-      const float ms = w[s * (D + 2) + D];
-      if (ms != -INFINITY) acc += w[s * (D + 2) + d] * expf(ms - M);
+  // Split-K merge by the last of this row block's splits to finish. Each block publishes its
+  // partials (fence, then count); the last one sees every other block's writes after its own
+  // fence, and reads them past L1 (__ldcg), which may hold lines of an earlier launch.
+  __shared__ bool s_last;
+  __threadfence();
+  __syncthreads();
+  int* counter = a.counters + blockIdx.x * gridDim.y + blockIdx.y;
+  if (tid == 0) s_last = atomicAdd(counter, 1) == a.splits - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  // Split weights exp(m_s - M) per row (8 threads per row, into the free K/V tile space) and the
+  // normaliser L = sum l_s exp(m_s - M); then each output is one pass over the splits.
+  float* wts = Kt;  // [kRows][splits]
+  __shared__ float s_L[kRows];
+  {
+    const int r = tid / 8, part = tid % 8, fr = rbase + r;
+    const float* w = nullptr;
+    float M = -INFINITY, L = 0.0f;
+    if (fr < total) {
+      const int i = fr / a.group, h = blockIdx.y * a.group + fr % a.group;
+      w = a.ws + (int64_t(i) * a.heads + h) * a.splits * (D + 2);
+      for (int sp = part; sp < a.splits; sp += 8) M = fmaxf(M, __ldcg(w + sp * (D + 2) + D));
     }
-    out[int64_t(i) * ldo + int64_t(h) * D + d] = from_f<T>(acc * inv);
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    if (w) {
+      for (int sp = part; sp < a.splits; sp += 8) {
+        const float ms = __ldcg(w + sp * (D + 2) + D);
+        const float f = ms == -INFINITY ? 0.0f : expf(ms - M);  // a split with no visible keys
+        wts[r * a.splits + sp] = f;
+        L += __ldcg(w + sp * (D + 2) + D + 1) * f;
+      }
+    }
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+    if (part == 0) s_L[r] = L;
   }
+  __syncthreads();
+  for (int e = tid; e < kRows * D; e += kThreads) {
+    const int r = e / D, d = e % D, fr = rbase + r;
+    if (fr >= total) continue;
+    const int i = fr / a.group, h = blockIdx.y * a.group + fr % a.group;
+    const float* w = a.ws + (int64_t(i) * a.heads + h) * a.splits * (D + 2) + d;
+    float acc = 0.0f;
+#pragma unroll 4
+    for (int sp = 0; sp < a.splits; ++sp) acc += wts[r * a.splits + sp] * __ldcg(w + sp * (D + 2));
+    static_cast<T*>(a.out)[int64_t(i) * a.ldo + int64_t(h) * D + d] =
+        from_f<T>(s_L[r] > 0.0f ? acc / s_L[r] : 0.0f);
+  }
+  if (tid == 0) *counter = 0;  // ready for the next launch
 }
 
 struct Plan {
@@ -256,8 +329,8 @@ Plan make_plan(const AttnLaunch& a, int num_sms) {
   const int64_t first = a.window > 0 ? std::max<int64_t>(0, a.kv_len - a.n - a.window + 1) : 0;
   const int64_t keys = a.kv_len - first;
   const int64_t want = (2 * int64_t(num_sms) + blocks - 1) / blocks;  // ~2 blocks per SM
-  const int64_t most = (keys + 2 * kBK - 1) / (2 * kBK);              // >= 2 tiles per split
-  int64_t splits = std::min(want, most);
+  const int64_t most = (keys + kBK - 1) / kBK;                        // >= 1 tile per split
+  int64_t splits = std::min({want, most, int64_t(kMaxSplits)});
   if (splits <= 1) return p;
   const int64_t len = ((keys + splits - 1) / splits + kBK - 1) / kBK * kBK;
   p.splits = int((keys + len - 1) / len);
@@ -302,7 +375,14 @@ size_t attention_workspace(const AttnLaunch& a, int num_sms) {
   return p.splits > 1 ? size_t(a.n * a.heads) * size_t(p.splits) * size_t(a.head_dim + 2) * 4 : 0;
 }
 
-void attention(DType act, const AttnLaunch& a, float* ws, int num_sms, cudaStream_t s) {
+size_t attention_counters(const AttnLaunch& a, int num_sms) {
+  if (a.kv_heads <= 0 || a.heads % a.kv_heads) return 0;
+  const Plan p = make_plan(a, num_sms);
+  return p.splits > 1 ? size_t(p.row_blocks) * size_t(a.kv_heads) : 0;
+}
+
+void attention(DType act, const AttnLaunch& a, float* ws, int* counters, int num_sms,
+               cudaStream_t s) {
   KILN_CHECK(a.kv_heads > 0 && a.heads % a.kv_heads == 0, "attention: ", a.heads,
              " query heads are not a multiple of ", a.kv_heads, " KV heads");
   KILN_CHECK(a.head_dim >= 1 && a.head_dim <= kMaxHeadDim, "attention: head_dim ", a.head_dim,
@@ -310,20 +390,35 @@ void attention(DType act, const AttnLaunch& a, float* ws, int num_sms, cudaStrea
   KILN_CHECK(a.n * a.heads < INT_MAX && a.kv_len < INT_MAX, "attention: sizes exceed 2^31");
   if (a.n == 0) return;
   const Plan p = make_plan(a, num_sms);
-  KILN_CHECK(p.splits == 1 || ws, "attention: split-K workspace missing");
+  KILN_CHECK(p.splits == 1 || (ws && counters), "attention: split-K workspace missing");
   const int64_t e = 16 / int64_t(dtype_size(act));
-  Args g{a.q, a.ldq, int(a.n), a.pos, a.kpool, a.vpool, a.block_table, int(a.block_size),
-         a.kv_dim, int(a.heads), int(a.heads / a.kv_heads), int(a.head_dim), a.scale, a.softcap,
-         int(a.window), p.splits, p.split_len, p.split_base,
-         a.head_dim % e == 0 && a.kv_dim % e == 0, a.out, a.ldo, ws};
+  Args g{a.q,
+         a.ldq,
+         int(a.n),
+         a.pos,
+         a.kpool,
+         a.vpool,
+         a.block_table,
+         int(a.block_size),
+         a.kv_dim,
+         int(a.heads),
+         int(a.heads / a.kv_heads),
+         int(a.head_dim),
+         a.scale,
+         a.softcap,
+         int(a.window),
+         p.splits,
+         p.split_len,
+         p.split_base,
+         a.head_dim % e == 0 && a.kv_dim % e == 0,
+         a.head_dim % e == 0 && a.ldq % e == 0 && reinterpret_cast<uintptr_t>(a.q) % 16 == 0,
+         a.out,
+         a.ldo,
+         ws,
+         counters};
   const dim3 grid(unsigned(p.row_blocks), unsigned(a.kv_heads), unsigned(p.splits));
   KILN_CHECK(grid.y <= 65535 && grid.z <= 65535, "attention: too many KV heads");
   KILN_DISPATCH_ACT(act, launch_dpl<T>(g, grid, s));
-  if (p.splits > 1) {
-    KILN_DISPATCH_ACT(act, launch_kernel(attn_combine_kernel<T>, unsigned(a.n * a.heads), 128, 0,
-                                         s, ws, p.splits, int(a.head_dim), int(a.heads),
-                                         static_cast<T*>(a.out), a.ldo));
-  }
 }
 
 }  // namespace kiln::cuda

@@ -41,7 +41,9 @@ bool pdl_enabled() {
 
 namespace {
 
-const float* fptr(const Tensor* t) { return t ? t->ptr<float>() : nullptr; }
+const float* fptr(const Tensor* t) {
+  return t ? t->ptr<float>() : nullptr;
+}
 
 // GPU time per op kind, from events recorded around each outermost op on the stream. The time
 // of an op includes any wait for its own launch, so a starved GPU shows up as slow small ops.
@@ -143,10 +145,16 @@ class CudaBackend final : public Backend {
     const char* pr = std::getenv("KILN_CUDA_PROFILE");
     if (pr && std::strcmp(pr, "0") != 0) prof_ = std::make_unique<OpProfile>(stream_);
     KILN_CUDA_CHECK(cudaMallocHost(&pinned_, kPinnedBytes));
+    for (auto& e : chunk_done_)
+      KILN_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   }
 
   ~CudaBackend() override {
     // Nothing here may throw; pending work is drained first so frees are safe.
+    try {
+      flush();
+    } catch (const Error&) {
+    }
     cudaStreamSynchronize(stream_);
     if (prof_) {
       try {
@@ -159,6 +167,7 @@ class CudaBackend final : public Backend {
     lt_.reset();
     for (auto& [k, p] : scratch_) cudaFree(p.first);
     for (auto& [k, p] : expert_tables_) cudaFree(p);
+    for (cudaEvent_t e : chunk_done_) cudaEventDestroy(e);
     cudaFreeHost(pinned_);
     cudaStreamDestroy(stream_);
   }
@@ -174,19 +183,28 @@ class CudaBackend final : public Backend {
   }
   // Called from destructors (Decoder, KVCache): never throws.
   void release(void* p) override {
+    try {
+      flush();  // the held-back launch may read this buffer
+    } catch (const Error&) {
+    }
     if (p) cudaFree(p);
   }
   // Pageable sources are staged by the driver before the call returns, so callers may reuse
   // their buffers at once; the copy stays ordered on the stream.
   void to_device(void* dst, const void* src, size_t bytes) override {
+    flush();
     if (bytes) KILN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
   }
   void to_host(void* dst, const void* src, size_t bytes) override {
+    flush();
     if (!bytes) return;
     KILN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
     KILN_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
-  void synchronize() override { KILN_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void synchronize() override {
+    flush();
+    KILN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
 
   Tensor upload(const Tensor& host) override {
     KILN_CHECK(host.device == Device::CPU, "upload: tensor is already on a device");
@@ -203,67 +221,98 @@ class CudaBackend final : public Backend {
 
   void embed(const Tensor& table, const int32_t* ids, int64_t n, float scale, void* out) override {
     Prof prof(prof_.get(), "embed");
+    flush();
     cuda::embed(act_, table.data, table.dtype, table.shape[1], ids, n, scale, out, stream_);
   }
   void add_rows(const Tensor& table, const int32_t* rows, int64_t n, void* x) override {
     Prof prof(prof_.get(), "add_rows");
+    flush();
     cuda::add_rows(act_, table.data, table.dtype, table.shape[1], rows, n, x, stream_);
   }
 
   void linear(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
               int64_t ldy) override {
     Prof prof(prof_.get(), "linear");
-    KILN_CHECK(w.dtype == act_, "CUDA linear: weight dtype ", dtype_name(w.dtype),
-               " differs from the activation dtype ", dtype_name(act_));
-    KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
-    const int64_t in = w.shape[1], out = w.shape[0];
-    if (n == 0 || out == 0) return;
-    if (gemv_ && n <= cuda::kGemvMaxRows &&
-        cuda::gemv(act_, x, n, ldx, w.data, in, out, fptr(b), y, ldy, stream_))
-      return;
-    lt_->run(act_, x, n, ldx, w.data, in, out, y, ldy);
-    if (b) cuda::bias_add(act_, y, n, out, ldy, b->ptr<float>(), stream_);
+    linear_impl(x, n, ldx, w, b, y, ldy, true);
   }
 
-  void norm(const void* x, int64_t rows, int64_t dim, int64_t ldx, const Tensor& w,
-            const Tensor* b, NormKind kind, float eps, void* y, int64_t ldy) override {
+  void norm(const void* x, int64_t rows, int64_t dim, int64_t ldx, const Tensor& w, const Tensor* b,
+            NormKind kind, float eps, void* y, int64_t ldy) override {
     Prof prof(prof_.get(), "norm");
+    flush();
     check_f32(w, b);
     cuda::norm(act_, x, rows, 1, dim, ldx, y, ldy, w.ptr<float>(), fptr(b), kind, eps, stream_);
   }
   void add_norm(void* residual, const void* delta, int64_t rows, int64_t dim, const Tensor& w,
                 const Tensor* b, NormKind kind, float eps, void* y) override {
     Prof prof(prof_.get(), "add_norm");
+    flush();
     check_f32(w, b);
     cuda::add_norm(act_, residual, delta, rows, dim, w.ptr<float>(), fptr(b), kind, eps, y,
                    stream_);
   }
-  void head_norm(void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim,
-                 const Tensor& w, NormKind kind, float eps) override {
+  void head_norm(void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim, const Tensor& w,
+                 NormKind kind, float eps) override {
     Prof prof(prof_.get(), "head_norm");
     check_f32(w, nullptr);
-    cuda::norm(act_, x, n, heads, head_dim, ld, x, ld, w.ptr<float>(), nullptr, kind, eps,
-               stream_);
+    Pending& p = pending_;
+    if (p.kind == Pending::HeadNorm && x == p.next() && n == p.n && ld == p.ld &&
+        head_dim == p.head_dim && kind == p.norm && eps == p.eps) {
+      // The k heads right after the held-back q heads: one launch, two weight vectors.
+      p.kind = Pending::None;
+      cuda::norm(act_, p.x, n, p.heads + heads, head_dim, ld, p.x, ld, p.w, nullptr, kind, eps,
+                 stream_, w.ptr<float>(), p.heads);
+      return;
+    }
+    flush();
+    p = Pending();
+    p.kind = Pending::HeadNorm, p.x = x, p.n = n, p.ld = ld, p.heads = heads, p.head_dim = head_dim;
+    p.w = w.ptr<float>(), p.norm = kind, p.eps = eps, p.es = dtype_size(act_);
   }
   void add(void* x, const void* y, int64_t count) override {
     Prof prof(prof_.get(), "add");
+    flush();
     cuda::add(act_, x, y, count, stream_);
   }
   void rope(void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim, int64_t rot_dim,
             const float* cos, const float* sin) override {
     Prof prof(prof_.get(), "rope");
-    cuda::rope(act_, x, n, ld, heads, head_dim, rot_dim, cos, sin, stream_);
+    Pending& p = pending_;
+    if (p.kind == Pending::Rope && p.k_from == 0 && x == p.next() && n == p.n && ld == p.ld &&
+        head_dim == p.head_dim && rot_dim == p.rot_dim && cos == p.cos && sin == p.sin) {
+      // The k heads right after the held-back q heads: one rope over both, held back again in
+      // case the kv_write of these k heads follows.
+      p.k_from = p.heads;
+      p.heads += heads;
+      return;
+    }
+    flush();
+    p = Pending();
+    p.kind = Pending::Rope, p.x = x, p.n = n, p.ld = ld, p.heads = heads, p.head_dim = head_dim;
+    p.rot_dim = rot_dim, p.cos = cos, p.sin = sin, p.es = dtype_size(act_);
   }
-  void kv_write(const KVLayerView& kv, const void* k, const void* v, int64_t ld,
-                const int32_t* pos, int64_t n) override {
+  void kv_write(const KVLayerView& kv, const void* k, const void* v, int64_t ld, const int32_t* pos,
+                int64_t n) override {
     Prof prof(prof_.get(), "kv_write");
+    Pending& p = pending_;
+    if (p.kind == Pending::Rope && p.k_from > 0 && n == p.n && ld == p.ld &&
+        k == static_cast<const char*>(p.x) + size_t(p.k_from * p.head_dim) * p.es &&
+        kv.kv_dim == (p.heads - p.k_from) * p.head_dim) {
+      // rope(q), rope(k), kv_write(k, v): one launch.
+      p.kind = Pending::None;
+      cuda::rope_kv_write(act_, p.x, n, ld, p.heads, p.k_from, p.head_dim, p.rot_dim, p.cos, p.sin,
+                          kv.k, kv.v, kv.block_table, kv.block_size, kv.kv_dim, v, pos, stream_);
+      return;
+    }
+    flush();
     cuda::kv_write(act_, kv.k, kv.v, kv.block_table, kv.block_size, kv.kv_dim, k, v, ld, pos, n,
                    stream_);
   }
 
-  void attention(const void* q, int64_t ldq, int64_t n, const int32_t* pos,
-                 const KVLayerView& kv, const AttnParams& p, void* out, int64_t ldo) override {
+  void attention(const void* q, int64_t ldq, int64_t n, const int32_t* pos, const KVLayerView& kv,
+                 const AttnParams& p, void* out, int64_t ldo) override {
     Prof prof(prof_.get(), "attention");
+    flush();
     if (n == 0) return;
     int64_t len = kv.len;
     if (len <= 0) {  // caller did not say: read the positions back (a sync; the Decoder says)
@@ -271,30 +320,58 @@ class CudaBackend final : public Backend {
       to_host(h.data(), pos, size_t(n) * 4);
       len = int64_t(*std::max_element(h.begin(), h.end())) + 1;
     }
-    const cuda::AttnLaunch a{q,           ldq,          n,           pos,        kv.k,
-                             kv.v,        kv.block_table, kv.block_size, kv.kv_dim, p.heads,
-                             p.kv_heads,  p.head_dim,   p.scale,     p.softcap,  p.window,
-                             len,         out,          ldo};
+    const cuda::AttnLaunch a{q,
+                             ldq,
+                             n,
+                             pos,
+                             kv.k,
+                             kv.v,
+                             kv.block_table,
+                             kv.block_size,
+                             kv.kv_dim,
+                             p.heads,
+                             p.kv_heads,
+                             p.head_dim,
+                             p.scale,
+                             p.softcap,
+                             p.window,
+                             len,
+                             out,
+                             ldo};
     const size_t ws = cuda::attention_workspace(a, sms_);
-    cuda::attention(act_, a, ws ? static_cast<float*>(scratch("attn_ws", ws)) : nullptr, sms_,
+    const size_t nc = cuda::attention_counters(a, sms_);
+    cuda::attention(act_, a, ws ? static_cast<float*>(scratch("attn_ws", ws)) : nullptr,
+                    nc ? static_cast<int*>(scratch("attn_counters", nc * 4, true)) : nullptr, sms_,
                     stream_);
   }
 
   void gated_act(const void* gu, int64_t n, int64_t inter, Activation a, void* out) override {
     Prof prof(prof_.get(), "gated_act");
+    Pending& p = pending_;
+    if (p.kind == Pending::Linear && p.y == gu && n == p.n && p.out == 2 * inter &&
+        p.ldy == 2 * inter) {
+      // The gate_up GEMV just held back: one launch writes gu and the activation.
+      p.kind = Pending::None;
+      cuda::gemv_gated(act_, p.cx, n, p.ldx, p.wm, p.in, inter, p.bias, p.y, out, a, stream_);
+      return;
+    }
+    flush();
     cuda::gated_act(act_, gu, n, inter, a, out, stream_);
   }
   void act(void* x, int64_t count, Activation a) override {
     Prof prof(prof_.get(), "act");
+    flush();
     cuda::act_inplace(act_, x, count, a, stream_);
   }
   void softcap(void* x, int64_t count, float cap) override {
     Prof prof(prof_.get(), "softcap");
+    flush();
     cuda::softcap(act_, x, count, cap, stream_);
   }
 
   void to_f32(const void* x, int64_t count, float* host_out) override {
     if (count <= 0) return;
+    flush();
     Prof prof(prof_.get(), "to_f32");
     const float* src = static_cast<const float*>(x);
     if (act_ != DType::F32) {
@@ -302,15 +379,25 @@ class CudaBackend final : public Backend {
       cuda::to_f32(act_, x, count, f, stream_);
       src = f;
     }
-    // Through a pinned buffer: a pageable destination would be copied at a fraction of the
-    // bus speed. Chunks keep the pinned buffer small for whole-prompt logits.
+    // Through a pinned buffer (a pageable destination is copied at a fraction of the bus speed),
+    // in chunks, so the host copy of one chunk overlaps the transfer of the next.
     const size_t total = size_t(count) * 4;
-    for (size_t off = 0; off < total; off += kPinnedBytes) {
-      const size_t m = std::min(kPinnedBytes, total - off);
-      KILN_CUDA_CHECK(cudaMemcpyAsync(pinned_, reinterpret_cast<const char*>(src) + off, m,
-                                      cudaMemcpyDeviceToHost, stream_));
-      KILN_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      std::memcpy(reinterpret_cast<char*>(host_out) + off, pinned_, m);
+    const char* s = reinterpret_cast<const char*>(src);
+    char* h = reinterpret_cast<char*>(host_out);
+    for (size_t g = 0; g < total; g += kPinnedBytes) {
+      const size_t gb = std::min(kPinnedBytes, total - g);
+      const size_t chunks = (gb + kChunkBytes - 1) / kChunkBytes;
+      for (size_t c = 0; c < chunks; ++c) {
+        const size_t off = c * kChunkBytes, m = std::min(kChunkBytes, gb - off);
+        KILN_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(pinned_) + off, s + g + off, m,
+                                        cudaMemcpyDeviceToHost, stream_));
+        KILN_CUDA_CHECK(cudaEventRecord(chunk_done_[c], stream_));
+      }
+      for (size_t c = 0; c < chunks; ++c) {
+        const size_t off = c * kChunkBytes, m = std::min(kChunkBytes, gb - off);
+        KILN_CUDA_CHECK(cudaEventSynchronize(chunk_done_[c]));
+        std::memcpy(h + g + off, static_cast<char*>(pinned_) + off, m);
+      }
     }
     if (prof_) prof_->harvest(true);
   }
@@ -318,6 +405,7 @@ class CudaBackend final : public Backend {
   void moe_ffn(const void* x, int64_t n, int64_t H, const MoeWeights& w, int64_t E, int64_t k,
                bool renorm, Activation a, void* out) override {
     Prof prof(prof_.get(), "moe_ffn");
+    flush();
     if (n == 0) return;
     const size_t es = dtype_size(act_);
     const int64_t I = w.gate_up[0]->shape[0] / 2, nk = n * k;
@@ -325,7 +413,7 @@ class CudaBackend final : public Backend {
     auto* sel_row = static_cast<int32_t*>(scratch("moe_rows", size_t(nk) * 4));
     auto* sel_exp = static_cast<int32_t*>(scratch("moe_experts", size_t(nk) * 4));
     auto* weights = static_cast<float*>(scratch("moe_weights", size_t(nk) * 4));
-    linear(x, n, H, *w.router, nullptr, logits, E);
+    linear_impl(x, n, H, *w.router, nullptr, logits, E, false);
     cuda::moe_route(act_, logits, n, E, k, renorm, sel_row, sel_exp, weights, stream_);
     // Routed experts: gathered GEMVs over (row, expert) assignments, reading only the chosen
     // experts' weights (a grouped GEMM for long prompts is future work).
@@ -335,8 +423,7 @@ class CudaBackend final : public Backend {
     cuda::gemv_gather(act_, x, H, expert_table(w.gate_up, E), sel_row, sel_exp, nk, H, 2 * I, gu,
                       stream_);
     cuda::gated_act(act_, gu, nk, I, a, h, stream_);
-    cuda::gemv_gather(act_, h, I, expert_table(w.down, E), nullptr, sel_exp, nk, I, H, ye,
-                      stream_);
+    cuda::gemv_gather(act_, h, I, expert_table(w.down, E), nullptr, sel_exp, nk, I, H, ye, stream_);
     const void* ys = nullptr;
     const void* gate = nullptr;
     if (w.shared_gate_up) {
@@ -345,26 +432,91 @@ class CudaBackend final : public Backend {
       void* sh = scratch("moe_sh", size_t(n * Is) * es);
       void* sy = scratch("moe_sy", size_t(n * H) * es);
       void* sg = scratch("moe_sg", size_t(n) * es);
-      linear(x, n, H, *w.shared_gate_up, nullptr, sgu, 2 * Is);
+      linear_impl(x, n, H, *w.shared_gate_up, nullptr, sgu, 2 * Is, false);
       cuda::gated_act(act_, sgu, n, Is, a, sh, stream_);
-      linear(sh, n, Is, *w.shared_down, nullptr, sy, H);
-      linear(x, n, H, *w.shared_gate, nullptr, sg, 1);
+      linear_impl(sh, n, Is, *w.shared_down, nullptr, sy, H, false);
+      linear_impl(x, n, H, *w.shared_gate, nullptr, sg, 1, false);
       ys = sy, gate = sg;
     }
     cuda::moe_combine(act_, ye, weights, n, k, H, ys, gate, out, stream_);
   }
 
  private:
-  static constexpr size_t kPinnedBytes = size_t(4) << 20;
+  static constexpr size_t kPinnedBytes = size_t(4) << 20, kChunkBytes = size_t(128) << 10;
+  static constexpr size_t kChunks = kPinnedBytes / kChunkBytes;
+
+  // One launch held back for one call, to be fused with what the Decoder issues next:
+  //   head_norm(q heads), head_norm(k heads)       -> one norm launch (two weight vectors)
+  //   rope(q heads), rope(k heads), kv_write(k, v) -> one rope + cache-write launch
+  //   GEMV gate_up, gated_act                       -> one GEMV with the activation epilogue
+  // Every other entry point flushes it first, so the stream sees the same work in the same
+  // order; a fused launch writes everything the separate ones would.
+  struct Pending {
+    enum Kind { None, Rope, HeadNorm, Linear } kind = None;
+    // rope / head_norm over `heads` heads of rows x; a rope merged over q and k heads has
+    // k_from = the number of q heads (0: not merged)
+    void* x = nullptr;
+    int64_t n = 0, ld = 0, heads = 0, head_dim = 0, rot_dim = 0, k_from = 0;
+    const float* cos = nullptr;
+    const float* sin = nullptr;
+    const float* w = nullptr;
+    NormKind norm = NormKind::RMS;
+    float eps = 0;
+    size_t es = 0;
+    // GEMV y[n, out] = cx . W^T (+ bias)
+    const void* cx = nullptr;
+    const void* wm = nullptr;
+    int64_t ldx = 0, in = 0, out = 0, ldy = 0;
+    const float* bias = nullptr;
+    void* y = nullptr;
+    // Where the heads right after these start.
+    const void* next() const { return static_cast<const char*>(x) + size_t(heads * head_dim) * es; }
+  };
+  void flush() {
+    Pending& p = pending_;
+    const Pending::Kind k = p.kind;
+    p.kind = Pending::None;
+    if (k == Pending::Rope)
+      cuda::rope(act_, p.x, p.n, p.ld, p.heads, p.head_dim, p.rot_dim, p.cos, p.sin, stream_);
+    else if (k == Pending::HeadNorm)
+      cuda::norm(act_, p.x, p.n, p.heads, p.head_dim, p.ld, p.x, p.ld, p.w, nullptr, p.norm, p.eps,
+                 stream_);
+    else if (k == Pending::Linear)
+      cuda::gemv(act_, p.cx, p.n, p.ldx, p.wm, p.in, p.out, p.bias, p.y, p.ldy, stream_);
+  }
+
+  // may_defer: a decode GEMV whose output could feed a gated activation is held back (above).
+  void linear_impl(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
+                   int64_t ldy, bool may_defer) {
+    flush();
+    KILN_CHECK(w.dtype == act_, "CUDA linear: weight dtype ", dtype_name(w.dtype),
+               " differs from the activation dtype ", dtype_name(act_));
+    KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
+    const int64_t in = w.shape[1], out = w.shape[0];
+    if (n == 0 || out == 0) return;
+    if (gemv_ && cuda::gemv_supported(act_, x, n, ldx, w.data, in, out)) {
+      if (may_defer && out % 2 == 0 && ldy == out) {
+        Pending& p = pending_;
+        p = Pending();
+        p.kind = Pending::Linear, p.cx = x, p.n = n, p.ldx = ldx, p.wm = w.data, p.in = in;
+        p.out = out, p.bias = fptr(b), p.y = y, p.ldy = ldy;
+        return;
+      }
+      cuda::gemv(act_, x, n, ldx, w.data, in, out, fptr(b), y, ldy, stream_);
+      return;
+    }
+    lt_->run(act_, x, n, ldx, w.data, in, out, y, ldy);
+    if (b) cuda::bias_add(act_, y, n, out, ldy, b->ptr<float>(), stream_);
+  }
 
   static void check_f32(const Tensor& w, const Tensor* b) {
     KILN_CHECK(w.dtype == DType::F32 && (!b || b->dtype == DType::F32),
                "CUDA backend: norm weights and biases must be F32");
   }
 
-  // Grow-only device scratch by name. Growing frees the old buffer; cudaFree waits for the
-  // device, so kernels still reading it finish first.
-  void* scratch(const std::string& name, size_t bytes) {
+  // Grow-only device scratch by name (zero-filled on (re)allocation if asked). Growing frees the
+  // old buffer; cudaFree waits for the device, so kernels still reading it finish first.
+  void* scratch(const std::string& name, size_t bytes, bool zeroed = false) {
     auto& s = scratch_[name];
     if (s.second < bytes) {
       if (s.first) cudaFree(s.first);
@@ -372,6 +524,7 @@ class CudaBackend final : public Backend {
       s.second = 0;
       s.first = alloc(bytes);
       s.second = bytes;
+      if (zeroed) KILN_CUDA_CHECK(cudaMemsetAsync(s.first, 0, bytes, stream_));
     }
     return s.first;
   }
@@ -399,9 +552,11 @@ class CudaBackend final : public Backend {
   std::unique_ptr<cuda::LtGemm> lt_;
   bool gemv_ = true;
   void* pinned_ = nullptr;
+  cudaEvent_t chunk_done_[kChunks] = {};
   std::map<std::string, std::pair<void*, size_t>> scratch_;
   std::map<const void*, void*> expert_tables_;
   std::unique_ptr<OpProfile> prof_;
+  Pending pending_;
 };
 
 }  // namespace

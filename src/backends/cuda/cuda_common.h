@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "arch/model_config.h"
 #include "core/dtype.h"
 #include "core/error.h"
 
@@ -27,17 +28,17 @@ bool pdl_enabled();
 
 }  // namespace kiln::cuda
 
-#define KILN_CUDA_CHECK(expr)                                                          \
-  do {                                                                                 \
-    const cudaError_t kiln_e_ = (expr);                                                \
-    if (kiln_e_ != cudaSuccess)                                                        \
+#define KILN_CUDA_CHECK(expr)                                                            \
+  do {                                                                                   \
+    const cudaError_t kiln_e_ = (expr);                                                  \
+    if (kiln_e_ != cudaSuccess)                                                          \
       ::kiln::cuda::throw_error(__FILE__, __LINE__, #expr, cudaGetErrorString(kiln_e_)); \
   } while (0)
 
-#define KILN_CUBLAS_CHECK(expr)                                                             \
-  do {                                                                                      \
-    const cublasStatus_t kiln_s_ = (expr);                                                  \
-    if (kiln_s_ != CUBLAS_STATUS_SUCCESS)                                                   \
+#define KILN_CUBLAS_CHECK(expr)                                                               \
+  do {                                                                                        \
+    const cublasStatus_t kiln_s_ = (expr);                                                    \
+    if (kiln_s_ != CUBLAS_STATUS_SUCCESS)                                                     \
       ::kiln::cuda::throw_error(__FILE__, __LINE__, #expr, cublasLtGetStatusString(kiln_s_)); \
   } while (0)
 
@@ -45,33 +46,39 @@ bool pdl_enabled();
 #define KILN_CUDA_LAUNCH_CHECK() KILN_CUDA_CHECK(cudaGetLastError())
 
 // Runs the statement with `T` bound to the device element type of activation dtype `dt`.
-#define KILN_DISPATCH_ACT(dt, ...)                                         \
-  switch (dt) {                                                            \
-    case ::kiln::DType::F32: {                                             \
-      using T = float;                                                     \
-      __VA_ARGS__;                                                         \
-      break;                                                               \
-    }                                                                      \
-    case ::kiln::DType::F16: {                                             \
-      using T = __half;                                                    \
-      __VA_ARGS__;                                                         \
-      break;                                                               \
-    }                                                                      \
-    case ::kiln::DType::BF16: {                                            \
-      using T = __nv_bfloat16;                                             \
-      __VA_ARGS__;                                                         \
-      break;                                                               \
-    }                                                                      \
-    default:                                                               \
+#define KILN_DISPATCH_ACT(dt, ...)                                               \
+  switch (dt) {                                                                  \
+    case ::kiln::DType::F32: {                                                   \
+      using T = float;                                                           \
+      __VA_ARGS__;                                                               \
+      break;                                                                     \
+    }                                                                            \
+    case ::kiln::DType::F16: {                                                   \
+      using T = __half;                                                          \
+      __VA_ARGS__;                                                               \
+      break;                                                                     \
+    }                                                                            \
+    case ::kiln::DType::BF16: {                                                  \
+      using T = __nv_bfloat16;                                                   \
+      __VA_ARGS__;                                                               \
+      break;                                                                     \
+    }                                                                            \
+    default:                                                                     \
       throw ::kiln::Error("CUDA backend: activations must be F32, F16 or BF16"); \
   }
 
 #ifdef __CUDACC__
 namespace kiln::cuda {
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(float v) {
+  return v;
+}
+__device__ __forceinline__ float to_f(__half v) {
+  return __half2float(v);
+}
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
 
 template <typename T>
 __device__ __forceinline__ T from_f(float v);
@@ -136,13 +143,22 @@ __device__ __forceinline__ uint4 pack_vec(const float* f) {
   return u;
 }
 
-// First statement of every kernel: wait until the previous kernel on the stream has finished
-// and its writes are visible (a no-op without programmatic dependent launch), then let the next
-// kernel start launching. Dependents launch only once every block of this grid has started,
-// so they never take SM slots this grid still needs.
-__device__ __forceinline__ void pdl_begin() {
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+// Programmatic dependent launch, device side. pdl_trigger lets the next kernel on the stream
+// start launching; it does so only once every block of this grid has triggered (or exited), so
+// it never takes SM slots this grid still needs. pdl_wait blocks until the previous kernel has
+// finished and its writes are visible; nothing produced or consumed by earlier kernels may be
+// touched before it (both are no-ops without programmatic dependent launch). Because every
+// kernel waits for its predecessor before finishing, the chain stays ordered transitively.
+__device__ __forceinline__ void pdl_trigger() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+__device__ __forceinline__ void pdl_wait() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+// First statement of every kernel that has nothing to do before its inputs are ready.
+__device__ __forceinline__ void pdl_begin() {
+  pdl_trigger();
+  pdl_wait();
 }
 
 // Launches `kernel` on `s`, with programmatic dependent launch when enabled; checks the launch.
@@ -160,6 +176,21 @@ void launch_kernel(void (*kernel)(K...), dim3 grid, dim3 block, size_t smem, cud
   cfg.attrs = attr;
   cfg.numAttrs = pdl_enabled() ? 1 : 0;
   KILN_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
+}
+
+// Activation functions in FP32 (the CPU reference's formulas).
+__device__ __forceinline__ float apply_act(float x, int a) {
+  switch (Activation(a)) {
+    case Activation::SiLU:
+      return x / (1.0f + expf(-x));
+    case Activation::GeluTanh:
+      return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    case Activation::GeluErf:
+      return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+    case Activation::ReLU:
+      return x > 0.0f ? x : 0.0f;
+  }
+  return x;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

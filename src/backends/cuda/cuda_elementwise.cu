@@ -30,23 +30,9 @@ __device__ __forceinline__ float load_any(const void* p, int dt, int64_t i) {
   return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
 }
 
-__device__ __forceinline__ float apply_act(float x, int a) {
-  switch (Activation(a)) {
-    case Activation::SiLU:
-      return x / (1.0f + expf(-x));
-    case Activation::GeluTanh:
-      return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
-    case Activation::GeluErf:
-      return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
-    case Activation::ReLU:
-      return x > 0.0f ? x : 0.0f;
-  }
-  return x;
-}
-
 template <typename T>
-__global__ void embed_kernel(const void* table, int tdt, int64_t dim, const int32_t* ids,
-                             int64_t n, float scale, T* out) {
+__global__ void embed_kernel(const void* table, int tdt, int64_t dim, const int32_t* ids, int64_t n,
+                             float scale, T* out) {
   pdl_begin();
   GRID_STRIDE(e, n * dim) {
     const int64_t i = e / dim, d = e % dim;
@@ -83,16 +69,24 @@ __device__ __forceinline__ float vec_sum(float v, float* red) {
   }
 }
 
+// Scale/bias of a norm; vectors of head index >= w2_from use w2 (q and k heads in one launch).
+struct NormWeights {
+  const float* w;
+  const float* w2;
+  int64_t w2_from;
+  const float* b;
+};
+
 // RMS / RMS(1+w) / LayerNorm over vectors of `dim` <= TPR * EPT; ADD first folds `delta` into
-// the residual x (rounded to T: the stored residual is what later layers read). The vector is
-// loaded once into registers (EPT independent loads per thread in flight, then reductions, then
-// stores), which matters for decode, where one block per row is all the work there is.
+// the residual x (rounded to T: the stored residual is what later layers read). The vector, its
+// weights and bias are loaded once into registers (independent loads in flight, then the
+// reductions, then the stores): for decode one block per row is all the work there is, so
+// latency, not bandwidth, sets the time.
 // y may alias x: all reads happen before the first reduction's barrier, all writes after.
 template <typename T, int TPR, int EPT, bool ADD>
 __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
     norm_kernel(T* x, const T* __restrict__ delta, int64_t nvec, int64_t heads, int dim,
-                int64_t ldx, T* y, int64_t ldy, const float* __restrict__ w,
-                const float* __restrict__ b, int kind, float eps) {
+                int64_t ldx, T* y, int64_t ldy, NormWeights nw, int kind, float eps) {
   pdl_begin();
   constexpr int kVecs = (TPR < 256 ? 256 : TPR) / TPR;
   __shared__ float red[TPR / 32];
@@ -103,14 +97,22 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
   const int64_t r = live ? vi / heads : 0, h = live ? vi % heads : 0;
   T* xr = x + r * ldx + h * dim;
   T* yr = y + r * ldy + h * dim;
+  const float* __restrict__ w = h < nw.w2_from ? nw.w : nw.w2;
   const bool layer = kind == int(NormKind::Layer);
-  float v[EPT];
+  const float off = kind == int(NormKind::RMSPlusOne) ? 1.0f : 0.0f;
+  float v[EPT], wv[EPT], bv[EPT];
 #pragma unroll
-  for (int k = 0; k < EPT; ++k) v[k] = t + k * TPR < len ? to_f(xr[t + k * TPR]) : 0.0f;
+  for (int k = 0; k < EPT; ++k) {
+    const int i = t + k * TPR;
+    v[k] = i < len ? to_f(xr[i]) : 0.0f;
+    wv[k] = i < len ? w[i] + off : 0.0f;
+    bv[k] = i < len && nw.b ? nw.b[i] : 0.0f;
+  }
   if constexpr (ADD) {
     float d[EPT];
 #pragma unroll
-    for (int k = 0; k < EPT; ++k) d[k] = t + k * TPR < len ? to_f(delta[r * ldx + t + k * TPR]) : 0.0f;
+    for (int k = 0; k < EPT; ++k)
+      d[k] = t + k * TPR < len ? to_f(delta[r * ldx + t + k * TPR]) : 0.0f;
 #pragma unroll
     for (int k = 0; k < EPT; ++k) {
       const T s = from_f<T>(v[k] + d[k]);
@@ -134,39 +136,37 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
   } else {
     inv = 1.0f / sqrtf(acc / float(dim) + eps);
   }
-  const float off = kind == int(NormKind::RMSPlusOne) ? 1.0f : 0.0f;
 #pragma unroll
   for (int k = 0; k < EPT; ++k) {
     const int i = t + k * TPR;
-    if (i < len) yr[i] = from_f<T>((v[k] - mean) * inv * (w[i] + off) + (b ? b[i] : 0.0f));
+    if (i < len) yr[i] = from_f<T>((v[k] - mean) * inv * wv[k] + bv[k]);
   }
 }
 
 template <typename T, bool ADD, int TPR, int EPT>
 void launch_norm_cfg(T* x, const T* delta, int64_t nvec, int64_t heads, int64_t dim, int64_t ldx,
-                     T* y, int64_t ldy, const float* w, const float* b, NormKind kind, float eps,
+                     T* y, int64_t ldy, const NormWeights& nw, NormKind kind, float eps,
                      cudaStream_t s) {
   constexpr int kBlock = TPR < 256 ? 256 : TPR, kVecs = kBlock / TPR;
   const unsigned blocks = unsigned((nvec + kVecs - 1) / kVecs);
   launch_kernel(norm_kernel<T, TPR, EPT, ADD>, blocks, kBlock, 0, s, x, delta, nvec, heads,
-                int(dim), ldx, y, ldy, w, b, int(kind), eps);
+                int(dim), ldx, y, ldy, nw, int(kind), eps);
 }
 
 template <typename T, bool ADD>
 void launch_norm(T* x, const T* delta, int64_t nvec, int64_t heads, int64_t dim, int64_t ldx, T* y,
-                 int64_t ldy, const float* w, const float* b, NormKind kind, float eps,
-                 cudaStream_t s) {
+                 int64_t ldy, const NormWeights& nw, NormKind kind, float eps, cudaStream_t s) {
   // A warp per head-sized vector, a block per hidden-sized one.
   if (dim <= 128)
-    launch_norm_cfg<T, ADD, 32, 4>(x, delta, nvec, heads, dim, ldx, y, ldy, w, b, kind, eps, s);
+    launch_norm_cfg<T, ADD, 32, 4>(x, delta, nvec, heads, dim, ldx, y, ldy, nw, kind, eps, s);
   else if (dim <= 512)
-    launch_norm_cfg<T, ADD, 32, 16>(x, delta, nvec, heads, dim, ldx, y, ldy, w, b, kind, eps, s);
+    launch_norm_cfg<T, ADD, 32, 16>(x, delta, nvec, heads, dim, ldx, y, ldy, nw, kind, eps, s);
   else if (dim <= 2048)
-    launch_norm_cfg<T, ADD, 256, 8>(x, delta, nvec, heads, dim, ldx, y, ldy, w, b, kind, eps, s);
+    launch_norm_cfg<T, ADD, 256, 8>(x, delta, nvec, heads, dim, ldx, y, ldy, nw, kind, eps, s);
   else if (dim <= 8192)
-    launch_norm_cfg<T, ADD, 1024, 8>(x, delta, nvec, heads, dim, ldx, y, ldy, w, b, kind, eps, s);
+    launch_norm_cfg<T, ADD, 1024, 8>(x, delta, nvec, heads, dim, ldx, y, ldy, nw, kind, eps, s);
   else if (dim <= 32768)
-    launch_norm_cfg<T, ADD, 1024, 32>(x, delta, nvec, heads, dim, ldx, y, ldy, w, b, kind, eps, s);
+    launch_norm_cfg<T, ADD, 1024, 32>(x, delta, nvec, heads, dim, ldx, y, ldy, nw, kind, eps, s);
   else
     throw Error(cat("CUDA norm: dimension ", dim, " exceeds the kernel's limit of 32768"));
 }
@@ -189,6 +189,47 @@ __global__ void rope_kernel(T* x, int64_t n, int64_t ld, int64_t heads, int64_t 
     const float a = to_f(v[k]), b = to_f(v[k + half]);
     v[k] = from_f<T>(a * c - b * sn);
     v[k + half] = from_f<T>(b * c + a * sn);
+  }
+}
+
+// rope + kv_write in one launch. Threads [0, pairs) rotate one (a, b) pair each and, for k
+// heads, also store it in the cache; then threads copy the unrotated dims of the k heads
+// (partial rotary) and the v row. Each element is written by the thread that computed it.
+template <typename T>
+__global__ void rope_kv_kernel(T* x, int64_t n, int64_t ld, int64_t heads, int64_t k_from,
+                               int64_t head_dim, int64_t half, const float* cos, const float* sin,
+                               T* kpool, T* vpool, const int32_t* bt, int64_t bs, int64_t kv_dim,
+                               const T* v, const int32_t* pos) {
+  pdl_begin();
+  const int64_t pairs = n * heads * half, rest = head_dim - 2 * half;
+  const int64_t kheads = kv_dim / head_dim, kcopy = n * kheads * rest;
+  GRID_STRIDE(e, pairs + kcopy + n * kv_dim) {
+    if (e < pairs) {
+      const int64_t i = e / (heads * half), rem = e % (heads * half);
+      const int64_t h = rem / half, k = rem % half;
+      T* hv = x + i * ld + h * head_dim;
+      const float c = cos[i * half + k], sn = sin[i * half + k];
+      const float a = to_f(hv[k]), b = to_f(hv[k + half]);
+      const T ra = from_f<T>(a * c - b * sn), rb = from_f<T>(b * c + a * sn);
+      hv[k] = ra;
+      hv[k + half] = rb;
+      if (h >= k_from) {
+        const int64_t p = pos[i];
+        T* kc = kpool + (int64_t(bt[p / bs]) * bs + p % bs) * kv_dim + (h - k_from) * head_dim;
+        kc[k] = ra;
+        kc[k + half] = rb;
+      }
+    } else if (e < pairs + kcopy) {
+      const int64_t e2 = e - pairs, i = e2 / (kheads * rest), rem = e2 % (kheads * rest);
+      const int64_t hk = rem / rest, d = 2 * half + rem % rest;
+      const int64_t p = pos[i];
+      kpool[(int64_t(bt[p / bs]) * bs + p % bs) * kv_dim + hk * head_dim + d] =
+          x[i * ld + (k_from + hk) * head_dim + d];
+    } else {
+      const int64_t e3 = e - pairs - kcopy, i = e3 / kv_dim, d = e3 % kv_dim;
+      const int64_t p = pos[i];
+      vpool[(int64_t(bt[p / bs]) * bs + p % bs) * kv_dim + d] = v[i * ld + d];
+    }
   }
 }
 
@@ -232,8 +273,7 @@ __global__ void bias_add_kernel(T* y, int64_t n, int64_t out, int64_t ldy, const
 
 template <typename T>
 __global__ void kv_write_kernel(T* kpool, T* vpool, const int32_t* bt, int64_t bs, int64_t kv_dim,
-                                const T* k, const T* v, int64_t ld, const int32_t* pos,
-                                int64_t n) {
+                                const T* k, const T* v, int64_t ld, const int32_t* pos, int64_t n) {
   pdl_begin();
   GRID_STRIDE(e, n * kv_dim) {
     const int64_t i = e / kv_dim, d = e % kv_dim;
@@ -306,86 +346,104 @@ __global__ void moe_combine_kernel(const T* ye, const float* weights, int64_t n,
 
 void embed(DType act, const void* table, DType tdt, int64_t dim, const int32_t* ids, int64_t n,
            float scale, void* out, cudaStream_t s) {
-  KILN_DISPATCH_ACT(act, launch_kernel(embed_kernel<T>, grid_for(n * dim), kThreads, 0, s, 
-                             table, int(tdt), dim, ids, n, scale, static_cast<T*>(out)));
+  KILN_DISPATCH_ACT(act, launch_kernel(embed_kernel<T>, grid_for(n * dim), kThreads, 0, s, table,
+                                       int(tdt), dim, ids, n, scale, static_cast<T*>(out)));
 }
 
 void add_rows(DType act, const void* table, DType tdt, int64_t dim, const int32_t* rows, int64_t n,
               void* x, cudaStream_t s) {
-  KILN_DISPATCH_ACT(act, launch_kernel(add_rows_kernel<T>, grid_for(n * dim), kThreads, 0, s, 
-                             table, int(tdt), dim, rows, n, static_cast<T*>(x)));
+  KILN_DISPATCH_ACT(act, launch_kernel(add_rows_kernel<T>, grid_for(n * dim), kThreads, 0, s, table,
+                                       int(tdt), dim, rows, n, static_cast<T*>(x)));
 }
 
 void norm(DType act, const void* x, int64_t rows, int64_t heads, int64_t dim, int64_t ldx, void* y,
-          int64_t ldy, const float* w, const float* b, NormKind kind, float eps, cudaStream_t s) {
+          int64_t ldy, const float* w, const float* b, NormKind kind, float eps, cudaStream_t s,
+          const float* w2, int64_t w2_from) {
   if (rows * heads == 0) return;
-  KILN_DISPATCH_ACT(act, launch_norm<T, false>(const_cast<T*>(static_cast<const T*>(x)), nullptr,
-                                               rows * heads, heads, dim, ldx, static_cast<T*>(y),
-                                               ldy, w, b, kind, eps, s));
+  const NormWeights nw{w, w2 ? w2 : w, w2 ? w2_from : heads, b};
+  KILN_DISPATCH_ACT(
+      act, launch_norm<T, false>(const_cast<T*>(static_cast<const T*>(x)), nullptr, rows * heads,
+                                 heads, dim, ldx, static_cast<T*>(y), ldy, nw, kind, eps, s));
 }
 
 void add_norm(DType act, void* residual, const void* delta, int64_t rows, int64_t dim,
               const float* w, const float* b, NormKind kind, float eps, void* y, cudaStream_t s) {
   if (rows == 0) return;
-  KILN_DISPATCH_ACT(act, launch_norm<T, true>(static_cast<T*>(residual),
-                                              static_cast<const T*>(delta), rows, 1, dim, dim,
-                                              static_cast<T*>(y), dim, w, b, kind, eps, s));
+  KILN_DISPATCH_ACT(act, launch_norm<T, true>(
+                             static_cast<T*>(residual), static_cast<const T*>(delta), rows, 1, dim,
+                             dim, static_cast<T*>(y), dim, NormWeights{w, w, 1, b}, kind, eps, s));
 }
 
 void add(DType act, void* x, const void* y, int64_t count, cudaStream_t s) {
   if (count == 0) return;
-  KILN_DISPATCH_ACT(act, launch_kernel(add_kernel<T>, grid_for(count), kThreads, 0, s, 
-                             static_cast<T*>(x), static_cast<const T*>(y), count));
+  KILN_DISPATCH_ACT(act, launch_kernel(add_kernel<T>, grid_for(count), kThreads, 0, s,
+                                       static_cast<T*>(x), static_cast<const T*>(y), count));
 }
 
 void rope(DType act, void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim,
           int64_t rot_dim, const float* cos, const float* sin, cudaStream_t s) {
   const int64_t half = rot_dim / 2;
   if (n * heads * half == 0) return;
-  KILN_DISPATCH_ACT(act, launch_kernel(rope_kernel<T>, grid_for(n * heads * half), kThreads, 0, s, 
-                             static_cast<T*>(x), n, ld, heads, head_dim, half, cos, sin));
+  KILN_DISPATCH_ACT(act, launch_kernel(rope_kernel<T>, grid_for(n * heads * half), kThreads, 0, s,
+                                       static_cast<T*>(x), n, ld, heads, head_dim, half, cos, sin));
 }
 
 void gated_act(DType act, const void* gu, int64_t n, int64_t inter, Activation a, void* out,
                cudaStream_t s) {
   if (n * inter == 0) return;
-  KILN_DISPATCH_ACT(act, launch_kernel(gated_act_kernel<T>, grid_for(n * inter), kThreads, 0, s, 
-                             static_cast<const T*>(gu), n, inter, int(a), static_cast<T*>(out)));
+  KILN_DISPATCH_ACT(
+      act, launch_kernel(gated_act_kernel<T>, grid_for(n * inter), kThreads, 0, s,
+                         static_cast<const T*>(gu), n, inter, int(a), static_cast<T*>(out)));
 }
 
 void act_inplace(DType act, void* x, int64_t count, Activation a, cudaStream_t s) {
   if (count == 0) return;
-  KILN_DISPATCH_ACT(act, launch_kernel(act_kernel<T>, grid_for(count), kThreads, 0, s, static_cast<T*>(x),
-                                                                            count, int(a)));
+  KILN_DISPATCH_ACT(act, launch_kernel(act_kernel<T>, grid_for(count), kThreads, 0, s,
+                                       static_cast<T*>(x), count, int(a)));
 }
 
 void softcap(DType act, void* x, int64_t count, float cap, cudaStream_t s) {
   if (count == 0) return;
-  KILN_DISPATCH_ACT(act, launch_kernel(softcap_kernel<T>, grid_for(count), kThreads, 0, s, 
-                             static_cast<T*>(x), count, cap));
+  KILN_DISPATCH_ACT(act, launch_kernel(softcap_kernel<T>, grid_for(count), kThreads, 0, s,
+                                       static_cast<T*>(x), count, cap));
 }
 
 void to_f32(DType act, const void* x, int64_t count, float* out, cudaStream_t s) {
   if (count == 0) return;
-  KILN_DISPATCH_ACT(act, launch_kernel(to_f32_kernel<T>, grid_for(count), kThreads, 0, s, 
-                             static_cast<const T*>(x), count, out));
+  KILN_DISPATCH_ACT(act, launch_kernel(to_f32_kernel<T>, grid_for(count), kThreads, 0, s,
+                                       static_cast<const T*>(x), count, out));
 }
 
 void bias_add(DType act, void* y, int64_t n, int64_t out, int64_t ldy, const float* bias,
               cudaStream_t s) {
   if (n * out == 0) return;
-  KILN_DISPATCH_ACT(act, launch_kernel(bias_add_kernel<T>, grid_for(n * out), kThreads, 0, s, 
-                             static_cast<T*>(y), n, out, ldy, bias));
+  KILN_DISPATCH_ACT(act, launch_kernel(bias_add_kernel<T>, grid_for(n * out), kThreads, 0, s,
+                                       static_cast<T*>(y), n, out, ldy, bias));
 }
 
 void kv_write(DType act, void* kpool, void* vpool, const int32_t* block_table, int64_t block_size,
               int64_t kv_dim, const void* k, const void* v, int64_t ld, const int32_t* pos,
               int64_t n, cudaStream_t s) {
   if (n * kv_dim == 0) return;
-  KILN_DISPATCH_ACT(act, launch_kernel(kv_write_kernel<T>, grid_for(n * kv_dim), kThreads, 0, s, 
-                             static_cast<T*>(kpool), static_cast<T*>(vpool), block_table,
-                             block_size, kv_dim, static_cast<const T*>(k),
-                             static_cast<const T*>(v), ld, pos, n));
+  KILN_DISPATCH_ACT(
+      act, launch_kernel(kv_write_kernel<T>, grid_for(n * kv_dim), kThreads, 0, s,
+                         static_cast<T*>(kpool), static_cast<T*>(vpool), block_table, block_size,
+                         kv_dim, static_cast<const T*>(k), static_cast<const T*>(v), ld, pos, n));
+}
+
+void rope_kv_write(DType act, void* x, int64_t n, int64_t ld, int64_t heads, int64_t k_from,
+                   int64_t head_dim, int64_t rot_dim, const float* cos, const float* sin,
+                   void* kpool, void* vpool, const int32_t* block_table, int64_t block_size,
+                   int64_t kv_dim, const void* v, const int32_t* pos, cudaStream_t s) {
+  const int64_t half = rot_dim / 2;
+  const int64_t count =
+      n * heads * half + n * (kv_dim / head_dim) * (head_dim - 2 * half) + n * kv_dim;
+  if (count == 0) return;
+  KILN_DISPATCH_ACT(
+      act, launch_kernel(rope_kv_kernel<T>, grid_for(count), kThreads, 0, s, static_cast<T*>(x), n,
+                         ld, heads, k_from, head_dim, half, cos, sin, static_cast<T*>(kpool),
+                         static_cast<T*>(vpool), block_table, block_size, kv_dim,
+                         static_cast<const T*>(v), pos));
 }
 
 void moe_route(DType act, const void* logits, int64_t n, int64_t E, int64_t k, bool renorm,
@@ -393,18 +451,18 @@ void moe_route(DType act, const void* logits, int64_t n, int64_t E, int64_t k, b
   if (n == 0) return;
   KILN_CHECK(k >= 1 && k <= E, "MoE: top-k ", k, " outside [1, ", E, "]");
   KILN_CHECK(E <= 8192, "MoE: ", E, " experts exceed the router kernel's limit of 8192");
-  KILN_DISPATCH_ACT(act, launch_kernel(moe_route_kernel<T>, unsigned(n), 32, size_t(E) * 4, s, 
-                             static_cast<const T*>(logits), E, k, renorm, sel_row, sel_expert,
-                             weights));
+  KILN_DISPATCH_ACT(act, launch_kernel(moe_route_kernel<T>, unsigned(n), 32, size_t(E) * 4, s,
+                                       static_cast<const T*>(logits), E, k, renorm, sel_row,
+                                       sel_expert, weights));
 }
 
 void moe_combine(DType act, const void* ye, const float* weights, int64_t n, int64_t k,
                  int64_t hidden, const void* ys, const void* gate, void* out, cudaStream_t s) {
   if (n * hidden == 0) return;
-  KILN_DISPATCH_ACT(act, launch_kernel(moe_combine_kernel<T>, grid_for(n * hidden), kThreads, 0, s, 
-                             static_cast<const T*>(ye), weights, n, k, hidden,
-                             static_cast<const T*>(ys), static_cast<const T*>(gate),
-                             static_cast<T*>(out)));
+  KILN_DISPATCH_ACT(act, launch_kernel(moe_combine_kernel<T>, grid_for(n * hidden), kThreads, 0, s,
+                                       static_cast<const T*>(ye), weights, n, k, hidden,
+                                       static_cast<const T*>(ys), static_cast<const T*>(gate),
+                                       static_cast<T*>(out)));
 }
 
 }  // namespace kiln::cuda

@@ -21,8 +21,8 @@ class LtGemm {
   LtGemm& operator=(const LtGemm&) = delete;
 
   // Row-major x (rows ldx apart), W and y (rows ldy apart), all of dtype `dt`.
-  void run(DType dt, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in,
-           int64_t out, void* y, int64_t ldy);
+  void run(DType dt, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in, int64_t out,
+           void* y, int64_t ldy);
 
  private:
   // The heuristic's choice depends on shapes, strides and how aligned the pointers are, so all

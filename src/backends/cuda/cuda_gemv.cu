@@ -13,6 +13,9 @@
 //    re-reads from L1/L2.
 //  - Partial sums are reduced with warp shuffles, then across the 8 warps in shared memory; the
 //    bias is added in the same store.
+//  - Weights do not depend on the previous kernel, so under programmatic dependent launch each
+//    block issues its first weight loads before waiting for x: the weight stream starts while
+//    the small kernel before it (a norm, attention) is still running.
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -26,11 +29,12 @@ namespace {
 
 constexpr int kGemvThreads = 256;  // most threads per block
 
+// Volatile: stays in program order with pdl_wait, so the first loads really go out before it.
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   uint4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p));
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
   return r;
 }
 
@@ -76,49 +80,64 @@ __device__ __forceinline__ void gemv_chunk(float (&acc)[N][ROWS], const uint4 (&
   }
 }
 
-// Needs in % kVec<T> == 0 and 16-byte aligned rows of x and W.
-template <typename T, int N, int ROWS>
-__device__ __forceinline__ void gemv_tile(const T* __restrict__ x, int64_t ldx,
-                                          const T* __restrict__ w, int in, int out, int row0,
-                                          const float* __restrict__ bias, T* __restrict__ y,
-                                          int64_t ldy) {
+// Needs in % kVec<T> == 0 and 16-byte aligned rows of x and W. WAIT_X: the caller has not
+// waited for the previous kernel yet; this function does, after issuing its first W loads.
+// Leaves the per-thread partial sums of W rows rows[0..ROWS) in acc.
+template <typename T, int N, int ROWS, bool WAIT_X>
+__device__ __forceinline__ void gemv_partial(float (&acc)[N][ROWS], const T* __restrict__ x,
+                                             int64_t ldx, const T* __restrict__ w, int in,
+                                             const int (&rows)[ROWS]) {
   constexpr int E = kVec<T>;
   const int chunks = in / E;
-  float acc[N][ROWS];
 #pragma unroll
   for (int t = 0; t < N; ++t)
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) acc[t][r] = 0.0f;
   const uint4* wr[ROWS];
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r)  // rows past the end re-read the last row; never stored
-    wr[r] = reinterpret_cast<const uint4*>(w + int64_t(min(row0 + r, out - 1)) * in);
+  for (int r = 0; r < ROWS; ++r) wr[r] = reinterpret_cast<const uint4*>(w + int64_t(rows[r]) * in);
+  // Two chunks per row per pass; the first pass's loads go out before waiting on the previous
+  // kernel (WAIT_X), since only x depends on it.
   const int nt = blockDim.x;
   int c = threadIdx.x;
-  for (; c + nt < chunks; c += 2 * nt) {
-    uint4 wa[ROWS], wb[ROWS];
+  bool ha = c < chunks, hb = c + nt < chunks;
+  uint4 wa[ROWS], wb[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    if (ha) wa[r] = ld_stream(wr[r] + c);
+    if (hb) wb[r] = ld_stream(wr[r] + c + nt);
+  }
+  if constexpr (WAIT_X) pdl_wait();
+  while (ha) {
+    gemv_chunk<T, N, ROWS>(acc, wa, x, ldx, c);
+    if (hb) gemv_chunk<T, N, ROWS>(acc, wb, x, ldx, c + nt);
+    c += 2 * nt;
+    ha = c < chunks, hb = c + nt < chunks;
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-      wa[r] = ld_stream(wr[r] + c);
-      wb[r] = ld_stream(wr[r] + c + nt);
+      if (ha) wa[r] = ld_stream(wr[r] + c);
+      if (hb) wb[r] = ld_stream(wr[r] + c + nt);
     }
-    gemv_chunk<T, N, ROWS>(acc, wa, x, ldx, c);
-    gemv_chunk<T, N, ROWS>(acc, wb, x, ldx, c + nt);
   }
-  if (c < chunks) {
-    uint4 wa[ROWS];
+}
+
+template <typename T, int N, int ROWS, bool WAIT_X>
+__device__ __forceinline__ void gemv_tile(const T* __restrict__ x, int64_t ldx,
+                                          const T* __restrict__ w, int in, int out, int row0,
+                                          const float* __restrict__ bias, T* __restrict__ y,
+                                          int64_t ldy) {
+  int rows[ROWS];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) wa[r] = ld_stream(wr[r] + c);
-    gemv_chunk<T, N, ROWS>(acc, wa, x, ldx, c);
-  }
+  for (int r = 0; r < ROWS; ++r) rows[r] = min(row0 + r, out - 1);  // past the end: never stored
+  float acc[N][ROWS];
+  gemv_partial<T, N, ROWS, WAIT_X>(acc, x, ldx, w, in, rows);
   gemv_reduce<T, N, ROWS>(acc, out, row0, bias, y, ldy);
 }
 
 // Any shape or alignment, one element at a time (MoE fallback for odd sizes).
 template <typename T, int ROWS>
-__device__ __forceinline__ void gemv_tile_scalar(const T* __restrict__ x,
-                                                 const T* __restrict__ w, int in, int out,
-                                                 int row0, T* __restrict__ y) {
+__device__ __forceinline__ void gemv_tile_scalar(const T* __restrict__ x, const T* __restrict__ w,
+                                                 int in, int out, int row0, T* __restrict__ y) {
   float acc[1][ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) acc[0][r] = 0.0f;
@@ -135,8 +154,51 @@ template <typename T, int N, int ROWS>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ w, int in, int out,
                 const float* __restrict__ bias, T* __restrict__ y, int64_t ldy) {
-  pdl_begin();
-  gemv_tile<T, N, ROWS>(x, ldx, w, in, out, int(blockIdx.x) * ROWS, bias, y, ldy);
+  pdl_trigger();
+  gemv_tile<T, N, ROWS, true>(x, ldx, w, in, out, int(blockIdx.x) * ROWS, bias, y, ldy);
+}
+
+// gate_up GEMV fused with the gated activation: a block owns gate rows [j, j + H) and the up
+// rows [inter + j, inter + j + H) (H = ROWS / 2); it stores both halves of gu (rounded to T, as
+// the unfused product would) and out[t, j..] = act(gate) * up, as gated_act would from gu.
+template <typename T, int N, int ROWS>
+__global__ void __launch_bounds__(kGemvThreads)
+    gemv_gated_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ w, int in,
+                      int inter, const float* __restrict__ bias, T* __restrict__ gu,
+                      T* __restrict__ out, int act) {
+  constexpr int H = ROWS / 2;
+  pdl_trigger();
+  const int j0 = int(blockIdx.x) * H;
+  int rows[ROWS];
+#pragma unroll
+  for (int r = 0; r < H; ++r) {
+    rows[r] = min(j0 + r, inter - 1);
+    rows[H + r] = inter + rows[r];
+  }
+  float acc[N][ROWS];
+  gemv_partial<T, N, ROWS, true>(acc, x, ldx, w, in, rows);
+  __shared__ float red[kGemvThreads / 32][N * ROWS];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+#pragma unroll
+  for (int t = 0; t < N; ++t)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const float v = warp_sum(acc[t][r]);
+      if (lane == 0) red[warp][t * ROWS + r] = v;
+    }
+  __syncthreads();
+  if (threadIdx.x < N * H) {
+    const int t = threadIdx.x / H, r = threadIdx.x % H, j = j0 + r;
+    float g = 0, u = 0;
+    for (int k = 0; k < warps; ++k) g += red[k][t * ROWS + r], u += red[k][t * ROWS + H + r];
+    if (j < inter) {
+      const T gt = from_f<T>(g + (bias ? bias[j] : 0.0f));
+      const T ut = from_f<T>(u + (bias ? bias[inter + j] : 0.0f));
+      gu[int64_t(t) * 2 * inter + j] = gt;
+      gu[int64_t(t) * 2 * inter + inter + j] = ut;
+      out[int64_t(t) * inter + j] = from_f<T>(apply_act(to_f(gt), act) * to_f(ut));
+    }
+  }
 }
 
 template <typename T, int ROWS, bool VEC>
@@ -150,7 +212,7 @@ __global__ void __launch_bounds__(kGemvThreads)
   const T* w = ws[experts[a]];
   const int row0 = int(blockIdx.x) * ROWS;
   if constexpr (VEC)
-    gemv_tile<T, 1, ROWS>(xr, ldx, w, in, out, row0, nullptr, y + a * out, out);
+    gemv_tile<T, 1, ROWS, false>(xr, ldx, w, in, out, row0, nullptr, y + a * out, out);
   else
     gemv_tile_scalar<T, ROWS>(xr, w, in, out, row0, y + a * out);
 }
@@ -171,15 +233,44 @@ void launch(const void* x, int64_t ldx, const void* w, int64_t in, int64_t out, 
                 static_cast<T*>(y), ldy);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// Weight rows per block of the fused kernel: 2 gate + 2 up rows (the registers of 4 plain rows).
+template <typename T, int N>
+void launch_gated(const void* x, int64_t ldx, const void* w, int64_t in, int64_t inter,
+                  const float* bias, void* gu, void* out, Activation a, cudaStream_t s) {
+  constexpr int kRows = 4;
+  const unsigned blocks = unsigned((inter + kRows / 2 - 1) / (kRows / 2));
+  launch_kernel(gemv_gated_kernel<T, N, kRows>, blocks, threads_for(in / kVec<T>), 0, s,
+                static_cast<const T*>(x), ldx, static_cast<const T*>(w), int(in), int(inter), bias,
+                static_cast<T*>(gu), static_cast<T*>(out), int(a));
+}
+
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
 
 }  // namespace
 
-bool gemv(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in,
-          int64_t out, const float* bias, void* y, int64_t ldy, cudaStream_t s) {
+bool gemv_supported(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in,
+                    int64_t out) {
   if (n < 1 || n > kGemvMaxRows || out < 1 || in < 1 || in > INT_MAX || out > INT_MAX) return false;
   const int64_t es = int64_t(dtype_size(act)), e = 16 / es;
-  if (in % e || (ldx * es) % 16 || !aligned16(x) || !aligned16(w)) return false;
+  return in % e == 0 && (ldx * es) % 16 == 0 && aligned16(x) && aligned16(w);
+}
+
+void gemv_gated(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in,
+                int64_t inter, const float* bias, void* gu, void* out, Activation a,
+                cudaStream_t s) {
+  KILN_CHECK(gemv_supported(act, x, n, ldx, w, in, 2 * inter), "gemv_gated: unsupported shape");
+  if (n == 1) {
+    KILN_DISPATCH_ACT(act, launch_gated<T, 1>(x, ldx, w, in, inter, bias, gu, out, a, s));
+  } else {
+    KILN_DISPATCH_ACT(act, launch_gated<T, 2>(x, ldx, w, in, inter, bias, gu, out, a, s));
+  }
+}
+
+bool gemv(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in, int64_t out,
+          const float* bias, void* y, int64_t ldy, cudaStream_t s) {
+  if (!gemv_supported(act, x, n, ldx, w, in, out)) return false;
   if (n == 1) {
     KILN_DISPATCH_ACT(act, launch<T, 1>(x, ldx, w, in, out, bias, y, ldy, s));
   } else {
@@ -203,8 +294,8 @@ void gemv_gather(DType act, const void* x, int64_t ldx, const void* const* weigh
     KILN_DISPATCH_ACT(act, {
       auto* k = vec ? gemv_gather_kernel<T, kRows, true> : gemv_gather_kernel<T, kRows, false>;
       launch_kernel(k, grid, vec ? threads_for(in / kVec<T>) : kGemvThreads, 0, s,
-                    static_cast<const T*>(x), ldx, reinterpret_cast<const T* const*>(weights),
-                    rows, experts, a0, int(in), int(out), static_cast<T*>(y));
+                    static_cast<const T*>(x), ldx, reinterpret_cast<const T* const*>(weights), rows,
+                    experts, a0, int(in), int(out), static_cast<T*>(y));
     });
   }
 }

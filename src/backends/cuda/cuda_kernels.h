@@ -22,9 +22,11 @@ void embed(DType act, const void* table, DType tdt, int64_t dim, const int32_t* 
 void add_rows(DType act, const void* table, DType tdt, int64_t dim, const int32_t* rows, int64_t n,
               void* x, cudaStream_t s);
 // Normalises `rows * heads` vectors of `dim`: vector (r, h) is at x + r*ldx + h*dim and goes to
-// y + r*ldy + h*dim (y may alias x). w, b: F32 [dim] (b may be null).
+// y + r*ldy + h*dim (y may alias x). w, b: F32 [dim] (b may be null); vectors with h >= w2_from
+// use w2 instead of w when w2 is given (q and k heads of one row in one launch).
 void norm(DType act, const void* x, int64_t rows, int64_t heads, int64_t dim, int64_t ldx, void* y,
-          int64_t ldy, const float* w, const float* b, NormKind kind, float eps, cudaStream_t s);
+          int64_t ldy, const float* w, const float* b, NormKind kind, float eps, cudaStream_t s,
+          const float* w2 = nullptr, int64_t w2_from = 0);
 // residual[rows, dim] += delta; y = norm(residual) (rows contiguous).
 void add_norm(DType act, void* residual, const void* delta, int64_t rows, int64_t dim,
               const float* w, const float* b, NormKind kind, float eps, void* y, cudaStream_t s);
@@ -42,6 +44,12 @@ void bias_add(DType act, void* y, int64_t n, int64_t out, int64_t ldy, const flo
 void kv_write(DType act, void* kpool, void* vpool, const int32_t* block_table, int64_t block_size,
               int64_t kv_dim, const void* k, const void* v, int64_t ld, const int32_t* pos,
               int64_t n, cudaStream_t s);
+// rope over `heads` heads of rows x (q heads, then the kv_dim / head_dim k heads from head
+// `k_from`), then kv_write of the rotated k heads and of v: rope(q); rope(k); kv_write(k, v).
+void rope_kv_write(DType act, void* x, int64_t n, int64_t ld, int64_t heads, int64_t k_from,
+                   int64_t head_dim, int64_t rot_dim, const float* cos, const float* sin,
+                   void* kpool, void* vpool, const int32_t* block_table, int64_t block_size,
+                   int64_t kv_dim, const void* v, const int32_t* pos, cudaStream_t s);
 
 // ---- MoE helpers (cuda_elementwise.cu) ----
 
@@ -58,8 +66,16 @@ void moe_combine(DType act, const void* ye, const float* weights, int64_t n, int
 // y[n, out] = x[n, in] . w[out, in]^T (+ bias) for n <= kGemvMaxRows. Returns false (and does
 // nothing) when the shapes or alignment do not suit the vectorised kernel.
 constexpr int64_t kGemvMaxRows = 2;
-bool gemv(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in,
-          int64_t out, const float* bias, void* y, int64_t ldy, cudaStream_t s);
+bool gemv(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in, int64_t out,
+          const float* bias, void* y, int64_t ldy, cudaStream_t s);
+// Whether gemv() would take these operands.
+bool gemv_supported(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in,
+                    int64_t out);
+// gemv() of a gate_up weight [2 * inter, in] into gu [n, 2 * inter] fused with
+// gated_act(gu) -> out [n, inter]; both outputs as the two unfused calls would write them.
+void gemv_gated(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in,
+                int64_t inter, const float* bias, void* gu, void* out, Activation a,
+                cudaStream_t s);
 // Gathered GEMV for MoE: for each assignment a < count, y[a] = x[rows[a]] . W_{experts[a]}^T
 // where W_e = weights[e] (device array of device pointers), each [out, in]; y rows `out` apart.
 // rows == nullptr: x row a for assignment a.
@@ -85,8 +101,11 @@ struct AttnLaunch {
   void* out;
   int64_t ldo;
 };
-// Bytes of FP32 workspace attention() needs for this launch (0: none).
+// Bytes of FP32 workspace, and the number of int counters (zero-initialised once; the kernel
+// leaves them zero), that attention() needs for this launch (0: none).
 size_t attention_workspace(const AttnLaunch& a, int num_sms);
-void attention(DType act, const AttnLaunch& a, float* workspace, int num_sms, cudaStream_t s);
+size_t attention_counters(const AttnLaunch& a, int num_sms);
+void attention(DType act, const AttnLaunch& a, float* workspace, int* counters, int num_sms,
+               cudaStream_t s);
 
 }  // namespace kiln::cuda
