@@ -95,9 +95,10 @@ void register_model_commands(CLI::App& app) {
       e.save(out);
       const ModelInfo i = e.info();
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      std::printf("built %s (%s, %.3f B params, %s) -> %s in %.2f s\n", i.architecture.c_str(),
-                  i.dtype.c_str(), double(i.num_params) / 1e9, human_bytes(double(i.weight_bytes)).c_str(),
-                  out.c_str(), s);
+      const double p = double(i.num_params);
+      std::printf("built %s (%s, %.3f %s params, %s) -> %s in %.2f s\n", i.architecture.c_str(),
+                  i.dtype.c_str(), p >= 1e9 ? p / 1e9 : p / 1e6, p >= 1e9 ? "B" : "M",
+                  human_bytes(double(i.weight_bytes)).c_str(), out.c_str(), s);
     });
   }
   // run
