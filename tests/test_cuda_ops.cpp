@@ -536,6 +536,85 @@ TEST_P(CudaAttention, DecodeAndChunks) {
   run(c);
 }
 
+// Batched decode: one token of each of several sequences, each with its own row of a block-table
+// matrix, at different lengths (one past a window, one long enough for split-K); GQA groups that
+// fill a block partly, exactly and over several blocks.
+TEST_P(CudaAttention, BatchedSequences) {
+  struct G {
+    int64_t heads, kv_heads, hd, window;
+  };
+  for (const G g : {G{32, 8, 128, 0}, G{16, 1, 64, 0}, G{8, 8, 64, 0}, G{40, 2, 64, 0}, G{8, 2, 128, 24}}) {
+    const std::vector<int64_t> lens = {1, 37, 700, 5, 64, 129};
+    const int64_t B = int64_t(lens.size()), bs = 16, kvd = g.kv_heads * g.hd, qd = g.heads * g.hd;
+    const int64_t stride = 50;  // table row length: >= the longest sequence's blocks
+    int64_t nb = 1;
+    std::vector<int32_t> table(size_t(B * stride), 0);
+    for (int64_t i = 0; i < B; ++i)
+      for (int64_t b = 0; b * bs < lens[size_t(i)]; ++b) table[size_t(i * stride + b)] = int32_t(nb++);
+    std::vector<int32_t> perm(static_cast<size_t>(nb));  // scatter the blocks over the pool
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin() + 1, perm.end(), rng);
+    for (auto& t : table) t = perm[size_t(t)];
+    const int64_t pool = nb * bs * kvd;
+    std::vector<float> kc(size_t(pool), 0.0f), vc(size_t(pool), 0.0f);
+    void* kg = up(std::vector<float>(size_t(pool), 0.0f));
+    void* vg = up(std::vector<float>(size_t(pool), 0.0f));
+    const int32_t* tg = up_raw(table);
+    std::vector<int32_t> seq(static_cast<size_t>(B));
+    std::iota(seq.begin(), seq.end(), 0);
+    const int32_t* sg = up_raw(seq);
+    const int64_t longest = *std::max_element(lens.begin(), lens.end());
+    KVLayerView kv_cpu{kc.data(), vc.data(), table.data(), bs, kvd, longest, seq.data(), stride};
+    KVLayerView kv_gpu{kg, vg, tg, bs, kvd, 1024, sg, stride};  // len: an upper bound
+    // Every sequence's history, written one sequence at a time through its own table row.
+    for (int64_t i = 0; i < B; ++i) {
+      const int64_t m = lens[size_t(i)];
+      auto kv = rnd(size_t(m * 2 * kvd));
+      std::vector<int32_t> pos(static_cast<size_t>(m)), one(static_cast<size_t>(m), int32_t(i));
+      std::iota(pos.begin(), pos.end(), 0);
+      cpu->kv_write(KVLayerView{kc.data(), vc.data(), table.data(), bs, kvd, m, one.data(), stride},
+                    kv.data(), kv.data() + kvd, 2 * kvd, pos.data(), m);
+      void* kvg = up(kv);
+      gpu->kv_write(KVLayerView{kg, vg, tg, bs, kvd, m, up_raw(one), stride}, kvg,
+                    static_cast<char*>(kvg) + kvd * dtype_size(dt), 2 * kvd, up_raw(pos), m);
+    }
+    std::vector<int32_t> pos(static_cast<size_t>(B));
+    for (int64_t i = 0; i < B; ++i) pos[size_t(i)] = int32_t(lens[size_t(i)] - 1);
+    const AttnParams ap{g.heads, g.kv_heads, g.hd, 1.0f / std::sqrt(float(g.hd)), 0.0f, g.window};
+    const int64_t ldo = qd + 4;
+    auto q = rnd(size_t(B * qd));
+    std::vector<float> want(size_t(B * ldo), kPoison);
+    cpu->attention(q.data(), qd, B, pos.data(), kv_cpu, ap, want.data(), ldo);
+    void* out = up(std::vector<float>(size_t(B * ldo), kPoison));
+    gpu->attention(up(q), qd, B, up_raw(pos), kv_gpu, ap, out, ldo);
+    const std::string what = cat("batched attention heads=", g.heads, "/", g.kv_heads, " hd=", g.hd,
+                                 " window=", g.window);
+    expect_close(down(out, size_t(B * ldo)), ldo, want, ldo, B, qd, what);
+    expect_close(down(kg, size_t(pool)), pool, kc, pool, 1, pool, what + " K cache", 0.0);
+  }
+}
+
+// The LM head: F32 logits whatever the activation dtype, soft-capped or not; GEMV and cuBLASLt
+// sizes.
+TEST_P(CudaOps, Logits) {
+  for (const int64_t n : {1, 2, 3, 9}) {
+    for (const float cap : {0.0f, 30.0f}) {
+      const int64_t in = 256, out = 1001;
+      auto x = rnd(size_t(n * in));
+      auto [wh, wd] = matrix(out, in, 4.0f / std::sqrt(float(in)));
+      std::vector<float> want(size_t(n * out));
+      cpu->logits(x.data(), n, in, wh, cap, want.data());
+      auto* yd = static_cast<float*>(gpu->alloc(size_t(n * out) * 4));
+      allocs.push_back(yd);
+      gpu->logits(up(x), n, in, wd, cap, yd);
+      std::vector<float> got(size_t(n * out));
+      gpu->to_host(got.data(), yd, got.size() * 4);
+      // F32 out: only the products' accumulation order differs from the CPU, in every dtype.
+      expect_close(got, out, want, out, n, out, cat("logits n=", n, " cap=", cap), 1e-5);
+    }
+  }
+}
+
 TEST_P(CudaOps, MoE) {
   const int64_t E = 4, H = 64, I = 32, Is = 48;
   for (int64_t n : {1, 5, 17}) {

@@ -37,6 +37,21 @@ struct RuntimeConfig {
   std::string device = "auto";     // auto (CUDA when a GPU is present), cpu or cuda
   int threads = 0;                 // CPU threads, 0: all cores
   double kv_cache_fraction = 0.9;  // CUDA: share of free memory after weights for the KV cache
+  // KV cache size in tokens, shared by all sessions; 0: CUDA sizes it from kv_cache_fraction
+  // (at most 256 sequences of max_seq_len), the CPU holds max_batch sequences of max_seq_len.
+  int64_t kv_cache_tokens = 0;
+  bool cuda_graphs = true;  // replay decode steps from CUDA graphs (env KILN_CUDA_GRAPHS=0: off)
+};
+
+// What start() set up, for display.
+struct RuntimeInfo {
+  std::string device;
+  int64_t weight_bytes = 0;        // resident on the device
+  int64_t kv_cache_tokens = 0;     // tokens the shared KV cache holds
+  int64_t kv_cache_bytes = 0;
+  int64_t free_bytes_before_kv = 0;  // device memory free after the weights (0: not known)
+  double kv_cache_fraction = 0;    // what was asked for (0 when sized by tokens)
+  bool cuda_graphs = false;
 };
 
 // Sampling; unset fields take generation_config.json's defaults (else greedy).
@@ -84,17 +99,34 @@ class Engine {
   // Folder holding tokenizer files (the source HF folder or the engine folder), if any.
   std::filesystem::path tokenizer_dir() const;
 
-  // Prepares weights on a device. Called implicitly with defaults by the methods below.
+  // Prepares weights and the KV cache on a device. Called implicitly with defaults by the
+  // methods below. Throws kiln::Error when the KV cache cannot hold one full sequence.
   void start(const RuntimeConfig& rc = {});
   std::string device_name() const;
+  RuntimeInfo runtime_info() const;
 
   // Greedy/sampled continuation of `prompt`; `on_token` may return false to stop early.
   std::vector<int32_t> generate(std::span<const int32_t> prompt, const SamplingParams& sp,
                                 const std::function<bool(int32_t)>& on_token = {});
   // Logits [prompt.size() * vocab] of every position, from one prefill.
   std::vector<float> logits(std::span<const int32_t> prompt);
-  // A sequence whose KV cache holds `capacity` tokens (0: max_seq_len).
+  // A new sequence in the shared KV cache, sampling with generation_config.json's defaults.
+  // `capacity` (0: max_seq_len) is checked against max_seq_len and the cache's size; blocks
+  // are taken as tokens arrive. Sessions must not outlive their engine.
   Session session(int64_t capacity = 0);
+  // One batched decode step: appends tokens[i] to *sessions[i] (distinct sessions of this
+  // engine) and returns the token each picks next with its sampling settings (on the device).
+  std::vector<int32_t> step(std::span<Session* const> sessions, std::span<const int32_t> tokens);
+  // `steps` batched decode steps: the first feeds tokens[i] to *sessions[i], each later one the
+  // tokens the step before picked. on_step(ids) gets each step's picks (ids[i] for
+  // sessions[i]) and returns false to stop. The device runs one step ahead of the host: the
+  // next step is queued before this one's tokens are read back (a step queued past a stop is
+  // discarded: lengths and sampling streams are as if it never ran).
+  void decode(std::span<Session* const> sessions, std::span<const int32_t> tokens, int64_t steps,
+              const std::function<bool(std::span<const int32_t>)>& on_step);
+  // The same step, returning F32 logits [sessions.size(), vocab] instead.
+  std::vector<float> step_logits(std::span<Session* const> sessions,
+                                 std::span<const int32_t> tokens);
 
   Engine(Engine&&) noexcept;
   Engine& operator=(Engine&&) noexcept;
@@ -113,6 +145,11 @@ class Session {
  public:
   // Appends tokens and returns their logits: [n, vocab] if all_logits, else the last row.
   std::vector<float> forward(std::span<const int32_t> tokens, bool all_logits = false);
+  // Appends tokens and returns the next token, picked on the device with this session's
+  // sampling settings (one token: a decode step, replayed from a CUDA graph on the GPU).
+  int32_t next(std::span<const int32_t> tokens);
+  // Sampling for next() and Engine::step(); unset fields take generation_config.json's values.
+  void set_sampling(const SamplingParams& sp);
   int64_t length() const;
   Session(Session&&) noexcept;
   ~Session();
@@ -122,6 +159,7 @@ class Session {
   explicit Session(std::unique_ptr<State> s);
   std::unique_ptr<State> s_;
   friend class Engine;
+  friend struct Engine::Impl;
 };
 
 // Picks the next token from F32 logits (greedy when temperature is 0).
@@ -133,7 +171,8 @@ class Sampler {
  private:
   float temperature_, top_p_;
   int top_k_;
-  uint64_t state_;
+  uint64_t seed_;
+  uint64_t step_ = 0;  // index of the next draw in the seed's stream
 };
 
 }  // namespace kiln

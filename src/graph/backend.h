@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "arch/model_config.h"
 #include "core/tensor.h"
@@ -22,8 +24,24 @@ struct KVLayerView {
   int64_t block_size;
   int64_t kv_dim;
   // Cache positions valid once this step's K/V are written (max position + 1), so device
-  // backends can size attention launches without reading positions back; 0: unknown.
+  // backends can size attention launches without reading positions back; 0: unknown. An upper
+  // bound is fine (a captured decode graph passes its length bucket).
   int64_t len = 0;
+  // Batched decode: token i of the step belongs to sequence seq[i], whose block table is row
+  // seq[i] of block_table (rows bt_stride entries apart). nullptr: every token belongs to the
+  // one sequence whose table is block_table.
+  const int32_t* seq = nullptr;
+  int64_t bt_stride = 0;
+};
+
+// Per-row settings of Backend::sample. The draw of a row is a pure function of (seed, step)
+// and the logits, so a replayed step picks the same token and CPU and CUDA agree.
+struct SampleParams {
+  float temperature = 0.0f;  // <= 0: greedy (first maximum, as torch.argmax)
+  int32_t top_k = 0;         // <= 0: off
+  float top_p = 1.0f;        // <= 0 or >= 1: off
+  uint64_t seed = 0;
+  uint64_t step = 0;  // index of this draw in the sequence's stream of draws
 };
 
 struct AttnParams {
@@ -74,6 +92,52 @@ class Backend {
   virtual void softcap(void* x, int64_t count, float cap) = 0;
   // Converts `count` activations to F32 (for logits read-back).
   virtual void to_f32(const void* x, int64_t count, float* host_out) = 0;
+  // F32 logits y[n, out] = x[n, in] . w^T, soft-capped when softcap > 0: the LM head, kept in
+  // F32 so 16-bit engines do not round logits (greedy ties) before sampling.
+  virtual void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, float softcap,
+                      float* y) = 0;
+  // Picks one token per row of F32 logits [rows, vocab] (this device's memory) with the
+  // settings of each row (host array); writes the ids to host memory. Synchronises.
+  virtual void sample(const float* logits, int64_t rows, int64_t vocab,
+                      const SampleParams* params, int32_t* host_ids) = 0;
+  // sample() without the wait: params and ids in this device's memory; returns at once.
+  virtual void sample_async(const float* logits, int64_t rows, int64_t vocab,
+                            const SampleParams* d_params, int32_t* d_ids) = 0;
+  // Host memory that to_host_async() copies into (pinned on CUDA).
+  virtual void* host_alloc(size_t bytes) { return alloc(bytes); }
+  virtual void host_free(void* p) { release(p); }
+  // Copies device memory into host_alloc() memory after the work issued so far; returns at once
+  // (the CPU copies at once). Read the result after wait() on a later mark().
+  virtual void to_host_async(void* dst, const void* src, size_t bytes) { to_host(dst, src, bytes); }
+  // A marker after the work issued so far; wait(marker) blocks until that work is done. At
+  // most 16 markers may be outstanding.
+  virtual uint64_t mark() { return 0; }
+  virtual void wait(uint64_t marker) {}
+  // Makes many host weights resident at once (default: upload() each). Device backends may
+  // allocate once and overlap reading the mapped file with the copies (engine load time).
+  virtual std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host) {
+    std::vector<Tensor> r;
+    r.reserve(host.size());
+    for (const Tensor* t : host) r.push_back(upload(*t));
+    return r;
+  }
+
+  // Decode-step graphs (CUDA graphs). Between capture_begin() and capture_end() the ops issued
+  // are recorded, not run; replay() runs the recorded work with the buffers' current contents.
+  // Backends without graphs return false from graphs() and are never asked to capture.
+  class Graph {
+   public:
+    virtual ~Graph() = default;
+  };
+  virtual bool graphs() const { return false; }
+  virtual void capture_begin() {}
+  virtual std::unique_ptr<Graph> capture_end() { return nullptr; }
+  virtual void replay(Graph& g) {}
+  // Bumped whenever the backend frees or moves a buffer a captured graph may refer to (its
+  // scratch grew): graphs captured under an older generation must not be replayed.
+  virtual uint64_t generation() const { return 0; }
+  // Device memory free now and in total (bytes); CPU backends return {0, 0}: no limit known.
+  virtual std::pair<size_t, size_t> memory() const { return {0, 0}; }
   // MoE FFN: for each row, route over `router` (softmax top-k, optional renorm), run the chosen
   // experts' gated FFNs and sum weighted; plus a sigmoid-gated shared expert when given.
   struct MoeWeights {

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -48,10 +49,41 @@ struct Engine::Impl {
   fs::path tokenizer_dir;
   std::vector<std::pair<std::string, Tensor>> weights;  // host, engine layout
 
-  // Runtime, created by start().
+  // Runtime, created by start(); destroyed in reverse order (the decoder's buffers and the
+  // cache before the backend).
   std::unique_ptr<Backend> backend;
   std::unique_ptr<DeviceWeights> dweights;
+  std::unique_ptr<KVCache> cache;
   std::unique_ptr<Decoder> decoder;
+  RuntimeInfo rinfo;
+  // Pinned host buffers for two steps' sampled ids, and the device copy of a step's sampling
+  // settings (grow-only).
+  int32_t* ids_host = nullptr;
+  SampleParams* d_params = nullptr;
+  int64_t ids_rows = 0;
+
+  ~Impl() {
+    if (ids_host) backend->host_free(ids_host);
+    if (d_params) backend->release(d_params);
+  }
+
+  void decode_loop(std::span<Session* const> sessions, std::span<const int32_t> tokens,
+                   int64_t steps, const std::function<bool(std::span<const int32_t>)>& on_step);
+
+  // Device logits [B, vocab] of one decode step of `sessions` (Engine::step, Session::next).
+  const float* decode_step(std::span<Session* const> sessions, std::span<const int32_t> tokens);
+
+  // Sampling settings with generation_config.json's defaults for what `sp` leaves unset.
+  SampleParams sampling(const SamplingParams& sp) const {
+    const json& g = generation_defaults;
+    const bool do_sample = g.value("do_sample", false);
+    SampleParams p;
+    p.temperature = sp.temperature.value_or(do_sample ? g.value("temperature", 1.0f) : 0.0f);
+    p.top_k = sp.top_k.value_or(do_sample ? g.value("top_k", 50) : 0);
+    p.top_p = sp.top_p.value_or(do_sample ? g.value("top_p", 1.0f) : 1.0f);
+    p.seed = sp.seed;
+    return p;
+  }
 
   void resolve_build(const BuildConfig& bc, const std::string& config_dtype) {
     std::string d = bc.dtype;
@@ -68,10 +100,10 @@ struct Engine::Impl {
 
 struct Session::State {
   Engine::Impl* engine;
-  std::unique_ptr<KVCache> cache;
   Sequence seq;
+  SampleParams sampling;  // step counts this session's draws
   ~State() {
-    if (cache) cache->give_back(seq.blocks);
+    if (engine->cache) engine->cache->give_back(seq.blocks);
   }
 };
 
@@ -239,6 +271,9 @@ void Engine::start(const RuntimeConfig& rc) {
   Impl& m = *impl_;
   if (m.decoder) return;
   if (rc.threads > 0) omp_set_num_threads(rc.threads);
+  KILN_CHECK(rc.kv_cache_fraction > 0 && rc.kv_cache_fraction <= 1, "--kv-cache-fraction must be in (0, 1] (got ",
+             rc.kv_cache_fraction, ")");
+  KILN_CHECK(rc.kv_cache_tokens >= 0, "--kv-cache-tokens must be >= 0");
   if (rc.device == "cuda" || (rc.device == "auto" && cuda_available())) {
     m.backend = make_cuda_backend(m.dtype);
     if (!m.backend) {
@@ -250,21 +285,65 @@ void Engine::start(const RuntimeConfig& rc) {
   } else {
     throw Error(cat("unknown device '", rc.device, "' (expected auto, cpu or cuda)"));
   }
-  m.dweights = std::make_unique<DeviceWeights>(*m.backend, m.weights);
-  m.decoder = std::make_unique<Decoder>(*m.backend, m.config, *m.dweights);
+  std::vector<const Tensor*> host;
+  host.reserve(m.weights.size());
+  for (const auto& [n, t] : m.weights) host.push_back(&t);
+  m.dweights = std::make_unique<DeviceWeights>(m.weights, m.backend->upload_all(host));
+
+  // The KV cache: blocks of 16 tokens, block 0 reserved for padding rows.
+  constexpr int64_t bs = 16;
+  const size_t block = KVCache::block_bytes(m.config, bs, m.backend->act_dtype());
+  const int64_t seq_blocks = (m.max_seq_len + bs - 1) / bs;
+  const auto [free, total] = m.backend->memory();
+  RuntimeInfo& ri = m.rinfo;
+  ri = RuntimeInfo{};
+  ri.device = m.backend->name();
+  for (const auto& [n, t] : m.weights) ri.weight_bytes += int64_t(t.nbytes());
+  ri.free_bytes_before_kv = int64_t(free);
+  int64_t blocks = 0;
+  if (rc.kv_cache_tokens > 0) {
+    blocks = (rc.kv_cache_tokens + bs - 1) / bs + 1;
+    if (total > 0 && size_t(blocks) * block > free)
+      throw Error(cat("--kv-cache-tokens ", rc.kv_cache_tokens, " needs ", size_t(blocks) * block >> 20,
+                      " MiB of KV cache but only ", free >> 20, " MiB of device memory are free"));
+  } else if (total > 0) {
+    ri.kv_cache_fraction = rc.kv_cache_fraction;
+    blocks = std::min<int64_t>(int64_t(double(free) * rc.kv_cache_fraction / double(block)),
+                               256 * seq_blocks + 1);
+  } else {
+    blocks = std::max<int64_t>(m.max_batch, 1) * seq_blocks + 1;
+  }
+  if (blocks - 1 < seq_blocks)
+    throw Error(cat("the KV cache holds ", std::max<int64_t>(blocks - 1, 0) * bs, " tokens (",
+                    total > 0 ? cat(rc.kv_cache_fraction, " of ", free >> 20, " MiB free after the weights")
+                              : cat(rc.kv_cache_tokens, " tokens asked for"),
+                    "), less than one sequence of max_seq_len ", m.max_seq_len,
+                    "; raise --kv-cache-fraction or rebuild with a smaller --max-seq-len"));
+  m.cache = std::make_unique<KVCache>(*m.backend, m.config, blocks, bs);
+  ri.kv_cache_tokens = m.cache->capacity_tokens();
+  ri.kv_cache_bytes = int64_t(size_t(blocks) * block);
+  m.decoder = std::make_unique<Decoder>(*m.backend, m.config, *m.dweights, *m.cache, m.max_seq_len);
+  const char* g = std::getenv("KILN_CUDA_GRAPHS");
+  m.decoder->set_graphs(rc.cuda_graphs && !(g && std::string(g) == "0"));
+  ri.cuda_graphs = m.decoder->graphs();
 }
 
 std::string Engine::device_name() const {
   return impl_->backend ? impl_->backend->name() : "not started";
 }
 
+RuntimeInfo Engine::runtime_info() const { return impl_->rinfo; }
+
 Session Engine::session(int64_t capacity) {
   start();
   Impl& m = *impl_;
+  KILN_CHECK(capacity >= 0 && capacity <= m.max_seq_len, "a session of ", capacity,
+             " tokens exceeds the engine's max_seq_len of ", m.max_seq_len);
+  KILN_CHECK(capacity <= m.cache->capacity_tokens(), "a session of ", capacity,
+             " tokens exceeds the KV cache (", m.cache->capacity_tokens(), " tokens)");
   auto st = std::make_unique<Session::State>();
   st->engine = &m;
-  const int64_t bs = 16, cap = capacity > 0 ? std::min(capacity, m.max_seq_len) : m.max_seq_len;
-  st->cache = std::make_unique<KVCache>(*m.backend, m.config, (cap + bs - 1) / bs, bs);
+  st->sampling = m.sampling({});
   return Session(std::move(st));
 }
 
@@ -273,12 +352,163 @@ Session::Session(Session&&) noexcept = default;
 Session::~Session() = default;
 int64_t Session::length() const { return s_->seq.length; }
 
+void Session::set_sampling(const SamplingParams& sp) {
+  const uint64_t step = s_->sampling.step;
+  s_->sampling = s_->engine->sampling(sp);
+  s_->sampling.step = step;
+}
+
+namespace {
+
+void check_fits(const Engine::Impl& m, int64_t length, int64_t n) {
+  KILN_CHECK(n > 0, "no tokens to process");
+  if (length + n > m.max_seq_len)
+    throw Error(cat("sequence of ", length + n, " tokens exceeds the engine's max_seq_len of ",
+                    m.max_seq_len));
+}
+
+}  // namespace
+
 std::vector<float> Session::forward(std::span<const int32_t> tokens, bool all_logits) {
   Engine::Impl& m = *s_->engine;
-  if (s_->seq.length + int64_t(tokens.size()) > m.max_seq_len)
-    throw Error(cat("sequence of ", s_->seq.length + int64_t(tokens.size()),
-                    " tokens exceeds the engine's max_seq_len of ", m.max_seq_len));
-  return m.decoder->forward(tokens.data(), int64_t(tokens.size()), s_->seq, *s_->cache, all_logits);
+  check_fits(m, s_->seq.length, int64_t(tokens.size()));
+  const int64_t V = m.config.vocab_size;
+  if (tokens.size() == 1) {
+    Session* self = this;
+    const float* d = m.decode_step(std::span<Session* const>(&self, 1), tokens);
+    std::vector<float> out(static_cast<size_t>(V));
+    m.backend->to_host(out.data(), d, size_t(V) * 4);
+    return out;
+  }
+  const float* d = m.decoder->extend(tokens.data(), int64_t(tokens.size()), s_->seq, all_logits);
+  std::vector<float> out(size_t((all_logits ? int64_t(tokens.size()) : 1) * V));
+  m.backend->to_host(out.data(), d, out.size() * 4);
+  return out;
+}
+
+int32_t Session::next(std::span<const int32_t> tokens) {
+  Engine::Impl& m = *s_->engine;
+  check_fits(m, s_->seq.length, int64_t(tokens.size()));
+  if (tokens.size() == 1) {
+    Session* self = this;
+    int32_t id = 0;
+    m.decode_loop(std::span<Session* const>(&self, 1), tokens, 1, [&](std::span<const int32_t> t) {
+      id = t[0];
+      return true;
+    });
+    return id;
+  }
+  const float* d = m.decoder->extend(tokens.data(), int64_t(tokens.size()), s_->seq, false);
+  int32_t id = 0;
+  const SampleParams p = s_->sampling;
+  ++s_->sampling.step;
+  m.backend->sample(d, 1, m.config.vocab_size, &p, &id);
+  return id;
+}
+
+const float* Engine::Impl::decode_step(std::span<Session* const> sessions,
+                                       std::span<const int32_t> tokens) {
+  KILN_CHECK(!sessions.empty() && sessions.size() == tokens.size(), "step: ", sessions.size(),
+             " sessions but ", tokens.size(), " tokens");
+  std::vector<Sequence*> seqs;
+  for (Session* s : sessions) {
+    KILN_CHECK(s && s->s_->engine == this, "step: a session of another engine");
+    check_fits(*this, s->length(), 1);
+    seqs.push_back(&s->s_->seq);
+  }
+  return decoder->decode(tokens.data(), seqs.data(), int64_t(seqs.size()));
+}
+
+void Engine::Impl::decode_loop(std::span<Session* const> sessions, std::span<const int32_t> tokens,
+                               int64_t steps,
+                               const std::function<bool(std::span<const int32_t>)>& on_step) {
+  const int64_t B = int64_t(sessions.size());
+  KILN_CHECK(B > 0 && sessions.size() == tokens.size(), "decode: ", sessions.size(),
+             " sessions but ", tokens.size(), " tokens");
+  if (steps <= 0) return;
+  std::vector<Sequence*> seqs;
+  for (Session* s : sessions) {
+    KILN_CHECK(s && s->s_->engine == this, "decode: a session of another engine");
+    check_fits(*this, s->length(), steps);
+    seqs.push_back(&s->s_->seq);
+  }
+  if (ids_rows < B) {
+    if (ids_host) backend->host_free(ids_host);
+    if (d_params) backend->release(d_params);
+    ids_host = nullptr, d_params = nullptr, ids_rows = 0;
+    ids_host = static_cast<int32_t*>(backend->host_alloc(size_t(2 * B) * 4));
+    d_params = static_cast<SampleParams*>(backend->alloc(size_t(B) * sizeof(SampleParams)));
+    ids_rows = B;
+  }
+  std::vector<SampleParams> params(static_cast<size_t>(B));
+  uint64_t marks[2] = {0, 0};
+  // Step k: the forward (its tokens from the host for k == 0, else the ones step k - 1 sampled
+  // on the device), sampling into the next step's token buffer, its picks copied to the host.
+  auto enqueue = [&](int64_t k) {
+    const float* lg = decoder->decode(k == 0 ? tokens.data() : nullptr, seqs.data(), B);
+    for (int64_t i = 0; i < B; ++i) {
+      params[size_t(i)] = sessions[size_t(i)]->s_->sampling;
+      params[size_t(i)].step += uint64_t(k);
+    }
+    backend->to_device(d_params, params.data(), params.size() * sizeof(SampleParams));
+    backend->sample_async(lg, B, config.vocab_size, d_params, decoder->token_buffer());
+    backend->to_host_async(ids_host + (k % 2) * B, decoder->token_buffer(), size_t(B) * 4);
+    marks[k % 2] = backend->mark();
+  };
+  int64_t queued = 0;
+  auto finish = [&](int64_t done) {
+    // Steps queued past `done` are discarded once the device is through them.
+    if (queued > done) {
+      backend->wait(marks[(queued - 1) % 2]);
+      for (Sequence* q : seqs) q->length -= queued - done;
+    }
+    for (Session* s : sessions) s->s_->sampling.step += uint64_t(done);
+  };
+  try {
+    enqueue(0);
+    queued = 1;
+    for (int64_t k = 0; k < steps; ++k) {
+      if (k + 1 < steps) {
+        enqueue(k + 1);
+        queued = k + 2;
+      }
+      backend->wait(marks[k % 2]);
+      if (!on_step(std::span<const int32_t>(ids_host + (k % 2) * B, size_t(B))) || k + 1 == steps) {
+        finish(k + 1);
+        return;
+      }
+    }
+  } catch (...) {
+    backend->synchronize();
+    throw;
+  }
+}
+
+void Engine::decode(std::span<Session* const> sessions, std::span<const int32_t> tokens,
+                    int64_t steps, const std::function<bool(std::span<const int32_t>)>& on_step) {
+  start();
+  impl_->decode_loop(sessions, tokens, steps, on_step);
+}
+
+std::vector<int32_t> Engine::step(std::span<Session* const> sessions,
+                                  std::span<const int32_t> tokens) {
+  start();
+  std::vector<int32_t> ids;
+  impl_->decode_loop(sessions, tokens, 1, [&](std::span<const int32_t> t) {
+    ids.assign(t.begin(), t.end());
+    return true;
+  });
+  return ids;
+}
+
+std::vector<float> Engine::step_logits(std::span<Session* const> sessions,
+                                       std::span<const int32_t> tokens) {
+  start();
+  Impl& m = *impl_;
+  const float* d = m.decode_step(sessions, tokens);
+  std::vector<float> out(sessions.size() * size_t(m.config.vocab_size));
+  m.backend->to_host(out.data(), d, out.size() * 4);
+  return out;
 }
 
 std::vector<float> Engine::logits(std::span<const int32_t> prompt) {
@@ -295,28 +525,25 @@ std::vector<int32_t> Engine::generate(std::span<const int32_t> prompt, const Sam
   KILN_CHECK(!prompt.empty(), "the prompt is empty");
   KILN_CHECK(int64_t(prompt.size()) <= m.max_seq_len, "prompt has ", prompt.size(),
              " tokens but the engine allows at most ", m.max_seq_len, " (max_seq_len)");
-  const json& g = m.generation_defaults;
-  const bool do_sample = g.value("do_sample", false);
-  float temperature = sp.temperature.value_or(do_sample ? g.value("temperature", 1.0f) : 0.0f);
-  int top_k = sp.top_k.value_or(do_sample ? g.value("top_k", 50) : 0);
-  float top_p = sp.top_p.value_or(do_sample ? g.value("top_p", 1.0f) : 1.0f);
-  Sampler sampler(temperature, top_k, top_p, sp.seed);
-  Session s = session(int64_t(prompt.size()) + std::max<int64_t>(sp.max_tokens, 0));
-  std::vector<int32_t> out;
-  std::vector<float> lg = s.forward(prompt, false);
-  const int64_t V = m.config.vocab_size;
   const int64_t budget = std::min<int64_t>(sp.max_tokens, m.max_seq_len - int64_t(prompt.size()));
-  for (int64_t i = 0; i < budget; ++i) {
-    const int32_t t = sampler.sample(lg.data(), V);
+  Session s = session(int64_t(prompt.size()) + std::max<int64_t>(budget, 0));
+  s.set_sampling(sp);
+  std::vector<int32_t> out;
+  if (budget <= 0) return out;
+  const auto& eos = m.config.eos_token_ids;
+  // Whether to go on after token t.
+  auto take = [&](int32_t t) {
     out.push_back(t);
-    if (on_token && !on_token(t)) break;
-    const auto& eos = m.config.eos_token_ids;
-    if (!sp.ignore_eos && (std::find(eos.begin(), eos.end(), t) != eos.end() ||
-                           std::find(sp.stop_token_ids.begin(), sp.stop_token_ids.end(), t) !=
-                               sp.stop_token_ids.end()))
-      break;
-    if (i + 1 < budget) lg = s.forward(std::span<const int32_t>(&t, 1), false);
-  }
+    if (on_token && !on_token(t)) return false;
+    return sp.ignore_eos || (std::find(eos.begin(), eos.end(), t) == eos.end() &&
+                             std::find(sp.stop_token_ids.begin(), sp.stop_token_ids.end(), t) ==
+                                 sp.stop_token_ids.end());
+  };
+  const int32_t first = s.next(prompt);
+  if (!take(first) || budget == 1) return out;
+  Session* self = &s;
+  m.decode_loop(std::span<Session* const>(&self, 1), std::span<const int32_t>(&first, 1), budget - 1,
+                [&](std::span<const int32_t> t) { return take(t[0]); });
   return out;
 }
 

@@ -11,7 +11,8 @@ KVCache::KVCache(Backend& be, const ModelConfig& c, int64_t num_blocks, int64_t 
     k_.push_back(be.alloc(bytes));
     v_.push_back(be.alloc(bytes));
   }
-  for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(int32_t(b));
+  KILN_CHECK(num_blocks >= 2, "KV cache needs at least 2 blocks (got ", num_blocks, ")");
+  for (int64_t b = num_blocks - 1; b >= 1; --b) free_.push_back(int32_t(b));
 }
 
 KVCache::~KVCache() {
@@ -19,10 +20,16 @@ KVCache::~KVCache() {
   for (void* p : v_) be_.release(p);
 }
 
+size_t KVCache::block_bytes(const ModelConfig& c, int64_t block_size, DType act) {
+  return size_t(2 * c.num_layers * block_size * c.kv_dim()) * dtype_size(act);
+}
+
 std::vector<int32_t> KVCache::take(int64_t n) {
   if (n > int64_t(free_.size()))
-    throw Error(cat("KV cache full: need ", n, " more blocks of ", block_size_, " tokens, ",
-                    free_.size(), " of ", num_blocks_, " free"));
+    throw Error(cat("KV cache full: need ", n, " more blocks of ", block_size_, " tokens but ",
+                    free_.size(), " of ", num_blocks_ - 1, " are free (the cache holds ",
+                    (num_blocks_ - 1) * block_size_,
+                    " tokens; raise --kv-cache-fraction or run fewer or shorter sequences)"));
   std::vector<int32_t> r(free_.end() - n, free_.end());
   free_.resize(free_.size() - size_t(n));
   return r;

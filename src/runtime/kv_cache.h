@@ -1,5 +1,6 @@
 // Paged KV cache: per layer, pools of fixed-size blocks for K and V on the backend's device;
 // each sequence owns a block table. Running out of blocks is a kiln::Error, never a crash.
+// Block 0 is never handed out: padding rows of a batched step write there.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +21,9 @@ class KVCache {
   int64_t block_size() const { return block_size_; }
   int64_t num_blocks() const { return num_blocks_; }
   int64_t free_blocks() const { return int64_t(free_.size()); }
+  int64_t capacity_tokens() const { return (num_blocks_ - 1) * block_size_; }
+  // Bytes of one block across all layers, K and V.
+  static size_t block_bytes(const ModelConfig& c, int64_t block_size, DType act);
   void* k_pool(int64_t layer) const { return k_[size_t(layer)]; }
   void* v_pool(int64_t layer) const { return v_[size_t(layer)]; }
   int64_t kv_dim() const { return kv_dim_; }

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <numeric>
 #include <random>
 
@@ -28,8 +29,7 @@ void add_model_args(CLI::App* c, ModelArgs& a) {
   c->add_option("model", a.model, "kiln engine folder or Hugging Face model folder")->required();
   c->add_option("--dtype", a.bc.dtype, "weight dtype when building from an HF folder: auto, f32, f16, bf16");
   c->add_option("--max-seq-len", a.bc.max_seq_len, "when building from an HF folder (0: max_position_embeddings)");
-  c->add_option("--device", a.rc.device, "auto, cpu or cuda");
-  c->add_option("--threads", a.rc.threads, "CPU threads (0: all cores)");
+  add_runtime_args(c, a.rc);
 }
 
 std::vector<int32_t> parse_ids(const std::string& s) {
@@ -64,7 +64,57 @@ std::string human_bytes(double b) {
   return s;
 }
 
+double mean_of(const std::vector<double>& v) {
+  return std::accumulate(v.begin(), v.end(), 0.0) / double(std::max<size_t>(v.size(), 1));
+}
+
+double sd_of(const std::vector<double>& v) {
+  if (v.size() < 2) return 0.0;
+  const double m = mean_of(v);
+  double var = 0;
+  for (double x : v) var += (x - m) * (x - m);
+  return std::sqrt(var / double(v.size() - 1));
+}
+
+std::vector<int64_t> parse_list(const std::string& s, const char* what) {
+  std::vector<int64_t> r;
+  size_t i = 0;
+  while (i <= s.size()) {
+    size_t j = s.find(',', i);
+    if (j == std::string::npos) j = s.size();
+    const std::string tok = s.substr(i, j - i);
+    char* end = nullptr;
+    const long long v = tok.empty() ? -1 : std::strtoll(tok.c_str(), &end, 10);
+    if (tok.empty() || *end || v < 0) throw Error(cat(what, ": '", tok, "' is not a count (expected e.g. 1,8,32)"));
+    r.push_back(v);
+    i = j + 1;
+  }
+  return r;
+}
+
 }  // namespace
+
+void add_runtime_args(CLI::App* c, RuntimeConfig& rc) {
+  c->add_option("--device", rc.device, "auto, cpu or cuda");
+  c->add_option("--threads", rc.threads, "CPU threads (0: all cores)");
+  c->add_option("--kv-cache-fraction", rc.kv_cache_fraction,
+                "GPU: share of the memory free after the weights given to the KV cache");
+  c->add_option("--kv-cache-tokens", rc.kv_cache_tokens, "KV cache size in tokens (0: from --kv-cache-fraction)");
+}
+
+void start_engine(Engine& e, const RuntimeConfig& rc) {
+  e.start(rc);
+  const RuntimeInfo r = e.runtime_info();
+  if (r.free_bytes_before_kv <= 0) return;  // the CPU: nothing sized from free memory
+  std::string how = r.kv_cache_fraction > 0
+                        ? cat(r.kv_cache_fraction, " of ", human_bytes(double(r.free_bytes_before_kv)),
+                              " free after the weights")
+                        : std::string("--kv-cache-tokens");
+  std::fprintf(stderr, "kiln: %s: weights %s; KV cache %lld tokens, %s (%s); CUDA graphs %s\n",
+               r.device.c_str(), human_bytes(double(r.weight_bytes)).c_str(),
+               (long long)r.kv_cache_tokens, human_bytes(double(r.kv_cache_bytes)).c_str(),
+               how.c_str(), r.cuda_graphs ? "on" : "off");
+}
 
 void register_model_commands(CLI::App& app) {
   // build
@@ -132,7 +182,7 @@ void register_model_commands(CLI::App& app) {
       }
       std::vector<int32_t> prompt = parse_ids(ids);
       check_ids(e, prompt);
-      e.start(a.rc);
+      start_engine(e, a.rc);
       std::vector<int32_t> out = e.generate(prompt, sp);
       for (size_t i = 0; i < out.size(); ++i) std::printf("%s%d", i ? "," : "", out[i]);
       std::printf("\n");
@@ -150,7 +200,7 @@ void register_model_commands(CLI::App& app) {
       std::vector<int32_t> prompt = parse_ids(ids);
       Engine e = Engine::open(a.model, a.bc);
       check_ids(e, prompt);
-      e.start(a.rc);
+      start_engine(e, a.rc);
       std::vector<float> lg = e.logits(prompt);
       Tensor t = Tensor::zeros(DType::F32, {int64_t(prompt.size()), e.info().vocab_size});
       std::copy(lg.begin(), lg.end(), t.ptr<float>());
@@ -163,52 +213,113 @@ void register_model_commands(CLI::App& app) {
     static ModelArgs a;
     static int64_t pp = 512, tg = 128;
     static int reps = 3;
+    static std::string batches = "1", format = "md";
     add_model_args(c, a);
     c->add_option("-p,--n-prompt", pp, "prompt tokens (0: skip)");
-    c->add_option("-n,--n-gen", tg, "generated tokens (0: skip)");
+    c->add_option("-n,--n-gen", tg, "generated tokens per sequence (0: skip)");
+    c->add_option("-b,--batch", batches, "sequences decoding together, e.g. 1,8,32 (tg only)");
     c->add_option("-r,--repetitions", reps, "timed repetitions after one warm-up");
+    c->add_option("-o,--output", format, "md or json");
     c->callback([&] {
+      KILN_CHECK(format == "md" || format == "json", "-o: expected md or json (got '", format, "')");
+      KILN_CHECK(reps >= 1, "-r must be >= 1");
+      const std::vector<int64_t> bs = parse_list(batches, "--batch");
+      int64_t bmax = 1;
+      for (int64_t b : bs) {
+        KILN_CHECK(b >= 1, "--batch: counts must be >= 1");
+        bmax = std::max(bmax, b);
+      }
       Engine e = Engine::open(a.model, a.bc);
-      e.start(a.rc);
       const ModelInfo info = e.info();
-      KILN_CHECK(pp + tg + 1 <= info.max_seq_len, "bench needs ", pp + tg + 1,
-                 " positions but the engine allows ", info.max_seq_len);
+      KILN_CHECK(pp + 1 <= info.max_seq_len && tg + 1 <= info.max_seq_len, "bench needs ",
+                 std::max(pp, tg) + 1, " positions but the engine allows ", info.max_seq_len);
+      // Only what the runs need, unless asked otherwise: starts fast, leaves the GPU's memory.
+      RuntimeConfig rc = a.rc;
+      if (rc.kv_cache_tokens == 0)
+        rc.kv_cache_tokens = std::max({pp + 1, bmax * (tg + 16), info.max_seq_len});
+      start_engine(e, rc);
       std::mt19937 rng(1234);
       std::uniform_int_distribution<int32_t> tok(0, int32_t(info.vocab_size - 1));
-      std::printf("| model | size | params | backend | threads | test | t/s |\n");
-      std::printf("| --- | ---: | ---: | --- | ---: | ---: | ---: |\n");
-      auto run = [&](const char* label, int64_t n, bool prompt) {
-        if (n <= 0) return;
-        std::vector<double> rates;
-        for (int r = 0; r <= reps; ++r) {
-          Session s = e.session(n + 1);
-          std::vector<int32_t> ids(size_t(prompt ? n : 1));
-          for (auto& t : ids) t = tok(rng);
-          if (!prompt) s.forward(ids);
-          auto t0 = std::chrono::steady_clock::now();
-          if (prompt) {
-            s.forward(ids);
-          } else {
-            for (int64_t i = 0; i < n; ++i) {
-              int32_t t = tok(rng);
-              s.forward(std::span<const int32_t>(&t, 1));
-            }
-          }
-          double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-          if (r > 0) rates.push_back(double(n) / sec);  // r == 0 is the warm-up
+      const std::string backend = e.device_name();
+      const int threads = backend == "CPU" ? omp_get_max_threads() : 0;
+      nlohmann::json rows = nlohmann::json::array();
+      if (format == "md") {
+        std::printf("| model | size | params | backend | threads | test | batch | t/s |\n");
+        std::printf("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |\n");
+      }
+      auto report = [&](const std::string& test, int64_t n_prompt, int64_t n_gen, int64_t batch,
+                        const std::vector<double>& rates) {
+        const double mean = mean_of(rates), sd = sd_of(rates);
+        if (format == "md") {
+          std::printf("| %s %s | %s | %.2f B | %s | %d | %s | %lld | %.2f ± %.2f |\n",
+                      info.architecture.c_str(), info.dtype.c_str(),
+                      human_bytes(double(info.weight_bytes)).c_str(), double(info.num_params) / 1e9,
+                      backend.c_str(), threads, test.c_str(), (long long)batch, mean, sd);
+          std::fflush(stdout);
         }
-        const double mean = std::accumulate(rates.begin(), rates.end(), 0.0) / double(rates.size());
-        double var = 0;
-        for (double x : rates) var += (x - mean) * (x - mean);
-        const double sd = rates.size() > 1 ? std::sqrt(var / double(rates.size() - 1)) : 0.0;
-        std::printf("| %s %s | %s | %.2f B | %s | %d | %s%lld | %.2f ± %.2f |\n",
-                    info.architecture.c_str(), info.dtype.c_str(),
-                    human_bytes(double(info.weight_bytes)).c_str(), double(info.num_params) / 1e9,
-                    e.device_name().c_str(), omp_get_max_threads(), label, (long long)n, mean, sd);
-        std::fflush(stdout);
+        rows.push_back({{"model", info.architecture + " " + info.dtype},
+                        {"architecture", info.architecture},
+                        {"dtype", info.dtype},
+                        {"model_size", info.weight_bytes},
+                        {"model_n_params", info.num_params},
+                        {"backend", backend},
+                        {"n_threads", threads},
+                        {"test", test},
+                        {"n_prompt", n_prompt},
+                        {"n_gen", n_gen},
+                        {"n_batch", batch},
+                        {"avg_ts", mean},
+                        {"stddev_ts", sd},
+                        {"samples_ts", rates}});
       };
-      run("pp", pp, true);
-      run("tg", tg, false);
+      auto seconds = [](auto t0) {
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      };
+      SamplingParams greedy;
+      greedy.temperature = 0.0f;
+      if (pp > 0) {
+        std::vector<double> rates;
+        for (int r = 0; r <= reps; ++r) {  // r == 0 is the warm-up
+          Session s = e.session(pp + 1);
+          s.set_sampling(greedy);
+          std::vector<int32_t> ids(static_cast<size_t>(pp));
+          for (auto& t : ids) t = tok(rng);
+          auto t0 = std::chrono::steady_clock::now();
+          s.next(ids);  // prefill + the first token, read back
+          const double sec = seconds(t0);
+          if (r > 0) rates.push_back(double(pp) / sec);
+        }
+        report(cat("pp", pp), pp, 0, 1, rates);
+      }
+      if (tg > 0) {
+        for (int64_t b : bs) {
+          std::vector<double> rates;
+          for (int r = 0; r <= reps; ++r) {
+            // Each sequence starts from one token; then tg greedy steps of the whole batch, every
+            // token sampled on the device and read back (the device one step ahead), as a
+            // server streams them.
+            std::vector<Session> ss;
+            std::vector<Session*> ptrs;
+            ss.reserve(size_t(b));
+            for (int64_t i = 0; i < b; ++i) {
+              ss.push_back(e.session(tg + 1));
+              ss.back().set_sampling(greedy);
+            }
+            for (auto& s : ss) ptrs.push_back(&s);
+            std::vector<int32_t> cur(static_cast<size_t>(b));
+            for (auto& t : cur) t = tok(rng);
+            cur = e.step(ptrs, cur);
+            int64_t steps = 0;
+            auto t0 = std::chrono::steady_clock::now();
+            e.decode(ptrs, cur, tg, [&](std::span<const int32_t>) { return ++steps > 0; });
+            const double sec = seconds(t0);
+            KILN_CHECK(steps == tg, "bench: ", steps, " of ", tg, " steps ran");
+            if (r > 0) rates.push_back(double(b * tg) / sec);
+          }
+          report(cat("tg", tg), 0, tg, b, rates);
+        }
+      }
+      if (format == "json") std::printf("%s\n", rows.dump(2).c_str());
     });
   }
 }

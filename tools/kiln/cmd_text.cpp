@@ -42,14 +42,15 @@ void generate_text(Engine& e, const RuntimeConfig& rc, const std::string& text, 
   Tokenizer tok = load_tokenizer(e);
   std::vector<int32_t> prompt = tok.encode(text, true);
   KILN_CHECK(!prompt.empty(), "the prompt is empty after tokenization");
-  e.start(rc);
+  start_engine(e, rc);
   stream(e, tok, prompt, sp);
   std::printf("\n");
 }
 
 void register_chat(CLI::App& app) {
   auto* c = app.add_subcommand("chat", "Interactive chat with the model's chat template (reads stdin)");
-  static std::string model, system, dtype = "auto", device = "auto";
+  static std::string model, system, dtype = "auto";
+  static RuntimeConfig rc;
   static SamplingParams sp;
   static float temperature = -1;
   c->add_option("model", model, "kiln engine folder or Hugging Face model folder")->required();
@@ -58,7 +59,7 @@ void register_chat(CLI::App& app) {
   c->add_option("--temperature", temperature, "0: greedy (default: generation_config.json)");
   c->add_option("--seed", sp.seed, "sampling seed");
   c->add_option("--dtype", dtype, "when building from an HF folder");
-  c->add_option("--device", device, "auto, cpu or cuda");
+  add_runtime_args(c, rc);
   c->callback([&] {
     if (temperature >= 0) sp.temperature = temperature;
     BuildConfig bc;
@@ -67,9 +68,7 @@ void register_chat(CLI::App& app) {
     Tokenizer tok = load_tokenizer(e);
     auto tmpl = ChatTemplate::from_dir(e.tokenizer_dir());
     KILN_CHECK(tmpl, e.tokenizer_dir().string(), ": no chat template (tokenizer_config.json chat_template or chat_template.jinja)");
-    RuntimeConfig rc;
-    rc.device = device;
-    e.start(rc);
+    start_engine(e, rc);
     nlohmann::json messages = nlohmann::json::array();
     if (!system.empty()) messages.push_back({{"role", "system"}, {"content", system}});
     const bool tty = isatty(0);

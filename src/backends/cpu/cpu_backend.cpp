@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "backends/cpu/cpu_ops.h"
+#include "backends/cpu/cpu_sample.h"
 #include "graph/backend.h"
 
 namespace kiln {
@@ -19,7 +20,7 @@ float* F(void* p) { return static_cast<float*>(p); }
 const float* F(const void* p) { return static_cast<const float*>(p); }
 
 cpu::KVView view(const KVLayerView& kv) {
-  return {F(kv.k), F(kv.v), kv.block_table, kv.block_size, kv.kv_dim};
+  return {F(kv.k), F(kv.v), kv.block_table, kv.block_size, kv.kv_dim, kv.seq, kv.bt_stride};
 }
 
 class CpuBackend final : public Backend {
@@ -84,6 +85,18 @@ class CpuBackend final : public Backend {
   void softcap(void* x, int64_t count, float cap) override { cpu::softcap(F(x), count, cap); }
   void to_f32(const void* x, int64_t count, float* out) override {
     std::memcpy(out, x, size_t(count) * 4);
+  }
+  void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, float cap, float* y) override {
+    cpu::linear(F(x), n, w.shape[1], ldx, w.data, w.dtype, w.shape[0], nullptr, y, w.shape[0]);
+    if (cap > 0) cpu::softcap(y, n * w.shape[0], cap);
+  }
+  void sample_async(const float* logits, int64_t rows, int64_t vocab, const SampleParams* params,
+                    int32_t* ids) override {
+    sample(logits, rows, vocab, params, ids);
+  }
+  void sample(const float* logits, int64_t rows, int64_t vocab, const SampleParams* params,
+              int32_t* ids) override {
+    for (int64_t r = 0; r < rows; ++r) ids[r] = cpu::sample_row(logits + r * vocab, vocab, params[r]);
   }
 
   void moe_ffn(const void* xv, int64_t n, int64_t H, const MoeWeights& w, int64_t E,

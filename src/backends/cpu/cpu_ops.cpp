@@ -187,8 +187,7 @@ void softcap(float* x, int64_t count, float cap) {
 void kv_write(const KVView& kv, const float* k, const float* v, int64_t ld, const int32_t* pos,
               int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t p = pos[i];
-    const int64_t slot = int64_t(kv.block_table[p / kv.block_size]) * kv.block_size + p % kv.block_size;
+    const int64_t slot = kv.slot(i, pos[i]);
     std::memcpy(kv.k + slot * kv.kv_dim, k + i * ld, size_t(kv.kv_dim) * 4);
     std::memcpy(kv.v + slot * kv.kv_dim, v + i * ld, size_t(kv.kv_dim) * 4);
   }
@@ -209,8 +208,7 @@ void attention(const float* q, int64_t ldq, int64_t n, const int32_t* pos, const
       const int64_t kvo = (h / group) * head_dim;
       float mx = -INFINITY;
       for (int64_t j = 0; j < len; ++j) {
-        const int64_t t = lo + j;
-        const int64_t slot = int64_t(kv.block_table[t / kv.block_size]) * kv.block_size + t % kv.block_size;
+        const int64_t slot = kv.slot(i, lo + j);
         float x = dot(qh, kv.k + slot * kv.kv_dim + kvo, head_dim) * scale;
         if (cap > 0) x = cap * std::tanh(x / cap);
         s[j] = x;
@@ -222,8 +220,7 @@ void attention(const float* q, int64_t ldq, int64_t n, const int32_t* pos, const
       float* o = out + i * ldo + h * head_dim;
       for (int64_t d = 0; d < head_dim; ++d) o[d] = 0;
       for (int64_t j = 0; j < len; ++j) {
-        const int64_t t = lo + j;
-        const int64_t slot = int64_t(kv.block_table[t / kv.block_size]) * kv.block_size + t % kv.block_size;
+        const int64_t slot = kv.slot(i, lo + j);
         const float* vr = kv.v + slot * kv.kv_dim + kvo;
         const float pj = s[j] * inv;
 #pragma omp simd

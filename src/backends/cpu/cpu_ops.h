@@ -48,6 +48,13 @@ struct KVView {
   const int32_t* block_table;
   int64_t block_size;
   int64_t kv_dim;
+  const int32_t* seq = nullptr;  // token i's table is row seq[i] (bt_stride apart); null: one
+  int64_t bt_stride = 0;
+  // Cache slot of token i at position p.
+  int64_t slot(int64_t i, int64_t p) const {
+    const int32_t* bt = seq ? block_table + int64_t(seq[i]) * bt_stride : block_table;
+    return int64_t(bt[p / block_size]) * block_size + p % block_size;
+  }
 };
 
 // Writes rows k/v [n, kv_dim] (row stride ld) at positions pos[i].

@@ -19,6 +19,7 @@
 #include <climits>
 
 #include "backends/cuda/cuda_common.h"
+#include "backends/cuda/cuda_attention_tc.h"
 #include "backends/cuda/cuda_kernels.h"
 
 namespace kiln::cuda {
@@ -43,6 +44,12 @@ struct Args {
   int bs;
   int64_t kv_dim;
   int heads, group, D;
+  // Query rows are flattened (token, head of the GQA group) pairs, `rstride` per token: the
+  // group size for one sequence (a block may span tokens), or the group rounded up to whole
+  // blocks for batched decode (seq != nullptr), so a block never mixes sequences.
+  int rstride;
+  const int32_t* seq;
+  int64_t bt_stride;
   float scale, softcap;
   int window;
   int splits, split_len, split_base;
@@ -72,12 +79,15 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int kvh = blockIdx.y, split = blockIdx.z;
-  const int total = a.n * a.group, rbase = blockIdx.x * kRows;
+  const int rbase = blockIdx.x * kRows;
+  // Row fr is query head kvh * group + fr % rstride of token fr / rstride.
+  auto valid = [&](int fr) { return fr / a.rstride < a.n && fr % a.rstride < a.group; };
+  const int32_t* bt = a.bt + (a.seq ? int64_t(a.seq[rbase / a.rstride]) * a.bt_stride : 0);
   if (tid < kRows) {  // key range [lo, hi] of each row; empty for padding rows
     const int r = rbase + tid;
     int lo = INT_MAX, hi = -1;
-    if (r < total) {
-      hi = a.pos[r / a.group];
+    if (valid(r)) {
+      hi = a.pos[r / a.rstride];
       lo = a.window > 0 ? max(0, hi - a.window + 1) : 0;
     }
     s_lo[tid] = lo, s_hi[tid] = hi;
@@ -93,8 +103,8 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
     for (int it = 0; it < kIt; ++it) {
       const int e = tid + it * kThreads, r = e / per_row, fr = rbase + r;
       buf[it] = make_uint4(0, 0, 0, 0);
-      if (e < chunks && fr < total) {
-        const int i = fr / a.group, h = kvh * a.group + fr % a.group;
+      if (e < chunks && valid(fr)) {
+        const int i = fr / a.rstride, h = kvh * a.group + fr % a.rstride;
         buf[it] = *reinterpret_cast<const uint4*>(q + int64_t(i) * a.ldq + int64_t(h) * D +
                                                   (e % per_row) * E);
       }
@@ -113,8 +123,8 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
     for (int e = tid; e < kRows * D; e += kThreads) {
       const int r = e / D, d = e % D, fr = rbase + r;
       float v = 0.0f;
-      if (fr < total) {
-        const int i = fr / a.group, h = kvh * a.group + fr % a.group;
+      if (valid(fr)) {
+        const int i = fr / a.rstride, h = kvh * a.group + fr % a.rstride;
         v = to_f(q[int64_t(i) * a.ldq + int64_t(h) * D + d]);
       }
       Qs[d * kRows + r] = v;
@@ -153,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
     {
       const int j = tid % kBK, t = t0 + j;
       const bool ok = t < k1;
-      const int64_t off = ok ? (int64_t(a.bt[t / a.bs]) * a.bs + t % a.bs) * a.kv_dim : 0;
+      const int64_t off = ok ? (int64_t(bt[t / a.bs]) * a.bs + t % a.bs) * a.kv_dim : 0;
       if (a.vec) {
         // Batches of 4 chunks per thread: 8 independent 16-byte loads before the first use.
         constexpr int E = kVec<T>, kStep = kThreads / kBK;
@@ -244,8 +254,8 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
 #pragma unroll
   for (int j = 0; j < kWarpRows; ++j) {
     const int fr = rbase + warp * kWarpRows + j;
-    if (fr >= total) continue;
-    const int i = fr / a.group, h = blockIdx.y * a.group + fr % a.group;
+    if (!valid(fr)) continue;
+    const int i = fr / a.rstride, h = blockIdx.y * a.group + fr % a.rstride;
     if (a.splits == 1) {
       const float inv = l[j] > 0.0f ? 1.0f / l[j] : 0.0f;
       T* op = static_cast<T*>(a.out) + int64_t(i) * a.ldo + int64_t(h) * D;
@@ -281,8 +291,8 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
     const int r = tid / 8, part = tid % 8, fr = rbase + r;
     const float* w = nullptr;
     float M = -INFINITY, L = 0.0f;
-    if (fr < total) {
-      const int i = fr / a.group, h = blockIdx.y * a.group + fr % a.group;
+    if (valid(fr)) {
+      const int i = fr / a.rstride, h = blockIdx.y * a.group + fr % a.rstride;
       w = a.ws + (int64_t(i) * a.heads + h) * a.splits * (D + 2);
       for (int sp = part; sp < a.splits; sp += 8) M = fmaxf(M, __ldcg(w + sp * (D + 2) + D));
     }
@@ -303,8 +313,8 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
   __syncthreads();
   for (int e = tid; e < kRows * D; e += kThreads) {
     const int r = e / D, d = e % D, fr = rbase + r;
-    if (fr >= total) continue;
-    const int i = fr / a.group, h = blockIdx.y * a.group + fr % a.group;
+    if (!valid(fr)) continue;
+    const int i = fr / a.rstride, h = blockIdx.y * a.group + fr % a.rstride;
     const float* w = a.ws + (int64_t(i) * a.heads + h) * a.splits * (D + 2) + d;
     float acc = 0.0f;
 #pragma unroll 4
@@ -316,13 +326,14 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
 }
 
 struct Plan {
-  int row_blocks, splits = 1, split_len = 0, split_base = 0;
+  int rstride, row_blocks, splits = 1, split_len = 0, split_base = 0;
 };
 
 Plan make_plan(const AttnLaunch& a, int num_sms) {
   Plan p;
   const int64_t group = a.heads / a.kv_heads;
-  p.row_blocks = int((a.n * group + kRows - 1) / kRows);
+  p.rstride = int(a.seq ? (group + kRows - 1) / kRows * kRows : group);
+  p.row_blocks = int((a.n * p.rstride + kRows - 1) / kRows);
   const int64_t blocks = int64_t(p.row_blocks) * a.kv_heads;
   if (blocks >= num_sms || a.kv_len <= 0) return p;
   // The keys the rows see, if positions are the usual kv_len - n .. kv_len - 1.
@@ -387,8 +398,9 @@ void attention(DType act, const AttnLaunch& a, float* ws, int* counters, int num
              " query heads are not a multiple of ", a.kv_heads, " KV heads");
   KILN_CHECK(a.head_dim >= 1 && a.head_dim <= kMaxHeadDim, "attention: head_dim ", a.head_dim,
              " outside the CUDA kernel's range [1, ", kMaxHeadDim, "]");
-  KILN_CHECK(a.n * a.heads < INT_MAX && a.kv_len < INT_MAX, "attention: sizes exceed 2^31");
+  KILN_CHECK(a.n * (a.heads + kRows) < INT_MAX && a.kv_len < INT_MAX, "attention: sizes exceed 2^31");
   if (a.n == 0) return;
+  if (a.n >= kTcMinRows && attention_tc(act, a, s)) return;  // tensor cores (prefill)
   const Plan p = make_plan(a, num_sms);
   KILN_CHECK(p.splits == 1 || (ws && counters), "attention: split-K workspace missing");
   const int64_t e = 16 / int64_t(dtype_size(act));
@@ -404,6 +416,9 @@ void attention(DType act, const AttnLaunch& a, float* ws, int* counters, int num
          int(a.heads),
          int(a.heads / a.kv_heads),
          int(a.head_dim),
+         p.rstride,
+         a.seq,
+         a.bt_stride,
          a.scale,
          a.softcap,
          int(a.window),

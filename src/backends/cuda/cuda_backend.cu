@@ -17,6 +17,8 @@
 #include "backends/cuda/cuda_common.h"
 #include "backends/cuda/cuda_gemm.h"
 #include "backends/cuda/cuda_kernels.h"
+#include "backends/cuda/cuda_sample.h"
+#include "backends/cuda/cuda_upload.h"
 #include "graph/backend.h"
 
 namespace kiln {
@@ -147,6 +149,8 @@ class CudaBackend final : public Backend {
     KILN_CUDA_CHECK(cudaMallocHost(&pinned_, kPinnedBytes));
     for (auto& e : chunk_done_)
       KILN_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    for (auto& e : mark_events_)
+      KILN_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   }
 
   ~CudaBackend() override {
@@ -168,6 +172,7 @@ class CudaBackend final : public Backend {
     for (auto& [k, p] : scratch_) cudaFree(p.first);
     for (auto& [k, p] : expert_tables_) cudaFree(p);
     for (cudaEvent_t e : chunk_done_) cudaEventDestroy(e);
+    for (cudaEvent_t e : mark_events_) cudaEventDestroy(e);
     cudaFreeHost(pinned_);
     cudaStreamDestroy(stream_);
   }
@@ -198,6 +203,7 @@ class CudaBackend final : public Backend {
   void to_host(void* dst, const void* src, size_t bytes) override {
     flush();
     if (!bytes) return;
+    if (bytes >= kChunkBytes) return read_pinned(src, bytes, dst);
     KILN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
     KILN_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
@@ -218,6 +224,49 @@ class CudaBackend final : public Backend {
     t.device = Device::CUDA;
     return t;
   }
+  std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host) override {
+    flush();
+    return cuda::upload_all(host, stream_);
+  }
+
+  std::pair<size_t, size_t> memory() const override {
+    size_t free = 0, total = 0;
+    KILN_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+    return {free, total};
+  }
+
+  // CUDA graphs. Not while profiling: the profiler's events would be captured too.
+  bool graphs() const override { return !prof_; }
+  void capture_begin() override {
+    flush();
+    KILN_CHECK(!capturing_, "CUDA graph capture already in progress");
+    KILN_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    capturing_ = true;
+  }
+  std::unique_ptr<Graph> capture_end() override {
+    KILN_CHECK(capturing_, "no CUDA graph capture in progress");
+    // Always end the capture, even when flushing fails, so the stream is usable again.
+    const char* err = nullptr;
+    try {
+      flush();
+    } catch (const Error&) {
+      err = "a launch failed while capturing";
+    }
+    capturing_ = false;
+    cudaGraph_t g = nullptr;
+    const cudaError_t e = cudaStreamEndCapture(stream_, &g);
+    auto out = std::make_unique<CudaGraph>();
+    out->graph = g;
+    if (err) throw Error(cat("CUDA graph capture: ", err));
+    KILN_CUDA_CHECK(e);
+    KILN_CUDA_CHECK(cudaGraphInstantiate(&out->exec, g, 0));
+    return out;
+  }
+  void replay(Graph& g) override {
+    flush();
+    KILN_CUDA_CHECK(cudaGraphLaunch(static_cast<CudaGraph&>(g).exec, stream_));
+  }
+  uint64_t generation() const override { return generation_; }
 
   void embed(const Tensor& table, const int32_t* ids, int64_t n, float scale, void* out) override {
     Prof prof(prof_.get(), "embed");
@@ -301,12 +350,13 @@ class CudaBackend final : public Backend {
       // rope(q), rope(k), kv_write(k, v): one launch.
       p.kind = Pending::None;
       cuda::rope_kv_write(act_, p.x, n, ld, p.heads, p.k_from, p.head_dim, p.rot_dim, p.cos, p.sin,
-                          kv.k, kv.v, kv.block_table, kv.block_size, kv.kv_dim, v, pos, stream_);
+                          kv.k, kv.v, kv.block_table, kv.block_size, kv.kv_dim, v, pos, stream_,
+                          kv.seq, kv.bt_stride);
       return;
     }
     flush();
     cuda::kv_write(act_, kv.k, kv.v, kv.block_table, kv.block_size, kv.kv_dim, k, v, ld, pos, n,
-                   stream_);
+                   stream_, kv.seq, kv.bt_stride);
   }
 
   void attention(const void* q, int64_t ldq, int64_t n, const int32_t* pos, const KVLayerView& kv,
@@ -316,6 +366,7 @@ class CudaBackend final : public Backend {
     if (n == 0) return;
     int64_t len = kv.len;
     if (len <= 0) {  // caller did not say: read the positions back (a sync; the Decoder says)
+      KILN_CHECK(!capturing_, "attention: the cache length must be given while capturing");
       std::vector<int32_t> h(static_cast<size_t>(n));
       to_host(h.data(), pos, size_t(n) * 4);
       len = int64_t(*std::max_element(h.begin(), h.end())) + 1;
@@ -337,7 +388,9 @@ class CudaBackend final : public Backend {
                              p.window,
                              len,
                              out,
-                             ldo};
+                             ldo,
+                             kv.seq,
+                             kv.bt_stride};
     const size_t ws = cuda::attention_workspace(a, sms_);
     const size_t nc = cuda::attention_counters(a, sms_);
     cuda::attention(act_, a, ws ? static_cast<float*>(scratch("attn_ws", ws)) : nullptr,
@@ -379,9 +432,98 @@ class CudaBackend final : public Backend {
       cuda::to_f32(act_, x, count, f, stream_);
       src = f;
     }
-    // Through a pinned buffer (a pageable destination is copied at a fraction of the bus speed),
-    // in chunks, so the host copy of one chunk overlaps the transfer of the next.
-    const size_t total = size_t(count) * 4;
+    read_pinned(src, size_t(count) * 4, host_out);
+    if (prof_) prof_->harvest(true);
+  }
+
+  void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, float cap, float* y) override {
+    Prof prof(prof_.get(), "logits");
+    flush();
+    KILN_CHECK(w.dtype == act_, "CUDA logits: weight dtype ", dtype_name(w.dtype),
+               " differs from the activation dtype ", dtype_name(act_));
+    const int64_t in = w.shape[1], out = w.shape[0];
+    if (n == 0 || out == 0) return;
+    if (!(gemv_ && cuda::gemv(act_, x, n, ldx, w.data, in, out, nullptr, y, out, stream_, true)))
+      lt_->run(act_, x, n, ldx, w.data, in, out, y, out, true);
+    if (cap > 0) cuda::softcap_f32(y, n * out, cap, stream_);
+  }
+
+  void sample_async(const float* logits, int64_t rows, int64_t vocab, const SampleParams* d_params,
+                    int32_t* d_ids) override {
+    Prof prof(prof_.get(), "sample");
+    flush();
+    if (rows <= 0) return;
+    const size_t wsb = cuda::sample_workspace(rows, vocab);
+    cuda::sample(logits, rows, vocab, d_params, d_ids, wsb ? scratch("sample_ws", wsb) : nullptr,
+                 stream_);
+  }
+  void* host_alloc(size_t bytes) override {
+    void* p = nullptr;
+    KILN_CUDA_CHECK(cudaMallocHost(&p, std::max<size_t>(bytes, 1)));
+    return p;
+  }
+  void host_free(void* p) override {
+    try {
+      synchronize();  // a copy into it may be pending
+    } catch (const Error&) {
+    }
+    if (p) cudaFreeHost(p);
+  }
+  void to_host_async(void* dst, const void* src, size_t bytes) override {
+    flush();
+    if (bytes) KILN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+  }
+  uint64_t mark() override {
+    flush();
+    const uint64_t m = marks_++;
+    KILN_CUDA_CHECK(cudaEventRecord(mark_events_[m % kMarks], stream_));
+    return m;
+  }
+  void wait(uint64_t m) override {
+    KILN_CHECK(m < marks_ && marks_ - m <= kMarks, "wait: marker ", m, " is not outstanding");
+    KILN_CUDA_CHECK(cudaEventSynchronize(mark_events_[m % kMarks]));
+    if (prof_) {  // the profile's events of later queued work must be complete to be read
+      synchronize();
+      prof_->harvest(true);
+    }
+  }
+
+  void sample(const float* logits, int64_t rows, int64_t vocab, const SampleParams* params,
+              int32_t* host_ids) override {
+    Prof prof(prof_.get(), "sample");
+    flush();
+    if (rows <= 0) return;
+    KILN_CHECK(!capturing_, "sample: not inside a graph capture (it reads results back)");
+    const size_t pb = size_t(rows) * sizeof(SampleParams), ib = size_t(rows) * 4;
+    KILN_CHECK(pb + ib <= kPinnedBytes, "sample: too many rows (", rows, ")");
+    auto* dp = static_cast<SampleParams*>(scratch("sample_params", pb));
+    auto* di = static_cast<int32_t*>(scratch("sample_ids", ib));
+    const size_t wsb = cuda::sample_workspace(rows, vocab);
+    void* ws = wsb ? scratch("sample_ws", wsb) : nullptr;
+    // Pinned staging both ways: an async copy from pageable memory is staged synchronously.
+    std::memcpy(pinned_, params, pb);
+    KILN_CUDA_CHECK(cudaMemcpyAsync(dp, pinned_, pb, cudaMemcpyHostToDevice, stream_));
+    cuda::sample(logits, rows, vocab, dp, di, ws, stream_);
+    char* back = static_cast<char*>(pinned_) + pb;
+    KILN_CUDA_CHECK(cudaMemcpyAsync(back, di, ib, cudaMemcpyDeviceToHost, stream_));
+    KILN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    std::memcpy(host_ids, back, ib);
+    if (prof_) prof_->harvest(true);
+  }
+
+ private:
+  struct CudaGraph final : Graph {
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    ~CudaGraph() override {
+      if (exec) cudaGraphExecDestroy(exec);
+      if (graph) cudaGraphDestroy(graph);
+    }
+  };
+
+  // Device-to-host through the pinned buffer (a pageable destination is copied at a fraction of
+  // the bus speed), in chunks, so the host copy of one chunk overlaps the transfer of the next.
+  void read_pinned(const void* src, size_t total, void* host_out) {
     const char* s = reinterpret_cast<const char*>(src);
     char* h = reinterpret_cast<char*>(host_out);
     for (size_t g = 0; g < total; g += kPinnedBytes) {
@@ -399,8 +541,9 @@ class CudaBackend final : public Backend {
         std::memcpy(h + g + off, static_cast<char*>(pinned_) + off, m);
       }
     }
-    if (prof_) prof_->harvest(true);
   }
+
+ public:
 
   void moe_ffn(const void* x, int64_t n, int64_t H, const MoeWeights& w, int64_t E, int64_t k,
                bool renorm, Activation a, void* out) override {
@@ -519,6 +662,8 @@ class CudaBackend final : public Backend {
   void* scratch(const std::string& name, size_t bytes, bool zeroed = false) {
     auto& s = scratch_[name];
     if (s.second < bytes) {
+      KILN_CHECK(!capturing_, "CUDA scratch '", name, "' would grow during a graph capture");
+      ++generation_;  // graphs captured so far may point at the old buffer
       if (s.first) cudaFree(s.first);
       s.first = nullptr;
       s.second = 0;
@@ -557,6 +702,11 @@ class CudaBackend final : public Backend {
   std::map<const void*, void*> expert_tables_;
   std::unique_ptr<OpProfile> prof_;
   Pending pending_;
+  bool capturing_ = false;
+  uint64_t generation_ = 0;
+  static constexpr uint64_t kMarks = 16;
+  cudaEvent_t mark_events_[kMarks] = {};
+  uint64_t marks_ = 0;
 };
 
 }  // namespace

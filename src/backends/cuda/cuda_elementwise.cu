@@ -192,6 +192,14 @@ __global__ void rope_kernel(T* x, int64_t n, int64_t ld, int64_t heads, int64_t 
   }
 }
 
+// Cache slot of token i: its position through its sequence's block table.
+__device__ __forceinline__ int64_t cache_slot(const int32_t* bt, int64_t bs, const int32_t* seq,
+                                              int64_t bt_stride, const int32_t* pos, int64_t i) {
+  const int64_t p = pos[i];
+  if (seq) bt += int64_t(seq[i]) * bt_stride;
+  return int64_t(bt[p / bs]) * bs + p % bs;
+}
+
 // rope + kv_write in one launch. Threads [0, pairs) rotate one (a, b) pair each and, for k
 // heads, also store it in the cache; then threads copy the unrotated dims of the k heads
 // (partial rotary) and the v row. Each element is written by the thread that computed it.
@@ -199,7 +207,8 @@ template <typename T>
 __global__ void rope_kv_kernel(T* x, int64_t n, int64_t ld, int64_t heads, int64_t k_from,
                                int64_t head_dim, int64_t half, const float* cos, const float* sin,
                                T* kpool, T* vpool, const int32_t* bt, int64_t bs, int64_t kv_dim,
-                               const T* v, const int32_t* pos) {
+                               const T* v, const int32_t* pos, const int32_t* seq,
+                               int64_t bt_stride) {
   pdl_begin();
   const int64_t pairs = n * heads * half, rest = head_dim - 2 * half;
   const int64_t kheads = kv_dim / head_dim, kcopy = n * kheads * rest;
@@ -214,21 +223,18 @@ __global__ void rope_kv_kernel(T* x, int64_t n, int64_t ld, int64_t heads, int64
       hv[k] = ra;
       hv[k + half] = rb;
       if (h >= k_from) {
-        const int64_t p = pos[i];
-        T* kc = kpool + (int64_t(bt[p / bs]) * bs + p % bs) * kv_dim + (h - k_from) * head_dim;
+        T* kc = kpool + cache_slot(bt, bs, seq, bt_stride, pos, i) * kv_dim + (h - k_from) * head_dim;
         kc[k] = ra;
         kc[k + half] = rb;
       }
     } else if (e < pairs + kcopy) {
       const int64_t e2 = e - pairs, i = e2 / (kheads * rest), rem = e2 % (kheads * rest);
       const int64_t hk = rem / rest, d = 2 * half + rem % rest;
-      const int64_t p = pos[i];
-      kpool[(int64_t(bt[p / bs]) * bs + p % bs) * kv_dim + hk * head_dim + d] =
+      kpool[cache_slot(bt, bs, seq, bt_stride, pos, i) * kv_dim + hk * head_dim + d] =
           x[i * ld + (k_from + hk) * head_dim + d];
     } else {
       const int64_t e3 = e - pairs - kcopy, i = e3 / kv_dim, d = e3 % kv_dim;
-      const int64_t p = pos[i];
-      vpool[(int64_t(bt[p / bs]) * bs + p % bs) * kv_dim + d] = v[i * ld + d];
+      vpool[cache_slot(bt, bs, seq, bt_stride, pos, i) * kv_dim + d] = v[i * ld + d];
     }
   }
 }
@@ -273,12 +279,12 @@ __global__ void bias_add_kernel(T* y, int64_t n, int64_t out, int64_t ldy, const
 
 template <typename T>
 __global__ void kv_write_kernel(T* kpool, T* vpool, const int32_t* bt, int64_t bs, int64_t kv_dim,
-                                const T* k, const T* v, int64_t ld, const int32_t* pos, int64_t n) {
+                                const T* k, const T* v, int64_t ld, const int32_t* pos, int64_t n,
+                                const int32_t* seq, int64_t bt_stride) {
   pdl_begin();
   GRID_STRIDE(e, n * kv_dim) {
     const int64_t i = e / kv_dim, d = e % kv_dim;
-    const int64_t p = pos[i];
-    const int64_t slot = int64_t(bt[p / bs]) * bs + p % bs;
+    const int64_t slot = cache_slot(bt, bs, seq, bt_stride, pos, i);
     kpool[slot * kv_dim + d] = k[i * ld + d];
     vpool[slot * kv_dim + d] = v[i * ld + d];
   }
@@ -408,6 +414,11 @@ void softcap(DType act, void* x, int64_t count, float cap, cudaStream_t s) {
                                        static_cast<T*>(x), count, cap));
 }
 
+void softcap_f32(float* x, int64_t count, float cap, cudaStream_t s) {
+  if (count == 0) return;
+  launch_kernel(softcap_kernel<float>, grid_for(count), kThreads, 0, s, x, count, cap);
+}
+
 void to_f32(DType act, const void* x, int64_t count, float* out, cudaStream_t s) {
   if (count == 0) return;
   KILN_DISPATCH_ACT(act, launch_kernel(to_f32_kernel<T>, grid_for(count), kThreads, 0, s,
@@ -423,18 +434,20 @@ void bias_add(DType act, void* y, int64_t n, int64_t out, int64_t ldy, const flo
 
 void kv_write(DType act, void* kpool, void* vpool, const int32_t* block_table, int64_t block_size,
               int64_t kv_dim, const void* k, const void* v, int64_t ld, const int32_t* pos,
-              int64_t n, cudaStream_t s) {
+              int64_t n, cudaStream_t s, const int32_t* seq, int64_t bt_stride) {
   if (n * kv_dim == 0) return;
   KILN_DISPATCH_ACT(
       act, launch_kernel(kv_write_kernel<T>, grid_for(n * kv_dim), kThreads, 0, s,
                          static_cast<T*>(kpool), static_cast<T*>(vpool), block_table, block_size,
-                         kv_dim, static_cast<const T*>(k), static_cast<const T*>(v), ld, pos, n));
+                         kv_dim, static_cast<const T*>(k), static_cast<const T*>(v), ld, pos, n,
+                         seq, bt_stride));
 }
 
 void rope_kv_write(DType act, void* x, int64_t n, int64_t ld, int64_t heads, int64_t k_from,
                    int64_t head_dim, int64_t rot_dim, const float* cos, const float* sin,
                    void* kpool, void* vpool, const int32_t* block_table, int64_t block_size,
-                   int64_t kv_dim, const void* v, const int32_t* pos, cudaStream_t s) {
+                   int64_t kv_dim, const void* v, const int32_t* pos, cudaStream_t s,
+                   const int32_t* seq, int64_t bt_stride) {
   const int64_t half = rot_dim / 2;
   const int64_t count =
       n * heads * half + n * (kv_dim / head_dim) * (head_dim - 2 * half) + n * kv_dim;
@@ -443,7 +456,7 @@ void rope_kv_write(DType act, void* x, int64_t n, int64_t ld, int64_t heads, int
       act, launch_kernel(rope_kv_kernel<T>, grid_for(count), kThreads, 0, s, static_cast<T*>(x), n,
                          ld, heads, k_from, head_dim, half, cos, sin, static_cast<T*>(kpool),
                          static_cast<T*>(vpool), block_table, block_size, kv_dim,
-                         static_cast<const T*>(v), pos));
+                         static_cast<const T*>(v), pos, seq, bt_stride));
 }
 
 void moe_route(DType act, const void* logits, int64_t n, int64_t E, int64_t k, bool renorm,

@@ -61,7 +61,8 @@ const LtGemm::Plan& LtGemm::plan(const Key& key) {
       cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
   KILN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, t, uint64_t(key.k), uint64_t(key.m), key.k));
   KILN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, t, uint64_t(key.k), uint64_t(key.n), key.ldx));
-  KILN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, t, uint64_t(key.m), uint64_t(key.n), key.ldy));
+  KILN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, cuda_type(DType(key.yt)), uint64_t(key.m),
+                                               uint64_t(key.n), key.ldy));
   cublasLtMatmulPreference_t pref = nullptr;
   KILN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   const uint64_t ws = workspace_bytes_;
@@ -100,9 +101,9 @@ const LtGemm::Plan& LtGemm::plan(const Key& key) {
 }
 
 void LtGemm::run(DType dt, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in,
-                 int64_t out, void* y, int64_t ldy) {
+                 int64_t out, void* y, int64_t ldy, bool f32_out) {
   if (n == 0 || out == 0) return;
-  const Key key{int(dt), out, n, in, ldx, ldy, alignment(x), alignment(w), alignment(y)};
+  const Key key{int(dt), int(f32_out ? DType::F32 : dt), out, n, in, ldx, ldy, alignment(x), alignment(w), alignment(y)};
   const Plan& p = plan(key);
   const float alpha = 1.0f, beta = 0.0f;
   KILN_CUBLAS_CHECK(cublasLtMatmul(handle_, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c,

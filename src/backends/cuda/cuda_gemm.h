@@ -20,20 +20,21 @@ class LtGemm {
   LtGemm(const LtGemm&) = delete;
   LtGemm& operator=(const LtGemm&) = delete;
 
-  // Row-major x (rows ldx apart), W and y (rows ldy apart), all of dtype `dt`.
+  // Row-major x (rows ldx apart), W and y (rows ldy apart), all of dtype `dt`; y F32 instead
+  // when f32_out (logits).
   void run(DType dt, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in, int64_t out,
-           void* y, int64_t ldy);
+           void* y, int64_t ldy, bool f32_out = false);
 
  private:
   // The heuristic's choice depends on shapes, strides and how aligned the pointers are, so all
   // of them key the cache: each distinct product asks the heuristic once.
   struct Key {
-    int dt;
+    int dt, yt;
     int64_t m, n, k, ldx, ldy;
     int align_x, align_w, align_y;
     bool operator<(const Key& o) const {  // (nvcc compiles this as C++17: no <=>)
-      return std::tie(dt, m, n, k, ldx, ldy, align_x, align_w, align_y) <
-             std::tie(o.dt, o.m, o.n, o.k, o.ldx, o.ldy, o.align_x, o.align_w, o.align_y);
+      return std::tie(dt, yt, m, n, k, ldx, ldy, align_x, align_w, align_y) <
+             std::tie(o.dt, o.yt, o.m, o.n, o.k, o.ldx, o.ldy, o.align_x, o.align_w, o.align_y);
     }
   };
   struct Plan {

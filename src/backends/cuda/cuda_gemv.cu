@@ -38,10 +38,11 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   return r;
 }
 
-// acc[t][r] summed over the block; thread t*ROWS + r stores y[t, row0 + r].
-template <typename T, int N, int ROWS>
+// acc[t][r] summed over the block; thread t*ROWS + r stores y[t, row0 + r] (Y: the activation
+// type, or float for F32 logits).
+template <typename Y, int N, int ROWS>
 __device__ __forceinline__ void gemv_reduce(float (&acc)[N][ROWS], int out, int row0,
-                                            const float* __restrict__ bias, T* __restrict__ y,
+                                            const float* __restrict__ bias, Y* __restrict__ y,
                                             int64_t ldy) {
   __shared__ float red[kGemvThreads / 32][N * ROWS];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -57,7 +58,7 @@ __device__ __forceinline__ void gemv_reduce(float (&acc)[N][ROWS], int out, int 
     const int t = threadIdx.x / ROWS, r = threadIdx.x % ROWS, row = row0 + r;
     float s = 0;
     for (int w = 0; w < warps; ++w) s += red[w][threadIdx.x];
-    if (row < out) y[t * ldy + row] = from_f<T>(s + (bias ? bias[row] : 0.0f));
+    if (row < out) y[t * ldy + row] = from_f<Y>(s + (bias ? bias[row] : 0.0f));
   }
 }
 
@@ -121,17 +122,17 @@ __device__ __forceinline__ void gemv_partial(float (&acc)[N][ROWS], const T* __r
   }
 }
 
-template <typename T, int N, int ROWS, bool WAIT_X>
+template <typename T, int N, int ROWS, bool WAIT_X, typename Y = T>
 __device__ __forceinline__ void gemv_tile(const T* __restrict__ x, int64_t ldx,
                                           const T* __restrict__ w, int in, int out, int row0,
-                                          const float* __restrict__ bias, T* __restrict__ y,
+                                          const float* __restrict__ bias, Y* __restrict__ y,
                                           int64_t ldy) {
   int rows[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) rows[r] = min(row0 + r, out - 1);  // past the end: never stored
   float acc[N][ROWS];
   gemv_partial<T, N, ROWS, WAIT_X>(acc, x, ldx, w, in, rows);
-  gemv_reduce<T, N, ROWS>(acc, out, row0, bias, y, ldy);
+  gemv_reduce<Y, N, ROWS>(acc, out, row0, bias, y, ldy);
 }
 
 // Any shape or alignment, one element at a time (MoE fallback for odd sizes).
@@ -150,12 +151,12 @@ __device__ __forceinline__ void gemv_tile_scalar(const T* __restrict__ x, const 
   gemv_reduce<T, 1, ROWS>(acc, out, row0, nullptr, y, 0);
 }
 
-template <typename T, int N, int ROWS>
+template <typename T, int N, int ROWS, typename Y>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ w, int in, int out,
-                const float* __restrict__ bias, T* __restrict__ y, int64_t ldy) {
+                const float* __restrict__ bias, Y* __restrict__ y, int64_t ldy) {
   pdl_trigger();
-  gemv_tile<T, N, ROWS, true>(x, ldx, w, in, out, int(blockIdx.x) * ROWS, bias, y, ldy);
+  gemv_tile<T, N, ROWS, true, Y>(x, ldx, w, in, out, int(blockIdx.x) * ROWS, bias, y, ldy);
 }
 
 // gate_up GEMV fused with the gated activation: a block owns gate rows [j, j + H) and the up
@@ -223,14 +224,14 @@ unsigned threads_for(int64_t chunks) {
 }
 
 // 4 weight rows per block keep 8 independent 16-byte loads in flight per thread.
-template <typename T, int N>
+template <typename T, int N, typename Y = T>
 void launch(const void* x, int64_t ldx, const void* w, int64_t in, int64_t out, const float* bias,
             void* y, int64_t ldy, cudaStream_t s) {
   constexpr int kRows = 4;
   const unsigned blocks = unsigned((out + kRows - 1) / kRows);
-  launch_kernel(gemv_kernel<T, N, kRows>, blocks, threads_for(in / kVec<T>), 0, s,
+  launch_kernel(gemv_kernel<T, N, kRows, Y>, blocks, threads_for(in / kVec<T>), 0, s,
                 static_cast<const T*>(x), ldx, static_cast<const T*>(w), int(in), int(out), bias,
-                static_cast<T*>(y), ldy);
+                static_cast<Y*>(y), ldy);
 }
 
 // Weight rows per block of the fused kernel: 2 gate + 2 up rows (the registers of 4 plain rows).
@@ -269,9 +270,15 @@ void gemv_gated(DType act, const void* x, int64_t n, int64_t ldx, const void* w,
 }
 
 bool gemv(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in, int64_t out,
-          const float* bias, void* y, int64_t ldy, cudaStream_t s) {
+          const float* bias, void* y, int64_t ldy, cudaStream_t s, bool f32_out) {
   if (!gemv_supported(act, x, n, ldx, w, in, out)) return false;
-  if (n == 1) {
+  if (f32_out) {
+    if (n == 1) {
+      KILN_DISPATCH_ACT(act, (launch<T, 1, float>(x, ldx, w, in, out, bias, y, ldy, s)));
+    } else {
+      KILN_DISPATCH_ACT(act, (launch<T, 2, float>(x, ldx, w, in, out, bias, y, ldy, s)));
+    }
+  } else if (n == 1) {
     KILN_DISPATCH_ACT(act, launch<T, 1>(x, ldx, w, in, out, bias, y, ldy, s));
   } else {
     KILN_DISPATCH_ACT(act, launch<T, 2>(x, ldx, w, in, out, bias, y, ldy, s));

@@ -38,18 +38,22 @@ void gated_act(DType act, const void* gu, int64_t n, int64_t inter, Activation a
 void act_inplace(DType act, void* x, int64_t count, Activation a, cudaStream_t s);
 void softcap(DType act, void* x, int64_t count, float cap, cudaStream_t s);
 void to_f32(DType act, const void* x, int64_t count, float* out, cudaStream_t s);
+// x[count] = cap * tanh(x / cap), F32.
+void softcap_f32(float* x, int64_t count, float cap, cudaStream_t s);
 // y[i, o] += bias[o] over n rows of `out` columns, rows `ldy` apart.
 void bias_add(DType act, void* y, int64_t n, int64_t out, int64_t ldy, const float* bias,
               cudaStream_t s);
 void kv_write(DType act, void* kpool, void* vpool, const int32_t* block_table, int64_t block_size,
               int64_t kv_dim, const void* k, const void* v, int64_t ld, const int32_t* pos,
-              int64_t n, cudaStream_t s);
+              int64_t n, cudaStream_t s, const int32_t* seq = nullptr, int64_t bt_stride = 0);
 // rope over `heads` heads of rows x (q heads, then the kv_dim / head_dim k heads from head
 // `k_from`), then kv_write of the rotated k heads and of v: rope(q); rope(k); kv_write(k, v).
+// seq / bt_stride: as in AttnLaunch (token i's block table is row seq[i]).
 void rope_kv_write(DType act, void* x, int64_t n, int64_t ld, int64_t heads, int64_t k_from,
                    int64_t head_dim, int64_t rot_dim, const float* cos, const float* sin,
                    void* kpool, void* vpool, const int32_t* block_table, int64_t block_size,
-                   int64_t kv_dim, const void* v, const int32_t* pos, cudaStream_t s);
+                   int64_t kv_dim, const void* v, const int32_t* pos, cudaStream_t s,
+                   const int32_t* seq = nullptr, int64_t bt_stride = 0);
 
 // ---- MoE helpers (cuda_elementwise.cu) ----
 
@@ -66,8 +70,9 @@ void moe_combine(DType act, const void* ye, const float* weights, int64_t n, int
 // y[n, out] = x[n, in] . w[out, in]^T (+ bias) for n <= kGemvMaxRows. Returns false (and does
 // nothing) when the shapes or alignment do not suit the vectorised kernel.
 constexpr int64_t kGemvMaxRows = 2;
+// f32_out: y is F32 (logits), whatever the activation dtype.
 bool gemv(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in, int64_t out,
-          const float* bias, void* y, int64_t ldy, cudaStream_t s);
+          const float* bias, void* y, int64_t ldy, cudaStream_t s, bool f32_out = false);
 // Whether gemv() would take these operands.
 bool gemv_supported(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in,
                     int64_t out);
@@ -97,9 +102,13 @@ struct AttnLaunch {
   int64_t heads, kv_heads, head_dim;
   float scale, softcap;
   int64_t window;
-  int64_t kv_len;  // max(pos) + 1: sizes the split over keys
+  int64_t kv_len;  // max(pos) + 1 (or an upper bound): sizes the split over keys
   void* out;
   int64_t ldo;
+  // Batched decode: token i belongs to sequence seq[i], block table row seq[i] (bt_stride
+  // entries apart); nullptr: one sequence. With seq, a block never mixes tokens.
+  const int32_t* seq = nullptr;
+  int64_t bt_stride = 0;
 };
 // Bytes of FP32 workspace, and the number of int counters (zero-initialised once; the kernel
 // leaves them zero), that attention() needs for this launch (0: none).

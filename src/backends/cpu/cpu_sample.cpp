@@ -1,0 +1,86 @@
+// Token sampling, CPU reference: written for clarity (sorts), not speed; the semantics are in
+// cpu_sample.h and the shared arithmetic in core/sample_math.h.
+#include "backends/cpu/cpu_sample.h"
+
+#include <algorithm>
+#include <numeric>
+
+#include "core/error.h"
+#include "core/sample_math.h"
+
+namespace kiln::cpu {
+namespace {
+
+void check_vocab(int64_t vocab) {
+  KILN_CHECK(vocab >= 1 && vocab <= sampling::kMaxVocab, "sample: vocab ", vocab,
+             " is outside [1, ", sampling::kMaxVocab, "]");
+}
+
+}  // namespace
+
+std::vector<SampleCandidate> sample_candidates(const float* logits, int64_t vocab,
+                                               const SampleParams& p) {
+  check_vocab(vocab);
+  std::vector<float> l(static_cast<size_t>(vocab));
+  for (int64_t i = 0; i < vocab; ++i) l[size_t(i)] = sampling::sanitize(logits[i]);
+  const float m = *std::max_element(l.begin(), l.end());
+  const auto ranked_before = [&](int32_t a, int32_t b) {
+    return l[size_t(a)] > l[size_t(b)] || (l[size_t(a)] == l[size_t(b)] && a < b);
+  };
+
+  std::vector<int32_t> k(static_cast<size_t>(vocab));
+  std::iota(k.begin(), k.end(), 0);
+  if (p.top_k > 0 && p.top_k < vocab) {
+    std::nth_element(k.begin(), k.begin() + (p.top_k - 1), k.end(), ranked_before);
+    k.resize(size_t(p.top_k));
+  }
+  const auto weight = [&](int32_t i) {
+    return sampling::weight(l[size_t(i)], m, p.temperature);
+  };
+
+  std::vector<SampleCandidate> kept;
+  kept.reserve(k.size());
+  if (p.top_p > 0.0f && p.top_p < 1.0f) {
+    std::sort(k.begin(), k.end(), ranked_before);
+    std::vector<uint64_t> q(k.size());
+    uint64_t total = 0;
+    for (size_t j = 0; j < k.size(); ++j) total += (q[j] = weight(k[j]));
+    const double threshold = sampling::top_p_threshold(p.top_p, total);
+    uint64_t before = 0;
+    for (size_t j = 0; j < k.size() && double(before) < threshold; ++j) {
+      kept.push_back({k[j], q[j]});
+      before += q[j];
+    }
+    std::sort(kept.begin(), kept.end(),
+              [](const SampleCandidate& a, const SampleCandidate& b) { return a.id < b.id; });
+  } else {
+    std::sort(k.begin(), k.end());
+    for (int32_t i : k) kept.push_back({i, weight(i)});
+  }
+  return kept;
+}
+
+int32_t sample_row(const float* logits, int64_t vocab, const SampleParams& p) {
+  check_vocab(vocab);
+  if (p.temperature <= 0.0f) {
+    int64_t best = 0;
+    float bv = sampling::sanitize(logits[0]);
+    for (int64_t i = 1; i < vocab; ++i) {
+      const float v = sampling::sanitize(logits[i]);
+      if (v > bv) best = i, bv = v;
+    }
+    return int32_t(best);
+  }
+  const std::vector<SampleCandidate> kept = sample_candidates(logits, vocab, p);
+  uint64_t total = 0;
+  for (const SampleCandidate& c : kept) total += c.weight;
+  // The maximum is always kept with weight 2^40, so total > 0; guarded all the same.
+  if (total == 0) return kept.front().id;
+  const uint64_t r = sampling::target(sampling::uniform(p.seed, p.step), total);
+  uint64_t cum = 0;
+  for (const SampleCandidate& c : kept)
+    if ((cum += c.weight) > r) return c.id;
+  return kept.back().id;
+}
+
+}  // namespace kiln::cpu
