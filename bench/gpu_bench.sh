@@ -105,9 +105,9 @@ if has bench; then
     KILN_CUDA_ATTN_TC=0 kb -p 512 -n 0 | tee "$RAW/bench_${m}_notc.md"
     if [ "${PROFILES:-1}" = 1 ]; then
       stamp "kiln bench $m, per-op GPU time (decode, graphs off)"
-      KILN_CUDA_PROFILE=1 kb -p 0 -n 128 -r 1 2>&1 | tee "$RAW/profile_tg_$m.txt"
+      KILN_CUDA_PROFILE=1 REPS=1 kb -p 0 -n 128 2>&1 | tee "$RAW/profile_tg_$m.txt"
       stamp "kiln bench $m, per-op GPU time (prefill)"
-      KILN_CUDA_PROFILE=1 kb -p 512 -n 0 -r 1 2>&1 | tee "$RAW/profile_pp_$m.txt"
+      KILN_CUDA_PROFILE=1 REPS=1 kb -p 512 -n 0 2>&1 | tee "$RAW/profile_pp_$m.txt"
     fi
     rm -rf "$ENGINES/$m"
   done

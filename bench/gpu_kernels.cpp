@@ -28,11 +28,12 @@ struct GemvShape {
 
 int main() {
   using namespace kiln;
-  const GemvShape shapes[] = {{"llama8b qkv", 4096, 6144},       {"llama8b o", 4096, 4096},
-                          {"llama8b gate_up", 4096, 28672},  {"llama8b down", 14336, 4096},
-                          {"llama8b lm_head", 4096, 128256}, {"qwen3-0.6b qkv", 1024, 4096},
-                          {"qwen3-0.6b o", 2048, 1024},      {"qwen3-0.6b gate_up", 1024, 6144},
-                          {"qwen3-0.6b down", 3072, 1024},   {"qwen3-0.6b lm_head", 1024, 151936}};
+  const GemvShape shapes[] = {
+      {"llama8b qkv", 4096, 6144},       {"llama8b o", 4096, 4096},
+      {"llama8b gate_up", 4096, 28672},  {"llama8b down", 14336, 4096},
+      {"llama8b lm_head", 4096, 128256}, {"qwen3-0.6b qkv", 1024, 4096},
+      {"qwen3-0.6b o", 2048, 1024},      {"qwen3-0.6b gate_up", 1024, 6144},
+      {"qwen3-0.6b down", 3072, 1024},   {"qwen3-0.6b lm_head", 1024, 151936}};
   cudaStream_t s;
   KILN_CUDA_CHECK(cudaStreamCreate(&s));
   cuda::LtGemm lt(s);
@@ -106,8 +107,9 @@ int main() {
       float temperature, top_p;
       int32_t top_k;
     };
-    for (const Case& c : {Case{"greedy", 0.0f, 1.0f, 0}, Case{"top_k 50, top_p 0.9", 1.0f, 0.9f, 50},
-                          Case{"top_p 0.9", 1.0f, 0.9f, 0}, Case{"temperature 1", 1.0f, 1.0f, 0}}) {
+    for (const Case& c :
+         {Case{"greedy", 0.0f, 1.0f, 0}, Case{"top_k 50, top_p 0.9", 1.0f, 0.9f, 50},
+          Case{"top_p 0.9", 1.0f, 0.9f, 0}, Case{"temperature 1", 1.0f, 1.0f, 0}}) {
       for (int64_t rows : {int64_t(1), max_rows}) {
         std::vector<SampleParams> ps(static_cast<size_t>(rows));
         for (size_t i = 0; i < ps.size(); ++i) {
@@ -116,8 +118,8 @@ int main() {
           ps[i].top_p = c.top_p;
           ps[i].seed = i;
         }
-        KILN_CUDA_CHECK(cudaMemcpy(dp, ps.data(), ps.size() * sizeof(SampleParams),
-                                   cudaMemcpyHostToDevice));
+        KILN_CUDA_CHECK(
+            cudaMemcpy(dp, ps.data(), ps.size() * sizeof(SampleParams), cudaMemcpyHostToDevice));
         for (int i = 0; i < 10; ++i) cuda::sample(dl, rows, vocab, dp, dout, ws, s);
         const int reps = 200;
         KILN_CUDA_CHECK(cudaEventRecord(a, s));

@@ -76,6 +76,12 @@ class CudaOps : public ::testing::TestWithParam<DType> {
     gpu->to_f32(p, int64_t(n), r.data());
     return r;
   }
+  // The residual stream is F32 in every engine dtype.
+  std::vector<float> down_f32(const void* p, size_t n) {
+    std::vector<float> r(n);
+    gpu->to_host(r.data(), p, n * 4);
+    return r;
+  }
   // A weight in dtype `t` (host, for the CPU backend) and its device copy.
   std::pair<Tensor, Tensor> weight(const std::vector<float>& v, Shape shape, DType t) {
     Tensor h = Tensor::zeros(t, shape);
@@ -202,6 +208,12 @@ TEST_P(CudaOps, Norms) {
         std::copy_n(want.begin() + r * ldy, c.dim, want_in.begin() + r * ldx);
       expect_close(down(xd, size_t(c.rows * ldx)), ldx, want_in, ldx, c.rows, c.dim,
                    what + " in place");
+      // From the F32 residual stream (the first layer's input norm).
+      void* rd = up_raw(x);
+      void* y2 = up(std::vector<float>(size_t(c.rows * ldy), kPoison));
+      gpu->norm(rd, c.rows, c.dim, ldx, wd, bias ? &bd : nullptr, kind, 1e-5f, y2, ldy, true);
+      expect_close(down(y2, size_t(c.rows * ldy)), ldy, want, ldy, c.rows, c.dim,
+                   what + " from the F32 residual");
     }
   }
 }
@@ -211,18 +223,22 @@ TEST_P(CudaOps, AddNorm) {
     for (int64_t rows : {1, 3, 17}) {
       for (int64_t dim : {64, 100, 2048}) {
         const std::string what = cat("add_norm kind=", int(kind), " rows=", rows, " dim=", dim);
-        auto res = rnd(size_t(rows * dim), 1.0f), delta = rnd(size_t(rows * dim), 1.0f);
+        // The residual is F32 (unrounded); delta and y are in the engine dtype.
+        std::normal_distribution<float> nd(0.0f, 1.0f);
+        std::vector<float> res(size_t(rows * dim));
+        for (auto& v : res) v = nd(rng);
+        auto delta = rnd(size_t(rows * dim), 1.0f);
         auto [wh, wd] = vec(dim, 1.0f, 0.1f);
         auto [bh, bd] = vec(dim, 0.0f, 0.1f);
         const Tensor* b = kind == NormKind::Layer ? &bh : nullptr;
         std::vector<float> res_cpu = res, y(size_t(rows * dim));
         cpu->add_norm(res_cpu.data(), delta.data(), rows, dim, wh, b, kind, 1e-6f, y.data());
-        void* rd = up(res);
+        void* rd = up_raw(res);
         void* dd = up(delta);
         void* yd = up(std::vector<float>(size_t(rows * dim), kPoison));
         gpu->add_norm(rd, dd, rows, dim, wd, b ? &bd : nullptr, kind, 1e-6f, yd);
-        expect_close(down(rd, size_t(rows * dim)), dim, res_cpu, dim, rows, dim,
-                     what + " residual");
+        expect_close(down_f32(rd, size_t(rows * dim)), dim, res_cpu, dim, rows, dim,
+                     what + " residual", 1e-6);
         expect_close(down(yd, size_t(rows * dim)), dim, y, dim, rows, dim, what);
       }
     }
@@ -407,15 +423,16 @@ TEST_P(CudaOps, EmbedAndAddRows) {
       std::vector<int32_t> ids = {0, 49, 3, 3, 17, 1, 48};
       std::vector<float> want(size_t(n * dim));
       cpu->embed(th, ids.data(), n, scale, want.data());
-      void* out = up(std::vector<float>(size_t(n * dim), kPoison));
+      void* out = up_raw(std::vector<float>(size_t(n * dim), kPoison));  // F32 residual stream
       const int32_t* idd = up_raw(ids);
       gpu->embed(td, idd, n, scale, out);
-      expect_close(down(out, size_t(n * dim)), dim, want, dim, n, dim,
-                   cat("embed dim=", dim, " scale=", scale));
+      expect_close(down_f32(out, size_t(n * dim)), dim, want, dim, n, dim,
+                   cat("embed dim=", dim, " scale=", scale), 1e-6);
       auto [ph, pd] = matrix(vocab, dim, 0.5f);
       cpu->add_rows(ph, ids.data(), n, want.data());
       gpu->add_rows(pd, idd, n, out);
-      expect_close(down(out, size_t(n * dim)), dim, want, dim, n, dim, cat("add_rows dim=", dim));
+      expect_close(down_f32(out, size_t(n * dim)), dim, want, dim, n, dim,
+                   cat("add_rows dim=", dim), 1e-6);
     }
   }
 }
@@ -543,14 +560,16 @@ TEST_P(CudaAttention, BatchedSequences) {
   struct G {
     int64_t heads, kv_heads, hd, window;
   };
-  for (const G g : {G{32, 8, 128, 0}, G{16, 1, 64, 0}, G{8, 8, 64, 0}, G{40, 2, 64, 0}, G{8, 2, 128, 24}}) {
+  for (const G g :
+       {G{32, 8, 128, 0}, G{16, 1, 64, 0}, G{8, 8, 64, 0}, G{40, 2, 64, 0}, G{8, 2, 128, 24}}) {
     const std::vector<int64_t> lens = {1, 37, 700, 5, 64, 129};
     const int64_t B = int64_t(lens.size()), bs = 16, kvd = g.kv_heads * g.hd, qd = g.heads * g.hd;
     const int64_t stride = 50;  // table row length: >= the longest sequence's blocks
     int64_t nb = 1;
     std::vector<int32_t> table(size_t(B * stride), 0);
     for (int64_t i = 0; i < B; ++i)
-      for (int64_t b = 0; b * bs < lens[size_t(i)]; ++b) table[size_t(i * stride + b)] = int32_t(nb++);
+      for (int64_t b = 0; b * bs < lens[size_t(i)]; ++b)
+        table[size_t(i * stride + b)] = int32_t(nb++);
     std::vector<int32_t> perm(static_cast<size_t>(nb));  // scatter the blocks over the pool
     std::iota(perm.begin(), perm.end(), 0);
     std::shuffle(perm.begin() + 1, perm.end(), rng);

@@ -54,7 +54,8 @@ TEST_P(CudaGraphs, ReplaysMatchEagerStepsExactly) {
     ASSERT_EQ(a.size(), b.size());
     size_t same = 0;
     for (size_t i = 0; i < a.size(); ++i) same += a[i] == b[i];
-    EXPECT_EQ(same, a.size()) << GetParam() << " " << dt << ": graph replays differ from eager steps";
+    EXPECT_EQ(same, a.size()) << GetParam() << " " << dt
+                              << ": graph replays differ from eager steps";
     // The second pass (all replays) equals the first (capture step included).
     const size_t half = a.size() / 2;
     for (size_t i = 0; i < half; ++i) EXPECT_EQ(b[i], b[half + i]) << "step " << i;
@@ -70,7 +71,8 @@ TEST_P(CudaGraphs, BatchedDecodeMatchesReference) {
   std::printf("[batched decode cuda] %-12s max rel err %.2e\n", GetParam().c_str(), worst);
 }
 
-INSTANTIATE_TEST_SUITE_P(Hf, CudaGraphs, ::testing::Values("llama", "gemma2", "qwen2_moe", "qwen3"));
+INSTANTIATE_TEST_SUITE_P(Hf, CudaGraphs,
+                         ::testing::Values("llama", "gemma2", "qwen2_moe", "qwen3"));
 
 TEST(CudaSampling, SeededContinuationMatchesCpu) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA GPU visible";
@@ -88,7 +90,8 @@ TEST(CudaSampling, SeededContinuationMatchesCpu) {
     sp.seed = seed;
     sp.max_tokens = 16;
     sp.ignore_eos = true;
-    EXPECT_EQ(gpu.generate(ref.prompts[1], sp), cpu.generate(ref.prompts[1], sp)) << "seed " << seed;
+    EXPECT_EQ(gpu.generate(ref.prompts[1], sp), cpu.generate(ref.prompts[1], sp))
+        << "seed " << seed;
   }
   SamplingParams g;
   g.temperature = 0;

@@ -140,9 +140,9 @@ TEST_F(CudaUpload, MappedSafetensorsFileWithAndWithoutPread) {
   // returns heap copies for those and views into the mapping for the rest.
   std::vector<std::pair<std::string, Tensor>> ts;
   const std::vector<std::pair<DType, Shape>> spec = {
-      {DType::U8, {3}},          {DType::F32, {1000, 1001}}, {DType::BF16, {7}},
-      {DType::F16, {0}},         {DType::BF16, {4096, 4099}}, {DType::U8, {9000001}},
-      {DType::F32, {5}},         {DType::I64, {333}},         {DType::BF16, {12345678}},
+      {DType::U8, {3}},  {DType::F32, {1000, 1001}},  {DType::BF16, {7}},
+      {DType::F16, {0}}, {DType::BF16, {4096, 4099}}, {DType::U8, {9000001}},
+      {DType::F32, {5}}, {DType::I64, {333}},         {DType::BF16, {12345678}},
   };
   for (size_t i = 0; i < spec.size(); ++i) {
     Tensor t = Tensor::zeros(spec[i].first, spec[i].second);
@@ -161,7 +161,8 @@ TEST_F(CudaUpload, MappedSafetensorsFileWithAndWithoutPread) {
       std::vector<Tensor> host;
       for (size_t i = spec.size(); i-- > 0;) host.push_back(file->get("t" + std::to_string(i)));
       std::vector<const Tensor*> ptrs;
-      for (const Tensor& t : host) ptrs.push_back(&t), dts.push_back(t.dtype), shapes.push_back(t.shape);
+      for (const Tensor& t : host)
+        ptrs.push_back(&t), dts.push_back(t.dtype), shapes.push_back(t.shape);
       dev = cuda::upload_all(ptrs, s);
     }  // the mapping is gone
     check_layout(dev, dts, shapes);
@@ -190,7 +191,9 @@ TEST_F(CudaUpload, RejectsDeviceTensors) {
 
 #else
 
-TEST(CudaUpload, NeedsCuda) { GTEST_SKIP() << "built without CUDA"; }
+TEST(CudaUpload, NeedsCuda) {
+  GTEST_SKIP() << "built without CUDA";
+}
 
 #endif
 

@@ -142,11 +142,14 @@ TEST(Runtime, BenchPrintsMarkdownAndJson) {
                     &out),
             0)
       << out;
-  ASSERT_EQ(run_cli("bench " + (tmp / "e").string() + " --device cpu -p 8 -n 4 -b 1,3 -r 1", &out), 0)
+  ASSERT_EQ(run_cli("bench " + (tmp / "e").string() + " --device cpu -p 8 -n 4 -b 1,3 -r 1", &out),
+            0)
       << out;
   EXPECT_NE(out.find("| pp8 | 1 |"), std::string::npos) << out;
   EXPECT_NE(out.find("| tg4 | 3 |"), std::string::npos) << out;
-  ASSERT_EQ(run_cli("bench " + (tmp / "e").string() + " --device cpu -p 0 -n 4 -b 2 -r 2 -o json", &out), 0)
+  ASSERT_EQ(
+      run_cli("bench " + (tmp / "e").string() + " --device cpu -p 0 -n 4 -b 2 -r 2 -o json", &out),
+      0)
       << out;
   auto j = nlohmann::json::parse(out);
   ASSERT_EQ(j.size(), 1u);

@@ -124,8 +124,8 @@ std::vector<float> random_row(std::mt19937& rng, int64_t n, int mode) {
 
 SampleParams random_params(std::mt19937& rng, int64_t n, int kind) {
   const float temps[] = {0.05f, 0.7f, 1.0f, 2.5f};
-  const int32_t ks[] = {1, 2, 3, 5, 50, 100, 2048, 2049, 3000, int32_t(n) - 1, int32_t(n),
-                        int32_t(n) + 5, 0, -1};
+  const int32_t ks[] = {
+      1, 2, 3, 5, 50, 100, 2048, 2049, 3000, int32_t(n) - 1, int32_t(n), int32_t(n) + 5, 0, -1};
   const float ps[] = {0.1f, 0.5f, 0.9f, 0.95f, 0.999f, 1.0f, 0.0f, 1.5f};
   SampleParams p;
   p.temperature = temps[rng() % 4];
@@ -206,9 +206,9 @@ TEST(Sampling, UniformIsTheSplitmixStreamOfTheOldSampler) {
 }
 
 TEST(Sampling, GreedyIsFirstArgmax) {
-  const std::vector<std::vector<float>> rows = {
-      {1, 3, 3, 2}, {kNaN, 1, kNaN}, {-kInf, -kInf}, {kNaN, kNaN}, {-0.0f, 0.0f}, {0.0f, -0.0f},
-      {2}, {kInf, 1, kInf}, {-1, -kInf, -1}};
+  const std::vector<std::vector<float>> rows = {{1, 3, 3, 2}, {kNaN, 1, kNaN}, {-kInf, -kInf},
+                                                {kNaN, kNaN}, {-0.0f, 0.0f},   {0.0f, -0.0f},
+                                                {2},          {kInf, 1, kInf}, {-1, -kInf, -1}};
   const std::vector<int32_t> want = {1, 1, 0, 0, 0, 0, 0, 0, 0};
   for (size_t r = 0; r < rows.size(); ++r)
     EXPECT_EQ(cpu::sample_row(rows[r].data(), int64_t(rows[r].size()), params(0, 0, 1)), want[r])
@@ -229,7 +229,8 @@ TEST(Sampling, TopK1IsGreedyAtAnyTemperature) {
     const std::vector<float> l = random_row(rng, n, i);
     for (float t : {0.01f, 1.0f, 100.0f})
       for (float p : {1.0f, 0.3f})
-        EXPECT_EQ(cpu::sample_row(l.data(), n, params(t, 1, p, rng(), i)), first_argmax(l.data(), n));
+        EXPECT_EQ(cpu::sample_row(l.data(), n, params(t, 1, p, rng(), i)),
+                  first_argmax(l.data(), n));
   }
 }
 
@@ -258,8 +259,8 @@ TEST(Sampling, KeptSetMatchesBruteForce) {
 TEST(Sampling, FrequenciesMatchKeptWeights) {
   const std::vector<float> l = {2.0f, 1.5f, 1.0f, 0.2f, -0.5f, -3.0f, -kInf, 0.7f, 1.0f};
   const int64_t n = int64_t(l.size());
-  for (const SampleParams& base :
-       {params(0.9f, 6, 0.95f), params(1.3f, 0, 1.0f), params(0.5f, 0, 0.8f), params(2.0f, 4, 1.0f)}) {
+  for (const SampleParams& base : {params(0.9f, 6, 0.95f), params(1.3f, 0, 1.0f),
+                                   params(0.5f, 0, 0.8f), params(2.0f, 4, 1.0f)}) {
     const auto kept = cpu::sample_candidates(l.data(), n, base);
     uint64_t total = 0;
     for (auto& c : kept) total += c.weight;
@@ -299,7 +300,8 @@ TEST(Sampling, SamplerFollowsTheStream) {
   const std::vector<float> l = random_row(rng, 500, 1);
   Sampler s(0.8f, 40, 0.9f, 1234);
   for (uint64_t step = 0; step < 50; ++step)
-    EXPECT_EQ(s.sample(l.data(), 500), cpu::sample_row(l.data(), 500, params(0.8f, 40, 0.9f, 1234, step)));
+    EXPECT_EQ(s.sample(l.data(), 500),
+              cpu::sample_row(l.data(), 500, params(0.8f, 40, 0.9f, 1234, step)));
 }
 
 TEST(Sampling, RejectsVocabOutOfRange) {
@@ -314,8 +316,8 @@ TEST(Sampling, RejectsVocabOutOfRange) {
 // Samples rows [rows, vocab] on the GPU (at element `offset` of the buffer, to test unaligned
 // rows) and returns the tokens.
 void gpu_sample(const std::vector<float>& logits, int64_t rows, int64_t vocab,
-                const std::vector<SampleParams>& ps, std::vector<int32_t>& out,
-                size_t offset = 0, bool graph = false) {
+                const std::vector<SampleParams>& ps, std::vector<int32_t>& out, size_t offset = 0,
+                bool graph = false) {
   float* d_l = nullptr;
   SampleParams* d_p = nullptr;
   int32_t* d_o = nullptr;
@@ -371,8 +373,8 @@ void check_against_cpu(int64_t vocab, int64_t rows, uint32_t seed, size_t offset
   ASSERT_EQ(got.size(), size_t(rows));
   for (int64_t r = 0; r < rows; ++r) {
     const int32_t want = cpu::sample_row(logits.data() + r * vocab, vocab, ps[size_t(r)]);
-    EXPECT_EQ(got[size_t(r)], want) << "vocab " << vocab << " row " << r << " of " << rows
-                                    << " " << describe(ps[size_t(r)]);
+    EXPECT_EQ(got[size_t(r)], want)
+        << "vocab " << vocab << " row " << r << " of " << rows << " " << describe(ps[size_t(r)]);
   }
 }
 
@@ -399,7 +401,9 @@ TEST_F(SamplingCuda, UnalignedRows) {
   check_against_cpu(32000, 16, 301, 3);
 }
 
-TEST_F(SamplingCuda, CapturesIntoAGraph) { check_against_cpu(32000, 24, 400, 0, true); }
+TEST_F(SamplingCuda, CapturesIntoAGraph) {
+  check_against_cpu(32000, 24, 400, 0, true);
+}
 
 TEST_F(SamplingCuda, LargeKeptSetsAndManyTies) {
   // Flat rows (tens of thousands kept), top-k beyond the shared-memory list, boundaries inside

@@ -24,12 +24,11 @@
 
 namespace kiln {
 
-
 // Build-time choices (what TensorRT-LLM calls the build config).
 struct BuildConfig {
-  std::string dtype = "auto";   // auto (the checkpoint's torch_dtype), f32, f16 or bf16
-  int64_t max_batch = 1;        // concurrent sequences the runtime plans for
-  int64_t max_seq_len = 0;      // 0: the model's max_position_embeddings
+  std::string dtype = "auto";  // auto (the checkpoint's torch_dtype), f32, f16 or bf16
+  int64_t max_batch = 1;       // concurrent sequences the runtime plans for
+  int64_t max_seq_len = 0;     // 0: the model's max_position_embeddings
 };
 
 // Run-time choices.
@@ -46,11 +45,11 @@ struct RuntimeConfig {
 // What start() set up, for display.
 struct RuntimeInfo {
   std::string device;
-  int64_t weight_bytes = 0;        // resident on the device
-  int64_t kv_cache_tokens = 0;     // tokens the shared KV cache holds
+  int64_t weight_bytes = 0;     // resident on the device
+  int64_t kv_cache_tokens = 0;  // tokens the shared KV cache holds
   int64_t kv_cache_bytes = 0;
   int64_t free_bytes_before_kv = 0;  // device memory free after the weights (0: not known)
-  double kv_cache_fraction = 0;    // what was asked for (0 when sized by tokens)
+  double kv_cache_fraction = 0;      // what was asked for (0 when sized by tokens)
   bool cuda_graphs = false;
 };
 

@@ -66,6 +66,9 @@ class Backend {
   // Makes a host weight resident on this device (CPU: returns it as is, zero-copy).
   virtual Tensor upload(const Tensor& host) = 0;
 
+  // The residual stream (embed's out, add_rows' x, add_norm's residual, norm's x when
+  // residual_in) is F32 on every backend, whatever the activation dtype: 16-bit engines do not
+  // round it between layers (as llama.cpp keeps it), so rounding does not pile up over depth.
   virtual void embed(const Tensor& table, const int32_t* ids, int64_t n, float scale,
                      void* out) = 0;
   virtual void add_rows(const Tensor& table, const int32_t* rows, int64_t n, void* x) = 0;
@@ -73,7 +76,8 @@ class Backend {
   virtual void linear(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b,
                       void* y, int64_t ldy) = 0;
   virtual void norm(const void* x, int64_t rows, int64_t dim, int64_t ldx, const Tensor& w,
-                    const Tensor* b, NormKind kind, float eps, void* y, int64_t ldy) = 0;
+                    const Tensor* b, NormKind kind, float eps, void* y, int64_t ldy,
+                    bool residual_in = false) = 0;
   // residual += delta; y = norm(residual)
   virtual void add_norm(void* residual, const void* delta, int64_t rows, int64_t dim,
                         const Tensor& w, const Tensor* b, NormKind kind, float eps, void* y) = 0;
@@ -98,8 +102,8 @@ class Backend {
                       float* y) = 0;
   // Picks one token per row of F32 logits [rows, vocab] (this device's memory) with the
   // settings of each row (host array); writes the ids to host memory. Synchronises.
-  virtual void sample(const float* logits, int64_t rows, int64_t vocab,
-                      const SampleParams* params, int32_t* host_ids) = 0;
+  virtual void sample(const float* logits, int64_t rows, int64_t vocab, const SampleParams* params,
+                      int32_t* host_ids) = 0;
   // sample() without the wait: params and ids in this device's memory; returns at once.
   virtual void sample_async(const float* logits, int64_t rows, int64_t vocab,
                             const SampleParams* d_params, int32_t* d_ids) = 0;

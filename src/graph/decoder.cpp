@@ -58,18 +58,20 @@ void* Decoder::at(void* p, int64_t elems) const {
 }
 
 void Decoder::reserve_blocks(Sequence& seq, int64_t end) {
-  KILN_CHECK(end <= max_seq_len_, "sequence of ", end, " tokens exceeds the engine's max_seq_len of ",
-             max_seq_len_);
-  const int64_t need = (end + cache_.block_size() - 1) / cache_.block_size() - int64_t(seq.blocks.size());
+  KILN_CHECK(end <= max_seq_len_, "sequence of ", end,
+             " tokens exceeds the engine's max_seq_len of ", max_seq_len_);
+  const int64_t need =
+      (end + cache_.block_size() - 1) / cache_.block_size() - int64_t(seq.blocks.size());
   if (need > 0) {
     auto more = cache_.take(need);
     seq.blocks.insert(seq.blocks.end(), more.begin(), more.end());
   }
 }
 
-void Decoder::build_norm(const std::string& name, const void* x, int64_t n, void* y) {
+void Decoder::build_norm(const std::string& name, const void* x, int64_t n, void* y,
+                         bool residual_in) {
   be_.norm(x, n, c_.hidden_size, c_.hidden_size, w_.at(name), w_.find(name + ".bias"),
-           c_.knobs.norm, float(c_.norm_eps), y, c_.hidden_size);
+           c_.knobs.norm, float(c_.norm_eps), y, c_.hidden_size, residual_in);
 }
 
 void Decoder::build_attn(int64_t l, int64_t n) {
@@ -82,8 +84,10 @@ void Decoder::build_attn(int64_t l, int64_t n) {
   void* k = at(qkv, qd);
   void* v = at(qkv, qd + kvd);
   if (c_.knobs.qk_norm) {
-    be_.head_norm(qkv, n, ld, c_.num_heads, hd, w_.at(p + "q_norm"), c_.knobs.norm, float(c_.norm_eps));
-    be_.head_norm(k, n, ld, c_.num_kv_heads, hd, w_.at(p + "k_norm"), c_.knobs.norm, float(c_.norm_eps));
+    be_.head_norm(qkv, n, ld, c_.num_heads, hd, w_.at(p + "q_norm"), c_.knobs.norm,
+                  float(c_.norm_eps));
+    be_.head_norm(k, n, ld, c_.num_kv_heads, hd, w_.at(p + "k_norm"), c_.knobs.norm,
+                  float(c_.norm_eps));
   }
   const LayerConfig& lc = c_.layers[size_t(l)];
   const int r = lc.rope;
@@ -92,12 +96,13 @@ void Decoder::build_attn(int64_t l, int64_t n) {
     be_.rope(qkv, n, ld, c_.num_heads, hd, rot, d_cos_[size_t(r)], d_sin_[size_t(r)]);
     be_.rope(k, n, ld, c_.num_kv_heads, hd, rot, d_cos_[size_t(r)], d_sin_[size_t(r)]);
   }
-  KVLayerView kv{cache_.k_pool(l), cache_.v_pool(l), d_blocks_, cache_.block_size(), kvd, kv_len_,
-                 d_seq_, d_seq_ ? bt_stride_ : 0};
+  KVLayerView kv{
+      cache_.k_pool(l), cache_.v_pool(l),       d_blocks_, cache_.block_size(), kvd, kv_len_,
+      d_seq_,           d_seq_ ? bt_stride_ : 0};
   be_.kv_write(kv, k, v, ld, d_pos_, n);
   void* att = buf("att", size_t(n * qd) * a);
-  AttnParams ap{c_.num_heads, c_.num_kv_heads, hd, float(c_.attn_scale), float(c_.attn_softcap),
-                lc.sliding_window};
+  AttnParams ap{c_.num_heads,         c_.num_kv_heads,        hd,
+                float(c_.attn_scale), float(c_.attn_softcap), lc.sliding_window};
   be_.attention(qkv, ld, n, d_pos_, kv, ap, att, qd);
   void* o = buf("o", size_t(n * c_.hidden_size) * a);
   be_.linear(att, n, qd, w_.at(p + "wo"), w_.find(p + "bo"), o, c_.hidden_size);
@@ -129,8 +134,11 @@ void Decoder::build_moe_ffn(int64_t l, int64_t n) {
     gu.push_back(&w_.at(p + "experts." + std::to_string(e) + ".w_gate_up"));
     dn.push_back(&w_.at(p + "experts." + std::to_string(e) + ".w_down"));
   }
-  Backend::MoeWeights mw{&w_.at(p + "router"), gu.data(), dn.data(),
-                         w_.find(p + "shared.w_gate_up"), w_.find(p + "shared.w_down"),
+  Backend::MoeWeights mw{&w_.at(p + "router"),
+                         gu.data(),
+                         dn.data(),
+                         w_.find(p + "shared.w_gate_up"),
+                         w_.find(p + "shared.w_down"),
                          w_.find(p + "shared_gate")};
   void* f = buf("o", size_t(n * c_.hidden_size) * dtype_size(be_.act_dtype()));
   be_.moe_ffn(bufs_["h"].first, n, c_.hidden_size, mw, c_.num_experts, c_.experts_per_token,
@@ -140,23 +148,26 @@ void Decoder::build_moe_ffn(int64_t l, int64_t n) {
 void Decoder::build_forward(const int32_t* d_tok, int64_t n, int64_t first, int64_t rows) {
   const int64_t H = c_.hidden_size, V = c_.vocab_size;
   const size_t a = dtype_size(be_.act_dtype());
-  void* x = buf("x", size_t(n * H) * a);
+  void* x = buf("x", size_t(n * H) * 4);  // the residual stream: F32 on every backend
   void* h = buf("h", size_t(n * H) * a);
   const float escale = c_.knobs.embed_scale_sqrt_hidden ? std::sqrt(float(H)) : 1.0f;
   be_.embed(w_.at("embed"), d_tok, n, escale, x);
   if (c_.knobs.learned_positions) be_.add_rows(w_.at("pos_embed"), d_pos_, n, x);
-  build_norm("layers.0.attn_norm", x, n, h);
+  build_norm("layers.0.attn_norm", x, n, h, true);
   for (int64_t l = 0; l < c_.num_layers; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
     build_attn(l, n);
     const std::string ffn_norm = p + "ffn_norm";
     be_.add_norm(x, bufs_["o"].first, n, H, w_.at(ffn_norm), w_.find(ffn_norm + ".bias"),
                  c_.knobs.norm, float(c_.norm_eps), h);
-    if (!c_.layers[size_t(l)].moe) build_ffn(l, n);
-    else build_moe_ffn(l, n);
+    if (!c_.layers[size_t(l)].moe)
+      build_ffn(l, n);
+    else
+      build_moe_ffn(l, n);
     void* f = bufs_["o"].first;
     if (c_.knobs.post_ffn_norm) build_norm(p + "post_ffn_norm", f, n, f);
-    const std::string next = l + 1 < c_.num_layers ? "layers." + std::to_string(l + 1) + ".attn_norm" : "final_norm";
+    const std::string next =
+        l + 1 < c_.num_layers ? "layers." + std::to_string(l + 1) + ".attn_norm" : "final_norm";
     be_.add_norm(x, f, n, H, w_.at(next), w_.find(next + ".bias"), c_.knobs.norm,
                  float(c_.norm_eps), h);
   }
@@ -200,7 +211,8 @@ const float* Decoder::extend(const int32_t* tokens, int64_t n, Sequence& seq, bo
     if (c_.ropes[r].type == RopeType::None) continue;
     const int64_t half = c_.rotary_dim(int(r)) / 2;
     std::vector<float> cs(size_t(n * half)), sn(size_t(n * half));
-    rope_tables(c_.ropes[r], 2 * half, c_.max_position_embeddings, pos.data(), n, cs.data(), sn.data());
+    rope_tables(c_.ropes[r], 2 * half, c_.max_position_embeddings, pos.data(), n, cs.data(),
+                sn.data());
     d_cos_[r] = static_cast<const float*>(up("cos" + std::to_string(r), cs.data(), cs.size() * 4));
     d_sin_[r] = static_cast<const float*>(up("sin" + std::to_string(r), sn.data(), sn.size() * 4));
   }

@@ -61,7 +61,8 @@ class Decoder {
     std::unique_ptr<Backend::Graph> g;
     uint64_t be_gen = 0, gen = 0;
   };
-  void build_norm(const std::string& name, const void* x, int64_t n, void* y);
+  void build_norm(const std::string& name, const void* x, int64_t n, void* y,
+                  bool residual_in = false);
   void build_attn(int64_t l, int64_t n);
   void build_ffn(int64_t l, int64_t n);
   void build_moe_ffn(int64_t l, int64_t n);

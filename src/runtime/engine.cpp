@@ -23,9 +23,9 @@ namespace {
 constexpr const char* kManifest = "kiln-engine.json";
 constexpr const char* kWeights = "weights.safetensors";
 constexpr int kFormatVersion = 1;
-const char* const kTokenizerFiles[] = {"tokenizer.json",          "tokenizer_config.json",
-                                       "tokenizer.model",         "special_tokens_map.json",
-                                       "chat_template.jinja",     "chat_template.json",
+const char* const kTokenizerFiles[] = {"tokenizer.json",        "tokenizer_config.json",
+                                       "tokenizer.model",       "special_tokens_map.json",
+                                       "chat_template.jinja",   "chat_template.json",
                                        "generation_config.json"};
 
 std::string hex(uint64_t v) {
@@ -140,7 +140,9 @@ Engine Engine::build_dummy(const fs::path& config_json, const BuildConfig& bc, u
   return Engine(std::move(impl));
 }
 
-bool Engine::is_engine_dir(const fs::path& dir) { return fs::exists(dir / kManifest); }
+bool Engine::is_engine_dir(const fs::path& dir) {
+  return fs::exists(dir / kManifest);
+}
 
 Engine Engine::open(const fs::path& dir, const BuildConfig& bc) {
   if (is_engine_dir(dir)) return load(dir);
@@ -166,7 +168,10 @@ void Engine::save(const fs::path& out) const {
                 {"version", kFormatVersion},
                 {"kiln_version", "0.1.0"},
                 {"model", to_json(m.config)},
-                {"build", {{"dtype", dtype_label(m.dtype)}, {"max_batch", m.max_batch}, {"max_seq_len", m.max_seq_len}}},
+                {"build",
+                 {{"dtype", dtype_label(m.dtype)},
+                  {"max_batch", m.max_batch},
+                  {"max_seq_len", m.max_seq_len}}},
                 {"source", m.source},
                 {"generation_defaults", m.generation_defaults},
                 {"weights", kWeights}};
@@ -205,10 +210,12 @@ Engine Engine::load(const fs::path& dir) {
   } catch (const json::exception& e) {
     throw Error(cat(mf.string(), ": invalid JSON: ", e.what()));
   }
-  if (man.value("format", "") != "kiln-engine") throw Error(cat(mf.string(), ": not a kiln engine manifest"));
+  if (man.value("format", "") != "kiln-engine")
+    throw Error(cat(mf.string(), ": not a kiln engine manifest"));
   if (man.value("version", 0) != kFormatVersion)
     throw Error(cat(mf.string(), ": engine format version ", man.value("version", 0),
-                    " is not supported (this kiln reads version ", kFormatVersion, "); rebuild the engine"));
+                    " is not supported (this kiln reads version ", kFormatVersion,
+                    "); rebuild the engine"));
   auto impl = std::make_unique<Impl>();
   try {
     impl->config = model_config_from_json(man.at("model"));
@@ -231,8 +238,8 @@ Engine Engine::load(const fs::path& dir) {
     Tensor t = file->get(spec.name);
     const DType want = spec.matrix ? impl->dtype : DType::F32;
     if (t.shape != spec.shape || t.dtype != want) {
-      problems.push_back(cat(spec.name, " is ", dtype_name(t.dtype), shape_str(t.shape), " (expected ",
-                             dtype_name(want), shape_str(spec.shape), ")"));
+      problems.push_back(cat(spec.name, " is ", dtype_name(t.dtype), shape_str(t.shape),
+                             " (expected ", dtype_name(want), shape_str(spec.shape), ")"));
       continue;
     }
     impl->weights.push_back({spec.name, t});
@@ -265,19 +272,22 @@ ModelInfo Engine::info() const {
   return i;
 }
 
-fs::path Engine::tokenizer_dir() const { return impl_->tokenizer_dir; }
+fs::path Engine::tokenizer_dir() const {
+  return impl_->tokenizer_dir;
+}
 
 void Engine::start(const RuntimeConfig& rc) {
   Impl& m = *impl_;
   if (m.decoder) return;
   if (rc.threads > 0) omp_set_num_threads(rc.threads);
-  KILN_CHECK(rc.kv_cache_fraction > 0 && rc.kv_cache_fraction <= 1, "--kv-cache-fraction must be in (0, 1] (got ",
-             rc.kv_cache_fraction, ")");
+  KILN_CHECK(rc.kv_cache_fraction > 0 && rc.kv_cache_fraction <= 1,
+             "--kv-cache-fraction must be in (0, 1] (got ", rc.kv_cache_fraction, ")");
   KILN_CHECK(rc.kv_cache_tokens >= 0, "--kv-cache-tokens must be >= 0");
   if (rc.device == "cuda" || (rc.device == "auto" && cuda_available())) {
     m.backend = make_cuda_backend(m.dtype);
     if (!m.backend) {
-      if (rc.device == "cuda") throw Error("--device cuda: no usable CUDA GPU (or kiln was built without CUDA)");
+      if (rc.device == "cuda")
+        throw Error("--device cuda: no usable CUDA GPU (or kiln was built without CUDA)");
       m.backend = make_cpu_backend();
     }
   } else if (rc.device == "cpu" || rc.device == "auto") {
@@ -304,8 +314,9 @@ void Engine::start(const RuntimeConfig& rc) {
   if (rc.kv_cache_tokens > 0) {
     blocks = (rc.kv_cache_tokens + bs - 1) / bs + 1;
     if (total > 0 && size_t(blocks) * block > free)
-      throw Error(cat("--kv-cache-tokens ", rc.kv_cache_tokens, " needs ", size_t(blocks) * block >> 20,
-                      " MiB of KV cache but only ", free >> 20, " MiB of device memory are free"));
+      throw Error(cat("--kv-cache-tokens ", rc.kv_cache_tokens, " needs ",
+                      size_t(blocks) * block >> 20, " MiB of KV cache but only ", free >> 20,
+                      " MiB of device memory are free"));
   } else if (total > 0) {
     ri.kv_cache_fraction = rc.kv_cache_fraction;
     blocks = std::min<int64_t>(int64_t(double(free) * rc.kv_cache_fraction / double(block)),
@@ -314,11 +325,12 @@ void Engine::start(const RuntimeConfig& rc) {
     blocks = std::max<int64_t>(m.max_batch, 1) * seq_blocks + 1;
   }
   if (blocks - 1 < seq_blocks)
-    throw Error(cat("the KV cache holds ", std::max<int64_t>(blocks - 1, 0) * bs, " tokens (",
-                    total > 0 ? cat(rc.kv_cache_fraction, " of ", free >> 20, " MiB free after the weights")
-                              : cat(rc.kv_cache_tokens, " tokens asked for"),
-                    "), less than one sequence of max_seq_len ", m.max_seq_len,
-                    "; raise --kv-cache-fraction or rebuild with a smaller --max-seq-len"));
+    throw Error(
+        cat("the KV cache holds ", std::max<int64_t>(blocks - 1, 0) * bs, " tokens (",
+            total > 0 ? cat(rc.kv_cache_fraction, " of ", free >> 20, " MiB free after the weights")
+                      : cat(rc.kv_cache_tokens, " tokens asked for"),
+            "), less than one sequence of max_seq_len ", m.max_seq_len,
+            "; raise --kv-cache-fraction or rebuild with a smaller --max-seq-len"));
   m.cache = std::make_unique<KVCache>(*m.backend, m.config, blocks, bs);
   ri.kv_cache_tokens = m.cache->capacity_tokens();
   ri.kv_cache_bytes = int64_t(size_t(blocks) * block);
@@ -332,7 +344,9 @@ std::string Engine::device_name() const {
   return impl_->backend ? impl_->backend->name() : "not started";
 }
 
-RuntimeInfo Engine::runtime_info() const { return impl_->rinfo; }
+RuntimeInfo Engine::runtime_info() const {
+  return impl_->rinfo;
+}
 
 Session Engine::session(int64_t capacity) {
   start();
@@ -350,7 +364,9 @@ Session Engine::session(int64_t capacity) {
 Session::Session(std::unique_ptr<State> s) : s_(std::move(s)) {}
 Session::Session(Session&&) noexcept = default;
 Session::~Session() = default;
-int64_t Session::length() const { return s_->seq.length; }
+int64_t Session::length() const {
+  return s_->seq.length;
+}
 
 void Session::set_sampling(const SamplingParams& sp) {
   const uint64_t step = s_->sampling.step;
@@ -542,8 +558,8 @@ std::vector<int32_t> Engine::generate(std::span<const int32_t> prompt, const Sam
   const int32_t first = s.next(prompt);
   if (!take(first) || budget == 1) return out;
   Session* self = &s;
-  m.decode_loop(std::span<Session* const>(&self, 1), std::span<const int32_t>(&first, 1), budget - 1,
-                [&](std::span<const int32_t> t) { return take(t[0]); });
+  m.decode_loop(std::span<Session* const>(&self, 1), std::span<const int32_t>(&first, 1),
+                budget - 1, [&](std::span<const int32_t> t) { return take(t[0]); });
   return out;
 }
 

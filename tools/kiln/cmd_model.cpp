@@ -27,8 +27,10 @@ struct ModelArgs {
 
 void add_model_args(CLI::App* c, ModelArgs& a) {
   c->add_option("model", a.model, "kiln engine folder or Hugging Face model folder")->required();
-  c->add_option("--dtype", a.bc.dtype, "weight dtype when building from an HF folder: auto, f32, f16, bf16");
-  c->add_option("--max-seq-len", a.bc.max_seq_len, "when building from an HF folder (0: max_position_embeddings)");
+  c->add_option("--dtype", a.bc.dtype,
+                "weight dtype when building from an HF folder: auto, f32, f16, bf16");
+  c->add_option("--max-seq-len", a.bc.max_seq_len,
+                "when building from an HF folder (0: max_position_embeddings)");
   add_runtime_args(c, a.rc);
 }
 
@@ -85,7 +87,8 @@ std::vector<int64_t> parse_list(const std::string& s, const char* what) {
     const std::string tok = s.substr(i, j - i);
     char* end = nullptr;
     const long long v = tok.empty() ? -1 : std::strtoll(tok.c_str(), &end, 10);
-    if (tok.empty() || *end || v < 0) throw Error(cat(what, ": '", tok, "' is not a count (expected e.g. 1,8,32)"));
+    if (tok.empty() || *end || v < 0)
+      throw Error(cat(what, ": '", tok, "' is not a count (expected e.g. 1,8,32)"));
     r.push_back(v);
     i = j + 1;
   }
@@ -99,17 +102,18 @@ void add_runtime_args(CLI::App* c, RuntimeConfig& rc) {
   c->add_option("--threads", rc.threads, "CPU threads (0: all cores)");
   c->add_option("--kv-cache-fraction", rc.kv_cache_fraction,
                 "GPU: share of the memory free after the weights given to the KV cache");
-  c->add_option("--kv-cache-tokens", rc.kv_cache_tokens, "KV cache size in tokens (0: from --kv-cache-fraction)");
+  c->add_option("--kv-cache-tokens", rc.kv_cache_tokens,
+                "KV cache size in tokens (0: from --kv-cache-fraction)");
 }
 
 void start_engine(Engine& e, const RuntimeConfig& rc) {
   e.start(rc);
   const RuntimeInfo r = e.runtime_info();
   if (r.free_bytes_before_kv <= 0) return;  // the CPU: nothing sized from free memory
-  std::string how = r.kv_cache_fraction > 0
-                        ? cat(r.kv_cache_fraction, " of ", human_bytes(double(r.free_bytes_before_kv)),
-                              " free after the weights")
-                        : std::string("--kv-cache-tokens");
+  std::string how = r.kv_cache_fraction > 0 ? cat(r.kv_cache_fraction, " of ",
+                                                  human_bytes(double(r.free_bytes_before_kv)),
+                                                  " free after the weights")
+                                            : std::string("--kv-cache-tokens");
   std::fprintf(stderr, "kiln: %s: weights %s; KV cache %lld tokens, %s (%s); CUDA graphs %s\n",
                r.device.c_str(), human_bytes(double(r.weight_bytes)).c_str(),
                (long long)r.kv_cache_tokens, human_bytes(double(r.kv_cache_bytes)).c_str(),
@@ -119,7 +123,8 @@ void start_engine(Engine& e, const RuntimeConfig& rc) {
 void register_model_commands(CLI::App& app) {
   // build
   {
-    auto* c = app.add_subcommand("build", "Build an engine from a Hugging Face folder (or dummy weights)");
+    auto* c = app.add_subcommand("build",
+                                 "Build an engine from a Hugging Face folder (or dummy weights)");
     static std::string src, out, config;
     static BuildConfig bc;
     static bool dummy = false;
@@ -162,7 +167,8 @@ void register_model_commands(CLI::App& app) {
     add_model_args(c, a);
     static std::string text;
     auto* o_ids = c->add_option("--prompt-ids", ids, "comma-separated token ids");
-    auto* o_text = c->add_option("--prompt", text, "prompt text (tokenized with the model's tokenizer)");
+    auto* o_text =
+        c->add_option("--prompt", text, "prompt text (tokenized with the model's tokenizer)");
     o_ids->excludes(o_text);
     c->add_option("--max-tokens", sp.max_tokens, "tokens to generate");
     c->add_flag("--ignore-eos", sp.ignore_eos, "keep going past end-of-sequence tokens");
@@ -195,7 +201,8 @@ void register_model_commands(CLI::App& app) {
     static std::string ids, out;
     add_model_args(c, a);
     c->add_option("--prompt-ids", ids, "comma-separated token ids")->required();
-    c->add_option("--out", out, "safetensors file to write (one F32 tensor 'logits' [seq, vocab])")->required();
+    c->add_option("--out", out, "safetensors file to write (one F32 tensor 'logits' [seq, vocab])")
+        ->required();
     c->callback([&] {
       std::vector<int32_t> prompt = parse_ids(ids);
       Engine e = Engine::open(a.model, a.bc);
@@ -209,7 +216,8 @@ void register_model_commands(CLI::App& app) {
   }
   // bench
   {
-    auto* c = app.add_subcommand("bench", "Prompt-processing and generation speed (llama-bench style)");
+    auto* c =
+        app.add_subcommand("bench", "Prompt-processing and generation speed (llama-bench style)");
     static ModelArgs a;
     static int64_t pp = 512, tg = 128;
     static int reps = 3;
@@ -221,7 +229,8 @@ void register_model_commands(CLI::App& app) {
     c->add_option("-r,--repetitions", reps, "timed repetitions after one warm-up");
     c->add_option("-o,--output", format, "md or json");
     c->callback([&] {
-      KILN_CHECK(format == "md" || format == "json", "-o: expected md or json (got '", format, "')");
+      KILN_CHECK(format == "md" || format == "json", "-o: expected md or json (got '", format,
+                 "')");
       KILN_CHECK(reps >= 1, "-r must be >= 1");
       const std::vector<int64_t> bs = parse_list(batches, "--batch");
       int64_t bmax = 1;

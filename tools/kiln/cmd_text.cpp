@@ -48,7 +48,8 @@ void generate_text(Engine& e, const RuntimeConfig& rc, const std::string& text, 
 }
 
 void register_chat(CLI::App& app) {
-  auto* c = app.add_subcommand("chat", "Interactive chat with the model's chat template (reads stdin)");
+  auto* c =
+      app.add_subcommand("chat", "Interactive chat with the model's chat template (reads stdin)");
   static std::string model, system, dtype = "auto";
   static RuntimeConfig rc;
   static SamplingParams sp;
@@ -67,7 +68,8 @@ void register_chat(CLI::App& app) {
     Engine e = Engine::open(model, bc);
     Tokenizer tok = load_tokenizer(e);
     auto tmpl = ChatTemplate::from_dir(e.tokenizer_dir());
-    KILN_CHECK(tmpl, e.tokenizer_dir().string(), ": no chat template (tokenizer_config.json chat_template or chat_template.jinja)");
+    KILN_CHECK(tmpl, e.tokenizer_dir().string(),
+               ": no chat template (tokenizer_config.json chat_template or chat_template.jinja)");
     start_engine(e, rc);
     nlohmann::json messages = nlohmann::json::array();
     if (!system.empty()) messages.push_back({{"role", "system"}, {"content", system}});

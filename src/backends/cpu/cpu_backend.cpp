@@ -15,9 +15,15 @@ namespace kiln {
 
 namespace {
 
-const float* fptr(const Tensor* t) { return t ? t->ptr<float>() : nullptr; }
-float* F(void* p) { return static_cast<float*>(p); }
-const float* F(const void* p) { return static_cast<const float*>(p); }
+const float* fptr(const Tensor* t) {
+  return t ? t->ptr<float>() : nullptr;
+}
+float* F(void* p) {
+  return static_cast<float*>(p);
+}
+const float* F(const void* p) {
+  return static_cast<const float*>(p);
+}
 
 cpu::KVView view(const KVLayerView& kv) {
   return {F(kv.k), F(kv.v), kv.block_table, kv.block_size, kv.kv_dim, kv.seq, kv.bt_stride};
@@ -49,18 +55,19 @@ class CpuBackend final : public Backend {
               int64_t ldy) override {
     cpu::linear(F(x), n, w.shape[1], ldx, w.data, w.dtype, w.shape[0], fptr(b), F(y), ldy);
   }
-  void norm(const void* x, int64_t rows, int64_t dim, int64_t ldx, const Tensor& w,
-            const Tensor* b, NormKind kind, float eps, void* y, int64_t ldy) override {
+  void norm(const void* x, int64_t rows, int64_t dim, int64_t ldx, const Tensor& w, const Tensor* b,
+            NormKind kind, float eps, void* y, int64_t ldy, bool) override {
     cpu::norm(F(x), rows, dim, ldx, w.ptr<float>(), fptr(b), kind, eps, F(y), ldy);
   }
-  void add_norm(void* r, const void* d, int64_t rows, int64_t dim, const Tensor& w,
-                const Tensor* b, NormKind kind, float eps, void* y) override {
+  void add_norm(void* r, const void* d, int64_t rows, int64_t dim, const Tensor& w, const Tensor* b,
+                NormKind kind, float eps, void* y) override {
     cpu::add_norm(F(r), F(d), rows, dim, w.ptr<float>(), fptr(b), kind, eps, F(y));
   }
   void head_norm(void* x, int64_t n, int64_t ld, int64_t heads, int64_t hd, const Tensor& w,
                  NormKind kind, float eps) override {
     for (int64_t i = 0; i < n; ++i)
-      cpu::norm(F(x) + i * ld, heads, hd, hd, w.ptr<float>(), nullptr, kind, eps, F(x) + i * ld, hd);
+      cpu::norm(F(x) + i * ld, heads, hd, hd, w.ptr<float>(), nullptr, kind, eps, F(x) + i * ld,
+                hd);
   }
   void add(void* x, const void* y, int64_t count) override {
     for (int64_t i = 0; i < count; ++i) F(x)[i] += F(y)[i];
@@ -69,14 +76,14 @@ class CpuBackend final : public Backend {
             const float* cos, const float* sin) override {
     cpu::rope(F(x), n, ld, heads, hd, rot, cos, sin);
   }
-  void kv_write(const KVLayerView& kv, const void* k, const void* v, int64_t ld,
-                const int32_t* pos, int64_t n) override {
+  void kv_write(const KVLayerView& kv, const void* k, const void* v, int64_t ld, const int32_t* pos,
+                int64_t n) override {
     cpu::kv_write(view(kv), F(k), F(v), ld, pos, n);
   }
-  void attention(const void* q, int64_t ldq, int64_t n, const int32_t* pos,
-                 const KVLayerView& kv, const AttnParams& p, void* out, int64_t ldo) override {
-    cpu::attention(F(q), ldq, n, pos, view(kv), p.heads, p.kv_heads, p.head_dim, p.scale,
-                   p.softcap, p.window, F(out), ldo);
+  void attention(const void* q, int64_t ldq, int64_t n, const int32_t* pos, const KVLayerView& kv,
+                 const AttnParams& p, void* out, int64_t ldo) override {
+    cpu::attention(F(q), ldq, n, pos, view(kv), p.heads, p.kv_heads, p.head_dim, p.scale, p.softcap,
+                   p.window, F(out), ldo);
   }
   void gated_act(const void* gu, int64_t n, int64_t inter, Activation a, void* out) override {
     cpu::gated_act(F(gu), n, inter, a, F(out));
@@ -86,7 +93,8 @@ class CpuBackend final : public Backend {
   void to_f32(const void* x, int64_t count, float* out) override {
     std::memcpy(out, x, size_t(count) * 4);
   }
-  void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, float cap, float* y) override {
+  void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, float cap,
+              float* y) override {
     cpu::linear(F(x), n, w.shape[1], ldx, w.data, w.dtype, w.shape[0], nullptr, y, w.shape[0]);
     if (cap > 0) cpu::softcap(y, n * w.shape[0], cap);
   }
@@ -96,11 +104,12 @@ class CpuBackend final : public Backend {
   }
   void sample(const float* logits, int64_t rows, int64_t vocab, const SampleParams* params,
               int32_t* ids) override {
-    for (int64_t r = 0; r < rows; ++r) ids[r] = cpu::sample_row(logits + r * vocab, vocab, params[r]);
+    for (int64_t r = 0; r < rows; ++r)
+      ids[r] = cpu::sample_row(logits + r * vocab, vocab, params[r]);
   }
 
-  void moe_ffn(const void* xv, int64_t n, int64_t H, const MoeWeights& w, int64_t E,
-               int64_t top_k, bool renorm, Activation a, void* outv) override {
+  void moe_ffn(const void* xv, int64_t n, int64_t H, const MoeWeights& w, int64_t E, int64_t top_k,
+               bool renorm, Activation a, void* outv) override {
     const float* x = F(xv);
     float* out = F(outv);
     std::vector<float> logits(size_t(n * E));
@@ -145,11 +154,17 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+std::unique_ptr<Backend> make_cpu_backend() {
+  return std::make_unique<CpuBackend>();
+}
 
 #ifndef KILN_HAVE_CUDA
-std::unique_ptr<Backend> make_cuda_backend(DType) { return nullptr; }
-bool cuda_available() { return false; }
+std::unique_ptr<Backend> make_cuda_backend(DType) {
+  return nullptr;
+}
+bool cuda_available() {
+  return false;
+}
 #endif
 
 }  // namespace kiln

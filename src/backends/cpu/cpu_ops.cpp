@@ -80,8 +80,8 @@ void linear(const float* x, int64_t n, int64_t in, int64_t ldx, const void* w, D
           a20 += x2[k] * w0[k], a21 += x2[k] * w1[k], a22 += x2[k] * w2[k], a23 += x2[k] * w3[k];
           a30 += x3[k] * w0[k], a31 += x3[k] * w1[k], a32 += x3[k] * w2[k], a33 += x3[k] * w3[k];
         }
-        const float acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
-                                 {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+        const float acc[4][4] = {
+            {a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
         for (int64_t t = 0; t < TB; ++t)
           for (int64_t r = 0; r < RB; ++r)
             y[(t0 + t) * ldy + o0 + r] = acc[t][r] + (bias ? bias[o0 + r] : 0.0f);

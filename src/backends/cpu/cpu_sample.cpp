@@ -34,9 +34,7 @@ std::vector<SampleCandidate> sample_candidates(const float* logits, int64_t voca
     std::nth_element(k.begin(), k.begin() + (p.top_k - 1), k.end(), ranked_before);
     k.resize(size_t(p.top_k));
   }
-  const auto weight = [&](int32_t i) {
-    return sampling::weight(l[size_t(i)], m, p.temperature);
-  };
+  const auto weight = [&](int32_t i) { return sampling::weight(l[size_t(i)], m, p.temperature); };
 
   std::vector<SampleCandidate> kept;
   kept.reserve(k.size());

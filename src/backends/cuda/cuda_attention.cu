@@ -18,8 +18,8 @@
 #include <algorithm>
 #include <climits>
 
-#include "backends/cuda/cuda_common.h"
 #include "backends/cuda/cuda_attention_tc.h"
+#include "backends/cuda/cuda_common.h"
 #include "backends/cuda/cuda_kernels.h"
 
 namespace kiln::cuda {
@@ -398,7 +398,8 @@ void attention(DType act, const AttnLaunch& a, float* ws, int* counters, int num
              " query heads are not a multiple of ", a.kv_heads, " KV heads");
   KILN_CHECK(a.head_dim >= 1 && a.head_dim <= kMaxHeadDim, "attention: head_dim ", a.head_dim,
              " outside the CUDA kernel's range [1, ", kMaxHeadDim, "]");
-  KILN_CHECK(a.n * (a.heads + kRows) < INT_MAX && a.kv_len < INT_MAX, "attention: sizes exceed 2^31");
+  KILN_CHECK(a.n * (a.heads + kRows) < INT_MAX && a.kv_len < INT_MAX,
+             "attention: sizes exceed 2^31");
   if (a.n == 0) return;
   if (a.n >= kTcMinRows && attention_tc(act, a, s)) return;  // tensor cores (prefill)
   const Plan p = make_plan(a, num_sms);

@@ -271,12 +271,12 @@ class CudaBackend final : public Backend {
   void embed(const Tensor& table, const int32_t* ids, int64_t n, float scale, void* out) override {
     Prof prof(prof_.get(), "embed");
     flush();
-    cuda::embed(act_, table.data, table.dtype, table.shape[1], ids, n, scale, out, stream_);
+    cuda::embed(act_, table.data, table.dtype, table.shape[1], ids, n, scale, out, stream_, true);
   }
   void add_rows(const Tensor& table, const int32_t* rows, int64_t n, void* x) override {
     Prof prof(prof_.get(), "add_rows");
     flush();
-    cuda::add_rows(act_, table.data, table.dtype, table.shape[1], rows, n, x, stream_);
+    cuda::add_rows(act_, table.data, table.dtype, table.shape[1], rows, n, x, stream_, true);
   }
 
   void linear(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
@@ -286,19 +286,20 @@ class CudaBackend final : public Backend {
   }
 
   void norm(const void* x, int64_t rows, int64_t dim, int64_t ldx, const Tensor& w, const Tensor* b,
-            NormKind kind, float eps, void* y, int64_t ldy) override {
+            NormKind kind, float eps, void* y, int64_t ldy, bool residual_in) override {
     Prof prof(prof_.get(), "norm");
     flush();
     check_f32(w, b);
-    cuda::norm(act_, x, rows, 1, dim, ldx, y, ldy, w.ptr<float>(), fptr(b), kind, eps, stream_);
+    cuda::norm(act_, x, rows, 1, dim, ldx, y, ldy, w.ptr<float>(), fptr(b), kind, eps, stream_,
+               nullptr, 0, residual_in);
   }
   void add_norm(void* residual, const void* delta, int64_t rows, int64_t dim, const Tensor& w,
                 const Tensor* b, NormKind kind, float eps, void* y) override {
     Prof prof(prof_.get(), "add_norm");
     flush();
     check_f32(w, b);
-    cuda::add_norm(act_, residual, delta, rows, dim, w.ptr<float>(), fptr(b), kind, eps, y,
-                   stream_);
+    cuda::add_norm(act_, residual, delta, rows, dim, w.ptr<float>(), fptr(b), kind, eps, y, stream_,
+                   true);
   }
   void head_norm(void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim, const Tensor& w,
                  NormKind kind, float eps) override {
@@ -436,7 +437,8 @@ class CudaBackend final : public Backend {
     if (prof_) prof_->harvest(true);
   }
 
-  void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, float cap, float* y) override {
+  void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, float cap,
+              float* y) override {
     Prof prof(prof_.get(), "logits");
     flush();
     KILN_CHECK(w.dtype == act_, "CUDA logits: weight dtype ", dtype_name(w.dtype),
@@ -544,7 +546,6 @@ class CudaBackend final : public Backend {
   }
 
  public:
-
   void moe_ffn(const void* x, int64_t n, int64_t H, const MoeWeights& w, int64_t E, int64_t k,
                bool renorm, Activation a, void* out) override {
     Prof prof(prof_.get(), "moe_ffn");

@@ -78,14 +78,15 @@ struct NormWeights {
 };
 
 // RMS / RMS(1+w) / LayerNorm over vectors of `dim` <= TPR * EPT; ADD first folds `delta` into
-// the residual x (rounded to T: the stored residual is what later layers read). The vector, its
+// the residual x (of type X: F32 for the residual stream, so it is not rounded between layers;
+// else T). The vector, its
 // weights and bias are loaded once into registers (independent loads in flight, then the
 // reductions, then the stores): for decode one block per row is all the work there is, so
 // latency, not bandwidth, sets the time.
 // y may alias x: all reads happen before the first reduction's barrier, all writes after.
-template <typename T, int TPR, int EPT, bool ADD>
+template <typename X, typename T, int TPR, int EPT, bool ADD>
 __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
-    norm_kernel(T* x, const T* __restrict__ delta, int64_t nvec, int64_t heads, int dim,
+    norm_kernel(X* x, const T* __restrict__ delta, int64_t nvec, int64_t heads, int dim,
                 int64_t ldx, T* y, int64_t ldy, NormWeights nw, int kind, float eps) {
   pdl_begin();
   constexpr int kVecs = (TPR < 256 ? 256 : TPR) / TPR;
@@ -95,7 +96,7 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
   const bool live = vi < nvec;
   const int len = live ? dim : 0;  // dead threads still join the reductions
   const int64_t r = live ? vi / heads : 0, h = live ? vi % heads : 0;
-  T* xr = x + r * ldx + h * dim;
+  X* xr = x + r * ldx + h * dim;
   T* yr = y + r * ldy + h * dim;
   const float* __restrict__ w = h < nw.w2_from ? nw.w : nw.w2;
   const bool layer = kind == int(NormKind::Layer);
@@ -115,7 +116,7 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
       d[k] = t + k * TPR < len ? to_f(delta[r * ldx + t + k * TPR]) : 0.0f;
 #pragma unroll
     for (int k = 0; k < EPT; ++k) {
-      const T s = from_f<T>(v[k] + d[k]);
+      const X s = from_f<X>(v[k] + d[k]);
       v[k] = to_f(s);
       if (t + k * TPR < len) xr[t + k * TPR] = s;
     }
@@ -143,30 +144,30 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
   }
 }
 
-template <typename T, bool ADD, int TPR, int EPT>
-void launch_norm_cfg(T* x, const T* delta, int64_t nvec, int64_t heads, int64_t dim, int64_t ldx,
+template <typename X, typename T, bool ADD, int TPR, int EPT>
+void launch_norm_cfg(X* x, const T* delta, int64_t nvec, int64_t heads, int64_t dim, int64_t ldx,
                      T* y, int64_t ldy, const NormWeights& nw, NormKind kind, float eps,
                      cudaStream_t s) {
   constexpr int kBlock = TPR < 256 ? 256 : TPR, kVecs = kBlock / TPR;
   const unsigned blocks = unsigned((nvec + kVecs - 1) / kVecs);
-  launch_kernel(norm_kernel<T, TPR, EPT, ADD>, blocks, kBlock, 0, s, x, delta, nvec, heads,
+  launch_kernel(norm_kernel<X, T, TPR, EPT, ADD>, blocks, kBlock, 0, s, x, delta, nvec, heads,
                 int(dim), ldx, y, ldy, nw, int(kind), eps);
 }
 
-template <typename T, bool ADD>
-void launch_norm(T* x, const T* delta, int64_t nvec, int64_t heads, int64_t dim, int64_t ldx, T* y,
+template <typename X, typename T, bool ADD>
+void launch_norm(X* x, const T* delta, int64_t nvec, int64_t heads, int64_t dim, int64_t ldx, T* y,
                  int64_t ldy, const NormWeights& nw, NormKind kind, float eps, cudaStream_t s) {
   // A warp per head-sized vector, a block per hidden-sized one.
   if (dim <= 128)
-    launch_norm_cfg<T, ADD, 32, 4>(x, delta, nvec, heads, dim, ldx, y, ldy, nw, kind, eps, s);
+    launch_norm_cfg<X, T, ADD, 32, 4>(x, delta, nvec, heads, dim, ldx, y, ldy, nw, kind, eps, s);
   else if (dim <= 512)
-    launch_norm_cfg<T, ADD, 32, 16>(x, delta, nvec, heads, dim, ldx, y, ldy, nw, kind, eps, s);
+    launch_norm_cfg<X, T, ADD, 32, 16>(x, delta, nvec, heads, dim, ldx, y, ldy, nw, kind, eps, s);
   else if (dim <= 2048)
-    launch_norm_cfg<T, ADD, 256, 8>(x, delta, nvec, heads, dim, ldx, y, ldy, nw, kind, eps, s);
+    launch_norm_cfg<X, T, ADD, 256, 8>(x, delta, nvec, heads, dim, ldx, y, ldy, nw, kind, eps, s);
   else if (dim <= 8192)
-    launch_norm_cfg<T, ADD, 1024, 8>(x, delta, nvec, heads, dim, ldx, y, ldy, nw, kind, eps, s);
+    launch_norm_cfg<X, T, ADD, 1024, 8>(x, delta, nvec, heads, dim, ldx, y, ldy, nw, kind, eps, s);
   else if (dim <= 32768)
-    launch_norm_cfg<T, ADD, 1024, 32>(x, delta, nvec, heads, dim, ldx, y, ldy, nw, kind, eps, s);
+    launch_norm_cfg<X, T, ADD, 1024, 32>(x, delta, nvec, heads, dim, ldx, y, ldy, nw, kind, eps, s);
   else
     throw Error(cat("CUDA norm: dimension ", dim, " exceeds the kernel's limit of 32768"));
 }
@@ -223,7 +224,8 @@ __global__ void rope_kv_kernel(T* x, int64_t n, int64_t ld, int64_t heads, int64
       hv[k] = ra;
       hv[k + half] = rb;
       if (h >= k_from) {
-        T* kc = kpool + cache_slot(bt, bs, seq, bt_stride, pos, i) * kv_dim + (h - k_from) * head_dim;
+        T* kc =
+            kpool + cache_slot(bt, bs, seq, bt_stride, pos, i) * kv_dim + (h - k_from) * head_dim;
         kc[k] = ra;
         kc[k + half] = rb;
       }
@@ -351,33 +353,58 @@ __global__ void moe_combine_kernel(const T* ye, const float* weights, int64_t n,
 }  // namespace
 
 void embed(DType act, const void* table, DType tdt, int64_t dim, const int32_t* ids, int64_t n,
-           float scale, void* out, cudaStream_t s) {
+           float scale, void* out, cudaStream_t s, bool f32_out) {
+  if (f32_out || act == DType::F32) {
+    launch_kernel(embed_kernel<float>, grid_for(n * dim), kThreads, 0, s, table, int(tdt), dim, ids,
+                  n, scale, static_cast<float*>(out));
+    return;
+  }
   KILN_DISPATCH_ACT(act, launch_kernel(embed_kernel<T>, grid_for(n * dim), kThreads, 0, s, table,
                                        int(tdt), dim, ids, n, scale, static_cast<T*>(out)));
 }
 
 void add_rows(DType act, const void* table, DType tdt, int64_t dim, const int32_t* rows, int64_t n,
-              void* x, cudaStream_t s) {
+              void* x, cudaStream_t s, bool f32_x) {
+  if (f32_x || act == DType::F32) {
+    launch_kernel(add_rows_kernel<float>, grid_for(n * dim), kThreads, 0, s, table, int(tdt), dim,
+                  rows, n, static_cast<float*>(x));
+    return;
+  }
   KILN_DISPATCH_ACT(act, launch_kernel(add_rows_kernel<T>, grid_for(n * dim), kThreads, 0, s, table,
                                        int(tdt), dim, rows, n, static_cast<T*>(x)));
 }
 
 void norm(DType act, const void* x, int64_t rows, int64_t heads, int64_t dim, int64_t ldx, void* y,
           int64_t ldy, const float* w, const float* b, NormKind kind, float eps, cudaStream_t s,
-          const float* w2, int64_t w2_from) {
+          const float* w2, int64_t w2_from, bool f32_x) {
   if (rows * heads == 0) return;
   const NormWeights nw{w, w2 ? w2 : w, w2 ? w2_from : heads, b};
-  KILN_DISPATCH_ACT(
-      act, launch_norm<T, false>(const_cast<T*>(static_cast<const T*>(x)), nullptr, rows * heads,
-                                 heads, dim, ldx, static_cast<T*>(y), ldy, nw, kind, eps, s));
+  if (f32_x && act != DType::F32) {
+    KILN_DISPATCH_ACT(
+        act, (launch_norm<float, T, false>(const_cast<float*>(static_cast<const float*>(x)),
+                                           nullptr, rows * heads, heads, dim, ldx,
+                                           static_cast<T*>(y), ldy, nw, kind, eps, s)));
+    return;
+  }
+  KILN_DISPATCH_ACT(act, (launch_norm<T, T, false>(const_cast<T*>(static_cast<const T*>(x)),
+                                                   nullptr, rows * heads, heads, dim, ldx,
+                                                   static_cast<T*>(y), ldy, nw, kind, eps, s)));
 }
 
 void add_norm(DType act, void* residual, const void* delta, int64_t rows, int64_t dim,
-              const float* w, const float* b, NormKind kind, float eps, void* y, cudaStream_t s) {
+              const float* w, const float* b, NormKind kind, float eps, void* y, cudaStream_t s,
+              bool f32_residual) {
   if (rows == 0) return;
-  KILN_DISPATCH_ACT(act, launch_norm<T, true>(
+  if (f32_residual && act != DType::F32) {
+    KILN_DISPATCH_ACT(
+        act, (launch_norm<float, T, true>(
+                 static_cast<float*>(residual), static_cast<const T*>(delta), rows, 1, dim, dim,
+                 static_cast<T*>(y), dim, NormWeights{w, w, 1, b}, kind, eps, s)));
+    return;
+  }
+  KILN_DISPATCH_ACT(act, (launch_norm<T, T, true>(
                              static_cast<T*>(residual), static_cast<const T*>(delta), rows, 1, dim,
-                             dim, static_cast<T*>(y), dim, NormWeights{w, w, 1, b}, kind, eps, s));
+                             dim, static_cast<T*>(y), dim, NormWeights{w, w, 1, b}, kind, eps, s)));
 }
 
 void add(DType act, void* x, const void* y, int64_t count, cudaStream_t s) {
@@ -436,11 +463,10 @@ void kv_write(DType act, void* kpool, void* vpool, const int32_t* block_table, i
               int64_t kv_dim, const void* k, const void* v, int64_t ld, const int32_t* pos,
               int64_t n, cudaStream_t s, const int32_t* seq, int64_t bt_stride) {
   if (n * kv_dim == 0) return;
-  KILN_DISPATCH_ACT(
-      act, launch_kernel(kv_write_kernel<T>, grid_for(n * kv_dim), kThreads, 0, s,
-                         static_cast<T*>(kpool), static_cast<T*>(vpool), block_table, block_size,
-                         kv_dim, static_cast<const T*>(k), static_cast<const T*>(v), ld, pos, n,
-                         seq, bt_stride));
+  KILN_DISPATCH_ACT(act, launch_kernel(kv_write_kernel<T>, grid_for(n * kv_dim), kThreads, 0, s,
+                                       static_cast<T*>(kpool), static_cast<T*>(vpool), block_table,
+                                       block_size, kv_dim, static_cast<const T*>(k),
+                                       static_cast<const T*>(v), ld, pos, n, seq, bt_stride));
 }
 
 void rope_kv_write(DType act, void* x, int64_t n, int64_t ld, int64_t heads, int64_t k_from,

@@ -103,7 +103,9 @@ const LtGemm::Plan& LtGemm::plan(const Key& key) {
 void LtGemm::run(DType dt, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in,
                  int64_t out, void* y, int64_t ldy, bool f32_out) {
   if (n == 0 || out == 0) return;
-  const Key key{int(dt), int(f32_out ? DType::F32 : dt), out, n, in, ldx, ldy, alignment(x), alignment(w), alignment(y)};
+  const Key key{
+      int(dt),     int(f32_out ? DType::F32 : dt), out, n, in, ldx, ldy, alignment(x), alignment(w),
+      alignment(y)};
   const Plan& p = plan(key);
   const float alpha = 1.0f, beta = 0.0f;
   KILN_CUBLAS_CHECK(cublasLtMatmul(handle_, p.op, &alpha, w, p.a, x, p.b, &beta, y, p.c, y, p.c,

@@ -15,21 +15,25 @@ namespace kiln::cuda {
 
 // ---- elementwise / row ops (cuda_elementwise.cu) ----
 
-// out[i] = table[ids[i]] * scale; table rows of `dim` elements in dtype `tdt`.
+// out[i] = table[ids[i]] * scale; table rows of `dim` elements in dtype `tdt`. f32_out: out is
+// F32 (the residual stream), else `act`.
 void embed(DType act, const void* table, DType tdt, int64_t dim, const int32_t* ids, int64_t n,
-           float scale, void* out, cudaStream_t s);
-// x[i] += table[rows[i]].
+           float scale, void* out, cudaStream_t s, bool f32_out = false);
+// x[i] += table[rows[i]] (x F32 when f32_x).
 void add_rows(DType act, const void* table, DType tdt, int64_t dim, const int32_t* rows, int64_t n,
-              void* x, cudaStream_t s);
+              void* x, cudaStream_t s, bool f32_x = false);
 // Normalises `rows * heads` vectors of `dim`: vector (r, h) is at x + r*ldx + h*dim and goes to
 // y + r*ldy + h*dim (y may alias x). w, b: F32 [dim] (b may be null); vectors with h >= w2_from
 // use w2 instead of w when w2 is given (q and k heads of one row in one launch).
+// f32_x: x is F32 (the residual stream; y stays `act`, so it cannot alias x).
 void norm(DType act, const void* x, int64_t rows, int64_t heads, int64_t dim, int64_t ldx, void* y,
           int64_t ldy, const float* w, const float* b, NormKind kind, float eps, cudaStream_t s,
-          const float* w2 = nullptr, int64_t w2_from = 0);
-// residual[rows, dim] += delta; y = norm(residual) (rows contiguous).
+          const float* w2 = nullptr, int64_t w2_from = 0, bool f32_x = false);
+// residual[rows, dim] += delta; y = norm(residual) (rows contiguous). The residual is F32 when
+// f32_residual, else `act`; delta and y are `act`.
 void add_norm(DType act, void* residual, const void* delta, int64_t rows, int64_t dim,
-              const float* w, const float* b, NormKind kind, float eps, void* y, cudaStream_t s);
+              const float* w, const float* b, NormKind kind, float eps, void* y, cudaStream_t s,
+              bool f32_residual = false);
 void add(DType act, void* x, const void* y, int64_t count, cudaStream_t s);
 void rope(DType act, void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim,
           int64_t rot_dim, const float* cos, const float* sin, cudaStream_t s);

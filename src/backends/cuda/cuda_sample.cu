@@ -40,6 +40,9 @@ constexpr int kMaxChunks = 2048;  // index-order chunks of the row-wide draw
 // kept set's boundary when the threads' maxima cannot.
 constexpr int kValueBuckets = 1024;
 constexpr float kValueScale = float(kValueBuckets) / 28.0f;
+#ifndef KILN_SAMPLE_VB
+#define KILN_SAMPLE_VB 1
+#endif
 constexpr unsigned kFull = 0xffffffffu;
 
 __device__ __forceinline__ u64 composite(uint32_t key, int i) {
@@ -114,6 +117,13 @@ __device__ u64 block_exclusive_scan(u64 v, Smem& sm, u64& total) {
   const u64 r = (warp > 0 ? sm.red[warp - 1] : 0) + x - v;
   __syncthreads();
   return r;
+}
+
+// Value bucket of a token: 0 at the maximum, growing as (l - m) / T falls; non-increasing in l
+// (the scaled logit is non-decreasing in l, and so are the product and the cast).
+__device__ __forceinline__ int value_bucket(float l, float m, float t) {
+  const float y = l == m ? 0.0f : mul_rn(-sampling::scaled_logit(l, m, t), kValueScale);
+  return y < float(kValueBuckets - 1) ? int(y) : kValueBuckets - 1;
 }
 
 // Sorts sm.tk (one key per thread) into descending order: bitonic, exchanging through shuffles
@@ -231,14 +241,14 @@ __device__ __noinline__ void decide(Smem& sm, int lane, bool last_level) {
     unsigned best = 256;
 #pragma unroll
     for (int j = 7; j >= 0; --j) {
-      const bool ok = R == Rule::kMassDesc
-                          ? w[j] > 0 && double(acc + (wtot - wlt[j] - w[j])) < thr
-                          : wlt[j] + w[j] > acc;
+      const bool ok = R == Rule::kMassDesc ? w[j] > 0 && double(acc + (wtot - wlt[j] - w[j])) < thr
+                                           : wlt[j] + w[j] > acc;
       if (ok) best = unsigned(lane * 8 + j);
     }
     d = __reduce_min_sync(kFull, best);
     d = d < 256 ? d : 255;
   }
+  __syncwarp();  // every lane has read sm.acc before the owner rewrites it
   if (lane == int(d >> 3)) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -368,8 +378,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   const float m = sampling::key_logit(sm.maxkey);
 
-  // Copies the tokens passing keep(l, i) (l sanitized) into sm.list with composites and weights; returns how
-  // many passed (only the first kCap are stored).
+  // Copies the tokens passing keep(l, i) (l sanitized) into sm.list with composites and weights;
+  // returns how many passed (only the first kCap are stored).
   const auto compact = [&](auto&& keep) {
     if (tid == 0) sm.n = 0;
     __syncthreads();
@@ -474,18 +484,18 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int j = 0; j < 4; ++j) {
           const float l = sanitize(v[j]);
           const bool on = base + j < n && (!use_k || composite(logit_key(l), base + j) >= bk);
-          u64 q = 0;
-          unsigned b = 0;
           if (on) {
-            q = sampling::weight(l, m, t);
+            const u64 q = sampling::weight(l, m, t);
             acc[0] += q;
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[r + 1] += l >= tau[r] ? q : 0;
-            // Non-increasing in l: x is non-decreasing, and so are the product and the cast.
-            const float y = l == m ? 0.0f : mul_rn(-sampling::scaled_logit(l, m, t), kValueScale);
-            b = y < float(kValueBuckets - 1) ? unsigned(y) : unsigned(kValueBuckets - 1);
+            // Weightless tokens never decide the boundary (and would crowd the last bucket).
+            if (KILN_SAMPLE_VB && q) {
+              const int b = value_bucket(l, m, t);
+              atomicAdd(&sm.vb.cnt[b], 1u);
+              atomicAdd(&sm.vb.mass[b], q);
+            }
           }
-          hist_add_warp<true>(sm.vb.cnt, sm.vb.mass, on, b, q);
         }
       });
 #pragma unroll
@@ -528,31 +538,33 @@ __global__ void __launch_bounds__(kThreads, 1)
         });
         list = nl <= kCap;
       }
+      bool in_list = list;
       if (list) {
         lo = descend<Rule::kMassDesc>(sm, 56, list_fill);
-      } else if (vbest >= 0 && sm.vcnt <= kCap) {
+      } else if (KILN_SAMPLE_VB && vbest >= 0 && sm.vcnt <= kCap) {
         // The boundary bucket's tokens into the list; the buckets before it are all kept.
         const u64 vabove = sm.vabove, vcabove = sm.vcabove;
         nl = compact([&](float l, int i) {
-          if (use_k && composite(logit_key(l), i) < bk) return false;
-          const float y = l == m ? 0.0f : mul_rn(-sampling::scaled_logit(l, m, t), kValueScale);
-          const int b = y < float(kValueBuckets - 1) ? int(y) : kValueBuckets - 1;
-          return b == vbest;
+          return value_bucket(l, m, t) == vbest && (!use_k || composite(logit_key(l), i) >= bk);
         });
-        if (tid == 0) sm.acc = vabove, sm.acc2 = vcabove;
-        lo = descend<Rule::kMassDesc>(sm, 56, list_fill);
-        // The draw reads the row, where an early stop's threshold could also admit tokens of
-        // the next bucket: take the boundary token's own composite.
-        if (tid == 0) sm.red[0] = ~0ull;
-        __syncthreads();
-        for (int i = tid; i < nl; i += kThreads) {
-          const u64 c = sm.list.comp[i];
-          if (c >= lo && c >= bk) atomicMin(&sm.red[0], c);
+        in_list = nl <= kCap;
+        if (in_list) {
+          if (tid == 0) sm.acc = vabove, sm.acc2 = vcabove;
+          lo = descend<Rule::kMassDesc>(sm, 56, list_fill);
+          // The draw reads the row, where an early stop's threshold could also admit tokens of
+          // the next bucket: take the boundary token's own composite.
+          if (tid == 0) sm.red[0] = ~0ull;
+          __syncthreads();
+          for (int i = tid; i < nl; i += kThreads) {
+            const u64 c = sm.list.comp[i];
+            if (c >= lo && c >= bk) atomicMin(&sm.red[0], c);
+          }
+          __syncthreads();
+          lo = sm.red[0];
+          __syncthreads();
         }
-        __syncthreads();
-        lo = sm.red[0];
-        __syncthreads();
-      } else {
+      }
+      if (!in_list) {
         lo = descend<Rule::kMassDesc>(sm, 56, [&](int shift, u64 pre) {
           for_groups(row, n, vec, [&](int, int base, const float* v) {
 #pragma unroll
@@ -576,11 +588,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const double u = sampling::uniform(p.seed, p.step);
   int pick;
-  if (list || (use_p && kept_cnt <= kCap)) {
-    if (!list) {
-      nl = compact([&](float l, int i) { return composite(logit_key(l), i) >= bp; });
-      nl = nl < kCap ? nl : kCap;
-    }
+  // kept_cnt leaves out weightless tokens found by value buckets: the copy checks the count.
+  bool small = list;
+  if (!list && use_p && kept_cnt <= kCap) {
+    nl = compact([&](float l, int i) { return composite(logit_key(l), i) >= bp; });
+    small = nl <= kCap;
+  }
+  if (small) {
     if (!use_p) {
       u64 s = 0;
       for (int i = tid; i < nl; i += kThreads)
@@ -608,8 +622,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const float l = sanitize(v[j]);
-        if (base + j < n && composite(logit_key(l), base + j) >= bp)
-          s += sampling::weight(l, m, t);
+        if (base + j < n && composite(logit_key(l), base + j) >= bp) s += sampling::weight(l, m, t);
       }
       s = warp_sum_u64(s);
       if (lane == 0 && s) atomicAdd(&sm.chunk[g * 128 / ch], s);

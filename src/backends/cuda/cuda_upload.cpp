@@ -78,7 +78,8 @@ std::vector<Mapping> readonly_file_mappings() {
     std::string path(line + n);
     while (!path.empty() && (path.back() == '\n' || path.back() == ' ')) path.pop_back();
     // Private writable mappings may hold copied-on-write pages that differ from the file.
-    if (inode == 0 || path.empty() || path[0] != '/' || perms[0] != 'r' || perms[1] == 'w') continue;
+    if (inode == 0 || path.empty() || path[0] != '/' || perms[0] != 'r' || perms[1] == 'w')
+      continue;
     if (!r.empty() && r.back().end == start && r.back().inode == inode && r.back().path == path &&
         r.back().offset + (r.back().end - r.back().start) == off) {
       r.back().end = uintptr_t(end);
@@ -102,8 +103,8 @@ struct Item {
   size_t index;  // in `host`
   const uint8_t* src;
   size_t bytes;
-  size_t dst = 0;    // device offset
-  int file = -1;     // index into the sources, or -1: memcpy from `src`
+  size_t dst = 0;     // device offset
+  int file = -1;      // index into the sources, or -1: memcpy from `src`
   uint64_t foff = 0;  // file offset of src
   // Prefetch run holding the item: its first block and file offset.
   size_t block0 = 0;
@@ -206,9 +207,7 @@ std::vector<Block> make_blocks(std::vector<Item>& items) {
     for (; j < items.size(); ++j) {
       const Item& n = items[j];
       if (n.bytes == 0) continue;
-      if (n.file != file || n.foff < foff || n.foff > end ||
-          n.src != addr + (n.foff - foff))
-        break;
+      if (n.file != file || n.foff < foff || n.foff > end || n.src != addr + (n.foff - foff)) break;
       end = std::max(end, n.foff + n.bytes);
     }
     for (size_t k = i; k < j; ++k) items[k].block0 = blocks.size(), items[k].run_foff = foff;
@@ -408,8 +407,8 @@ std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host, cudaStrea
       st.done.push_back(e);
     }
 
-    std::mutex mu;               // guards free_bufs and error
-    std::deque<int> free_bufs;   // oldest-issued first
+    std::mutex mu;              // guards free_bufs and error
+    std::deque<int> free_bufs;  // oldest-issued first
     for (int b = 0; b < nbuf; ++b) free_bufs.push_back(b);
     std::exception_ptr error;
     std::atomic<bool> failed{false};
@@ -443,7 +442,8 @@ std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host, cudaStrea
           if (f < 0) {
             f = ::open(cat("/proc/self/fd/", srcs[size_t(file)].fd).c_str(), O_RDONLY | O_CLOEXEC);
             if (f < 0) f = ::dup(srcs[size_t(file)].fd);
-            if (f < 0) throw Error(cat(srcs[size_t(file)].path, ": cannot open: ", std::strerror(errno)));
+            if (f < 0)
+              throw Error(cat(srcs[size_t(file)].path, ": cannot open: ", std::strerror(errno)));
           }
           return f;
         };
@@ -501,7 +501,8 @@ std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host, cudaStrea
             size_t q = p + 1;
             for (; q < p1 && items[pieces[q].item].dst + pieces[q].off == dst + len; ++q)
               len += pieces[q].len;
-            KILN_CUDA_CHECK(cudaMemcpyAsync(base + dst, buf + stage, len, cudaMemcpyHostToDevice, s));
+            KILN_CUDA_CHECK(
+                cudaMemcpyAsync(base + dst, buf + stage, len, cudaMemcpyHostToDevice, s));
             p = q;
           }
           KILN_CUDA_CHECK(cudaEventRecord(st.done[size_t(b)], s));
