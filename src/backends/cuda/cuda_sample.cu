@@ -12,12 +12,20 @@
 //   draw          the first kept token in index order whose running weight exceeds r: a
 //                 descent by weight over the index digits (few candidates, in shared memory), or
 //                 index-order chunk sums then a scan inside one chunk (many).
-// One SM reads the whole row, so time goes by passes over the row and instructions per token.
-// The common case, top_k <= 1024, takes two lean passes: the maximum (also each thread's own
-// maximum), then a copy into shared memory of the tokens at or above the top_k-th largest of the
-// threads' maxima (>= top_k tokens, and few); the selections and the draw then read only that
-// list. Large K or kept sets fall back to row passes with warp-aggregated histogram updates
-// (a row's bulk lands in a few buckets, where per-token shared atomics would serialise).
+// One SM reads the whole row, so time goes by passes over the row and instructions per token
+// (an exp costs several times a compare). The descents therefore run over a short list in shared
+// memory whenever one provably holds every token that matters:
+//   * top_k <= 1024: the tokens at or above tau, the top_k-th largest of the threads' own maxima
+//     (found in the pass that finds the maximum): top_k threads each hold a token >= tau, so
+//     the list holds K, and few tokens reach tau;
+//   * top-p without such a list: one pass with exps gives S, the mass at or above a few of the
+//     threads' maxima, and a weight histogram over buckets of (l - m) / T. The highest of those
+//     maxima whose mass reaches top_p * S bounds the kept set (the list is every token above
+//     it), else the bucket holding the boundary is listed and the buckets before it are kept
+//     whole.
+// What is left (ties or flat rows too dense for a list) takes row passes, with histogram updates
+// combined per warp (a row's bulk lands in a few buckets, where per-token shared atomics would
+// serialise).
 #include "backends/cuda/cuda_sample.h"
 
 #include "backends/cuda/cuda_common.h"
@@ -40,9 +48,6 @@ constexpr int kMaxChunks = 2048;  // index-order chunks of the row-wide draw
 // kept set's boundary when the threads' maxima cannot.
 constexpr int kValueBuckets = 1024;
 constexpr float kValueScale = float(kValueBuckets) / 28.0f;
-#ifndef KILN_SAMPLE_VB
-#define KILN_SAMPLE_VB 1
-#endif
 constexpr unsigned kFull = 0xffffffffu;
 
 __device__ __forceinline__ u64 composite(uint32_t key, int i) {
@@ -450,6 +455,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // S together with the mass at or above a few of the threads' maxima (ranks 8 .. 512); the
   // highest of those whose mass reaches the threshold bounds the kept set from below (any
   // token under it has at least that much mass ranked before it), and its tokens are few.
+  // The same pass fills the value buckets (weighted tokens only) for when none does.
   u64 bp = bk, kept_mass = 0;
   uint32_t kept_cnt = 0;
   if (use_p) {
@@ -490,7 +496,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[r + 1] += l >= tau[r] ? q : 0;
             // Weightless tokens never decide the boundary (and would crowd the last bucket).
-            if (KILN_SAMPLE_VB && q) {
+            if (q) {
               const int b = value_bucket(l, m, t);
               atomicAdd(&sm.vb.cnt[b], 1u);
               atomicAdd(&sm.vb.mass[b], q);
@@ -541,7 +547,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       bool in_list = list;
       if (list) {
         lo = descend<Rule::kMassDesc>(sm, 56, list_fill);
-      } else if (KILN_SAMPLE_VB && vbest >= 0 && sm.vcnt <= kCap) {
+      } else if (vbest >= 0 && sm.vcnt <= kCap) {
         // The boundary bucket's tokens into the list; the buckets before it are all kept.
         const u64 vabove = sm.vabove, vcabove = sm.vcabove;
         nl = compact([&](float l, int i) {
