@@ -214,6 +214,11 @@ TEST_P(CudaOps, Norms) {
       gpu->norm(rd, c.rows, c.dim, ldx, wd, bias ? &bd : nullptr, kind, 1e-5f, y2, ldy, true);
       expect_close(down(y2, size_t(c.rows * ldy)), ldy, want, ldy, c.rows, c.dim,
                    what + " from the F32 residual");
+      // F32 in and out (the final norm the LM head reads): F32 math on both sides.
+      auto* y3 = up_raw(std::vector<float>(size_t(c.rows * ldy), kPoison));
+      gpu->norm(rd, c.rows, c.dim, ldx, wd, bias ? &bd : nullptr, kind, 1e-5f, y3, ldy, true, true);
+      expect_close(down_f32(y3, size_t(c.rows * ldy)), ldy, want, ldy, c.rows, c.dim,
+                   what + " F32 in and out", 1e-6);
     }
   }
 }
@@ -630,6 +635,16 @@ TEST_P(CudaOps, Logits) {
       gpu->to_host(got.data(), yd, got.size() * 4);
       // F32 out: only the products' accumulation order differs from the CPU, in every dtype.
       expect_close(got, out, want, out, n, out, cat("logits n=", n, " cap=", cap), 1e-5);
+      // From an F32 hidden state (unrounded values): the same, through GEMV or the rounding
+      // fallback for cuBLASLt (n > 2), whose error is the dtype's.
+      std::normal_distribution<float> nd(0.0f, 1.0f);
+      std::vector<float> xf(size_t(n * in));
+      for (auto& v : xf) v = nd(rng);
+      cpu->logits(xf.data(), n, in, wh, cap, want.data());
+      gpu->logits(up_raw(xf), n, in, wd, cap, yd, true);
+      gpu->to_host(got.data(), yd, got.size() * 4);
+      expect_close(got, out, want, out, n, out, cat("logits from F32 n=", n, " cap=", cap),
+                   n <= 2 || dt == DType::F32 ? 1e-5 : tolerance(dt));
     }
   }
 }

@@ -77,7 +77,7 @@ class Backend {
                       void* y, int64_t ldy) = 0;
   virtual void norm(const void* x, int64_t rows, int64_t dim, int64_t ldx, const Tensor& w,
                     const Tensor* b, NormKind kind, float eps, void* y, int64_t ldy,
-                    bool residual_in = false) = 0;
+                    bool residual_in = false, bool f32_out = false) = 0;
   // residual += delta; y = norm(residual)
   virtual void add_norm(void* residual, const void* delta, int64_t rows, int64_t dim,
                         const Tensor& w, const Tensor* b, NormKind kind, float eps, void* y) = 0;
@@ -97,9 +97,10 @@ class Backend {
   // Converts `count` activations to F32 (for logits read-back).
   virtual void to_f32(const void* x, int64_t count, float* host_out) = 0;
   // F32 logits y[n, out] = x[n, in] . w^T, soft-capped when softcap > 0: the LM head, kept in
-  // F32 so 16-bit engines do not round logits (greedy ties) before sampling.
+  // F32 so 16-bit engines do not round logits (greedy ties) before sampling. x_f32: x is the
+  // F32 final hidden state (norm with f32_out) rather than activations.
   virtual void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, float softcap,
-                      float* y) = 0;
+                      float* y, bool x_f32 = false) = 0;
   // Picks one token per row of F32 logits [rows, vocab] (this device's memory) with the
   // settings of each row (host array); writes the ids to host memory. Synchronises.
   virtual void sample(const float* logits, int64_t rows, int64_t vocab, const SampleParams* params,

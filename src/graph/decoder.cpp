@@ -171,9 +171,14 @@ void Decoder::build_forward(const int32_t* d_tok, int64_t n, int64_t first, int6
     be_.add_norm(x, f, n, H, w_.at(next), w_.find(next + ".bias"), c_.knobs.norm,
                  float(c_.norm_eps), h);
   }
+  // The LM head reads the final norm of the F32 residual in F32 (not the rounded h): for 16-bit
+  // engines that is one rounding less right where it moves logits most.
+  auto* hf = static_cast<float*>(buf("h_f32", size_t(rows * H) * 4));
+  be_.norm(static_cast<float*>(x) + first * H, rows, H, H, w_.at("final_norm"),
+           w_.find("final_norm.bias"), c_.knobs.norm, float(c_.norm_eps), hf, H, true, true);
   auto* logits = static_cast<float*>(buf("logits", size_t(rows * V) * 4));
-  be_.logits(at(h, first * H), rows, H, c_.tie_word_embeddings ? w_.at("embed") : w_.at("lm_head"),
-             float(c_.final_softcap), logits);
+  be_.logits(hf, rows, H, c_.tie_word_embeddings ? w_.at("embed") : w_.at("lm_head"),
+             float(c_.final_softcap), logits, true);
 }
 
 namespace {

@@ -56,7 +56,7 @@ class CpuBackend final : public Backend {
     cpu::linear(F(x), n, w.shape[1], ldx, w.data, w.dtype, w.shape[0], fptr(b), F(y), ldy);
   }
   void norm(const void* x, int64_t rows, int64_t dim, int64_t ldx, const Tensor& w, const Tensor* b,
-            NormKind kind, float eps, void* y, int64_t ldy, bool) override {
+            NormKind kind, float eps, void* y, int64_t ldy, bool, bool) override {
     cpu::norm(F(x), rows, dim, ldx, w.ptr<float>(), fptr(b), kind, eps, F(y), ldy);
   }
   void add_norm(void* r, const void* d, int64_t rows, int64_t dim, const Tensor& w, const Tensor* b,
@@ -93,8 +93,8 @@ class CpuBackend final : public Backend {
   void to_f32(const void* x, int64_t count, float* out) override {
     std::memcpy(out, x, size_t(count) * 4);
   }
-  void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, float cap,
-              float* y) override {
+  void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, float cap, float* y,
+              bool) override {
     cpu::linear(F(x), n, w.shape[1], ldx, w.data, w.dtype, w.shape[0], nullptr, y, w.shape[0]);
     if (cap > 0) cpu::softcap(y, n * w.shape[0], cap);
   }

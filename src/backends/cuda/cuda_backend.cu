@@ -286,12 +286,16 @@ class CudaBackend final : public Backend {
   }
 
   void norm(const void* x, int64_t rows, int64_t dim, int64_t ldx, const Tensor& w, const Tensor* b,
-            NormKind kind, float eps, void* y, int64_t ldy, bool residual_in) override {
+            NormKind kind, float eps, void* y, int64_t ldy, bool residual_in,
+            bool f32_out) override {
     Prof prof(prof_.get(), "norm");
     flush();
     check_f32(w, b);
-    cuda::norm(act_, x, rows, 1, dim, ldx, y, ldy, w.ptr<float>(), fptr(b), kind, eps, stream_,
-               nullptr, 0, residual_in);
+    KILN_CHECK(!f32_out || residual_in || act_ == DType::F32,
+               "CUDA norm: an F32 output needs the F32 residual stream as input");
+    // F32 in and out is the F32 instantiation, whatever the engine dtype.
+    cuda::norm(f32_out ? DType::F32 : act_, x, rows, 1, dim, ldx, y, ldy, w.ptr<float>(), fptr(b),
+               kind, eps, stream_, nullptr, 0, residual_in);
   }
   void add_norm(void* residual, const void* delta, int64_t rows, int64_t dim, const Tensor& w,
                 const Tensor* b, NormKind kind, float eps, void* y) override {
@@ -437,16 +441,29 @@ class CudaBackend final : public Backend {
     if (prof_) prof_->harvest(true);
   }
 
-  void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, float cap,
-              float* y) override {
+  void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, float cap, float* y,
+              bool x_f32) override {
     Prof prof(prof_.get(), "logits");
     flush();
     KILN_CHECK(w.dtype == act_, "CUDA logits: weight dtype ", dtype_name(w.dtype),
                " differs from the activation dtype ", dtype_name(act_));
     const int64_t in = w.shape[1], out = w.shape[0];
     if (n == 0 || out == 0) return;
-    if (!(gemv_ && cuda::gemv(act_, x, n, ldx, w.data, in, out, nullptr, y, out, stream_, true)))
-      lt_->run(act_, x, n, ldx, w.data, in, out, y, out, true);
+    x_f32 = x_f32 && act_ != DType::F32;
+    if (gemv_ &&
+        cuda::gemv(act_, x, n, ldx, w.data, in, out, nullptr, y, out, stream_, true, x_f32)) {
+      if (cap > 0) cuda::softcap_f32(y, n * out, cap, stream_);
+      return;
+    }
+    if (x_f32) {  // cuBLASLt multiplies like types: round the hidden state for it
+      const size_t es = dtype_size(act_);
+      void* xr = scratch("logits_x", size_t(n * in) * es);
+      for (int64_t i = 0; i < n; ++i)
+        cuda::from_f32(act_, static_cast<const float*>(x) + i * ldx, in,
+                       static_cast<char*>(xr) + size_t(i * in) * es, stream_);
+      x = xr, ldx = in;
+    }
+    lt_->run(act_, x, n, ldx, w.data, in, out, y, out, true);
     if (cap > 0) cuda::softcap_f32(y, n * out, cap, stream_);
   }
 

@@ -441,6 +441,18 @@ void softcap(DType act, void* x, int64_t count, float cap, cudaStream_t s) {
                                        static_cast<T*>(x), count, cap));
 }
 
+template <typename T>
+__global__ void from_f32_kernel(const float* x, int64_t count, T* out) {
+  pdl_begin();
+  GRID_STRIDE(i, count) out[i] = from_f<T>(x[i]);
+}
+
+void from_f32(DType act, const float* x, int64_t count, void* out, cudaStream_t s) {
+  if (count == 0) return;
+  KILN_DISPATCH_ACT(act, launch_kernel(from_f32_kernel<T>, grid_for(count), kThreads, 0, s, x,
+                                       count, static_cast<T*>(out)));
+}
+
 void softcap_f32(float* x, int64_t count, float cap, cudaStream_t s) {
   if (count == 0) return;
   launch_kernel(softcap_kernel<float>, grid_for(count), kThreads, 0, s, x, count, cap);

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "backends/cuda/cuda_common.h"
 #include "backends/cuda/cuda_kernels.h"
@@ -62,10 +63,11 @@ __device__ __forceinline__ void gemv_reduce(float (&acc)[N][ROWS], int out, int 
   }
 }
 
-// acc[t][r] += W chunk (unpacked, ROWS x kVec) . x[t] chunk, for all t.
-template <typename T, int N, int ROWS>
+// acc[t][r] += W chunk (unpacked, ROWS x kVec) . x[t] chunk, for all t. X: the type of x, T or
+// float (the F32 final hidden state the LM head reads).
+template <typename T, int N, int ROWS, typename X = T>
 __device__ __forceinline__ void gemv_chunk(float (&acc)[N][ROWS], const uint4 (&wv)[ROWS],
-                                           const T* __restrict__ x, int64_t ldx, int c) {
+                                           const X* __restrict__ x, int64_t ldx, int c) {
   constexpr int E = kVec<T>;
   float wf[ROWS][E];
 #pragma unroll
@@ -73,7 +75,16 @@ __device__ __forceinline__ void gemv_chunk(float (&acc)[N][ROWS], const uint4 (&
 #pragma unroll
   for (int t = 0; t < N; ++t) {
     float xf[E];
-    unpack_vec<T>(__ldg(reinterpret_cast<const uint4*>(x + t * ldx) + c), xf);
+    if constexpr (std::is_same<X, T>::value) {
+      unpack_vec<T>(__ldg(reinterpret_cast<const uint4*>(x + t * ldx) + c), xf);
+    } else {
+      const float4* xp = reinterpret_cast<const float4*>(x + t * ldx + int64_t(c) * E);
+#pragma unroll
+      for (int q = 0; q < E / 4; ++q) {
+        const float4 v = __ldg(xp + q);
+        xf[4 * q] = v.x, xf[4 * q + 1] = v.y, xf[4 * q + 2] = v.z, xf[4 * q + 3] = v.w;
+      }
+    }
 #pragma unroll
     for (int r = 0; r < ROWS; ++r)
 #pragma unroll
@@ -84,8 +95,8 @@ __device__ __forceinline__ void gemv_chunk(float (&acc)[N][ROWS], const uint4 (&
 // Needs in % kVec<T> == 0 and 16-byte aligned rows of x and W. WAIT_X: the caller has not
 // waited for the previous kernel yet; this function does, after issuing its first W loads.
 // Leaves the per-thread partial sums of W rows rows[0..ROWS) in acc.
-template <typename T, int N, int ROWS, bool WAIT_X>
-__device__ __forceinline__ void gemv_partial(float (&acc)[N][ROWS], const T* __restrict__ x,
+template <typename T, int N, int ROWS, bool WAIT_X, typename X = T>
+__device__ __forceinline__ void gemv_partial(float (&acc)[N][ROWS], const X* __restrict__ x,
                                              int64_t ldx, const T* __restrict__ w, int in,
                                              const int (&rows)[ROWS]) {
   constexpr int E = kVec<T>;
@@ -110,8 +121,8 @@ __device__ __forceinline__ void gemv_partial(float (&acc)[N][ROWS], const T* __r
   }
   if constexpr (WAIT_X) pdl_wait();
   while (ha) {
-    gemv_chunk<T, N, ROWS>(acc, wa, x, ldx, c);
-    if (hb) gemv_chunk<T, N, ROWS>(acc, wb, x, ldx, c + nt);
+    gemv_chunk<T, N, ROWS, X>(acc, wa, x, ldx, c);
+    if (hb) gemv_chunk<T, N, ROWS, X>(acc, wb, x, ldx, c + nt);
     c += 2 * nt;
     ha = c < chunks, hb = c + nt < chunks;
 #pragma unroll
@@ -122,8 +133,8 @@ __device__ __forceinline__ void gemv_partial(float (&acc)[N][ROWS], const T* __r
   }
 }
 
-template <typename T, int N, int ROWS, bool WAIT_X, typename Y = T>
-__device__ __forceinline__ void gemv_tile(const T* __restrict__ x, int64_t ldx,
+template <typename T, int N, int ROWS, bool WAIT_X, typename Y = T, typename X = T>
+__device__ __forceinline__ void gemv_tile(const X* __restrict__ x, int64_t ldx,
                                           const T* __restrict__ w, int in, int out, int row0,
                                           const float* __restrict__ bias, Y* __restrict__ y,
                                           int64_t ldy) {
@@ -131,7 +142,7 @@ __device__ __forceinline__ void gemv_tile(const T* __restrict__ x, int64_t ldx,
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) rows[r] = min(row0 + r, out - 1);  // past the end: never stored
   float acc[N][ROWS];
-  gemv_partial<T, N, ROWS, WAIT_X>(acc, x, ldx, w, in, rows);
+  gemv_partial<T, N, ROWS, WAIT_X, X>(acc, x, ldx, w, in, rows);
   gemv_reduce<Y, N, ROWS>(acc, out, row0, bias, y, ldy);
 }
 
@@ -151,12 +162,12 @@ __device__ __forceinline__ void gemv_tile_scalar(const T* __restrict__ x, const 
   gemv_reduce<T, 1, ROWS>(acc, out, row0, nullptr, y, 0);
 }
 
-template <typename T, int N, int ROWS, typename Y>
+template <typename T, int N, int ROWS, typename Y, typename X>
 __global__ void __launch_bounds__(kGemvThreads)
-    gemv_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ w, int in, int out,
+    gemv_kernel(const X* __restrict__ x, int64_t ldx, const T* __restrict__ w, int in, int out,
                 const float* __restrict__ bias, Y* __restrict__ y, int64_t ldy) {
   pdl_trigger();
-  gemv_tile<T, N, ROWS, true, Y>(x, ldx, w, in, out, int(blockIdx.x) * ROWS, bias, y, ldy);
+  gemv_tile<T, N, ROWS, true, Y, X>(x, ldx, w, in, out, int(blockIdx.x) * ROWS, bias, y, ldy);
 }
 
 // gate_up GEMV fused with the gated activation: a block owns gate rows [j, j + H) and the up
@@ -224,13 +235,13 @@ unsigned threads_for(int64_t chunks) {
 }
 
 // 4 weight rows per block keep 8 independent 16-byte loads in flight per thread.
-template <typename T, int N, typename Y = T>
+template <typename T, int N, typename Y = T, typename X = T>
 void launch(const void* x, int64_t ldx, const void* w, int64_t in, int64_t out, const float* bias,
             void* y, int64_t ldy, cudaStream_t s) {
   constexpr int kRows = 4;
   const unsigned blocks = unsigned((out + kRows - 1) / kRows);
-  launch_kernel(gemv_kernel<T, N, kRows, Y>, blocks, threads_for(in / kVec<T>), 0, s,
-                static_cast<const T*>(x), ldx, static_cast<const T*>(w), int(in), int(out), bias,
+  launch_kernel(gemv_kernel<T, N, kRows, Y, X>, blocks, threads_for(in / kVec<T>), 0, s,
+                static_cast<const X*>(x), ldx, static_cast<const T*>(w), int(in), int(out), bias,
                 static_cast<Y*>(y), ldy);
 }
 
@@ -252,10 +263,10 @@ bool aligned16(const void* p) {
 }  // namespace
 
 bool gemv_supported(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in,
-                    int64_t out) {
+                    int64_t out, bool f32_x) {
   if (n < 1 || n > kGemvMaxRows || out < 1 || in < 1 || in > INT_MAX || out > INT_MAX) return false;
-  const int64_t es = int64_t(dtype_size(act)), e = 16 / es;
-  return in % e == 0 && (ldx * es) % 16 == 0 && aligned16(x) && aligned16(w);
+  const int64_t es = int64_t(dtype_size(act)), e = 16 / es, xs = f32_x ? 4 : es;
+  return in % e == 0 && (ldx * xs) % 16 == 0 && aligned16(x) && aligned16(w);
 }
 
 void gemv_gated(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in,
@@ -270,8 +281,17 @@ void gemv_gated(DType act, const void* x, int64_t n, int64_t ldx, const void* w,
 }
 
 bool gemv(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in, int64_t out,
-          const float* bias, void* y, int64_t ldy, cudaStream_t s, bool f32_out) {
-  if (!gemv_supported(act, x, n, ldx, w, in, out)) return false;
+          const float* bias, void* y, int64_t ldy, cudaStream_t s, bool f32_out, bool f32_x) {
+  if (!gemv_supported(act, x, n, ldx, w, in, out, f32_x)) return false;
+  if (f32_x && act != DType::F32) {
+    KILN_CHECK(f32_out, "gemv: F32 x needs an F32 y");
+    if (n == 1) {
+      KILN_DISPATCH_ACT(act, (launch<T, 1, float, float>(x, ldx, w, in, out, bias, y, ldy, s)));
+    } else {
+      KILN_DISPATCH_ACT(act, (launch<T, 2, float, float>(x, ldx, w, in, out, bias, y, ldy, s)));
+    }
+    return true;
+  }
   if (f32_out) {
     if (n == 1) {
       KILN_DISPATCH_ACT(act, (launch<T, 1, float>(x, ldx, w, in, out, bias, y, ldy, s)));

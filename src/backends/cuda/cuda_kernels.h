@@ -42,6 +42,8 @@ void gated_act(DType act, const void* gu, int64_t n, int64_t inter, Activation a
 void act_inplace(DType act, void* x, int64_t count, Activation a, cudaStream_t s);
 void softcap(DType act, void* x, int64_t count, float cap, cudaStream_t s);
 void to_f32(DType act, const void* x, int64_t count, float* out, cudaStream_t s);
+// out[count] (act) = x (F32), rounded.
+void from_f32(DType act, const float* x, int64_t count, void* out, cudaStream_t s);
 // x[count] = cap * tanh(x / cap), F32.
 void softcap_f32(float* x, int64_t count, float cap, cudaStream_t s);
 // y[i, o] += bias[o] over n rows of `out` columns, rows `ldy` apart.
@@ -74,12 +76,13 @@ void moe_combine(DType act, const void* ye, const float* weights, int64_t n, int
 // y[n, out] = x[n, in] . w[out, in]^T (+ bias) for n <= kGemvMaxRows. Returns false (and does
 // nothing) when the shapes or alignment do not suit the vectorised kernel.
 constexpr int64_t kGemvMaxRows = 2;
-// f32_out: y is F32 (logits), whatever the activation dtype.
+// f32_out: y is F32 (logits), whatever the activation dtype; f32_x: so is x (needs f32_out).
 bool gemv(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in, int64_t out,
-          const float* bias, void* y, int64_t ldy, cudaStream_t s, bool f32_out = false);
+          const float* bias, void* y, int64_t ldy, cudaStream_t s, bool f32_out = false,
+          bool f32_x = false);
 // Whether gemv() would take these operands.
 bool gemv_supported(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in,
-                    int64_t out);
+                    int64_t out, bool f32_x = false);
 // gemv() of a gate_up weight [2 * inter, in] into gu [n, 2 * inter] fused with
 // gated_act(gu) -> out [n, inter]; both outputs as the two unfused calls would write them.
 void gemv_gated(DType act, const void* x, int64_t n, int64_t ldx, const void* w, int64_t in,
