@@ -324,13 +324,16 @@ void Engine::start(const RuntimeConfig& rc) {
   } else {
     blocks = std::max<int64_t>(m.max_batch, 1) * seq_blocks + 1;
   }
-  if (blocks - 1 < seq_blocks)
-    throw Error(
-        cat("the KV cache holds ", std::max<int64_t>(blocks - 1, 0) * bs, " tokens (",
-            total > 0 ? cat(rc.kv_cache_fraction, " of ", free >> 20, " MiB free after the weights")
-                      : cat(rc.kv_cache_tokens, " tokens asked for"),
-            "), less than one sequence of max_seq_len ", m.max_seq_len,
-            "; raise --kv-cache-fraction or rebuild with a smaller --max-seq-len"));
+  if (blocks - 1 < seq_blocks) {
+    const bool by_tokens = rc.kv_cache_tokens > 0;
+    throw Error(cat(
+        "the KV cache holds ", std::max<int64_t>(blocks - 1, 0) * bs, " tokens (",
+        by_tokens ? cat(rc.kv_cache_tokens, " tokens asked for")
+                  : cat(rc.kv_cache_fraction, " of ", free >> 20, " MiB free after the weights"),
+        "), less than one sequence of max_seq_len ", m.max_seq_len, "; raise ",
+        by_tokens ? "--kv-cache-tokens" : "--kv-cache-fraction",
+        " or rebuild with a smaller --max-seq-len"));
+  }
   m.cache = std::make_unique<KVCache>(*m.backend, m.config, blocks, bs);
   ri.kv_cache_tokens = m.cache->capacity_tokens();
   ri.kv_cache_bytes = int64_t(size_t(blocks) * block);

@@ -260,10 +260,12 @@ void register_model_commands(CLI::App& app) {
                         const std::vector<double>& rates) {
         const double mean = mean_of(rates), sd = sd_of(rates);
         if (format == "md") {
-          std::printf("| %s %s | %s | %.2f B | %s | %d | %s | %lld | %.2f ± %.2f |\n",
+          const double np = double(info.num_params);
+          std::printf("| %s %s | %s | %.2f %s | %s | %d | %s | %lld | %.2f ± %.2f |\n",
                       info.architecture.c_str(), info.dtype.c_str(),
-                      human_bytes(double(info.weight_bytes)).c_str(), double(info.num_params) / 1e9,
-                      backend.c_str(), threads, test.c_str(), (long long)batch, mean, sd);
+                      human_bytes(double(info.weight_bytes)).c_str(),
+                      np >= 1e9 ? np / 1e9 : np / 1e6, np >= 1e9 ? "B" : "M", backend.c_str(),
+                      threads, test.c_str(), (long long)batch, mean, sd);
           std::fflush(stdout);
         }
         rows.push_back({{"model", info.architecture + " " + info.dtype},
