@@ -1,13 +1,16 @@
 // Token sampling: properties of the CPU reference (cpu::sample_row) against a brute-force
 // reading of its documented rule, its statistics, its random stream; and the CUDA kernel
 // against the reference, token for token (exact by design: shared arithmetic, integer sums).
-// The CUDA tests skip when no GPU is visible; they compile only in CUDA builds.
+// Also min_p, logit edits and log-probabilities (CPU semantics, then CUDA against the CPU).
+// The CUDA tests skip when no GPU is visible; those calling cuda:: directly compile only in CUDA
+// builds, those going through the Backend interface in every build.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -45,7 +48,7 @@ SampleParams params(float t, int32_t k, float p, uint64_t seed = 0, uint64_t ste
 std::string describe(const SampleParams& p) {
   return "T=" + std::to_string(p.temperature) + " top_k=" + std::to_string(p.top_k) +
          " top_p=" + std::to_string(p.top_p) + " seed=" + std::to_string(p.seed) +
-         " step=" + std::to_string(p.step);
+         " step=" + std::to_string(p.step) + " min_p=" + std::to_string(p.min_p);
 }
 
 int32_t first_argmax(const float* l, int64_t n) {
@@ -70,6 +73,12 @@ std::vector<cpu::SampleCandidate> brute_force_kept(const std::vector<float>& log
                    [&](int32_t a, int32_t b) { return l[size_t(a)] > l[size_t(b)]; });
   if (p.top_k > 0 && p.top_k < n) order.resize(size_t(p.top_k));
   const float m = l[size_t(order[0])];
+  if (p.min_p > 0) {  // probability at least min_p (at most 1) times the maximum's, in 2^-40
+    const double floor = double(std::min(p.min_p, 1.0f)) * 0x1p40;
+    std::erase_if(order, [&](int32_t i) {
+      return double(sampling::weight(l[size_t(i)], m, p.temperature)) < floor;
+    });
+  }
   std::vector<cpu::SampleCandidate> kept;
   uint64_t total = 0;
   for (int32_t i : order) total += sampling::weight(l[size_t(i)], m, p.temperature);
@@ -153,6 +162,9 @@ SampleParams random_params(std::mt19937& rng, int64_t n, int kind) {
       p.top_p = 0.9f;
       break;
   }
+  // min_p on a third of the rows, greedy ones too (which ignore it); 2.0 acts as 1, <= 0 is off.
+  const float mps[] = {0.01f, 0.05f, 0.1f, 0.3f, 0.9f, 1.0f, 2.0f, 0.0f, -1.0f, 1e-12f};
+  if (rng() % 3 == 0) p.min_p = mps[rng() % 10];
   return p;
 }
 
@@ -309,6 +321,179 @@ TEST(Sampling, RejectsVocabOutOfRange) {
   EXPECT_THROW(cpu::sample_row(l, 0, params(1, 0, 1)), Error);
 }
 
+// min_p at the exact edge: with min_p = 0.5 the floor is 2^39, and a logit whose weight is
+// exactly 2^39 (e^x == 0.5 in kiln_expf) survives with all its ties while the next float below
+// (weight < 2^39) is dropped with all of its.
+TEST(Sampling, MinPThresholdIsInclusiveOverTies) {
+  float x = -0.6931472f;  // ~ -ln 2; walk to a float whose kiln_expf is exactly 0.5
+  for (int i = 0; i < 64 && kiln_expf(x) != 0.5f; ++i)
+    x = kiln_expf(x) < 0.5f ? std::nextafter(x, 0.0f) : std::nextafter(x, -1.0f);
+  ASSERT_EQ(kiln_expf(x), 0.5f);
+  // The first float below x with a smaller weight.
+  float below = std::nextafter(x, -1.0f);
+  while (sampling::weight(below, 0.0f, 1.0f) == sampling::weight(x, 0.0f, 1.0f))
+    below = std::nextafter(below, -1.0f);
+  ASSERT_EQ(sampling::weight(x, 0.0f, 1.0f), uint64_t(1) << 39);
+  ASSERT_LT(sampling::weight(below, 0.0f, 1.0f), uint64_t(1) << 39);
+  const std::vector<float> l = {below, x, 0.0f, -5.0f, x, below, 0.0f, x};
+  SampleParams p = params(1.0f, 0, 1.0f, 9);
+  p.min_p = 0.5f;
+  std::vector<int32_t> ids;
+  for (const auto& c : cpu::sample_candidates(l.data(), int64_t(l.size()), p)) ids.push_back(c.id);
+  EXPECT_EQ(ids, (std::vector<int32_t>{1, 2, 4, 6, 7}));
+  // Every draw lands in that set, and each of its tokens is drawn.
+  std::vector<int> hits(l.size(), 0);
+  for (uint64_t step = 0; step < 2000; ++step) {
+    p.step = step;
+    hits[size_t(cpu::sample_row(l.data(), int64_t(l.size()), p))]++;
+  }
+  EXPECT_EQ(hits, (std::vector<int>{0, hits[1], hits[2], 0, hits[4], 0, hits[6], hits[7]}));
+  for (int i : {1, 2, 4, 6, 7}) EXPECT_GT(hits[size_t(i)], 0) << i;
+  // Top-p then measures only the survivors: S = 2 * 2^40 + 3 * 2^39, and top_p = 0.5 needs the
+  // two maxima (mass before the third ranked token: 2^41 >= S / 2 = 1.75 * 2^40).
+  p.top_p = 0.5f;
+  ids.clear();
+  for (const auto& c : cpu::sample_candidates(l.data(), int64_t(l.size()), p)) ids.push_back(c.id);
+  EXPECT_EQ(ids, (std::vector<int32_t>{2, 6}));
+}
+
+TEST(Sampling, MinPLimits) {
+  const std::vector<float> l = {1.0f, 3.0f, 3.0f, 2.9f, -kInf, kNaN, 0.5f};
+  const int64_t n = int64_t(l.size());
+  const auto kept = [&](float min_p, float t = 1.0f, int32_t k = 0) {
+    SampleParams p = params(t, k, 1.0f);
+    p.min_p = min_p;
+    std::vector<int32_t> ids;
+    for (const auto& c : cpu::sample_candidates(l.data(), n, p)) ids.push_back(c.id);
+    return ids;
+  };
+  const std::vector<int32_t> all = kept(0.0f);
+  EXPECT_EQ(all.size(), size_t(n));
+  EXPECT_EQ(kept(-1.0f), all);  // <= 0 and NaN: off
+  EXPECT_EQ(kept(kNaN), all);
+  EXPECT_EQ(kept(1.0f), (std::vector<int32_t>{1, 2}));  // >= 1: the maximum's ties alone
+  EXPECT_EQ(kept(7.5f), (std::vector<int32_t>{1, 2}));
+  // Relative probabilities at T = 1: e^-0.1 ~ 0.905, e^-2 ~ 0.135, e^-2.5 ~ 0.082; at T = 2
+  // (min_p after the temperature): e^-1 ~ 0.37, e^-1.25 ~ 0.29.
+  EXPECT_EQ(kept(0.9f), (std::vector<int32_t>{1, 2, 3}));
+  EXPECT_EQ(kept(0.2f), (std::vector<int32_t>{1, 2, 3}));
+  EXPECT_EQ(kept(0.1f), (std::vector<int32_t>{0, 1, 2, 3}));
+  EXPECT_EQ(kept(0.2f, 2.0f), (std::vector<int32_t>{0, 1, 2, 3, 6}));
+  EXPECT_EQ(kept(0.3f, 2.0f), (std::vector<int32_t>{0, 1, 2, 3}));
+  // With top-k: the survivors of both.
+  EXPECT_EQ(kept(0.1f, 1.0f, 2), (std::vector<int32_t>{1, 2}));
+  // Greedy ignores min_p.
+  SampleParams g = params(0.0f, 0, 1.0f);
+  g.min_p = 1.0f;
+  EXPECT_EQ(cpu::sample_row(l.data(), n, g), 1);
+}
+
+TEST(Sampling, EditsApplyInTheDocumentedOrder) {
+  // Values exact in FP32, so each expectation is the documented formula evaluated by hand.
+  const int64_t rows = 2, vocab = 6;
+  std::vector<float> l = {2.0f, -1.0f, -2.0f, 4.0f, 1.0f, 0.5f,   // row 0
+                          2.0f, -1.0f, -2.0f, 4.0f, 1.0f, 0.5f};  // row 1
+  const std::vector<RowPenalty> pen = {{0.25f, 0.5f, 1.5f}, {1.0f, 0.0f, 2.0f}};
+  const std::vector<LogitEdit> edits = {
+      {0, 0, 1.0f, 2, 1},   // (2 + 1) / 1.5 = 2; 2 - (0.5 * 2 + 0.25) = 0.75
+      {0, 1, 3.0f, 0, 1},   // -1 + 3 = 2 > 0, so divided: 2 / 1.5 (bias before repetition)
+      {0, 2, 0.5f, 1, 1},   // (-2 + 0.5) * 1.5 = -2.25; -2.25 - (0.5 + 0.25) = -3
+      {0, 3, -kInf, 0, 0},  // banned
+      {0, 4, 0.0f, 3, 0},   // not seen: no repetition; 1 - (1.5 + 0.25) = -0.75
+      {1, 0, 0.0f, 1, 1},   // row 1's penalties: 2 / 2 = 1; 1 - (0 + 1) = 0
+      {1, 2, 0.0f, 0, 1},   // -2 * 2 = -4, no count: no frequency / presence
+  };
+  cpu::edit_logits(l.data(), rows, vocab, pen.data(), edits.data(), int64_t(edits.size()));
+  const std::vector<float> want = {0.75f, 2.0f / 1.5f, -3.0f, -kInf, -0.75f, 0.5f,
+                                   0.0f,  -1.0f,       -4.0f, 4.0f,  1.0f,   0.5f};
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(l[i], want[i]) << i;
+  // A bad entry edits nothing, wherever it is.
+  std::vector<float> before = l;
+  const std::vector<LogitEdit> bad = {{0, 5, 1.0f, 0, 0}, {1, 6, 1.0f, 0, 0}};
+  EXPECT_THROW(cpu::edit_logits(l.data(), rows, vocab, pen.data(), bad.data(), 2), Error);
+  EXPECT_EQ(l, before);
+  const std::vector<LogitEdit> bad_row = {{2, 0, 1.0f, 0, 0}};
+  EXPECT_THROW(cpu::edit_logits(l.data(), rows, vocab, pen.data(), bad_row.data(), 1), Error);
+}
+
+// log_softmax in double from the float logits: the exact value the FP32 result approximates.
+void logprobs_double(const std::vector<float>& l, int64_t k, double& lse,
+                     std::vector<int32_t>& top) {
+  std::vector<double> v(l.size());
+  for (size_t i = 0; i < l.size(); ++i) v[i] = std::isnan(l[i]) ? -kInf : double(l[i]);
+  const double m = *std::max_element(v.begin(), v.end());
+  double sum = 0;
+  for (double x : v) sum += x == m ? 1.0 : std::exp(x - m);
+  lse = m + std::log(sum);
+  top.resize(l.size());
+  std::iota(top.begin(), top.end(), 0);
+  std::stable_sort(top.begin(), top.end(),
+                   [&](int32_t a, int32_t b) { return v[size_t(a)] > v[size_t(b)]; });
+  top.resize(size_t(k));
+}
+
+TEST(Sampling, LogprobsMatchADoublePrecisionReference) {
+  std::mt19937 rng(11);
+  for (int64_t n : {1, 2, 5, 100, 4099}) {
+    for (int i = 0; i < 60; ++i) {
+      const int mode = i % 8 == 7 ? 3 : i % 8;  // mode 7's infinite rows have a test of their own
+      const std::vector<float> l = random_row(rng, n, mode);
+      const int64_t k = std::min<int64_t>(n, int64_t(rng() % 21));
+      double lse;
+      std::vector<int32_t> want_top;
+      logprobs_double(l, k, lse, want_top);
+      if (!std::isfinite(lse)) continue;  // all -inf: the uniform row below
+      const int32_t id = int32_t(rng() % uint64_t(n));
+      float lp;
+      std::vector<int32_t> top(static_cast<size_t>(k));
+      std::vector<float> top_lp(static_cast<size_t>(k));
+      cpu::logprobs_row(l.data(), n, id, k, &lp, top.data(), top_lp.data());
+      ASSERT_EQ(top, want_top) << "n=" << n << " row " << i;
+      // FP32 keeps ~2^-24 of each value: a few of those of |lp|, plus the sum's terms' error.
+      const auto check = [&](float got, int32_t tok) {
+        const double x = std::isnan(l[size_t(tok)]) ? -kInf : double(l[size_t(tok)]);
+        const double ref = x - lse;
+        if (std::isinf(ref)) {
+          EXPECT_EQ(got, float(ref)) << "token " << tok;
+          return;
+        }
+        EXPECT_NEAR(got, ref, 1e-6 + 2.5e-7 * std::fabs(ref)) << "n=" << n << " token " << tok;
+      };
+      check(lp, id);
+      for (int64_t j = 0; j < k; ++j) check(top_lp[size_t(j)], top[size_t(j)]);
+    }
+  }
+}
+
+TEST(Sampling, LogprobsOfDegenerateRows) {
+  float lp;
+  int32_t top[3];
+  float top_lp[3];
+  // All -inf (and NaN as -inf): uniform, as the sampler draws.
+  const std::vector<float> dead = {-kInf, kNaN, -kInf, -kInf};
+  cpu::logprobs_row(dead.data(), 4, 1, 3, &lp, top, top_lp);
+  EXPECT_FLOAT_EQ(lp, -std::log(4.0f));
+  EXPECT_EQ(std::vector<int32_t>(top, top + 3), (std::vector<int32_t>{0, 1, 2}));
+  // +inf maxima share the mass; everything else is -inf.
+  const std::vector<float> inf = {1.0f, kInf, 3.0f, kInf};
+  cpu::logprobs_row(inf.data(), 4, 0, 3, &lp, top, top_lp);
+  EXPECT_EQ(lp, -kInf);
+  EXPECT_EQ(std::vector<int32_t>(top, top + 3), (std::vector<int32_t>{1, 3, 2}));
+  EXPECT_FLOAT_EQ(top_lp[0], -std::log(2.0f));
+  EXPECT_FLOAT_EQ(top_lp[1], -std::log(2.0f));
+  EXPECT_EQ(top_lp[2], -kInf);
+  // Signed zeros tie (index order); a one-token row is certain.
+  const std::vector<float> zeros = {-0.0f, 0.0f, -1.0f};
+  cpu::logprobs_row(zeros.data(), 3, 2, 2, &lp, top, top_lp);
+  EXPECT_EQ(std::vector<int32_t>(top, top + 2), (std::vector<int32_t>{0, 1}));
+  EXPECT_EQ(top_lp[0], top_lp[1]);
+  const float one = 7.0f;
+  cpu::logprobs_row(&one, 1, 0, 1, &lp, top, top_lp);
+  EXPECT_EQ(lp, 0.0f);
+  EXPECT_THROW(cpu::logprobs_row(zeros.data(), 3, 3, 0, &lp, top, top_lp), Error);
+  EXPECT_THROW(cpu::logprobs_row(zeros.data(), 3, 0, 4, &lp, top, top_lp), Error);
+}
+
 #ifdef KILN_HAVE_CUDA
 
 #define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << #expr
@@ -429,6 +614,31 @@ TEST_F(SamplingCuda, LargeKeptSetsAndManyTies) {
         << "row " << r << " " << describe(ps[size_t(r)]);
 }
 
+TEST_F(SamplingCuda, MinPMatchesCpuReference) {
+  // min_p on every row, alone and with top-k / top-p, over row shapes from flat to peaked.
+  std::mt19937 rng(700);
+  const float mps[] = {0.001f, 0.02f, 0.05f, 0.1f, 0.3f, 0.7f, 1.0f};
+  for (int64_t vocab : {7, 1000, 32000, 151936}) {
+    for (int round = 0; round < 3; ++round) {
+      const int64_t rows = 64;
+      std::vector<float> logits;
+      std::vector<SampleParams> ps;
+      for (int64_t r = 0; r < rows; ++r) {
+        const std::vector<float> row = random_row(rng, vocab, int(rng() % 8));
+        logits.insert(logits.end(), row.begin(), row.end());
+        SampleParams p = random_params(rng, vocab, 1 + int(r % 5));
+        p.min_p = mps[rng() % 7];
+        ps.push_back(p);
+      }
+      std::vector<int32_t> got;
+      gpu_sample(logits, rows, vocab, ps, got);
+      for (int64_t r = 0; r < rows; ++r)
+        EXPECT_EQ(got[size_t(r)], cpu::sample_row(logits.data() + r * vocab, vocab, ps[size_t(r)]))
+            << "vocab " << vocab << " row " << r << " " << describe(ps[size_t(r)]);
+    }
+  }
+}
+
 TEST_F(SamplingCuda, IsDeterministic) {
   std::mt19937 rng(600);
   const int64_t vocab = 32000, rows = 64;
@@ -446,6 +656,127 @@ TEST_F(SamplingCuda, IsDeterministic) {
 }
 
 #endif  // KILN_HAVE_CUDA
+
+// The CUDA backend's edit_logits and logprobs against the CPU reference, through the Backend
+// interface (so these compile in every build; they skip without a GPU).
+class LogitsCuda : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!cuda_available()) GTEST_SKIP() << "no CUDA GPU visible";
+    gpu = make_cuda_backend(DType::F32);
+    ASSERT_NE(gpu, nullptr);
+  }
+  float* upload(const std::vector<float>& v) {
+    auto* d = static_cast<float*>(gpu->alloc(v.size() * sizeof(float)));
+    gpu->to_device(d, v.data(), v.size() * sizeof(float));
+    return d;
+  }
+  std::unique_ptr<Backend> gpu;
+};
+
+TEST_F(LogitsCuda, EditLogitsIsBitwiseTheReference) {
+  std::mt19937 rng(800);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  for (int64_t vocab : {5, 1001, 32000}) {
+    const int64_t rows = 9;
+    std::vector<float> l(static_cast<size_t>(rows * vocab));
+    for (float& x : l) x = nd(rng);
+    std::vector<RowPenalty> pen(static_cast<size_t>(rows));
+    for (auto& p : pen)  // some rows without repetition; penalties of both signs
+      p = {nd(rng) * 0.3f, nd(rng) * 0.3f, rng() % 3 ? 1.0f + std::fabs(nd(rng)) * 0.2f : 1.0f};
+    // Distinct (row, id) pairs, about a third of each row, in random order.
+    std::vector<LogitEdit> edits;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < vocab; ++i) {
+        if (rng() % 3) continue;
+        LogitEdit e;
+        e.row = int32_t(r), e.id = int32_t(i);
+        e.bias = rng() % 4 ? 0.0f : rng() % 5 ? nd(rng) : -kInf;
+        e.count = rng() % 2 ? int32_t(rng() % 7) : 0;
+        e.seen = e.count > 0 || rng() % 2;
+        edits.push_back(e);
+      }
+    std::shuffle(edits.begin(), edits.end(), rng);
+    const std::vector<LogitEdit> kept = edits;
+    const std::vector<RowPenalty> kept_pen = pen;
+    float* d = upload(l);
+    gpu->edit_logits(d, rows, vocab, pen.data(), edits.data(), int64_t(edits.size()));
+    // The call copied the host arrays before it returned: scribbling on them changes nothing.
+    std::fill(edits.begin(), edits.end(), LogitEdit{0, 0, kNaN, 1, 1});
+    std::fill(pen.begin(), pen.end(), RowPenalty{kNaN, kNaN, kNaN});
+    std::vector<float> got(l.size());
+    gpu->to_host(got.data(), d, got.size() * sizeof(float));
+    gpu->release(d);
+    cpu::edit_logits(l.data(), rows, vocab, kept_pen.data(), kept.data(), int64_t(kept.size()));
+    size_t differ = 0;
+    for (size_t i = 0; i < l.size(); ++i) differ += float_bits(got[i]) != float_bits(l[i]);
+    EXPECT_EQ(differ, 0u) << "vocab " << vocab << ": " << differ << " of " << l.size()
+                          << " logits differ in some bit";
+  }
+  // Entries outside the rows / vocabulary throw before anything is copied.
+  const std::vector<float> l(8, 1.0f);
+  float* d = upload(l);
+  const RowPenalty pen[1] = {};
+  const LogitEdit bad[1] = {{0, 8, 1.0f, 0, 0}};
+  EXPECT_THROW(gpu->edit_logits(d, 1, 8, pen, bad, 1), Error);
+  gpu->release(d);
+}
+
+TEST_F(LogitsCuda, LogprobsMatchTheReference) {
+  std::mt19937 rng(900);
+  for (int64_t vocab : {1, 3, 20, 1001, 32000, 151936}) {
+    for (int64_t k : {0, 1, 3, 5, 8, 20}) {
+      if (k > vocab) continue;
+      const int64_t rows = vocab > 100000 ? 8 : 24;
+      std::vector<float> l;
+      std::vector<int32_t> ids;
+      for (int64_t r = 0; r < rows; ++r) {
+        const std::vector<float> row = random_row(rng, vocab, int(rng() % 8));
+        l.insert(l.end(), row.begin(), row.end());
+        ids.push_back(int32_t(rng() % uint64_t(vocab)));
+      }
+      float* d = upload(l);
+      std::vector<float> lp(static_cast<size_t>(rows)), top_lp(size_t(rows * k));
+      std::vector<int32_t> top(static_cast<size_t>(rows * k));
+      gpu->logprobs(d, rows, vocab, ids.data(), k, lp.data(), top.data(), top_lp.data());
+      gpu->release(d);
+      for (int64_t r = 0; r < rows; ++r) {
+        float want_lp;
+        std::vector<int32_t> want_top(static_cast<size_t>(k));
+        std::vector<float> want_top_lp(static_cast<size_t>(k));
+        cpu::logprobs_row(l.data() + r * vocab, vocab, ids[size_t(r)], k, &want_lp, want_top.data(),
+                          want_top_lp.data());
+        const auto close = [&](float got, float want, const char* what) {
+          if (std::isinf(want))
+            EXPECT_EQ(got, want) << what << " vocab " << vocab << " row " << r;
+          else
+            EXPECT_NEAR(got, want, 1e-5) << what << " vocab " << vocab << " row " << r;
+        };
+        close(lp[size_t(r)], want_lp, "lp");
+        for (int64_t j = 0; j < k; ++j) {
+          EXPECT_EQ(top[size_t(r * k + j)], want_top[size_t(j)])
+              << "vocab " << vocab << " k " << k << " row " << r << " rank " << j;
+          close(top_lp[size_t(r * k + j)], want_top_lp[size_t(j)], "top");
+        }
+      }
+    }
+  }
+}
+
+TEST_F(LogitsCuda, LogprobsRejectBadArguments) {
+  const std::vector<float> l(30, 0.0f);
+  float* d = upload(l);
+  float lp[1], top_lp[21];
+  int32_t top[21];
+  const int32_t out_of_range[1] = {30}, ok[1] = {0};
+  EXPECT_THROW(gpu->logprobs(d, 1, 30, out_of_range, 0, lp, top, top_lp), Error);
+  EXPECT_THROW(gpu->logprobs(d, 1, 30, ok, 21, lp, top, top_lp), Error);
+  gpu->logprobs(d, 1, 30, ok, 2, lp, top, top_lp);  // a flat row: uniform, index order
+  EXPECT_NEAR(lp[0], -std::log(30.0), 1e-6);
+  EXPECT_EQ(top[0], 0);
+  EXPECT_EQ(top[1], 1);
+  gpu->release(d);
+}
 
 }  // namespace
 }  // namespace kiln::test

@@ -20,7 +20,8 @@ TEST(TextCli, RunPromptMatchesTokenizeGenerateDecode) {
   sp.max_tokens = 12;
   sp.stop_token_ids = {*tok.eos_token_id()};
   std::vector<int32_t> out = e.generate(ids, sp);
-  std::string want = tok.decode(out, true) + "\n";
+  const bool eos = !out.empty() && out.back() == *tok.eos_token_id();
+  std::string want = tok.decode(out, true) + "\n[finish_reason: " + (eos ? "stop" : "length") + "]\n";
   std::string got;
   ASSERT_EQ(run_cli("run " + demo().string() + " --prompt \"" + text + "\" --max-tokens 12 --temperature 0", &got), 0) << got;
   EXPECT_EQ(got, want);

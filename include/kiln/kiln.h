@@ -40,6 +40,11 @@ struct RuntimeConfig {
   // (at most 256 sequences of max_seq_len), the CPU holds max_batch sequences of max_seq_len.
   int64_t kv_cache_tokens = 0;
   bool cuda_graphs = true;  // replay decode steps from CUDA graphs (env KILN_CUDA_GRAPHS=0: off)
+  // Step limits, fixed at start (buffers and decode graphs are sized for them once): sequences
+  // per step (0: 256 on a GPU, max(16, max_batch) on the CPU) and tokens per step, the
+  // chunked-prefill budget (0: 8192 on a GPU, 2048 on the CPU; at least max_num_seqs).
+  int64_t max_num_seqs = 0;
+  int64_t max_num_tokens = 0;
 };
 
 // What start() set up, for display.
@@ -51,6 +56,10 @@ struct RuntimeInfo {
   int64_t free_bytes_before_kv = 0;  // device memory free after the weights (0: not known)
   double kv_cache_fraction = 0;      // what was asked for (0 when sized by tokens)
   bool cuda_graphs = false;
+  int64_t max_num_seqs = 0, max_num_tokens = 0;
+  int64_t max_logit_rows = 0;    // rows of logits one step may return
+  int64_t kv_block_size = 0;     // tokens per KV block
+  int64_t graphs_captured = 0;   // decode graphs captured at start
 };
 
 // Sampling; unset fields take generation_config.json's defaults (else greedy).
@@ -137,6 +146,7 @@ class Engine {
   explicit Engine(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
   friend class Session;
+  friend class Scheduler;
 };
 
 // One sequence with its own KV cache: feed tokens, read logits (prefill and decode steps).

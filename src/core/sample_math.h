@@ -3,6 +3,7 @@
 // decides a pick is computed here, on host and device alike, with exactly rounded operations.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "core/fastmath.h"
@@ -67,6 +68,63 @@ KILN_HD uint64_t target(double u, uint64_t total) {
 // A token is kept by top-p iff double(mass ranked before it) < this.
 KILN_HD double top_p_threshold(float top_p, uint64_t total) {
   return dmul_rn(double(top_p), double(total));
+}
+
+// The least weight that survives min_p: q survives iff double(q) >= min(min_p, 1) * 2^40, and
+// q is an integer, so iff q >= ceil(that) (exact: scaling by 2^40 and ceil round nothing). 0 when
+// min_p is off (<= 0 or NaN): every weight survives. min_p >= 1 keeps the weights of 2^40 alone,
+// the maximum's ties, so the kept set is never empty.
+KILN_HD uint64_t min_p_weight(float min_p) {
+  if (!(min_p > 0.0f)) return 0;
+  const double f = min_p < 1.0f ? double(min_p) : 1.0;
+  return uint64_t(ceil(dmul_rn(f, double(kWeightOne))));
+}
+
+// A token's weight with min_p applied: a token min_p drops weighs 0, which is how both samplers
+// drop it (a weightless token adds no mass to S or to any sum top-p or the draw compares, and is
+// never drawn).
+KILN_HD uint64_t min_p_filter(uint64_t q, uint64_t q_min) {
+  return q >= q_min ? q : 0;
+}
+
+// A value the host compiler may not fuse with the operation that consumes it: g++ contracts a
+// product feeding a sum into an FMA under -ffp-contract=fast, even across inlined helpers. The
+// device's *_rn intrinsics are never contracted.
+KILN_HD float no_contract(float x) {
+#ifdef __CUDA_ARCH__
+  return x;
+#else
+  volatile float v = x;
+  return v;
+#endif
+}
+
+// One entry of Backend::edit_logits (graph/backend.h gives the order) applied to logit l, each
+// step rounded to FP32 on its own except the penalty, one fused frequency * count + presence:
+//   l = l + bias;
+//   if seen and repetition != 1: l = l > 0 ? l / repetition : l * repetition;
+//   if count > 0: l = l - fma(frequency, count, presence).
+// (count <= 0 subtracts nothing, so an infinite penalty cannot turn an unpenalised logit NaN.)
+KILN_HD float edit_logit(float l, float bias, bool seen, int32_t count, float presence,
+                         float frequency, float repetition) {
+  l = add_rn(l, bias);
+  if (seen && repetition != 1.0f)
+    l = no_contract(l > 0.0f ? div_rn(l, repetition) : mul_rn(l, repetition));
+  if (count > 0) l = sub_rn(l, fma_rn(frequency, float(count), presence));
+  return l;
+}
+
+// e^(l - m) of log_softmax for logit l (sanitized) of a row whose maximum is m: 1 when l == m
+// (also when m is infinite), else kiln_expf(l - m).
+KILN_HD float softmax_term(float l, float m) {
+  return l == m ? 1.0f : kiln_expf(sub_rn(l, m));
+}
+
+// log_softmax of logit l (sanitized) given the row's maximum m and ls = float(log(sum of the
+// terms)): -ls when l == m, else (l - m) - ls (torch's order: the difference is exact near the
+// top, where it matters).
+KILN_HD float log_softmax_value(float l, float m, float ls) {
+  return l == m ? -ls : sub_rn(sub_rn(l, m), ls);
 }
 
 }  // namespace kiln::sampling

@@ -32,6 +32,16 @@ struct KVLayerView {
   // one sequence whose table is block_table.
   const int32_t* seq = nullptr;
   int64_t bt_stride = 0;
+  // Mixed batch (Decoder::forward over a Batch): the step's rows are grouped by sequence;
+  // sequence s owns rows [seq_start[s], seq_start[s + 1]) (device array of num_seqs + 1
+  // entries) and block-table row s; seq[i] is set for every row as well. The first num_decode
+  // sequences have one row each (decodes, rows [0, num_decode)); the others are prefill chunks
+  // of at most max_q rows, their rows at consecutive positions. seq_start == nullptr: not
+  // given (backends then rely on seq / pos alone, as for a plain decode step).
+  // Launch shapes may depend on n, num_seqs, num_decode, max_q and len, never on the device
+  // contents of pos / seq_start (a captured decode graph replays with other positions).
+  const int32_t* seq_start = nullptr;
+  int64_t num_seqs = 0, num_decode = 0, max_q = 0;
 };
 
 // Per-row settings of Backend::sample. The draw of a row is a pure function of (seed, step)
@@ -42,6 +52,26 @@ struct SampleParams {
   float top_p = 1.0f;        // <= 0 or >= 1: off
   uint64_t seed = 0;
   uint64_t step = 0;  // index of this draw in the sequence's stream of draws
+  // Keeps tokens whose probability is at least min_p times the most likely token's (vLLM's
+  // min_p), applied with top-k before top-p. <= 0: off.
+  float min_p = 0.0f;
+};
+
+// Logits processing of Backend::edit_logits, per (row, token) entry; each pair at most once.
+// Applied in this order to l = logits[row][id], in FP32:
+//   l += bias                                       (logit_bias; -inf bans the token)
+//   if seen and repetition != 1: l = l > 0 ? l / repetition : l * repetition
+//   l -= frequency * count + presence * (count > 0 ? 1 : 0)
+// with the row's RowPenalty (transformers' / vLLM's repetition, frequency and presence
+// penalties: `seen` = in the prompt or generated, `count` = times generated).
+struct LogitEdit {
+  int32_t row = 0, id = 0;
+  float bias = 0.0f;
+  int32_t count = 0;
+  int32_t seen = 0;
+};
+struct RowPenalty {
+  float presence = 0.0f, frequency = 0.0f, repetition = 1.0f;
 };
 
 struct AttnParams {
@@ -105,6 +135,17 @@ class Backend {
   // settings of each row (host array); writes the ids to host memory. Synchronises.
   virtual void sample(const float* logits, int64_t rows, int64_t vocab, const SampleParams* params,
                       int32_t* host_ids) = 0;
+  // Applies `n` edits (host array; see LogitEdit) to F32 logits [rows, vocab] in this device's
+  // memory, in place; pen[row] (host array of `rows`) holds each row's penalties. Returns at
+  // once (the edits are copied before it returns).
+  virtual void edit_logits(float* logits, int64_t rows, int64_t vocab, const RowPenalty* pen,
+                           const LogitEdit* edits, int64_t n) = 0;
+  // Log-probabilities of the model's distribution, log_softmax(logits[r]) in FP32, for rows of
+  // F32 logits [rows, vocab] (this device's memory): lp[r] = the value of token ids[r] (host
+  // array), and the k most likely tokens (logit desc, index asc) into top_ids / top_lp [rows, k]
+  // (host arrays; k may be 0). Synchronises.
+  virtual void logprobs(const float* logits, int64_t rows, int64_t vocab, const int32_t* ids,
+                        int64_t k, float* lp, int32_t* top_ids, float* top_lp) = 0;
   // sample() without the wait: params and ids in this device's memory; returns at once.
   virtual void sample_async(const float* logits, int64_t rows, int64_t vocab,
                             const SampleParams* d_params, int32_t* d_ids) = 0;

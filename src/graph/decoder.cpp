@@ -1,5 +1,6 @@
 #include "graph/decoder.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -36,7 +37,7 @@ Decoder::Decoder(Backend& be, const ModelConfig& c, const DeviceWeights& w, KVCa
       graphs_(be.graphs()) {}
 
 Decoder::~Decoder() {
-  graphs_by_shape_.clear();
+  graphs_by_batch_.clear();
   for (auto& [n, b] : bufs_) be_.release(b.first);
 }
 
@@ -55,17 +56,6 @@ void* Decoder::buf(const std::string& name, size_t bytes) {
 
 void* Decoder::at(void* p, int64_t elems) const {
   return static_cast<char*>(p) + size_t(elems) * dtype_size(be_.act_dtype());
-}
-
-void Decoder::reserve_blocks(Sequence& seq, int64_t end) {
-  KILN_CHECK(end <= max_seq_len_, "sequence of ", end,
-             " tokens exceeds the engine's max_seq_len of ", max_seq_len_);
-  const int64_t need =
-      (end + cache_.block_size() - 1) / cache_.block_size() - int64_t(seq.blocks.size());
-  if (need > 0) {
-    auto more = cache_.take(need);
-    seq.blocks.insert(seq.blocks.end(), more.begin(), more.end());
-  }
 }
 
 void Decoder::build_norm(const std::string& name, const void* x, int64_t n, void* y,
@@ -96,9 +86,10 @@ void Decoder::build_attn(int64_t l, int64_t n) {
     be_.rope(qkv, n, ld, c_.num_heads, hd, rot, d_cos_[size_t(r)], d_sin_[size_t(r)]);
     be_.rope(k, n, ld, c_.num_kv_heads, hd, rot, d_cos_[size_t(r)], d_sin_[size_t(r)]);
   }
-  KVLayerView kv{
-      cache_.k_pool(l), cache_.v_pool(l),       d_blocks_, cache_.block_size(), kvd, kv_len_,
-      d_seq_,           d_seq_ ? bt_stride_ : 0};
+  KVLayerView kv{cache_.k_pool(l), cache_.v_pool(l), d_blocks_, cache_.block_size(), kvd, kv_len_,
+                 d_seq_,           bt_stride_};
+  kv.seq_start = d_seq_start_;
+  kv.num_seqs = num_seqs_, kv.num_decode = num_decode_, kv.max_q = max_q_;
   be_.kv_write(kv, k, v, ld, d_pos_, n);
   void* att = buf("att", size_t(n * qd) * a);
   AttnParams ap{c_.num_heads,         c_.num_kv_heads,        hd,
@@ -145,7 +136,8 @@ void Decoder::build_moe_ffn(int64_t l, int64_t n) {
               c_.norm_topk_prob, c_.act, f);
 }
 
-void Decoder::build_forward(const int32_t* d_tok, int64_t n, int64_t first, int64_t rows) {
+void Decoder::build_forward(const int32_t* d_tok, int64_t n, int64_t first, int64_t rows,
+                            const int32_t* d_rows) {
   const int64_t H = c_.hidden_size, V = c_.vocab_size;
   const size_t a = dtype_size(be_.act_dtype());
   void* x = buf("x", size_t(n * H) * 4);  // the residual stream: F32 on every backend
@@ -174,7 +166,14 @@ void Decoder::build_forward(const int32_t* d_tok, int64_t n, int64_t first, int6
   // The LM head reads the final norm of the F32 residual in F32 (not the rounded h): for 16-bit
   // engines that is one rounding less right where it moves logits most.
   auto* hf = static_cast<float*>(buf("h_f32", size_t(rows * H) * 4));
-  be_.norm(static_cast<float*>(x) + first * H, rows, H, H, w_.at("final_norm"),
+  const float* xr = static_cast<float*>(x) + first * H;
+  if (d_rows) {
+    // Gather the wanted rows of the F32 residual (an embedding lookup with x as the table).
+    auto* xg = static_cast<float*>(buf("x_rows", size_t(rows * H) * 4));
+    be_.embed(Tensor::view(DType::F32, {n, H}, nullptr, x), d_rows, rows, 1.0f, xg);
+    xr = xg;
+  }
+  be_.norm(xr, rows, H, H, w_.at("final_norm"),
            w_.find("final_norm.bias"), c_.knobs.norm, float(c_.norm_eps), hf, H, true, true);
   auto* logits = static_cast<float*>(buf("logits", size_t(rows * V) * 4));
   be_.logits(hf, rows, H, c_.tie_word_embeddings ? w_.at("embed") : w_.at("lm_head"),
@@ -191,121 +190,205 @@ void check_tokens(const int32_t* tokens, int64_t n, int64_t V) {
 
 }  // namespace
 
-const float* Decoder::extend(const int32_t* tokens, int64_t n, Sequence& seq, bool all_logits) {
-  KILN_CHECK(n > 0, "forward needs at least one token");
-  check_tokens(tokens, n, c_.vocab_size);
-  const int64_t end = seq.length + n;
-  reserve_blocks(seq, end);
-  kv_len_ = end;
-  d_seq_ = nullptr;
+void Decoder::stage_inputs(const Batch& b, int64_t rows, int64_t seqs) {
+  // Layout (int32 words): pos [rows], seq [rows], seq_start [seqs + 1], block tables
+  // [seqs, bt_stride], logit rows [R], then per rope cos and sin [rows, half] as floats. Rows and
+  // sequences past the batch's (padding of a graph step) read position 0 of block 0.
+  const int64_t R = int64_t(b.logit_rows.size());
+  const size_t head = size_t(2 * rows + (seqs + 1) + seqs * bt_stride_ + R);
+  size_t words = head;
+  for (size_t r = 0; r < c_.ropes.size(); ++r)
+    if (c_.ropes[r].type != RopeType::None) words += 2 * size_t(rows * (c_.rotary_dim(int(r)) / 2));
+  staging_.assign(words, 0);
+  int32_t* pos = staging_.data();
+  int32_t* seq = pos + rows;
+  int32_t* start = seq + rows;
+  int32_t* bt = start + seqs + 1;
+  int32_t* lrows = bt + seqs * bt_stride_;
+  int64_t row = 0;
+  for (int64_t s = 0; s < seqs; ++s) {
+    start[s] = int32_t(row);
+    if (s < int64_t(b.seqs.size())) {
+      const BatchSeq& q = b.seqs[size_t(s)];
+      std::copy(q.blocks.begin(), q.blocks.end(), bt + s * bt_stride_);
+      for (int64_t i = 0; i < q.n; ++i, ++row) pos[row] = int32_t(q.start + i), seq[row] = int32_t(s);
+    } else {
+      seq[row++] = int32_t(s);  // padding: one row, position 0 of the zero table row
+    }
+  }
+  start[seqs] = int32_t(row);
+  std::copy(b.logit_rows.begin(), b.logit_rows.end(), lrows);
 
-  // Host-side inputs, then one copy each to the device.
-  std::vector<int32_t> pos(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) pos[size_t(i)] = int32_t(seq.length + i);
-  auto up = [&](const std::string& name, const void* src, size_t bytes) {
-    void* d = buf(name, bytes);
-    be_.to_device(d, src, bytes);
-    return d;
-  };
-  auto* d_tok = static_cast<const int32_t*>(up("tokens", tokens, size_t(n) * 4));
-  d_pos_ = static_cast<const int32_t*>(up("pos", pos.data(), size_t(n) * 4));
-  d_blocks_ = static_cast<const int32_t*>(up("blocks", seq.blocks.data(), seq.blocks.size() * 4));
+  char* dev = static_cast<char*>(buf("step_in", words * 4));
+  size_t off = head * 4;
   d_cos_.assign(c_.ropes.size(), nullptr);
   d_sin_.assign(c_.ropes.size(), nullptr);
   for (size_t r = 0; r < c_.ropes.size(); ++r) {
     if (c_.ropes[r].type == RopeType::None) continue;
     const int64_t half = c_.rotary_dim(int(r)) / 2;
-    std::vector<float> cs(size_t(n * half)), sn(size_t(n * half));
-    rope_tables(c_.ropes[r], 2 * half, c_.max_position_embeddings, pos.data(), n, cs.data(),
-                sn.data());
-    d_cos_[r] = static_cast<const float*>(up("cos" + std::to_string(r), cs.data(), cs.size() * 4));
-    d_sin_[r] = static_cast<const float*>(up("sin" + std::to_string(r), sn.data(), sn.size() * 4));
+    auto* cs = reinterpret_cast<float*>(reinterpret_cast<char*>(staging_.data()) + off);
+    auto* sn = cs + rows * half;
+    // Per sequence: dynamic NTK and longrope depend on the longest position of the sequence's
+    // own chunk (as one transformers forward over it); padding rows get position 0.
+    int64_t r0 = 0;
+    for (int64_t s = 0; s < seqs; ++s) {
+      const int64_t n = s < int64_t(b.seqs.size()) ? b.seqs[size_t(s)].n : 1;
+      rope_tables(c_.ropes[r], 2 * half, c_.max_position_embeddings, pos + r0, n, cs + r0 * half,
+                  sn + r0 * half);
+      r0 += n;
+    }
+    d_cos_[r] = reinterpret_cast<const float*>(dev + off);
+    d_sin_[r] = reinterpret_cast<const float*>(dev + off + size_t(rows * half) * 4);
+    off += 2 * size_t(rows * half) * 4;
   }
-  build_forward(d_tok, n, all_logits ? 0 : n - 1, all_logits ? n : 1);
-  seq.length = end;
+  be_.to_device(dev, staging_.data(), words * 4);
+  d_pos_ = reinterpret_cast<const int32_t*>(dev);
+  d_seq_ = d_pos_ + rows;
+  d_seq_start_ = d_seq_ + rows;
+  d_blocks_ = d_seq_start_ + seqs + 1;
+  d_logit_rows_ = d_blocks_ + seqs * bt_stride_;
+}
+
+const float* Decoder::forward(const Batch& b, bool tokens_on_device) {
+  const int64_t S = int64_t(b.seqs.size()), n = b.num_tokens();
+  KILN_CHECK(S > 0, "forward needs at least one sequence");
+  const int64_t D = b.num_decode();
+  int64_t total = 0, longest = 0, max_q = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const BatchSeq& q = b.seqs[size_t(s)];
+    KILN_CHECK(q.n >= 1, "forward: sequence ", s, " has no new tokens");
+    KILN_CHECK(q.start >= 0 && q.start + q.n <= max_seq_len_, "sequence of ", q.start + q.n,
+               " tokens exceeds the engine's max_seq_len of ", max_seq_len_);
+    KILN_CHECK(int64_t(q.blocks.size()) * cache_.block_size() >= q.start + q.n &&
+                   int64_t(q.blocks.size()) <= bt_stride_,
+               "forward: the block table of sequence ", s, " does not cover its positions");
+    for (int32_t blk : q.blocks)
+      KILN_CHECK((blk > 0 || warmup_) && blk < cache_.num_blocks() && blk >= 0, "forward: block ",
+                 blk, " is not a block of the cache");
+    total += q.n;
+    longest = std::max(longest, q.start + q.n);
+    if (s >= D) max_q = std::max(max_q, q.n);
+  }
+  const bool decode_only = D == S;
+  KILN_CHECK(tokens_on_device || total == n, "forward: ", n, " tokens for sequences of ", total);
+  KILN_CHECK(!tokens_on_device || decode_only, "forward: tokens on the device need a decode step");
+  if (!tokens_on_device) check_tokens(b.tokens.data(), n, c_.vocab_size);
+  const int64_t R = int64_t(b.logit_rows.size());
+  for (int64_t r = 0; r < R; ++r)
+    KILN_CHECK(b.logit_rows[size_t(r)] >= 0 && b.logit_rows[size_t(r)] < total &&
+                   (r == 0 || b.logit_rows[size_t(r)] > b.logit_rows[size_t(r - 1)]),
+               "forward: logit rows must be ascending rows of the batch");
+
+  const bool all_rows = R == total;
+  if (decode_only && all_rows && graphs_ && !warmup_) {
+    // A captured decode step: pad to the graph's batch, copy the inputs in, replay.
+    auto it = std::lower_bound(graph_sizes_.begin(), graph_sizes_.end(), S);
+    auto g = it == graph_sizes_.end() ? graphs_by_batch_.end() : graphs_by_batch_.find(*it);
+    if (g != graphs_by_batch_.end() && g->second.g && g->second.gen == gen_ &&
+        g->second.be_gen == be_.generation()) {
+      const int64_t Bp = *it;
+      if (!tokens_on_device) {
+        std::vector<int32_t> t(static_cast<size_t>(Bp), 0);
+        std::copy(b.tokens.begin(), b.tokens.end(), t.begin());
+        be_.to_device(token_buffer(), t.data(), t.size() * 4);
+      }
+      Batch padded;
+      padded.seqs = b.seqs;
+      for (int64_t r = 0; r < Bp; ++r) padded.logit_rows.push_back(int32_t(r));
+      stage_inputs(padded, Bp, Bp);
+      be_.replay(*g->second.g);
+      ++replays_;
+      return static_cast<const float*>(bufs_["logits"].first);
+    }
+    if (g != graphs_by_batch_.end()) ++stale_;  // a buffer moved since capture: run eagerly
+  }
+  int32_t* d_tok = nullptr;
+  if (tokens_on_device) {
+    d_tok = token_buffer();
+    KILN_CHECK(bufs_["decode_tok"].second >= size_t(n) * 4, "forward: no sampled tokens for ", n,
+               " rows on the device");
+  } else {
+    d_tok = static_cast<int32_t*>(buf("tokens", size_t(std::max<int64_t>(n, 1)) * 4));
+    be_.to_device(d_tok, b.tokens.data(), size_t(n) * 4);
+  }
+  stage_inputs(b, n, S);
+  num_seqs_ = S, num_decode_ = D, max_q_ = max_q;
+  // Decode steps tell attention the engine's bound, as a captured graph does, so eager and
+  // replayed steps launch the same work and give the same logits.
+  kv_len_ = decode_only ? max_seq_len_ : longest;
+  // The logits of a contiguous run of rows need no gather.
+  const bool run = R > 0 && b.logit_rows.back() - b.logit_rows.front() == R - 1;
+  if (R == 0) {
+    build_forward(d_tok, n, 0, 0);
+  } else {
+    build_forward(d_tok, n, run ? b.logit_rows.front() : 0, R, run ? nullptr : d_logit_rows_);
+  }
   return static_cast<const float*>(bufs_["logits"].first);
 }
 
-const float* Decoder::decode(const int32_t* tokens, Sequence* const* seqs, int64_t B) {
-  KILN_CHECK(B > 0, "decode needs at least one sequence");
-  if (tokens) check_tokens(tokens, B, c_.vocab_size);
-  int64_t Bp = 1;
-  while (Bp < B) Bp *= 2;
-  // The token buffer: zeros where no token was ever written, so padding rows embed token 0.
-  const bool fresh = bufs_["decode_tok"].second < size_t(Bp) * 4;
-  KILN_CHECK(tokens || !fresh, "decode: no tokens given and none sampled for this batch");
-  auto* d_tok = static_cast<int32_t*>(buf("decode_tok", size_t(Bp) * 4));
-  if (tokens || fresh) {
-    std::vector<int32_t> t(static_cast<size_t>(Bp), 0);
-    if (tokens) std::copy(tokens, tokens + B, t.begin());
-    be_.to_device(d_tok, t.data(), t.size() * 4);
+void Decoder::prepare(int64_t max_tokens, int64_t max_seqs, int64_t max_logit_rows) {
+  KILN_CHECK(max_seqs >= 1 && max_tokens >= max_seqs && max_logit_rows >= max_seqs,
+             "prepare: need max_tokens >= max_seqs >= 1 and max_logit_rows >= max_seqs");
+  max_logit_rows = std::min(max_logit_rows, max_tokens);
+  // Graph batch sizes: powers of two below max_seqs, then max_seqs.
+  graph_sizes_.clear();
+  for (int64_t b = 1; b < max_seqs; b *= 2) graph_sizes_.push_back(b);
+  graph_sizes_.push_back(max_seqs);
+  graphs_by_batch_.clear();
+  // Every buffer at its largest first, so none moves after a graph is captured: the staging
+  // buffer for max_tokens rows of max_seqs sequences, the decode token buffer.
+  size_t words = size_t(2 * max_tokens + (max_seqs + 1) + max_seqs * bt_stride_ + max_logit_rows);
+  for (size_t r = 0; r < c_.ropes.size(); ++r)
+    if (c_.ropes[r].type != RopeType::None)
+      words += 2 * size_t(max_tokens * (c_.rotary_dim(int(r)) / 2));
+  buf("step_in", words * 4);
+  {
+    // Zeros: padding rows of a graph step embed these (valid ids) until real picks land.
+    const std::vector<int32_t> z(static_cast<size_t>(max_seqs), 0);
+    be_.to_device(buf("decode_tok", z.size() * 4), z.data(), z.size() * 4);
   }
-  int64_t longest = 0;
-  for (int64_t i = 0; i < B; ++i) {
-    for (int64_t j = 0; j < i; ++j)
-      KILN_CHECK(seqs[j] != seqs[i], "decode: a sequence appears twice in one step");
-    reserve_blocks(*seqs[i], seqs[i]->length + 1);
-    longest = std::max(longest, seqs[i]->length + 1);
-  }
-  // Attention sizes its split over keys from the cache length; a captured graph keeps the
-  // length it saw, so steps share graphs per power-of-two bucket of it (an upper bound is
-  // enough for attention), and eager steps use the same bucket so both give the same results.
-  int64_t bucket = 32;
-  while (bucket < longest) bucket *= 2;
-  kv_len_ = std::min(bucket, max_seq_len_);
-
-  // All other inputs in one staging buffer and one copy: positions, sequence rows, block
-  // tables [Bp, bt_stride], then per rope cos and sin [Bp, half]. Padding rows: position 0 of
-  // the reserved block 0 (a zero table row).
-  std::vector<size_t> halves;
-  size_t words = size_t(2 * Bp + Bp * bt_stride_);
-  for (size_t r = 0; r < c_.ropes.size(); ++r) {
-    const int64_t half = c_.ropes[r].type == RopeType::None ? 0 : c_.rotary_dim(int(r)) / 2;
-    halves.push_back(size_t(half));
-    words += 2 * size_t(Bp * half);
-  }
-  std::vector<int32_t> in(words, 0);
-  int32_t* pos = in.data();
-  int32_t* seq = pos + Bp;
-  int32_t* bt = seq + Bp;
-  for (int64_t i = 0; i < Bp; ++i) seq[i] = int32_t(i);
-  for (int64_t i = 0; i < B; ++i) {
-    pos[i] = int32_t(seqs[i]->length);
-    std::copy(seqs[i]->blocks.begin(), seqs[i]->blocks.end(), bt + i * bt_stride_);
-  }
-  char* dev = static_cast<char*>(buf("decode_in", words * 4));
-  size_t off = size_t(2 * Bp + Bp * bt_stride_) * 4;
-  d_cos_.assign(c_.ropes.size(), nullptr);
-  d_sin_.assign(c_.ropes.size(), nullptr);
-  for (size_t r = 0; r < c_.ropes.size(); ++r) {
-    const int64_t half = int64_t(halves[r]);
-    if (!half) continue;
-    auto* cs = reinterpret_cast<float*>(reinterpret_cast<char*>(in.data()) + off);
-    auto* sn = cs + Bp * half;
-    // Row by row: dynamic rope scaling depends on each sequence's own length.
-    for (int64_t i = 0; i < Bp; ++i)
-      rope_tables(c_.ropes[r], 2 * half, c_.max_position_embeddings, pos + i, 1, cs + i * half,
-                  sn + i * half);
-    d_cos_[r] = reinterpret_cast<const float*>(dev + off);
-    d_sin_[r] = reinterpret_cast<const float*>(dev + off + size_t(Bp * half) * 4);
-    off += 2 * size_t(Bp * half) * 4;
-  }
-  be_.to_device(dev, in.data(), words * 4);
-  d_pos_ = reinterpret_cast<const int32_t*>(dev);
-  d_seq_ = d_pos_ + Bp;
-  d_blocks_ = d_seq_ + Bp;
-
-  auto run = [&] { build_forward(d_tok, Bp, 0, Bp); };
-  if (!graphs_) {
-    run();
-  } else {
-    Graph& g = graphs_by_shape_[{Bp, kv_len_}];
-    if (g.g && g.gen == gen_ && g.be_gen == be_.generation()) {
-      be_.replay(*g.g);
-    } else {
-      // First step of this shape (or its buffers moved): run it eagerly, which also sizes every
-      // buffer and workspace, then record the same work for the steps that follow.
-      g.g.reset();
+  buf("tokens", size_t(max_tokens) * 4);
+  // Then the largest prefill step (sizing the activations and backend workspaces) and the
+  // largest decode step. Their tokens write only the reserved block 0: positions past its 16
+  // slots wrap inside it, and no real sequence ever reads it.
+  const std::vector<int32_t> zeros(static_cast<size_t>(std::max(max_tokens, bt_stride_)), 0);
+  const int64_t bs = cache_.block_size();
+  warmup_ = true;
+  try {
+    {
+      Batch b;
+      for (int64_t left = max_tokens; left > 0;) {
+        const int64_t len = std::min(left, max_seq_len_);
+        b.add(std::span<const int32_t>(zeros).first(size_t(len)), 0,
+              std::span<const int32_t>(zeros).first(size_t((len + bs - 1) / bs)), false);
+        left -= len;
+      }
+      b.logit_rows.clear();
+      for (int64_t r = max_tokens - max_logit_rows; r < max_tokens; ++r)
+        b.logit_rows.push_back(int32_t(r));
+      forward(b);
+    }
+    {
+      Batch b;
+      for (int64_t s = 0; s < max_seqs; ++s)
+        b.add(std::span<const int32_t>(zeros).first(1), 0, std::span<const int32_t>(zeros).first(1),
+              true);
+      forward(b);
+    }
+    be_.synchronize();
+    // Decode graphs, captured once here: each run eagerly first (sizing what it uses), then
+    // recorded; a replay only copies the step's inputs in.
+    for (int64_t Bp : graphs_ ? graph_sizes_ : std::vector<int64_t>{}) {
+      Batch b;
+      for (int64_t s = 0; s < Bp; ++s)
+        b.add(std::span<const int32_t>(zeros).first(1), 0, std::span<const int32_t>(zeros).first(1),
+              true);
+      auto run = [&] {
+        stage_inputs(b, Bp, Bp);
+        num_seqs_ = Bp, num_decode_ = Bp, max_q_ = 0;
+        kv_len_ = max_seq_len_;  // lengths change between replays: attention gets the bound
+        build_forward(token_buffer(), Bp, 0, Bp);
+      };
       run();
       be_.capture_begin();
       try {
@@ -317,15 +400,20 @@ const float* Decoder::decode(const int32_t* tokens, Sequence* const* seqs, int64
         }
         throw;
       }
+      Graph& g = graphs_by_batch_[Bp];
       g.g = be_.capture_end();
       g.gen = gen_;
       g.be_gen = be_.generation();
       ++captures_;
     }
+    be_.synchronize();
+  } catch (...) {
+    warmup_ = false;
+    throw;
   }
-  for (int64_t i = 0; i < B; ++i) seqs[i]->length += 1;
-  d_seq_ = nullptr;
-  return static_cast<const float*>(bufs_["logits"].first);
+  warmup_ = false;
+  // Warm-up rows may have filled block 0 with anything; padding rows write there too, and no
+  // attention of a real sequence reads it.
 }
 
 }  // namespace kiln

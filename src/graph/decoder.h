@@ -9,6 +9,7 @@
 
 #include "arch/model_config.h"
 #include "graph/backend.h"
+#include "graph/batch.h"
 #include "runtime/kv_cache.h"
 
 namespace kiln {
@@ -35,21 +36,28 @@ class Decoder {
   Decoder(const Decoder&) = delete;
   Decoder& operator=(const Decoder&) = delete;
 
-  // Appends tokens[0..n) to `seq` (positions seq.length ...) and writes their K/V. Returns F32
-  // logits in device memory, valid until the next call: [n, vocab] if all_logits, else
-  // [1, vocab] for the last token.
-  const float* extend(const int32_t* tokens, int64_t n, Sequence& seq, bool all_logits);
+  // One forward over a mixed batch (graph/batch.h): writes the K/V of every new token and
+  // returns F32 logits [b.logit_rows.size(), vocab] in device memory, valid until the next call.
+  // Block tables must already cover each sequence's positions (the caller allocates blocks).
+  // A decode-only batch (every n == 1, every row's logits) of at most max_graph_batch() rows is
+  // padded to the next captured size (padding rows write only the reserved block 0) and replayed
+  // from its CUDA graph when graphs are on. tokens_on_device: a decode-only batch whose tokens
+  // are already in token_buffer() in row order (sampled there by the previous step), so the step
+  // can be queued before they are read back; b.tokens is then ignored.
+  const float* forward(const Batch& b, bool tokens_on_device = false);
 
-  // One decode step of B sequences: tokens[i] is appended to *seqs[i]. Returns F32 logits
-  // [B, vocab] in device memory, valid until the next call. The batch is padded to a power of
-  // two (padding rows write only the reserved block) and, on backends with graphs, replayed
-  // from a graph captured per (padded batch, cache-length bucket). tokens == nullptr: the step's
-  // tokens are already in token_buffer() (sampled there by the previous step of the same
-  // sequences, in the same order), so the step can be queued before they are read back.
-  const float* decode(const int32_t* tokens, Sequence* const* seqs, int64_t B);
-  // Device buffer the decode step reads its tokens from ([padded batch] int32, valid for the
-  // batch size of the last decode()).
-  int32_t* token_buffer() { return static_cast<int32_t*>(bufs_["decode_tok"].first); }
+  // Sizes every buffer for steps of up to max_tokens rows and max_seqs sequences, then (graphs
+  // on) captures the decode graphs of batch sizes 1, 2, 4, ... up to max_seqs, so no buffer
+  // grows and nothing is captured while serving. Uses block 0 only.
+  // max_logit_rows: the most rows whose logits one step may ask for (>= max_seqs).
+  void prepare(int64_t max_tokens, int64_t max_seqs, int64_t max_logit_rows);
+  int64_t max_graph_batch() const { return graph_sizes_.empty() ? 0 : graph_sizes_.back(); }
+  int64_t graph_replays() const { return replays_; }
+  int64_t graph_stale() const { return stale_; }
+
+  // Device buffer a decode step reads its tokens from ([padded batch] int32): where the
+  // sampler of the previous step writes, for forward(b, true).
+  int32_t* token_buffer() { return static_cast<int32_t*>(buf("decode_tok", 4)); }
 
   // Graphs on (default when the backend has them) or off (every step issued eagerly).
   void set_graphs(bool on) { graphs_ = on && be_.graphs(); }
@@ -66,12 +74,15 @@ class Decoder {
   void build_attn(int64_t l, int64_t n);
   void build_ffn(int64_t l, int64_t n);
   void build_moe_ffn(int64_t l, int64_t n);
-  // The whole network over n rows whose inputs are in place; logits of `rows` rows from row
-  // `first` go to the "logits" buffer.
-  void build_forward(const int32_t* d_tok, int64_t n, int64_t first, int64_t rows);
+  // The whole network over n rows whose inputs are in place; logits of `rows` rows (from row
+  // `first`, or the rows listed at d_rows when given) go to the "logits" buffer.
+  void build_forward(const int32_t* d_tok, int64_t n, int64_t first, int64_t rows,
+                     const int32_t* d_rows = nullptr);
   void* buf(const std::string& name, size_t bytes);
   void* at(void* p, int64_t elems) const;
-  void reserve_blocks(Sequence& seq, int64_t end);
+  // Host inputs of a step into one staging buffer and one copy: positions, rows' sequences,
+  // sequence starts, block tables, logit rows, rope tables.
+  void stage_inputs(const Batch& b, int64_t rows, int64_t seqs);
 
   Backend& be_;
   const ModelConfig& c_;
@@ -81,14 +92,20 @@ class Decoder {
   bool graphs_;
   std::map<std::string, std::pair<void*, size_t>> bufs_;
   uint64_t gen_ = 0;  // bumped when a buffer moves: graphs of older generations are stale
-  std::map<std::pair<int64_t, int64_t>, Graph> graphs_by_shape_;
-  int64_t captures_ = 0;
+  std::map<int64_t, Graph> graphs_by_batch_;
+  std::vector<int64_t> graph_sizes_;  // captured batch sizes, ascending
+  int64_t captures_ = 0, replays_ = 0, stale_ = 0;
+  bool warmup_ = false;  // prepare()'s steps: block 0 stands for every block
   // Per-forward device-side inputs.
   const int32_t* d_pos_ = nullptr;
   const int32_t* d_blocks_ = nullptr;
   const int32_t* d_seq_ = nullptr;
-  int64_t kv_len_ = 0;  // the cache length attention may see (an upper bound for decode)
+  const int32_t* d_seq_start_ = nullptr;
+  const int32_t* d_logit_rows_ = nullptr;
+  int64_t num_seqs_ = 0, num_decode_ = 0, max_q_ = 0;
+  int64_t kv_len_ = 0;  // the cache length attention may see (an upper bound)
   std::vector<const float*> d_cos_, d_sin_;
+  std::vector<int32_t> staging_;
 };
 
 }  // namespace kiln

@@ -12,6 +12,7 @@
 #include "graph/decoder.h"
 #include "graph/layout.h"
 #include "kiln/kiln.h"
+#include "runtime/engine_impl.h"
 
 namespace kiln {
 
@@ -39,64 +40,6 @@ std::string dtype_label(DType t) {
 }
 
 }  // namespace
-
-struct Engine::Impl {
-  ModelConfig config;
-  DType dtype = DType::F32;
-  int64_t max_batch = 1, max_seq_len = 0;
-  json source;
-  json generation_defaults = json::object();
-  fs::path tokenizer_dir;
-  std::vector<std::pair<std::string, Tensor>> weights;  // host, engine layout
-
-  // Runtime, created by start(); destroyed in reverse order (the decoder's buffers and the
-  // cache before the backend).
-  std::unique_ptr<Backend> backend;
-  std::unique_ptr<DeviceWeights> dweights;
-  std::unique_ptr<KVCache> cache;
-  std::unique_ptr<Decoder> decoder;
-  RuntimeInfo rinfo;
-  // Pinned host buffers for two steps' sampled ids, and the device copy of a step's sampling
-  // settings (grow-only).
-  int32_t* ids_host = nullptr;
-  SampleParams* d_params = nullptr;
-  int64_t ids_rows = 0;
-
-  ~Impl() {
-    if (ids_host) backend->host_free(ids_host);
-    if (d_params) backend->release(d_params);
-  }
-
-  void decode_loop(std::span<Session* const> sessions, std::span<const int32_t> tokens,
-                   int64_t steps, const std::function<bool(std::span<const int32_t>)>& on_step);
-
-  // Device logits [B, vocab] of one decode step of `sessions` (Engine::step, Session::next).
-  const float* decode_step(std::span<Session* const> sessions, std::span<const int32_t> tokens);
-
-  // Sampling settings with generation_config.json's defaults for what `sp` leaves unset.
-  SampleParams sampling(const SamplingParams& sp) const {
-    const json& g = generation_defaults;
-    const bool do_sample = g.value("do_sample", false);
-    SampleParams p;
-    p.temperature = sp.temperature.value_or(do_sample ? g.value("temperature", 1.0f) : 0.0f);
-    p.top_k = sp.top_k.value_or(do_sample ? g.value("top_k", 50) : 0);
-    p.top_p = sp.top_p.value_or(do_sample ? g.value("top_p", 1.0f) : 1.0f);
-    p.seed = sp.seed;
-    return p;
-  }
-
-  void resolve_build(const BuildConfig& bc, const std::string& config_dtype) {
-    std::string d = bc.dtype;
-    if (d == "auto") d = config_dtype.empty() ? "f32" : config_dtype;
-    dtype = parse_float_dtype(d, "build dtype");
-    KILN_CHECK(bc.max_batch >= 1, "max_batch must be >= 1 (got ", bc.max_batch, ")");
-    max_batch = bc.max_batch;
-    max_seq_len = bc.max_seq_len ? bc.max_seq_len : config.max_position_embeddings;
-    KILN_CHECK(max_seq_len >= 1 && max_seq_len <= config.max_position_embeddings, "max_seq_len ",
-               max_seq_len, " must be between 1 and the model's max_position_embeddings (",
-               config.max_position_embeddings, ")");
-  }
-};
 
 struct Session::State {
   Engine::Impl* engine;
@@ -337,10 +280,27 @@ void Engine::start(const RuntimeConfig& rc) {
   m.cache = std::make_unique<KVCache>(*m.backend, m.config, blocks, bs);
   ri.kv_cache_tokens = m.cache->capacity_tokens();
   ri.kv_cache_bytes = int64_t(size_t(blocks) * block);
+  const bool gpu = total > 0;
+  m.max_num_seqs = rc.max_num_seqs ? rc.max_num_seqs
+                                   : gpu ? 256 : std::max<int64_t>(16, m.max_batch);
+  m.max_num_tokens = rc.max_num_tokens ? rc.max_num_tokens : gpu ? 8192 : 2048;
+  KILN_CHECK(m.max_num_seqs >= 1 && m.max_num_seqs <= 65536,
+             "--max-num-seqs must be between 1 and 65536 (got ", m.max_num_seqs, ")");
+  if (!rc.max_num_tokens) m.max_num_tokens = std::max(m.max_num_tokens, m.max_num_seqs);
+  KILN_CHECK(m.max_num_tokens >= m.max_num_seqs && m.max_num_tokens <= (int64_t(1) << 20),
+             "--max-num-tokens must be between --max-num-seqs (", m.max_num_seqs,
+             ") and 1048576 (got ", m.max_num_tokens, ")");
+  m.max_logit_rows = std::min(m.max_num_tokens, std::max<int64_t>(m.max_num_seqs, 512));
   m.decoder = std::make_unique<Decoder>(*m.backend, m.config, *m.dweights, *m.cache, m.max_seq_len);
   const char* g = std::getenv("KILN_CUDA_GRAPHS");
   m.decoder->set_graphs(rc.cuda_graphs && !(g && std::string(g) == "0"));
+  m.decoder->prepare(m.max_num_tokens, m.max_num_seqs, m.max_logit_rows);
   ri.cuda_graphs = m.decoder->graphs();
+  ri.max_num_seqs = m.max_num_seqs;
+  ri.max_num_tokens = m.max_num_tokens;
+  ri.max_logit_rows = m.max_logit_rows;
+  ri.kv_block_size = bs;
+  ri.graphs_captured = m.decoder->graphs_captured();
 }
 
 std::string Engine::device_name() const {
@@ -399,10 +359,7 @@ std::vector<float> Session::forward(std::span<const int32_t> tokens, bool all_lo
     m.backend->to_host(out.data(), d, size_t(V) * 4);
     return out;
   }
-  const float* d = m.decoder->extend(tokens.data(), int64_t(tokens.size()), s_->seq, all_logits);
-  std::vector<float> out(size_t((all_logits ? int64_t(tokens.size()) : 1) * V));
-  m.backend->to_host(out.data(), d, out.size() * 4);
-  return out;
+  return m.extend(s_->seq, tokens, all_logits);
 }
 
 int32_t Session::next(std::span<const int32_t> tokens) {
@@ -417,12 +374,80 @@ int32_t Session::next(std::span<const int32_t> tokens) {
     });
     return id;
   }
-  const float* d = m.decoder->extend(tokens.data(), int64_t(tokens.size()), s_->seq, false);
+  const float* d = m.extend_last(s_->seq, tokens);
   int32_t id = 0;
   const SampleParams p = s_->sampling;
   ++s_->sampling.step;
   m.backend->sample(d, 1, m.config.vocab_size, &p, &id);
   return id;
+}
+
+void Engine::Impl::reserve(Sequence& seq, int64_t end) {
+  KILN_CHECK(end <= max_seq_len, "sequence of ", end,
+             " tokens exceeds the engine's max_seq_len of ", max_seq_len);
+  const int64_t bs = cache->block_size();
+  const int64_t need = (end + bs - 1) / bs - int64_t(seq.blocks.size());
+  if (need > 0) {
+    auto more = cache->take(need);
+    seq.blocks.insert(seq.blocks.end(), more.begin(), more.end());
+  }
+}
+
+std::vector<float> Engine::Impl::extend(Sequence& seq, std::span<const int32_t> tokens,
+                                        bool all_logits) {
+  const int64_t V = config.vocab_size, n = int64_t(tokens.size());
+  KILN_CHECK(n > 0, "forward needs at least one token");
+  reserve(seq, seq.length + n);
+  const int64_t chunk = all_logits ? max_logit_rows : max_num_tokens;
+  std::vector<float> out(size_t((all_logits ? n : 1) * V));
+  for (int64_t i = 0; i < n; i += chunk) {
+    const int64_t c = std::min(chunk, n - i);
+    Batch b;
+    b.add(tokens.subspan(size_t(i), size_t(c)), seq.length, seq.blocks, i + c == n || all_logits,
+          all_logits);
+    const float* d = decoder->forward(b);
+    seq.length += c;
+    if (all_logits)
+      backend->to_host(out.data() + i * V, d, size_t(c * V) * 4);
+    else if (i + c == n)
+      backend->to_host(out.data(), d, size_t(V) * 4);
+  }
+  return out;
+}
+
+const float* Engine::Impl::extend_last(Sequence& seq, std::span<const int32_t> tokens) {
+  const int64_t n = int64_t(tokens.size());
+  KILN_CHECK(n > 0, "forward needs at least one token");
+  reserve(seq, seq.length + n);
+  const float* d = nullptr;
+  for (int64_t i = 0; i < n; i += max_num_tokens) {
+    const int64_t c = std::min(max_num_tokens, n - i);
+    Batch b;
+    b.add(tokens.subspan(size_t(i), size_t(c)), seq.length, seq.blocks, i + c == n);
+    d = decoder->forward(b);
+    seq.length += c;
+  }
+  return d;
+}
+
+const float* Engine::Impl::decode_batch(std::span<Sequence* const> seqs, const int32_t* tokens) {
+  const int64_t B = int64_t(seqs.size());
+  KILN_CHECK(B > 0, "decode needs at least one sequence");
+  KILN_CHECK(B <= max_num_seqs, "a decode step of ", B, " sequences exceeds --max-num-seqs (",
+             max_num_seqs, ")");
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t j = 0; j < i; ++j)
+      KILN_CHECK(seqs[size_t(j)] != seqs[size_t(i)], "decode: a sequence appears twice in one step");
+  for (Sequence* q : seqs) reserve(*q, q->length + 1);
+  Batch b;
+  const int32_t none = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    Sequence& q = *seqs[size_t(i)];
+    b.add(std::span<const int32_t>(tokens ? tokens + i : &none, 1), q.length, q.blocks, true);
+  }
+  const float* d = decoder->forward(b, tokens == nullptr);
+  for (Sequence* q : seqs) q->length += 1;
+  return d;
 }
 
 const float* Engine::Impl::decode_step(std::span<Session* const> sessions,
@@ -435,7 +460,7 @@ const float* Engine::Impl::decode_step(std::span<Session* const> sessions,
     check_fits(*this, s->length(), 1);
     seqs.push_back(&s->s_->seq);
   }
-  return decoder->decode(tokens.data(), seqs.data(), int64_t(seqs.size()));
+  return decode_batch(seqs, tokens.data());
 }
 
 void Engine::Impl::decode_loop(std::span<Session* const> sessions, std::span<const int32_t> tokens,
@@ -464,7 +489,7 @@ void Engine::Impl::decode_loop(std::span<Session* const> sessions, std::span<con
   // Step k: the forward (its tokens from the host for k == 0, else the ones step k - 1 sampled
   // on the device), sampling into the next step's token buffer, its picks copied to the host.
   auto enqueue = [&](int64_t k) {
-    const float* lg = decoder->decode(k == 0 ? tokens.data() : nullptr, seqs.data(), B);
+    const float* lg = decode_batch(seqs, k == 0 ? tokens.data() : nullptr);
     for (int64_t i = 0; i < B; ++i) {
       params[size_t(i)] = sessions[size_t(i)]->s_->sampling;
       params[size_t(i)].step += uint64_t(k);

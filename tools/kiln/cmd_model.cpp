@@ -158,40 +158,39 @@ void register_model_commands(CLI::App& app) {
   }
   // run
   {
-    auto* c = app.add_subcommand("run", "Generate from prompt token ids");
+    auto* c = app.add_subcommand("run", "Generate from a prompt (text or token ids)");
     static ModelArgs a;
     static std::string ids;
-    static SamplingParams sp;
-    static float temperature = -1, top_p = -1;
-    static int top_k = -1;
+    static GenerationArgs ga;
     add_model_args(c, a);
     static std::string text;
     auto* o_ids = c->add_option("--prompt-ids", ids, "comma-separated token ids");
     auto* o_text =
         c->add_option("--prompt", text, "prompt text (tokenized with the model's tokenizer)");
     o_ids->excludes(o_text);
-    c->add_option("--max-tokens", sp.max_tokens, "tokens to generate");
-    c->add_flag("--ignore-eos", sp.ignore_eos, "keep going past end-of-sequence tokens");
-    c->add_option("--temperature", temperature, "0: greedy (default: generation_config.json)");
-    c->add_option("--top-k", top_k, "0: off");
-    c->add_option("--top-p", top_p, "1: off");
-    c->add_option("--seed", sp.seed, "sampling seed");
+    add_generation_args(c, ga);
     c->callback([&] {
-      if (temperature >= 0) sp.temperature = temperature;
-      if (top_k >= 0) sp.top_k = top_k;
-      if (top_p >= 0) sp.top_p = top_p;
       KILN_CHECK(!ids.empty() || !text.empty(), "run needs --prompt or --prompt-ids");
       Engine e = Engine::open(a.model, a.bc);
+      GenerationParams g = ga.params();
+      g.validate(e.info().vocab_size);
       if (!text.empty()) {
-        generate_text(e, a.rc, text, sp);
+        generate_text(e, a.rc, text, g);
         return;
       }
       std::vector<int32_t> prompt = parse_ids(ids);
       check_ids(e, prompt);
       start_engine(e, a.rc);
-      std::vector<int32_t> out = e.generate(prompt, sp);
-      for (size_t i = 0; i < out.size(); ++i) std::printf("%s%d", i ? "," : "", out[i]);
+      ServeConfig sc;
+      sc.runtime = a.rc;
+      Scheduler s(e, sc);
+      g.detokenize = false;
+      const Reply r = stream_reply(s, prompt, g, nullptr);
+      for (size_t i = 0; i < r.ids.size(); ++i) std::printf("%s%d", i ? "," : "", r.ids[i]);
       std::printf("\n");
+      std::fflush(stdout);
+      KILN_CHECK(r.error.empty(), r.error);
+      print_finish(r);
     });
   }
   // logits
@@ -223,12 +222,18 @@ void register_model_commands(CLI::App& app) {
     static int reps = 3;
     static std::string batches = "1", format = "md";
     add_model_args(c, a);
+    // `bench serve` / `bench offline` run without this command's model: required is checked in
+    // the callback, so the positional does not demand a value there.
+    c->get_option("model")->required(false);
+    register_bench_subcommands(c);
     c->add_option("-p,--n-prompt", pp, "prompt tokens (0: skip)");
     c->add_option("-n,--n-gen", tg, "generated tokens per sequence (0: skip)");
     c->add_option("-b,--batch", batches, "sequences decoding together, e.g. 1,8,32 (tg only)");
     c->add_option("-r,--repetitions", reps, "timed repetitions after one warm-up");
     c->add_option("-o,--output", format, "md or json");
-    c->callback([&] {
+    c->callback([c] {
+      if (!c->get_subcommands().empty()) return;  // serve / offline ran
+      KILN_CHECK(!a.model.empty(), "bench needs a model (engine or Hugging Face folder)");
       KILN_CHECK(format == "md" || format == "json", "-o: expected md or json (got '", format,
                  "')");
       KILN_CHECK(reps >= 1, "-r must be >= 1");

@@ -2,15 +2,21 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <functional>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "kiln/kiln.h"
+#include "kiln/serving.h"
 
 namespace kiln::cli {
 
 void register_model_commands(CLI::App& app);  // build, run, logits, bench (cmd_model.cpp)
 void register_tokenize(CLI::App& app);        // tokenize (cmd_tokenize.cpp)
 void register_chat(CLI::App& app);            // chat (cmd_text.cpp)
+void register_serve(CLI::App& app);           // serve (cmd_serve.cpp)
+void register_bench_subcommands(CLI::App* bench);  // bench serve / offline (cmd_bench_serve.cpp)
 
 // Starts the engine on the device `rc` names; on a GPU, reports to stderr what is resident and
 // how large the KV cache is.
@@ -18,7 +24,33 @@ void start_engine(Engine& e, const RuntimeConfig& rc);
 // --device, --threads, --kv-cache-fraction, --kv-cache-tokens.
 void add_runtime_args(CLI::App* c, RuntimeConfig& rc);
 
+// Sampling and stopping flags shared by run and chat (validated by the scheduler as the
+// server validates them).
+struct GenerationArgs {
+  GenerationParams g;
+  std::optional<float> temperature, top_p, min_p;
+  std::optional<int> top_k;
+  std::optional<uint64_t> seed;
+  int64_t max_tokens = 16;
+  GenerationParams params() const;
+};
+void add_generation_args(CLI::App* c, GenerationArgs& a);
+
+// One reply streamed through the scheduler; Ctrl-C (SIGINT, when chat installed its handler)
+// cancels it.
+struct Reply {
+  std::vector<int32_t> ids;
+  std::string text;
+  FinishReason finish = FinishReason::None;
+  std::string stop_reason, error;
+};
+Reply stream_reply(Scheduler& s, std::vector<int32_t> prompt, const GenerationParams& g,
+                   const std::function<void(const RequestOutput&)>& on_event);
+// "[finish_reason: ...]" on stderr.
+void print_finish(const Reply& r);
+
 // Tokenizes `text` with the engine's tokenizer, generates and streams the decoded text to stdout.
-void generate_text(Engine& e, const RuntimeConfig& rc, const std::string& text, SamplingParams sp);
+void generate_text(Engine& e, const RuntimeConfig& rc, const std::string& text,
+                   const GenerationParams& g);
 
 }  // namespace kiln::cli

@@ -11,6 +11,7 @@ int main(int argc, char** argv) {
   kiln::cli::register_model_commands(app);
   kiln::cli::register_tokenize(app);
   kiln::cli::register_chat(app);
+  kiln::cli::register_serve(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -108,6 +108,17 @@ class CpuBackend final : public Backend {
       ids[r] = cpu::sample_row(logits + r * vocab, vocab, params[r]);
   }
 
+  void edit_logits(float* logits, int64_t rows, int64_t vocab, const RowPenalty* pen,
+                   const LogitEdit* edits, int64_t n) override {
+    cpu::edit_logits(logits, rows, vocab, pen, edits, n);
+  }
+  void logprobs(const float* logits, int64_t rows, int64_t vocab, const int32_t* ids, int64_t k,
+                float* lp, int32_t* top_ids, float* top_lp) override {
+    for (int64_t r = 0; r < rows; ++r)
+      cpu::logprobs_row(logits + r * vocab, vocab, ids[r], k, lp + r, top_ids + r * k,
+                        top_lp + r * k);
+  }
+
   void moe_ffn(const void* xv, int64_t n, int64_t H, const MoeWeights& w, int64_t E, int64_t top_k,
                bool renorm, Activation a, void* outv) override {
     const float* x = F(xv);

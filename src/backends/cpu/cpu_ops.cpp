@@ -58,38 +58,53 @@ float apply_act(float x, Activation a) {
 
 void linear(const float* x, int64_t n, int64_t in, int64_t ldx, const void* w, DType wt,
             int64_t out, const float* bias, float* y, int64_t ldy) {
+  // Every output element comes from the same 4x4 register tile, whatever n and the element's
+  // place: tail rows of x and tail rows of w are padded (zeros) to whole tiles. So a row's
+  // result never depends on the batch it is in (continuous batching and preemption give the
+  // same tokens as a request alone).
   constexpr int64_t RB = 4, TB = 4;
+  const int64_t full = n / TB * TB;
+  std::vector<float> xt;  // the padded tail rows of x
+  if (full < n) {
+    xt.assign(size_t(TB * in), 0.0f);
+    for (int64_t t = full; t < n; ++t)
+      std::copy(x + t * ldx, x + t * ldx + in, xt.begin() + (t - full) * in);
+  }
 #pragma omp parallel for schedule(static)
   for (int64_t o0 = 0; o0 < out; o0 += RB) {
     const int64_t rb = std::min(RB, out - o0);
     float* buf = scratch(size_t(RB * in), 0);
     const float* wr[RB];
-    for (int64_t r = 0; r < rb; ++r) wr[r] = row_f32(w, wt, o0 + r, in, buf + r * in);
-    int64_t t0 = 0;
-    if (rb == RB) {
-      for (; t0 + TB <= n; t0 += TB) {
-        const float *x0 = x + t0 * ldx, *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
-        const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];
-        float a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
-        float a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
-#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, \
-                               a31, a32, a33)
-        for (int64_t k = 0; k < in; ++k) {
-          a00 += x0[k] * w0[k], a01 += x0[k] * w1[k], a02 += x0[k] * w2[k], a03 += x0[k] * w3[k];
-          a10 += x1[k] * w0[k], a11 += x1[k] * w1[k], a12 += x1[k] * w2[k], a13 += x1[k] * w3[k];
-          a20 += x2[k] * w0[k], a21 += x2[k] * w1[k], a22 += x2[k] * w2[k], a23 += x2[k] * w3[k];
-          a30 += x3[k] * w0[k], a31 += x3[k] * w1[k], a32 += x3[k] * w2[k], a33 += x3[k] * w3[k];
-        }
-        const float acc[4][4] = {
-            {a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
-        for (int64_t t = 0; t < TB; ++t)
-          for (int64_t r = 0; r < RB; ++r)
-            y[(t0 + t) * ldy + o0 + r] = acc[t][r] + (bias ? bias[o0 + r] : 0.0f);
+    for (int64_t r = 0; r < RB; ++r) {
+      if (r < rb) {
+        wr[r] = row_f32(w, wt, o0 + r, in, buf + r * in);
+      } else {
+        std::fill(buf + r * in, buf + (r + 1) * in, 0.0f);
+        wr[r] = buf + r * in;
       }
     }
-    for (; t0 < n; ++t0)
-      for (int64_t r = 0; r < rb; ++r)
-        y[t0 * ldy + o0 + r] = dot(x + t0 * ldx, wr[r], in) + (bias ? bias[o0 + r] : 0.0f);
+    for (int64_t t0 = 0; t0 < n; t0 += TB) {
+      const bool tail = t0 >= full;
+      const float* xb = tail ? xt.data() : x + t0 * ldx;
+      const int64_t lx = tail ? in : ldx;
+      const float *x0 = xb, *x1 = x0 + lx, *x2 = x1 + lx, *x3 = x2 + lx;
+      const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3];
+      float a00 = 0, a01 = 0, a02 = 0, a03 = 0, a10 = 0, a11 = 0, a12 = 0, a13 = 0;
+      float a20 = 0, a21 = 0, a22 = 0, a23 = 0, a30 = 0, a31 = 0, a32 = 0, a33 = 0;
+#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, \
+                               a31, a32, a33)
+      for (int64_t k = 0; k < in; ++k) {
+        a00 += x0[k] * w0[k], a01 += x0[k] * w1[k], a02 += x0[k] * w2[k], a03 += x0[k] * w3[k];
+        a10 += x1[k] * w0[k], a11 += x1[k] * w1[k], a12 += x1[k] * w2[k], a13 += x1[k] * w3[k];
+        a20 += x2[k] * w0[k], a21 += x2[k] * w1[k], a22 += x2[k] * w2[k], a23 += x2[k] * w3[k];
+        a30 += x3[k] * w0[k], a31 += x3[k] * w1[k], a32 += x3[k] * w2[k], a33 += x3[k] * w3[k];
+      }
+      const float acc[4][4] = {
+          {a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+      for (int64_t t = 0; t < TB && t0 + t < n; ++t)
+        for (int64_t r = 0; r < rb; ++r)
+          y[(t0 + t) * ldy + o0 + r] = acc[t][r] + (bias ? bias[o0 + r] : 0.0f);
+    }
   }
 }
 

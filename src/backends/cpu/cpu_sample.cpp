@@ -3,6 +3,7 @@
 #include "backends/cpu/cpu_sample.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 
 #include "core/error.h"
@@ -35,6 +36,9 @@ std::vector<SampleCandidate> sample_candidates(const float* logits, int64_t voca
     k.resize(size_t(p.top_k));
   }
   const auto weight = [&](int32_t i) { return sampling::weight(l[size_t(i)], m, p.temperature); };
+  // min_p narrows K before top-p measures it.
+  const uint64_t q_min = sampling::min_p_weight(p.min_p);
+  if (q_min > 0) std::erase_if(k, [&](int32_t i) { return weight(i) < q_min; });
 
   std::vector<SampleCandidate> kept;
   kept.reserve(k.size());
@@ -79,6 +83,50 @@ int32_t sample_row(const float* logits, int64_t vocab, const SampleParams& p) {
   for (const SampleCandidate& c : kept)
     if ((cum += c.weight) > r) return c.id;
   return kept.back().id;
+}
+
+void check_edits(int64_t rows, int64_t vocab, const LogitEdit* edits, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) {
+    const LogitEdit& d = edits[e];
+    KILN_CHECK(d.row >= 0 && d.row < rows && d.id >= 0 && d.id < vocab, "edit_logits: entry ", e,
+               " (", d.row, ", ", d.id, ") outside [", rows, ", ", vocab, ")");
+  }
+}
+
+void edit_logits(float* logits, int64_t rows, int64_t vocab, const RowPenalty* pen,
+                 const LogitEdit* edits, int64_t n) {
+  check_edits(rows, vocab, edits, n);  // all of them first: an error edits nothing
+  for (int64_t e = 0; e < n; ++e) {
+    const LogitEdit& d = edits[e];
+    const RowPenalty& p = pen[d.row];
+    float& l = logits[int64_t(d.row) * vocab + d.id];
+    l = sampling::edit_logit(l, d.bias, d.seen != 0, d.count, p.presence, p.frequency,
+                             p.repetition);
+  }
+}
+
+void logprobs_row(const float* logits, int64_t vocab, int32_t id, int64_t k, float* lp,
+                  int32_t* top_ids, float* top_lp) {
+  check_vocab(vocab);
+  KILN_CHECK(id >= 0 && id < vocab, "logprobs: token ", id, " outside the vocabulary");
+  KILN_CHECK(k >= 0 && k <= vocab, "logprobs: ", k, " top tokens of ", vocab);
+  std::vector<float> l(static_cast<size_t>(vocab));
+  for (int64_t i = 0; i < vocab; ++i) l[size_t(i)] = sampling::sanitize(logits[i]);
+  const float m = *std::max_element(l.begin(), l.end());
+  double sum = 0;
+  for (float x : l) sum += double(sampling::softmax_term(x, m));
+  const float ls = float(std::log(sum));
+  *lp = sampling::log_softmax_value(l[size_t(id)], m, ls);
+  if (k == 0) return;
+  std::vector<int32_t> idx(static_cast<size_t>(vocab));
+  std::iota(idx.begin(), idx.end(), 0);
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
+    return l[size_t(a)] > l[size_t(b)] || (l[size_t(a)] == l[size_t(b)] && a < b);
+  });
+  for (int64_t j = 0; j < k; ++j) {
+    top_ids[j] = idx[size_t(j)];
+    top_lp[j] = sampling::log_softmax_value(l[size_t(idx[size_t(j)])], m, ls);
+  }
 }
 
 }  // namespace kiln::cpu

@@ -10,8 +10,15 @@
 // Decode has too few rows to fill the GPU, so the keys are also split (flash-decoding): grid.z
 // blocks each take a range of keys and write unnormalised partial outputs with their (m, l);
 // the last block of a row block to finish (an atomic counter) merges them, which saves the
-// launch of a separate merge kernel. Splits are sized from kv_len on the host; the first and
-// last split are open-ended, so the result is right whatever the positions are.
+// launch of a separate merge kernel. The host picks only the number of splits (from n, the KV
+// heads, the SM count and kv_len as an upper bound); each row block cuts its own key range
+// [min lo, max hi] into that many whole-tile pieces on the device. So a CUDA graph captured
+// under a length bound and replayed at other positions spreads the keys it actually has over
+// every split, rather than leaving them all to the first.
+//
+// Mixed batches (AttnLaunch::seq_start): the decode rows come here, the prefill chunks go to
+// the tensor-core kernel (cuda_attention_tc.cu) when it takes them; otherwise every row comes
+// here, each token in its own row blocks (seq).
 //
 // Everything here runs on CUDA cores (no tensor cores yet): F32 engines need exact FP32 math
 // anyway, and for 16-bit engines attention is a small share of the step at these lengths.
@@ -32,6 +39,9 @@ constexpr int kRows = 16;      // query rows per block
 constexpr int kBK = 32;        // keys per tile
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxSplits = 32;  // merge weights [kRows][splits] must fit where K/V tiles were
+// Split over keys until about this many blocks per SM: a block walks its tiles one after another
+// (load, sync, compute), so an SM needs several of them (up to 5 fit at D = 128) to hide that.
+constexpr int kBlocksPerSm = 4;
 
 struct Args {
   const void* q;
@@ -52,7 +62,7 @@ struct Args {
   int64_t bt_stride;
   float scale, softcap;
   int window;
-  int splits, split_len, split_base;
+  int splits;  // key ranges per row block (grid.z); sized on the device from the rows' ranges
   bool vec;    // 16-byte K/V loads
   bool vec_q;  // 16-byte Q loads
   void* out;
@@ -139,12 +149,23 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
 #pragma unroll
   for (int j = 0; j < kWarpRows; ++j)
     my_lo[j] = s_lo[warp * kWarpRows + j], my_hi[j] = s_hi[warp * kWarpRows + j];
-  int k0 = kmin, k1 = kmax + 1;
-  if (a.splits > 1) {
-    const int s0 = a.split_base + split * a.split_len;
-    if (split > 0) k0 = max(k0, s0);
-    if (split < a.splits - 1) k1 = min(k1, s0 + a.split_len);
+  int k0 = kmin, k1 = kmax + 1;  // empty (k0 > k1) for a block of padding rows only
+  // Splits of this row block that hold keys: the first `used` of grid.z (the same in each).
+  int used = 0;
+  if (a.splits > 1 && k1 > k0) {
+    // This split's share of the block's own key range, in whole tiles. Short ranges use fewer
+    // splits; the others only count themselves in for the merge, which never reads them.
+    const int per = ((k1 - k0 + a.splits - 1) / a.splits + kBK - 1) / kBK * kBK;
+    used = (k1 - k0 + per - 1) / per;
+    const int64_t s0 = int64_t(k0) + int64_t(split) * per;
+    k0 = int(min(s0, int64_t(k1)));
+    k1 = int(min(s0 + per, int64_t(k1)));
   }
+  // Warps whose rows are all padding (a GQA group smaller than the block) only help load tiles.
+  // (my_lo / my_hi come from shared memory: the same in every lane, so this is warp-uniform.)
+  bool warp_live = false;
+#pragma unroll
+  for (int j = 0; j < kWarpRows; ++j) warp_live |= my_hi[j] >= 0;
 
   float m[kWarpRows], l[kWarpRows], o[kWarpRows][DPL];
 #pragma unroll
@@ -201,6 +222,7 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
       }
     }
     __syncthreads();
+    if (!warp_live) continue;  // warp-uniform; the next tile's __syncthreads still comes
 
     float s[kWarpRows] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll 4
@@ -254,7 +276,7 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
 #pragma unroll
   for (int j = 0; j < kWarpRows; ++j) {
     const int fr = rbase + warp * kWarpRows + j;
-    if (!valid(fr)) continue;
+    if (!valid(fr) || (a.splits > 1 && split >= used)) continue;
     const int i = fr / a.rstride, h = blockIdx.y * a.group + fr % a.rstride;
     if (a.splits == 1) {
       const float inv = l[j] > 0.0f ? 1.0f / l[j] : 0.0f;
@@ -284,7 +306,7 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
   if (!s_last) return;
   __threadfence();
   // Split weights exp(m_s - M) per row (8 threads per row, into the free K/V tile space) and the
-  // normaliser L = sum l_s exp(m_s - M); then each output is one pass over the splits.
+  // normaliser L = sum l_s exp(m_s - M); then each output is one pass over the used splits.
   float* wts = Kt;  // [kRows][splits]
   __shared__ float s_L[kRows];
   {
@@ -294,12 +316,12 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
     if (valid(fr)) {
       const int i = fr / a.rstride, h = blockIdx.y * a.group + fr % a.rstride;
       w = a.ws + (int64_t(i) * a.heads + h) * a.splits * (D + 2);
-      for (int sp = part; sp < a.splits; sp += 8) M = fmaxf(M, __ldcg(w + sp * (D + 2) + D));
+      for (int sp = part; sp < used; sp += 8) M = fmaxf(M, __ldcg(w + sp * (D + 2) + D));
     }
 #pragma unroll
     for (int o = 1; o < 8; o <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
     if (w) {
-      for (int sp = part; sp < a.splits; sp += 8) {
+      for (int sp = part; sp < used; sp += 8) {
         const float ms = __ldcg(w + sp * (D + 2) + D);
         const float f = ms == -INFINITY ? 0.0f : expf(ms - M);  // a split with no visible keys
         wts[r * a.splits + sp] = f;
@@ -311,47 +333,81 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
     if (part == 0) s_L[r] = L;
   }
   __syncthreads();
-  for (int e = tid; e < kRows * D; e += kThreads) {
-    const int r = e / D, d = e % D, fr = rbase + r;
-    if (!valid(fr)) continue;
-    const int i = fr / a.rstride, h = blockIdx.y * a.group + fr % a.rstride;
-    const float* w = a.ws + (int64_t(i) * a.heads + h) * a.splits * (D + 2) + d;
-    float acc = 0.0f;
+  // kE outputs per thread at a time and the split loop unrolled: the partials come from L2, so
+  // the merge is bound by how many loads are in flight, not by arithmetic.
+  constexpr int kE = 8;
+  for (int e0 = tid; e0 < kRows * D; e0 += kE * kThreads) {
+    const float* wp[kE];
+    float acc[kE];
+    int rr[kE];
+#pragma unroll
+    for (int k = 0; k < kE; ++k) {
+      const int e = e0 + k * kThreads, r = e / D, fr = rbase + r;
+      wp[k] = nullptr, acc[k] = 0.0f, rr[k] = r;
+      if (e < kRows * D && valid(fr)) {
+        const int i = fr / a.rstride, h = blockIdx.y * a.group + fr % a.rstride;
+        wp[k] = a.ws + (int64_t(i) * a.heads + h) * a.splits * (D + 2) + e % D;
+      }
+    }
 #pragma unroll 4
-    for (int sp = 0; sp < a.splits; ++sp) acc += wts[r * a.splits + sp] * __ldcg(w + sp * (D + 2));
-    static_cast<T*>(a.out)[int64_t(i) * a.ldo + int64_t(h) * D + d] =
-        from_f<T>(s_L[r] > 0.0f ? acc / s_L[r] : 0.0f);
+    for (int sp = 0; sp < used; ++sp) {
+#pragma unroll
+      for (int k = 0; k < kE; ++k)
+        if (wp[k]) acc[k] += wts[rr[k] * a.splits + sp] * __ldcg(wp[k] + sp * (D + 2));
+    }
+#pragma unroll
+    for (int k = 0; k < kE; ++k) {
+      if (!wp[k]) continue;
+      const int e = e0 + k * kThreads, fr = rbase + rr[k];
+      const int i = fr / a.rstride, h = blockIdx.y * a.group + fr % a.rstride;
+      static_cast<T*>(a.out)[int64_t(i) * a.ldo + int64_t(h) * D + e % D] =
+          from_f<T>(s_L[rr[k]] > 0.0f ? acc[k] / s_L[rr[k]] : 0.0f);
+    }
   }
   if (tid == 0) *counter = 0;  // ready for the next launch
 }
 
 struct Plan {
-  int rstride, row_blocks, splits = 1, split_len = 0, split_base = 0;
+  int rstride, row_blocks, splits = 1;
 };
 
+// From host values only (n, heads, seq given or not, window, kv_len, SM count), so a launch
+// recorded in a graph is the launch any replay needs.
 Plan make_plan(const AttnLaunch& a, int num_sms) {
   Plan p;
   const int64_t group = a.heads / a.kv_heads;
   p.rstride = int(a.seq ? (group + kRows - 1) / kRows * kRows : group);
   p.row_blocks = int((a.n * p.rstride + kRows - 1) / kRows);
   const int64_t blocks = int64_t(p.row_blocks) * a.kv_heads;
-  if (blocks >= num_sms || a.kv_len <= 0) return p;
-  // The keys the rows see, if positions are the usual kv_len - n .. kv_len - 1.
-  const int64_t first = a.window > 0 ? std::max<int64_t>(0, a.kv_len - a.n - a.window + 1) : 0;
-  const int64_t keys = a.kv_len - first;
-  const int64_t want = (2 * int64_t(num_sms) + blocks - 1) / blocks;  // ~2 blocks per SM
-  const int64_t most = (keys + kBK - 1) / kBK;                        // >= 1 tile per split
-  int64_t splits = std::min({want, most, int64_t(kMaxSplits)});
-  if (splits <= 1) return p;
-  const int64_t len = ((keys + splits - 1) / splits + kBK - 1) / kBK * kBK;
-  p.splits = int((keys + len - 1) / len);
-  if (p.splits <= 1) {
-    p.splits = 1;
-    return p;
-  }
-  p.split_len = int(len);
-  p.split_base = int(first);
+  if (blocks == 0 || blocks >= kBlocksPerSm * int64_t(num_sms) || a.kv_len <= 0) return p;
+  // The most keys one row block can see: its rows belong to one token (seq) or to at most
+  // min(n, kRows) consecutive ones, each seeing at most `window` keys.
+  const int64_t span = a.seq ? 1 : std::min<int64_t>(a.n, kRows);
+  const int64_t keys =
+      a.window > 0 ? std::min(a.kv_len, std::min(a.window, a.kv_len) + span - 1) : a.kv_len;
+  const int64_t want = (kBlocksPerSm * int64_t(num_sms) + blocks - 1) / blocks;
+  const int64_t most = (keys + kBK - 1) / kBK;  // >= 1 tile per split
+  p.splits = int(std::max<int64_t>(1, std::min({want, most, int64_t(kMaxSplits)})));
   return p;
+}
+
+// The rows the CUDA-core kernel takes: all of them (seq_start cleared: the kernel relies on seq
+// and pos alone), or, when the tensor-core kernel took a mixed batch's prefill chunks, only its
+// decode rows [0, num_decode).
+AttnLaunch core_part(const AttnLaunch& a, bool decode_only) {
+  AttnLaunch c = a;
+  c.seq_start = nullptr;
+  if (decode_only) c.n = a.num_decode;
+  return c;
+}
+
+// Either part may run (which depends on the dtype and on the tensor-core switch), so the
+// scratch is sized for the larger; both plans use host values only.
+template <typename F>
+size_t max_over_parts(const AttnLaunch& a, F f) {
+  size_t r = f(core_part(a, false));
+  if (a.seq_start && a.num_decode > 0) r = std::max(r, f(core_part(a, true)));
+  return r;
 }
 
 template <typename T, int DPL>
@@ -378,33 +434,11 @@ void launch_dpl(const Args& args, dim3 grid, cudaStream_t s) {
   return launch<T, 8>(args, grid, s);
 }
 
-}  // namespace
-
-size_t attention_workspace(const AttnLaunch& a, int num_sms) {
-  if (a.kv_heads <= 0 || a.heads % a.kv_heads) return 0;
-  const Plan p = make_plan(a, num_sms);
-  return p.splits > 1 ? size_t(a.n * a.heads) * size_t(p.splits) * size_t(a.head_dim + 2) * 4 : 0;
-}
-
-size_t attention_counters(const AttnLaunch& a, int num_sms) {
-  if (a.kv_heads <= 0 || a.heads % a.kv_heads) return 0;
-  const Plan p = make_plan(a, num_sms);
-  return p.splits > 1 ? size_t(p.row_blocks) * size_t(a.kv_heads) : 0;
-}
-
-void attention(DType act, const AttnLaunch& a, float* ws, int* counters, int num_sms,
-               cudaStream_t s) {
-  KILN_CHECK(a.kv_heads > 0 && a.heads % a.kv_heads == 0, "attention: ", a.heads,
-             " query heads are not a multiple of ", a.kv_heads, " KV heads");
-  KILN_CHECK(a.head_dim >= 1 && a.head_dim <= kMaxHeadDim, "attention: head_dim ", a.head_dim,
-             " outside the CUDA kernel's range [1, ", kMaxHeadDim, "]");
-  KILN_CHECK(a.n * (a.heads + kRows) < INT_MAX && a.kv_len < INT_MAX,
-             "attention: sizes exceed 2^31");
-  if (a.n == 0) return;
-  if (a.n >= kTcMinRows && attention_tc(act, a, s)) return;  // tensor cores (prefill)
+template <typename T>
+void launch_core(const AttnLaunch& a, float* ws, int* counters, int num_sms, cudaStream_t s) {
   const Plan p = make_plan(a, num_sms);
   KILN_CHECK(p.splits == 1 || (ws && counters), "attention: split-K workspace missing");
-  const int64_t e = 16 / int64_t(dtype_size(act));
+  const int64_t e = 16 / int64_t(sizeof(T));
   Args g{a.q,
          a.ldq,
          int(a.n),
@@ -424,8 +458,6 @@ void attention(DType act, const AttnLaunch& a, float* ws, int* counters, int num
          a.softcap,
          int(a.window),
          p.splits,
-         p.split_len,
-         p.split_base,
          a.head_dim % e == 0 && a.kv_dim % e == 0,
          a.head_dim % e == 0 && a.ldq % e == 0 && reinterpret_cast<uintptr_t>(a.q) % 16 == 0,
          a.out,
@@ -434,7 +466,49 @@ void attention(DType act, const AttnLaunch& a, float* ws, int* counters, int num
          counters};
   const dim3 grid(unsigned(p.row_blocks), unsigned(a.kv_heads), unsigned(p.splits));
   KILN_CHECK(grid.y <= 65535 && grid.z <= 65535, "attention: too many KV heads");
-  KILN_DISPATCH_ACT(act, launch_dpl<T>(g, grid, s));
+  launch_dpl<T>(g, grid, s);
+}
+
+}  // namespace
+
+size_t attention_workspace(const AttnLaunch& a, int num_sms) {
+  if (a.kv_heads <= 0 || a.heads % a.kv_heads) return 0;
+  return max_over_parts(a, [&](const AttnLaunch& c) -> size_t {
+    const Plan p = make_plan(c, num_sms);
+    return p.splits > 1 ? size_t(c.n * c.heads) * size_t(p.splits) * size_t(c.head_dim + 2) * 4 : 0;
+  });
+}
+
+size_t attention_counters(const AttnLaunch& a, int num_sms) {
+  if (a.kv_heads <= 0 || a.heads % a.kv_heads) return 0;
+  return max_over_parts(a, [&](const AttnLaunch& c) -> size_t {
+    const Plan p = make_plan(c, num_sms);
+    return p.splits > 1 ? size_t(p.row_blocks) * size_t(c.kv_heads) : 0;
+  });
+}
+
+void attention(DType act, const AttnLaunch& a, float* ws, int* counters, int num_sms,
+               cudaStream_t s) {
+  KILN_CHECK(a.kv_heads > 0 && a.heads % a.kv_heads == 0, "attention: ", a.heads,
+             " query heads are not a multiple of ", a.kv_heads, " KV heads");
+  KILN_CHECK(a.head_dim >= 1 && a.head_dim <= kMaxHeadDim, "attention: head_dim ", a.head_dim,
+             " outside the CUDA kernel's range [1, ", kMaxHeadDim, "]");
+  KILN_CHECK(a.n * (a.heads + kRows) < INT_MAX && a.kv_len < INT_MAX,
+             "attention: sizes exceed 2^31");
+  if (a.n == 0) return;
+  bool decode_only = false;
+  if (a.seq_start) {
+    KILN_CHECK(a.seq && a.num_decode >= 0 && a.num_decode <= a.num_seqs && a.num_decode <= a.n &&
+                   a.num_seqs <= a.n && a.max_q <= a.n,
+               "attention: inconsistent mixed batch (n ", a.n, ", ", a.num_seqs, " sequences, ",
+               a.num_decode, " decodes, max_q ", a.max_q, ", seq ", a.seq ? "set" : "null", ")");
+    // Prefill chunks on tensor cores when it takes them (it leaves the decode rows alone).
+    decode_only = a.num_seqs > a.num_decode && attention_tc(act, a, s);
+    if (decode_only && a.num_decode == 0) return;
+  } else if (!a.seq && a.n >= kTcMinRows && attention_tc(act, a, s)) {
+    return;  // tensor cores (single-sequence prefill)
+  }
+  KILN_DISPATCH_ACT(act, launch_core<T>(core_part(a, decode_only), ws, counters, num_sms, s));
 }
 
 }  // namespace kiln::cuda

@@ -13,8 +13,16 @@
 // rows' limits. The output is normalised, staged in the warp's own Q rows and stored as 16-byte
 // vectors. Blocks are issued heaviest first (last rows first) for a shorter causal tail.
 //
+// Variable length (a mixed batch's prefill chunks, AttnLaunch::seq_start): one launch serves
+// several sequences, each with its own block-table row and positions. Sequence p has
+// ceil(q_p * group / rows) blocks, numbered in sequence order; the grid is sized from host
+// bounds (n, the number of chunks, max_q) and each block finds its sequence by a warp scan of
+// seq_start, so the launch never depends on the lengths and no block mixes sequences. Spare
+// blocks of the bound exit at once.
+//
 // H100, Llama-3.1-8B shapes (32 heads, 8 KV heads, D = 128, BF16): pp512 0.030 ms per layer
 // (71 TFLOP/s causal; the CUDA-core kernel: 0.219 ms), pp2048 0.240 ms (143 TFLOP/s; 2.47 ms).
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -32,8 +40,13 @@ constexpr int kThreads = 128;  // 4 warps
 struct TcArgs {
   const void* q;
   int64_t ldq;
-  int total;  // n * group rows per KV head
+  int total;  // n * group rows per KV head (varlen: of all its sequences together)
   int group;
+  // Varlen: sequences [first_seq, num_seqs) of seq_start, block-table rows bt_stride apart, at
+  // most max_q rows each; seq_start == nullptr: one sequence of `total` rows, table bt.
+  const int32_t* seq_start;
+  int first_seq, num_seqs, max_q;
+  int64_t bt_stride;
   const int32_t* pos;
   const void* kpool;
   const void* vpool;
@@ -144,18 +157,60 @@ __global__ void __launch_bounds__(kThreads) attn_tc_kernel(const TcArgs a) {
   T* Ks = Qs + kRows * LDS;             // [ST][BN][LDS]
   T* Vs = Ks + ST * BN * LDS;           // [ST][BN][LDS]
   __shared__ int s_lo[kRows], s_hi[kRows];
+  __shared__ int s_find[3];
 
   pdl_begin();
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int kvh = blockIdx.y;
-  const int rbase = int(gridDim.x - 1 - blockIdx.x) * kRows;  // heaviest rows first
+  // This block's rows: flattened rows rbase .. rbase + kRows - 1 (of `total`) of the sequence
+  // whose first token is row row0 and whose block table is bt.
+  int rbase, total = a.total, row0 = 0;
+  const int32_t* bt = a.bt;
+  if (a.seq_start == nullptr) {
+    rbase = int(gridDim.x - 1 - blockIdx.x) * kRows;  // heaviest rows first
+  } else {
+    if (warp == 0) {  // which sequence owns block blockIdx.x: scan of the block counts
+      const int bid = int(blockIdx.x);
+      int base = 0, found[3] = {-1, 0, 0};
+      for (int p0 = a.first_seq; p0 < a.num_seqs; p0 += 32) {
+        const int p = p0 + lane;
+        const int c = p < a.num_seqs
+                          ? ((a.seq_start[p + 1] - a.seq_start[p]) * a.group + kRows - 1) / kRows
+                          : 0;
+        int inc = c;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int t = __shfl_up_sync(0xffffffffu, inc, o);
+          if (lane >= o) inc += t;
+        }
+        const int excl = base + inc - c;
+        const unsigned hit = __ballot_sync(0xffffffffu, c > 0 && bid >= excl && bid < excl + c);
+        if (hit) {  // warp-uniform
+          const int src = __ffs(hit) - 1;
+          found[0] = p0 + src;
+          found[1] = bid - __shfl_sync(0xffffffffu, excl, src);
+          found[2] = __shfl_sync(0xffffffffu, c, src);
+          break;
+        }
+        base += __shfl_sync(0xffffffffu, inc, 31);
+      }
+      if (lane == 0) s_find[0] = found[0], s_find[1] = found[1], s_find[2] = found[2];
+    }
+    __syncthreads();
+    const int sq = s_find[0];
+    if (sq < 0) return;  // a spare block of the host's bound (uniform over the block)
+    row0 = a.seq_start[sq];
+    total = (a.seq_start[sq + 1] - row0) * a.group;
+    bt += int64_t(sq) * a.bt_stride;
+    rbase = (s_find[2] - 1 - s_find[1]) * kRows;  // heaviest rows of the sequence first
+  }
 
   // Key range [lo, hi] of each row; empty (lo > hi) for padding rows.
   for (int r = tid; r < kRows; r += kThreads) {
     const int fr = rbase + r;
     int lo = INT_MAX, hi = -1;
-    if (fr < a.total) {
-      hi = a.pos[fr / a.group];
+    if (fr < total) {
+      hi = a.pos[row0 + fr / a.group];
       lo = a.window > 0 ? max(0, hi - a.window + 1) : 0;
     }
     s_lo[r] = lo, s_hi[r] = hi;
@@ -166,10 +221,10 @@ __global__ void __launch_bounds__(kThreads) attn_tc_kernel(const TcArgs a) {
 #pragma unroll
     for (int it = 0; it < kRows * CH / kThreads; ++it) {
       const int e = tid + it * kThreads, r = e / CH, c = e % CH, fr = rbase + r;
-      const bool ok = fr < a.total;
+      const bool ok = fr < total;
       const T* src = q;
       if (ok) {
-        const int i = fr / a.group, h = kvh * a.group + fr % a.group;
+        const int i = row0 + fr / a.group, h = kvh * a.group + fr % a.group;
         src = q + int64_t(i) * a.ldq + int64_t(h) * D + c * 8;
       }
       cp_async16(Qs + r * LDS + c * 8, src, ok);
@@ -210,7 +265,7 @@ __global__ void __launch_bounds__(kThreads) attn_tc_kernel(const TcArgs a) {
       if ((BN * CH) % kThreads != 0 && e >= BN * CH) break;
       const bool ok = t >= cta_lo && t <= cta_hi;
       int64_t off = 0;
-      if (ok) off = (int64_t(__ldg(a.bt + t / a.bs)) * a.bs + t % a.bs) * a.kv_dim + c * 8;
+      if (ok) off = (int64_t(__ldg(bt + t / a.bs)) * a.bs + t % a.bs) * a.kv_dim + c * 8;
       cp_async16(kd + j * LDS + c * 8, kp + off, ok);
       cp_async16(vd + j * LDS + c * 8, vp + off, ok);
     }
@@ -406,8 +461,8 @@ __global__ void __launch_bounds__(kThreads) attn_tc_kernel(const TcArgs a) {
 #pragma unroll
   for (int it = 0; it < WR * CH / 32; ++it) {
     const int e = lane + it * 32, r = e / CH, c = e % CH, fr = rbase + warp * WR + r;
-    if (fr < a.total) {
-      const int i = fr / a.group, h = kvh * a.group + fr % a.group;
+    if (fr < total) {
+      const int i = row0 + fr / a.group, h = kvh * a.group + fr % a.group;
       *reinterpret_cast<uint4*>(out + int64_t(i) * a.ldo + int64_t(h) * D + c * 8) =
           *reinterpret_cast<const uint4*>(Os + r * LDS + c * 8);
     }
@@ -423,7 +478,18 @@ void launch(const TcArgs& g, int64_t total, int64_t kv_heads, cudaStream_t s) {
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     raised = true;
   }
-  const dim3 grid(unsigned((total + 64 * MI - 1) / (64 * MI)), unsigned(kv_heads));
+  constexpr int64_t R = 64 * MI;
+  int64_t gx = (total + R - 1) / R;
+  if (g.seq_start) {
+    // Sequence p takes ceil(q_p * group / R) blocks: at most one partial block each beyond the
+    // rows' share, and at most as many as a max_q chunk needs.
+    const int64_t seqs = g.num_seqs - g.first_seq;
+    gx += seqs;
+    if (g.max_q > 0) gx = std::min(gx, seqs * ((int64_t(g.max_q) * g.group + R - 1) / R));
+  }
+  if (gx == 0) return;
+  KILN_CHECK(gx < INT_MAX, "attention: too many query rows");
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(kv_heads));
   launch_kernel(attn_tc_kernel<T, D, BN, MI, ST>, grid, dim3(kThreads), smem, s, g);
 }
 
@@ -508,7 +574,10 @@ bool attention_tc_enabled() {
 bool attention_tc(DType act, const AttnLaunch& a, cudaStream_t s) {
   if (!attention_tc_enabled()) return false;
   if (act != DType::F16 && act != DType::BF16) return false;
-  if (a.seq != nullptr) return false;
+  if (a.seq != nullptr && a.seq_start == nullptr) return false;
+  if (a.seq_start && (a.num_seqs <= a.num_decode || a.num_decode < 0 || a.num_decode > a.n ||
+                      a.bt_stride < 0 || a.num_seqs >= INT_MAX || a.max_q >= INT_MAX))
+    return false;
   const int64_t D = a.head_dim;
   if (D != 64 && D != 80 && D != 96 && D != 128 && D != 256) return false;
   if (a.n <= 0 || a.kv_heads <= 0 || a.heads % a.kv_heads != 0 || a.block_size <= 0) return false;
@@ -519,13 +588,20 @@ bool attention_tc(DType act, const AttnLaunch& a, cudaStream_t s) {
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   if (!aligned(a.q) || !aligned(a.out) || !aligned(a.kpool) || !aligned(a.vpool)) return false;
   if (a.ldq % 8 != 0 || a.ldo % 8 != 0 || a.kv_dim % 8 != 0) return false;
-  const int64_t group = a.heads / a.kv_heads, total = a.n * group;
+  const int64_t group = a.heads / a.kv_heads;
+  // Varlen: the prefill chunks' rows only (the decode rows are the caller's).
+  const int64_t total = (a.seq_start ? a.n - a.num_decode : a.n) * group;
   if (a.kv_heads > 65535) return false;
   const float log2e = 1.4426950408889634f;
   const TcArgs g{a.q,
                  a.ldq,
                  int(total),
                  int(group),
+                 a.seq_start,
+                 int(a.num_decode),
+                 int(a.num_seqs),
+                 int(a.max_q),
+                 a.bt_stride,
                  a.pos,
                  a.kpool,
                  a.vpool,

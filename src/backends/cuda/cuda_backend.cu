@@ -14,9 +14,11 @@
 #include <map>
 #include <vector>
 
+#include "backends/cpu/cpu_sample.h"
 #include "backends/cuda/cuda_common.h"
 #include "backends/cuda/cuda_gemm.h"
 #include "backends/cuda/cuda_kernels.h"
+#include "backends/cuda/cuda_logits.h"
 #include "backends/cuda/cuda_sample.h"
 #include "backends/cuda/cuda_upload.h"
 #include "graph/backend.h"
@@ -395,7 +397,11 @@ class CudaBackend final : public Backend {
                              out,
                              ldo,
                              kv.seq,
-                             kv.bt_stride};
+                             kv.bt_stride,
+                             kv.seq_start,
+                             kv.num_seqs,
+                             kv.num_decode,
+                             kv.max_q};
     const size_t ws = cuda::attention_workspace(a, sms_);
     const size_t nc = cuda::attention_counters(a, sms_);
     cuda::attention(act_, a, ws ? static_cast<float*>(scratch("attn_ws", ws)) : nullptr,
@@ -475,6 +481,64 @@ class CudaBackend final : public Backend {
     const size_t wsb = cuda::sample_workspace(rows, vocab);
     cuda::sample(logits, rows, vocab, d_params, d_ids, wsb ? scratch("sample_ws", wsb) : nullptr,
                  stream_);
+  }
+  // The host edits go up in one copy from pageable memory, which the driver stages before the
+  // call returns (the caller may drop them at once) without waiting for the GPU; then one kernel.
+  // Not capturable: a captured copy would re-read the host buffer at every replay.
+  void edit_logits(float* logits, int64_t rows, int64_t vocab, const RowPenalty* pen,
+                   const LogitEdit* edits, int64_t n) override {
+    Prof prof(prof_.get(), "edit_logits");
+    flush();
+    if (n <= 0) return;
+    KILN_CHECK(!capturing_, "edit_logits: not inside a graph capture (it copies host edits)");
+    KILN_CHECK(pen && edits, "edit_logits: null penalties or edits");
+    cpu::check_edits(rows, vocab, edits, n);
+    // Penalties, then entries: both 4-byte aligned, sizes multiples of 4.
+    const size_t pb = size_t(rows) * sizeof(RowPenalty), eb = size_t(n) * sizeof(LogitEdit);
+    std::vector<char> host(pb + eb);
+    std::memcpy(host.data(), pen, pb);
+    std::memcpy(host.data() + pb, edits, eb);
+    char* d = static_cast<char*>(scratch("edit_logits", grown(pb + eb)));
+    KILN_CUDA_CHECK(cudaMemcpyAsync(d, host.data(), pb + eb, cudaMemcpyHostToDevice, stream_));
+    cuda::edit_logits(logits, vocab, reinterpret_cast<const RowPenalty*>(d),
+                      reinterpret_cast<const LogitEdit*>(d + pb), n, stream_);
+  }
+  // Ids up and results back through the pinned buffer (as sample()), one sync at the end.
+  void logprobs(const float* logits, int64_t rows, int64_t vocab, const int32_t* ids, int64_t k,
+                float* lp, int32_t* top_ids, float* top_lp) override {
+    Prof prof(prof_.get(), "logprobs");
+    flush();
+    if (rows <= 0) return;
+    KILN_CHECK(!capturing_, "logprobs: not inside a graph capture (it reads results back)");
+    for (int64_t r = 0; r < rows; ++r)
+      KILN_CHECK(ids[r] >= 0 && ids[r] < vocab, "logprobs: token ", ids[r],
+                 " outside the vocabulary");
+    const size_t ib = size_t(rows) * 4, tb = size_t(rows * k) * 4, ob = ib + 2 * tb;
+    KILN_CHECK(ib + ob <= kPinnedBytes, "logprobs: too many rows (", rows, ")");
+    char* d = static_cast<char*>(scratch("logprobs", grown(ib + ob)));
+    auto* d_lp = reinterpret_cast<float*>(d + ib);
+    auto* d_top_ids = reinterpret_cast<int32_t*>(d + 2 * ib);
+    auto* d_top_lp = reinterpret_cast<float*>(d + 2 * ib + tb);
+    std::memcpy(pinned_, ids, ib);
+    KILN_CUDA_CHECK(cudaMemcpyAsync(d, pinned_, ib, cudaMemcpyHostToDevice, stream_));
+    cuda::logprobs(logits, rows, vocab, reinterpret_cast<const int32_t*>(d), k, d_lp, d_top_ids,
+                   d_top_lp, stream_);
+    char* back = static_cast<char*>(pinned_) + ib;
+    KILN_CUDA_CHECK(cudaMemcpyAsync(back, d_lp, ob, cudaMemcpyDeviceToHost, stream_));
+    KILN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    std::memcpy(lp, back, ib);
+    if (k > 0) {
+      std::memcpy(top_ids, back + ib, tb);
+      std::memcpy(top_lp, back + ib + tb, tb);
+    }
+    if (prof_) prof_->harvest(true);
+  }
+  // Scratch sizes for buffers whose need creeps up (edits grow with the generated text): powers
+  // of two from 64 KiB, so the scratch grows, and drops captured graphs, a few times at most.
+  static size_t grown(size_t bytes) {
+    size_t b = size_t(64) << 10;
+    while (b < bytes) b <<= 1;
+    return b;
   }
   void* host_alloc(size_t bytes) override {
     void* p = nullptr;

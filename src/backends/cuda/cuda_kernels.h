@@ -109,13 +109,22 @@ struct AttnLaunch {
   int64_t heads, kv_heads, head_dim;
   float scale, softcap;
   int64_t window;
-  int64_t kv_len;  // max(pos) + 1 (or an upper bound): sizes the split over keys
+  // max(pos) + 1 or any upper bound: bounds the number of splits over keys (their sizes come
+  // from the rows' own key ranges on the device, so a graph captured with a bound stays right).
+  int64_t kv_len;
   void* out;
   int64_t ldo;
   // Batched decode: token i belongs to sequence seq[i], block table row seq[i] (bt_stride
   // entries apart); nullptr: one sequence. With seq, a block never mixes tokens.
   const int32_t* seq = nullptr;
   int64_t bt_stride = 0;
+  // Mixed batch (as KVLayerView): sequence s owns rows [seq_start[s], seq_start[s + 1]) and
+  // block-table row s (seq must be given too); the first num_decode sequences are one-row decodes
+  // (rows [0, num_decode)), the others prefill chunks of at most max_q rows at consecutive
+  // positions. Decode rows go to the CUDA-core kernel, prefill chunks to the tensor-core kernel
+  // when it takes them (else the CUDA-core kernel takes every row through seq).
+  const int32_t* seq_start = nullptr;
+  int64_t num_seqs = 0, num_decode = 0, max_q = 0;
 };
 // Bytes of FP32 workspace, and the number of int counters (zero-initialised once; the kernel
 // leaves them zero), that attention() needs for this launch (0: none).

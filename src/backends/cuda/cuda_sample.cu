@@ -23,6 +23,8 @@
 //     maxima whose mass reaches top_p * S bounds the kept set (the list is every token above
 //     it), else the bucket holding the boundary is listed and the buckets before it are kept
 //     whole.
+// min_p needs no selection of its own: a token it drops weighs 0 wherever a weight is computed,
+// which leaves it out of S, of every mass top-p compares and of the draw (cpu_sample.h).
 // What is left (ties or flat rows too dense for a list) takes row passes, with histogram updates
 // combined per warp (a row's bulk lands in a few buckets, where per-token shared atomics would
 // serialise).
@@ -382,6 +384,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (lane == 0) atomicMax(&sm.maxkey, wk);
   __syncthreads();
   const float m = sampling::key_logit(sm.maxkey);
+  // Every weight below goes through min_p: a token it drops weighs 0, which drops it from every
+  // sum and from the draw (cpu_sample.h), so no path needs a case of its own.
+  const u64 q_min = sampling::min_p_weight(p.min_p);
+  const auto weight = [&](float l) -> u64 {
+    return sampling::min_p_filter(sampling::weight(l, m, t), q_min);
+  };
 
   // Copies the tokens passing keep(l, i) (l sanitized) into sm.list with composites and weights;
   // returns how many passed (only the first kCap are stored).
@@ -395,8 +403,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (base + j < n && keep(l, base + j)) {
           const int s = atomicAdd(&sm.n, 1);
           if (s < kCap)
-            sm.list.comp[s] = composite(logit_key(l), base + j),
-            sm.list.q[s] = sampling::weight(l, m, t);
+            sm.list.comp[s] = composite(logit_key(l), base + j), sm.list.q[s] = weight(l);
         }
       }
     });
@@ -491,7 +498,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const float l = sanitize(v[j]);
           const bool on = base + j < n && (!use_k || composite(logit_key(l), base + j) >= bk);
           if (on) {
-            const u64 q = sampling::weight(l, m, t);
+            const u64 q = weight(l);
             acc[0] += q;
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[r + 1] += l >= tau[r] ? q : 0;
@@ -579,7 +586,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               const u64 c = composite(logit_key(l), base + j);
               const bool on = base + j < n && c >= bk && (c >> (shift + 8)) == pre;
               hist_add_warp<true>(sm.cnt, sm.mass, on, unsigned(c >> shift) & 255,
-                                  on ? sampling::weight(l, m, t) : 0);
+                                  on ? weight(l) : 0);
             }
           });
         });
@@ -628,7 +635,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const float l = sanitize(v[j]);
-        if (base + j < n && composite(logit_key(l), base + j) >= bp) s += sampling::weight(l, m, t);
+        if (base + j < n && composite(logit_key(l), base + j) >= bp) s += weight(l);
       }
       s = warp_sum_u64(s);
       if (lane == 0 && s) atomicAdd(&sm.chunk[g * 128 / ch], s);
@@ -651,7 +658,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     u64 s = 0;
     for (int i = lo; i < hi; ++i) {
       const float l = sanitize(row[i]);
-      if (composite(logit_key(l), i) >= bp) s += sampling::weight(l, m, t);
+      if (composite(logit_key(l), i) >= bp) s += weight(l);
     }
     u64 tot;
     const u64 ex2 = block_exclusive_scan(s, sm, tot);
@@ -660,7 +667,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = lo; i < hi; ++i) {
         const float l = sanitize(row[i]);
         if (composite(logit_key(l), i) < bp) continue;
-        cum += sampling::weight(l, m, t);
+        cum += weight(l);
         if (cum > rr) {
           sm.pick = i;
           break;

@@ -1,0 +1,94 @@
+// Engine internals shared by the runtime (engine.cpp, the scheduler): the engine's weights and
+// build settings, and once started, the backend, KV cache and decoder.
+#pragma once
+
+#include <filesystem>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "arch/model_config.h"
+#include "core/error.h"
+#include "graph/decoder.h"
+#include "kiln/kiln.h"
+#include "runtime/kv_cache.h"
+
+namespace kiln {
+
+struct Engine::Impl {
+  ModelConfig config;
+  DType dtype = DType::F32;
+  int64_t max_batch = 1, max_seq_len = 0;
+  nlohmann::json source;
+  nlohmann::json generation_defaults = nlohmann::json::object();
+  std::filesystem::path tokenizer_dir;
+  std::vector<std::pair<std::string, Tensor>> weights;  // host, engine layout
+
+  // Runtime, created by start(); destroyed in reverse order (the decoder's buffers and the
+  // cache before the backend).
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<DeviceWeights> dweights;
+  std::unique_ptr<KVCache> cache;
+  std::unique_ptr<Decoder> decoder;
+  RuntimeInfo rinfo;
+  int64_t max_num_seqs = 0, max_num_tokens = 0, max_logit_rows = 0;
+  // Pinned host buffers for two steps' sampled ids, and the device copy of a step's sampling
+  // settings (grow-only).
+  int32_t* ids_host = nullptr;
+  SampleParams* d_params = nullptr;
+  int64_t ids_rows = 0;
+
+  ~Impl() {
+    if (ids_host) backend->host_free(ids_host);
+    if (d_params) backend->release(d_params);
+  }
+
+  void decode_loop(std::span<Session* const> sessions, std::span<const int32_t> tokens,
+                   int64_t steps, const std::function<bool(std::span<const int32_t>)>& on_step);
+
+  // Device logits [B, vocab] of one decode step of `sessions` (Engine::step, Session::next).
+  const float* decode_step(std::span<Session* const> sessions, std::span<const int32_t> tokens);
+
+  // Takes blocks from the cache until `seq` covers `end` positions (KV cache full: an error).
+  void reserve(Sequence& seq, int64_t end);
+  // Appends tokens to one sequence in steps of at most max_num_tokens (max_logit_rows when every
+  // row's logits are wanted): host logits of every row, or of the last row only.
+  std::vector<float> extend(Sequence& seq, std::span<const int32_t> tokens, bool all_logits);
+  // The same, returning the last row's logits in device memory (valid until the next forward).
+  const float* extend_last(Sequence& seq, std::span<const int32_t> tokens);
+  // One decode step of distinct sequences: tokens from the host, or (nullptr) the ids the
+  // previous step sampled into the decoder's token buffer. Device logits [B, vocab].
+  const float* decode_batch(std::span<Sequence* const> seqs, const int32_t* tokens);
+
+  // Sampling settings with generation_config.json's defaults for what `sp` leaves unset.
+  SampleParams sampling(const SamplingParams& sp) const {
+    const nlohmann::json& g = generation_defaults;
+    const bool do_sample = g.value("do_sample", false);
+    SampleParams p;
+    p.temperature = sp.temperature.value_or(do_sample ? g.value("temperature", 1.0f) : 0.0f);
+    p.top_k = sp.top_k.value_or(do_sample ? g.value("top_k", 50) : 0);
+    p.top_p = sp.top_p.value_or(do_sample ? g.value("top_p", 1.0f) : 1.0f);
+    p.seed = sp.seed;
+    if (!sp.temperature && do_sample && g.contains("min_p") && g["min_p"].is_number())
+      p.min_p = g["min_p"].get<float>();
+    return p;
+  }
+
+  void resolve_build(const BuildConfig& bc, const std::string& config_dtype) {
+    std::string d = bc.dtype;
+    if (d == "auto") d = config_dtype.empty() ? "f32" : config_dtype;
+    dtype = parse_float_dtype(d, "build dtype");
+    KILN_CHECK(bc.max_batch >= 1, "max_batch must be >= 1 (got ", bc.max_batch, ")");
+    max_batch = bc.max_batch;
+    max_seq_len = bc.max_seq_len ? bc.max_seq_len : config.max_position_embeddings;
+    KILN_CHECK(max_seq_len >= 1 && max_seq_len <= config.max_position_embeddings, "max_seq_len ",
+               max_seq_len, " must be between 1 and the model's max_position_embeddings (",
+               config.max_position_embeddings, ")");
+  }
+};
+
+
+}  // namespace kiln
