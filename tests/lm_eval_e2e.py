@@ -6,14 +6,17 @@ Starts `kiln serve` on a free loopback port, runs the real `lm_eval` CLI with
 /tokenizer_info, as with vLLM) on tests/lm_eval/kiln_tiny_mc.yaml, a loglikelihood
 multiple-choice task over six local documents, and checks that it completes with an accuracy:
   * acc and acc_norm are reported, in [0, 1], over all six documents;
-  * every choice got a finite, negative loglikelihood (lm-eval parsed the echoed prompt
-    logprobs), and acc is what the logged loglikelihoods' argmax gives.
+  * every choice got a finite, negative loglikelihood, and acc is what the logged
+    loglikelihoods' argmax gives;
+  * the first document's four loglikelihoods are those of `kiln logits` (log_softmax over the
+    whole prompt, summed over the continuation's tokens as lm-eval splits them), within 1e-3.
 The demo model has random weights: the accuracy's value means nothing; the pipeline does.
 (The scoring request itself is checked against `kiln logits` in tests/server_test.py.)
 
 Usage: lm_eval_e2e.py --kiln build/kiln --model models/demo
 """
 import argparse
+import array
 import glob
 import json
 import math
@@ -21,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -55,6 +59,38 @@ def start_server(kiln, model, log_path):
     proc.wait()
     with open(log_path, errors="replace") as f:
         sys.exit(f"lm_eval_e2e: kiln serve did not become healthy:\n{f.read()}")
+
+
+def tokenize(args, text):
+    r = subprocess.run([args.kiln, "tokenize", args.model], input=text, text=True,
+                       stdout=subprocess.PIPE, check=True)
+    return json.loads(r.stdout)
+
+
+def reference_loglikelihood(args, tmp, context, continuation):
+    """log P(continuation | context) from `kiln logits`, with lm-eval's token split: the
+    context's ids, then the rest of the whole string's ids (no special tokens, as lm-eval's remote
+    tokenizer asks /tokenize)."""
+    ctx, whole = tokenize(args, context), tokenize(args, context + continuation)
+    assert whole[:len(ctx)] == ctx, (ctx, whole)
+    out = os.path.join(tmp, "logits.safetensors")
+    subprocess.run([args.kiln, "logits", args.model, "--device", "cpu",
+                    "--prompt-ids", ",".join(map(str, whole)), "--out", out], check=True)
+    with open(out, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(n))["logits"]
+        rows, vocab = meta["shape"]
+        start, end = meta["data_offsets"]
+        f.seek(8 + n + start)
+        flat = array.array("f")
+        flat.frombytes(f.read(end - start))
+    total = 0.0
+    for i in range(len(ctx) - 1, len(whole) - 1):  # row i predicts token i + 1
+        row = flat[i * vocab:(i + 1) * vocab]
+        m = max(row)
+        lse = m + math.log(sum(math.exp(x - m) for x in row))
+        total += row[whole[i + 1]] - lse
+    return total
 
 
 def main():
@@ -122,8 +158,16 @@ def main():
                 assert math.isfinite(ll) and ll < 0, f"loglikelihood {ll} in {d['doc']}"
             correct += int(max(range(len(lls)), key=lambda i: lls[i]) == d["doc"]["answer"])
         assert abs(acc - correct / N_DOCS) < 1e-9, (acc, correct)
+
+        d0 = next(d for d in docs if d["doc_id"] == 0)
+        max_diff = 0.0
+        for choice, resp in zip(d0["doc"]["choices"], d0["resps"]):
+            got = float(resp[0][0])
+            want = reference_loglikelihood(args, tmp, d0["doc"]["question"], " " + choice)
+            assert abs(got - want) < 1e-3, f"{choice!r}: lm-eval {got}, kiln logits {want}"
+            max_diff = max(max_diff, abs(got - want))
         print(f"lm_eval_e2e: OK: kiln_tiny_mc acc {acc:.4f} acc_norm {acc_norm:.4f} "
-              f"over {N_DOCS} documents")
+              f"over {N_DOCS} documents; |lm-eval - kiln logits| <= {max_diff:.2e} on doc 0")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

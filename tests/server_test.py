@@ -608,6 +608,7 @@ class Shutdown(unittest.TestCase):
             usage = json.loads(data[-2][6:])["usage"]
             self.assertEqual(usage["completion_tokens"], 120)  # it ran to its end
             self.assertEqual(s.proc.wait(timeout=60), 0, s.read_log())
+            conn.close()
         finally:
             s.kill()
 

@@ -230,12 +230,35 @@ void Decoder::stage_inputs(const Batch& b, int64_t rows, int64_t seqs) {
     auto* sn = cs + rows * half;
     // Per sequence: dynamic NTK and longrope depend on the longest position of the sequence's
     // own chunk (as one transformers forward over it); padding rows get position 0.
-    int64_t r0 = 0;
-    for (int64_t s = 0; s < seqs; ++s) {
-      const int64_t n = s < int64_t(b.seqs.size()) ? b.seqs[size_t(s)].n : 1;
-      rope_tables(c_.ropes[r], 2 * half, c_.max_position_embeddings, pos + r0, n, cs + r0 * half,
-                  sn + r0 * half);
-      r0 += n;
+    const RopeType ty = c_.ropes[r].type;
+    if (ty != RopeType::Dynamic && ty != RopeType::LongRope) {
+      // Tables that do not depend on the sequence length: rows cached per position.
+      auto& cache = rope_cache_[r];
+      int64_t top = 0;
+      for (int64_t i = 0; i < rows; ++i) top = std::max<int64_t>(top, pos[i] + 1);
+      const int64_t have = int64_t(cache.first.size()) / half;
+      if (top > have) {
+        const int64_t grow = std::max(top, std::min<int64_t>(2 * have + 64, max_seq_len_));
+        std::vector<int32_t> p(static_cast<size_t>(grow - have));
+        for (size_t i = 0; i < p.size(); ++i) p[i] = int32_t(have + int64_t(i));
+        cache.first.resize(size_t(grow * half));
+        cache.second.resize(size_t(grow * half));
+        rope_tables(c_.ropes[r], 2 * half, c_.max_position_embeddings, p.data(),
+                    int64_t(p.size()), cache.first.data() + have * half,
+                    cache.second.data() + have * half);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        std::copy_n(cache.first.data() + pos[i] * half, half, cs + i * half);
+        std::copy_n(cache.second.data() + pos[i] * half, half, sn + i * half);
+      }
+    } else {
+      int64_t r0 = 0;
+      for (int64_t s = 0; s < seqs; ++s) {
+        const int64_t n = s < int64_t(b.seqs.size()) ? b.seqs[size_t(s)].n : 1;
+        rope_tables(c_.ropes[r], 2 * half, c_.max_position_embeddings, pos + r0, n,
+                    cs + r0 * half, sn + r0 * half);
+        r0 += n;
+      }
     }
     d_cos_[r] = reinterpret_cast<const float*>(dev + off);
     d_sin_[r] = reinterpret_cast<const float*>(dev + off + size_t(rows * half) * 4);

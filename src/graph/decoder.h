@@ -106,6 +106,8 @@ class Decoder {
   int64_t kv_len_ = 0;  // the cache length attention may see (an upper bound)
   std::vector<const float*> d_cos_, d_sin_;
   std::vector<int32_t> staging_;
+  // Per rope: cos / sin rows by position, for tables that do not depend on the sequence length.
+  std::map<size_t, std::pair<std::vector<float>, std::vector<float>>> rope_cache_;
 };
 
 }  // namespace kiln

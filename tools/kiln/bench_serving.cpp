@@ -94,11 +94,11 @@ std::vector<BenchRequest> load_dataset(const std::string& path) {
                where, ": 'output_len' must be an integer >= 1");
     r.output_len = j["output_len"].get<int64_t>();
     if (j.contains("prompt_len")) {
-      KILN_CHECK(j["prompt_len"].is_number_integer() && j["prompt_len"].get<int64_t>() >= 1,
-                 where, ": 'prompt_len' must be an integer >= 1");
+      KILN_CHECK(j["prompt_len"].is_number_integer() && j["prompt_len"].get<int64_t>() >= 1, where,
+                 ": 'prompt_len' must be an integer >= 1");
       const int64_t pl = j["prompt_len"].get<int64_t>();
-      KILN_CHECK(r.text || pl == r.prompt_len, where, ": 'prompt_len' is ", pl, " but 'prompt' has ",
-                 r.prompt_len, " ids");
+      KILN_CHECK(r.text || pl == r.prompt_len, where, ": 'prompt_len' is ", pl,
+                 " but 'prompt' has ", r.prompt_len, " ids");
       r.prompt_len = pl;
     }
     reqs.push_back(std::move(r));
@@ -119,8 +119,7 @@ void add_workload_args(CLI::App* c, WorkloadArgs& w) {
   c->add_option("--num-prompts", w.num_prompts,
                 "requests (default: 1000 random prompts, or every --dataset line)");
   c->add_option("--seed", w.seed, "seed of the random prompts and of the arrival times");
-  c->add_option("--max-concurrency", w.max_concurrency,
-                "requests in flight at most (0: no limit)");
+  c->add_option("--max-concurrency", w.max_concurrency, "requests in flight at most (0: no limit)");
   c->add_option("--request-rate", w.request_rate,
                 "requests per second, Poisson arrivals (inf: all at once)");
   c->add_flag("--ignore-eos,!--no-ignore-eos", w.ignore_eos,
@@ -132,8 +131,8 @@ void add_workload_args(CLI::App* c, WorkloadArgs& w) {
 }
 
 double validate_workload_args(const WorkloadArgs& w) {
-  KILN_CHECK(w.format == "text" || w.format == "json", "-o: expected text or json (got '",
-             w.format, "')");
+  KILN_CHECK(w.format == "text" || w.format == "json", "-o: expected text or json (got '", w.format,
+             "')");
   const bool random = w.random_input_len > 0 || w.random_output_len > 0;
   KILN_CHECK(random != !w.dataset.empty(),
              "give either --dataset FILE or --random-input-len N --random-output-len M");

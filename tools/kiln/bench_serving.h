@@ -27,9 +27,9 @@ struct RequestResult {
   bool success = false;
   int64_t prompt_len = 0;
   int64_t output_tokens = 0;
-  double ttft = 0;              // to the first chunk / event carrying tokens
-  double latency = 0;           // to the last chunk / event carrying tokens (vLLM's e2el)
-  std::vector<double> itl;      // gaps between consecutive chunks / events carrying tokens
+  double ttft = 0;          // to the first chunk / event carrying tokens
+  double latency = 0;       // to the last chunk / event carrying tokens (vLLM's e2el)
+  std::vector<double> itl;  // gaps between consecutive chunks / events carrying tokens
   std::string error;
 };
 
@@ -39,7 +39,7 @@ struct WorkloadArgs {
   double random_range_ratio = 0.0;
   int64_t num_prompts = 0;  // 0: 1000 random prompts, or every line of --dataset
   uint64_t seed = 0;
-  int64_t max_concurrency = 0;    // 0: no limit
+  int64_t max_concurrency = 0;  // 0: no limit
   std::string request_rate = "inf";
   bool ignore_eos = true;
   std::string format = "text";

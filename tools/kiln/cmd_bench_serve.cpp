@@ -232,8 +232,8 @@ void run_serve(const ServeArgs& a) {
   const size_t n = reqs.size();
   const std::vector<double> arrive = bench::arrival_times(int64_t(n), rate, a.w.seed);
   const size_t slots = a.w.max_concurrency > 0 ? std::min(n, size_t(a.w.max_concurrency)) : n;
-  std::fprintf(stderr, "kiln: bench serve: %zu requests to %s%s, %zu concurrent at most, rate %s\n",
-               n, u.origin.c_str(), u.path.c_str(), slots, a.w.request_rate.c_str());
+  std::fprintf(stderr, "kiln: bench serve: %zu requests to %s%s, concurrency %zu, rate %s\n", n,
+               u.origin.c_str(), u.path.c_str(), slots, a.w.request_rate.c_str());
 
   std::vector<RequestResult> results(n);
   std::mutex mu;
@@ -261,8 +261,8 @@ void run_serve(const ServeArgs& a) {
     });
   }
   for (size_t i = 0; i < n; ++i) {
-    std::this_thread::sleep_until(t0 + std::chrono::duration_cast<Clock::duration>(
-                                           std::chrono::duration<double>(arrive[i])));
+    std::this_thread::sleep_until(
+        t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(arrive[i])));
     std::lock_guard lk(mu);
     ready.push_back(i);
     cv.notify_one();
@@ -374,8 +374,9 @@ void run_offline(OfflineArgs& a) {
         if (t.r.success)
           t.r.latency = since(t.submitted, t.last);
         else
-          t.r.error = t.first ? "aborted" : cat("finished (", finish_reason_name(o.finish),
-                                                ") without a token");
+          t.r.error = t.first
+                          ? "aborted"
+                          : cat("finished (", finish_reason_name(o.finish), ") without a token");
         --in_flight;
       }
       cv.notify_all();
@@ -398,17 +399,17 @@ void run_offline(OfflineArgs& a) {
   }
 
   const std::vector<double> arrive = bench::arrival_times(int64_t(n), rate, a.w.seed);
-  std::fprintf(stderr, "kiln: bench offline: %zu requests on %s, %lld concurrent at most, rate %s\n",
-               n, e.device_name().c_str(), (long long)a.w.max_concurrency,
+  std::fprintf(stderr, "kiln: bench offline: %zu requests on %s, concurrency %s, rate %s\n", n,
+               e.device_name().c_str(),
+               a.w.max_concurrency > 0 ? std::to_string(a.w.max_concurrency).c_str() : "unlimited",
                a.w.request_rate.c_str());
   const auto t0 = Clock::now();
   for (size_t i = 0; i < n; ++i) {
-    std::this_thread::sleep_until(t0 + std::chrono::duration_cast<Clock::duration>(
-                                           std::chrono::duration<double>(arrive[i])));
+    std::this_thread::sleep_until(
+        t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(arrive[i])));
     {
       std::unique_lock lk(mu);
-      if (a.w.max_concurrency > 0)
-        cv.wait(lk, [&] { return in_flight < a.w.max_concurrency; });
+      if (a.w.max_concurrency > 0) cv.wait(lk, [&] { return in_flight < a.w.max_concurrency; });
       ++in_flight;
     }
     try {

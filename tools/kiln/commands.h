@@ -16,7 +16,8 @@ void register_model_commands(CLI::App& app);  // build, run, logits, bench (cmd_
 void register_tokenize(CLI::App& app);        // tokenize (cmd_tokenize.cpp)
 void register_chat(CLI::App& app);            // chat (cmd_text.cpp)
 void register_serve(CLI::App& app);           // serve (cmd_serve.cpp)
-void register_bench_subcommands(CLI::App* bench);  // bench serve / offline (cmd_bench_serve.cpp)
+// bench serve / bench offline (cmd_bench_serve.cpp), under cmd_model.cpp's `bench`.
+void register_bench_subcommands(CLI::App* bench);
 
 // Starts the engine on the device `rc` names; on a GPU, reports to stderr what is resident and
 // how large the KV cache is.
