@@ -84,10 +84,10 @@ if has serve; then
     n=$((c == 1 ? 16 : c * 4))
     stamp "bench serve concurrency $c ($n requests)"
     timeout 200 "$K" bench serve --url http://127.0.0.1:8011 --random-input-len 128 \
-      --random-output-len 128 --num-prompts "$n" --max-concurrency "$c" -o json \
+      --random-output-len 128 --num-prompts "$n" --max-concurrency "$c" --vocab-size 128256 -o json \
       >"$OUT/serve_c$c.json" 2>>"$OUT/serve.log"
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: round(d[k],2) for k in ['output_throughput','median_ttft_ms','p99_ttft_ms','median_tpot_ms','p99_tpot_ms','median_itl_ms'] if k in d})" "$OUT/serve_c$c.json"
   done
-  kill -TERM $SP; wait $SP; echo "serve exit $?"
+  kill -TERM $SP; wait $SP; echo "serve exit $?"; tail -n 5 "$OUT/serve.log"
 fi
 stamp done

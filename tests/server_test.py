@@ -42,9 +42,9 @@ NAME = "demo"      # --served-model-name of every server here
 class Server:
     """One `kiln serve` process; stopped by stop() (SIGTERM, then SIGKILL after a timeout)."""
 
-    def __init__(self, *extra, api_key=None):
+    def __init__(self, *extra, api_key=None, model=None, wait_healthy=True):
         self.log = tempfile.NamedTemporaryFile(prefix="kiln-serve-", suffix=".log", delete=False)
-        cmd = [ARGS.kiln, "serve", ARGS.model, "--device", "cpu", "--threads", "1", "--port", "0",
+        cmd = [ARGS.kiln, "serve", model or ARGS.model, "--device", "cpu", "--threads", "1", "--port", "0",
                "--served-model-name", NAME, *extra]
         if api_key:
             cmd += ["--api-key", api_key]
@@ -64,6 +64,10 @@ class Server:
         if self.port is None:
             self.kill()
             raise RuntimeError("kiln serve did not start:\n" + self.read_log())
+        if wait_healthy:
+            self.wait_healthy(deadline)
+
+    def wait_healthy(self, deadline):
         while time.time() < deadline:  # /health: 503 while loading, then 200
             try:
                 status, _ = self.request("GET", "/health")
@@ -155,9 +159,12 @@ class Server:
             raise
 
     def kill(self):
+        """Ends the process (if still running) and removes its log."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
+        if os.path.exists(self.log.name):
+            os.unlink(self.log.name)
 
 
 def kiln(*args):
@@ -481,8 +488,9 @@ class Preemption(unittest.TestCase):
             self.assertEqual(errors, [])
             self.assertEqual(got, want)
             self.assertGreater(small.metrics()["kiln:num_preemptions_total"], 0)
-        finally:
             self.assertEqual(small.stop(), 0)
+        finally:
+            small.kill()
 
 
 class Errors(unittest.TestCase):
@@ -582,6 +590,47 @@ class Errors(unittest.TestCase):
             if s == 503:
                 self.assertIn("message", r["error"])
         self.assert_still_serving()
+
+
+class Loading(unittest.TestCase):
+    def test_listens_with_503_before_the_engine_is_loaded(self):
+        # config.json is a FIFO: loading blocks on it until the test writes it, so the window
+        # between "listening" and "loaded" is held open deterministically.
+        with tempfile.TemporaryDirectory() as d:
+            for f in os.listdir(ARGS.model):
+                if f != "config.json":
+                    os.symlink(os.path.abspath(os.path.join(ARGS.model, f)), os.path.join(d, f))
+            fifo = os.path.join(d, "config.json")
+            os.mkfifo(fifo)
+            s = Server(model=d, wait_healthy=False)
+            try:
+                status, r = s.request("GET", "/health")
+                self.assertEqual(status, 503, r)
+                self.assertIn("loading", r["error"]["message"])
+                status, r = s.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
+                self.assertEqual(status, 503, r)
+                with open(os.path.join(ARGS.model, "config.json"), "rb") as src:
+                    config = src.read()
+                deadline = time.time() + 30
+                while True:  # non-blocking open fails (ENXIO) until the loader opens its end
+                    try:
+                        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                        break
+                    except OSError:
+                        self.assertLess(time.time(), deadline, "the server never read config.json")
+                        time.sleep(0.05)
+                try:
+                    os.set_blocking(fd, True)
+                    os.write(fd, config)
+                finally:
+                    os.close(fd)
+                s.wait_healthy(time.time() + 60)
+                status, r = s.post("/v1/completions", {"model": NAME, "prompt": "x",
+                                                       "max_tokens": 2})
+                self.assertEqual(status, 200, r)
+                self.assertEqual(s.stop(), 0)
+            finally:
+                s.kill()
 
 
 class Shutdown(unittest.TestCase):

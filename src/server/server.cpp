@@ -305,7 +305,9 @@ void Server::Impl::load() {
   max_seq_len = mi.max_seq_len;
   vocab_size = mi.vocab_size;
   const auto dir = engine->tokenizer_dir();
-  if (!dir.empty()) {
+  // An engine without tokenizer files (e.g. --dummy-weights) serves token-id prompts only.
+  if (!dir.empty() && (std::filesystem::exists(dir / "tokenizer.json") ||
+                       std::filesystem::exists(dir / "tokenizer.model"))) {
     tok = Tokenizer::from_dir(dir);
     tmpl = ChatTemplate::from_dir(dir);
     std::ifstream f(dir / "tokenizer_config.json");
@@ -950,6 +952,14 @@ void Server::run() {
   s.http.set_payload_max_length(size_t(s.cfg.max_request_bytes));
   s.http.set_keep_alive_max_count(1000);
   s.routes();
+  // httplib listens with a backlog of 5, compiled into Debian's library: a burst of clients
+  // (64 streams opening at once) would see dropped SYNs and second-long connect retries. The
+  // socket-options hook hands us the listening socket, and listen() again raises the backlog.
+  int listen_fd = -1;
+  s.http.set_socket_options([&listen_fd](socket_t fd) {
+    httplib::default_socket_options(fd);
+    listen_fd = fd;
+  });
   int port = s.cfg.port;
   if (port == 0) {
     port = s.http.bind_to_any_port(s.cfg.host);
@@ -958,6 +968,7 @@ void Server::run() {
   }
   KILN_CHECK(port > 0, "cannot listen on ", s.cfg.host, ":", s.cfg.port,
              " (address in use, or not an address of this machine)");
+  if (listen_fd >= 0) ::listen(listen_fd, 1024);
   s.bound_port = port;
   s.listen_thread = std::thread([&s] { s.http.listen_after_bind(); });
   std::fprintf(stderr, "kiln: listening on http://%s:%d; loading %s\n", s.cfg.host.c_str(), port,

@@ -175,7 +175,8 @@ RequestResult send_one(httplib::Client& cli, const Url& u, const std::string& mo
   auto res = cli.send(req);
   if (!out.error.empty()) return out;
   if (!res) {
-    out.error = cat("HTTP: ", httplib::to_string(res.error()));
+    // httplib names the failed stage: Connection (nothing answers), Read (timed out), ...
+    out.error = cat("HTTP client: ", httplib::to_string(res.error()), " error");
     return out;
   }
   if (status != 200) {
