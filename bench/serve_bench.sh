@@ -66,7 +66,8 @@ if has offline || has serve; then
   timeout 120 "$K" bench "$E" -p 0 -n 128 -b 1 -r 2 --kv-cache-tokens 8192 2>&1 | tail -n 3
 fi
 if has offline; then
-  for spec in "128 128 $N1" "128 2048 $N2" "2048 128 $N2" "1000 1000 $N2"; do
+  for spec in ${SPECS:-"128,128,$N1 128,2048,$N2 2048,128,$N2 1000,1000,$N2"}; do
+    spec=${spec//,/ }
     set -- $spec
     stamp "offline $1/$2, $3 requests"
     timeout 240 "$K" bench offline "$E" --random-input-len "$1" --random-output-len "$2" \
