@@ -144,8 +144,8 @@ TEST_P(MixedBatch, ChunkedPrefillsAndDecodesMatchTheReference) {
       ASSERT_EQ(o.prompt_lps[i]->top.size(), 1u);
     }
   }
-  std::printf("[mixed batch cpu] %-12s max |logprob - ref| %.2e, %lld steps\n",
-              GetParam().c_str(), worst, (long long)s.stats().steps);
+  std::printf("[mixed batch cpu] %-12s max |logprob - ref| %.2e, %lld steps\n", GetParam().c_str(),
+              worst, (long long)s.stats().steps);
 }
 
 INSTANTIATE_TEST_SUITE_P(Hf, MixedBatch,
@@ -261,7 +261,8 @@ TEST(Scheduler, CancelFreesBlocksAndEndsWithAbort) {
     tokens += int(o.token_ids.size());
     c.cb()(o);
   });
-  for (int i = 0; i < 2000 && tokens < 3; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  for (int i = 0; i < 2000 && tokens < 3; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   s.cancel(id);
   c.wait(1);
   EXPECT_EQ(c.get(id).finish, FinishReason::Abort);
@@ -356,7 +357,8 @@ TEST(Scheduler, StopStringsAcrossTokenBoundaries) {
     }
     ASSERT_GE(ends.size(), 4u);
     // From the middle of the 2nd token's text to the middle of the 4th's.
-    const size_t from = ends[0] + (ends[1] - ends[0]) / 2, to = ends[2] + (ends[3] - ends[2] + 1) / 2;
+    const size_t from = ends[0] + (ends[1] - ends[0]) / 2,
+                 to = ends[2] + (ends[3] - ends[2] + 1) / 2;
     ASSERT_LT(from, to);
     stop = full.text.substr(from, to - from);
     at = full.text.find(stop);

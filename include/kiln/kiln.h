@@ -57,9 +57,9 @@ struct RuntimeInfo {
   double kv_cache_fraction = 0;      // what was asked for (0 when sized by tokens)
   bool cuda_graphs = false;
   int64_t max_num_seqs = 0, max_num_tokens = 0;
-  int64_t max_logit_rows = 0;    // rows of logits one step may return
-  int64_t kv_block_size = 0;     // tokens per KV block
-  int64_t graphs_captured = 0;   // decode graphs captured at start
+  int64_t max_logit_rows = 0;   // rows of logits one step may return
+  int64_t kv_block_size = 0;    // tokens per KV block
+  int64_t graphs_captured = 0;  // decode graphs captured at start
 };
 
 // Sampling; unset fields take generation_config.json's defaults (else greedy).

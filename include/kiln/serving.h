@@ -35,26 +35,26 @@ const char* finish_reason_name(FinishReason r);  // "stop", "length", "abort" ("
 // Per-request generation settings (OpenAI / vLLM names). Unset optionals take
 // generation_config.json's defaults (greedy when it has none).
 struct GenerationParams {
-  std::optional<float> temperature;  // >= 0; 0: greedy
-  std::optional<int> top_k;          // 0 or -1: off
-  std::optional<float> top_p;        // (0, 1]
-  std::optional<float> min_p;        // [0, 1]; 0: off
-  std::optional<uint64_t> seed;      // unset: a random seed per request
-  float presence_penalty = 0.0f;     // [-2, 2]
-  float frequency_penalty = 0.0f;    // [-2, 2]
-  float repetition_penalty = 1.0f;   // > 0; 1: off
+  std::optional<float> temperature;                   // >= 0; 0: greedy
+  std::optional<int> top_k;                           // 0 or -1: off
+  std::optional<float> top_p;                         // (0, 1]
+  std::optional<float> min_p;                         // [0, 1]; 0: off
+  std::optional<uint64_t> seed;                       // unset: a random seed per request
+  float presence_penalty = 0.0f;                      // [-2, 2]
+  float frequency_penalty = 0.0f;                     // [-2, 2]
+  float repetition_penalty = 1.0f;                    // > 0; 1: off
   std::vector<std::pair<int32_t, float>> logit_bias;  // token id -> bias in [-100, 100]
-  std::vector<std::string> stop;          // stop strings, matched across token boundaries
-  std::vector<int32_t> stop_token_ids;    // besides the model's eos ids (unless ignore_eos)
+  std::vector<std::string> stop;        // stop strings, matched across token boundaries
+  std::vector<int32_t> stop_token_ids;  // besides the model's eos ids (unless ignore_eos)
   bool ignore_eos = false;
   bool include_stop_str_in_output = false;
-  int64_t min_tokens = 0;                 // eos and stop ids are masked until this many
-  std::optional<int64_t> max_tokens;      // unset: up to the engine's max_seq_len
-  int n = 1;                              // independent completions of the prompt
-  std::optional<int> logprobs;            // per generated token: its logprob and this many top
-  std::optional<int> prompt_logprobs;     // per prompt token (from the 2nd): same
-  bool skip_special_tokens = true;        // in the detokenized text
-  bool detokenize = true;                 // produce text (needs the engine's tokenizer)
+  int64_t min_tokens = 0;              // eos and stop ids are masked until this many
+  std::optional<int64_t> max_tokens;   // unset: up to the engine's max_seq_len
+  int n = 1;                           // completions of the prompt; i samples with seed + i
+  std::optional<int> logprobs;         // per generated token: its logprob and this many top
+  std::optional<int> prompt_logprobs;  // per prompt token (from the 2nd): same
+  bool skip_special_tokens = true;     // in the detokenized text
+  bool detokenize = true;              // produce text (needs the engine's tokenizer)
 
   // Throws kiln::Error with a message naming the field when a value is out of range.
   void validate(int64_t vocab_size) const;
@@ -79,12 +79,12 @@ struct RequestOutput {
   // the first without a value (has_value false).
   std::vector<std::optional<TokenLogprob>> prompt_logprobs;
   FinishReason finish = FinishReason::None;
-  std::string stop_reason;             // the stop string or token that ended it, if any
+  std::string stop_reason;  // the stop string or token that ended it, if any
   int64_t prompt_tokens = 0;
-  int64_t cached_tokens = 0;           // prompt tokens served from the prefix cache
-  int64_t completion_tokens = 0;       // generated so far by this completion
-  bool first = false;                  // the first event of this completion (TTFT)
-  std::string error;                   // why an aborted completion failed ("" when cancelled)
+  int64_t cached_tokens = 0;      // prompt tokens served from the prefix cache
+  int64_t completion_tokens = 0;  // generated so far by this completion
+  bool first = false;             // the first event of this completion (TTFT)
+  std::string error;              // why an aborted completion failed ("" when cancelled)
 };
 
 struct ServeConfig {
@@ -92,7 +92,7 @@ struct ServeConfig {
   int64_t max_num_seqs = 0;    // sequences per step; 0: 256 on a GPU, 16 on the CPU
   int64_t max_num_tokens = 0;  // tokens per step (the chunked-prefill budget); 0: 8192 / 2048
   bool prefix_cache = true;
-  int64_t max_queue = 4096;    // waiting requests before submit() refuses (QueueFull)
+  int64_t max_queue = 4096;  // waiting requests before submit() refuses (QueueFull)
 };
 
 // Counters and gauges for /metrics.

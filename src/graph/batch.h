@@ -11,9 +11,9 @@
 namespace kiln {
 
 struct BatchSeq {
-  int64_t start = 0;                 // tokens already in the cache: this step's first position
-  int64_t n = 0;                     // new tokens this step (>= 1); their K/V are written
-  std::span<const int32_t> blocks;   // block table (host), covering positions [0, start + n)
+  int64_t start = 0;                // tokens already in the cache: this step's first position
+  int64_t n = 0;                    // new tokens this step (>= 1); their K/V are written
+  std::span<const int32_t> blocks;  // block table (host), covering positions [0, start + n)
 };
 
 struct Batch {

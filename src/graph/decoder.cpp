@@ -86,8 +86,8 @@ void Decoder::build_attn(int64_t l, int64_t n) {
     be_.rope(qkv, n, ld, c_.num_heads, hd, rot, d_cos_[size_t(r)], d_sin_[size_t(r)]);
     be_.rope(k, n, ld, c_.num_kv_heads, hd, rot, d_cos_[size_t(r)], d_sin_[size_t(r)]);
   }
-  KVLayerView kv{cache_.k_pool(l), cache_.v_pool(l), d_blocks_, cache_.block_size(), kvd, kv_len_,
-                 d_seq_,           bt_stride_};
+  KVLayerView kv{cache_.k_pool(l), cache_.v_pool(l), d_blocks_, cache_.block_size(), kvd,
+                 kv_len_,          d_seq_,           bt_stride_};
   kv.seq_start = d_seq_start_;
   kv.num_seqs = num_seqs_, kv.num_decode = num_decode_, kv.max_q = max_q_;
   be_.kv_write(kv, k, v, ld, d_pos_, n);
@@ -173,8 +173,8 @@ void Decoder::build_forward(const int32_t* d_tok, int64_t n, int64_t first, int6
     be_.embed(Tensor::view(DType::F32, {n, H}, nullptr, x), d_rows, rows, 1.0f, xg);
     xr = xg;
   }
-  be_.norm(xr, rows, H, H, w_.at("final_norm"),
-           w_.find("final_norm.bias"), c_.knobs.norm, float(c_.norm_eps), hf, H, true, true);
+  be_.norm(xr, rows, H, H, w_.at("final_norm"), w_.find("final_norm.bias"), c_.knobs.norm,
+           float(c_.norm_eps), hf, H, true, true);
   auto* logits = static_cast<float*>(buf("logits", size_t(rows * V) * 4));
   be_.logits(hf, rows, H, c_.tie_word_embeddings ? w_.at("embed") : w_.at("lm_head"),
              float(c_.final_softcap), logits, true);
@@ -211,7 +211,8 @@ void Decoder::stage_inputs(const Batch& b, int64_t rows, int64_t seqs) {
     if (s < int64_t(b.seqs.size())) {
       const BatchSeq& q = b.seqs[size_t(s)];
       std::copy(q.blocks.begin(), q.blocks.end(), bt + s * bt_stride_);
-      for (int64_t i = 0; i < q.n; ++i, ++row) pos[row] = int32_t(q.start + i), seq[row] = int32_t(s);
+      for (int64_t i = 0; i < q.n; ++i, ++row)
+        pos[row] = int32_t(q.start + i), seq[row] = int32_t(s);
     } else {
       seq[row++] = int32_t(s);  // padding: one row, position 0 of the zero table row
     }
@@ -243,9 +244,8 @@ void Decoder::stage_inputs(const Batch& b, int64_t rows, int64_t seqs) {
         for (size_t i = 0; i < p.size(); ++i) p[i] = int32_t(have + int64_t(i));
         cache.first.resize(size_t(grow * half));
         cache.second.resize(size_t(grow * half));
-        rope_tables(c_.ropes[r], 2 * half, c_.max_position_embeddings, p.data(),
-                    int64_t(p.size()), cache.first.data() + have * half,
-                    cache.second.data() + have * half);
+        rope_tables(c_.ropes[r], 2 * half, c_.max_position_embeddings, p.data(), int64_t(p.size()),
+                    cache.first.data() + have * half, cache.second.data() + have * half);
       }
       for (int64_t i = 0; i < rows; ++i) {
         std::copy_n(cache.first.data() + pos[i] * half, half, cs + i * half);
@@ -255,8 +255,8 @@ void Decoder::stage_inputs(const Batch& b, int64_t rows, int64_t seqs) {
       int64_t r0 = 0;
       for (int64_t s = 0; s < seqs; ++s) {
         const int64_t n = s < int64_t(b.seqs.size()) ? b.seqs[size_t(s)].n : 1;
-        rope_tables(c_.ropes[r], 2 * half, c_.max_position_embeddings, pos + r0, n,
-                    cs + r0 * half, sn + r0 * half);
+        rope_tables(c_.ropes[r], 2 * half, c_.max_position_embeddings, pos + r0, n, cs + r0 * half,
+                    sn + r0 * half);
         r0 += n;
       }
     }
@@ -374,6 +374,9 @@ void Decoder::prepare(int64_t max_tokens, int64_t max_seqs, int64_t max_logit_ro
   // Then the largest prefill step (sizing the activations and backend workspaces) and the
   // largest decode step. Their tokens write only the reserved block 0: positions past its 16
   // slots wrap inside it, and no real sequence ever reads it.
+  // Without graphs nothing holds on to a buffer: the rest may grow on demand (on the CPU a
+  // warm-up prefill of max_tokens would only cost start-up time).
+  if (!graphs_) return;
   const std::vector<int32_t> zeros(static_cast<size_t>(std::max(max_tokens, bt_stride_)), 0);
   const int64_t bs = cache_.block_size();
   warmup_ = true;

@@ -57,8 +57,8 @@ class BlockManager {
     int32_t ref = 0;
     bool hashed = false;
     uint64_t hash = 0;
-    std::vector<int32_t> tokens;        // the block's tokens, when hashed
-    std::list<int32_t>::iterator lru;   // position in lru_ while evictable
+    std::vector<int32_t> tokens;       // the block's tokens, when hashed
+    std::list<int32_t>::iterator lru;  // position in lru_ while evictable
   };
   static uint64_t chain(uint64_t parent, std::span<const int32_t> toks);
   Meta& meta(int32_t b) { return meta_[size_t(b)]; }
@@ -67,11 +67,11 @@ class BlockManager {
   KVCache& cache_;
   bool caching_;
   int64_t bs_;
-  std::vector<Meta> meta_;          // indexed by block id
-  std::vector<int32_t> free_;       // no content anyone can share
-  std::list<int32_t> lru_;          // cached, unreferenced: front is evicted first
+  std::vector<Meta> meta_;     // indexed by block id
+  std::vector<int32_t> free_;  // no content anyone can share
+  std::list<int32_t> lru_;     // cached, unreferenced: front is evicted first
   std::unordered_map<uint64_t, int32_t> by_hash_;
-  std::vector<int32_t> owned_;      // every block taken from the cache
+  std::vector<int32_t> owned_;  // every block taken from the cache
 };
 
 }  // namespace kiln

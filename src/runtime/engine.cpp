@@ -282,7 +282,8 @@ void Engine::start(const RuntimeConfig& rc) {
   ri.kv_cache_bytes = int64_t(size_t(blocks) * block);
   const bool gpu = total > 0;
   m.max_num_seqs = rc.max_num_seqs ? rc.max_num_seqs
-                                   : gpu ? 256 : std::max<int64_t>(16, m.max_batch);
+                   : gpu           ? 256
+                                   : std::max<int64_t>(16, m.max_batch);
   m.max_num_tokens = rc.max_num_tokens ? rc.max_num_tokens : gpu ? 8192 : 2048;
   KILN_CHECK(m.max_num_seqs >= 1 && m.max_num_seqs <= 65536,
              "--max-num-seqs must be between 1 and 65536 (got ", m.max_num_seqs, ")");
@@ -437,7 +438,8 @@ const float* Engine::Impl::decode_batch(std::span<Sequence* const> seqs, const i
              max_num_seqs, ")");
   for (int64_t i = 0; i < B; ++i)
     for (int64_t j = 0; j < i; ++j)
-      KILN_CHECK(seqs[size_t(j)] != seqs[size_t(i)], "decode: a sequence appears twice in one step");
+      KILN_CHECK(seqs[size_t(j)] != seqs[size_t(i)],
+                 "decode: a sequence appears twice in one step");
   for (Sequence* q : seqs) reserve(*q, q->length + 1);
   Batch b;
   const int32_t none = 0;

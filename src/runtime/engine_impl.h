@@ -90,5 +90,4 @@ struct Engine::Impl {
   }
 };
 
-
 }  // namespace kiln

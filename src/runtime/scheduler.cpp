@@ -57,9 +57,10 @@ void GenerationParams::validate(int64_t V) const {
     KILN_CHECK(finite(*temperature) && *temperature >= 0, "temperature must be >= 0 (got ",
                *temperature, ")");
   if (top_p)
-    KILN_CHECK(finite(*top_p) && *top_p > 0 && *top_p <= 1, "top_p must be in (0, 1] (got ",
-               *top_p, ")");
-  if (top_k) KILN_CHECK(*top_k >= -1, "top_k must be -1 (off), 0 (off) or positive (got ", *top_k, ")");
+    KILN_CHECK(finite(*top_p) && *top_p > 0 && *top_p <= 1, "top_p must be in (0, 1] (got ", *top_p,
+               ")");
+  if (top_k)
+    KILN_CHECK(*top_k >= -1, "top_k must be -1 (off), 0 (off) or positive (got ", *top_k, ")");
   if (min_p)
     KILN_CHECK(finite(*min_p) && *min_p >= 0 && *min_p <= 1, "min_p must be in [0, 1] (got ",
                *min_p, ")");
@@ -72,8 +73,8 @@ void GenerationParams::validate(int64_t V) const {
   KILN_CHECK(logit_bias.size() <= 1024, "logit_bias has ", logit_bias.size(),
              " entries (at most 1024)");
   for (const auto& [id, b] : logit_bias) {
-    KILN_CHECK(id >= 0 && id < V, "logit_bias: token id ", id, " is outside the vocabulary [0, ",
-               V, ")");
+    KILN_CHECK(id >= 0 && id < V, "logit_bias: token id ", id, " is outside the vocabulary [0, ", V,
+               ")");
     KILN_CHECK(finite(b) && b >= -100 && b <= 100, "logit_bias: bias ", b, " of token ", id,
                " must be in [-100, 100]");
   }
@@ -214,10 +215,10 @@ Scheduler::Scheduler(Engine& engine, const ServeConfig& cfg) : impl_(new Impl(en
   engine.start(rc);
   // An engine started earlier keeps its step limits (its buffers and graphs are sized for
   // them); a scheduler may only ask for less.
-  s.cfg.max_num_seqs = cfg.max_num_seqs ? std::min(cfg.max_num_seqs, s.m.max_num_seqs)
-                                        : s.m.max_num_seqs;
-  s.cfg.max_num_tokens = cfg.max_num_tokens ? std::min(cfg.max_num_tokens, s.m.max_num_tokens)
-                                            : s.m.max_num_tokens;
+  s.cfg.max_num_seqs =
+      cfg.max_num_seqs ? std::min(cfg.max_num_seqs, s.m.max_num_seqs) : s.m.max_num_seqs;
+  s.cfg.max_num_tokens =
+      cfg.max_num_tokens ? std::min(cfg.max_num_tokens, s.m.max_num_tokens) : s.m.max_num_tokens;
   s.cfg.max_num_tokens = std::max(s.cfg.max_num_tokens, s.cfg.max_num_seqs);
   if (!engine.tokenizer_dir().empty() &&
       (std::filesystem::exists(engine.tokenizer_dir() / "tokenizer.json") ||
@@ -287,8 +288,7 @@ uint64_t Scheduler::submit(std::vector<int32_t> prompt, const GenerationParams& 
   std::lock_guard<std::mutex> l(s.mu);
   if (s.stopping || s.draining) throw Error("the server is shutting down");
   if (s.queued >= s.cfg.max_queue)
-    throw QueueFull(cat("the request queue is full (", s.cfg.max_queue,
-                        " waiting; --max-queue)"));
+    throw QueueFull(cat("the request queue is full (", s.cfg.max_queue, " waiting; --max-queue)"));
   r->id = s.next_id++;
   if (!params.seed) r->p.seed = s.seeder();
   const uint64_t id = r->id;
@@ -310,8 +310,8 @@ void Scheduler::drain() {
   Impl& s = *impl_;
   std::unique_lock<std::mutex> l(s.mu);
   s.draining = true;
-  s.idle_cv.wait(l, [&] { return s.stopping || (s.st.running == 0 && s.st.waiting == 0 &&
-                                                s.inbox.empty()); });
+  s.idle_cv.wait(
+      l, [&] { return s.stopping || (s.st.running == 0 && s.st.waiting == 0 && s.inbox.empty()); });
 }
 
 void Scheduler::Impl::publish_stats() {
@@ -592,8 +592,8 @@ void Scheduler::Impl::step() {
   // The batch, and what each logits row is for.
   struct Row {
     Seq* s;
-    int64_t pos;     // position of the row's token
-    bool sample;     // picks the sequence's next token
+    int64_t pos;  // position of the row's token
+    bool sample;  // picks the sequence's next token
   };
   Batch b;
   std::vector<Row> rows;
@@ -639,13 +639,13 @@ void Scheduler::Impl::step() {
     }
   }
   if (!lp_rows.empty()) {
-    auto* dr = static_cast<int32_t*>(grow(reinterpret_cast<void*&>(d_rows), d_rows_bytes,
-                                          lp_rows.size() * 4));
+    auto* dr = static_cast<int32_t*>(
+        grow(reinterpret_cast<void*&>(d_rows), d_rows_bytes, lp_rows.size() * 4));
     m.backend->to_device(dr, lp_rows.data(), lp_rows.size() * 4);
-    auto* dst = static_cast<float*>(grow(reinterpret_cast<void*&>(d_lp_rows), d_lp_bytes,
-                                         lp_rows.size() * size_t(V) * 4));
-    m.backend->embed(Tensor::view(DType::F32, {R, V}, nullptr, logits), dr,
-                     int64_t(lp_rows.size()), 1.0f, dst);
+    auto* dst = static_cast<float*>(
+        grow(reinterpret_cast<void*&>(d_lp_rows), d_lp_bytes, lp_rows.size() * size_t(V) * 4));
+    m.backend->embed(Tensor::view(DType::F32, {R, V}, nullptr, logits), dr, int64_t(lp_rows.size()),
+                     1.0f, dst);
   }
 
   // Penalties, logit_bias and min_tokens bans of the sampled rows.
@@ -700,10 +700,10 @@ void Scheduler::Impl::step() {
     for (int64_t j = 0; j < P; ++j) {
       const Row& w = rows[size_t(lp_rows[size_t(j)])];
       const bool prompt_row = w.s->score_prompt && w.pos + 1 < w.s->prompt_len;
-      want[size_t(j)] = prompt_row ? w.s->tokens[size_t(w.pos + 1)] : ids[size_t(lp_rows[size_t(j)])];
+      want[size_t(j)] =
+          prompt_row ? w.s->tokens[size_t(w.pos + 1)] : ids[size_t(lp_rows[size_t(j)])];
     }
-    m.backend->logprobs(d_lp_rows, P, V, want.data(), k, lp.data(), top_ids.data(),
-                        top_lp.data());
+    m.backend->logprobs(d_lp_rows, P, V, want.data(), k, lp.data(), top_ids.data(), top_lp.data());
   }
   std::unordered_map<int64_t, int64_t> lp_of;  // row -> index into lp
   for (int64_t j = 0; j < P; ++j) lp_of[lp_rows[size_t(j)]] = j;
@@ -725,7 +725,8 @@ void Scheduler::Impl::step() {
     Req* q = s->req;
     const GenerationParams& p = q->p;
     if (s->score_prompt && w.pos + 1 < s->prompt_len)
-      q->prompt_lps[size_t(w.pos + 1)] = token_lp(r, s->tokens[size_t(w.pos + 1)], *p.prompt_logprobs);
+      q->prompt_lps[size_t(w.pos + 1)] =
+          token_lp(r, s->tokens[size_t(w.pos + 1)], *p.prompt_logprobs);
     if (!w.sample || s->finish != FinishReason::None) continue;
     if (q->max_tokens == 0) {  // scoring only: the prompt is done
       finish(s, FinishReason::Length, "");

@@ -191,8 +191,7 @@ void register_chat(CLI::App& app) {
       const int64_t room = limit - int64_t(prompt.size());
       if (room <= 0) {
         messages.erase(messages.end() - 1);
-        std::fprintf(stderr,
-                     "(the conversation is full: %zu of %lld tokens; /clear starts over)\n",
+        std::fprintf(stderr, "(the conversation is full: %zu of %lld tokens; /clear starts over)\n",
                      prompt.size(), (long long)limit);
         continue;
       }
