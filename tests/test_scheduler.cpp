@@ -415,6 +415,42 @@ TEST(Scheduler, StopTokensMinTokensAndLogitBias) {
   EXPECT_EQ(mo.ids[8], 77);
 }
 
+// generation_config.json's repetition_penalty applies unless a request sets its own.
+TEST(Scheduler, RepetitionPenaltyDefaultsFromGenerationConfig) {
+  TempDir tmp;
+  copy_dir(hf("llama"), tmp / "m");
+  auto gc = read_json(tmp / "m" / "generation_config.json");
+  gc["repetition_penalty"] = 3.0;
+  write_json(tmp / "m" / "generation_config.json", gc);
+  BuildConfig bc;
+  bc.dtype = "f32";
+  bc.max_seq_len = 128;
+  Engine plain = fixture_engine("llama", 128);
+  Engine penalised = Engine::build(tmp / "m", bc);
+  const std::vector<int32_t> p = {1, 2, 3, 4, 5, 6};
+  std::vector<int32_t> a, b, c;
+  {
+    Scheduler s(plain, cpu_config());
+    Collector k;
+    const uint64_t id = s.submit(p, greedy(24), k.cb());
+    k.wait(1);
+    a = k.get(id).ids;
+  }
+  {
+    Scheduler s(penalised, cpu_config());
+    Collector k;
+    const uint64_t id = s.submit(p, greedy(24), k.cb());
+    GenerationParams off = greedy(24);
+    off.repetition_penalty = 1.0f;
+    const uint64_t id2 = s.submit(p, off, k.cb());
+    k.wait(2);
+    b = k.get(id).ids;
+    c = k.get(id2).ids;
+  }
+  EXPECT_NE(a, b);  // a strong default penalty changes greedy continuations
+  EXPECT_EQ(a, c);  // and a request's own value overrides it
+}
+
 TEST(Scheduler, LogprobsAndSeveralCompletions) {
   Engine e = fixture_engine("llama", 128);
   const int64_t V = e.info().vocab_size;

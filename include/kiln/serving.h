@@ -42,7 +42,7 @@ struct GenerationParams {
   std::optional<uint64_t> seed;                       // unset: a random seed per request
   float presence_penalty = 0.0f;                      // [-2, 2]
   float frequency_penalty = 0.0f;                     // [-2, 2]
-  float repetition_penalty = 1.0f;                    // > 0; 1: off
+  std::optional<float> repetition_penalty;  // > 0; 1: off; unset: generation_config.json's
   std::vector<std::pair<int32_t, float>> logit_bias;  // token id -> bias in [-100, 100]
   std::vector<std::string> stop;        // stop strings, matched across token boundaries
   std::vector<int32_t> stop_token_ids;  // besides the model's eos ids (unless ignore_eos)

@@ -337,7 +337,7 @@ json apply_generation_config(ModelConfig& m, const json& g, const std::string& f
   if (g.contains("bos_token_id") && g["bos_token_id"].is_number_integer())
     m.bos_token_id = g["bos_token_id"].get<int64_t>();
   json d = json::object();
-  for (const char* k : {"temperature", "top_k", "top_p", "do_sample"})
+  for (const char* k : {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "do_sample"})
     if (g.contains(k) && !g[k].is_null()) d[k] = g[k];
   return d;
 }

@@ -68,8 +68,9 @@ void GenerationParams::validate(int64_t V) const {
              "presence_penalty must be in [-2, 2] (got ", presence_penalty, ")");
   KILN_CHECK(finite(frequency_penalty) && frequency_penalty >= -2 && frequency_penalty <= 2,
              "frequency_penalty must be in [-2, 2] (got ", frequency_penalty, ")");
-  KILN_CHECK(finite(repetition_penalty) && repetition_penalty > 0 && repetition_penalty <= 100,
-             "repetition_penalty must be in (0, 100] (got ", repetition_penalty, ")");
+  if (repetition_penalty)
+    KILN_CHECK(finite(*repetition_penalty) && *repetition_penalty > 0 && *repetition_penalty <= 100,
+               "repetition_penalty must be in (0, 100] (got ", *repetition_penalty, ")");
   KILN_CHECK(logit_bias.size() <= 1024, "logit_bias has ", logit_bias.size(),
              " entries (at most 1024)");
   for (const auto& [id, b] : logit_bias) {
@@ -327,6 +328,12 @@ void Scheduler::Impl::admit(Incoming in) {
   Req* r = in.req.get();
   const GenerationParams& p = r->p;
   const SampleParams base = m.sampling(SamplingParams{p.temperature, p.top_k, p.top_p});
+  // generation_config.json's repetition_penalty applies unless the request sets one (as vLLM).
+  const nlohmann::json& gd = m.generation_defaults;
+  const float rep = p.repetition_penalty.value_or(gd.contains("repetition_penalty") &&
+                                                          gd["repetition_penalty"].is_number()
+                                                      ? gd["repetition_penalty"].get<float>()
+                                                      : 1.0f);
   for (int i = 0; i < p.n; ++i) {
     auto q = std::make_unique<Seq>();
     q->req = r;
@@ -337,10 +344,10 @@ void Scheduler::Impl::admit(Incoming in) {
     if (p.top_k && *p.top_k < 0) q->sp.top_k = 0;
     if (p.min_p) q->sp.min_p = *p.min_p;
     q->sp.seed = *p.seed + uint64_t(i);  // each completion its own stream
-    q->pen = {p.presence_penalty, p.frequency_penalty, p.repetition_penalty};
-    q->penalized = p.presence_penalty != 0 || p.frequency_penalty != 0 ||
-                   p.repetition_penalty != 1 || !p.logit_bias.empty() || p.min_tokens > 0;
-    if (p.repetition_penalty != 1) q->prompt_ids.insert(in.prompt.begin(), in.prompt.end());
+    q->pen = {p.presence_penalty, p.frequency_penalty, rep};
+    q->penalized = p.presence_penalty != 0 || p.frequency_penalty != 0 || rep != 1 ||
+                   !p.logit_bias.empty() || p.min_tokens > 0;
+    if (rep != 1) q->prompt_ids.insert(in.prompt.begin(), in.prompt.end());
     q->score_prompt = i == 0 && p.prompt_logprobs.has_value();
     if (p.detokenize && tok) q->dec.emplace(*tok, p.skip_special_tokens);
     waiting.push_back(q.get());

@@ -45,7 +45,8 @@ void add_generation_args(CLI::App* c, GenerationArgs& a) {
   c->add_option("--seed", a.seed, "sampling seed (default: random)");
   c->add_option("--presence-penalty", a.g.presence_penalty, "in [-2, 2]");
   c->add_option("--frequency-penalty", a.g.frequency_penalty, "in [-2, 2]");
-  c->add_option("--repetition-penalty", a.g.repetition_penalty, "> 0; 1: off");
+  c->add_option("--repetition-penalty", a.repetition_penalty,
+                "> 0; 1: off (default: generation_config.json)");
   c->add_option("--min-tokens", a.g.min_tokens, "no end of sequence before this many tokens");
   c->add_option("--stop", a.g.stop, "stop string (repeatable)");
 }
@@ -57,6 +58,7 @@ GenerationParams GenerationArgs::params() const {
   if (top_p) p.top_p = *top_p;
   if (min_p) p.min_p = *min_p;
   if (seed) p.seed = *seed;
+  if (repetition_penalty) p.repetition_penalty = *repetition_penalty;
   if (max_tokens > 0) p.max_tokens = max_tokens;
   return p;
 }

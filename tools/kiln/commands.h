@@ -29,7 +29,7 @@ void add_runtime_args(CLI::App* c, RuntimeConfig& rc);
 // server validates them).
 struct GenerationArgs {
   GenerationParams g;
-  std::optional<float> temperature, top_p, min_p;
+  std::optional<float> temperature, top_p, min_p, repetition_penalty;
   std::optional<int> top_k;
   std::optional<uint64_t> seed;
   int64_t max_tokens = 16;
