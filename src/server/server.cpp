@@ -4,7 +4,7 @@
 // own thread and calls back there. Callbacks only copy the event into the request's Channel
 // (a short lock and a notify) so the engine thread never waits on a client; the connection's
 // thread turns events into JSON and writes them, and is the one that notices a client gone.
-#include "kiln/server.h"
+#include "server/server_impl.h"
 
 #include <httplib.h>
 
@@ -82,59 +82,6 @@ struct ChoiceState {
 };
 
 }  // namespace
-
-struct Server::Impl {
-  explicit Impl(ServerConfig c) : cfg(std::move(c)) {
-    model_name = cfg.served_model_name.empty() ? cfg.model : cfg.served_model_name;
-  }
-
-  ServerConfig cfg;
-  std::string model_name;
-  httplib::Server http;
-  std::thread listen_thread;
-  std::atomic<int> bound_port{0};
-  std::atomic<bool> is_ready{false};
-
-  std::unique_ptr<Engine> engine;
-  std::unique_ptr<Scheduler> sched;
-  std::optional<Tokenizer> tok;
-  std::optional<ChatTemplate> tmpl;
-  json tokenizer_config = json::object();
-  int64_t max_seq_len = 0, vocab_size = 0;
-
-  // Shutdown and in-flight generation requests (counted until their last byte is written).
-  std::mutex mu;
-  std::condition_variable cv;
-  bool stop_requested = false;
-  int active = 0;
-
-  server::Metrics metrics;
-  std::atomic<uint64_t> next_id{0};
-  uint64_t id_salt = std::random_device{}();
-
-  const Tokenizer* tokenizer() const { return tok ? &*tok : nullptr; }
-  std::string new_id(const char* prefix) {
-    char b[64];
-    std::snprintf(b, sizeof b, "%s%016llx%08llx", prefix, (unsigned long long)id_salt,
-                  (unsigned long long)next_id.fetch_add(1));
-    return b;
-  }
-
-  void begin_active() {
-    std::lock_guard lk(mu);
-    if (stop_requested) throw HttpError(503, "the server is shutting down");
-    active++;
-  }
-  void end_active() {
-    std::lock_guard lk(mu);
-    active--;
-    cv.notify_all();
-  }
-
-  void load();
-  void routes();
-  void drain_and_stop();
-};
 
 namespace {
 
@@ -274,16 +221,6 @@ std::string sse(const json& j) {
   return "data: " + dump(j) + "\n\n";
 }
 
-void send_json(httplib::Response& res, int status, const json& j) {
-  res.status = status;
-  res.set_content(dump(j), "application/json");
-}
-
-void send_error(httplib::Response& res, int status, const std::string& msg,
-                const std::string& param = "", const std::string& code = "") {
-  send_json(res, status, server::error_body(status, msg, param, code));
-}
-
 // The prompt's legacy logprobs for echo: a null first entry, then one per prompt token.
 void append_prompt_logprobs(server::LegacyLogprobs& lp, const Tokenizer* tok,
                             const std::vector<int32_t>& ids,
@@ -297,94 +234,54 @@ void append_prompt_logprobs(server::LegacyLogprobs& lp, const Tokenizer* tok,
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// Loading and shutdown
-
-void Server::Impl::load() {
-  engine = std::make_unique<Engine>(Engine::open(cfg.model, cfg.build));
-  const ModelInfo mi = engine->info();
-  max_seq_len = mi.max_seq_len;
-  vocab_size = mi.vocab_size;
-  const auto dir = engine->tokenizer_dir();
-  // An engine without tokenizer files (e.g. --dummy-weights) serves token-id prompts only.
-  if (!dir.empty() && (std::filesystem::exists(dir / "tokenizer.json") ||
-                       std::filesystem::exists(dir / "tokenizer.model"))) {
-    tok = Tokenizer::from_dir(dir);
-    tmpl = ChatTemplate::from_dir(dir);
-    std::ifstream f(dir / "tokenizer_config.json");
-    if (f) {
-      try {
-        tokenizer_config = json::parse(f);
-      } catch (const json::exception&) {
-        tokenizer_config = json::object();  // the Tokenizer already reported real problems
-      }
-    }
-  }
-  if (cfg.on_engine_loaded) cfg.on_engine_loaded(*engine);
-  sched = std::make_unique<Scheduler>(*engine, cfg.serve);
-  max_seq_len = sched->max_seq_len();
-}
-
-void Server::Impl::drain_and_stop() {
-  if (sched) sched->drain();  // every queued and running request finishes
-  {
-    // Their responses may still be being written; a stuck client cannot hold us past httplib's
-    // write timeout per write, and the cap bounds the total.
-    std::unique_lock lk(mu);
-    cv.wait_for(lk, std::chrono::seconds(60), [&] { return active == 0; });
-  }
-  http.stop();
-  if (listen_thread.joinable()) listen_thread.join();
-}
-
-// ---------------------------------------------------------------------------------------------
 // Routes
 
-void Server::Impl::routes() {
-  // Wraps a handler: API key, body size, readiness, and every error as an OpenAI error body.
-  auto api = [this](bool needs_engine, bool needs_key,
-                    std::function<void(const httplib::Request&, httplib::Response&)> fn) {
-    return [this, needs_engine, needs_key, fn](const httplib::Request& req,
-                                               httplib::Response& res) {
-      try {
-        if (needs_key && !cfg.api_key.empty()) {
-          const std::string want = "Bearer " + cfg.api_key;
-          if (req.get_header_value("Authorization") != want)
-            throw HttpError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
-                            "", "invalid_api_key");
-        }
-        if (int64_t(req.body.size()) > cfg.max_request_bytes)
-          throw HttpError(413, cat("request body over ", cfg.max_request_bytes,
-                                   " bytes (--max-request-bytes)"));
-        if (needs_engine && !is_ready.load(std::memory_order_acquire))
-          throw HttpError(503, "the model is still loading");
-        fn(req, res);
-      } catch (const HttpError& e) {
-        send_error(res, e.status, e.what(), e.param, e.code);
-      } catch (const QueueFull& e) {
-        send_error(res, 503, e.what());
-      } catch (const json::exception& e) {
-        send_error(res, 400, cat("invalid JSON: ", e.what()));
-      } catch (const Error& e) {
-        send_error(res, 400, e.what());
-      } catch (const std::exception& e) {
-        send_error(res, 500, e.what());
-      }
-    };
-  };
-  auto parse_body = [](const httplib::Request& req) {
-    json body;
+httplib::Server::Handler Server::Impl::api(bool needs_engine, bool needs_key, Handler fn) {
+  return [this, needs_engine, needs_key, fn](const httplib::Request& req, httplib::Response& res) {
     try {
-      body = json::parse(req.body);
-    } catch (const json::parse_error& e) {
-      throw HttpError(400, cat("malformed JSON body: ", e.what()));
+      if (needs_key && !cfg.api_key.empty()) {
+        const std::string want = "Bearer " + cfg.api_key;
+        if (req.get_header_value("Authorization") != want)
+          throw HttpError(401, "invalid or missing API key (send Authorization: Bearer <key>)", "",
+                          "invalid_api_key");
+      }
+      if (int64_t(req.body.size()) > cfg.max_request_bytes)
+        throw HttpError(
+            413, cat("request body over ", cfg.max_request_bytes, " bytes (--max-request-bytes)"));
+      if (needs_engine && !is_ready.load(std::memory_order_acquire))
+        throw HttpError(503, "the model is still loading");
+      fn(req, res);
+    } catch (const HttpError& e) {
+      send_error(res, e.status, e.what(), e.param, e.code);
+    } catch (const QueueFull& e) {
+      send_error(res, 503, e.what());
+    } catch (const json::exception& e) {
+      send_error(res, 400, cat("invalid JSON: ", e.what()));
+    } catch (const Error& e) {
+      send_error(res, 400, e.what());
+    } catch (const std::exception& e) {
+      send_error(res, 500, e.what());
     }
-    if (!body.is_object()) throw HttpError(400, "the JSON body must be an object");
-    return body;
   };
-  auto check_model = [this](const json& body) {
-    if (auto m = server::get_string(body, "model"); m && *m != model_name)
-      throw HttpError(404, cat("The model `", *m, "` does not exist."), "model", "model_not_found");
-  };
+}
+
+json Server::Impl::parse_body(const httplib::Request& req) {
+  json body;
+  try {
+    body = json::parse(req.body);
+  } catch (const json::parse_error& e) {
+    throw HttpError(400, cat("malformed JSON body: ", e.what()));
+  }
+  if (!body.is_object()) throw HttpError(400, "the JSON body must be an object");
+  return body;
+}
+
+void Server::Impl::check_model(const json& body) const {
+  if (auto m = server::get_string(body, "model"); m && *m != model_name)
+    throw HttpError(404, cat("The model `", *m, "` does not exist."), "model", "model_not_found");
+}
+
+void Server::Impl::routes() {
   // Context length, checked here so the message names the limit in OpenAI's words.
   auto check_length = [this](size_t prompt_len, std::optional<int64_t> max_tokens,
                              const char* param) {
@@ -790,109 +687,7 @@ void Server::Impl::routes() {
                   });
             }));
 
-  // ---- GET /v1/models
-  http.Get("/v1/models", api(true, true, [this](const httplib::Request&, httplib::Response& res) {
-             send_json(res, 200,
-                       {{"object", "list"},
-                        {"data",
-                         {{{"id", model_name},
-                           {"object", "model"},
-                           {"created", int64_t(std::time(nullptr))},
-                           {"owned_by", "kiln"},
-                           {"root", cfg.model},
-                           {"parent", nullptr},
-                           {"max_model_len", max_seq_len}}}}});
-           }));
-
-  // ---- GET /health: 503 until the engine runs (load balancers wait for 200), 503 when draining.
-  http.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
-    bool stopping;
-    {
-      std::lock_guard lk(mu);
-      stopping = stop_requested;
-    }
-    if (!is_ready.load(std::memory_order_acquire))
-      send_error(res, 503, "the model is still loading");
-    else if (stopping)
-      send_error(res, 503, "the server is shutting down");
-    else
-      res.status = 200;
-  });
-
-  // ---- GET /metrics
-  http.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
-    const SchedulerStats st =
-        is_ready.load(std::memory_order_acquire) ? sched->stats() : SchedulerStats{};
-    res.set_content(metrics.render(st, model_name), "text/plain; version=0.0.4; charset=utf-8");
-  });
-
-  // ---- POST /tokenize (vLLM): {"prompt"} or {"messages"} -> {"count", "max_model_len", "tokens"}
-  http.Post(
-      "/tokenize", api(true, true, [=, this](const httplib::Request& req, httplib::Response& res) {
-        const json body = parse_body(req);
-        check_model(body);
-        if (!tok) throw HttpError(400, "this model has no tokenizer");
-        std::vector<int32_t> ids;
-        if (body.contains("messages")) {
-          if (!tmpl) throw HttpError(400, "this model has no chat template", "messages");
-          const json& m = body["messages"];
-          if (!m.is_array()) throw HttpError(400, "'messages' must be a list", "messages");
-          json extra = body.value("chat_template_kwargs", json::object());
-          if (!extra.is_object())
-            throw HttpError(400, "'chat_template_kwargs' must be an object",
-                            "chat_template_kwargs");
-          const bool add_gen = server::get_bool(body, "add_generation_prompt").value_or(true);
-          const std::string text = tmpl->render(m, add_gen, extra);
-          ids = tok->encode(text, server::get_bool(body, "add_special_tokens").value_or(false));
-        } else {
-          auto p = server::get_string(body, "prompt");
-          if (!p) throw HttpError(400, "'prompt' (a string) or 'messages' is required", "prompt");
-          ids = tok->encode(*p, server::get_bool(body, "add_special_tokens").value_or(true));
-        }
-        json r = {{"count", ids.size()},
-                  {"max_model_len", max_seq_len},
-                  {"tokens", ids},
-                  {"token_strs", nullptr}};
-        if (server::get_bool(body, "return_token_strs").value_or(false)) {
-          json strs = json::array();
-          for (int32_t t : ids) strs.push_back(tok->id_to_token(t));
-          r["token_strs"] = strs;
-        }
-        send_json(res, 200, r);
-      }));
-
-  // ---- POST /detokenize (vLLM): {"tokens"} -> {"prompt"}
-  http.Post(
-      "/detokenize",
-      api(true, true, [=, this](const httplib::Request& req, httplib::Response& res) {
-        const json body = parse_body(req);
-        check_model(body);
-        if (!tok) throw HttpError(400, "this model has no tokenizer");
-        auto it = body.find("tokens");
-        if (it == body.end() || !it->is_array())
-          throw HttpError(400, "'tokens' must be a list of token ids", "tokens");
-        std::vector<int32_t> ids;
-        for (const json& v : *it) {
-          if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= vocab_size)
-            throw HttpError(400, cat("'tokens': ", dump(v), " is not a token id of this model"),
-                            "tokens");
-          ids.push_back(v.get<int32_t>());
-        }
-        send_json(res, 200, {{"prompt", tok->decode(ids, false)}});
-      }));
-
-  // ---- GET /tokenizer_info (vLLM): tokenizer_config.json's settings plus the chat template.
-  http.Get("/tokenizer_info",
-           api(true, true, [this](const httplib::Request&, httplib::Response& res) {
-             if (!tok) throw HttpError(404, "this model has no tokenizer");
-             json r = tokenizer_config;
-             r.erase("added_tokens_decoder");  // large and internal to transformers
-             if (!r.contains("tokenizer_class")) r["tokenizer_class"] = "PreTrainedTokenizerFast";
-             if (tmpl) r["chat_template"] = tmpl->source();
-             r["vocab_size"] = tok->vocab_size();
-             r["model_max_length"] = max_seq_len;
-             send_json(res, 200, r);
-           }));
+  routes_info();
 
   // Errors httplib answers itself (unknown route 404, body over the limit 413, a request it
   // cannot parse 400) get OpenAI's body too.
@@ -916,83 +711,6 @@ void Server::Impl::routes() {
         }
         send_error(res, 500, msg);
       });
-}
-
-// ---------------------------------------------------------------------------------------------
-
-Server::Server(ServerConfig cfg) : impl_(std::make_unique<Impl>(std::move(cfg))) {}
-
-Server::~Server() {
-  shutdown();
-  if (impl_->listen_thread.joinable()) {
-    impl_->http.stop();
-    impl_->listen_thread.join();
-  }
-}
-
-bool Server::ready() const {
-  return impl_->is_ready.load(std::memory_order_acquire);
-}
-int Server::port() const {
-  return impl_->bound_port.load();
-}
-
-void Server::shutdown() {
-  std::lock_guard lk(impl_->mu);
-  impl_->stop_requested = true;
-  impl_->cv.notify_all();
-}
-
-void Server::run() {
-  Impl& s = *impl_;
-  KILN_CHECK(s.cfg.max_request_bytes > 0, "--max-request-bytes must be positive");
-  KILN_CHECK(s.cfg.http_threads > 0, "the HTTP thread count must be positive");
-  const size_t threads = size_t(s.cfg.http_threads);
-  s.http.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
-  s.http.set_payload_max_length(size_t(s.cfg.max_request_bytes));
-  s.http.set_keep_alive_max_count(1000);
-  s.routes();
-  // httplib listens with a backlog of 5, compiled into Debian's library: a burst of clients
-  // (64 streams opening at once) would see dropped SYNs and second-long connect retries. The
-  // socket-options hook hands us the listening socket, and listen() again raises the backlog.
-  int listen_fd = -1;
-  s.http.set_socket_options([&listen_fd](socket_t fd) {
-    httplib::default_socket_options(fd);
-    listen_fd = fd;
-  });
-  int port = s.cfg.port;
-  if (port == 0) {
-    port = s.http.bind_to_any_port(s.cfg.host);
-  } else if (!s.http.bind_to_port(s.cfg.host, port)) {
-    port = -1;
-  }
-  KILN_CHECK(port > 0, "cannot listen on ", s.cfg.host, ":", s.cfg.port,
-             " (address in use, or not an address of this machine)");
-  if (listen_fd >= 0) ::listen(listen_fd, 1024);
-  s.bound_port = port;
-  s.listen_thread = std::thread([&s] { s.http.listen_after_bind(); });
-  std::fprintf(stderr, "kiln: listening on http://%s:%d; loading %s\n", s.cfg.host.c_str(), port,
-               s.cfg.model.c_str());
-  try {
-    s.load();
-  } catch (...) {
-    s.http.stop();
-    s.listen_thread.join();
-    throw;
-  }
-  s.is_ready.store(true, std::memory_order_release);
-  std::fprintf(stderr, "kiln: serving %s as '%s' (max_seq_len %lld)\n", s.cfg.model.c_str(),
-               s.model_name.c_str(), (long long)s.max_seq_len);
-  {
-    std::unique_lock lk(s.mu);
-    s.cv.wait(lk, [&] { return s.stop_requested; });
-  }
-  std::fprintf(stderr, "kiln: shutting down: finishing %d request(s)\n", [&] {
-    std::lock_guard lk(s.mu);
-    return s.active;
-  }());
-  s.drain_and_stop();
-  s.sched.reset();
 }
 
 }  // namespace kiln

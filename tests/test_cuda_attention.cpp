@@ -1,0 +1,324 @@
+// Attention of the CUDA backend against the CPU backend: single-sequence prefill and decode,
+// batched decode, and mixed batches of decodes and prefill chunks (the scheduler's steps).
+// Skips when no GPU is visible (CI); compiles without CUDA.
+#include "cuda_ops_fixture.h"
+
+namespace kiln::test {
+namespace {
+
+struct AttnCase {
+  int64_t heads, kv_heads, hd, window;
+  float softcap;
+  int64_t block_size, cached, n;
+  bool tell_len = true;  // KVLayerView::len set (else the backend reads positions back)
+};
+
+class CudaAttention : public CudaOps {
+ protected:
+  void run(const AttnCase& c) {
+    const std::string what =
+        cat("attention heads=", c.heads, "/", c.kv_heads, " hd=", c.hd, " window=", c.window,
+            " softcap=", c.softcap, " bs=", c.block_size, " cached=", c.cached, " n=", c.n);
+    const int64_t T = c.cached + c.n, kvd = c.kv_heads * c.hd, qd = c.heads * c.hd;
+    const int64_t need = (T + c.block_size - 1) / c.block_size, nb = need + 3;
+    // A scattered block table: the sequence's blocks are not in pool order.
+    std::vector<int32_t> perm(static_cast<size_t>(nb));
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<int32_t> table(perm.begin(), perm.begin() + need);
+    const int64_t pool = nb * c.block_size * kvd;
+    std::vector<float> kc(size_t(pool), 0.0f), vc(size_t(pool), 0.0f);
+    void* kg = up(std::vector<float>(size_t(pool), 0.0f));
+    void* vg = up(std::vector<float>(size_t(pool), 0.0f));
+    const int32_t* tg = up_raw(table);
+    KVLayerView kv_cpu{kc.data(), vc.data(), table.data(), c.block_size, kvd, T};
+    KVLayerView kv_gpu{kg, vg, tg, c.block_size, kvd, c.tell_len ? T : 0};
+    // K/V rows strided like the Decoder's fused qkv buffer.
+    const int64_t ldkv = 2 * kvd + 8;
+    auto write = [&](int64_t p0, int64_t m) {
+      if (m == 0) return;
+      auto kv = rnd(size_t(m * ldkv));
+      std::vector<int32_t> pos(static_cast<size_t>(m));
+      std::iota(pos.begin(), pos.end(), int32_t(p0));
+      cpu->kv_write(kv_cpu, kv.data(), kv.data() + kvd, ldkv, pos.data(), m);
+      void* kvg = up(kv);
+      gpu->kv_write(kv_gpu, kvg, static_cast<char*>(kvg) + kvd * dtype_size(dt), ldkv, up_raw(pos),
+                    m);
+    };
+    write(0, c.cached);
+    write(c.cached, c.n);
+    const int64_t ldq = qd + 12, ldo = qd + 4;
+    auto q = rnd(size_t(c.n * ldq));
+    std::vector<int32_t> pos(static_cast<size_t>(c.n));
+    std::iota(pos.begin(), pos.end(), int32_t(c.cached));
+    const AttnParams ap{c.heads,   c.kv_heads, c.hd, 1.0f / std::sqrt(float(c.hd)),
+                        c.softcap, c.window};
+    std::vector<float> want(size_t(c.n * ldo), kPoison);
+    cpu->attention(q.data(), ldq, c.n, pos.data(), kv_cpu, ap, want.data(), ldo);
+    void* out = up(std::vector<float>(size_t(c.n * ldo), kPoison));
+    gpu->attention(up(q), ldq, c.n, up_raw(pos), kv_gpu, ap, out, ldo);
+    expect_close(down(out, size_t(c.n * ldo)), ldo, want, ldo, c.n, qd, what);
+    // The cache itself, as attention read it.
+    auto kgot = down(kg, size_t(pool));
+    expect_close(kgot, pool, kc, pool, 1, pool, what + " K cache", 0.0);
+  }
+};
+
+TEST_P(CudaAttention, Prefill) {
+  run({4, 4, 16, 0, 0, 16, 0, 17});    // MHA, fixture head size
+  run({4, 2, 32, 0, 0, 16, 0, 24});    // GQA 2
+  run({16, 2, 64, 0, 0, 16, 0, 33});   // GQA 8
+  run({8, 1, 128, 0, 0, 16, 0, 130});  // MQA
+  run({32, 8, 128, 0, 0, 16, 0, 300});
+  run({8, 2, 256, 0, 0, 16, 0, 70});
+  run({8, 8, 80, 0, 0, 4, 0, 19});   // head_dim 80, small blocks
+  run({4, 2, 18, 0, 0, 16, 0, 21});  // head_dim not a multiple of 8: scalar K/V loads
+}
+
+TEST_P(CudaAttention, WindowAndSoftcap) {
+  run({4, 2, 16, 8, 0, 16, 0, 24});
+  run({4, 2, 16, 8, 50.0f, 16, 0, 24});
+  run({8, 4, 64, 0, 30.0f, 16, 10, 9});
+  run({16, 8, 128, 100, 0, 16, 0, 260});
+  run({32, 8, 128, 1024, 0, 16, 2000, 1});  // window with split-K
+}
+
+TEST_P(CudaAttention, DecodeAndChunks) {
+  run({4, 2, 16, 0, 0, 16, 5, 1});
+  run({32, 8, 128, 0, 0, 16, 700, 1});   // split-K
+  run({64, 8, 128, 0, 0, 16, 3000, 1});  // many splits
+  run({8, 2, 256, 0, 0, 16, 100, 5});    // chunked prefill onto a cache
+  run({32, 8, 128, 0, 0, 16, 640, 3});   // a few rows, split-K
+  run({14, 2, 64, 0, 0, 16, 500, 1});    // group 7
+  AttnCase c{32, 8, 128, 0, 0, 16, 700, 1};
+  c.tell_len = false;
+  run(c);
+}
+
+// Batched decode: one token of each of several sequences, each with its own row of a block-table
+// matrix, at different lengths (one past a window, one long enough for split-K); GQA groups that
+// fill a block partly, exactly and over several blocks.
+TEST_P(CudaAttention, BatchedSequences) {
+  struct G {
+    int64_t heads, kv_heads, hd, window;
+  };
+  for (const G g :
+       {G{32, 8, 128, 0}, G{16, 1, 64, 0}, G{8, 8, 64, 0}, G{40, 2, 64, 0}, G{8, 2, 128, 24}}) {
+    const std::vector<int64_t> lens = {1, 37, 700, 5, 64, 129};
+    const int64_t B = int64_t(lens.size()), bs = 16, kvd = g.kv_heads * g.hd, qd = g.heads * g.hd;
+    const int64_t stride = 50;  // table row length: >= the longest sequence's blocks
+    int64_t nb = 1;
+    std::vector<int32_t> table(size_t(B * stride), 0);
+    for (int64_t i = 0; i < B; ++i)
+      for (int64_t b = 0; b * bs < lens[size_t(i)]; ++b)
+        table[size_t(i * stride + b)] = int32_t(nb++);
+    std::vector<int32_t> perm(static_cast<size_t>(nb));  // scatter the blocks over the pool
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin() + 1, perm.end(), rng);
+    for (auto& t : table) t = perm[size_t(t)];
+    const int64_t pool = nb * bs * kvd;
+    std::vector<float> kc(size_t(pool), 0.0f), vc(size_t(pool), 0.0f);
+    void* kg = up(std::vector<float>(size_t(pool), 0.0f));
+    void* vg = up(std::vector<float>(size_t(pool), 0.0f));
+    const int32_t* tg = up_raw(table);
+    std::vector<int32_t> seq(static_cast<size_t>(B));
+    std::iota(seq.begin(), seq.end(), 0);
+    const int32_t* sg = up_raw(seq);
+    const int64_t longest = *std::max_element(lens.begin(), lens.end());
+    KVLayerView kv_cpu{kc.data(), vc.data(), table.data(), bs, kvd, longest, seq.data(), stride};
+    KVLayerView kv_gpu{kg, vg, tg, bs, kvd, 1024, sg, stride};  // len: an upper bound
+    // Every sequence's history, written one sequence at a time through its own table row.
+    for (int64_t i = 0; i < B; ++i) {
+      const int64_t m = lens[size_t(i)];
+      auto kv = rnd(size_t(m * 2 * kvd));
+      std::vector<int32_t> pos(static_cast<size_t>(m)), one(static_cast<size_t>(m), int32_t(i));
+      std::iota(pos.begin(), pos.end(), 0);
+      cpu->kv_write(KVLayerView{kc.data(), vc.data(), table.data(), bs, kvd, m, one.data(), stride},
+                    kv.data(), kv.data() + kvd, 2 * kvd, pos.data(), m);
+      void* kvg = up(kv);
+      gpu->kv_write(KVLayerView{kg, vg, tg, bs, kvd, m, up_raw(one), stride}, kvg,
+                    static_cast<char*>(kvg) + kvd * dtype_size(dt), 2 * kvd, up_raw(pos), m);
+    }
+    std::vector<int32_t> pos(static_cast<size_t>(B));
+    for (int64_t i = 0; i < B; ++i) pos[size_t(i)] = int32_t(lens[size_t(i)] - 1);
+    const AttnParams ap{g.heads, g.kv_heads, g.hd, 1.0f / std::sqrt(float(g.hd)), 0.0f, g.window};
+    const int64_t ldo = qd + 4;
+    auto q = rnd(size_t(B * qd));
+    std::vector<float> want(size_t(B * ldo), kPoison);
+    cpu->attention(q.data(), qd, B, pos.data(), kv_cpu, ap, want.data(), ldo);
+    void* out = up(std::vector<float>(size_t(B * ldo), kPoison));
+    gpu->attention(up(q), qd, B, up_raw(pos), kv_gpu, ap, out, ldo);
+    const std::string what = cat("batched attention heads=", g.heads, "/", g.kv_heads, " hd=", g.hd,
+                                 " window=", g.window);
+    expect_close(down(out, size_t(B * ldo)), ldo, want, ldo, B, qd, what);
+    expect_close(down(kg, size_t(pool)), pool, kc, pool, 1, pool, what + " K cache", 0.0);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, CudaAttention,
+                         ::testing::Values(DType::F32, DType::F16, DType::BF16),
+                         [](const auto& i) { return std::string(label(i.param)); });
+
+// ---- Mixed batches (continuous batching) ----
+// One attention call over the rows of several sequences: one-token decodes first, then prefill
+// chunks at consecutive positions from `start` (their K/V already in the cache, as the Decoder's
+// kv_write leaves them), each sequence with its own block-table row. The CPU backend computes
+// every row from seq / pos; the CUDA backend gets seq_start, num_seqs, num_decode and max_q
+// too (decodes on CUDA cores, chunks on tensor cores in F16 / BF16 for the head sizes it takes).
+
+struct MixedSeq {
+  int64_t start, q;  // positions cached before the step; rows this step
+};
+
+struct MixedCase {
+  int64_t heads, kv_heads, hd, window;
+  float softcap;
+  std::vector<MixedSeq> seqs;  // the first num_decode have q == 1
+  int64_t num_decode;
+  bool seq_start = true;  // give the mixed-batch fields (else a plain batched decode: seq, pos)
+};
+
+class CudaMixedAttention : public CudaOps {
+ protected:
+  // Runs the case once per KV length in `bounds` (0: the tight max(pos) + 1) against the CPU
+  // reference; returns each output [n, ldo].
+  std::vector<std::vector<float>> run(const MixedCase& c, const std::vector<int64_t>& bounds) {
+    const int64_t bs = 16, kvd = c.kv_heads * c.hd, qd = c.heads * c.hd;
+    const int64_t S = int64_t(c.seqs.size());
+    int64_t n = 0, max_q = 0, longest = 0, stride = 1;
+    std::vector<int32_t> seq_start{0};
+    for (int64_t s = 0; s < S; ++s) {
+      const MixedSeq& m = c.seqs[size_t(s)];
+      if (s < c.num_decode) {
+        EXPECT_EQ(m.q, 1) << "decodes have one row";
+      }
+      if (s >= c.num_decode) max_q = std::max(max_q, m.q);
+      n += m.q;
+      seq_start.push_back(int32_t(n));
+      longest = std::max(longest, m.start + m.q);
+      stride = std::max(stride, (m.start + m.q + bs - 1) / bs + 1);  // + 1: rows have slack
+    }
+    std::string what =
+        cat("mixed attention heads=", c.heads, "/", c.kv_heads, " hd=", c.hd, " window=", c.window,
+            " softcap=", c.softcap, " decodes=", c.num_decode, " seqs=[");
+    for (const MixedSeq& m : c.seqs) what += cat(" ", m.start, "+", m.q);
+    what += " ]";
+    // Block tables: row s covers sequence s; blocks scattered over the pool; block 0 unused.
+    int64_t nb = 1;
+    std::vector<int32_t> table(size_t(S * stride), 0);
+    for (int64_t s = 0; s < S; ++s) {
+      const MixedSeq& m = c.seqs[size_t(s)];
+      for (int64_t b = 0; b * bs < m.start + m.q; ++b)
+        table[size_t(s * stride + b)] = int32_t(nb++);
+    }
+    std::vector<int32_t> perm(static_cast<size_t>(nb));
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin() + 1, perm.end(), rng);
+    for (auto& t : table) t = perm[size_t(t)];
+    const int64_t pool = nb * bs * kvd;
+    std::vector<float> kc(size_t(pool), 0.0f), vc(size_t(pool), 0.0f);
+    void* kg = up(std::vector<float>(size_t(pool), 0.0f));
+    void* vg = up(std::vector<float>(size_t(pool), 0.0f));
+    const int32_t* tg = up_raw(table);
+    // Each sequence's history and this step's K/V, through its own table row.
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t m = c.seqs[size_t(s)].start + c.seqs[size_t(s)].q;
+      auto kv = rnd(size_t(m * 2 * kvd));
+      std::vector<int32_t> pos(static_cast<size_t>(m)), one(static_cast<size_t>(m), int32_t(s));
+      std::iota(pos.begin(), pos.end(), 0);
+      cpu->kv_write(KVLayerView{kc.data(), vc.data(), table.data(), bs, kvd, m, one.data(), stride},
+                    kv.data(), kv.data() + kvd, 2 * kvd, pos.data(), m);
+      void* kvg = up(kv);
+      gpu->kv_write(KVLayerView{kg, vg, tg, bs, kvd, m, up_raw(one), stride}, kvg,
+                    static_cast<char*>(kvg) + kvd * dtype_size(dt), 2 * kvd, up_raw(pos), m);
+    }
+    std::vector<int32_t> pos(static_cast<size_t>(n)), seq(static_cast<size_t>(n));
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t j = 0; j < c.seqs[size_t(s)].q; ++j) {
+        pos[size_t(seq_start[size_t(s)] + j)] = int32_t(c.seqs[size_t(s)].start + j);
+        seq[size_t(seq_start[size_t(s)] + j)] = int32_t(s);
+      }
+    const AttnParams ap{c.heads,   c.kv_heads, c.hd, 1.0f / std::sqrt(float(c.hd)),
+                        c.softcap, c.window};
+    // Rows 16-byte aligned (the tensor-core kernel's condition), gap columns poisoned.
+    const int64_t ldq = qd + 16, ldo = qd + 8;
+    auto q = rnd(size_t(n * ldq));
+    std::vector<float> want(size_t(n * ldo), kPoison);
+    KVLayerView kv_cpu{kc.data(), vc.data(), table.data(), bs, kvd, longest, seq.data(), stride};
+    cpu->attention(q.data(), ldq, n, pos.data(), kv_cpu, ap, want.data(), ldo);
+    void* qg = up(q);
+    const int32_t* pg = up_raw(pos);
+    const int32_t* sg = up_raw(seq);
+    const int32_t* ssg = up_raw(seq_start);
+    std::vector<std::vector<float>> outs;
+    for (const int64_t bound : bounds) {
+      KVLayerView kv_gpu{kg, vg, tg, bs, kvd, bound > 0 ? bound : longest, sg, stride};
+      if (c.seq_start) {
+        kv_gpu.seq_start = ssg;
+        kv_gpu.num_seqs = S;
+        kv_gpu.num_decode = c.num_decode;
+        kv_gpu.max_q = max_q;
+      }
+      void* out = up(std::vector<float>(size_t(n * ldo), kPoison));
+      gpu->attention(qg, ldq, n, pg, kv_gpu, ap, out, ldo);
+      outs.push_back(down(out, size_t(n * ldo)));
+      expect_close(outs.back(), ldo, want, ldo, n, qd, cat(what, " len=", kv_gpu.len));
+    }
+    expect_close(down(kg, size_t(pool)), pool, kc, pool, 1, pool, what + " K cache", 0.0);
+    return outs;
+  }
+  void run(const MixedCase& c) { run(c, {0}); }
+};
+
+// Decodes at various lengths plus prefill chunks from 0 and from the middle of a cache, 1 to
+// 300 rows; GQA, MHA, MQA; head_dim 64, 80, 128, 256 (tensor cores in F16 / BF16) and 18 (CUDA
+// cores in every dtype).
+TEST_P(CudaMixedAttention, DecodesAndChunks) {
+  const std::vector<MixedSeq> llama = {{0, 1},   {36, 1},   {699, 1}, {4, 1},   {128, 1},
+                                       {0, 300}, {100, 17}, {513, 1}, {40, 64}, {1000, 45}};
+  run({32, 8, 128, 0, 0.0f, llama, 5});
+  run({16, 2, 64, 0, 0.0f, {{49, 1}, {299, 1}, {0, 33}, {90, 130}, {250, 7}}, 2});
+  run({8, 8, 80, 0, 0.0f, {{19, 1}, {0, 19}, {33, 70}}, 1});
+  run({8, 2, 256, 0, 0.0f, {{9, 1}, {77, 1}, {5, 40}, {0, 2}}, 2});
+  run({4, 2, 18, 0, 0.0f, {{10, 1}, {3, 1}, {0, 21}, {50, 9}}, 2});
+  run({40, 2, 64, 0, 0.0f, {{5, 1}, {31, 1}, {200, 3}, {0, 100}}, 2});  // group 20: 2 blocks
+  // Only prefill chunks; a single one; only decodes (seq_start given).
+  run({32, 8, 128, 0, 0.0f, {{0, 150}, {300, 16}, {17, 1}, {64, 129}}, 0});
+  run({8, 2, 64, 0, 0.0f, {{333, 77}}, 0});
+  run({32, 8, 128, 0, 0.0f, {{2, 1}, {899, 1}, {63, 1}}, 3});
+}
+
+TEST_P(CudaMixedAttention, WindowAndSoftcap) {
+  run({16, 8, 128, 100, 0.0f, {{30, 1}, {700, 1}, {0, 260}, {150, 80}, {400, 5}}, 2});
+  run({8, 1, 128, 64, 50.0f, {{0, 100}, {200, 31}}, 0});  // MQA
+  run({8, 8, 80, 0, 30.0f, {{20, 1}, {0, 19}, {33, 70}}, 1});
+  run({32, 8, 64, 1024, 0.0f, {{1999, 1}, {1500, 1}, {1800, 40}}, 2});  // window, split-K
+  run({4, 2, 16, 8, 50.0f, {{12, 1}, {0, 24}, {30, 3}}, 1});
+}
+
+// A captured decode graph passes a length bucket, not the lengths: the same launch under a large
+// kv.len bound must give the tight bound's result for short sequences (the split over keys
+// follows each row's own range on the device), with and without the mixed-batch fields.
+TEST_P(CudaMixedAttention, LengthBoundDoesNotMatter) {
+  const std::vector<MixedSeq> short_decodes = {{2, 1}, {39, 1}, {16, 1}, {8, 1}, {32, 1}, {0, 1}};
+  for (const bool given : {true, false}) {
+    MixedCase c{32, 8, 128, 0, 0.0f, short_decodes, 6};
+    c.seq_start = given;
+    const auto outs = run(c, {0, 1 << 16});
+    const int64_t n = 6, qd = 32 * 128, ldo = qd + 8;
+    expect_close(outs[1], ldo, outs[0], ldo, n, qd, "large bound vs tight bound");
+  }
+  MixedCase w{16, 2, 64, 48, 0.0f, {{5, 1}, {60, 1}, {200, 1}, {20, 1}}, 4};  // window
+  auto outs = run(w, {0, 4096});
+  expect_close(outs[1], 16 * 64 + 8, outs[0], 16 * 64 + 8, 4, 16 * 64, "window, large bound");
+  MixedCase m{32, 8, 128, 0, 0.0f, {{3, 1}, {20, 1}, {0, 40}, {10, 8}}, 2};  // with chunks
+  outs = run(m, {0, 1 << 16});
+  expect_close(outs[1], 32 * 128 + 8, outs[0], 32 * 128 + 8, 50, 32 * 128, "mixed, large bound");
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, CudaMixedAttention,
+                         ::testing::Values(DType::F32, DType::F16, DType::BF16),
+                         [](const auto& i) { return std::string(label(i.param)); });
+
+}  // namespace
+}  // namespace kiln::test
