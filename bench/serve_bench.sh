@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# One device call for the serving figures of docs/perf.md: build kiln (Release, -j16), run the
-# GPU tests (ops, sampling, scheduler on CUDA), then on a Llama-3.1-8B-shaped dummy BF16 engine:
-# kiln bench tg128 (batch 1), `kiln bench offline` for 128/128 (1024 requests), 128/2048,
-# 2048/128 and 1000/1000, and `kiln bench serve` against `kiln serve` at concurrency 1, 16, 64.
+# One device call for the serving figures of docs/perf.md: build kiln (Release, -j16), time the
+# decode attention kernels (bench_attention_decode), run the GPU tests (ops, sampling, scheduler
+# on CUDA), then on a Llama-3.1-8B-shaped dummy BF16 engine: kiln bench tg128 (batch 1),
+# `kiln bench offline` for 128/128 (1024 requests), 128/2048, 2048/128 and 1000/1000,
+# and `kiln bench serve` against `kiln serve` at concurrency 1, 16, 64.
 # Carry the Debian packages the device image lacks in build-debs/ (apt-get download
 # libpcre2-dev libpcre2-8-0 libutf8proc-dev libutf8proc2 libcli11-dev libgtest-dev
 # libcpp-httplib-dev libcpp-httplib0.11 libssl-dev libssl3 zlib1g-dev zlib1g libbrotli-dev
 # libbrotli1).
-#   STAGES="build tests offline serve" OUT=... bench/serve_bench.sh
+#   STAGES="build kernels tests offline serve" OUT=... bench/serve_bench.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/serve_bench}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log") 2>&1
-STAGES=${STAGES:-"build tests offline serve"}
+STAGES=${STAGES:-"build kernels tests offline serve"}
 BUILD=${BUILD:-build-gpu}
 N1=${N1:-1024}   # requests of the 128/128 run
 N2=${N2:-256}    # requests of the longer runs
@@ -40,13 +41,18 @@ if has build; then
   stamp build
   cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DKILN_TESTS=ON >"$OUT/cmake.log" 2>&1 ||
     tail -n 30 "$OUT/cmake.log"
-  if ! cmake --build "$BUILD" -j16 --target kiln kiln_tests >"$OUT/build.log" 2>&1; then
+  if ! cmake --build "$BUILD" -j16 --target kiln kiln_tests bench_attention_decode >"$OUT/build.log" 2>&1; then
     grep -E "error" "$OUT/build.log" | head -n 40
     echo "BUILD FAILED"
     exit 1
   fi
 fi
 K=$BUILD/kiln
+
+if has kernels; then
+  stamp "decode attention (bench_attention_decode)"
+  timeout 120 "$BUILD/bench_attention_decode"
+fi
 
 if has tests; then
   stamp tests

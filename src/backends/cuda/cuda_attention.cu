@@ -16,15 +16,16 @@
 // under a length bound and replayed at other positions spreads the keys it actually has over
 // every split, rather than leaving them all to the first.
 //
-// Mixed batches (AttnLaunch::seq_start): the decode rows come here, the prefill chunks go to
-// the tensor-core kernel (cuda_attention_tc.cu) when it takes them; otherwise every row comes
-// here, each token in its own row blocks (seq).
-//
-// Everything here runs on CUDA cores (no tensor cores yet): F32 engines need exact FP32 math
-// anyway, and for 16-bit engines attention is a small share of the step at these lengths.
+// Which kernel takes which rows: in F16 / BF16, prefill chunks go to the tensor-core prefill
+// kernel (cuda_attention_tc.cu) and decode rows to the tensor-core decode kernel
+// (cuda_attention_decode.cu) when they take them; this CUDA-core kernel runs everything else:
+// every F32 engine (exact FP32 math, the parity reference on the GPU) and the shapes those
+// kernels decline (head sizes, GQA groups over 16). For a mixed batch it then takes every row,
+// each token in its own row blocks (seq).
 #include <algorithm>
 #include <climits>
 
+#include "backends/cuda/cuda_attention_decode.h"
 #include "backends/cuda/cuda_attention_tc.h"
 #include "backends/cuda/cuda_common.h"
 #include "backends/cuda/cuda_kernels.h"
@@ -401,12 +402,25 @@ AttnLaunch core_part(const AttnLaunch& a, bool decode_only) {
   return c;
 }
 
-// Either part may run (which depends on the dtype and on the tensor-core switch), so the
-// scratch is sized for the larger; both plans use host values only.
-template <typename F>
-size_t max_over_parts(const AttnLaunch& a, F f) {
-  size_t r = f(core_part(a, false));
-  if (a.seq_start && a.num_decode > 0) r = std::max(r, f(core_part(a, true)));
+// Whether every row of the part is a one-token decode with its own key range (the tensor-core
+// decode kernel's shape): a mixed batch's decode rows, a batched decode, or a single sequence's
+// few rows.
+bool all_decode(const AttnLaunch& a, bool decode_only) {
+  if (a.seq_start) return decode_only || a.num_seqs == a.num_decode;
+  return a.seq != nullptr || a.n < kTcMinRows;
+}
+
+// Either part may run, on either kernel (which depends on the dtype and on the tensor-core
+// switch), so the scratch is sized for the largest; every plan uses host values only.
+template <typename F, typename G>
+size_t max_over_parts(const AttnLaunch& a, int num_sms, F core, G decode) {
+  size_t r = 0;
+  for (const bool decode_only : {false, true}) {
+    if (decode_only && !(a.seq_start && a.num_decode > 0)) continue;
+    const AttnLaunch c = core_part(a, decode_only);
+    r = std::max(r, core(c));
+    if (all_decode(a, decode_only)) r = std::max(r, decode(c, num_sms));
+  }
   return r;
 }
 
@@ -473,18 +487,25 @@ void launch_core(const AttnLaunch& a, float* ws, int* counters, int num_sms, cud
 
 size_t attention_workspace(const AttnLaunch& a, int num_sms) {
   if (a.kv_heads <= 0 || a.heads % a.kv_heads) return 0;
-  return max_over_parts(a, [&](const AttnLaunch& c) -> size_t {
-    const Plan p = make_plan(c, num_sms);
-    return p.splits > 1 ? size_t(c.n * c.heads) * size_t(p.splits) * size_t(c.head_dim + 2) * 4 : 0;
-  });
+  return max_over_parts(
+      a, num_sms,
+      [&](const AttnLaunch& c) -> size_t {
+        const Plan p = make_plan(c, num_sms);
+        return p.splits > 1 ? size_t(c.n * c.heads) * size_t(p.splits) * size_t(c.head_dim + 2) * 4
+                            : 0;
+      },
+      attention_decode_workspace);
 }
 
 size_t attention_counters(const AttnLaunch& a, int num_sms) {
   if (a.kv_heads <= 0 || a.heads % a.kv_heads) return 0;
-  return max_over_parts(a, [&](const AttnLaunch& c) -> size_t {
-    const Plan p = make_plan(c, num_sms);
-    return p.splits > 1 ? size_t(p.row_blocks) * size_t(c.kv_heads) : 0;
-  });
+  return max_over_parts(
+      a, num_sms,
+      [&](const AttnLaunch& c) -> size_t {
+        const Plan p = make_plan(c, num_sms);
+        return p.splits > 1 ? size_t(p.row_blocks) * size_t(c.kv_heads) : 0;
+      },
+      attention_decode_counters);
 }
 
 void attention(DType act, const AttnLaunch& a, float* ws, int* counters, int num_sms,
@@ -508,7 +529,10 @@ void attention(DType act, const AttnLaunch& a, float* ws, int* counters, int num
   } else if (!a.seq && a.n >= kTcMinRows && attention_tc(act, a, s)) {
     return;  // tensor cores (single-sequence prefill)
   }
-  KILN_DISPATCH_ACT(act, launch_core<T>(core_part(a, decode_only), ws, counters, num_sms, s));
+  const AttnLaunch c = core_part(a, decode_only);
+  if (all_decode(a, decode_only) && attention_decode_supported(act, c))
+    return attention_decode(act, c, ws, counters, num_sms, s);  // decode rows on tensor cores
+  KILN_DISPATCH_ACT(act, launch_core<T>(c, ws, counters, num_sms, s));
 }
 
 }  // namespace kiln::cuda

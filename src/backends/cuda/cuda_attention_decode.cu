@@ -1,0 +1,457 @@
+// Tensor-core decode attention over the paged KV cache (F16 / BF16): the decode rows of a step.
+//
+// Why its own kernel: a decode step reads every cached key and value of every sequence once and
+// does two multiply-adds per element read, so it is bound by memory bandwidth, and by nothing
+// else only if enough K/V bytes are in flight per SM. The CUDA-core kernel (cuda_attention.cu)
+// stages tiles through FP32 shared memory with one warp computing while the others wait, and
+// reaches a fraction of the bandwidth; here K/V stay in the cache's own type from global memory
+// to the tensor cores.
+//
+// A block owns one (row, KV head, split): the row's whole GQA group (up to 16 query heads) is the
+// m16 tile of mma.sync m16n8k16, padded with zero rows, so the group reads each key once. The
+// block's key range is dealt to its 4 warps in 16-key tiles (warp w takes tiles w, w + 4, ...);
+// each warp streams its own tiles through a private ring of ST shared-memory stages with
+// cp.async (ST - 1 tiles in flight, no block-wide barrier in the loop) and keeps its own online
+// softmax (FP32, base-2 exponent; P rounded to the input type for the PV product, as in the
+// prefill kernel). The 4 warps' partial results are merged through shared memory at the end.
+//
+// Few rows (batch 1, small batches) cannot fill the GPU, so the keys are also split over grid.z
+// (flash-decoding); the last block of a (row, KV head) to finish merges the splits (an atomic
+// counter; no second launch). The host picks only the number of splits, from host values; each
+// block cuts its own row's key range into that many pieces on the device, so a CUDA graph
+// captured under a length bound spreads the keys a replay actually has over every split.
+#include <algorithm>
+#include <climits>
+
+#include "backends/cuda/cuda_attention_decode.h"
+#include "backends/cuda/cuda_attention_tc.h"
+#include "backends/cuda/cuda_common.h"
+#include "backends/cuda/cuda_mma.h"
+
+namespace kiln::cuda {
+
+namespace {
+
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kWarps = 4;
+constexpr int kRows = 16;       // query heads per block (the GQA group, zero-padded)
+constexpr int kTileKeys = 16;   // keys per warp tile
+constexpr int kMaxSplits = 32;  // split weights [kRows][kMaxSplits] in static shared memory
+// Splits until about this many blocks per SM (two fit at D = 128: ~107 KB of stages each).
+constexpr int kBlocksPerSm = 2;
+
+struct DecArgs {
+  const void* q;
+  int64_t ldq;
+  int n, heads, group;
+  const int32_t* pos;
+  const int32_t* seq;  // nullptr: every row reads table bt
+  int64_t bt_stride;
+  const void* kpool;
+  const void* vpool;
+  const int32_t* bt;
+  int bs;
+  int64_t kv_dim;
+  float scale_log2;      // scale * log2(e)
+  float scale_over_cap;  // scale / softcap
+  float cap_log2;        // softcap * log2(e); 0: no soft-cap
+  int window;
+  int splits;
+  void* out;
+  int64_t ldo;
+  float* ws;      // [n * heads][splits][D + 2]: unnormalised output, then (max, sum), base 2
+  int* counters;  // [n * kv_heads], zero between launches (the merging block resets its own)
+};
+
+// Stages per warp: 3 (two tiles in flight per warp, two blocks per SM) up to D = 128; 2 for
+// D = 256, whose stages are twice the size.
+template <int D>
+constexpr int kStages = D > 128 ? 2 : 3;
+
+template <typename T, int D>
+constexpr size_t smem_bytes() {
+  return size_t(kRows + kWarps * kStages<D> * 2 * kTileKeys) * (D + 8) * sizeof(T);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) {
+  constexpr int ST = kStages<D>;
+  constexpr int LDS = D + 8;  // elements per shared row (+16 bytes: conflict-free ldmatrix)
+  constexpr int CH = D / 8;   // 16-byte chunks per row
+  constexpr int KS = D / 16;  // k16 steps of Q K^T
+  constexpr int DT = D / 8;   // n8 tiles of O
+  constexpr bool kQReg = D <= 128;
+  constexpr int kStage = 2 * kTileKeys * LDS;  // one stage: K tile then V tile
+  constexpr int LDP = D + 4;                   // floats per row of a warp's partial output
+  static_assert(D % 16 == 0 && ST >= 2, "tile shapes");
+  static_assert(kRows * LDP * 4 <= ST * kStage * int(sizeof(T)), "partials fit in the ring");
+
+  extern __shared__ float4 smem4[];
+  T* Qs = reinterpret_cast<T*>(smem4);  // [kRows][LDS]
+  __shared__ float s_m[kWarps][kRows], s_l[kWarps][kRows];
+  __shared__ float s_w[kWarps][kRows], s_inv[kRows];
+
+  pdl_begin();
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int i = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int group = a.group;
+  T* ring = Qs + kRows * LDS + warp * ST * kStage;
+
+  // Key range of the row and this split's piece of it, in whole warp tiles.
+  const int hi = a.pos[i];
+  int k0 = a.window > 0 ? max(0, hi - a.window + 1) : 0, k1 = hi + 1;
+  int used = 1;
+  if (a.splits > 1) {
+    const int per = ((k1 - k0 + a.splits - 1) / a.splits + kTileKeys - 1) / kTileKeys * kTileKeys;
+    used = (k1 - k0 + per - 1) / per;
+    const int64_t s0 = int64_t(k0) + int64_t(split) * per;
+    k0 = int(min(s0, int64_t(k1)));
+    k1 = int(min(s0 + per, int64_t(k1)));
+  }
+  const int ntiles = (k1 - k0 + kTileKeys - 1) / kTileKeys;  // 0 for an unused split
+  const int my_tiles = ntiles > warp ? (ntiles - warp + kWarps - 1) / kWarps : 0;
+
+  // Q rows: commit group 0 of every thread.
+  {
+    const T* q = static_cast<const T*>(a.q) + int64_t(i) * a.ldq + int64_t(kvh) * group * D;
+    for (int e = tid; e < kRows * CH; e += kThreads) {
+      const int r = e / CH, c = e % CH;
+      cp_async16(Qs + r * LDS + c * 8, q + (r < group ? r * D + c * 8 : 0), r < group);
+    }
+    cp_async_commit();
+  }
+  const int32_t* bt = a.bt + (a.seq ? int64_t(a.seq[i]) * a.bt_stride : 0);
+  const T* kp = static_cast<const T*>(a.kpool) + int64_t(kvh) * D;
+  const T* vp = static_cast<const T*>(a.vpool) + int64_t(kvh) * D;
+  // The warp's tile j (keys k0 + 16 (warp + 4 j) ...) into stage `st`; keys past k1 are zeros.
+  auto load_tile = [&](int st, int j) {
+    T* kd = ring + st * kStage;
+    T* vd = kd + kTileKeys * LDS;
+    const int t0 = k0 + (warp + kWarps * j) * kTileKeys;
+#pragma unroll
+    for (int e = lane; e < kTileKeys * CH; e += 32) {
+      const int jj = e / CH, c = e % CH, t = t0 + jj;
+      const bool ok = t < k1;
+      int64_t off = 0;
+      if (ok) off = (int64_t(__ldg(bt + t / a.bs)) * a.bs + t % a.bs) * a.kv_dim + c * 8;
+      cp_async16(kd + jj * LDS + c * 8, kp + off, ok);
+      cp_async16(vd + jj * LDS + c * 8, vp + off, ok);
+    }
+  };
+#pragma unroll
+  for (int st = 0; st < ST - 1; ++st) {
+    if (st < my_tiles) load_tile(st, st);
+    cp_async_commit();
+  }
+  cp_async_wait<ST - 1>();  // this thread's Q chunks
+  __syncthreads();          // everyone's
+
+  float o[DT][4];
+#pragma unroll
+  for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const T* qw = Qs + (lane % 16) * LDS + (lane / 16) * 8;  // ldmatrix A address
+  uint32_t qf[kQReg ? KS : 1][4];
+  if constexpr (kQReg) {
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) ldsm_x4(qf[ks], qw + ks * 16);
+  }
+
+  for (int j = 0; j < my_tiles; ++j) {
+    cp_async_wait<ST - 2>();
+    __syncwarp();  // tile j visible to the warp; the stage refilled next is no longer read
+    {
+      const int nx = j + ST - 1;
+      if (nx < my_tiles) load_tile(nx % ST, nx);
+      cp_async_commit();
+    }
+    const T* Kb = ring + (j % ST) * kStage;
+    const T* Vb = Kb + kTileKeys * LDS;
+    const int t0 = k0 + (warp + kWarps * j) * kTileKeys;
+
+    // S = Q K^T over the tile's 16 keys (two n8 tiles).
+    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    const T* kw = Kb + (lane % 8 + (lane / 16) * 8) * LDS + ((lane / 8) & 1) * 8;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      uint32_t qa[4];
+      if constexpr (kQReg) {
+        qa[0] = qf[ks][0], qa[1] = qf[ks][1], qa[2] = qf[ks][2], qa[3] = qf[ks][3];
+      } else {
+        ldsm_x4(qa, qw + ks * 16);
+      }
+      uint32_t b[4];
+      ldsm_x4(b, kw + ks * 16);
+      mma16816<T>(s[0], qa, b[0], b[1]);
+      mma16816<T>(s[1], qa, b[2], b[3]);
+    }
+    // Scale (base 2), soft-cap, and mask the keys past the range (every row sees [k0, k1)).
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[nt][e];
+        x = a.cap_log2 > 0.0f ? a.cap_log2 * tanhf(x * a.scale_over_cap) : x * a.scale_log2;
+        const int t = t0 + nt * 8 + (lane % 4) * 2 + (e & 1);
+        s[nt][e] = t < k1 ? x : -INFINITY;
+      }
+    // Online softmax per row (the 4 threads of a quad share a row; h: rows lane/4 and +8).
+    float mx[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1]));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+    }
+    float corr[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // Every tile has at least one visible key, so the new max is finite.
+      const float mn = fmaxf(m[h], mx[h]);
+      corr[h] = ex2(m[h] - mn);
+      m[h] = mn;
+      float ps = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 2 * h; e < 2 * h + 2; ++e) {
+          s[nt][e] = ex2(s[nt][e] - mn);
+          ps += s[nt][e];
+        }
+      l[h] = l[h] * corr[h] + ps;
+    }
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      o[d][0] *= corr[0], o[d][1] *= corr[0];
+      o[d][2] *= corr[1], o[d][3] *= corr[1];
+    }
+    // O += P V (S's accumulators are P's A fragment for the 16 keys).
+    uint32_t pa[4];
+    pa[0] = pack2<T>(s[0][0], s[0][1]);
+    pa[1] = pack2<T>(s[0][2], s[0][3]);
+    pa[2] = pack2<T>(s[1][0], s[1][1]);
+    pa[3] = pack2<T>(s[1][2], s[1][3]);
+    const T* vw = Vb + (lane % 8 + ((lane / 8) & 1) * 8) * LDS + (lane / 16) * 8;
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t b[4];
+      ldsm_x4_t(b, vw + dp * 16);
+      mma16816<T>(o[2 * dp], pa, b[0], b[1]);
+      mma16816<T>(o[2 * dp + 1], pa, b[2], b[3]);
+    }
+  }
+
+  // The warp's partial (unnormalised O, max, sum) into its own ring, now idle.
+  cp_async_wait<0>();
+  __syncwarp();
+  float* part = reinterpret_cast<float*>(ring);  // [kRows][LDP]
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float t = l[h];
+    t += __shfl_xor_sync(0xffffffffu, t, 1);
+    t += __shfl_xor_sync(0xffffffffu, t, 2);
+    const int r = lane / 4 + 8 * h;
+    if (lane % 4 == 0) s_m[warp][r] = m[h], s_l[warp][r] = t;
+#pragma unroll
+    for (int d = 0; d < DT; ++d)
+      *reinterpret_cast<float2*>(part + r * LDP + d * 8 + (lane % 4) * 2) =
+          make_float2(o[d][2 * h], o[d][2 * h + 1]);
+  }
+  __syncthreads();
+  // Per row: M = max over warps, the warps' weights 2^(m_w - M), and L = sum l_w 2^(m_w - M).
+  if (tid < kRows) {
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w][tid]);
+    float L = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = s_m[w][tid] == -INFINITY ? 0.0f : ex2(s_m[w][tid] - M);
+      s_w[w][tid] = f;
+      L += s_l[w][tid] * f;
+    }
+    s_m[0][tid] = M;  // (read again only after the next barrier)
+    s_inv[tid] = L;
+  }
+  __syncthreads();
+  const float* parts = reinterpret_cast<const float*>(Qs + kRows * LDS);
+  auto merged = [&](int r, int d) {
+    float acc = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w)
+      acc += s_w[w][r] * parts[w * ST * kStage * int(sizeof(T)) / 4 + r * LDP + d];
+    return acc;
+  };
+  const int h0 = kvh * group;
+  if (a.splits == 1) {
+    T* out = static_cast<T*>(a.out) + int64_t(i) * a.ldo + int64_t(h0) * D;
+    for (int e = tid; e < group * CH; e += kThreads) {
+      const int r = e / CH, c = e % CH;
+      const float L = s_inv[r], inv = L > 0.0f ? 1.0f / L : 0.0f;
+      float f[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) f[k] = merged(r, c * 8 + k) * inv;
+      *reinterpret_cast<uint4*>(out + r * D + c * 8) = pack_vec<T>(f);
+    }
+    return;
+  }
+  if (split < used) {
+    for (int e = tid; e < group * D; e += kThreads) {
+      const int r = e / D, d = e % D;
+      float* w = a.ws + ((int64_t(i) * a.heads + h0 + r) * a.splits + split) * (D + 2);
+      w[d] = merged(r, d);
+      if (d == 0) w[D] = s_m[0][r], w[D + 1] = s_inv[r];
+    }
+  }
+
+  // Split merge by the last of the row's splits to finish: each block publishes its partials
+  // (fence, then count); the last sees every other block's writes after its own fence and reads
+  // them past L1 (__ldcg), which may hold lines of an earlier launch.
+  __shared__ bool s_last;
+  __shared__ float s_sw[kRows][kMaxSplits];
+  __threadfence();
+  __syncthreads();
+  int* counter = a.counters + int64_t(i) * gridDim.y + kvh;
+  if (tid == 0) s_last = atomicAdd(counter, 1) == a.splits - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  {  // 8 threads per row: the splits' weights and the normaliser
+    const int r = tid / 8, p = tid % 8;
+    const float* w = a.ws + (int64_t(i) * a.heads + h0 + r) * a.splits * (D + 2);
+    const bool ok = r < group;
+    float M = -INFINITY, L = 0.0f;
+    if (ok)
+      for (int sp = p; sp < used; sp += 8) M = fmaxf(M, __ldcg(w + sp * (D + 2) + D));
+#pragma unroll
+    for (int x = 1; x < 8; x <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, x));
+    if (ok)
+      for (int sp = p; sp < used; sp += 8) {
+        const float ms = __ldcg(w + sp * (D + 2) + D);
+        const float f = ms == -INFINITY ? 0.0f : ex2(ms - M);
+        s_sw[r][sp] = f;
+        L += __ldcg(w + sp * (D + 2) + D + 1) * f;
+      }
+#pragma unroll
+    for (int x = 1; x < 8; x <<= 1) L += __shfl_xor_sync(0xffffffffu, L, x);
+    if (p == 0) s_inv[r] = L > 0.0f ? 1.0f / L : 0.0f;
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(a.out) + int64_t(i) * a.ldo + int64_t(h0) * D;
+  for (int e = tid; e < group * CH; e += kThreads) {
+    const int r = e / CH, c = e % CH;
+    const float* w = a.ws + (int64_t(i) * a.heads + h0 + r) * a.splits * (D + 2) + c * 8;
+    float f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int sp = 0; sp < used; ++sp) {
+      const float x = s_sw[r][sp];
+      const float4 u = __ldcg(reinterpret_cast<const float4*>(w + sp * (D + 2)));
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(w + sp * (D + 2) + 4));
+      f[0] += x * u.x, f[1] += x * u.y, f[2] += x * u.z, f[3] += x * u.w;
+      f[4] += x * v.x, f[5] += x * v.y, f[6] += x * v.z, f[7] += x * v.w;
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) f[k] *= s_inv[r];
+    *reinterpret_cast<uint4*>(out + r * D + c * 8) = pack_vec<T>(f);
+  }
+  if (tid == 0) *counter = 0;  // ready for the next launch
+}
+
+int plan_splits(const AttnLaunch& a, int num_sms) {
+  const int64_t blocks = a.n * a.kv_heads;
+  const int64_t target = int64_t(kBlocksPerSm) * num_sms;
+  if (blocks == 0 || blocks >= target || a.kv_len <= 0) return 1;
+  const int64_t keys = a.window > 0 ? std::min(a.window, a.kv_len) : a.kv_len;
+  const int64_t want = (target + blocks - 1) / blocks;
+  const int64_t most = (keys + kTileKeys - 1) / kTileKeys;  // >= 1 tile per split
+  return int(std::max<int64_t>(1, std::min({want, most, int64_t(kMaxSplits)})));
+}
+
+template <typename T, int D>
+void launch(const DecArgs& g, int64_t kv_heads, cudaStream_t s) {
+  constexpr size_t smem = smem_bytes<T, D>();
+  static bool raised = false;  // per instantiation; the limit is per kernel, not per launch
+  if (!raised) {
+    KILN_CUDA_CHECK(cudaFuncSetAttribute(attn_decode_kernel<T, D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    raised = true;
+  }
+  const dim3 grid(unsigned(g.n), unsigned(kv_heads), unsigned(g.splits));
+  launch_kernel(attn_decode_kernel<T, D>, grid, dim3(kThreads), smem, s, g);
+}
+
+template <typename T>
+void launch_d(int64_t D, const DecArgs& g, int64_t kv_heads, cudaStream_t s) {
+  switch (D) {
+    case 64:
+      return launch<T, 64>(g, kv_heads, s);
+    case 80:
+      return launch<T, 80>(g, kv_heads, s);
+    case 96:
+      return launch<T, 96>(g, kv_heads, s);
+    case 128:
+      return launch<T, 128>(g, kv_heads, s);
+    default:
+      return launch<T, 256>(g, kv_heads, s);
+  }
+}
+
+}  // namespace
+
+bool attention_decode_supported(DType act, const AttnLaunch& a) {
+  if (!attention_tc_enabled()) return false;
+  if (act != DType::F16 && act != DType::BF16) return false;
+  const int64_t D = a.head_dim;
+  if (D != 64 && D != 80 && D != 96 && D != 128 && D != 256) return false;
+  if (a.n <= 0 || a.kv_heads <= 0 || a.heads % a.kv_heads != 0 || a.block_size <= 0) return false;
+  if (a.heads / a.kv_heads > kRows || a.kv_heads > 65535 || a.n >= INT_MAX) return false;
+  if (a.kv_dim < a.kv_heads * D || a.n * a.heads >= INT_MAX || a.block_size >= INT_MAX)
+    return false;
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (!aligned(a.q) || !aligned(a.out) || !aligned(a.kpool) || !aligned(a.vpool)) return false;
+  return a.ldq % 8 == 0 && a.ldo % 8 == 0 && a.kv_dim % 8 == 0;
+}
+
+size_t attention_decode_workspace(const AttnLaunch& a, int num_sms) {
+  const int splits = plan_splits(a, num_sms);
+  return splits > 1 ? size_t(a.n * a.heads) * size_t(splits) * size_t(a.head_dim + 2) * 4 : 0;
+}
+
+size_t attention_decode_counters(const AttnLaunch& a, int num_sms) {
+  return plan_splits(a, num_sms) > 1 ? size_t(a.n * a.kv_heads) : 0;
+}
+
+void attention_decode(DType act, const AttnLaunch& a, float* ws, int* counters, int num_sms,
+                      cudaStream_t s) {
+  KILN_CHECK(attention_decode_supported(act, a),
+             "attention: decode kernel given a launch it "
+             "does not take");
+  const int splits = plan_splits(a, num_sms);
+  KILN_CHECK(splits == 1 || (ws && counters), "attention: split-K workspace missing");
+  const float log2e = 1.4426950408889634f;
+  const DecArgs g{a.q,
+                  a.ldq,
+                  int(a.n),
+                  int(a.heads),
+                  int(a.heads / a.kv_heads),
+                  a.pos,
+                  a.seq,
+                  a.bt_stride,
+                  a.kpool,
+                  a.vpool,
+                  a.block_table,
+                  int(a.block_size),
+                  a.kv_dim,
+                  a.scale * log2e,
+                  a.softcap > 0.0f ? a.scale / a.softcap : 0.0f,
+                  a.softcap > 0.0f ? a.softcap * log2e : 0.0f,
+                  a.window > 0 && a.window < INT_MAX ? int(a.window) : 0,
+                  splits,
+                  a.out,
+                  a.ldo,
+                  ws,
+                  counters};
+  if (act == DType::BF16) return launch_d<__nv_bfloat16>(a.head_dim, g, a.kv_heads, s);
+  launch_d<__half>(a.head_dim, g, a.kv_heads, s);
+}
+
+}  // namespace kiln::cuda
