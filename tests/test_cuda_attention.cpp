@@ -47,17 +47,21 @@ class CudaAttention : public CudaOps {
     };
     write(0, c.cached);
     write(c.cached, c.n);
-    const int64_t ldq = qd + 12, ldo = qd + 4;
-    auto q = rnd(size_t(c.n * ldq));
-    std::vector<int32_t> pos(static_cast<size_t>(c.n));
-    std::iota(pos.begin(), pos.end(), int32_t(c.cached));
-    const AttnParams ap{c.heads,   c.kv_heads, c.hd, 1.0f / std::sqrt(float(c.hd)),
-                        c.softcap, c.window};
-    std::vector<float> want(size_t(c.n * ldo), kPoison);
-    cpu->attention(q.data(), ldq, c.n, pos.data(), kv_cpu, ap, want.data(), ldo);
-    void* out = up(std::vector<float>(size_t(c.n * ldo), kPoison));
-    gpu->attention(up(q), ldq, c.n, up_raw(pos), kv_gpu, ap, out, ldo);
-    expect_close(down(out, size_t(c.n * ldo)), ldo, want, ldo, c.n, qd, what);
+    // Rows 8 bytes past 16-byte alignment (only the CUDA-core kernel takes them) and 16-byte
+    // aligned (the tensor-core kernels' condition in F16 / BF16).
+    for (const int64_t pad : {4, 8}) {
+      const int64_t ldq = qd + 2 * pad + 4, ldo = qd + pad;
+      auto q = rnd(size_t(c.n * ldq));
+      std::vector<int32_t> pos(static_cast<size_t>(c.n));
+      std::iota(pos.begin(), pos.end(), int32_t(c.cached));
+      const AttnParams ap{c.heads,   c.kv_heads, c.hd, 1.0f / std::sqrt(float(c.hd)),
+                          c.softcap, c.window};
+      std::vector<float> want(size_t(c.n * ldo), kPoison);
+      cpu->attention(q.data(), ldq, c.n, pos.data(), kv_cpu, ap, want.data(), ldo);
+      void* out = up(std::vector<float>(size_t(c.n * ldo), kPoison));
+      gpu->attention(up(q), ldq, c.n, up_raw(pos), kv_gpu, ap, out, ldo);
+      expect_close(down(out, size_t(c.n * ldo)), ldo, want, ldo, c.n, qd, cat(what, " ldo=", ldo));
+    }
     // The cache itself, as attention read it.
     auto kgot = down(kg, size_t(pool));
     expect_close(kgot, pool, kc, pool, 1, pool, what + " K cache", 0.0);
@@ -142,15 +146,16 @@ TEST_P(CudaAttention, BatchedSequences) {
     std::vector<int32_t> pos(static_cast<size_t>(B));
     for (int64_t i = 0; i < B; ++i) pos[size_t(i)] = int32_t(lens[size_t(i)] - 1);
     const AttnParams ap{g.heads, g.kv_heads, g.hd, 1.0f / std::sqrt(float(g.hd)), 0.0f, g.window};
-    const int64_t ldo = qd + 4;
-    auto q = rnd(size_t(B * qd));
-    std::vector<float> want(size_t(B * ldo), kPoison);
-    cpu->attention(q.data(), qd, B, pos.data(), kv_cpu, ap, want.data(), ldo);
-    void* out = up(std::vector<float>(size_t(B * ldo), kPoison));
-    gpu->attention(up(q), qd, B, up_raw(pos), kv_gpu, ap, out, ldo);
     const std::string what = cat("batched attention heads=", g.heads, "/", g.kv_heads, " hd=", g.hd,
                                  " window=", g.window);
-    expect_close(down(out, size_t(B * ldo)), ldo, want, ldo, B, qd, what);
+    auto q = rnd(size_t(B * qd));
+    for (const int64_t ldo : {qd + 4, qd + 8}) {  // CUDA cores only; tensor cores in F16 / BF16
+      std::vector<float> want(size_t(B * ldo), kPoison);
+      cpu->attention(q.data(), qd, B, pos.data(), kv_cpu, ap, want.data(), ldo);
+      void* out = up(std::vector<float>(size_t(B * ldo), kPoison));
+      gpu->attention(up(q), qd, B, up_raw(pos), kv_gpu, ap, out, ldo);
+      expect_close(down(out, size_t(B * ldo)), ldo, want, ldo, B, qd, cat(what, " ldo=", ldo));
+    }
     expect_close(down(kg, size_t(pool)), pool, kc, pool, 1, pool, what + " K cache", 0.0);
   }
 }

@@ -59,7 +59,7 @@ struct DecArgs {
   int splits;
   void* out;
   int64_t ldo;
-  float* ws;      // [n * heads][splits][D + 2]: unnormalised output, then (max, sum), base 2
+  float* ws;      // [n * heads][splits][D + 4]: unnormalised output, (max, sum) in base 2, pad
   int* counters;  // [n * kv_heads], zero between launches (the merging block resets its own)
 };
 
@@ -83,6 +83,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
   constexpr bool kQReg = D <= 128;
   constexpr int kStage = 2 * kTileKeys * LDS;  // one stage: K tile then V tile
   constexpr int LDP = D + 4;                   // floats per row of a warp's partial output
+  constexpr int WS = D + 4;  // floats per workspace row: 16-byte aligned for the merge's loads
   static_assert(D % 16 == 0 && ST >= 2, "tile shapes");
   static_assert(kRows * LDP * 4 <= ST * kStage * int(sizeof(T)), "partials fit in the ring");
 
@@ -298,7 +299,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
   if (split < used) {
     for (int e = tid; e < group * D; e += kThreads) {
       const int r = e / D, d = e % D;
-      float* w = a.ws + ((int64_t(i) * a.heads + h0 + r) * a.splits + split) * (D + 2);
+      float* w = a.ws + ((int64_t(i) * a.heads + h0 + r) * a.splits + split) * WS;
       w[d] = merged(r, d);
       if (d == 0) w[D] = s_m[0][r], w[D + 1] = s_inv[r];
     }
@@ -318,19 +319,19 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
   __threadfence();
   {  // 8 threads per row: the splits' weights and the normaliser
     const int r = tid / 8, p = tid % 8;
-    const float* w = a.ws + (int64_t(i) * a.heads + h0 + r) * a.splits * (D + 2);
+    const float* w = a.ws + (int64_t(i) * a.heads + h0 + r) * a.splits * WS;
     const bool ok = r < group;
     float M = -INFINITY, L = 0.0f;
     if (ok)
-      for (int sp = p; sp < used; sp += 8) M = fmaxf(M, __ldcg(w + sp * (D + 2) + D));
+      for (int sp = p; sp < used; sp += 8) M = fmaxf(M, __ldcg(w + sp * WS + D));
 #pragma unroll
     for (int x = 1; x < 8; x <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, x));
     if (ok)
       for (int sp = p; sp < used; sp += 8) {
-        const float ms = __ldcg(w + sp * (D + 2) + D);
+        const float ms = __ldcg(w + sp * WS + D);
         const float f = ms == -INFINITY ? 0.0f : ex2(ms - M);
         s_sw[r][sp] = f;
-        L += __ldcg(w + sp * (D + 2) + D + 1) * f;
+        L += __ldcg(w + sp * WS + D + 1) * f;
       }
 #pragma unroll
     for (int x = 1; x < 8; x <<= 1) L += __shfl_xor_sync(0xffffffffu, L, x);
@@ -340,12 +341,12 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
   T* out = static_cast<T*>(a.out) + int64_t(i) * a.ldo + int64_t(h0) * D;
   for (int e = tid; e < group * CH; e += kThreads) {
     const int r = e / CH, c = e % CH;
-    const float* w = a.ws + (int64_t(i) * a.heads + h0 + r) * a.splits * (D + 2) + c * 8;
+    const float* w = a.ws + (int64_t(i) * a.heads + h0 + r) * a.splits * WS + c * 8;
     float f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     for (int sp = 0; sp < used; ++sp) {
       const float x = s_sw[r][sp];
-      const float4 u = __ldcg(reinterpret_cast<const float4*>(w + sp * (D + 2)));
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(w + sp * (D + 2) + 4));
+      const float4 u = __ldcg(reinterpret_cast<const float4*>(w + sp * WS));
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(w + sp * WS + 4));
       f[0] += x * u.x, f[1] += x * u.y, f[2] += x * u.z, f[3] += x * u.w;
       f[4] += x * v.x, f[5] += x * v.y, f[6] += x * v.z, f[7] += x * v.w;
     }
@@ -413,7 +414,7 @@ bool attention_decode_supported(DType act, const AttnLaunch& a) {
 
 size_t attention_decode_workspace(const AttnLaunch& a, int num_sms) {
   const int splits = plan_splits(a, num_sms);
-  return splits > 1 ? size_t(a.n * a.heads) * size_t(splits) * size_t(a.head_dim + 2) * 4 : 0;
+  return splits > 1 ? size_t(a.n * a.heads) * size_t(splits) * size_t(a.head_dim + 4) * 4 : 0;
 }
 
 size_t attention_decode_counters(const AttnLaunch& a, int num_sms) {
