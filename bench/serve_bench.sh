@@ -72,14 +72,17 @@ if has offline || has serve; then
   timeout 120 "$K" bench "$E" -p 0 -n 128 -b 1 -r 2 --kv-cache-tokens 8192 2>&1 | tail -n 3
 fi
 if has offline; then
+  # Each spec: input,output,requests[,max-num-seqs]
   for spec in ${SPECS:-"128,128,$N1 128,2048,$N2 2048,128,$N2 1000,1000,$N2"}; do
     spec=${spec//,/ }
     set -- $spec
-    stamp "offline $1/$2, $3 requests"
+    seqs=${4:-$SEQS}
+    f="$OUT/offline_$1_$2_s$seqs"
+    stamp "offline $1/$2, $3 requests, --max-num-seqs $seqs"
     timeout 240 "$K" bench offline "$E" --random-input-len "$1" --random-output-len "$2" \
-      --num-prompts "$3" --max-num-seqs "$SEQS" -o json >"$OUT/offline_$1_$2.json" 2>"$OUT/offline_$1_$2.err"
-    echo "exit $?"; tail -n 2 "$OUT/offline_$1_$2.err"
-    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: round(d[k],2) for k in ['output_throughput','request_throughput','mean_ttft_ms','median_tpot_ms','p99_tpot_ms'] if k in d})" "$OUT/offline_$1_$2.json"
+      --num-prompts "$3" --max-num-seqs "$seqs" --step-log "$f.steps.csv" -o json >"$f.json" 2>"$f.err"
+    echo "exit $?"; tail -n 3 "$f.err"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: round(d[k],2) for k in ['output_throughput','request_throughput','mean_ttft_ms','median_tpot_ms','p99_tpot_ms','median_itl_ms'] if k in d})" "$f.json"
   done
 fi
 if has serve; then

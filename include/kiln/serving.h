@@ -35,13 +35,13 @@ const char* finish_reason_name(FinishReason r);  // "stop", "length", "abort" ("
 // Per-request generation settings (OpenAI / vLLM names). Unset optionals take
 // generation_config.json's defaults (greedy when it has none).
 struct GenerationParams {
-  std::optional<float> temperature;                   // >= 0; 0: greedy
-  std::optional<int> top_k;                           // 0 or -1: off
-  std::optional<float> top_p;                         // (0, 1]
-  std::optional<float> min_p;                         // [0, 1]; 0: off
-  std::optional<uint64_t> seed;                       // unset: a random seed per request
-  float presence_penalty = 0.0f;                      // [-2, 2]
-  float frequency_penalty = 0.0f;                     // [-2, 2]
+  std::optional<float> temperature;         // >= 0; 0: greedy
+  std::optional<int> top_k;                 // 0 or -1: off
+  std::optional<float> top_p;               // (0, 1]
+  std::optional<float> min_p;               // [0, 1]; 0: off
+  std::optional<uint64_t> seed;             // unset: a random seed per request
+  float presence_penalty = 0.0f;            // [-2, 2]
+  float frequency_penalty = 0.0f;           // [-2, 2]
   std::optional<float> repetition_penalty;  // > 0; 1: off; unset: generation_config.json's
   std::vector<std::pair<int32_t, float>> logit_bias;  // token id -> bias in [-100, 100]
   std::vector<std::string> stop;        // stop strings, matched across token boundaries
@@ -87,12 +87,22 @@ struct RequestOutput {
   std::string error;              // why an aborted completion failed ("" when cancelled)
 };
 
+// What one engine step ran (ServeConfig::on_step): tracing and benchmarks.
+struct StepInfo {
+  int64_t decodes = 0;         // one-token decode rows
+  int64_t prefill_seqs = 0;    // prompt chunks (or recomputation after preemption)
+  int64_t prefill_tokens = 0;  // rows of those chunks
+  double seconds = 0;          // wall time of the step: plan, forward, sampling, outputs
+};
+
 struct ServeConfig {
   RuntimeConfig runtime;
   int64_t max_num_seqs = 0;    // sequences per step; 0: 256 on a GPU, 16 on the CPU
   int64_t max_num_tokens = 0;  // tokens per step (the chunked-prefill budget); 0: 8192 / 2048
   bool prefix_cache = true;
   int64_t max_queue = 4096;  // waiting requests before submit() refuses (QueueFull)
+  // Called on the engine thread after every step that ran a forward; keep it short.
+  std::function<void(const StepInfo&)> on_step;
 };
 
 // Counters and gauges for /metrics.

@@ -123,6 +123,7 @@ struct Scheduler::Impl {
 
   void loop();
   void step();
+  StepInfo step_info;  // what the current step ran (for cfg.on_step)
   void admit(Incoming in);
   void finish(Seq* s, FinishReason r, const std::string& reason, const std::string& error = "");
   void preempt(Seq* s);
@@ -409,7 +410,14 @@ void Scheduler::Impl::loop() {
     }
     if (!running.empty() || !waiting.empty()) {
       try {
+        const auto t0 = std::chrono::steady_clock::now();
+        step_info = {};
         step();
+        if (cfg.on_step && step_info.decodes + step_info.prefill_seqs > 0) {
+          step_info.seconds =
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+          cfg.on_step(step_info);
+        }
       } catch (const std::exception& e) {
         // A failed step (a device error): its sequences cannot go on.
         abort_all(e.what());
@@ -533,6 +541,12 @@ void Scheduler::Impl::step() {
   if (live.empty()) return;
   // Decodes (one token) first, as Batch wants.
   std::stable_partition(live.begin(), live.end(), [](const Plan& p) { return p.n == 1; });
+  for (const Plan& p : live) {
+    const bool decode = p.n == 1 && p.s->computed + 1 == int64_t(p.s->tokens.size()) &&
+                        p.s->computed >= p.s->prompt_len;
+    (decode ? step_info.decodes : step_info.prefill_seqs) += 1;
+    if (!decode) step_info.prefill_tokens += p.n;
+  }
 
   // The batch, and what each logits row is for.
   struct Row {

@@ -3,7 +3,6 @@
 // benchmark_serving: bench_serving.h.
 #include <httplib.h>
 
-#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -290,6 +289,7 @@ struct OfflineArgs {
   BuildConfig bc;
   ServeConfig sc;
   bool no_prefix_cache = false;
+  std::string step_log;  // CSV of every engine step
   bench::WorkloadArgs w;
 };
 
@@ -299,6 +299,37 @@ struct Tracker {
   bool first = false, done = false;
   RequestResult r;
 };
+
+// Where the run's time went, on stderr: decode-only steps (count, mean batch, mean time),
+// steps with prompt chunks, and the time between steps (host work while the GPU idles). With
+// `path`, every step as CSV.
+void report_steps(const std::vector<StepInfo>& steps, double duration, const std::string& path) {
+  double t_dec = 0, t_mix = 0;
+  int64_t n_dec = 0, rows_dec = 0;
+  for (const StepInfo& s : steps) {
+    if (s.prefill_seqs == 0) {
+      ++n_dec, rows_dec += s.decodes, t_dec += s.seconds;
+    } else {
+      t_mix += s.seconds;
+    }
+  }
+  const int64_t n_mix = int64_t(steps.size()) - n_dec;
+  std::fprintf(stderr,
+               "kiln: steps: %lld decode-only (mean %.1f sequences, %.2f ms each, %.2f s), %lld "
+               "with prompt chunks (%.2f ms each, %.2f s); %.2f s outside steps\n",
+               (long long)n_dec, n_dec ? double(rows_dec) / double(n_dec) : 0.0,
+               n_dec ? t_dec / double(n_dec) * 1e3 : 0.0, t_dec, (long long)n_mix,
+               n_mix ? t_mix / double(n_mix) * 1e3 : 0.0, t_mix, duration - t_dec - t_mix);
+  if (path.empty()) return;
+  std::FILE* f = std::fopen(path.c_str(), "w");
+  KILN_CHECK(f, path, ": cannot open for writing");
+  std::fprintf(f, "step,decodes,prefill_seqs,prefill_tokens,ms\n");
+  for (size_t i = 0; i < steps.size(); ++i)
+    std::fprintf(f, "%zu,%lld,%lld,%lld,%.3f\n", i, (long long)steps[i].decodes,
+                 (long long)steps[i].prefill_seqs, (long long)steps[i].prefill_tokens,
+                 steps[i].seconds * 1e3);
+  KILN_CHECK(std::fclose(f) == 0, path, ": write failed");
+}
 
 void run_offline(OfflineArgs& a) {
   const double rate = bench::validate_workload_args(a.w);
@@ -334,6 +365,14 @@ void run_offline(OfflineArgs& a) {
   // Every request may be queued at once (rate inf, no concurrency limit).
   sc.max_queue = std::max<int64_t>(sc.max_queue, int64_t(reqs.size()) + 1);
   start_engine(e, sc.runtime);
+  // Steps of the timed run (appended on the engine thread; read after the scheduler is idle).
+  std::vector<StepInfo> steps;
+  std::mutex step_mu;
+  bool timing = false;
+  sc.on_step = [&](const StepInfo& si) {
+    std::lock_guard lk(step_mu);
+    if (timing) steps.push_back(si);
+  };
   // Declared before the scheduler: its destructor aborts what is left (after an error), and those
   // callbacks still touch these.
   std::mutex mu;
@@ -404,6 +443,10 @@ void run_offline(OfflineArgs& a) {
                e.device_name().c_str(),
                a.w.max_concurrency > 0 ? std::to_string(a.w.max_concurrency).c_str() : "unlimited",
                a.w.request_rate.c_str());
+  {
+    std::lock_guard lk(step_mu);
+    timing = true;
+  }
   const auto t0 = Clock::now();
   for (size_t i = 0; i < n; ++i) {
     std::this_thread::sleep_until(
@@ -424,6 +467,11 @@ void run_offline(OfflineArgs& a) {
     cv.wait(lk, [&] { return in_flight == 0; });
   }
   const double duration = since(t0, Clock::now());
+  {
+    std::lock_guard lk(step_mu);  // the engine thread may still report the last step
+    timing = false;
+    report_steps(steps, duration, a.step_log);
+  }
 
   std::vector<RequestResult> results;
   results.reserve(n);
@@ -465,6 +513,7 @@ void register_bench_subcommands(CLI::App* bench) {
     c->add_option("--max-num-tokens", a.sc.max_num_tokens,
                   "tokens per step, the chunked-prefill budget (0: 8192 / 2048)");
     c->add_flag("--no-prefix-cache", a.no_prefix_cache, "do not share prompt blocks");
+    c->add_option("--step-log", a.step_log, "write every engine step of the run as CSV");
     bench::add_workload_args(c, a.w);
     c->callback([&] { run_offline(a); });
   }
