@@ -40,7 +40,7 @@ def bench_json(*args):
 
 
 class Checks:
-    def check_metrics(self, m, n, in_len, out_len, detailed=True, chunk_per_token=True):
+    def check_metrics(self, m, n, in_len, out_len, detailed=True):
         self.assertEqual(m["num_prompts"], n)
         self.assertEqual(m["completed"], n)
         self.assertEqual(m["failed"], 0)
@@ -64,11 +64,9 @@ class Checks:
         self.assertEqual(m["output_lens"], [out_len] * n)
         self.assertEqual(m["errors"], [""] * n)
         self.assertEqual(len(m["ttfts"]), n)
-        if chunk_per_token:  # one scheduler event per token: out_len - 1 gaps each
-            self.assertEqual([len(x) for x in m["itls"]], [out_len - 1] * n)
-        else:  # a server may hold tokens back (incomplete UTF-8) and stream them together
-            for x in m["itls"]:
-                self.assertTrue(1 <= len(x) <= out_len - 1, m["itls"])
+        # One scheduler event per token, and one chunk per event (kiln serve sends a chunk for
+        # every event that carries tokens, text or not): out_len - 1 gaps each.
+        self.assertEqual([len(x) for x in m["itls"]], [out_len - 1] * n)
         gaps = [g for x in m["itls"] for g in x]
         self.assertAlmostEqual(m["mean_itl_ms"], 1000 * sum(gaps) / len(gaps), delta=1e-6)
         tpots = [sum(x) / (out_len - 1) for x in m["itls"]]
@@ -193,14 +191,14 @@ class Serve(unittest.TestCase, Checks):
         m = bench_json("serve", "--url", self.url, *RANDOM, "--save-detailed")
         self.assertEqual(m["backend"], "kiln-serve")
         self.assertEqual(m["model_id"], "demo")
-        self.check_metrics(m, 8, 16, 8, chunk_per_token=False)
+        self.check_metrics(m, 8, 16, 8)
 
     def test_concurrency_rate_and_endpoint_url(self):
         m = bench_json("serve", "--url", self.url + "/v1/completions", "--model", "demo",
                        "--vocab-size", "100", *RANDOM, "--max-concurrency", "3",
                        "--request-rate", "40", "--save-detailed")
         self.assertEqual(m["max_concurrency"], 3)
-        self.check_metrics(m, 8, 16, 8, chunk_per_token=False)
+        self.check_metrics(m, 8, 16, 8)
 
     def test_dataset_text_prompt_len_from_usage(self):
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:

@@ -633,6 +633,33 @@ class Loading(unittest.TestCase):
                 s.kill()
 
 
+class NoTokenizer(unittest.TestCase):
+    def test_streams_a_chunk_per_token_without_tokenizer_files(self):
+        # A dummy-weight engine has no tokenizer: token-id prompts, empty texts, and still one
+        # chunk per token (as vLLM streams), which is how `kiln bench serve` times tokens.
+        with tempfile.TemporaryDirectory() as d:
+            for f in os.listdir(ARGS.model):
+                if not f.startswith("tokenizer"):
+                    os.symlink(os.path.abspath(os.path.join(ARGS.model, f)), os.path.join(d, f))
+            s = Server(model=d)
+            try:
+                status, r = s.request("GET", "/tokenizer_info")
+                self.assertEqual(status, 404, r)
+                events = s.stream("/v1/completions",
+                                  {"model": NAME, "prompt": [5, 6, 7], "max_tokens": 6,
+                                   "temperature": 0, "ignore_eos": True})
+                chunks = [e for e in events if e["choices"]]
+                self.assertEqual(len(chunks), 6, events)
+                self.assertEqual([c["choices"][0]["text"] for c in chunks], [""] * 6)
+                self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "length")
+                status, r = s.post("/v1/completions", {"model": NAME, "prompt": "text",
+                                                       "max_tokens": 2})
+                self.assertEqual(status, 400, r)
+                self.assertEqual(s.stop(), 0)
+            finally:
+                s.kill()
+
+
 class Shutdown(unittest.TestCase):
     def test_sigterm_drains_and_exits_0(self):
         s = Server()

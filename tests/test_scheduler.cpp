@@ -206,6 +206,44 @@ TEST(Scheduler, ConcurrentRequestsGetWhatTheyGetAlone) {
   EXPECT_EQ(st.running, 0);
 }
 
+// The step limits a ServeConfig asks for hold even above the engine's defaults, when the engine
+// is started first with engine_runtime() (as `kiln serve` and `kiln bench offline` do), and
+// on_step reports every step: decode rows, prompt chunks and their tokens.
+TEST(Scheduler, StepLimitsAboveTheDefaultsAndStepReports) {
+  Engine e = fixture_engine("llama", 64);
+  const auto ps = prompts_of(40, e.info().vocab_size, 5);
+  ServeConfig sc = cpu_config(4096, 40, 4096);  // CPU defaults: 16 sequences, 2048 tokens
+  std::mutex mu;
+  std::vector<StepInfo> steps;
+  sc.on_step = [&](const StepInfo& si) {
+    std::lock_guard<std::mutex> l(mu);
+    steps.push_back(si);
+  };
+  e.start(sc.engine_runtime());
+  EXPECT_EQ(e.runtime_info().max_num_seqs, 40);
+  Scheduler s(e, sc);
+  Collector c;
+  int64_t prompt_tokens = 0;
+  for (const auto& p : ps) {
+    s.submit(p, greedy(6), c.cb());
+    prompt_tokens += int64_t(p.size());
+  }
+  c.wait(int(ps.size()));
+  settled(s);
+  std::lock_guard<std::mutex> l(mu);
+  int64_t most = 0, decodes = 0, chunk_tokens = 0;
+  for (const StepInfo& si : steps) {
+    most = std::max(most, si.decodes);
+    decodes += si.decodes;
+    chunk_tokens += si.prefill_tokens;
+    EXPECT_GE(si.seconds, 0.0);
+    EXPECT_LE(si.decodes + si.prefill_seqs, 40);
+  }
+  EXPECT_EQ(most, 40) << "every sequence decodes in one step";
+  EXPECT_EQ(decodes, 40 * 5);  // 6 tokens: the first from the prompt's step, 5 from decodes
+  EXPECT_EQ(chunk_tokens, prompt_tokens);
+}
+
 TEST(Scheduler, PreemptionByRecomputeGivesTheSameTokens) {
   Engine e = fixture_engine("llama", 64);
   const auto ps = prompts_of(12, e.info().vocab_size, 11);

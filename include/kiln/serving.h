@@ -103,6 +103,15 @@ struct ServeConfig {
   int64_t max_queue = 4096;  // waiting requests before submit() refuses (QueueFull)
   // Called on the engine thread after every step that ran a forward; keep it short.
   std::function<void(const StepInfo&)> on_step;
+
+  // `runtime` with this config's step limits: what to start the engine with, since a Scheduler
+  // may narrow the limits of an engine started earlier but never widen them.
+  RuntimeConfig engine_runtime() const {
+    RuntimeConfig rc = runtime;
+    if (max_num_seqs) rc.max_num_seqs = max_num_seqs;
+    if (max_num_tokens) rc.max_num_tokens = max_num_tokens;
+    return rc;
+  }
 };
 
 // Counters and gauges for /metrics.

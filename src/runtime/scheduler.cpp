@@ -147,10 +147,7 @@ struct Scheduler::Impl {
 Scheduler::Scheduler(Engine& engine, const ServeConfig& cfg) : impl_(new Impl(engine, cfg)) {
   Impl& s = *impl_;
   KILN_CHECK(cfg.max_queue >= 1, "--max-queue must be >= 1 (got ", cfg.max_queue, ")");
-  RuntimeConfig rc = cfg.runtime;
-  if (cfg.max_num_seqs) rc.max_num_seqs = cfg.max_num_seqs;
-  if (cfg.max_num_tokens) rc.max_num_tokens = cfg.max_num_tokens;
-  engine.start(rc);
+  engine.start(cfg.engine_runtime());
   // An engine started earlier keeps its step limits (its buffers and graphs are sized for
   // them); a scheduler may only ask for less.
   s.cfg.max_num_seqs =

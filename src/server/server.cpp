@@ -463,7 +463,10 @@ void Server::Impl::routes() {
                     lp.append(tk, it.out.token_ids[i],
                               i < it.out.logprobs.size() ? &it.out.logprobs[i] : nullptr);
                 const bool fin = it.out.finish != FinishReason::None;
-                if (text.empty() && !fin && lp.tokens.empty()) continue;
+                // A chunk per event that carries tokens, even with no text yet (a partial UTF-8
+                // character, an engine without tokenizer files), as vLLM streams: clients time
+                // tokens by chunks.
+                if (text.empty() && !fin && lp.tokens.empty() && it.out.token_ids.empty()) continue;
                 const ChoiceState& s = job->choices[c];
                 out += sse({{"id", id},
                             {"object", "text_completion"},

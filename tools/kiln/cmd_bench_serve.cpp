@@ -364,7 +364,7 @@ void run_offline(OfflineArgs& a) {
   sc.prefix_cache = !a.no_prefix_cache;
   // Every request may be queued at once (rate inf, no concurrency limit).
   sc.max_queue = std::max<int64_t>(sc.max_queue, int64_t(reqs.size()) + 1);
-  start_engine(e, sc.runtime);
+  start_engine(e, sc.engine_runtime());
   // Steps of the timed run (appended on the engine thread; read after the scheduler is idle).
   std::vector<StepInfo> steps;
   std::mutex step_mu;

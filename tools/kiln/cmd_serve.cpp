@@ -66,7 +66,7 @@ void register_serve(CLI::App& app) {
     cfg.serve.prefix_cache = !no_prefix_cache;
     // Reports the device and KV cache size like the other commands; the scheduler then finds
     // the engine started.
-    cfg.on_engine_loaded = [](Engine& e) { start_engine(e, cfg.serve.runtime); };
+    cfg.on_engine_loaded = [](Engine& e) { start_engine(e, cfg.serve.engine_runtime()); };
     // Block the signals before any thread exists so every thread inherits the mask and only the
     // watcher receives them.
     sigset_t set;
