@@ -1,4 +1,5 @@
 // Safetensors validation, HF config parsing (transformers 4 and 5 styles) and bad-input errors.
+#include <chrono>
 #include <cstring>
 
 #include "arch/registry.h"
@@ -96,6 +97,13 @@ TEST(Safetensors, HeaderValidation) {
        16, "overlap"},
       {R"({"a":{"shape":[2],"data_offsets":[0,8]}})", 8, "missing dtype"},
       {R"({"__metadata__":{"k":1}})", 0, "__metadata__.k is not a string"},
+      // The data area is exactly the tensors, back to back from byte 0.
+      {R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[12,20]}})",
+       20, "bytes 8..12 of the data area belong to no tensor"},
+      {R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12,
+       "bytes 0..4 of the data area belong to no tensor"},
+      {R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 12,
+       "the tensors end at byte 8 of the data area but the file has 12 bytes"},
   };
   for (const auto& c : cases) {
     write_raw(p, c.header, c.data);
@@ -103,6 +111,16 @@ TEST(Safetensors, HeaderValidation) {
     EXPECT_TRUE(has(m, c.expect)) << c.header << " -> " << m;
     EXPECT_TRUE(has(m, p.string())) << m;
   }
+  // A header length 8 bytes short of the header (its padding read as data): the data would be
+  // read shifted; refused.
+  {
+    const std::string h = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+    std::ofstream o(p, std::ios::binary | std::ios::trunc);
+    const uint64_t n = h.size();
+    o.write(reinterpret_cast<const char*>(&n), 8);
+    o << h << std::string(8, ' ') << std::string(8, '\0');
+  }
+  EXPECT_TRUE(has(error_of([&] { SafetensorsFile::open(p); }), "the tensors end at byte 8"));
   // Header length beyond the file, beyond 100 MB, and a file shorter than 8 bytes.
   {
     std::ofstream o(p, std::ios::binary | std::ios::trunc);
@@ -120,6 +138,26 @@ TEST(Safetensors, HeaderValidation) {
   std::ofstream(p, std::ios::trunc) << "abc";
   EXPECT_TRUE(has(error_of([&] { SafetensorsFile::open(p); }), "truncated"));
   EXPECT_TRUE(has(error_of([&] { SafetensorsFile::open(tmp / "nope.safetensors"); }), "cannot open"));
+}
+
+// A header of 100k tensors opens in linear time. (Duplicate-name detection through nlohmann's
+// parse callback rescanned the parent object at every entry's end: 50k entries took 138 s.)
+// The bound is a complexity guard, not a speed goal: linear takes well under a second here.
+TEST(Safetensors, ManyEntriesParseInLinearTime) {
+  TempDir tmp;
+  const fs::path p = tmp / "many.safetensors";
+  constexpr int kN = 100000;
+  std::string h = "{";
+  for (int i = 0; i < kN; ++i)
+    h += cat(i ? "," : "", "\"t", i, "\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[",
+             4 * i, ",", 4 * i + 4, "]}");
+  h += "}";
+  write_raw(p, h, 4 * size_t(kN));
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto f = SafetensorsFile::open(p);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(f->tensors().size(), size_t(kN));
+  EXPECT_LT(s, 20.0) << "opening a 100k-entry header took " << s << " s";
 }
 
 TEST(Safetensors, ShardedCheckpointMatchesSingleFile) {

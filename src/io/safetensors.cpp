@@ -19,6 +19,32 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
+
+// SAX handler that finds the first key repeated in the top-level object.
+struct DuplicateKeys : nlohmann::json_sax<json> {
+  int depth = 0;
+  std::set<std::string> seen;
+  std::string dup;
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+  bool start_object(std::size_t) override { return ++depth, true; }
+  bool end_object() override { return --depth, true; }
+  bool start_array(std::size_t) override { return ++depth, true; }
+  bool end_array() override { return --depth, true; }
+  bool key(string_t& k) override {
+    if (depth == 1 && !seen.insert(k).second && dup.empty()) dup = k;
+    return true;
+  }
+  // Malformed input: stop here; the DOM parse that follows reports it.
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override {
+    return false;
+  }
+};
 constexpr uint64_t kMaxHeader = 100ull << 20;
 }
 
@@ -65,17 +91,16 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
   r->data_ = base + 8 + n;
   const uint64_t data_size = size - 8 - n;
 
-  std::set<std::string> seen;
-  std::string dup;
   json j;
+  std::string dup;
   try {
-    j = json::parse(hdr, hdr + n, [&](int depth, json::parse_event_t ev, json& parsed) {
-      if (depth == 1 && ev == json::parse_event_t::key) {
-        const auto& k = parsed.get_ref<const std::string&>();
-        if (!seen.insert(k).second && dup.empty()) dup = k;
-      }
-      return true;
-    });
+    // Duplicate names first, in a SAX pass (the DOM keeps only the last), then the DOM. (A parse
+    // callback would do both in one pass, but nlohmann's callback parser rescans the parent at
+    // every object's end: quadratic in the number of tensors.)
+    DuplicateKeys sax;
+    json::sax_parse(hdr, hdr + n, &sax);
+    dup = sax.dup;
+    j = json::parse(hdr, hdr + n);
   } catch (const json::exception& e) {
     throw Error(cat(f, ": safetensors header is not valid JSON: ", e.what()));
   }
@@ -123,11 +148,24 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
     ranges.push_back({{ti.begin, ti.end}, name});
     r->tensors_[name] = std::move(ti);
   }
+  // The data area must be exactly the tensors, back to back from byte 0, as Hugging Face's
+  // reader requires: a gap or a tail means the header length or an offset is off, and the data
+  // would be read shifted.
   std::sort(ranges.begin(), ranges.end());
-  for (size_t i = 1; i < ranges.size(); ++i)
-    if (ranges[i].first.first < ranges[i - 1].first.second)
-      throw Error(cat(f, ": tensors '", ranges[i - 1].second, "' and '", ranges[i].second,
-                      "' overlap"));
+  uint64_t at = 0;
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    const auto& [range, name] = ranges[i];
+    if (range.first < at)
+      throw Error(cat(f, ": tensors '", ranges[i - 1].second, "' and '", name, "' overlap"));
+    if (range.first > at)
+      throw Error(cat(f, ": bytes ", at, "..", range.first, " of the data area belong to no tensor ",
+                      "(tensor '", name, "' starts at ", range.first,
+                      "); the header's offsets or length are wrong"));
+    at = range.second;
+  }
+  if (at != data_size)
+    throw Error(cat(f, ": the tensors end at byte ", at, " of the data area but the file has ",
+                    data_size, " bytes after the header; the header length or offsets are wrong"));
   return r;
 }
 
