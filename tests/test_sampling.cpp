@@ -51,8 +51,17 @@ std::string describe(const SampleParams& p) {
          " step=" + std::to_string(p.step) + " min_p=" + std::to_string(p.min_p);
 }
 
+// A NaN or +inf anywhere: the row's logits are broken (-inf only bans a token).
+bool non_finite(const float* l, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isnan(l[i]) || l[i] == kInf) return true;
+  return false;
+}
+
+// Greedy's rule: the first maximum; kNonFiniteLogits for a broken row.
 int32_t first_argmax(const float* l, int64_t n) {
-  const auto v = [&](int64_t i) { return std::isnan(l[i]) ? -kInf : l[i]; };
+  if (non_finite(l, n)) return kNonFiniteLogits;
+  const auto v = [&](int64_t i) { return l[i]; };
   int64_t best = 0;
   for (int64_t i = 1; i < n; ++i)
     if (v(i) > v(best)) best = i;
@@ -221,7 +230,8 @@ TEST(Sampling, GreedyIsFirstArgmax) {
   const std::vector<std::vector<float>> rows = {{1, 3, 3, 2}, {kNaN, 1, kNaN}, {-kInf, -kInf},
                                                 {kNaN, kNaN}, {-0.0f, 0.0f},   {0.0f, -0.0f},
                                                 {2},          {kInf, 1, kInf}, {-1, -kInf, -1}};
-  const std::vector<int32_t> want = {1, 1, 0, 0, 0, 0, 0, 0, 0};
+  const std::vector<int32_t> want = {1, kNonFiniteLogits, 0, kNonFiniteLogits, 0, 0,
+                                     0, kNonFiniteLogits, 0};
   for (size_t r = 0; r < rows.size(); ++r)
     EXPECT_EQ(cpu::sample_row(rows[r].data(), int64_t(rows[r].size()), params(0, 0, 1)), want[r])
         << "row " << r;
@@ -231,6 +241,30 @@ TEST(Sampling, GreedyIsFirstArgmax) {
     const std::vector<float> l = random_row(rng, n, i);
     EXPECT_EQ(cpu::sample_row(l.data(), n, params(i % 2 ? 0.0f : -2.0f, 5, 0.5f)),
               first_argmax(l.data(), n));
+  }
+}
+
+// One NaN or +inf anywhere in a row, greedy or sampled, gives kNonFiniteLogits (an error for the
+// caller), never a token picked from broken logits; -inf (a ban) does not, even everywhere.
+TEST(Sampling, NonFiniteRowsAreRefused) {
+  std::mt19937 rng(9);
+  const SampleParams settings[] = {params(0, 0, 1), params(0.8f, 0, 1), params(1.0f, 5, 0.9f),
+                                   params(0.7f, 0, 0.5f)};
+  for (const int64_t n : {1, 3, 1000}) {
+    for (const float bad : {kNaN, kInf}) {
+      for (int i = 0; i < 20; ++i) {
+        std::vector<float> l = random_row(rng, n, 0);
+        l[size_t(rng() % uint64_t(n))] = bad;
+        for (const SampleParams& p : settings)
+          EXPECT_EQ(cpu::sample_row(l.data(), n, p), kNonFiniteLogits)
+              << "n=" << n << " " << describe(p);
+      }
+    }
+    const std::vector<float> banned(size_t(n), -kInf);
+    for (const SampleParams& p : settings) {
+      const int32_t t = cpu::sample_row(banned.data(), n, p);
+      EXPECT_TRUE(t >= 0 && t < n) << t;
+    }
   }
 }
 
@@ -259,8 +293,12 @@ TEST(Sampling, KeptSetMatchesBruteForce) {
         ASSERT_EQ(got[j].id, want[j].id) << "n=" << n << " row " << i << " " << describe(p);
         ASSERT_EQ(got[j].weight, want[j].weight) << "n=" << n << " row " << i;
       }
-      // The draw lands on a kept token with weight.
+      // The draw lands on a kept token with weight; a row with NaN / +inf is refused instead.
       const int32_t tok = cpu::sample_row(l.data(), n, p);
+      if (non_finite(l.data(), n)) {
+        EXPECT_EQ(tok, kNonFiniteLogits) << "n=" << n << " row " << i;
+        continue;
+      }
       const auto it = std::find_if(got.begin(), got.end(), [&](auto& c) { return c.id == tok; });
       ASSERT_NE(it, got.end());
       EXPECT_GT(it->weight, 0u);
@@ -358,7 +396,7 @@ TEST(Sampling, MinPThresholdIsInclusiveOverTies) {
 }
 
 TEST(Sampling, MinPLimits) {
-  const std::vector<float> l = {1.0f, 3.0f, 3.0f, 2.9f, -kInf, kNaN, 0.5f};
+  const std::vector<float> l = {1.0f, 3.0f, 3.0f, 2.9f, -kInf, -kInf, 0.5f};
   const int64_t n = int64_t(l.size());
   const auto kept = [&](float min_p, float t = 1.0f, int32_t k = 0) {
     SampleParams p = params(t, k, 1.0f);
@@ -579,6 +617,29 @@ TEST_F(SamplingCuda, MatchesCpuReferenceAcrossVocabSizes) {
 TEST_F(SamplingCuda, MatchesCpuReferenceForAnyRowCount) {
   uint32_t seed = 200;
   for (int64_t rows : {1, 2, 5, 17, 63, 64, 256}) check_against_cpu(1000, rows, seed++);
+}
+
+// Ordinary rows with one NaN or +inf each, greedy and sampled: kNonFiniteLogits, as the CPU.
+TEST_F(SamplingCuda, NonFiniteRowsAreRefused) {
+  std::mt19937 rng(600);
+  for (const int64_t vocab : {1000, 128256}) {
+    const int64_t rows = 16;
+    std::vector<float> logits;
+    std::vector<SampleParams> ps;
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<float> row = random_row(rng, vocab, int(r % 4));
+      if (r % 4 != 3) row[size_t(rng() % uint64_t(vocab))] = r % 2 ? kNaN : kInf;
+      logits.insert(logits.end(), row.begin(), row.end());
+      ps.push_back(r % 3 ? params(0.8f, int32_t(r % 5) * 10, 0.9f, uint64_t(r)) : params(0, 0, 1));
+    }
+    std::vector<int32_t> got;
+    gpu_sample(logits, rows, vocab, ps, got);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int32_t want = cpu::sample_row(logits.data() + r * vocab, vocab, ps[size_t(r)]);
+      EXPECT_EQ(want == kNonFiniteLogits, r % 4 != 3) << "row " << r;
+      EXPECT_EQ(got[size_t(r)], want) << "vocab " << vocab << " row " << r;
+    }
+  }
 }
 
 TEST_F(SamplingCuda, UnalignedRows) {

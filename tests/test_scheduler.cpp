@@ -10,6 +10,10 @@
 #include <random>
 #include <thread>
 
+#include <cstring>
+#include <limits>
+
+#include "io/safetensors.h"
 #include "kiln/serving.h"
 #include "test_util.h"
 
@@ -242,6 +246,49 @@ TEST(Scheduler, StepLimitsAboveTheDefaultsAndStepReports) {
   EXPECT_EQ(most, 40) << "every sequence decodes in one step";
   EXPECT_EQ(decodes, 40 * 5);  // 6 tokens: the first from the prompt's step, 5 from decodes
   EXPECT_EQ(chunk_tokens, prompt_tokens);
+}
+
+// A checkpoint whose final norm weight is NaN makes every logit NaN: the request ends with an
+// error naming the cause (finish abort), never with tokens picked from NaN; `kiln run` says so
+// in one line and exits 1.
+TEST(Scheduler, NonFiniteLogitsEndTheRequestWithAnError) {
+  TempDir tmp;
+  copy_dir(hf("llama"), tmp / "m");
+  {
+    std::vector<std::pair<std::string, Tensor>> ts;
+    {
+      const auto f = SafetensorsFile::open(tmp / "m" / "model.safetensors");
+      for (const auto& [name, info] : f->tensors()) {
+        const Tensor v = f->get(name);
+        Tensor t = Tensor::zeros(v.dtype, v.shape);
+        std::memcpy(t.data, v.data, t.nbytes());
+        if (name == "model.norm.weight") {
+          std::vector<float> nan(size_t(t.numel()), std::numeric_limits<float>::quiet_NaN());
+          from_f32(t.dtype, nan.data(), t.data, nan.size());
+        }
+        ts.emplace_back(name, std::move(t));
+      }
+    }
+    write_safetensors(tmp / "m" / "model.safetensors", ts);
+  }
+  BuildConfig bc;
+  bc.dtype = "f32";
+  Engine e = Engine::build(tmp / "m", bc);
+  Scheduler s(e, cpu_config());
+  Collector c;
+  const uint64_t id = s.submit({1, 2, 3}, greedy(4), c.cb());
+  c.wait(1);
+  const Collector::Out o = c.get(id);
+  EXPECT_EQ(o.finish, FinishReason::Abort);
+  EXPECT_TRUE(o.ids.empty());
+  EXPECT_NE(o.error.find("non-finite logits"), std::string::npos) << o.error;
+  EXPECT_EQ(settled(s).kv_blocks_used, 0);
+
+  std::string out;
+  const int rc = run_cli("run " + (tmp / "m").string() + " --device cpu --prompt-ids 1,2,3", &out);
+  EXPECT_EQ(rc, 1) << out;
+  EXPECT_EQ(out.rfind("kiln: error: ", 0), 0u) << out;
+  EXPECT_NE(out.find("non-finite logits"), std::string::npos) << out;
 }
 
 TEST(Scheduler, PreemptionByRecomputeGivesTheSameTokens) {

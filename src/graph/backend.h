@@ -44,6 +44,9 @@ struct KVLayerView {
   int64_t num_seqs = 0, num_decode = 0, max_q = 0;
 };
 
+// Backend::sample's id for a row of logits holding NaN or +inf.
+constexpr int32_t kNonFiniteLogits = -1;
+
 // Per-row settings of Backend::sample. The draw of a row is a pure function of (seed, step)
 // and the logits, so a replayed step picks the same token and CPU and CUDA agree.
 struct SampleParams {
@@ -99,6 +102,8 @@ class Backend {
   // The residual stream (embed's out, add_rows' x, add_norm's residual, norm's x when
   // residual_in) is F32 on every backend, whatever the activation dtype: 16-bit engines do not
   // round it between layers (as llama.cpp keeps it), so rounding does not pile up over depth.
+  // out[i] = table[ids[i]] * scale; an id outside the table gives a zero row (callers validate
+  // ids; kNonFiniteLogits from a pipelined decode step must not read out of bounds).
   virtual void embed(const Tensor& table, const int32_t* ids, int64_t n, float scale,
                      void* out) = 0;
   virtual void add_rows(const Tensor& table, const int32_t* rows, int64_t n, void* x) = 0;
@@ -132,7 +137,9 @@ class Backend {
   virtual void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, float softcap,
                       float* y, bool x_f32 = false) = 0;
   // Picks one token per row of F32 logits [rows, vocab] (this device's memory) with the
-  // settings of each row (host array); writes the ids to host memory. Synchronises.
+  // settings of each row (host array); writes the ids to host memory. Synchronises. A row that
+  // holds a NaN or +inf gets kNonFiniteLogits instead of a token: the model's output is broken,
+  // and callers report it as an error (-inf is a banned token, not an error).
   virtual void sample(const float* logits, int64_t rows, int64_t vocab, const SampleParams* params,
                       int32_t* host_ids) = 0;
   // Applies `n` edits (host array; see LogitEdit) to F32 logits [rows, vocab] in this device's

@@ -21,6 +21,12 @@ using json = nlohmann::json;
 
 namespace {
 
+// A token picked from NaN / +inf logits is an error, never a silent token 0.
+void check_finite_pick(int32_t id) {
+  KILN_CHECK(id != kNonFiniteLogits,
+             "the model produced non-finite logits (NaN or inf); its weights or config are broken");
+}
+
 constexpr const char* kManifest = "kiln-engine.json";
 constexpr const char* kWeights = "weights.safetensors";
 constexpr int kFormatVersion = 1;
@@ -380,6 +386,7 @@ int32_t Session::next(std::span<const int32_t> tokens) {
   const SampleParams p = s_->sampling;
   ++s_->sampling.step;
   m.backend->sample(d, 1, m.config.vocab_size, &p, &id);
+  check_finite_pick(id);
   return id;
 }
 
@@ -519,6 +526,7 @@ void Engine::Impl::decode_loop(std::span<Session* const> sessions, std::span<con
         queued = k + 2;
       }
       backend->wait(marks[k % 2]);
+      for (int64_t i = 0; i < B; ++i) check_finite_pick(ids_host[(k % 2) * B + i]);
       if (!on_step(std::span<const int32_t>(ids_host + (k % 2) * B, size_t(B))) || k + 1 == steps) {
         finish(k + 1);
         return;

@@ -645,6 +645,16 @@ void Scheduler::Impl::step() {
   }
   std::vector<int32_t> ids(static_cast<size_t>(R));
   m.backend->sample(logits, R, V, sp.data(), ids.data());
+  // A row of NaN / +inf logits: the model's output is broken; its sequence ends with an error
+  // rather than a token picked from garbage (and before its logprobs, which would be NaN).
+  for (int64_t r = 0; r < R; ++r) {
+    const Row& w = rows[size_t(r)];
+    if (ids[size_t(r)] != kNonFiniteLogits) continue;
+    ids[size_t(r)] = 0;  // a valid id for the log-probability pass below; never emitted
+    finish(w.s, FinishReason::Abort, "",
+           cat("the model produced non-finite logits (NaN or inf) at position ", w.pos,
+               "; its weights or config are broken"));
+  }
 
   // Log-probabilities of the scored rows: the next prompt token, or the token just picked.
   const int64_t P = int64_t(lp_rows.size());

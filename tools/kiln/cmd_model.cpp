@@ -186,6 +186,7 @@ void register_model_commands(CLI::App& app) {
       Scheduler s(e, sc);
       g.detokenize = false;
       const Reply r = stream_reply(s, prompt, g, nullptr);
+      KILN_CHECK(r.error.empty() || !r.ids.empty(), r.error);  // nothing to print: one line
       for (size_t i = 0; i < r.ids.size(); ++i) std::printf("%s%d", i ? "," : "", r.ids[i]);
       std::printf("\n");
       std::fflush(stdout);

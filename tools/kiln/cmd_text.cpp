@@ -113,7 +113,7 @@ void generate_text(Engine& e, const RuntimeConfig& rc, const std::string& text,
     std::fputs(o.text.c_str(), stdout);
     std::fflush(stdout);
   });
-  std::printf("\n");
+  if (!r.text.empty() || r.error.empty()) std::printf("\n");  // an error alone is one line
   std::fflush(stdout);
   KILN_CHECK(r.error.empty(), r.error);
   print_finish(r);

@@ -64,6 +64,8 @@ std::vector<SampleCandidate> sample_candidates(const float* logits, int64_t voca
 
 int32_t sample_row(const float* logits, int64_t vocab, const SampleParams& p) {
   check_vocab(vocab);
+  for (int64_t i = 0; i < vocab; ++i)  // NaN or +inf: broken logits (-inf is a ban)
+    if (std::isnan(logits[i]) || logits[i] == INFINITY) return kNonFiniteLogits;
   if (p.temperature <= 0.0f) {
     int64_t best = 0;
     float bv = sampling::sanitize(logits[0]);

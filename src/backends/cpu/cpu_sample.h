@@ -47,7 +47,8 @@
 
 namespace kiln::cpu {
 
-// The token picked from one row of logits (see above).
+// The token picked from one row of logits (see above); kNonFiniteLogits for a row holding NaN
+// or +inf.
 int32_t sample_row(const float* logits, int64_t vocab, const SampleParams& p);
 
 struct SampleCandidate {

@@ -18,8 +18,8 @@
 #include "backends/cuda/cuda_common.h"
 #include "backends/cuda/cuda_gemm.h"
 #include "backends/cuda/cuda_kernels.h"
-#include "backends/cuda/cuda_profile.h"
 #include "backends/cuda/cuda_logits.h"
+#include "backends/cuda/cuda_profile.h"
 #include "backends/cuda/cuda_sample.h"
 #include "backends/cuda/cuda_upload.h"
 #include "graph/backend.h"
@@ -192,7 +192,8 @@ class CudaBackend final : public Backend {
   void embed(const Tensor& table, const int32_t* ids, int64_t n, float scale, void* out) override {
     Prof prof(prof_.get(), "embed");
     flush();
-    cuda::embed(act_, table.data, table.dtype, table.shape[1], ids, n, scale, out, stream_, true);
+    cuda::embed(act_, table.data, table.dtype, table.shape[0], table.shape[1], ids, n, scale, out,
+                stream_, true);
   }
   void add_rows(const Tensor& table, const int32_t* rows, int64_t n, void* x) override {
     Prof prof(prof_.get(), "add_rows");

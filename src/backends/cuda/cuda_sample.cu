@@ -30,6 +30,8 @@
 // serialise).
 #include "backends/cuda/cuda_sample.h"
 
+#include <cfloat>
+
 #include "backends/cuda/cuda_common.h"
 #include "core/error.h"
 #include "core/sample_math.h"
@@ -339,10 +341,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     // strict > keeps its first; NaN never compares greater; all -inf / NaN leaves index 0.
     float bv = -INFINITY;
     int bi = 0x7fffffff;
+    bool bad = false;  // a NaN or +inf (not <= FLT_MAX; -inf, a ban, and padding are)
     for_groups(row, n, vec, [&](int, int base, const float* v) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < 4; ++j) {
         if (v[j] > bv) bv = v[j], bi = base + j;
+        bad |= !(v[j] <= FLT_MAX);
+      }
     });
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -351,7 +356,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
     }
     if (lane == 0) sm.tk[warp] = float_bits(bv), sm.red[warp] = u64(bi);
-    __syncthreads();
+    const bool any_bad = __syncthreads_or(bad);
+    if (any_bad) {
+      if (tid == 0) out[blockIdx.x] = kNonFiniteLogits;
+      return;
+    }
     if (warp == 0) {
       bv = bits_float(sm.tk[lane]);
       bi = int(sm.red[lane]);
@@ -372,14 +381,18 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Pass 1: the maximum (fmaxf skips NaN), and each thread's own maximum.
   float mx = -INFINITY;
+  bool bad = false;
   for_groups(row, n, vec, [&](int, int, const float* v) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) mx = fmaxf(mx, v[j]);
+    for (int j = 0; j < 4; ++j) mx = fmaxf(mx, v[j]), bad |= !(v[j] <= FLT_MAX);
   });
   const uint32_t mykey = logit_key(mx);
   sm.tk[tid] = mykey;
   if (tid == 0) sm.maxkey = 0, sm.pick = 0;
-  __syncthreads();
+  if (__syncthreads_or(bad)) {  // block-uniform
+    if (tid == 0) out[blockIdx.x] = kNonFiniteLogits;
+    return;
+  }
   const uint32_t wk = __reduce_max_sync(kFull, mykey);
   if (lane == 0) atomicMax(&sm.maxkey, wk);
   __syncthreads();
