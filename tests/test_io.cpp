@@ -1,11 +1,13 @@
 // Safetensors validation, HF config parsing (transformers 4 and 5 styles) and bad-input errors.
 #include <chrono>
 #include <cstring>
+#include <functional>
+#include <limits>
 
 #include "arch/registry.h"
 #include "build/checkpoint.h"
-#include "graph/rope.h"
 #include "core/error.h"
+#include "graph/rope.h"
 #include "kiln/kiln.h"
 #include "test_util.h"
 
@@ -34,13 +36,16 @@ std::string error_of(const std::function<void()>& f) {
   return "";
 }
 
-bool has(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+bool has(const std::string& s, const std::string& part) {
+  return s.find(part) != std::string::npos;
+}
 
 TEST(Safetensors, RoundTripAllDtypesAndMetadata) {
   TempDir tmp;
   std::vector<std::pair<std::string, Tensor>> ts;
-  const DType all[] = {DType::F32, DType::F16, DType::BF16, DType::F8_E4M3, DType::F8_E5M2,
-                       DType::I8,  DType::U8,  DType::I16,  DType::I32,     DType::I64, DType::BOOL};
+  const DType all[] = {DType::F32,     DType::F16, DType::BF16, DType::F8_E4M3,
+                       DType::F8_E5M2, DType::I8,  DType::U8,   DType::I16,
+                       DType::I32,     DType::I64, DType::BOOL};
   for (DType d : all) {
     Tensor t = Tensor::zeros(d, {3, 5});
     for (size_t i = 0; i < t.nbytes(); ++i) static_cast<uint8_t*>(t.data)[i] = uint8_t(i * 7 + 1);
@@ -60,7 +65,8 @@ TEST(Safetensors, RoundTripAllDtypesAndMetadata) {
 TEST(Safetensors, UnalignedDataIsCopiedNotMisread) {
   TempDir tmp;
   // A 1-byte U8 tensor first puts the F32 tensor at an odd offset.
-  std::string h = R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"F32","shape":[2],"data_offsets":[1,9]}})";
+  std::string h =
+      R"({"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"b":{"dtype":"F32","shape":[2],"data_offsets":[1,9]}})";
   std::ofstream o(tmp / "u.safetensors", std::ios::binary);
   uint64_t n = h.size();
   o.write(reinterpret_cast<const char*>(&n), 8);
@@ -137,7 +143,8 @@ TEST(Safetensors, HeaderValidation) {
   EXPECT_TRUE(has(error_of([&] { SafetensorsFile::open(p); }), "100 MB"));
   std::ofstream(p, std::ios::trunc) << "abc";
   EXPECT_TRUE(has(error_of([&] { SafetensorsFile::open(p); }), "truncated"));
-  EXPECT_TRUE(has(error_of([&] { SafetensorsFile::open(tmp / "nope.safetensors"); }), "cannot open"));
+  EXPECT_TRUE(
+      has(error_of([&] { SafetensorsFile::open(tmp / "nope.safetensors"); }), "cannot open"));
 }
 
 // A header of 100k tensors opens in linear time. (Duplicate-name detection through nlohmann's
@@ -167,7 +174,8 @@ TEST(Safetensors, ShardedCheckpointMatchesSingleFile) {
   std::vector<std::pair<std::string, Tensor>> a, b;
   nlohmann::json map;
   for (const auto& [name, ti] : single->tensors()) {
-    bool first = name.find("layers.0.") != std::string::npos || name.find("embed") != std::string::npos;
+    bool first =
+        name.find("layers.0.") != std::string::npos || name.find("embed") != std::string::npos;
     (first ? a : b).push_back({name, single->get(name)});
     map[name] = first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
   }
@@ -208,7 +216,7 @@ TEST(Config, TransformersFourAndFiveStyles) {
   EXPECT_TRUE(q25.knobs.qkv_bias);
   for (const auto& l : q25.layers) EXPECT_EQ(l.sliding_window, 0);  // use_sliding_window false
   ModelConfig m7 = resolve(data("configs/mistralai__Mistral-7B-Instruct-v0.3.json"));
-  EXPECT_EQ(m7.layers[0].sliding_window, 0);  // sliding_window: null
+  EXPECT_EQ(m7.layers[0].sliding_window, 0);                     // sliding_window: null
   ModelConfig swa = resolve(hf("mistral_swa") / "config.json");  // transformers 5
   EXPECT_EQ(swa.layers[2].sliding_window, 8);
   ModelConfig r31 = resolve(hf("llama31_rope") / "config.json");
@@ -225,10 +233,93 @@ TEST(Config, TransformersFourAndFiveStyles) {
   EXPECT_EQ(lin.ropes[0].theta, 1234.0);
   j["rope_scaling"] = {{"rope_type", "dynamic"}, {"factor", 2.0}};
   EXPECT_EQ(resolve_config(find_arch("LlamaForCausalLM"), j, "c").ropes[0].type, RopeType::Dynamic);
-  j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 64}};
+  j["rope_scaling"] = {
+      {"rope_type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 64}};
   EXPECT_EQ(resolve_config(find_arch("LlamaForCausalLM"), j, "c").ropes[0].type, RopeType::Yarn);
   j["rope_scaling"] = {{"rope_type", "weird"}};
-  EXPECT_TRUE(has(error_of([&] { resolve_config(find_arch("LlamaForCausalLM"), j, "c"); }), "unsupported rope type 'weird'"));
+  EXPECT_TRUE(has(error_of([&] { resolve_config(find_arch("LlamaForCausalLM"), j, "c"); }),
+                  "unsupported rope type 'weird'"));
+}
+
+// Values that parse but break the model (NaN or degenerate logits) and sizes beyond what kiln
+// can hold are refused at build, naming the field.
+TEST(Config, RangesAreChecked) {
+  using json = nlohmann::json;
+  const fs::path src = hf("llama") / "config.json";
+  const json base = read_json(src);
+  auto error_for = [&](const std::function<void(json&)>& edit) {
+    json j = base;
+    edit(j);
+    return error_of([&] { resolve_config(find_arch(j["architectures"][0]), j, "cfg.json"); });
+  };
+  struct Case {
+    std::function<void(json&)> edit;
+    std::string expect;
+  };
+  const std::vector<Case> cases = {
+      {[](json& j) { j["rms_norm_eps"] = 0.0; }, "rms_norm_eps / layer_norm_eps must be a finite"},
+      {[](json& j) { j["rms_norm_eps"] = -1e-6; }, "rms_norm_eps / layer_norm_eps must be"},
+      {[](json& j) { j["rms_norm_eps"] = 5.0; }, "is above 1"},
+      {[](json& j) { j["rope_parameters"]["rope_theta"] = 0.0; },
+       "rope_theta must be a finite number > 1"},
+      {[](json& j) { j["rope_parameters"]["rope_theta"] = -10000.0; }, "rope_theta must be"},
+      {[](json& j) {
+         j.erase("rope_parameters");
+         j["rope_theta"] = 1.0;
+       },
+       "rope_theta must be"},
+      {[](json& j) { j["query_pre_attn_scalar"] = 0.0; }, "query_pre_attn_scalar"},
+      {[](json& j) { j["final_logit_softcapping"] = 1e-30; }, "final_logit_softcapping must be 0"},
+      {[](json& j) { j["attn_logit_softcapping"] = -5.0; }, "attn_logit_softcapping must be 0"},
+      {[](json& j) { j["partial_rotary_factor"] = 3.0; },
+       "partial_rotary_factor must be in (0, 1]"},
+      {[&](json& j) {
+         j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 0.0}};
+         j.erase("rope_parameters");
+       },
+       "rope scaling factor must be"},
+      {[](json& j) {
+         j["rope_scaling"] = {{"rope_type", "llama3"},
+                              {"factor", 8.0},
+                              {"low_freq_factor", 4.0},
+                              {"high_freq_factor", 4.0},
+                              {"original_max_position_embeddings", 64}};
+         j.erase("rope_parameters");
+       },
+       "must be above low_freq_factor"},
+      {[](json& j) { j["vocab_size"] = int64_t(1) << 33; }, "vocab_size = 8589934592 is beyond"},
+      {[](json& j) { j["max_position_embeddings"] = int64_t(1) << 40; },
+       "max_position_embeddings = 1099511627776 is beyond"},
+      {[](json& j) {
+         j["num_hidden_layers"] = 16000;
+         j["hidden_size"] = 1 << 20;
+         j["num_attention_heads"] = 1 << 13;
+         j["num_key_value_heads"] = 1 << 13;
+         j["head_dim"] = 128;
+       },
+       "parameters"},
+      {[](json& j) { j["num_hidden_layers"] = int64_t(1) << 40; }, "num_hidden_layers = "},
+  };
+  for (const Case& c : cases) {
+    const std::string m = error_for(c.edit);
+    EXPECT_TRUE(has(m, c.expect)) << "expected '" << c.expect << "' in: " << m;
+    EXPECT_TRUE(has(m, "cfg.json")) << m;
+  }
+  // The fixture and every real config of a known architecture pass.
+  EXPECT_NO_THROW(resolve_config(find_arch(base["architectures"][0]), base, "cfg.json"));
+  int real = 0;
+  for (const auto& e : fs::directory_iterator(data("configs"))) {
+    const json j = read_json(e.path());
+    const ArchSpec* spec = nullptr;
+    try {
+      spec = &find_arch(j["architectures"][0]);
+    } catch (const Error&) {
+      continue;  // an architecture kiln does not have yet
+    }
+    EXPECT_NO_THROW(resolve_config(*spec, j, e.path().string())) << e.path();
+    ++real;
+  }
+  EXPECT_GE(real, 10);
 }
 
 TEST(Config, RealConfigsOfTheBreadthFamilies) {
@@ -282,10 +373,13 @@ TEST(Config, RopeScalingVariantsChangeLogits) {
   std::vector<int32_t> p(40);
   for (size_t i = 0; i < p.size(); ++i) p[i] = int32_t(i * 7 % 500);
   const auto ref = base.logits(p);
-  for (nlohmann::json rp : {nlohmann::json{{"rope_type", "linear"}, {"factor", 2.0}, {"rope_theta", 10000.0}},
-                            nlohmann::json{{"rope_type", "dynamic"}, {"factor", 2.0}, {"rope_theta", 10000.0}},
-                            nlohmann::json{{"rope_type", "yarn"}, {"factor", 4.0}, {"rope_theta", 10000.0},
-                                           {"original_max_position_embeddings", 64}}}) {
+  for (nlohmann::json rp :
+       {nlohmann::json{{"rope_type", "linear"}, {"factor", 2.0}, {"rope_theta", 10000.0}},
+        nlohmann::json{{"rope_type", "dynamic"}, {"factor", 2.0}, {"rope_theta", 10000.0}},
+        nlohmann::json{{"rope_type", "yarn"},
+                       {"factor", 4.0},
+                       {"rope_theta", 10000.0},
+                       {"original_max_position_embeddings", 64}}}) {
     TempDir tmp;
     copy_dir(hf("llama"), tmp / "m");
     auto c = read_json(tmp / "m" / "config.json");
@@ -325,13 +419,16 @@ class BadInput : public ::testing::Test {
 TEST_F(BadInput, TruncatedSafetensors) {
   fs::path m = model();
   fs::resize_file(m / "model.safetensors", fs::file_size(m / "model.safetensors") / 2);
-  expect_error("build " + m.string() + " -o " + (tmp / "engine").string(), "past the end of the data");
+  expect_error("build " + m.string() + " -o " + (tmp / "engine").string(),
+               "past the end of the data");
 }
 
 TEST_F(BadInput, OffsetPastEnd) {
   fs::path m = model();
-  write_raw(m / "model.safetensors", R"({"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 4);
-  expect_error("build " + m.string() + " -o " + (tmp / "engine").string(), "data_offsets end 16 is past the end");
+  write_raw(m / "model.safetensors", R"({"x":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})",
+            4);
+  expect_error("build " + m.string() + " -o " + (tmp / "engine").string(),
+               "data_offsets end 16 is past the end");
 }
 
 TEST_F(BadInput, WrongShapeAndMissingWeightAllReported) {
@@ -339,7 +436,9 @@ TEST_F(BadInput, WrongShapeAndMissingWeightAllReported) {
   auto f = SafetensorsFile::open(m / "model.safetensors");
   std::vector<std::pair<std::string, Tensor>> ts;
   for (const auto& [name, ti] : f->tensors()) {
-    if (name == "model.layers.1.mlp.up_proj.weight" || name == "model.layers.2.self_attn.o_proj.weight") continue;
+    if (name == "model.layers.1.mlp.up_proj.weight" ||
+        name == "model.layers.2.self_attn.o_proj.weight")
+      continue;
     Tensor t = f->get(name);
     if (name == "model.layers.0.self_attn.k_proj.weight") t.shape = {64, 32};  // transposed
     ts.push_back({name, t});
@@ -352,7 +451,8 @@ TEST_F(BadInput, WrongShapeAndMissingWeightAllReported) {
   EXPECT_EQ(run_cli("build " + m.string() + " -o " + (tmp / "engine").string(), &out), 1);
   EXPECT_TRUE(has(out, "layers.1.w_up")) << out;
   EXPECT_TRUE(has(out, "layers.2.wo")) << out;
-  EXPECT_TRUE(has(out, "model.layers.0.self_attn.k_proj.weight [64, 32] (expected [32, 64])")) << out;
+  EXPECT_TRUE(has(out, "model.layers.0.self_attn.k_proj.weight [64, 32] (expected [32, 64])"))
+      << out;
   EXPECT_TRUE(has(out, "unexpected weights: model.layers.0.mlp.extra.weight")) << out;
   EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
   EXPECT_FALSE(fs::exists(tmp / "engine"));
@@ -380,25 +480,37 @@ TEST_F(BadInput, PromptLongerThanMaxPositions) {
   fs::path m = model();
   std::string ids = "1";
   for (int i = 1; i < 257; ++i) ids += ",5";
-  expect_error("run " + m.string() + " --prompt-ids " + ids, "prompt has 257 tokens but the engine allows at most 256");
+  expect_error("run " + m.string() + " --prompt-ids " + ids,
+               "prompt has 257 tokens but the engine allows at most 256");
   expect_error("run " + m.string() + " --prompt-ids 1,2,x", "'x' is not a token id");
   expect_error("run " + m.string() + " --prompt-ids 1,512", "outside the vocabulary");
-  expect_error("run " + (tmp / "nowhere").string() + " --prompt-ids 1", "no such file or directory");
+  expect_error("run " + (tmp / "nowhere").string() + " --prompt-ids 1",
+               "no such file or directory");
 }
 
 TEST(Cli, BuildRunLogitsEndToEnd) {
   TempDir tmp;
   std::string out;
-  ASSERT_EQ(run_cli("build " + hf("llama").string() + " -o " + (tmp / "e").string(), &out), 0) << out;
+  ASSERT_EQ(run_cli("build " + hf("llama").string() + " -o " + (tmp / "e").string(), &out), 0)
+      << out;
   Reference ref = load_reference("llama");
   std::string ids;
-  for (size_t i = 0; i < ref.prompts[1].size(); ++i) ids += (i ? "," : "") + std::to_string(ref.prompts[1][i]);
-  ASSERT_EQ(run_cli("run " + (tmp / "e").string() + " --prompt-ids " + ids + " --max-tokens 16 --ignore-eos --temperature 0", &out), 0) << out;
+  for (size_t i = 0; i < ref.prompts[1].size(); ++i)
+    ids += (i ? "," : "") + std::to_string(ref.prompts[1][i]);
+  ASSERT_EQ(run_cli("run " + (tmp / "e").string() + " --prompt-ids " + ids +
+                        " --max-tokens 16 --ignore-eos --temperature 0",
+                    &out),
+            0)
+      << out;
   std::string want;
   for (size_t i = 0; i < 16; ++i) want += (i ? "," : "") + std::to_string(ref.greedy[1][i]);
   // stdout: the ids; stderr: the finish reason (and on a GPU, the KV cache report first).
   EXPECT_NE(out.find(want + "\n[finish_reason: length]\n"), std::string::npos) << out;
-  ASSERT_EQ(run_cli("logits " + (tmp / "e").string() + " --prompt-ids " + ids + " --out " + (tmp / "l.safetensors").string(), &out), 0) << out;
+  ASSERT_EQ(run_cli("logits " + (tmp / "e").string() + " --prompt-ids " + ids + " --out " +
+                        (tmp / "l.safetensors").string(),
+                    &out),
+            0)
+      << out;
   auto f = SafetensorsFile::open(tmp / "l.safetensors");
   Tensor l = f->get("logits");
   ASSERT_EQ(l.shape, (Shape{int64_t(ref.prompts[1].size()), 512}));

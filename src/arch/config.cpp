@@ -23,8 +23,8 @@ NLOHMANN_JSON_SERIALIZE_ENUM(RopeType, {{RopeType::None, "none"},
                                         {RopeType::Llama3, "llama3"},
                                         {RopeType::Yarn, "yarn"},
                                         {RopeType::LongRope, "longrope"}})
-NLOHMANN_JSON_SERIALIZE_ENUM(Routing, {{Routing::None, "none"},
-                                       {Routing::SoftmaxTopK, "softmax_topk"}})
+NLOHMANN_JSON_SERIALIZE_ENUM(Routing,
+                             {{Routing::None, "none"}, {Routing::SoftmaxTopK, "softmax_topk"}})
 
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(Knobs, norm, norm_bias, qkv_bias, o_bias, mlp_bias, gated_mlp,
                                    qk_norm, post_attn_norm, post_ffn_norm, embed_scale_sqrt_hidden,
@@ -135,8 +135,10 @@ RopeConfig parse_rope(const json& p, double theta, double partial, int64_t max_p
   if (!p.is_object()) throw Error(cat(file, ": rope parameters must be an object"));
   Reader rd{p, file};
   std::string type = "default";
-  if (p.contains("rope_type") && p["rope_type"].is_string()) type = p["rope_type"];
-  else if (p.contains("type") && p["type"].is_string()) type = p["type"];
+  if (p.contains("rope_type") && p["rope_type"].is_string())
+    type = p["rope_type"];
+  else if (p.contains("type") && p["type"].is_string())
+    type = p["type"];
   r.theta = rd.number({"rope_theta"}, theta);
   r.partial_rotary_factor = rd.number({"partial_rotary_factor"}, partial);
   r.factor = rd.number({"factor"}, 1.0);
@@ -174,6 +176,97 @@ RopeConfig parse_rope(const json& p, double theta, double partial, int64_t max_p
   return r;
 }
 
+// Sizes whose products overflow or whose allocations are absurd: refused before anything is
+// sized from them (the per-layer tables included), naming the field.
+void check_sizes(const ModelConfig& m, const std::string& file) {
+  auto fail = [&](const std::string& field, const std::string& why) {
+    throw Error(cat(file, ": ", field, " ", why));
+  };
+  auto limit = [&](int64_t v, int64_t most, const char* field) {
+    if (v > most) fail(field, cat("= ", v, " is beyond kiln's limit of ", most));
+  };
+  limit(m.vocab_size, (int64_t(1) << 31) - 1, "vocab_size");  // token ids are int32
+  limit(m.hidden_size, int64_t(1) << 20, "hidden_size");
+  limit(m.num_layers, int64_t(1) << 14, "num_hidden_layers");
+  limit(m.num_heads, int64_t(1) << 14, "num_attention_heads");
+  limit(m.head_dim, int64_t(1) << 14, "head_dim");
+  limit(m.intermediate_size, int64_t(1) << 24, "intermediate_size");
+  limit(m.moe_intermediate_size, int64_t(1) << 24, "moe_intermediate_size");
+  limit(m.shared_expert_intermediate_size, int64_t(1) << 24, "shared_expert_intermediate_size");
+  limit(m.num_experts, int64_t(1) << 12, "num_experts");
+  // Positions are int32 and RoPE tables grow with them (16M: past the longest context shipped).
+  limit(m.max_position_embeddings, int64_t(1) << 24, "max_position_embeddings");
+  if (m.intermediate_size == 0 && m.knobs.routing == Routing::None)
+    fail("intermediate_size", "must be > 0");
+  // Parameters, in floating point (the products of limited fields stay exact enough and cannot
+  // wrap): the whole model must stay under 2^41 (2.2 trillion).
+  const double h = double(m.hidden_size),
+               attn = 2.0 * h * double(m.q_dim()) + 2.0 * h * double(m.kv_dim());
+  double per_layer = attn + 3.0 * h * double(m.intermediate_size);
+  if (m.knobs.routing != Routing::None)
+    per_layer =
+        attn + 3.0 * h *
+                   (double(m.num_experts) * double(m.moe_intermediate_size) +
+                    double(m.shared_expert_intermediate_size) + double(m.intermediate_size));
+  const double params = double(m.num_layers) * per_layer + 2.0 * double(m.vocab_size) * h;
+  if (params > double(int64_t(1) << 41))
+    fail("sizes", cat("(num_hidden_layers ", m.num_layers, ", hidden_size ", m.hidden_size,
+                      ", intermediate_size ", m.intermediate_size, ", vocab_size ", m.vocab_size,
+                      ", num_experts ", m.num_experts, ") make ", params, " parameters (",
+                      params * 2 / 1e12, " TB in BF16): more than kiln's limit of 2^41"));
+}
+
+// Values that parse but would make every logit NaN or the model degenerate: refused at build,
+// naming the field.
+void check_values(const ModelConfig& m, const std::string& file) {
+  auto fail = [&](const std::string& field, const std::string& why) {
+    throw Error(cat(file, ": ", field, " ", why));
+  };
+  auto positive = [&](double v, const std::string& field) {
+    if (!std::isfinite(v) || v <= 0) fail(field, cat("must be a finite number > 0 (got ", v, ")"));
+  };
+  positive(m.norm_eps, "rms_norm_eps / layer_norm_eps");
+  if (m.norm_eps > 1) fail("rms_norm_eps / layer_norm_eps", cat("= ", m.norm_eps, " is above 1"));
+  positive(m.attn_scale, "query_pre_attn_scalar (the attention scale)");
+  // Soft-caps: 0 is off; a cap below 1 squashes every logit into (-cap, cap): degenerate.
+  for (const auto& [v, field] : {std::pair{m.attn_softcap, "attn_logit_softcapping"},
+                                 std::pair{m.final_softcap, "final_logit_softcapping"}})
+    if (!std::isfinite(v) || v < 0 || (v > 0 && v < 1))
+      fail(field, cat("must be 0 (off) or a finite number >= 1 (got ", v, ")"));
+  for (const RopeConfig& r : m.ropes) {
+    if (r.type == RopeType::None) continue;
+    if (!std::isfinite(r.theta) || r.theta <= 1)
+      fail("rope_theta", cat("must be a finite number > 1 (got ", r.theta, ")"));
+    if (!std::isfinite(r.partial_rotary_factor) || r.partial_rotary_factor <= 0 ||
+        r.partial_rotary_factor > 1)
+      fail("partial_rotary_factor", cat("must be in (0, 1] (got ", r.partial_rotary_factor, ")"));
+    positive(r.factor, "rope scaling factor");
+    if (r.type == RopeType::Llama3) {
+      positive(r.low_freq_factor, "rope low_freq_factor");
+      positive(r.high_freq_factor, "rope high_freq_factor");
+      if (r.high_freq_factor <= r.low_freq_factor)
+        fail("rope high_freq_factor",
+             cat("(", r.high_freq_factor, ") must be above low_freq_factor (", r.low_freq_factor,
+                 ")"));
+      positive(double(r.original_max_position_embeddings), "original_max_position_embeddings");
+    }
+    if (r.type == RopeType::Yarn) {
+      if (!std::isfinite(r.beta_fast) || !std::isfinite(r.beta_slow) || r.beta_fast <= r.beta_slow)
+        fail("rope beta_fast",
+             cat("(", r.beta_fast, ") must be finite and above beta_slow (", r.beta_slow, ")"));
+      for (const auto& [o, field] : {std::pair{&r.attention_factor, "rope attention_factor"},
+                                     std::pair{&r.mscale, "rope mscale"},
+                                     std::pair{&r.mscale_all_dim, "rope mscale_all_dim"}})
+        if (*o) positive(**o, field);
+    }
+    if (r.type == RopeType::LongRope) {
+      for (const double f : r.short_factor) positive(f, "rope short_factor entries");
+      for (const double f : r.long_factor) positive(f, "rope long_factor entries");
+      if (r.attention_factor) positive(*r.attention_factor, "rope attention_factor");
+    }
+  }
+}
+
 }  // namespace
 
 ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::string& file) {
@@ -187,8 +280,8 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
   m.architecture = spec.name;
   m.knobs = spec.knobs;
   for (const auto& [knob, key] : spec.knob_keys) {
-    bool* k = knob == "qkv_bias"  ? &m.knobs.qkv_bias
-              : knob == "o_bias"  ? &m.knobs.o_bias
+    bool* k = knob == "qkv_bias"   ? &m.knobs.qkv_bias
+              : knob == "o_bias"   ? &m.knobs.o_bias
               : knob == "mlp_bias" ? &m.knobs.mlp_bias
                                    : nullptr;
     if (!k) throw Error(cat("architecture table ", spec.name, ": unknown knob '", knob, "'"));
@@ -210,7 +303,8 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
     m.intermediate_size = spec.intermediate_mult * m.hidden_size;
   else
     m.intermediate_size = rd.integer(keys("intermediate_size", {"intermediate_size"}));
-  m.max_position_embeddings = rd.integer(keys("max_position_embeddings", {"max_position_embeddings"}));
+  m.max_position_embeddings =
+      rd.integer(keys("max_position_embeddings", {"max_position_embeddings"}));
   m.norm_eps = rd.number(keys("norm_eps", {"rms_norm_eps", "layer_norm_eps"}), 1e-6);
   std::string act = spec.default_act;
   if (const json* v = rd.find(keys("act", {"hidden_act"}))) act = v->get<std::string>();
@@ -235,11 +329,14 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
                       ") must be between 1 and the number of experts (", m.num_experts, ")"));
   }
 
+  check_sizes(m, file);
+
   // RoPE: transformers-5 rope_parameters (one object, or one per layer type), else
   // transformers-4 rope_theta + rope_scaling.
   const double partial = rd.number({"partial_rotary_factor"}, 1.0);
   // Phi-3 keeps original_max_position_embeddings at the top level, not in rope_scaling.
-  const int64_t orig_max = rd.integer({"original_max_position_embeddings"}, m.max_position_embeddings);
+  const int64_t orig_max =
+      rd.integer({"original_max_position_embeddings"}, m.max_position_embeddings);
   std::vector<std::string> rope_types;  // layer type per rope entry, when keyed by layer type
   if (c.contains("rope_parameters") && c["rope_parameters"].is_object()) {
     const json& rp = c["rope_parameters"];
@@ -251,12 +348,14 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
         m.ropes.push_back(parse_rope(v, 10000.0, partial, orig_max, file));
       }
     } else {
-      m.ropes.push_back(parse_rope(rp, rd.number({"rope_theta"}, 10000.0), partial, orig_max, file));
+      m.ropes.push_back(
+          parse_rope(rp, rd.number({"rope_theta"}, 10000.0), partial, orig_max, file));
     }
   } else {
     const json null;
     const json& scaling = c.contains("rope_scaling") ? c["rope_scaling"] : null;
-    m.ropes.push_back(parse_rope(scaling, rd.number({"rope_theta"}, 10000.0), partial, orig_max, file));
+    m.ropes.push_back(
+        parse_rope(scaling, rd.number({"rope_theta"}, 10000.0), partial, orig_max, file));
     // Gemma 3 (transformers 4): sliding layers use plain RoPE with rope_local_base_freq.
     if (rd.find({"rope_local_base_freq"})) {
       rope_types = {"full_attention", "sliding_attention"};
@@ -276,11 +375,12 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
   if (c.contains("layer_types") && c["layer_types"].is_array()) {
     types = c["layer_types"].get<std::vector<std::string>>();
     if (int64_t(types.size()) != m.num_layers)
-      throw Error(cat(file, ": layer_types has ", types.size(), " entries but num_hidden_layers is ",
-                      m.num_layers));
+      throw Error(cat(file, ": layer_types has ", types.size(),
+                      " entries but num_hidden_layers is ", m.num_layers));
   } else {
     const bool use_sw = rd.boolean("use_sliding_window", true);
-    const int64_t first_sw = c.contains("use_sliding_window") ? rd.integer({"max_window_layers"}, 0) : 0;
+    const int64_t first_sw =
+        c.contains("use_sliding_window") ? rd.integer({"max_window_layers"}, 0) : 0;
     const int64_t period = rd.integer({"sliding_window_pattern"}, spec.sliding_period);
     for (int64_t i = 0; i < m.num_layers; ++i) {
       bool sw = use_sw && window > 0 && i >= first_sw && (period == 0 || (i + 1) % period != 0);
@@ -292,7 +392,8 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
     const std::string& t = types[size_t(i)];
     if (t == "sliding_attention") {
       if (window <= 0)
-        throw Error(cat(file, ": layer ", i, " is sliding_attention but sliding_window is not set"));
+        throw Error(
+            cat(file, ": layer ", i, " is sliding_attention but sliding_window is not set"));
       l.sliding_window = window;
     } else if (t != "full_attention") {
       throw Error(cat(file, ": layer_types[", i, "] = '", t, "' is not supported"));
@@ -315,13 +416,18 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
                                 step > 0 && (i + 1) % step == 0;
   }
 
-  if (const json* v = rd.find({"bos_token_id"}); v && v->is_number_integer()) m.bos_token_id = v->get<int64_t>();
+  if (const json* v = rd.find({"bos_token_id"}); v && v->is_number_integer())
+    m.bos_token_id = v->get<int64_t>();
   if (const json* v = rd.find({"eos_token_id"})) {
-    if (v->is_number_integer()) m.eos_token_ids = {v->get<int64_t>()};
-    else if (v->is_array()) m.eos_token_ids = v->get<std::vector<int64_t>>();
+    if (v->is_number_integer())
+      m.eos_token_ids = {v->get<int64_t>()};
+    else if (v->is_array())
+      m.eos_token_ids = v->get<std::vector<int64_t>>();
   }
+  check_values(m, file);
   for (size_t i = 0; i < m.ropes.size(); ++i)
-    if (m.ropes[i].type != RopeType::None && (m.rotary_dim(int(i)) <= 0 || m.rotary_dim(int(i)) > m.head_dim))
+    if (m.ropes[i].type != RopeType::None &&
+        (m.rotary_dim(int(i)) <= 0 || m.rotary_dim(int(i)) > m.head_dim))
       throw Error(cat(file, ": partial_rotary_factor gives an invalid rotary dimension"));
   return m;
 }
@@ -330,14 +436,18 @@ json apply_generation_config(ModelConfig& m, const json& g, const std::string& f
   if (!g.is_object()) throw Error(cat(file, ": not a JSON object"));
   if (g.contains("eos_token_id")) {
     const json& v = g["eos_token_id"];
-    if (v.is_number_integer()) m.eos_token_ids = {v.get<int64_t>()};
-    else if (v.is_array()) m.eos_token_ids = v.get<std::vector<int64_t>>();
-    else if (!v.is_null()) throw Error(cat(file, ": eos_token_id must be an integer or a list"));
+    if (v.is_number_integer())
+      m.eos_token_ids = {v.get<int64_t>()};
+    else if (v.is_array())
+      m.eos_token_ids = v.get<std::vector<int64_t>>();
+    else if (!v.is_null())
+      throw Error(cat(file, ": eos_token_id must be an integer or a list"));
   }
   if (g.contains("bos_token_id") && g["bos_token_id"].is_number_integer())
     m.bos_token_id = g["bos_token_id"].get<int64_t>();
   json d = json::object();
-  for (const char* k : {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "do_sample"})
+  for (const char* k :
+       {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "do_sample"})
     if (g.contains(k) && !g[k].is_null()) d[k] = g[k];
   return d;
 }
