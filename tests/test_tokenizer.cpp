@@ -285,6 +285,61 @@ TEST(TokenizerErrors, BadFilesNameTheFile) {
                kiln::Error);
 }
 
+std::string run_cli(const std::string& args, const std::string& input, int* rc);  // below
+
+// Token ids beyond 32 bits (or past kiln's table limit) in tokenizer.json, tokenizer.model and
+// `kiln tokenize --decode` input are refused, never wrapped onto another token.
+TEST(TokenizerErrors, IdsBeyondThirtyTwoBits) {
+  const std::string big = "4294967301";  // 2^32 + 5: wraps to 5 as int32
+  std::string err = load_error(write_file(
+      "big_vocab.json",
+      R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": )" + big + R"(}, "merges": []}})"));
+  EXPECT_NE(err.find("model.vocab[\"b\"] = 4294967301 is outside [0, 4194304)"), std::string::npos)
+      << err;
+  err = load_error(write_file("sparse_vocab.json",
+                              R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 2000000000},
+                              "merges": []}})"));
+  EXPECT_NE(err.find("is outside"), std::string::npos) << err;  // a 2G-entry table, refused
+  err = load_error(write_file(
+      "big_post.json", std::string("{") + kTinyModel +
+                           R"(, "post_processor": {"type": "BertProcessing", "sep": ["b", )" + big +
+                           R"(], "cls": ["a", 0]}})"));
+  EXPECT_NE(err.find("post_processor.sep id = 4294967301"), std::string::npos) << err;
+
+  // tokenizer.model: a second trainer_spec whose bos_id (field 41) is 2^32 + 1.
+  const fs::path src = kData / "tokenizers" / "spm_bpe" / "tokenizer.model";
+  std::ifstream in(src, std::ios::binary);
+  std::string model((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto varint = [](uint64_t v) {
+    std::string b;
+    for (; v >= 0x80; v >>= 7) b.push_back(char(0x80 | (v & 0x7f)));
+    b.push_back(char(v));
+    return b;
+  };
+  const std::string spec = varint(41 << 3) + varint((uint64_t(1) << 32) + 1);
+  model += varint(2 << 3 | 2) + varint(spec.size()) + spec;
+  const fs::path dir = FixtureDir::get().root() / "big_spm";
+  fs::create_directories(dir);
+  std::ofstream(dir / "tokenizer.model", std::ios::binary) << model;
+  err = "";
+  try {
+    kiln::Tokenizer::from_dir(dir);
+  } catch (const kiln::Error& e) {
+    err = e.what();
+  }
+  EXPECT_NE(err.find("trainer_spec.bos_id = 4294967297 is not a token id"), std::string::npos)
+      << err;
+
+  int rc = 0;
+  const std::string qdir = "'" + FixtureDir::get().prepare("qwen3").string() + "'";
+  std::string out = run_cli(qdir + " --decode", "[1, " + big + "]", &rc);
+  EXPECT_NE(rc, 0) << out;
+  EXPECT_NE(out.find("token id 4294967301 is outside [0, 2^31)"), std::string::npos) << out;
+  out = run_cli(qdir + " --decode", "[-3]", &rc);
+  EXPECT_NE(rc, 0) << out;
+  EXPECT_NE(out.find("token id -3 is outside"), std::string::npos) << out;
+}
+
 // A SentencePiece BPE model (no tokenizer.json): ids and text must match sentencepiece itself.
 TEST(TokenizerSentencePiece, MatchesSentencePiece) {
   fs::path dir = kData / "tokenizers" / "spm_bpe";

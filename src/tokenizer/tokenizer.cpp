@@ -2,6 +2,7 @@
 #include "tokenizer/tokenizer.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -393,6 +394,16 @@ void apply_config(TokenizerImpl& tk, const json& cfg, const std::string& where) 
     }
     tk.post_processor = make_template(std::move(before), std::move(after));
   }
+}
+
+int32_t file_token_id(const json& v, const std::string& what) {
+  KILN_CHECK(v.is_number_integer(), what, " is not an integer token id");
+  // Unsigned beyond int64 reads as negative here: refused too.
+  const int64_t id =
+      v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX) ? -1 : v.get<int64_t>();
+  KILN_CHECK(id >= 0 && id < kMaxTokenizerId, what, " = ", v.dump(), " is outside [0, ",
+             kMaxTokenizerId, ")");
+  return int32_t(id);
 }
 
 }  // namespace tok

@@ -260,9 +260,9 @@ class PostSequence : public PostProcessor {
 };
 
 int32_t token_pair_id(const json& j, const std::string& where, const char* field) {
-  KILN_CHECK(j.is_array() && j.size() == 2 && j[1].is_number_integer(), where, ": post_processor.",
-             field, " must be [token, id]");
-  return j[1].get<int32_t>();
+  KILN_CHECK(j.is_array() && j.size() == 2, where, ": post_processor.", field,
+             " must be [token, id]");
+  return file_token_id(j[1], cat(where, ": post_processor.", field, " id"));
 }
 
 }  // namespace
@@ -340,7 +340,9 @@ std::unique_ptr<PostProcessor> make_post_processor(const json& j, const std::str
       KILN_CHECK(specials.contains(name), where, ": post_processor special token \"", name,
                  "\" is not in special_tokens");
       for (const json& id : specials[name].at("ids"))
-        (seen_a ? after : before).push_back(id.get<int32_t>());
+        (seen_a ? after : before)
+            .push_back(
+                file_token_id(id, cat(where, ": post_processor special token \"", name, "\" id")));
     }
     KILN_CHECK(seen_a, where, ": post_processor.single has no $A sequence");
     return std::make_unique<Template>(std::move(before), std::move(after));

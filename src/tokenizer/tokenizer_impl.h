@@ -164,6 +164,13 @@ class TokenMatcher {
 
 // ---- Factories (JSON -> components); `where` names the file for errors ----------------------
 
+// Token ids a tokenizer file may use: they index tables, so they must be dense enough (the
+// largest real vocabularies have ~262k entries; 4M leaves room and bounds the tables).
+constexpr int64_t kMaxTokenizerId = int64_t(1) << 22;
+// A token id from a tokenizer file: an integer in [0, kMaxTokenizerId), else an error naming
+// `what` (never a value wrapped to 32 bits).
+int32_t file_token_id(const nlohmann::json& v, const std::string& what);
+
 std::unique_ptr<Normalizer> make_normalizer(const nlohmann::json& j, const std::string& where);
 std::unique_ptr<PreTokenizer> make_pre_tokenizer(const nlohmann::json& j, const std::string& where);
 std::unique_ptr<Decoder> make_decoder(const nlohmann::json& j, const std::string& where);

@@ -390,14 +390,11 @@ std::unique_ptr<Model> make_bpe(const json& j, const std::string& where, bool by
   KILN_CHECK(vocab.is_object(), where, ": model.vocab must be an object");
   m->vocab_orig.reserve(vocab.size());
   int32_t max_id = -1;
+  for (auto it = vocab.begin(); it != vocab.end(); ++it)
+    max_id = std::max(max_id, file_token_id(*it, cat(where, ": model.vocab[\"", it.key(), "\"]")));
+  m->id_to_tok.resize(size_t(max_id) + 1);
   for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-    KILN_CHECK(it->is_number_integer() && it->get<int64_t>() >= 0, where, ": model.vocab[\"",
-               it.key(), "\"] is not a valid id");
-    max_id = std::max(max_id, it->get<int32_t>());
-  }
-  m->id_to_tok.resize(max_id + 1);
-  for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-    int32_t id = it->get<int32_t>();
+    const int32_t id = it->get<int32_t>();  // checked above
     m->vocab_orig.put(it.key(), id);
     m->id_to_tok[id] = it.key();
   }
@@ -704,7 +701,7 @@ std::unique_ptr<Model> make_model(const json& j, const std::string& where, bool 
     }
     std::optional<int> unk;
     if (j.contains("unk_id") && !j["unk_id"].is_null()) {
-      unk = j["unk_id"].get<int>();
+      unk = file_token_id(j["unk_id"], cat(where, ": model.unk_id"));
       KILN_CHECK(*unk >= 0 && static_cast<size_t>(*unk) < pieces.size(), where,
                  ": model.unk_id out of range");
     }

@@ -149,13 +149,15 @@ std::shared_ptr<TokenizerImpl> load_sentencepiece(const std::filesystem::path& p
             byte_fallback = v != 0;
             break;
           case 40:
-            unk_id = static_cast<int32_t>(v);
-            break;
           case 41:
-            bos_id = static_cast<int32_t>(v);
-            break;
           case 42:
-            eos_id = static_cast<int32_t>(v);
+            // int32 fields (-1: none); a value beyond 32 bits must not wrap onto another id.
+            KILN_CHECK(v >= -1 && v < (int64_t(1) << 31), where, ": trainer_spec.",
+                       f2 == 40   ? "unk_id"
+                       : f2 == 41 ? "bos_id"
+                                  : "eos_id",
+                       " = ", v, " is not a token id");
+            (f2 == 40 ? unk_id : f2 == 41 ? bos_id : eos_id) = static_cast<int32_t>(v);
             break;
           default:
             break;
@@ -189,6 +191,9 @@ std::shared_ptr<TokenizerImpl> load_sentencepiece(const std::filesystem::path& p
   KILN_CHECK(!ws_suffix, where, ": treat_whitespace_as_suffix is not supported");
   KILN_CHECK(unk_id >= 0 && static_cast<size_t>(unk_id) < pieces.size(), where,
              ": unk_id out of range");
+  for (const auto& [id, name] : {std::pair{bos_id, "bos_id"}, std::pair{eos_id, "eos_id"}})
+    KILN_CHECK(id < 0 || static_cast<size_t>(id) < pieces.size(), where, ": ", name, " ", id,
+               " is beyond the ", pieces.size(), " pieces");
 
   auto tk = std::make_shared<TokenizerImpl>();
   tk->source = where;

@@ -1,4 +1,5 @@
 // `kiln tokenize`: encode stdin text to ids or decode ids to text with a model's tokenizer.
+#include <cstdint>
 #include <cstdio>
 #include <iostream>
 #include <iterator>
@@ -33,7 +34,11 @@ std::vector<int32_t> ids_of(const json& j, const std::string& where) {
   ids.reserve(j.size());
   for (const json& v : j) {
     KILN_CHECK(v.is_number_integer(), where, ": token ids must be integers, got ", dump(v));
-    ids.push_back(v.get<int32_t>());
+    // Never wrapped to 32 bits (2^32 + 5 is not token 5); ids past the vocabulary decode to
+    // nothing, as in Hugging Face's decode.
+    KILN_CHECK(v.is_number_unsigned() && v.get<uint64_t>() <= uint64_t(INT32_MAX), where,
+               ": token id ", dump(v), " is outside [0, 2^31)");
+    ids.push_back(int32_t(v.get<uint64_t>()));
   }
   return ids;
 }
