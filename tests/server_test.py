@@ -520,6 +520,11 @@ class Errors(unittest.TestCase):
     def test_malformed_json(self):
         self.assert_error(*self.s.post("/v1/completions", b'{"prompt": "x",'), 400)
         self.assert_error(*self.s.post("/v1/chat/completions", b"[1, 2]"), 400)
+        # Nested past 128 levels (within the size limit): refused, not recursed into.
+        deep = b'{"model": "demo", "prompt": "x", "stop": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+        status, r = self.s.post("/v1/completions", deep)
+        self.assert_error(status, r, 400)
+        self.assertIn("nested deeper than 128", r["error"]["message"])
 
     def test_oversized_body(self):
         body = json.dumps({"model": NAME, "prompt": "x" * 30000})

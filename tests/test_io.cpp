@@ -458,6 +458,16 @@ TEST_F(BadInput, WrongShapeAndMissingWeightAllReported) {
   EXPECT_FALSE(fs::exists(tmp / "engine"));
 }
 
+TEST_F(BadInput, DeeplyNestedConfig) {
+  fs::path m = model();
+  std::ifstream in(m / "config.json");
+  std::string c((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  c.insert(c.rfind('}'), ", \"unused\": " + std::string(300000, '[') + std::string(300000, ']'));
+  std::ofstream(m / "config.json", std::ios::trunc) << c;
+  expect_error("build " + m.string() + " -o " + (tmp / "engine").string(),
+               "config.json: JSON nested deeper than 128 levels");
+}
+
 TEST_F(BadInput, UnknownArchitecture) {
   fs::path m = model();
   auto c = read_json(m / "config.json");

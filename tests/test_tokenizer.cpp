@@ -287,6 +287,37 @@ TEST(TokenizerErrors, BadFilesNameTheFile) {
 
 std::string run_cli(const std::string& args, const std::string& input, int* rc);  // below
 
+// Documents nested deeper than 128 levels (a million-deep Sequence overflowed the stack while
+// building components) are refused in one line, whatever the nesting is.
+TEST(TokenizerErrors, DeepNestingIsRefused) {
+  const int n = 200000;
+  std::string doc = R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "normalizer": )";
+  for (int i = 0; i < n; ++i) doc += R"({"type": "Sequence", "normalizers": [)";
+  doc += R"({"type": "Lowercase"})";
+  for (int i = 0; i < n; ++i) doc += "]}";
+  doc += "}";
+  std::string err = load_error(write_file("deep.json", doc));
+  EXPECT_NE(err.find("deep.json: JSON nested deeper than 128 levels"), std::string::npos) << err;
+  // Unused fields count too, and so does `kiln tokenize` input.
+  err = load_error(write_file("deep_unused.json", std::string("{") + kTinyModel + R"(, "x": )" +
+                                                      std::string(n, '[') + std::string(n, ']') +
+                                                      "}"));
+  EXPECT_NE(err.find("nested deeper than 128"), std::string::npos) << err;
+  int rc = 0;
+  const std::string qdir = "'" + FixtureDir::get().prepare("qwen3").string() + "'";
+  const std::string out =
+      run_cli(qdir + " --decode", std::string(n, '[') + std::string(n, ']'), &rc);
+  EXPECT_NE(rc, 0) << out;
+  EXPECT_NE(out.find("nested deeper than 128"), std::string::npos) << out;
+  // Nesting within the limit still loads (a Sequence of Sequences, 40 deep).
+  doc = R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "normalizer": )";
+  for (int i = 0; i < 40; ++i) doc += R"({"type": "Sequence", "normalizers": [)";
+  doc += R"({"type": "Lowercase"})";
+  for (int i = 0; i < 40; ++i) doc += "]}";
+  doc += "}";
+  EXPECT_EQ(load_error(write_file("nested_ok.json", doc)), "");
+}
+
 // Token ids beyond 32 bits (or past kiln's table limit) in tokenizer.json, tokenizer.model and
 // `kiln tokenize --decode` input are refused, never wrapped onto another token.
 TEST(TokenizerErrors, IdsBeyondThirtyTwoBits) {

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "graph/layout.h"
+#include "io/json.h"
 
 namespace kiln {
 
@@ -16,13 +17,10 @@ using json = nlohmann::json;
 namespace {
 
 json read_json(const fs::path& p) {
-  std::ifstream in(p);
+  std::ifstream in(p, std::ios::binary);
   if (!in) throw Error(cat(p.string(), ": cannot open"));
-  try {
-    return json::parse(in);
-  } catch (const json::exception& e) {
-    throw Error(cat(p.string(), ": invalid JSON: ", e.what()));
-  }
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return parse_json(text, p.string());
 }
 
 Checkpoint from_config(const fs::path& cfg_path) {
@@ -30,8 +28,8 @@ Checkpoint from_config(const fs::path& cfg_path) {
   const std::string f = cfg_path.string();
   json c = read_json(cfg_path);
   if (!c.is_object()) throw Error(cat(f, ": not a JSON object"));
-  if (!c.contains("architectures") || !c["architectures"].is_array() || c["architectures"].empty() ||
-      !c["architectures"][0].is_string())
+  if (!c.contains("architectures") || !c["architectures"].is_array() ||
+      c["architectures"].empty() || !c["architectures"][0].is_string())
     throw Error(cat(f, ": missing config field 'architectures'"));
   ck.spec = &find_arch(c["architectures"][0].get<std::string>());
   ck.config = resolve_config(*ck.spec, c, f);
@@ -115,8 +113,9 @@ Checkpoint open_checkpoint(const fs::path& dir, bool with_weights) {
   Checkpoint ck = from_config(dir / "config.json");
   ck.dir = dir;
   if (fs::exists(dir / "generation_config.json"))
-    ck.generation_defaults = apply_generation_config(
-        ck.config, read_json(dir / "generation_config.json"), (dir / "generation_config.json").string());
+    ck.generation_defaults =
+        apply_generation_config(ck.config, read_json(dir / "generation_config.json"),
+                                (dir / "generation_config.json").string());
   if (with_weights) ck.weights = WeightSet::open_dir(dir);
   return ck;
 }
@@ -206,7 +205,8 @@ std::vector<std::pair<std::string, Tensor>> convert_weights(const Checkpoint& ck
 
   if (!missing.empty() || !unexpected.empty() || !bad_shape.empty()) {
     std::string msg = cat(ck.dir.string(), ": checkpoint does not match ", ck.spec->name);
-    if (!missing.empty()) msg += cat("; missing weights (canonical names): ", join_limited(missing));
+    if (!missing.empty())
+      msg += cat("; missing weights (canonical names): ", join_limited(missing));
     if (!unexpected.empty()) msg += cat("; unexpected weights: ", join_limited(unexpected));
     if (!bad_shape.empty()) msg += cat("; wrong shapes: ", join_limited(bad_shape));
     throw Error(msg);
@@ -251,7 +251,8 @@ std::vector<std::pair<std::string, Tensor>> dummy_weights(const ModelConfig& c, 
           const float u = float(z >> 40) / float(1 << 24) * 2.0f - 1.0f;
           buf[k] = is_norm ? 1.0f + 0.1f * u : amp * u;
         }
-        from_f32(t.dtype, buf, static_cast<char*>(t.data) + size_t(i) * dtype_size(t.dtype), size_t(m));
+        from_f32(t.dtype, buf, static_cast<char*>(t.data) + size_t(i) * dtype_size(t.dtype),
+                 size_t(m));
       }
     }
     out.push_back({spec.name, t});

@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "graph/decoder.h"
 #include "graph/layout.h"
+#include "io/json.h"
 #include "kiln/kiln.h"
 #include "runtime/engine_impl.h"
 
@@ -153,12 +154,9 @@ Engine Engine::load(const fs::path& dir) {
   const fs::path mf = dir / kManifest;
   std::ifstream in(mf);
   if (!in) throw Error(cat(mf.string(), ": cannot open (not a kiln engine folder?)"));
-  json man;
-  try {
-    man = json::parse(in);
-  } catch (const json::exception& e) {
-    throw Error(cat(mf.string(), ": invalid JSON: ", e.what()));
-  }
+  const json man = parse_json(
+      std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()),
+      mf.string());
   if (man.value("format", "") != "kiln-engine")
     throw Error(cat(mf.string(), ": not a kiln engine manifest"));
   if (man.value("version", 0) != kFormatVersion)

@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "core/error.h"
+#include "io/json.h"
 #include "server/metrics.h"
 #include "server/openai.h"
 #include "tokenizer/chat_template.h"
@@ -268,8 +269,8 @@ httplib::Server::Handler Server::Impl::api(bool needs_engine, bool needs_key, Ha
 json Server::Impl::parse_body(const httplib::Request& req) {
   json body;
   try {
-    body = json::parse(req.body);
-  } catch (const json::parse_error& e) {
+    body = parse_json(req.body, "the request body");
+  } catch (const Error& e) {
     throw HttpError(400, cat("malformed JSON body: ", e.what()));
   }
   if (!body.is_object()) throw HttpError(400, "the JSON body must be an object");

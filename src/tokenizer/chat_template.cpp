@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "io/json.h"
 
 namespace kiln {
 namespace {
@@ -21,11 +22,7 @@ std::string read_file(const fs::path& path) {
 }
 
 ojson read_json(const fs::path& path) {
-  try {
-    return ojson::parse(read_file(path));
-  } catch (const ojson::exception& e) {
-    throw Error(cat(path.string(), ": invalid JSON: ", e.what()));
-  }
+  return parse_json<ojson>(read_file(path), path.string());
 }
 
 // A special token as stored by transformers: a string, an AddedToken dict, or null.

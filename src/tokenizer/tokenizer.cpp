@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "io/json.h"
 #include "tokenizer/tokenizer_impl.h"
 
 namespace kiln {
@@ -284,11 +285,7 @@ json read_json(const std::filesystem::path& path) {
   KILN_CHECK(f, path.string(), ": cannot open");
   std::stringstream ss;
   ss << f.rdbuf();
-  try {
-    return json::parse(ss.str());
-  } catch (const json::exception& e) {
-    throw Error(cat(path.string(), ": invalid JSON: ", e.what()));
-  }
+  return parse_json(ss.str(), path.string());
 }
 
 AddedToken parse_added(const json& a, const std::string& where) {

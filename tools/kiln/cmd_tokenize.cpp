@@ -9,6 +9,7 @@
 
 #include "commands.h"
 #include "core/error.h"
+#include "io/json.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kiln::cli {
@@ -44,13 +45,7 @@ std::vector<int32_t> ids_of(const json& j, const std::string& where) {
 }
 
 std::vector<int32_t> parse_ids(const std::string& text, const std::string& where) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    throw Error(cat(where, ": expected a JSON array of token ids: ", e.what()));
-  }
-  return ids_of(j, where);
+  return ids_of(parse_json(text, cat(where, " (expected a JSON array of token ids)")), where);
 }
 
 void run_tokenize(const TokenizeArgs& a) {
@@ -74,12 +69,7 @@ void run_tokenize(const TokenizeArgs& a) {
   std::string line;
   for (size_t n = 1; std::getline(std::cin, line); ++n) {
     std::string where = cat("stdin line ", n);
-    json j;
-    try {
-      j = json::parse(line);
-    } catch (const json::exception& e) {
-      throw Error(cat(where, ": expected a JSON value: ", e.what()));
-    }
+    json j = parse_json(line, where);
     bool decode = a.decode, special = a.special;
     if (j.is_object()) {
       if (j.contains("special")) special = j["special"].get<bool>();
