@@ -15,20 +15,15 @@ namespace kiln {
 
 constexpr int kMaxJsonDepth = 128;
 
-namespace detail {
-
-// SAX pass that stops at the first array or object nested deeper than `limit`.
+// A SAX handler that accepts everything and stops at malformed text (the DOM parse that follows
+// reports it with its position): derive and override what a pass looks at.
 template <typename J>
-struct DepthLimit : nlohmann::json_sax<J> {
+struct SaxBase : nlohmann::json_sax<J> {
   using typename nlohmann::json_sax<J>::number_integer_t;
   using typename nlohmann::json_sax<J>::number_unsigned_t;
   using typename nlohmann::json_sax<J>::number_float_t;
   using typename nlohmann::json_sax<J>::string_t;
   using typename nlohmann::json_sax<J>::binary_t;
-  int limit, depth = 0;
-  bool too_deep = false;
-  explicit DepthLimit(int l) : limit(l) {}
-  bool open() { return !(too_deep = ++depth > limit); }
   bool null() override { return true; }
   bool boolean(bool) override { return true; }
   bool number_integer(number_integer_t) override { return true; }
@@ -36,15 +31,29 @@ struct DepthLimit : nlohmann::json_sax<J> {
   bool number_float(number_float_t, const string_t&) override { return true; }
   bool string(string_t&) override { return true; }
   bool binary(binary_t&) override { return true; }
+  bool start_object(std::size_t) override { return true; }
+  bool end_object() override { return true; }
+  bool start_array(std::size_t) override { return true; }
+  bool end_array() override { return true; }
+  bool key(string_t&) override { return true; }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override {
+    return false;
+  }
+};
+
+namespace detail {
+
+// SAX pass that stops at the first array or object nested deeper than `limit`.
+template <typename J>
+struct DepthLimit : SaxBase<J> {
+  int limit, depth = 0;
+  bool too_deep = false;
+  explicit DepthLimit(int l) : limit(l) {}
+  bool open() { return !(too_deep = ++depth > limit); }
   bool start_object(std::size_t) override { return open(); }
   bool end_object() override { return --depth, true; }
   bool start_array(std::size_t) override { return open(); }
   bool end_array() override { return --depth, true; }
-  bool key(string_t&) override { return true; }
-  // Malformed text: stop; the parse that follows reports it with its position.
-  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override {
-    return false;
-  }
 };
 
 }  // namespace detail

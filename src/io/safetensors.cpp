@@ -12,6 +12,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "io/json.h"
 
 namespace kiln {
 
@@ -21,17 +22,10 @@ using json = nlohmann::json;
 namespace {
 
 // SAX handler that finds the first key repeated in the top-level object.
-struct DuplicateKeys : nlohmann::json_sax<json> {
+struct DuplicateKeys : SaxBase<json> {
   int depth = 0;
   std::set<std::string> seen;
   std::string dup;
-  bool null() override { return true; }
-  bool boolean(bool) override { return true; }
-  bool number_integer(number_integer_t) override { return true; }
-  bool number_unsigned(number_unsigned_t) override { return true; }
-  bool number_float(number_float_t, const string_t&) override { return true; }
-  bool string(string_t&) override { return true; }
-  bool binary(binary_t&) override { return true; }
   bool start_object(std::size_t) override { return ++depth, true; }
   bool end_object() override { return --depth, true; }
   bool start_array(std::size_t) override { return ++depth, true; }
@@ -40,13 +34,9 @@ struct DuplicateKeys : nlohmann::json_sax<json> {
     if (depth == 1 && !seen.insert(k).second && dup.empty()) dup = k;
     return true;
   }
-  // Malformed input: stop here; the DOM parse that follows reports it.
-  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override {
-    return false;
-  }
 };
 constexpr uint64_t kMaxHeader = 100ull << 20;
-}
+}  // namespace
 
 uint64_t fnv1a(const void* data, size_t n, uint64_t h) {
   const auto* p = static_cast<const uint8_t*>(data);
@@ -84,8 +74,8 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
   if (n > kMaxHeader)
     throw Error(cat(f, ": safetensors header length ", n, " exceeds the 100 MB limit"));
   if (n > size - 8)
-    throw Error(cat(f, ": truncated safetensors file: header length ", n, " but only ",
-                    size - 8, " bytes follow"));
+    throw Error(cat(f, ": truncated safetensors file: header length ", n, " but only ", size - 8,
+                    " bytes follow"));
   const char* hdr = reinterpret_cast<const char*>(base + 8);
   r->header_hash_ = fnv1a(hdr, n);
   r->data_ = base + 8 + n;
@@ -117,7 +107,9 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
       }
       continue;
     }
-    auto bad = [&](const std::string& why) { return Error(cat(f, ": tensor '", name, "': ", why)); };
+    auto bad = [&](const std::string& why) {
+      return Error(cat(f, ": tensor '", name, "': ", why));
+    };
     if (!v.is_object()) throw bad("entry is not an object");
     if (!v.contains("dtype") || !v["dtype"].is_string()) throw bad("missing dtype");
     TensorInfo ti;
@@ -143,8 +135,9 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
       throw bad(cat("data_offsets end ", ti.end, " is past the end of the data (", data_size,
                     " bytes); file truncated?"));
     if (ti.end - ti.begin != elems * dtype_size(ti.dtype))
-      throw bad(cat("byte size ", ti.end - ti.begin, " does not match ", v["dtype"].get<std::string>(),
-                    " x ", shape_str(ti.shape), " = ", elems * dtype_size(ti.dtype)));
+      throw bad(cat("byte size ", ti.end - ti.begin, " does not match ",
+                    v["dtype"].get<std::string>(), " x ", shape_str(ti.shape), " = ",
+                    elems * dtype_size(ti.dtype)));
     ranges.push_back({{ti.begin, ti.end}, name});
     r->tensors_[name] = std::move(ti);
   }
@@ -158,9 +151,9 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
     if (range.first < at)
       throw Error(cat(f, ": tensors '", ranges[i - 1].second, "' and '", name, "' overlap"));
     if (range.first > at)
-      throw Error(cat(f, ": bytes ", at, "..", range.first, " of the data area belong to no tensor ",
-                      "(tensor '", name, "' starts at ", range.first,
-                      "); the header's offsets or length are wrong"));
+      throw Error(cat(f, ": bytes ", at, "..", range.first,
+                      " of the data area belong to no tensor ", "(tensor '", name, "' starts at ",
+                      range.first, "); the header's offsets or length are wrong"));
     at = range.second;
   }
   if (at != data_size)
@@ -182,7 +175,8 @@ Tensor SafetensorsFile::get(const std::string& name) const {
   return t;
 }
 
-void write_safetensors(const fs::path& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
+void write_safetensors(const fs::path& path,
+                       const std::vector<std::pair<std::string, Tensor>>& tensors,
                        const std::map<std::string, std::string>& metadata) {
   json h = json::object();
   if (!metadata.empty()) h["__metadata__"] = metadata;
@@ -224,7 +218,8 @@ WeightSet WeightSet::open_dir(const fs::path& dir) {
       throw Error(cat(index.string(), ": missing object field 'weight_map'"));
     std::map<std::string, size_t> file_idx;
     for (auto& [name, file] : j["weight_map"].items()) {
-      if (!file.is_string()) throw Error(cat(index.string(), ": weight_map.", name, " is not a string"));
+      if (!file.is_string())
+        throw Error(cat(index.string(), ": weight_map.", name, " is not a string"));
       const std::string fn = file.get<std::string>();
       if (fn.find('/') != std::string::npos || fn.find("..") != std::string::npos)
         throw Error(cat(index.string(), ": weight_map.", name, " names a file outside the folder"));
@@ -234,14 +229,17 @@ WeightSet WeightSet::open_dir(const fs::path& dir) {
         w.files_.push_back(SafetensorsFile::open(dir / fn));
       }
       if (!w.files_[it->second]->contains(name))
-        throw Error(cat(index.string(), ": '", name, "' is listed in ", fn, " but not stored there"));
+        throw Error(
+            cat(index.string(), ": '", name, "' is listed in ", fn, " but not stored there"));
       w.where_[name] = it->second;
     }
   } else if (fs::exists(single)) {
     w.files_.push_back(SafetensorsFile::open(single));
     for (const auto& [name, ti] : w.files_[0]->tensors()) w.where_[name] = 0;
-  } else if (fs::exists(dir / "pytorch_model.bin") || fs::exists(dir / "pytorch_model.bin.index.json")) {
-    throw Error(cat(dir.string(), ": only safetensors checkpoints are supported (found pytorch_model.bin)"));
+  } else if (fs::exists(dir / "pytorch_model.bin") ||
+             fs::exists(dir / "pytorch_model.bin.index.json")) {
+    throw Error(cat(dir.string(),
+                    ": only safetensors checkpoints are supported (found pytorch_model.bin)"));
   } else {
     throw Error(cat(dir.string(), ": no model.safetensors or model.safetensors.index.json"));
   }
