@@ -322,6 +322,31 @@ TEST(Config, RangesAreChecked) {
   EXPECT_GE(real, 10);
 }
 
+// Fields of the wrong JSON type name the file and the field, never json's exception text.
+TEST(Config, WrongTypesNameTheField) {
+  using json = nlohmann::json;
+  const json base = read_json(hf("llama") / "config.json");
+  const std::vector<std::pair<json, std::string>> cases = {
+      {{{"hidden_act", 5}}, "field 'hidden_act' must be a string"},
+      {{{"eos_token_id", "x"}}, "field 'eos_token_id' must be an integer or a list of integers"},
+      {{{"eos_token_id", {1, "x"}}}, "field 'eos_token_id' must be a list of integers"},
+      {{{"layer_types", {1, 2}}}, "field 'layer_types' must be a list of strings"},
+      {{{"rope_scaling", {{"rope_type", "longrope"}, {"short_factor", "a"}, {"long_factor", {1}}}}},
+       "field 'short_factor' must be a list of numbers"},
+      {{{"rope_scaling", {{"rope_type", "yarn"}, {"factor", 2}, {"mscale", "x"}}}},
+       "field 'mscale' must be a number"},
+  };
+  for (const auto& [edit, want] : cases) {
+    json j = base;
+    j.update(edit);
+    if (edit.contains("rope_scaling")) j.erase("rope_parameters");
+    const std::string m =
+        error_of([&] { resolve_config(find_arch(j["architectures"][0]), j, "cfg.json"); });
+    EXPECT_TRUE(has(m, "cfg.json: " + want)) << "expected '" << want << "' in: " << m;
+    EXPECT_FALSE(has(m, "json.exception")) << m;
+  }
+}
+
 TEST(Config, RealConfigsOfTheBreadthFamilies) {
   auto resolve = [](const std::string& name) {
     const fs::path p = data("configs/" + name + ".json");

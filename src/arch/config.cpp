@@ -1,6 +1,9 @@
 // config.json / generation_config.json -> ModelConfig, and ModelConfig <-> manifest JSON.
 #include <algorithm>
 #include <cmath>
+#include <string>
+#include <type_traits>
+#include <vector>
 
 #include "arch/registry.h"
 #include "core/error.h"
@@ -82,6 +85,26 @@ RopeConfig rope_from_json(const json& j) {
   return r;
 }
 
+template <typename T>
+const char* type_name() {
+  if constexpr (std::is_same_v<T, std::string>) return "a string";
+  if constexpr (std::is_same_v<T, std::vector<std::string>>) return "a list of strings";
+  if constexpr (std::is_same_v<T, std::vector<double>>) return "a list of numbers";
+  if constexpr (std::is_same_v<T, std::vector<int64_t>>) return "a list of integers";
+  if constexpr (std::is_same_v<T, int64_t>) return "an integer";
+  return "a number";
+}
+
+// v as T, or an Error naming the file and field (never json's own exception text).
+template <typename T>
+T typed(const json& v, const std::string& file, const std::string& field) {
+  try {
+    return v.get<T>();
+  } catch (const json::exception&) {
+    throw Error(cat(file, ": field '", field, "' must be ", type_name<T>()));
+  }
+}
+
 // Reads typed config fields and names the file and key in every error.
 struct Reader {
   const json& c;
@@ -134,6 +157,9 @@ RopeConfig parse_rope(const json& p, double theta, double partial, int64_t max_p
   if (p.is_null()) return r;
   if (!p.is_object()) throw Error(cat(file, ": rope parameters must be an object"));
   Reader rd{p, file};
+  auto opt_number = [&](const json& j, const char* k, std::optional<double>& v) {
+    if (j.contains(k) && !j[k].is_null()) v = typed<double>(j[k], file, k);
+  };
   std::string type = "default";
   if (p.contains("rope_type") && p["rope_type"].is_string())
     type = p["rope_type"];
@@ -160,16 +186,16 @@ RopeConfig parse_rope(const json& p, double theta, double partial, int64_t max_p
     r.beta_fast = rd.number({"beta_fast"}, 32.0);
     r.beta_slow = rd.number({"beta_slow"}, 1.0);
     if (p.contains("truncate") && p["truncate"].is_boolean()) r.truncate = p["truncate"];
-    get_opt(p, "attention_factor", r.attention_factor);
-    get_opt(p, "mscale", r.mscale);
-    get_opt(p, "mscale_all_dim", r.mscale_all_dim);
+    opt_number(p, "attention_factor", r.attention_factor);
+    opt_number(p, "mscale", r.mscale);
+    opt_number(p, "mscale_all_dim", r.mscale_all_dim);
   } else if (type == "longrope" || type == "su") {
     r.type = RopeType::LongRope;
     if (!p.contains("short_factor") || !p.contains("long_factor"))
       throw Error(cat(file, ": longrope needs 'short_factor' and 'long_factor'"));
-    r.short_factor = p["short_factor"].get<std::vector<double>>();
-    r.long_factor = p["long_factor"].get<std::vector<double>>();
-    get_opt(p, "attention_factor", r.attention_factor);
+    r.short_factor = typed<std::vector<double>>(p["short_factor"], file, "short_factor");
+    r.long_factor = typed<std::vector<double>>(p["long_factor"], file, "long_factor");
+    opt_number(p, "attention_factor", r.attention_factor);
   } else {
     throw Error(cat(file, ": unsupported rope type '", type, "'"));
   }
@@ -269,7 +295,7 @@ void check_values(const ModelConfig& m, const std::string& file) {
 
 }  // namespace
 
-ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::string& file) {
+static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std::string& file) {
   if (!c.is_object()) throw Error(cat(file, ": config is not a JSON object"));
   Reader rd{c, file};
   auto keys = [&](const std::string& canon, std::vector<std::string> dflt) {
@@ -307,7 +333,8 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
       rd.integer(keys("max_position_embeddings", {"max_position_embeddings"}));
   m.norm_eps = rd.number(keys("norm_eps", {"rms_norm_eps", "layer_norm_eps"}), 1e-6);
   std::string act = spec.default_act;
-  if (const json* v = rd.find(keys("act", {"hidden_act"}))) act = v->get<std::string>();
+  if (const json* v = rd.find(keys("act", {"hidden_act"})))
+    act = typed<std::string>(*v, file, "hidden_act");
   m.act = parse_act(act, file);
   m.tie_word_embeddings = rd.boolean("tie_word_embeddings", spec.knobs.tied_embeddings_default);
   m.attn_scale = 1.0 / std::sqrt(double(m.head_dim));
@@ -373,7 +400,7 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
   const int64_t window = rd.integer({"sliding_window"}, 0);
   std::vector<std::string> types;
   if (c.contains("layer_types") && c["layer_types"].is_array()) {
-    types = c["layer_types"].get<std::vector<std::string>>();
+    types = typed<std::vector<std::string>>(c["layer_types"], file, "layer_types");
     if (int64_t(types.size()) != m.num_layers)
       throw Error(cat(file, ": layer_types has ", types.size(),
                       " entries but num_hidden_layers is ", m.num_layers));
@@ -410,7 +437,7 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
     const int64_t step = rd.integer({"decoder_sparse_step"}, 1);
     std::vector<int64_t> dense;
     if (c.contains("mlp_only_layers") && c["mlp_only_layers"].is_array())
-      dense = c["mlp_only_layers"].get<std::vector<int64_t>>();
+      dense = typed<std::vector<int64_t>>(c["mlp_only_layers"], file, "mlp_only_layers");
     for (int64_t i = 0; i < m.num_layers; ++i)
       m.layers[size_t(i)].moe = std::find(dense.begin(), dense.end(), i) == dense.end() &&
                                 step > 0 && (i + 1) % step == 0;
@@ -422,7 +449,9 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
     if (v->is_number_integer())
       m.eos_token_ids = {v->get<int64_t>()};
     else if (v->is_array())
-      m.eos_token_ids = v->get<std::vector<int64_t>>();
+      m.eos_token_ids = typed<std::vector<int64_t>>(*v, file, "eos_token_id");
+    else
+      throw Error(cat(file, ": field 'eos_token_id' must be an integer or a list of integers"));
   }
   check_values(m, file);
   for (size_t i = 0; i < m.ropes.size(); ++i)
@@ -430,6 +459,14 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
         (m.rotary_dim(int(i)) <= 0 || m.rotary_dim(int(i)) > m.head_dim))
       throw Error(cat(file, ": partial_rotary_factor gives an invalid rotary dimension"));
   return m;
+}
+
+ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::string& file) {
+  try {
+    return resolve_fields(spec, c, file);
+  } catch (const json::exception& e) {  // a field of a type no typed reader checked
+    throw Error(cat(file, ": a field has the wrong type: ", e.what()));
+  }
 }
 
 json apply_generation_config(ModelConfig& m, const json& g, const std::string& file) {
