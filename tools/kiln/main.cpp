@@ -1,9 +1,24 @@
 // kiln command-line entry point: parses arguments and turns every kiln::Error into one line.
 #include <cstdio>
 #include <exception>
+#include <new>
+#include <stdexcept>
+#include <string>
 
 #include "commands.h"
 #include "core/error.h"
+
+namespace {
+
+// One line on stderr, whatever the message holds.
+int fail(std::string msg) {
+  for (char& c : msg)
+    if (c == '\n' || c == '\r') c = ' ';
+  std::fprintf(stderr, "kiln: error: %s\n", msg.c_str());
+  return 1;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"kiln: build a Hugging Face checkpoint into an inference engine and run it"};
@@ -17,11 +32,14 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const kiln::Error& e) {
-    std::fprintf(stderr, "kiln: error: %s\n", e.what());
-    return 1;
+    return fail(e.what());
+  } catch (const std::bad_alloc&) {
+    // A size that slipped past the checks, or a machine too small for what was asked.
+    return fail("out of memory: the input asks for more than this machine can allocate");
+  } catch (const std::length_error& e) {
+    return fail(std::string("a size in the input is too large (") + e.what() + ")");
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "kiln: error: %s\n", e.what());
-    return 1;
+    return fail(e.what());
   }
   return 0;
 }
