@@ -523,6 +523,17 @@ TEST_F(BadInput, PromptLongerThanMaxPositions) {
                "no such file or directory");
 }
 
+// `kiln --version`: kiln's version, the commit, the engine format, and the CUDA libraries (or
+// that there are none), on stdout with exit status 0.
+TEST(Cli, Version) {
+  std::string out;
+  EXPECT_EQ(run_cli("--version", &out), 0) << out;
+  EXPECT_EQ(out.rfind("kiln " + build_info().version + " (commit ", 0), 0u) << out;
+  EXPECT_TRUE(has(out, cat("engine format ", build_info().engine_format))) << out;
+  EXPECT_TRUE(has(out, "cuBLASLt") || has(out, "built without CUDA")) << out;
+  EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
+}
+
 TEST(Cli, BuildRunLogitsEndToEnd) {
   TempDir tmp;
   std::string out;

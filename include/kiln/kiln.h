@@ -47,6 +47,15 @@ struct RuntimeConfig {
   int64_t max_num_tokens = 0;
 };
 
+// What this kiln binary is: `kiln --version`.
+struct BuildInfo {
+  std::string version;    // kiln's (CMake project version)
+  std::string commit;     // git commit at configure time ("unknown" outside a checkout)
+  std::string cuda;       // CUDA runtime, driver and cuBLASLt versions; empty without CUDA
+  int engine_format = 0;  // the engine folder format it writes and reads
+};
+BuildInfo build_info();
+
 // What start() set up, for display.
 struct RuntimeInfo {
   std::string device;

@@ -212,5 +212,7 @@ std::unique_ptr<Backend> make_cpu_backend();
 // without CUDA or no GPU is visible.
 std::unique_ptr<Backend> make_cuda_backend(DType act);
 bool cuda_available();
+// "CUDA runtime X.Y, driver X.Y, cuBLASLt X.Y.Z" for `kiln --version`; "" without CUDA.
+std::string cuda_versions();
 
 }  // namespace kiln

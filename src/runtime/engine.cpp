@@ -30,7 +30,6 @@ void check_finite_pick(int32_t id) {
 
 constexpr const char* kManifest = "kiln-engine.json";
 constexpr const char* kWeights = "weights.safetensors";
-constexpr int kFormatVersion = 1;
 const char* const kTokenizerFiles[] = {"tokenizer.json",        "tokenizer_config.json",
                                        "tokenizer.model",       "special_tokens_map.json",
                                        "chat_template.jinja",   "chat_template.json",
@@ -115,7 +114,7 @@ void Engine::save(const fs::path& out) const {
     fs::create_directory(tmp);
     write_safetensors(tmp / kWeights, m.weights, {{"format", "kiln"}});
     json man = {{"format", "kiln-engine"},
-                {"version", kFormatVersion},
+                {"version", kEngineFormatVersion},
                 {"kiln_version", "0.1.0"},
                 {"model", to_json(m.config)},
                 {"build",
@@ -159,9 +158,9 @@ Engine Engine::load(const fs::path& dir) {
       mf.string());
   if (man.value("format", "") != "kiln-engine")
     throw Error(cat(mf.string(), ": not a kiln engine manifest"));
-  if (man.value("version", 0) != kFormatVersion)
+  if (man.value("version", 0) != kEngineFormatVersion)
     throw Error(cat(mf.string(), ": engine format version ", man.value("version", 0),
-                    " is not supported (this kiln reads version ", kFormatVersion,
+                    " is not supported (this kiln reads version ", kEngineFormatVersion,
                     "); rebuild the engine"));
   auto impl = std::make_unique<Impl>();
   try {

@@ -18,6 +18,9 @@
 
 namespace kiln {
 
+// The engine folder format this kiln writes and reads (kiln-engine.json "version").
+constexpr int kEngineFormatVersion = 1;
+
 struct Engine::Impl {
   ModelConfig config;
   DType dtype = DType::F32;

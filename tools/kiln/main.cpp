@@ -7,6 +7,7 @@
 
 #include "commands.h"
 #include "core/error.h"
+#include "kiln/kiln.h"
 
 namespace {
 
@@ -23,6 +24,12 @@ int fail(std::string msg) {
 int main(int argc, char** argv) {
   CLI::App app{"kiln: build a Hugging Face checkpoint into an inference engine and run it"};
   app.require_subcommand(1);
+  app.set_version_flag("--version", [] {
+    const kiln::BuildInfo b = kiln::build_info();
+    return kiln::cat("kiln ", b.version, " (commit ", b.commit, "), engine format ",
+                     b.engine_format,
+                     b.cuda.empty() ? std::string(", built without CUDA") : ", " + b.cuda);
+  });
   kiln::cli::register_model_commands(app);
   kiln::cli::register_tokenize(app);
   kiln::cli::register_chat(app);

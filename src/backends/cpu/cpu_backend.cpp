@@ -176,6 +176,9 @@ std::unique_ptr<Backend> make_cuda_backend(DType) {
 bool cuda_available() {
   return false;
 }
+std::string cuda_versions() {
+  return "";
+}
 #endif
 
 }  // namespace kiln

@@ -718,6 +718,16 @@ bool cuda_available() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
+std::string cuda_versions() {
+  int rt = 0, drv = 0;
+  cudaRuntimeGetVersion(&rt);
+  cudaDriverGetVersion(&drv);  // 0 without a driver
+  const size_t lt = cublasLtGetVersion();
+  auto v = [](int x) { return cat(x / 1000, ".", x % 1000 / 10); };
+  return cat("CUDA runtime ", v(rt), ", driver ", drv ? v(drv) : std::string("none"), ", cuBLASLt ",
+             lt / 10000, ".", lt / 100 % 100, ".", lt % 100);
+}
+
 std::unique_ptr<Backend> make_cuda_backend(DType act) {
   if (!cuda_available()) return nullptr;
   return std::make_unique<CudaBackend>(act);
