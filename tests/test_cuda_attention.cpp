@@ -6,6 +6,24 @@
 namespace kiln::test {
 namespace {
 
+// Block tables of sequences of `lens` tokens: row i at i * stride, each sequence's blocks
+// scattered over the pool (block 0 unused: unfilled entries point at it). Returns the table and
+// the pool's block count.
+std::pair<std::vector<int32_t>, int64_t> scattered_tables(const std::vector<int64_t>& lens,
+                                                          int64_t stride, int64_t bs,
+                                                          std::mt19937& rng) {
+  int64_t nb = 1;
+  std::vector<int32_t> table(lens.size() * size_t(stride), 0);
+  for (size_t i = 0; i < lens.size(); ++i)
+    for (int64_t b = 0; b * bs < lens[i]; ++b)
+      table[i * size_t(stride) + size_t(b)] = int32_t(nb++);
+  std::vector<int32_t> perm(static_cast<size_t>(nb));
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin() + 1, perm.end(), rng);
+  for (auto& t : table) t = perm[size_t(t)];
+  return {table, nb};
+}
+
 struct AttnCase {
   int64_t heads, kv_heads, hd, window;
   float softcap;
@@ -111,15 +129,7 @@ TEST_P(CudaAttention, BatchedSequences) {
     const std::vector<int64_t> lens = {1, 37, 700, 5, 64, 129};
     const int64_t B = int64_t(lens.size()), bs = 16, kvd = g.kv_heads * g.hd, qd = g.heads * g.hd;
     const int64_t stride = 50;  // table row length: >= the longest sequence's blocks
-    int64_t nb = 1;
-    std::vector<int32_t> table(size_t(B * stride), 0);
-    for (int64_t i = 0; i < B; ++i)
-      for (int64_t b = 0; b * bs < lens[size_t(i)]; ++b)
-        table[size_t(i * stride + b)] = int32_t(nb++);
-    std::vector<int32_t> perm(static_cast<size_t>(nb));  // scatter the blocks over the pool
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin() + 1, perm.end(), rng);
-    for (auto& t : table) t = perm[size_t(t)];
+    const auto [table, nb] = scattered_tables(lens, stride, bs, rng);
     const int64_t pool = nb * bs * kvd;
     std::vector<float> kc(size_t(pool), 0.0f), vc(size_t(pool), 0.0f);
     void* kg = up(std::vector<float>(size_t(pool), 0.0f));
@@ -209,17 +219,9 @@ class CudaMixedAttention : public CudaOps {
     for (const MixedSeq& m : c.seqs) what += cat(" ", m.start, "+", m.q);
     what += " ]";
     // Block tables: row s covers sequence s; blocks scattered over the pool; block 0 unused.
-    int64_t nb = 1;
-    std::vector<int32_t> table(size_t(S * stride), 0);
-    for (int64_t s = 0; s < S; ++s) {
-      const MixedSeq& m = c.seqs[size_t(s)];
-      for (int64_t b = 0; b * bs < m.start + m.q; ++b)
-        table[size_t(s * stride + b)] = int32_t(nb++);
-    }
-    std::vector<int32_t> perm(static_cast<size_t>(nb));
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin() + 1, perm.end(), rng);
-    for (auto& t : table) t = perm[size_t(t)];
+    std::vector<int64_t> lens;
+    for (const MixedSeq& m : c.seqs) lens.push_back(m.start + m.q);
+    const auto [table, nb] = scattered_tables(lens, stride, bs, rng);
     const int64_t pool = nb * bs * kvd;
     std::vector<float> kc(size_t(pool), 0.0f), vc(size_t(pool), 0.0f);
     void* kg = up(std::vector<float>(size_t(pool), 0.0f));
