@@ -534,6 +534,17 @@ TEST(Cli, Version) {
   EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
 }
 
+// Argument errors read like every other error: one `kiln: error:` line, exit status 1.
+TEST(Cli, ArgumentErrorsAreOneLine) {
+  for (const std::string args :
+       {"build " + hf("llama").string(), std::string("run --bogus x"), std::string("")}) {
+    std::string out;
+    EXPECT_EQ(run_cli(args, &out), 1) << args << ": " << out;
+    EXPECT_EQ(out.rfind("kiln: error: ", 0), 0u) << out;
+    EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
+  }
+}
+
 TEST(Cli, BuildRunLogitsEndToEnd) {
   TempDir tmp;
   std::string out;

@@ -36,8 +36,16 @@ int main(int argc, char** argv) {
   kiln::cli::register_serve(app);
   try {
     app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
+  } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    // Argument errors as every other error: one line, exit status 1 (CLI11 would print two
+    // lines and exit with its own codes).
+    return fail(std::string(e.what()) + " (kiln --help lists the options)");
   } catch (const kiln::Error& e) {
     return fail(e.what());
   } catch (const std::bad_alloc&) {
