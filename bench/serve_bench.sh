@@ -7,7 +7,7 @@
 # Carry the Debian packages the device image lacks in build-debs/ (apt-get download
 # libpcre2-dev libpcre2-8-0 libutf8proc-dev libutf8proc2 libcli11-dev libgtest-dev
 # libcpp-httplib-dev libcpp-httplib0.11 libssl-dev libssl3 zlib1g-dev zlib1g libbrotli-dev
-# libbrotli1).
+# libbrotli1 libxxhash-dev).
 #   STAGES="build kernels tests offline serve" OUT=... bench/serve_bench.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -132,6 +132,49 @@ TEST(Runtime, KvCacheSettingsAreChecked) {
     rc.kv_cache_fraction = 1.5;
     EXPECT_THROW(e.start(rc), Error);
   }
+  // Settings that would change nothing are refused, not ignored.
+  auto start_error = [&](const RuntimeConfig& rc) -> std::string {
+    Engine e = Engine::build(hf("llama"), bc);
+    try {
+      e.start(rc);
+    } catch (const Error& ex) {
+      return ex.what();
+    }
+    return "";
+  };
+  RuntimeConfig rc;
+  rc.device = "cpu";
+  rc.kv_cache_fraction = 0.5;
+  EXPECT_NE(start_error(rc).find("--kv-cache-fraction sizes a GPU's KV cache"), std::string::npos);
+  rc.kv_cache_tokens = 128;
+  EXPECT_NE(start_error(rc).find("give one"), std::string::npos);
+}
+
+TEST(Runtime, BuildOptionsForABuiltEngineAreRefused) {
+  TempDir tmp;
+  Engine::build_to(hf("llama"), tmp / "e");
+  BuildConfig bc;
+  EXPECT_NO_THROW(Engine::open(tmp / "e", bc));
+  bc.dtype = "bf16";
+  try {
+    Engine::open(tmp / "e", bc);
+    FAIL() << "expected an error";
+  } catch (const Error& ex) {
+    EXPECT_NE(std::string(ex.what()).find("is a built engine; --dtype applies only when building"),
+              std::string::npos)
+        << ex.what();
+  }
+  std::string out;
+  EXPECT_EQ(run_cli("run " + (tmp / "e").string() + " --prompt-ids 1,2 --max-seq-len 8", &out), 1);
+  EXPECT_NE(out.find("kiln: error: " + (tmp / "e").string() + ": is a built engine; --max-seq-len"),
+            std::string::npos)
+      << out;
+  EXPECT_EQ(run_cli("verify " + (tmp / "e").string(), &out), 0) << out;
+  EXPECT_NE(out.find(": ok ("), std::string::npos) << out;
+  EXPECT_EQ(
+      run_cli("build " + hf("llama").string() + " -o " + (tmp / "f").string() + " --seed 3", &out),
+      1);
+  EXPECT_NE(out.find("kiln: error: --seed is for --dummy-weights"), std::string::npos) << out;
 }
 
 TEST(Runtime, BenchPrintsMarkdownAndJson) {

@@ -47,6 +47,13 @@ struct RuntimeConfig {
   int64_t max_num_tokens = 0;
 };
 
+// How far a streaming build (or a verify) is: weight bytes and tensors done of the totals.
+struct BuildProgress {
+  uint64_t bytes_done = 0, bytes_total = 0;
+  size_t tensors_done = 0, tensors_total = 0;
+};
+using ProgressFn = std::function<void(const BuildProgress&)>;
+
 // What this kiln binary is: `kiln --version`.
 struct BuildInfo {
   std::string version;    // kiln's (CMake project version)
@@ -103,13 +110,30 @@ class Engine {
   // Seeded random weights of the shape a config.json describes (speed work).
   static Engine build_dummy(const std::filesystem::path& config_json, const BuildConfig& bc,
                             uint64_t seed = 0);
-  // From an engine folder written by save().
+  // Build straight into an engine folder without holding the model in memory: each tensor is
+  // converted and written a chunk of rows at a time (peak memory stays at a few staging buffers
+  // of 64 MB whatever the model size) and checksummed into the manifest. Refuses early when the
+  // disk or memory is short (with both figures); SIGINT/SIGTERM or an error leaves nothing
+  // behind; rebuilding over an engine touches only files kiln wrote. A tokenizer in the source
+  // folder must load. Returns what was built.
+  static ModelInfo build_to(const std::filesystem::path& hf_dir,
+                            const std::filesystem::path& engine_dir, const BuildConfig& bc = {},
+                            const ProgressFn& progress = {});
+  static ModelInfo build_dummy_to(const std::filesystem::path& config_json,
+                                  const std::filesystem::path& engine_dir, const BuildConfig& bc,
+                                  uint64_t seed = 0, const ProgressFn& progress = {});
+  // Checks an engine folder: the manifest, every tensor's name, dtype and shape (exactly the
+  // engine's layout: missing or extra tensors are errors) and every tensor's checksum. Throws
+  // kiln::Error naming what differs; returns the bytes checked.
+  static uint64_t verify(const std::filesystem::path& engine_dir, const ProgressFn& progress = {});
+  // From an engine folder written by save() or build_to() (names, dtypes and shapes checked).
   static Engine load(const std::filesystem::path& engine_dir);
-  // An engine folder or a Hugging Face folder (built in memory).
+  // An engine folder or a Hugging Face folder (built in memory with `bc`; for an engine folder,
+  // a `bc` other than the default is an error: it is built already).
   static Engine open(const std::filesystem::path& dir, const BuildConfig& bc = {});
   static bool is_engine_dir(const std::filesystem::path& dir);
 
-  // Writes the engine folder atomically (temporary folder, then rename).
+  // Writes the engine folder as build_to() does, from the weights in memory.
   void save(const std::filesystem::path& engine_dir) const;
 
   ModelInfo info() const;

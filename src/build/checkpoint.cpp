@@ -31,6 +31,20 @@ Checkpoint from_config(const fs::path& cfg_path) {
   if (!c.contains("architectures") || !c["architectures"].is_array() ||
       c["architectures"].empty() || !c["architectures"][0].is_string())
     throw Error(cat(f, ": missing config field 'architectures'"));
+  // Quantized checkpoints need their scheme's kernels; loading one as floats would read packed
+  // integers as weights. Refuse by name until the scheme is supported.
+  if (c.contains("quantization_config")) {
+    const json& q = c["quantization_config"];
+    std::string method = "unnamed";
+    if (q.is_object())
+      for (const char* k : {"quant_method", "quant_algo", "format"})
+        if (q.contains(k) && q[k].is_string()) {
+          method = q[k].get<std::string>();
+          break;
+        }
+    throw Error(cat(f, ": quantization_config: quantized checkpoints ('", method.substr(0, 64),
+                    "') are not supported yet; kiln builds F32, F16 and BF16 checkpoints"));
+  }
   ck.spec = &find_arch(c["architectures"][0].get<std::string>());
   ck.config = resolve_config(*ck.spec, c, f);
   for (const char* k : {"torch_dtype", "dtype"})
@@ -75,28 +89,30 @@ struct Source {
   bool transpose;
 };
 
-Tensor to_engine(const Tensor& t, bool transpose, DType dtype) {
-  if (!transpose) return t.dtype == dtype ? t : convert(t, dtype);
-  Tensor f = convert(t, DType::F32);
-  const int64_t r = t.shape[0], c = t.shape[1];
-  Tensor tr = Tensor::zeros(DType::F32, {c, r});
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < c; ++j) tr.ptr<float>()[j * r + i] = f.ptr<float>()[i * c + j];
-  return dtype == DType::F32 ? tr : convert(tr, dtype);
+// Output rows are made in blocks of this many elements per thread: the float staging buffer.
+constexpr int64_t kBlock = 4096;
+
+// Converts n elements from `src` (dtype `from`) to `dst` (dtype `to`).
+void convert_elems(DType from, const void* src, DType to, void* dst, int64_t n) {
+  if (from == to) {
+    std::memcpy(dst, src, size_t(n) * dtype_size(to));
+    return;
+  }
+#pragma omp parallel for schedule(static) if (n > 8 * kBlock)
+  for (int64_t i = 0; i < n; i += kBlock) {
+    float buf[kBlock];
+    const int64_t m = std::min(kBlock, n - i);
+    to_f32(from, static_cast<const char*>(src) + size_t(i) * dtype_size(from), buf, size_t(m));
+    from_f32(to, buf, static_cast<char*>(dst) + size_t(i) * dtype_size(to), size_t(m));
+  }
 }
 
-Tensor concat_rows(const std::vector<Tensor>& parts, DType dtype) {
-  Shape s = parts[0].shape;
-  s[0] = 0;
-  for (const auto& p : parts) s[0] += p.shape[0];
-  Tensor r = Tensor::zeros(dtype, s);
-  size_t off = 0;
-  for (const auto& p : parts) {
-    std::memcpy(static_cast<char*>(r.data) + off, p.data, p.nbytes());
-    off += p.nbytes();
-  }
-  return r;
-}
+// One checkpoint tensor feeding rows of an engine tensor, read from the mapped file on demand.
+struct Part {
+  std::string hf;
+  bool transpose;
+  int64_t rows;  // rows it contributes to the engine tensor
+};
 
 std::string join_limited(const std::vector<std::string>& v) {
   std::string r;
@@ -116,6 +132,10 @@ Checkpoint open_checkpoint(const fs::path& dir, bool with_weights) {
     ck.generation_defaults =
         apply_generation_config(ck.config, read_json(dir / "generation_config.json"),
                                 (dir / "generation_config.json").string());
+  if (fs::exists(dir / "hf_quant_config.json"))
+    throw Error(cat((dir / "hf_quant_config.json").string(),
+                    ": quantized checkpoints (ModelOpt) are not supported yet; kiln builds F32, "
+                    "F16 and BF16 checkpoints"));
   if (with_weights) ck.weights = WeightSet::open_dir(dir);
   return ck;
 }
@@ -129,7 +149,7 @@ Checkpoint open_config(const fs::path& config_json) {
   return ck;
 }
 
-std::vector<std::pair<std::string, Tensor>> convert_weights(const Checkpoint& ck, DType dtype) {
+WeightPlan plan_weights(const Checkpoint& ck, DType dtype) {
   KILN_CHECK(ck.weights, ck.dir.string(), ": checkpoint has no weights");
   const ModelConfig& c = ck.config;
   const WeightSet& ws = *ck.weights;
@@ -214,48 +234,132 @@ std::vector<std::pair<std::string, Tensor>> convert_weights(const Checkpoint& ck
 
   std::map<std::string, bool> is_matrix;
   for (const auto& spec : engine_layout(c)) is_matrix[spec.name] = spec.matrix;
-  std::vector<std::pair<std::string, Tensor>> out;
-  for (const auto& [name, parts] : plan) {
-    const DType dt = is_matrix[name] ? dtype : DType::F32;
-    std::vector<Tensor> ts;
-    for (const auto& p : parts) ts.push_back(to_engine(ws.get(src[p].hf), src[p].transpose, dt));
-    out.push_back({name, ts.size() == 1 ? ts[0] : concat_rows(ts, dt)});
+  auto wset = std::make_shared<WeightSet>(ws);
+  WeightPlan out;
+  for (const auto& [name, part_names] : plan) {
+    PlannedTensor pt;
+    pt.name = name;
+    pt.dtype = is_matrix[name] ? dtype : DType::F32;
+    std::vector<Part> parts;
+    for (const auto& p : part_names) {
+      const Shape& s = ws.info(src[p].hf).shape;
+      parts.push_back({src[p].hf, src[p].transpose, src[p].transpose ? s.back() : s.front()});
+      pt.shape = src[p].transpose ? Shape(s.rbegin(), s.rend()) : s;
+    }
+    pt.shape[0] = 0;
+    for (const auto& p : parts) pt.shape[0] += p.rows;
+    if (parts.size() == 1 && !parts[0].transpose && ws.info(parts[0].hf).dtype == pt.dtype)
+      pt.view = [wset, hf = parts[0].hf] { return wset->get(hf); };  // nothing to convert
+    const DType dt = pt.dtype;
+    const size_t row_elems = size_t(numel(pt.shape) / std::max<int64_t>(pt.shape[0], 1));
+    pt.fill = [wset, parts, dt, row_elems](int64_t row0, int64_t n, void* dst) {
+      int64_t first = 0;  // first engine row of this part
+      for (const Part& p : parts) {
+        const int64_t a = std::max(row0, first), b = std::min(row0 + n, first + p.rows);
+        if (a < b) {
+          const Tensor t = wset->get(p.hf);
+          char* d = static_cast<char*>(dst) + size_t(a - row0) * row_elems * dtype_size(dt);
+          const size_t es = dtype_size(t.dtype);
+          if (!p.transpose) {
+            convert_elems(t.dtype,
+                          static_cast<const char*>(t.data) + size_t(a - first) * row_elems * es, dt,
+                          d, int64_t((b - a) * row_elems));
+            // Read once: let the kernel drop these pages (mapped pages count as our memory).
+            wset->drop_pages(p.hf, uint64_t(a - first) * row_elems * es,
+                             uint64_t(b - first) * row_elems * es);
+          } else {
+            // Engine rows [a, b) are source columns: gather them through a float staging tile.
+            const int64_t R = t.shape[0], C = t.shape[1], w = b - a;
+            std::vector<float> tile(static_cast<size_t>(w * R)), row(static_cast<size_t>(w));
+            for (int64_t i = 0; i < R; ++i) {
+              to_f32(t.dtype, static_cast<const char*>(t.data) + size_t(i * C + (a - first)) * es,
+                     row.data(), size_t(w));
+              for (int64_t j = 0; j < w; ++j) tile[size_t(j * R + i)] = row[size_t(j)];
+            }
+            from_f32(dt, tile.data(), d, tile.size());
+          }
+        }
+        first += p.rows;
+      }
+    };
+    pt.release = [wset, parts] {
+      for (const Part& p : parts) wset->drop_pages(p.hf);
+    };
+    out.push_back(std::move(pt));
   }
   return out;
 }
 
-std::vector<std::pair<std::string, Tensor>> dummy_weights(const ModelConfig& c, DType dtype,
-                                                          uint64_t seed) {
-  std::vector<std::pair<std::string, Tensor>> out;
+WeightPlan plan_dummy_weights(const ModelConfig& c, DType dtype, uint64_t seed) {
+  WeightPlan out;
   const auto layout = engine_layout(c);
   for (size_t ti = 0; ti < layout.size(); ++ti) {
     const auto& spec = layout[ti];
-    Tensor t = Tensor::zeros(spec.matrix ? dtype : DType::F32, spec.shape);
-    const int64_t n = t.numel();
+    PlannedTensor pt;
+    pt.name = spec.name;
+    pt.dtype = spec.matrix ? dtype : DType::F32;
+    pt.shape = spec.shape;
     const bool is_norm = !spec.matrix && spec.name.find("norm") != std::string::npos &&
                          spec.name.find(".bias") == std::string::npos;
-    const float amp = 0.02f * std::sqrt(3.0f);  // uniform with std 0.02
-    constexpr int64_t kChunk = 1 << 16;
+    const int64_t row_elems = numel(spec.shape) / std::max<int64_t>(pt.rows(), 1);
+    const DType dt = pt.dtype;
+    pt.fill = [=](int64_t row0, int64_t n, void* dst) {
+      // splitmix64 over chunks of 2^16 elements, each seeded from (seed, tensor, chunk): element
+      // i of chunk k uses state seed_k + (i + 1) * golden, so any range is made independently.
+      constexpr int64_t kChunk = 1 << 16;
+      constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
+      const float amp = 0.02f * std::sqrt(3.0f);  // uniform with std 0.02
+      const int64_t e0 = row0 * row_elems, e1 = (row0 + n) * row_elems;
 #pragma omp parallel for schedule(static)
-    for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-      uint64_t s = seed ^ (uint64_t(ti) << 40) ^ uint64_t(c0 / kChunk) * 0x9E3779B97F4A7C15ull;
-      float buf[1024];
-      for (int64_t i = c0; i < std::min(n, c0 + kChunk); i += 1024) {
-        const int64_t m = std::min<int64_t>(1024, std::min(n, c0 + kChunk) - i);
+      for (int64_t i0 = e0; i0 < e1; i0 += 1024) {
+        float buf[1024];
+        const int64_t m = std::min<int64_t>(1024, e1 - i0);
         for (int64_t k = 0; k < m; ++k) {
-          s += 0x9E3779B97F4A7C15ull;  // splitmix64
-          uint64_t z = s;
+          const int64_t i = i0 + k;
+          const uint64_t chunk_seed = seed ^ (uint64_t(ti) << 40) ^ uint64_t(i / kChunk) * kGolden;
+          uint64_t z = chunk_seed + uint64_t(i % kChunk + 1) * kGolden;
           z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
           z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
           z ^= z >> 31;
           const float u = float(z >> 40) / float(1 << 24) * 2.0f - 1.0f;
           buf[k] = is_norm ? 1.0f + 0.1f * u : amp * u;
         }
-        from_f32(t.dtype, buf, static_cast<char*>(t.data) + size_t(i) * dtype_size(t.dtype),
-                 size_t(m));
+        from_f32(dt, buf, static_cast<char*>(dst) + size_t(i0 - e0) * dtype_size(dt), size_t(m));
       }
+    };
+    out.push_back(std::move(pt));
+  }
+  return out;
+}
+
+WeightPlan plan_held(const std::vector<std::pair<std::string, Tensor>>& tensors) {
+  WeightPlan out;
+  for (const auto& [name, t] : tensors) {
+    PlannedTensor pt;
+    pt.name = name;
+    pt.dtype = t.dtype;
+    pt.shape = t.shape;
+    // Init-captures: clang 14 cannot capture a structured binding by name.
+    pt.view = [t = t] { return t; };
+    pt.fill = [t = t](int64_t row0, int64_t n, void* dst) {
+      const size_t rb = t.nbytes() / size_t(std::max<int64_t>(t.shape.empty() ? 1 : t.shape[0], 1));
+      std::memcpy(dst, static_cast<const char*>(t.data) + size_t(row0) * rb, size_t(n) * rb);
+    };
+    out.push_back(std::move(pt));
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, Tensor>> materialize(const WeightPlan& plan) {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (const auto& pt : plan) {
+    if (pt.view) {
+      out.push_back({pt.name, pt.view()});
+      continue;
     }
-    out.push_back({spec.name, t});
+    Tensor t = Tensor::zeros(pt.dtype, pt.shape);
+    pt.fill(0, pt.rows(), t.data);
+    out.push_back({pt.name, t});
   }
   return out;
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -30,13 +31,39 @@ Checkpoint open_checkpoint(const std::filesystem::path& dir, bool with_weights =
 // A weightless checkpoint from a config.json file (for dummy-weight builds).
 Checkpoint open_config(const std::filesystem::path& config_json);
 
+// One engine tensor to produce: its name, dtype and shape, and how to make its bytes a range of
+// rows at a time, so that a build can stream a tensor of any size through a bounded buffer.
+struct PlannedTensor {
+  std::string name;
+  DType dtype = DType::F32;
+  Shape shape;
+  // Writes rows [row0, row0 + n) of the tensor (viewed as [rows(), row elements]) into dst.
+  std::function<void(int64_t row0, int64_t n, void* dst)> fill;
+  // The finished tensor when it already exists as is (a mmapped view of the checkpoint, a held
+  // tensor): in-memory builds take it rather than a copy. May be empty.
+  std::function<Tensor()> view;
+  // Lets go of source pages once the tensor is written (may be empty).
+  std::function<void()> release;
+
+  int64_t rows() const { return shape.empty() ? 1 : shape[0]; }
+  size_t nbytes() const { return size_t(kiln::numel(shape)) * dtype_size(dtype); }
+  size_t row_bytes() const { return rows() ? nbytes() / size_t(rows()) : 0; }
+};
+using WeightPlan = std::vector<PlannedTensor>;
+
 // Maps the checkpoint's tensors onto engine_layout(config): renames, transposes, fuses QKV and
 // gate/up, converts matrices to `dtype` and vectors to F32. Every missing, unexpected or
-// mis-shaped weight is reported in one kiln::Error.
-std::vector<std::pair<std::string, Tensor>> convert_weights(const Checkpoint& ck, DType dtype);
+// mis-shaped weight is reported in one kiln::Error, before any tensor is converted.
+WeightPlan plan_weights(const Checkpoint& ck, DType dtype);
 
-// Seeded random weights in engine layout (matrices ~ U with std 0.02, norm weights 1).
-std::vector<std::pair<std::string, Tensor>> dummy_weights(const ModelConfig& c, DType dtype,
-                                                          uint64_t seed);
+// Seeded random weights in engine layout (matrices ~ U with std 0.02, norm weights ~ 1 + U/10);
+// any row range can be made on its own and gives the same bytes.
+WeightPlan plan_dummy_weights(const ModelConfig& c, DType dtype, uint64_t seed);
+
+// Tensors already in memory, as a plan (for writing them).
+WeightPlan plan_held(const std::vector<std::pair<std::string, Tensor>>& tensors);
+
+// Every planned tensor in memory (those with a view without a copy).
+std::vector<std::pair<std::string, Tensor>> materialize(const WeightPlan& plan);
 
 }  // namespace kiln

@@ -107,7 +107,7 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
       }
       continue;
     }
-    auto bad = [&](const std::string& why) {
+    auto bad = [&, &name = name](const std::string& why) {  // clang 14: no binding captures
       return Error(cat(f, ": tensor '", name, "': ", why));
     };
     if (!v.is_object()) throw bad("entry is not an object");
@@ -124,6 +124,9 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
       elems *= x;
       ti.shape.push_back(int64_t(x));
     }
+    // The byte size too: 2^62 F32 elements are 2^64 bytes, which wraps to 0 and would pass as an
+    // empty range.
+    if (elems > (uint64_t(1) << 62) / dtype_size(ti.dtype)) throw bad("shape overflows");
     auto& off = v["data_offsets"];
     if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() ||
         !off[1].is_number_unsigned())
@@ -175,27 +178,32 @@ Tensor SafetensorsFile::get(const std::string& name) const {
   return t;
 }
 
-void write_safetensors(const fs::path& path,
-                       const std::vector<std::pair<std::string, Tensor>>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
+std::string safetensors_header(const std::vector<TensorEntry>& entries,
+                               const std::map<std::string, std::string>& metadata) {
   json h = json::object();
   if (!metadata.empty()) h["__metadata__"] = metadata;
   uint64_t off = 0;
-  for (const auto& [name, t] : tensors) {
-    json e;
-    e["dtype"] = std::string(dtype_name(t.dtype));
-    e["shape"] = t.shape;
-    e["data_offsets"] = {off, off + t.nbytes()};
-    off += t.nbytes();
-    h[name] = std::move(e);
+  for (const auto& e : entries) {
+    const uint64_t n = uint64_t(numel(e.shape)) * dtype_size(e.dtype);
+    h[e.name] = {
+        {"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {off, off + n}}};
+    off += n;
   }
   std::string hs = h.dump();
   while ((8 + hs.size()) % 64) hs.push_back(' ');
+  std::string r(8, '\0');
+  for (int i = 0; i < 8; ++i) r[size_t(i)] = char(uint8_t(uint64_t(hs.size()) >> (8 * i)));
+  return r + hs;
+}
+
+void write_safetensors(const fs::path& path,
+                       const std::vector<std::pair<std::string, Tensor>>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  std::vector<TensorEntry> entries;
+  for (const auto& [name, t] : tensors) entries.push_back({name, t.dtype, t.shape});
+  const std::string hs = safetensors_header(entries, metadata);
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   if (!out) throw Error(cat(path.string(), ": cannot open for writing"));
-  uint8_t len[8];
-  for (int i = 0; i < 8; ++i) len[i] = uint8_t(uint64_t(hs.size()) >> (8 * i));
-  out.write(reinterpret_cast<const char*>(len), 8);
   out.write(hs.data(), std::streamsize(hs.size()));
   for (const auto& [name, t] : tensors)
     out.write(static_cast<const char*>(t.data), std::streamsize(t.nbytes()));
@@ -203,17 +211,29 @@ void write_safetensors(const fs::path& path,
   if (!out) throw Error(cat(path.string(), ": write failed (disk full?)"));
 }
 
+void SafetensorsFile::drop_pages(const std::string& name, uint64_t begin, uint64_t end) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) return;
+  const TensorInfo& ti = it->second;
+  if (end <= begin) begin = 0, end = ti.end - ti.begin;
+  end = std::min(end, ti.end - ti.begin);
+  // Only whole pages inside the range: its neighbours may still be in use.
+  const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  const uintptr_t b =
+      (reinterpret_cast<uintptr_t>(data_ + ti.begin + begin) + page - 1) & ~(page - 1);
+  const uintptr_t e = reinterpret_cast<uintptr_t>(data_ + ti.begin + end) & ~(page - 1);
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
+}
+
 WeightSet WeightSet::open_dir(const fs::path& dir) {
   WeightSet w;
   const fs::path index = dir / "model.safetensors.index.json", single = dir / "model.safetensors";
   if (fs::exists(index)) {
-    json j;
-    std::ifstream in(index);
-    try {
-      j = json::parse(in);
-    } catch (const json::exception& e) {
-      throw Error(cat(index.string(), ": invalid JSON: ", e.what()));
-    }
+    std::ifstream in(index, std::ios::binary);
+    if (!in) throw Error(cat(index.string(), ": cannot open"));
+    const json j = parse_json(
+        std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()),
+        index.string());
     if (!j.contains("weight_map") || !j["weight_map"].is_object())
       throw Error(cat(index.string(), ": missing object field 'weight_map'"));
     std::map<std::string, size_t> file_idx;
@@ -260,6 +280,11 @@ Tensor WeightSet::get(const std::string& name) const {
   auto it = where_.find(name);
   if (it == where_.end()) throw Error(cat("no weight '", name, "' in the checkpoint"));
   return files_[it->second]->get(name);
+}
+
+void WeightSet::drop_pages(const std::string& name, uint64_t begin, uint64_t end) const {
+  auto it = where_.find(name);
+  if (it != where_.end()) files_[it->second]->drop_pages(name, begin, end);
 }
 
 uint64_t WeightSet::identity_hash() const {

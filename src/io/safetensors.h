@@ -31,6 +31,10 @@ class SafetensorsFile {
   bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
   // Zero-copy view into the mapping when the data is suitably aligned, an aligned copy otherwise.
   Tensor get(const std::string& name) const;
+  // Lets the kernel drop the mapped pages of a tensor read once (a build streaming a checkpoint):
+  // they count as the process's memory until then. Tensors viewing them stay valid (re-read).
+  // Only bytes [begin, end) of the tensor when end > begin.
+  void drop_pages(const std::string& name, uint64_t begin = 0, uint64_t end = 0) const;
   // Hash of the header bytes: identifies the file's contents cheaply.
   uint64_t header_hash() const { return header_hash_; }
 
@@ -46,6 +50,18 @@ class SafetensorsFile {
   std::map<std::string, std::string> metadata_;
   uint64_t header_hash_ = 0;
 };
+
+// One tensor of a file about to be written.
+struct TensorEntry {
+  std::string name;
+  DType dtype;
+  Shape shape;
+};
+
+// The first bytes of a safetensors file holding `entries` back to back: the 8-byte length and
+// the JSON header, padded so the data area starts 64-byte aligned.
+std::string safetensors_header(const std::vector<TensorEntry>& entries,
+                               const std::map<std::string, std::string>& metadata = {});
 
 // Writes tensors (in the given order, back to back) with optional __metadata__. The header is
 // padded so the data area starts 64-byte aligned. Writes to `path` directly; callers that need
@@ -63,6 +79,7 @@ class WeightSet {
   bool contains(const std::string& name) const { return where_.count(name) != 0; }
   const TensorInfo& info(const std::string& name) const;
   Tensor get(const std::string& name) const;
+  void drop_pages(const std::string& name, uint64_t begin = 0, uint64_t end = 0) const;
   // Combined identity of all files (for engine manifests).
   uint64_t identity_hash() const;
   const std::vector<std::shared_ptr<SafetensorsFile>>& files() const { return files_; }

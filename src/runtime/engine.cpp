@@ -6,14 +6,17 @@
 #include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "build/checkpoint.h"
+#include "build/engine_file.h"
 #include "core/error.h"
 #include "graph/decoder.h"
 #include "graph/layout.h"
 #include "io/json.h"
 #include "kiln/kiln.h"
 #include "runtime/engine_impl.h"
+#include "tokenizer/tokenizer.h"
 
 namespace kiln {
 
@@ -28,12 +31,8 @@ void check_finite_pick(int32_t id) {
              "the model produced non-finite logits (NaN or inf); its weights or config are broken");
 }
 
-constexpr const char* kManifest = "kiln-engine.json";
-constexpr const char* kWeights = "weights.safetensors";
-const char* const kTokenizerFiles[] = {"tokenizer.json",        "tokenizer_config.json",
-                                       "tokenizer.model",       "special_tokens_map.json",
-                                       "chat_template.jinja",   "chat_template.json",
-                                       "generation_config.json"};
+constexpr const char* kManifest = kEngineManifest;
+constexpr const char* kWeights = kEngineWeights;
 
 std::string hex(uint64_t v) {
   char b[17];
@@ -61,32 +60,95 @@ Engine::Engine(Engine&&) noexcept = default;
 Engine& Engine::operator=(Engine&&) noexcept = default;
 Engine::~Engine() = default;
 
-Engine Engine::build(const fs::path& hf_dir, const BuildConfig& bc) {
-  Checkpoint ck = open_checkpoint(hf_dir);
-  auto impl = std::make_unique<Impl>();
+namespace {
+
+// What a build from `ck` (resolved with `bc`) records, without its weights.
+std::unique_ptr<Engine::Impl> prepare(const Checkpoint& ck, const BuildConfig& bc,
+                                      const fs::path& tokenizer_dir, json source) {
+  auto impl = std::make_unique<Engine::Impl>();
   impl->config = ck.config;
   impl->resolve_build(bc, ck.config_dtype);
-  impl->weights = convert_weights(ck, impl->dtype);
   impl->generation_defaults = ck.generation_defaults;
-  impl->tokenizer_dir = hf_dir;
-  impl->source = {{"path", fs::absolute(hf_dir).string()},
-                  {"config_hash", hex(ck.config_hash)},
-                  {"weights_hash", hex(ck.weights->identity_hash())}};
+  impl->tokenizer_dir = tokenizer_dir;
+  impl->source = std::move(source);
+  return impl;
+}
+
+json source_of(const Checkpoint& ck, const fs::path& hf_dir) {
+  return {{"path", fs::absolute(hf_dir).string()},
+          {"config_hash", hex(ck.config_hash)},
+          {"weights_hash", hex(ck.weights->identity_hash())}};
+}
+
+json dummy_source_of(const Checkpoint& ck, const fs::path& config_json, uint64_t seed) {
+  return {{"path", fs::absolute(config_json).string()},
+          {"config_hash", hex(ck.config_hash)},
+          {"dummy_seed", seed}};
+}
+
+json manifest_of(const Engine::Impl& m) {
+  return {{"format", "kiln-engine"},
+          {"version", kEngineFormatVersion},
+          {"kiln_version", build_info().version},
+          {"model", to_json(m.config)},
+          {"build",
+           {{"dtype", dtype_label(m.dtype)},
+            {"max_batch", m.max_batch},
+            {"max_seq_len", m.max_seq_len}}},
+          {"source", m.source},
+          {"generation_defaults", m.generation_defaults}};
+}
+
+// A tokenizer shipped with the checkpoint must load at build time, not fail a later run.
+void check_tokenizer(const fs::path& dir) {
+  if (fs::is_regular_file(dir / "tokenizer.json") || fs::is_regular_file(dir / "tokenizer.model"))
+    (void)Tokenizer::from_dir(dir);
+}
+
+ModelInfo write_plan(const Engine::Impl& m, const WeightPlan& plan, const fs::path& out,
+                     const ProgressFn& progress) {
+  write_engine_folder(out, plan, {manifest_of(m), m.tokenizer_dir, progress, kWriteChunkBytes});
+  ModelInfo i;
+  i.architecture = m.config.architecture;
+  i.dtype = dtype_label(m.dtype);
+  for (const auto& pt : plan) {
+    i.num_params += numel(pt.shape);
+    i.weight_bytes += int64_t(pt.nbytes());
+  }
+  return i;
+}
+
+}  // namespace
+
+Engine Engine::build(const fs::path& hf_dir, const BuildConfig& bc) {
+  Checkpoint ck = open_checkpoint(hf_dir);
+  auto impl = prepare(ck, bc, hf_dir, source_of(ck, hf_dir));
+  impl->weights = materialize(plan_weights(ck, impl->dtype));
   return Engine(std::move(impl));
 }
 
 Engine Engine::build_dummy(const fs::path& config_json, const BuildConfig& bc, uint64_t seed) {
   Checkpoint ck = open_config(config_json);
-  auto impl = std::make_unique<Impl>();
-  impl->config = ck.config;
-  impl->resolve_build(bc, ck.config_dtype);
-  impl->weights = dummy_weights(ck.config, impl->dtype, seed);
-  impl->generation_defaults = ck.generation_defaults;
-  impl->tokenizer_dir = config_json.parent_path();
-  impl->source = {{"path", fs::absolute(config_json).string()},
-                  {"config_hash", hex(ck.config_hash)},
-                  {"dummy_seed", seed}};
+  auto impl = prepare(ck, bc, config_json.parent_path(), dummy_source_of(ck, config_json, seed));
+  impl->weights = materialize(plan_dummy_weights(ck.config, impl->dtype, seed));
   return Engine(std::move(impl));
+}
+
+ModelInfo Engine::build_to(const fs::path& hf_dir, const fs::path& out, const BuildConfig& bc,
+                           const ProgressFn& progress) {
+  Checkpoint ck = open_checkpoint(hf_dir);
+  auto impl = prepare(ck, bc, hf_dir, source_of(ck, hf_dir));
+  const WeightPlan plan = plan_weights(ck, impl->dtype);  // every weight problem, before writing
+  check_tokenizer(hf_dir);
+  return write_plan(*impl, plan, out, progress);
+}
+
+ModelInfo Engine::build_dummy_to(const fs::path& config_json, const fs::path& out,
+                                 const BuildConfig& bc, uint64_t seed, const ProgressFn& progress) {
+  Checkpoint ck = open_config(config_json);
+  auto impl = prepare(ck, bc, config_json.parent_path(), dummy_source_of(ck, config_json, seed));
+  check_tokenizer(config_json.parent_path());
+  return write_plan(*impl, plan_dummy_weights(ck.config, impl->dtype, seed), out, progress);
 }
 
 bool Engine::is_engine_dir(const fs::path& dir) {
@@ -94,7 +156,18 @@ bool Engine::is_engine_dir(const fs::path& dir) {
 }
 
 Engine Engine::open(const fs::path& dir, const BuildConfig& bc) {
-  if (is_engine_dir(dir)) return load(dir);
+  if (is_engine_dir(dir)) {
+    // Build options say how to build: an engine is built already, and silently ignoring them
+    // would run something other than what was asked for.
+    const BuildConfig none;
+    for (auto [set, opt] : {std::pair{bc.dtype != none.dtype, "--dtype"},
+                            std::pair{bc.max_seq_len != none.max_seq_len, "--max-seq-len"},
+                            std::pair{bc.max_batch != none.max_batch, "--max-batch"}})
+      KILN_CHECK(!set, dir.string(), ": is a built engine; ", opt,
+                 " applies only when building from a Hugging Face folder (rebuild with kiln "
+                 "build to change it)");
+    return load(dir);
+  }
   if (!fs::exists(dir)) throw Error(cat(dir.string(), ": no such file or directory"));
   if (fs::is_directory(dir) && !fs::exists(dir / "config.json"))
     throw Error(cat(dir.string(), ": neither a kiln engine (", kManifest,
@@ -103,59 +176,25 @@ Engine Engine::open(const fs::path& dir, const BuildConfig& bc) {
 }
 
 void Engine::save(const fs::path& out) const {
-  const Impl& m = *impl_;
-  if (fs::exists(out) && !is_engine_dir(out) && !(fs::is_directory(out) && fs::is_empty(out)))
-    throw Error(cat(out.string(), ": exists and is not a kiln engine; refusing to overwrite"));
-  const fs::path parent = fs::absolute(out).parent_path();
-  fs::create_directories(parent);
-  const fs::path tmp = parent / cat(".", out.filename().string(), ".tmp-", getpid());
-  fs::remove_all(tmp);
-  try {
-    fs::create_directory(tmp);
-    write_safetensors(tmp / kWeights, m.weights, {{"format", "kiln"}});
-    json man = {{"format", "kiln-engine"},
-                {"version", kEngineFormatVersion},
-                {"kiln_version", "0.1.0"},
-                {"model", to_json(m.config)},
-                {"build",
-                 {{"dtype", dtype_label(m.dtype)},
-                  {"max_batch", m.max_batch},
-                  {"max_seq_len", m.max_seq_len}}},
-                {"source", m.source},
-                {"generation_defaults", m.generation_defaults},
-                {"weights", kWeights}};
-    if (!m.tokenizer_dir.empty())
-      for (const char* f : kTokenizerFiles)
-        if (fs::exists(m.tokenizer_dir / f) && fs::absolute(m.tokenizer_dir) != fs::absolute(out))
-          fs::copy_file(m.tokenizer_dir / f, tmp / f, fs::copy_options::overwrite_existing);
-    std::ofstream mo(tmp / kManifest);
-    mo << man.dump(2) << "\n";
-    mo.close();
-    if (!mo) throw Error(cat((tmp / kManifest).string(), ": write failed"));
-    if (fs::exists(out)) {
-      const fs::path old = parent / cat(".", out.filename().string(), ".old-", getpid());
-      fs::rename(out, old);
-      fs::rename(tmp, out);
-      fs::remove_all(old);
-    } else {
-      fs::rename(tmp, out);
-    }
-  } catch (const fs::filesystem_error& e) {
-    fs::remove_all(tmp);
-    throw Error(cat(out.string(), ": cannot write engine: ", e.code().message()));
-  } catch (...) {
-    fs::remove_all(tmp);
-    throw;
-  }
+  write_plan(*impl_, plan_held(impl_->weights), out, {});
 }
+
+namespace {
+
+json read_manifest(const fs::path& dir) {
+  const fs::path mf = dir / kManifest;
+  std::ifstream in(mf, std::ios::binary);
+  if (!in) throw Error(cat(mf.string(), ": cannot open (not a kiln engine folder?)"));
+  return parse_json(
+      std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()),
+      mf.string());
+}
+
+}  // namespace
 
 Engine Engine::load(const fs::path& dir) {
   const fs::path mf = dir / kManifest;
-  std::ifstream in(mf);
-  if (!in) throw Error(cat(mf.string(), ": cannot open (not a kiln engine folder?)"));
-  const json man = parse_json(
-      std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()),
-      mf.string());
+  const json man = read_manifest(dir);
   if (man.value("format", "") != "kiln-engine")
     throw Error(cat(mf.string(), ": not a kiln engine manifest"));
   if (man.value("version", 0) != kEngineFormatVersion)
@@ -176,7 +215,12 @@ Engine Engine::load(const fs::path& dir) {
   }
   auto file = SafetensorsFile::open(dir / kWeights);
   std::vector<std::string> problems;
-  for (const auto& spec : engine_layout(impl->config)) {
+  const auto layout = engine_layout(impl->config);
+  std::set<std::string> expected;
+  for (const auto& spec : layout) expected.insert(spec.name);
+  for (const auto& [name, ti] : file->tensors())
+    if (!expected.count(name)) problems.push_back("unexpected " + name);
+  for (const auto& spec : layout) {
     if (!file->contains(spec.name)) {
       problems.push_back("missing " + spec.name);
       continue;
@@ -193,10 +237,16 @@ Engine Engine::load(const fs::path& dir) {
   if (!problems.empty()) {
     std::string list;
     for (size_t i = 0; i < problems.size() && i < 8; ++i) list += (i ? "; " : "") + problems[i];
+    if (problems.size() > 8) list += cat("; ... and ", problems.size() - 8, " more");
     throw Error(cat((dir / kWeights).string(), ": does not match its manifest: ", list));
   }
   impl->tokenizer_dir = dir;
   return Engine(std::move(impl));
+}
+
+uint64_t Engine::verify(const fs::path& dir, const ProgressFn& progress) {
+  (void)load(dir);  // manifest, and names, dtypes and shapes exactly as the layout says
+  return verify_checksums(dir, read_manifest(dir), progress);
 }
 
 ModelInfo Engine::info() const {
@@ -256,6 +306,12 @@ void Engine::start(const RuntimeConfig& rc) {
   ri.device = m.backend->name();
   for (const auto& [n, t] : m.weights) ri.weight_bytes += int64_t(t.nbytes());
   ri.free_bytes_before_kv = int64_t(free);
+  // A setting that would change nothing is refused rather than ignored.
+  const bool fraction_set = rc.kv_cache_fraction != RuntimeConfig{}.kv_cache_fraction;
+  KILN_CHECK(!(fraction_set && rc.kv_cache_tokens > 0),
+             "--kv-cache-fraction and --kv-cache-tokens both size the KV cache; give one");
+  KILN_CHECK(!(fraction_set && total == 0), "--kv-cache-fraction sizes a GPU's KV cache; on ",
+             ri.device, " give --kv-cache-tokens (default: max_batch sequences of max_seq_len)");
   int64_t blocks = 0;
   if (rc.kv_cache_tokens > 0) {
     blocks = (rc.kv_cache_tokens + bs - 1) / bs + 1;

@@ -1,6 +1,8 @@
 // kiln build / run / logits / bench.
 #include <omp.h>
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -95,6 +97,50 @@ std::vector<int64_t> parse_list(const std::string& s, const char* what) {
   return r;
 }
 
+// Progress of a long build or verify on stderr: a bar redrawn in place on a terminal, a plain
+// line every 10% otherwise (logs). Quiet for work under a second or two.
+class ProgressLine {
+ public:
+  explicit ProgressLine(const char* what) : what_(what), tty_(isatty(fileno(stderr))) {}
+  ProgressFn fn() {
+    return [this](const BuildProgress& p) { update(p); };
+  }
+  void update(const BuildProgress& p) {
+    if (!p.bytes_total) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (now - t0_ < std::chrono::seconds(2)) return;
+    const int pct = int(100.0 * double(p.bytes_done) / double(p.bytes_total));
+    if (tty_) {
+      if (now - last_ < std::chrono::milliseconds(100) && p.bytes_done < p.bytes_total) return;
+      last_ = now;
+      const int w = 30, fill = pct * w / 100;
+      std::fprintf(stderr, "\r%s [%s%s] %3d%% %s / %s, tensor %zu/%zu", what_,
+                   std::string(size_t(fill), '#').c_str(),
+                   std::string(size_t(w - fill), '.').c_str(), pct,
+                   human_bytes(double(p.bytes_done)).c_str(),
+                   human_bytes(double(p.bytes_total)).c_str(), p.tensors_done, p.tensors_total);
+      drawn_ = true;
+    } else if (pct / 10 > printed_ / 10 || (printed_ < 0 && pct >= 0)) {
+      printed_ = pct;
+      std::fprintf(stderr, "kiln: %s %d%% (%s of %s)\n", what_, pct,
+                   human_bytes(double(p.bytes_done)).c_str(),
+                   human_bytes(double(p.bytes_total)).c_str());
+    }
+  }
+  void finish() {
+    if (drawn_) std::fprintf(stderr, "\n");
+    drawn_ = false;
+  }
+  ~ProgressLine() { finish(); }
+
+ private:
+  const char* what_;
+  bool tty_;
+  bool drawn_ = false;
+  int printed_ = -1;
+  std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now(), last_{};
+};
+
 }  // namespace
 
 void add_runtime_args(CLI::App* c, RuntimeConfig& rc) {
@@ -139,21 +185,39 @@ void register_model_commands(CLI::App& app) {
     c->add_option("--seed", seed, "seed for --dummy-weights");
     c->callback([&] {
       auto t0 = std::chrono::steady_clock::now();
-      Engine e = [&] {
-        if (dummy) {
-          KILN_CHECK(!config.empty(), "--dummy-weights needs --config <config.json>");
-          return Engine::build_dummy(config, bc, seed);
-        }
-        KILN_CHECK(!src.empty(), "build needs a Hugging Face folder (or --dummy-weights --config)");
-        return Engine::build(src, bc);
-      }();
-      e.save(out);
-      const ModelInfo i = e.info();
+      KILN_CHECK(!dummy || !config.empty(), "--dummy-weights needs --config <config.json>");
+      KILN_CHECK(dummy || !src.empty(),
+                 "build needs a Hugging Face folder (or --dummy-weights --config)");
+      KILN_CHECK(!dummy || src.empty(),
+                 "--dummy-weights takes --config, not a Hugging Face folder");
+      KILN_CHECK(dummy || config.empty(), "--config is for --dummy-weights");
+      KILN_CHECK(dummy || seed == 0, "--seed is for --dummy-weights");
+      ProgressLine bar("writing");
+      const ModelInfo i = dummy ? Engine::build_dummy_to(config, out, bc, seed, bar.fn())
+                                : Engine::build_to(src, out, bc, bar.fn());
+      bar.finish();
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const double p = double(i.num_params);
       std::printf("built %s (%s, %.3f %s params, %s) -> %s in %.2f s\n", i.architecture.c_str(),
                   i.dtype.c_str(), p >= 1e9 ? p / 1e9 : p / 1e6, p >= 1e9 ? "B" : "M",
                   human_bytes(double(i.weight_bytes)).c_str(), out.c_str(), s);
+    });
+  }
+  // verify
+  {
+    auto* c = app.add_subcommand(
+        "verify",
+        "Check an engine folder: manifest, tensor names and shapes, per-tensor checksums");
+    static std::string dir;
+    c->add_option("engine", dir, "kiln engine folder")->required();
+    c->callback([&] {
+      auto t0 = std::chrono::steady_clock::now();
+      ProgressLine bar("verifying");
+      const uint64_t bytes = Engine::verify(dir, bar.fn());
+      bar.finish();
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      std::printf("%s: ok (%s of weights match their checksums, %.2f s)\n", dir.c_str(),
+                  human_bytes(double(bytes)).c_str(), s);
     });
   }
   // run

@@ -24,6 +24,8 @@ int fail(std::string msg) {
 int main(int argc, char** argv) {
   CLI::App app{"kiln: build a Hugging Face checkpoint into an inference engine and run it"};
   app.require_subcommand(1);
+  // --help shows each option's default (subcommands inherit this when they are created).
+  app.option_defaults()->always_capture_default();
   app.set_version_flag("--version", [] {
     const kiln::BuildInfo b = kiln::build_info();
     return kiln::cat("kiln ", b.version, " (commit ", b.commit, "), engine format ",

@@ -1,0 +1,232 @@
+// Engine folders: streamed builds, checksums and `verify`, interruption, rebuilds over an engine.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "build/checkpoint.h"
+#include "build/engine_file.h"
+#include "core/error.h"
+#include "kiln/kiln.h"
+#include "test_util.h"
+
+namespace kiln::test {
+namespace {
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+std::vector<std::string> entries(const fs::path& dir) {
+  std::vector<std::string> r;
+  for (const auto& e : fs::directory_iterator(dir)) r.push_back(e.path().filename().string());
+  std::sort(r.begin(), r.end());
+  return r;
+}
+
+fs::path demo() {
+  return data("../../models/demo");
+}
+
+class StreamedBuild : public ::testing::TestWithParam<const char*> {};
+
+// Rows made a few at a time (a tiny staging buffer, so chunks cut across fused Q/K/V and gate/up
+// parts and transposed tensors) give the same bytes as the whole tensor made in memory.
+TEST_P(StreamedBuild, ChunkedRowsEqualTheInMemoryBuild) {
+  TempDir tmp;
+  const Checkpoint ck = open_checkpoint(hf(GetParam()));
+  for (DType dt : {DType::F32, DType::BF16}) {
+    const WeightPlan plan = plan_weights(ck, dt);
+    const auto held = materialize(plan);
+    const fs::path out = tmp / (std::string("e") + std::string(dtype_name(dt)));
+    write_engine_folder(out, plan, {nlohmann::json::object(), {}, {}, 64});
+    auto file = SafetensorsFile::open(out / kEngineWeights);
+    ASSERT_EQ(file->tensors().size(), held.size());
+    for (const auto& [name, t] : held) {
+      const Tensor got = file->get(name);
+      ASSERT_EQ(got.shape, t.shape) << name;
+      ASSERT_EQ(got.dtype, t.dtype) << name;
+      EXPECT_EQ(std::memcmp(got.data, t.data, t.nbytes()), 0) << GetParam() << " " << name;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, StreamedBuild,
+                         ::testing::Values("llama", "gemma2", "phi3", "gpt2", "mixtral",
+                                           "qwen2_moe"));
+
+TEST(EngineFile, DummyRowsAreIndependentOfTheChunking) {
+  TempDir tmp;
+  const Checkpoint ck = open_config(hf("qwen3") / "config.json");
+  const WeightPlan plan = plan_dummy_weights(ck.config, DType::BF16, 5);
+  const auto held = materialize(plan);
+  write_engine_folder(tmp / "e", plan, {nlohmann::json::object(), {}, {}, 100});
+  auto file = SafetensorsFile::open(tmp / "e" / kEngineWeights);
+  for (const auto& [name, t] : held)
+    EXPECT_EQ(std::memcmp(file->get(name).data, t.data, t.nbytes()), 0) << name;
+}
+
+TEST(EngineFile, VerifyChecksEveryTensor) {
+  TempDir tmp;
+  const fs::path e = tmp / "e";
+  Engine::build_to(hf("llama"), e);
+  EXPECT_GT(Engine::verify(e), 0u);
+  // One flipped byte in the middle of the weights: load() cannot see it, verify() names it.
+  const fs::path w = e / kEngineWeights;
+  auto file = SafetensorsFile::open(w);
+  const auto& [name, ti] = *std::next(file->tensors().begin(), 3);
+  uint64_t data_bytes = 0;
+  for (const auto& [n, t] : file->tensors()) data_bytes = std::max(data_bytes, t.end);
+  const uint64_t at = fs::file_size(w) - data_bytes + ti.begin + 1;
+  const std::string victim = name;
+  file.reset();
+  {
+    std::fstream f(w, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(std::streamoff(at));
+    char c = 0;
+    f.read(&c, 1);
+    c = char(c ^ 0x40);
+    f.seekp(std::streamoff(at));
+    f.write(&c, 1);
+  }
+  EXPECT_NO_THROW(Engine::load(e));
+  const std::string err = error_of([&] { Engine::verify(e); });
+  EXPECT_NE(err.find("1 tensor do not match"), std::string::npos) << err;
+  EXPECT_NE(err.find(victim + " (checksum differs)"), std::string::npos) << err;
+}
+
+TEST(EngineFile, ExtraOrMissingTensorsAreErrors) {
+  TempDir tmp;
+  const fs::path e = tmp / "e";
+  Engine::build_to(hf("llama"), e);
+  auto file = SafetensorsFile::open(e / kEngineWeights);
+  std::vector<std::pair<std::string, Tensor>> ts;
+  for (const auto& [name, ti] : file->tensors()) ts.push_back({name, file->get(name)});
+  ts.push_back({"layers.0.stray", Tensor::zeros(DType::F32, {4})});
+  write_safetensors(tmp / "w.safetensors", ts);
+  file.reset();
+  fs::rename(tmp / "w.safetensors", e / kEngineWeights);
+  std::string err = error_of([&] { Engine::load(e); });
+  EXPECT_NE(err.find("does not match its manifest: unexpected layers.0.stray"), std::string::npos)
+      << err;
+  err = error_of([&] { Engine::verify(e); });
+  EXPECT_NE(err.find("unexpected layers.0.stray"), std::string::npos) << err;
+}
+
+TEST(EngineFile, RebuildReplacesOnlyWhatKilnWrote) {
+  TempDir tmp;
+  const fs::path e = tmp / "e";
+  Engine::build_to(demo(), e);
+  ASSERT_TRUE(fs::exists(e / "tokenizer.json"));
+  std::ofstream(e / "NOTES.txt") << "mine\n";
+  fs::create_directory(e / "runs");
+  std::ofstream(e / "runs" / "log.txt") << "mine\n";
+  // A dummy build from a bare config.json: no tokenizer files this time.
+  fs::create_directory(tmp / "cfg");
+  fs::copy_file(hf("qwen3") / "config.json", tmp / "cfg" / "config.json");
+  Engine::build_dummy_to(tmp / "cfg" / "config.json", e, {}, 3);
+  EXPECT_EQ(entries(e), (std::vector<std::string>{"NOTES.txt", "kiln-engine.json", "runs",
+                                                  "weights.safetensors"}));
+  EXPECT_TRUE(fs::exists(e / "runs" / "log.txt"));
+  EXPECT_EQ(Engine::load(e).info().architecture, "Qwen3ForCausalLM");
+  EXPECT_GT(Engine::verify(e), 0u);
+  EXPECT_EQ(entries(tmp.path), (std::vector<std::string>{"cfg", "e"}));
+  // A folder kiln did not write is never a target.
+  fs::create_directory(tmp / "other");
+  std::ofstream(tmp / "other" / "x") << "x";
+  const std::string err = error_of([&] { Engine::build_to(hf("llama"), tmp / "other"); });
+  EXPECT_NE(err.find("exists and is not a kiln engine; refusing to overwrite"), std::string::npos)
+      << err;
+}
+
+TEST(EngineFile, InterruptedBuildLeavesNothingBehind) {
+  TempDir tmp;
+  // SIGINT as the first chunk is written (the build installs its handler for the write).
+  const std::string err = error_of([&] {
+    Engine::build_to(hf("llama"), tmp / "e", {}, [](const BuildProgress&) { raise(SIGINT); });
+  });
+  EXPECT_NE(err.find("build interrupted (SIGINT); nothing was written"), std::string::npos) << err;
+  EXPECT_TRUE(entries(tmp.path).empty());
+  // The same over an existing engine: it stays as it was.
+  Engine::build_to(hf("llama"), tmp / "e");
+  const auto before = fs::last_write_time(tmp / "e" / kEngineWeights);
+  EXPECT_NE(error_of([&] {
+              Engine::build_dummy_to(hf("qwen3") / "config.json", tmp / "e", {}, 0,
+                                     [](const BuildProgress&) { raise(SIGTERM); });
+            }).find("SIGTERM"),
+            std::string::npos);
+  EXPECT_EQ(entries(tmp.path), std::vector<std::string>{"e"});
+  EXPECT_EQ(fs::last_write_time(tmp / "e" / kEngineWeights), before);
+  EXPECT_EQ(Engine::load(tmp / "e").info().architecture, "LlamaForCausalLM");
+}
+
+TEST(EngineFile, TemporariesOfKilledBuildsAreRemoved) {
+  TempDir tmp;
+  const pid_t child = fork();
+  if (child == 0) _exit(0);
+  waitpid(child, nullptr, 0);  // a pid that no longer runs
+  fs::create_directories(tmp / cat(".e.tmp-", child) / "junk");
+  fs::create_directories(tmp / cat(".e.tmp-", getppid()));  // a live build: left alone
+  fs::create_directories(tmp / ".other.tmp-1");             // another engine's: left alone
+  Engine::build_to(hf("llama"), tmp / "e");
+  EXPECT_EQ(entries(tmp.path),
+            (std::vector<std::string>{cat(".e.tmp-", getppid()), ".other.tmp-1", "e"}));
+}
+
+TEST(EngineFile, BrokenTokenizerFailsTheBuild) {
+  TempDir tmp;
+  copy_dir(hf("llama"), tmp / "m");
+  std::ofstream(tmp / "m" / "tokenizer.json") << "{\"model\": {\"type\": \"BPE\", \"vocab\": [";
+  const std::string err = error_of([&] { Engine::build_to(tmp / "m", tmp / "e"); });
+  EXPECT_NE(err.find("tokenizer.json"), std::string::npos) << err;
+  EXPECT_FALSE(fs::exists(tmp / "e"));
+}
+
+TEST(EngineFile, QuantizedCheckpointsAreRefusedByName) {
+  TempDir tmp;
+  copy_dir(hf("llama"), tmp / "m");
+  auto cfg = read_json(tmp / "m" / "config.json");
+  cfg["quantization_config"] = {{"quant_method", "awq"}, {"bits", 4}};
+  write_json(tmp / "m" / "config.json", cfg);
+  std::string err = error_of([&] { Engine::build_to(tmp / "m", tmp / "e"); });
+  EXPECT_NE(err.find("quantization_config: quantized checkpoints ('awq') are not supported yet"),
+            std::string::npos)
+      << err;
+  cfg.erase("quantization_config");
+  write_json(tmp / "m" / "config.json", cfg);
+  write_json(tmp / "m" / "hf_quant_config.json", {{"quantization", {{"quant_algo", "FP8"}}}});
+  err = error_of([&] { Engine::build_to(tmp / "m", tmp / "e"); });
+  EXPECT_NE(err.find("hf_quant_config.json: quantized checkpoints (ModelOpt)"), std::string::npos)
+      << err;
+  EXPECT_FALSE(fs::exists(tmp / "e"));
+}
+
+TEST(EngineFile, ShortDiskIsRefusedBeforeWriting) {
+  TempDir tmp;
+  // Llama-3.1-8B's shape with 8000 layers: 1.7 trillion parameters, 3.2 TB in BF16.
+  auto cfg = read_json(hf("llama") / "config.json");
+  cfg["hidden_size"] = 4096;
+  cfg["intermediate_size"] = 14336;
+  cfg["num_attention_heads"] = 32;
+  cfg["num_key_value_heads"] = 8;
+  cfg["head_dim"] = 128;
+  cfg["num_hidden_layers"] = 8000;
+  cfg["vocab_size"] = 128256;
+  write_json(tmp / "config.json", cfg);
+  BuildConfig bc;
+  bc.dtype = "bf16";
+  const std::string err =
+      error_of([&] { Engine::build_dummy_to(tmp / "config.json", tmp / "e", bc); });
+  EXPECT_NE(err.find("the engine needs 3"), std::string::npos) << err;
+  EXPECT_NE(err.find("GiB on disk but"), std::string::npos) << err;
+  EXPECT_FALSE(fs::exists(tmp / "e"));
+}
+
+}  // namespace
+}  // namespace kiln::test
