@@ -3,6 +3,9 @@
 // setup tests/chat_template_diff.py uses); the other tests cover errors, options and the sandbox.
 #include <gtest/gtest.h>
 
+#include <pthread.h>
+
+#include <functional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -637,6 +640,191 @@ TEST(JinjaSandbox, NestingIsBounded) {
   // A namespace that contains itself cannot be printed, but must not crash or leak.
   err = error_of("{% set ns = namespace() %}{% set ns.me = ns %}{{ ns }}");
   EXPECT_NE(err.find("maximum recursion depth exceeded"), std::string::npos) << err;
+}
+
+// Chains are built by loops in the parser, not recursion, but evaluated and freed recursively:
+// 100k links used to overflow the stack. They are syntax errors naming the line now.
+TEST(JinjaSandbox, LongChainsAreRefused) {
+  const int n = 50000;
+  auto repeat = [](const std::string& s, int times) {
+    std::string out;
+    for (int i = 0; i < times; ++i) out += s;
+    return out;
+  };
+  const std::string chains[] = {
+      "{{ a" + repeat(".b", n) + " }}",     // attributes
+      "{{ a" + repeat("[0]", n) + " }}",    // subscripts
+      "{{ f" + repeat("()", n) + " }}",     // calls
+      "{{ x" + repeat("|trim", n) + " }}",  // filters
+      "{{ 1" + repeat(" + 1", n) + " }}",   // left-associative operators
+      "{{ a" + repeat(" or a", n) + " }}",
+  };
+  for (const std::string& tmpl : chains) {
+    SCOPED_TRACE(tmpl.substr(0, 20));
+    std::string err = error_of("\n" + tmpl);
+    EXPECT_NE(err.find("syntax error at line 2: expression nests deeper than 200 levels"),
+              std::string::npos)
+        << err;
+  }
+  // Recursive forms hit the parser's depth limit (parentheses are covered by NestingIsBounded).
+  for (const std::string& tmpl :
+       {"{{ " + repeat("[", n) + repeat("]", n) + " }}", "{{ " + repeat("- ", n) + "1 }}",
+        "{{ " + repeat("not ", n) + "1 }}",
+        "{{ " + repeat("{'a': ", n) + "1" + repeat("}", n) + " }}",
+        "{{ a" + repeat(" if a else a", n) + " }}"}) {
+    EXPECT_NE(error_of(tmpl).find("nests deeper than"), std::string::npos) << tmpl.substr(0, 20);
+  }
+  // Chains of a realistic length are fine.
+  EXPECT_EQ(render("{{ s" + repeat("|trim", 150) + " }}", ojson{{"s", " x "}}), "x");
+  EXPECT_EQ(render("{{ 0" + repeat(" + 1", 150) + " }}"), "150");
+}
+
+// Values share sub-lists, so a namespace doubled 40 times is a small value whose repr, JSON or
+// comparison is 2^40 long: the output cap and the loop budget stop them as they grow.
+TEST(JinjaSandbox, SharedValuesAreBounded) {
+  const std::string build =
+      "{% set ns = namespace(x=[1], y=[1]) %}{% for i in range(40) %}"
+      "{% set ns.x = [ns.x, ns.x] %}{% set ns.y = [ns.y, ns.y] %}{% endfor %}";
+  JinjaOptions opts;
+  opts.max_output_bytes = 65536;
+  opts.max_loop_iterations = 65536;
+  std::string err = error_of(build + "{{ ns.x }}", ojson::object(), opts);
+  EXPECT_NE(err.find("string exceeds max_output_bytes (65536)"), std::string::npos) << err;
+  err = error_of(build + "{{ ns.x|tojson }}", ojson::object(), opts);
+  EXPECT_NE(err.find("string exceeds max_output_bytes (65536)"), std::string::npos) << err;
+  err = error_of(build + "{{ ns.x == ns.y }}", ojson::object(), opts);
+  EXPECT_NE(err.find("loop iteration limit exceeded (max_loop_iterations = 65536)"),
+            std::string::npos)
+      << err;
+  // A long indent string is repeated once per level for every item.
+  err = error_of(
+      "{% set ns = namespace(x=[]) %}{% for i in range(200) %}{% set ns.x = [ns.x] %}{% endfor %}"
+      "{{ ns.x|tojson(indent='x' * 1000000) }}");
+  EXPECT_NE(err.find("string exceeds max_output_bytes"), std::string::npos) << err;
+  EXPECT_EQ(render(build + "{{ ns.x == ns.x }}"), "True");  // the same list: no walk
+}
+
+// Filters, methods and operators whose result can be far larger than their input check the cap
+// (or the loop budget) before allocating, and fail with a template error, never bad_alloc,
+// std::out_of_range or a hang.
+TEST(JinjaSandbox, GrowingFiltersCheckTheCapFirst) {
+  std::vector<std::string> over_cap = {
+      "{{ '%999999999d' % 1 }}",
+      "{{ '%.999999999f' % 1.5 }}",
+      "{{ '%99999999999999999999s' % 'x' }}",
+      "{{ '%999999999s'|format('x') }}",
+      "{{ 'x'|indent(1000000000000000) }}",
+      "{% set s = 'x' * 1000000 %}{{ s|replace('x', s) }}",
+      "{% set s = 'x' * 1000000 %}{{ s.replace('', s) }}",
+      "{{ 'ab'.center(4611686018427387904) }}",
+      "{{ 'ab'.ljust(4611686018427387904, 'x') }}",
+  };
+  // Each escape adds 4 bytes per '&': 150 of them would reach 2.4 GB before anything printed.
+  std::string escapes = "{{ ('&' * 4000000)";
+  for (int i = 0; i < 150; ++i) escapes += "|e";
+  over_cap.push_back(escapes + " }}");
+  for (const std::string& tmpl : over_cap) {
+    std::string err = error_of(tmpl);
+    // "string": an intermediate value was refused, before anything reached the output.
+    EXPECT_NE(err.find("string exceeds max_output_bytes"), std::string::npos)
+        << tmpl.substr(0, 60) << ": " << err;
+  }
+  // Elements (list items, split parts, the characters a loop walks) are counted before they
+  // are made: one Value per character of a 16 MiB string is gigabytes.
+  const char* over_budget[] = {
+      "{{ [1]|batch(1000000000000, 0)|length }}",
+      "{{ ([[1] * 1000] * 2000)|sum(start=[])|length }}",
+      "{% for c in 'x' * 1000000 %}{% break %}{% endfor %}",
+      "{{ ('x' * 1000000).split('x')|length }}",
+      "{{ ('x ' * 500000).split()|length }}",
+      "{{ ('\\n' * 1000000).splitlines()|length }}",
+  };
+  JinjaOptions opts;
+  opts.max_loop_iterations = 10000;
+  for (const char* tmpl : over_budget) {
+    std::string err = error_of(tmpl, ojson::object(), opts);
+    EXPECT_NE(err.find("loop iteration limit exceeded"), std::string::npos) << tmpl << ": " << err;
+  }
+  // first/last of a long string need no element per character.
+  EXPECT_EQ(
+      render("{{ ('é' ~ 'x' * 2000000)|first }}{{ ('x' * 2000000 ~ '€')|last }}{{ ''|last }}"),
+      "é€");
+  // Repeating nothing is nothing, however many times (this used to loop 10^15 times).
+  EXPECT_EQ(render("{{ ('' * 1000000000000000)|length }} {{ ([] * 1000000000000000)|length }}"),
+            "0 0");
+  // Huge lengths and indices: no integer overflow, no std::out_of_range.
+  EXPECT_EQ(render("{{ 'abc'|truncate(9223372036854775807) }}"), "abc");
+  EXPECT_EQ(render("{{ 'abcdefghij'|truncate(5, leeway=9223372036854775807) }}"), "abcdefghij");
+  EXPECT_NE(error_of("{{ '{99999999999999999999}'.format(1) }}").find("out of range"),
+            std::string::npos);
+  EXPECT_EQ(render("{{ [[1]]|map(attribute='0.99999999999999999999')|first is defined }}"),
+            "False");
+  EXPECT_NE(error_of("{{ '%c' % 1114112 }}").find("%c arg not in range(0x110000)"),
+            std::string::npos);
+  // Widths within the cap keep Python's output (they used to be cut at 511 characters).
+  EXPECT_EQ(render("{{ ('%600d' % 7)|length }} {{ '%5.1f|%-4d|%03d' % (2.25, 7, 5) }}"),
+            "600   2.2|7   |005");
+}
+
+// A macro that calls itself twice per level makes 2^depth calls within the recursion limit;
+// every call counts against the loop budget.
+TEST(JinjaSandbox, MacroFanOutIsBounded) {
+  const char* fan_out =
+      "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+      "{{ f(N) }}.";
+  JinjaOptions opts;
+  opts.max_loop_iterations = 100000;
+  std::string err = error_of(fan_out, ojson{{"N", 40}}, opts);
+  EXPECT_NE(err.find("loop iteration limit exceeded (max_loop_iterations = 100000)"),
+            std::string::npos)
+      << err;
+  EXPECT_EQ(render(fan_out, ojson{{"N", 12}}, opts), ".");  // 8191 calls
+  // The work inside each call or iteration counts too: a large body is more than one step.
+  opts = JinjaOptions();
+  opts.max_steps = 100000;
+  std::string body;
+  for (int i = 0; i < 1000; ++i) body += "{% set x = i %}";
+  err = error_of("{% for i in range(1000) %}" + body + "{% endfor %}", ojson::object(), opts);
+  EXPECT_NE(err.find("step limit exceeded (max_steps = 100000)"), std::string::npos) << err;
+  EXPECT_EQ(
+      render("{% for i in range(10) %}" + body + "{% endfor %}{{ x }}", ojson::object(), opts), "");
+}
+
+// Runs fn on a thread with a stack of `bytes` (std::thread cannot choose its stack size).
+void run_with_stack(size_t bytes, std::function<void()> fn) {
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, bytes);
+  pthread_t thread;
+  auto body = [](void* f) -> void* {
+    (*static_cast<std::function<void()>*>(f))();
+    return nullptr;
+  };
+  ASSERT_EQ(pthread_create(&thread, &attr, body, &fn), 0);
+  pthread_join(thread, nullptr);
+  pthread_attr_destroy(&attr);
+}
+
+// Each limit holds, but 100 macro levels that each evaluate a 190-link chain need ~20 MB of C++
+// stack: whatever the thread's stack size, running out of it is an error, not a crash.
+TEST(JinjaSandbox, StackExhaustionIsAnError) {
+  std::string chain = "m(n - 1)";
+  for (int i = 0; i < 190; ++i) chain += "|trim";
+  const std::string deep =
+      "{% macro m(n) %}{% if n > 0 %}{{ " + chain + " }}{% endif %}x{% endmacro %}{{ m(99) }}";
+  const std::string countdown =
+      "{% macro c(n) %}{{ n % 10 }}{% if n > 0 %}{{ c(n - 1) }}{% endif %}{% endmacro %}{{ c(98) "
+      "}}";
+  for (size_t stack : {size_t{512} << 10, size_t{8} << 20}) {
+    std::string err, ok;
+    run_with_stack(stack, [&] {
+      err = error_of(deep);
+      ok = error_of(countdown);
+    });
+    EXPECT_NE(err.find("nest too deeply for this thread's stack"), std::string::npos) << err;
+    // The recursion limit itself fits (in 512 KiB too, but not with a sanitizer's larger frames).
+    if (stack > (size_t{1} << 20)) EXPECT_EQ(ok, "");
+  }
 }
 
 TEST(JinjaSandbox, ContainersAreImmutable) {

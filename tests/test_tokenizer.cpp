@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -13,6 +14,7 @@
 
 #include "core/error.h"
 #include "tokenizer/tokenizer.h"
+#include "tokenizer/tokenizer_impl.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -285,6 +287,87 @@ TEST(TokenizerErrors, BadFilesNameTheFile) {
                kiln::Error);
 }
 
+// A field of the wrong type is one line naming the file and the field, never nlohmann's
+// "[json.exception.type_error.302] type must be string, but is number".
+TEST(TokenizerErrors, WrongFieldTypesNameTheField) {
+  const std::string model = kTinyModel;
+  const std::string bpe = R"("model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, )";
+  struct {
+    std::string doc, message;
+  } cases[] = {
+      {"{" + bpe + R"("merges": ["a b"], "byte_fallback": "yes"}})",
+       "model.byte_fallback must be true or false, not string"},
+      {"{" + bpe + R"("merges": [["a", 1]]}})", "model.merges[0][1] must be a string, not number"},
+      {"{" + bpe + R"("merges": [], "dropout": "0"}})",
+       "model.dropout must be a number, not string"},
+      {"{" + bpe + R"("merges": [], "unk_token": 3}})", "model.unk_token must be a string"},
+      {R"({"model": {"type": "Unigram", "vocab": [["a", "x"]]}})",
+       "model.vocab[0][1] must be a number, not string"},
+      {R"({"model": {"type": 5, "vocab": {}}})", "model.type must be a string, not number"},
+      {R"({"model": {"type": "BPE", "vocab": {}}})", "model.merges is missing"},
+      {"{" + model + R"(, "normalizer": {"type": "Sequence", "normalizers": [{"type": "Lowercase"},
+         {"type": "Replace", "pattern": {"String": "a"}, "content": 5}]}})",
+       "normalizer.normalizers[1].content must be a string, not number"},
+      {"{" + model + R"(, "normalizer": {"type": "Prepend"}})", "normalizer.prepend is missing"},
+      {"{" + model + R"(, "normalizer": {"type": "Sequence", "normalizers": {}}})",
+       "normalizer.normalizers must be an array, not object"},
+      {"{" + model + R"(, "normalizer": {"type": "Strip", "strip_left": 1}})",
+       "normalizer.strip_left must be true or false, not number"},
+      {"{" + model + R"(, "pre_tokenizer": {"type": "Split", "pattern": {"Regex": 1},
+         "behavior": "Isolated"}})",
+       "pre_tokenizer.pattern.Regex must be a string, not number"},
+      {"{" + model + R"(, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+         {"type": "Split", "pattern": {"String": " "}, "behavior": null}]}})",
+       "pre_tokenizer.pretokenizers[0].behavior must be a string, not null"},
+      {"{" + model + R"(, "pre_tokenizer": {"type": "Metaspace", "prepend_scheme": 1}})",
+       "pre_tokenizer.prepend_scheme must be a string"},
+      {"{" + model + R"(, "decoder": {"type": "Strip", "content": " ", "start": -1}})",
+       "decoder.start must be a non-negative integer, not number"},
+      {"{" + model + R"(, "decoder": {"type": "Sequence", "decoders": [{"type": "BPEDecoder",
+         "suffix": []}]}})",
+       "decoder.decoders[0].suffix must be a string, not array"},
+      {"{" + model + R"(, "post_processor": {"type": "TemplateProcessing",
+         "single": [{"SpecialToken": {"id": 3}}]}})",
+       "post_processor.single[0].SpecialToken.id must be a string, not number"},
+      {"{" + model + R"(, "post_processor": {"type": "TemplateProcessing",
+         "single": [{"SpecialToken": {"id": "x"}}], "special_tokens": {"x": {"ids": 1}}}})",
+       R"(post_processor.special_tokens["x"].ids must be an array, not number)"},
+      {"{" + model + R"(, "added_tokens": [{"id": 0, "content": "a"},
+         {"id": 1, "content": "b", "special": "no"}]})",
+       "added_tokens[1].special must be true or false, not string"},
+  };
+  int n = 0;
+  for (const auto& c : cases) {
+    const fs::path p = write_file("field_" + std::to_string(n++) + ".json", c.doc);
+    std::string err = load_error(p);
+    EXPECT_NE(err.find(p.string() + ": " + c.message), std::string::npos) << c.doc << "\n" << err;
+    EXPECT_EQ(err.find("json.exception"), std::string::npos) << err;
+    EXPECT_EQ(err.find('\n'), std::string::npos) << err;
+  }
+  // tokenizer_config.json too.
+  const fs::path dir = FixtureDir::get().root() / "bad_config";
+  fs::create_directories(dir);
+  std::ofstream(dir / "tokenizer.json") << "{" << model << "}";
+  std::ofstream(dir / "tokenizer_config.json") << R"({"tokenizer_class": 5})";
+  std::string err;
+  try {
+    kiln::Tokenizer::from_dir(dir);
+  } catch (const kiln::Error& e) {
+    err = e.what();
+  }
+  EXPECT_NE(err.find("tokenizer_config.json: tokenizer_class must be a string, not number"),
+            std::string::npos)
+      << err;
+  std::ofstream(dir / "tokenizer_config.json") << "[]";
+  err = "";
+  try {
+    kiln::Tokenizer::from_dir(dir);
+  } catch (const kiln::Error& e) {
+    err = e.what();
+  }
+  EXPECT_NE(err.find("tokenizer_config.json: expected a JSON object"), std::string::npos) << err;
+}
+
 std::string run_cli(const std::string& args, const std::string& input, int* rc);  // below
 
 // Documents nested deeper than 128 levels (a million-deep Sequence overflowed the stack while
@@ -392,6 +475,79 @@ TEST(TokenizerSentencePiece, MatchesSentencePiece) {
     EXPECT_EQ(tk.decode(with, true), c["decoded"].get<std::string>()) << json(text).dump();
   }
   EXPECT_EQ(tk.encode("<s>a", false).front(), bos);  // control pieces are special tokens
+}
+
+std::string proto_varint(uint64_t v) {
+  std::string b;
+  for (; v >= 0x80; v >>= 7) b.push_back(char(0x80 | (v & 0x7f)));
+  b.push_back(char(v));
+  return b;
+}
+
+std::string proto_bytes(int field, const std::string& v) {
+  return proto_varint(uint64_t(field) << 3 | 2) + proto_varint(v.size()) + v;
+}
+
+// A SentencePiece Unigram tokenizer.model with these (piece, type) entries: 1 normal, 2 unknown,
+// 3 control, 4 user-defined. Scores fall with the index; unk/bos/eos ids are 0/1/2.
+fs::path spm_unigram(const std::string& name,
+                     const std::vector<std::pair<std::string, int>>& pieces) {
+  std::string model;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const float score = -float(i);
+    std::string score_bytes(4, '\0');
+    std::memcpy(score_bytes.data(), &score, 4);
+    model +=
+        proto_bytes(1, proto_bytes(1, pieces[i].first) + proto_varint(2 << 3 | 5) + score_bytes +
+                           proto_varint(3 << 3) + proto_varint(uint64_t(pieces[i].second)));
+  }
+  model += proto_bytes(2, proto_varint(3 << 3) + proto_varint(1));  // model_type UNIGRAM
+  fs::path p = FixtureDir::get().root() / name;
+  std::ofstream(p, std::ios::binary) << model;
+  return p;
+}
+
+// Pieces that are partial UTF-8 sequences must never make encoding read or write out of bounds.
+// A user-defined piece is matched in the raw text, so one like "\x82" would cut "€" into
+// segments that end mid-character: the model is refused. The Unigram model itself steps by whole
+// characters only where they are complete (run under KILN_SANITIZE to see the old overflow).
+TEST(TokenizerSentencePiece, PartialUtf8PiecesStayInBounds) {
+  const std::vector<std::pair<std::string, int>> base = {
+      {"<unk>", 2}, {"<s>", 3}, {"</s>", 3}, {"\xE2\x96\x81", 1}, {"a", 1}};
+  auto ok = base;
+  ok.push_back({"\xE2\x82\xAC", 4});  // "€", user-defined
+  auto tk = kiln::Tokenizer::from_sentencepiece_file(spm_unigram("ok.model", ok));
+  EXPECT_EQ(tk.encode("a\xE2\x82\xAC", false), (std::vector<int32_t>{3, 4, 5}));
+
+  auto bad = base;
+  bad.push_back({"\x82", 4});
+  const fs::path p = spm_unigram("partial_piece.model", bad);
+  try {
+    auto t = kiln::Tokenizer::from_sentencepiece_file(p);
+    t.encode("a\xE2\x82\xAC", false);  // what the refused piece would have done
+    ADD_FAILURE() << "expected kiln::Error";
+  } catch (const kiln::Error& e) {
+    EXPECT_NE(
+        std::string(e.what()).find(p.string() + ": piece 5 (user-defined) is not valid UTF-8"),
+        std::string::npos)
+        << e.what();
+  }
+
+  // Unigram on text that is not valid UTF-8: a lead byte at the very end, a stray continuation
+  // byte. Pieces: 0 <unk>, 1 "a", 2 "b", 3 "\xE2" (a lone lead byte).
+  auto m = kiln::tok::make_unigram({"<unk>", "a", "b", "\xE2"}, {0, -1, -1, -1}, 0, false);
+  std::vector<int32_t> out;
+  m->encode("a\xE2", out);  // used to write best[4] of a 3-entry table
+  EXPECT_EQ(out, (std::vector<int32_t>{1, 3}));
+  out.clear();
+  m->encode(
+      "a\x82"
+      "b",
+      out);  // used to swallow the 'b' into a 2-byte "character"
+  EXPECT_EQ(out, (std::vector<int32_t>{1, 0, 2}));
+  out.clear();
+  m->encode("\xE2\x82", out);  // truncated 3-byte sequence: a piece, then an unknown byte
+  EXPECT_EQ(out, (std::vector<int32_t>{3, 0}));
 }
 
 TEST(TokenizerComponents, MetaspaceByteFallbackPipeline) {

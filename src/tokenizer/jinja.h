@@ -9,7 +9,8 @@
 // what is supported.
 //
 // Sandbox: templates cannot reach files or the environment (include/import/extends are rejected at
-// parse time), and output size, loop iterations, recursion depth and value nesting are bounded.
+// parse time), and output size, loop iterations, steps, recursion depth, expression and value
+// nesting are bounded.
 // Every failure is a kiln::Error whose one-line message names the template line.
 #pragma once
 
@@ -32,10 +33,17 @@ struct JinjaOptions {
   // Sandbox limits. The output cap also bounds every intermediate string and block capture, so a
   // template cannot build a huge value it never prints. 16 MiB is far beyond any real prompt.
   size_t max_output_bytes = size_t{16} << 20;
-  // Total for-loop iterations plus elements visited by sequence filters (sort, map, join ...).
+  // Total for-loop iterations and macro calls plus elements visited by sequence filters (sort,
+  // map, join ...).
   size_t max_loop_iterations = size_t{1} << 20;
-  // Nested macro/caller invocations. Each level costs a few KiB of C++ stack; the default fits
-  // in a 512 KiB thread stack.
+  // Statements executed plus expressions evaluated. The loop budget counts an iteration once
+  // however large its body is; this bounds the render's time whatever the template's shape
+  // (about a second at the default, where real chat templates take thousands of steps).
+  size_t max_steps = size_t{1} << 25;
+  // Nested macro/caller invocations. Each level costs about 3.5 KiB of C++ stack (optimized
+  // build); the default fits in a 512 KiB thread stack. Whatever the limits, a render stops with
+  // an error before its thread's stack runs out (deep macros combined with deep expressions can
+  // need more).
   int max_recursion_depth = 100;
 
   // Seconds since the Unix epoch that strftime_now() formats (local time zone); negative means the

@@ -4,6 +4,9 @@
 // fresh child scope (so `set` inside them does not leak), `if` does not. Each loop iteration
 // starts from a clean scope, which is why templates carry state across iterations in a
 // namespace().
+#include <pthread.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -131,7 +134,35 @@ double float_mod(double a, double b) {
 
 }  // namespace
 
-Interp::Interp(const Program& program, DictData context) : program_(program) {
+namespace {
+
+// Stack left free below the deepest template frame for the calls made from there (printf,
+// sorting, repr and JSON walks up to kMaxNesting levels).
+constexpr uintptr_t kStackMargin = uintptr_t{128} << 10;
+
+// The lowest address this thread's template frames may use, 0 when unknown. Measured rather than
+// guessed: the main thread has 8 MiB, others often 512 KiB, and sanitizers grow every frame.
+uintptr_t stack_floor() {
+#if defined(__linux__)  // pthread_getattr_np is a GNU extension (glibc, musl)
+  thread_local const uintptr_t floor = [] {
+    pthread_attr_t attr;
+    void* addr = nullptr;
+    size_t size = 0;
+    if (pthread_getattr_np(pthread_self(), &attr) != 0) return uintptr_t{0};
+    pthread_attr_getstack(&attr, &addr, &size);
+    pthread_attr_destroy(&attr);
+    return addr && size > kStackMargin ? reinterpret_cast<uintptr_t>(addr) + kStackMargin : 0;
+  }();
+  return floor;
+#else
+  return 0;
+#endif
+}
+
+}  // namespace
+
+Interp::Interp(const Program& program, DictData context)
+    : program_(program), stack_floor_(stack_floor()) {
   root_ = std::make_shared<Frame>();
   for (auto& [k, v] : context.items) {
     if (k.is_string()) root_->vars[k.s] = std::move(v);
@@ -144,15 +175,47 @@ Interp::~Interp() {
   }
 }
 
+namespace {
+// The render running on this thread, for the budget_* helpers (see jinja_internal.h).
+thread_local Interp* t_current = nullptr;
+}  // namespace
+
+void budget_bytes(size_t bytes) {
+  if (t_current) t_current->check_size(bytes);
+}
+void budget_items(size_t n) {
+  if (t_current) t_current->check_work(n);
+}
+void budget_tick(size_t n) {
+  if (t_current) t_current->tick(n);
+}
+
 std::string Interp::run() {
+  struct Current {
+    explicit Current(Interp* in) : saved(t_current) { t_current = in; }
+    ~Current() { t_current = saved; }
+    Interp* saved;
+  } current(this);
   std::string out;
   exec(program_.body, root_, out);
   return out;
 }
 
 void Interp::tick(size_t n) {
+  check_work(n);
   work_ += n;
-  if (work_ > opts().max_loop_iterations) {
+}
+
+void Interp::step_limit() const {
+  fail("step limit exceeded (max_steps = " + std::to_string(opts().max_steps) + ")");
+}
+
+void Interp::stack_limit() const {
+  fail("statements, expressions and macro calls nest too deeply for this thread's stack");
+}
+
+void Interp::check_work(size_t n) const {
+  if (n > opts().max_loop_iterations - std::min(work_, opts().max_loop_iterations)) {
     fail("loop iteration limit exceeded (max_loop_iterations = " +
          std::to_string(opts().max_loop_iterations) + ")");
   }
@@ -225,6 +288,7 @@ Interp::Flow Interp::exec(const Body& body, const FramePtr& frame, std::string& 
   for (const auto& sp : body) {
     const Stmt& s = *sp;
     line_ = s.line;
+    step();
     switch (s.kind) {
       case StmtKind::kOutput:
         emit(out, s.text);
@@ -414,7 +478,9 @@ bool compare(const std::string& op, const Value& a, const Value& b) {
 }
 
 Value repeat(Interp& in, const Value& seq, int64_t times) {
-  if (times <= 0) return seq.is_string() ? Value::str("") : make_list({}, seq.list->kind);
+  // An empty sequence costs nothing to repeat, but looping `times` (up to 2^63) times would hang.
+  const bool empty = seq.is_string() ? seq.s.empty() : seq.list->items.empty();
+  if (times <= 0 || empty) return seq.is_string() ? Value::str("") : make_list({}, seq.list->kind);
   if (seq.is_string()) {
     if (seq.s.size() * static_cast<unsigned __int128>(times) > in.opts().max_output_bytes) {
       in.check_size(SIZE_MAX);
@@ -543,6 +609,7 @@ Value binop(Interp& in, const std::string& op, const Value& a, const Value& b) {
 
 Value Interp::eval(const Expr& e, const FramePtr& frame) {
   line_ = e.line;
+  step();
   switch (e.kind) {
     case ExprKind::kConst:
       return e.value;
@@ -777,7 +844,11 @@ Value Interp::call(const Value& callee, CallArgs& args) {
   if (callee.type != Type::kObject || !callee.obj->callable()) {
     fail("'" + type_name(callee) + "' object is not callable");
   }
-  return callee.obj->call(*this, args);
+  Value r = callee.obj->call(*this, args);
+  // Methods like str.upper grow a string by a bounded factor without checking; checking every
+  // result keeps chains of them (s.upper().upper()...) under the cap.
+  if (r.is_string()) check_size(r.s.size());
+  return r;
 }
 
 Value Interp::call_macro(const Stmt& def, const FramePtr& closure, CallArgs& args,
@@ -791,6 +862,9 @@ Value Interp::call_macro(const Stmt& def, const FramePtr& closure, CallArgs& arg
     fail("maximum recursion depth exceeded (max_recursion_depth = " +
          std::to_string(opts().max_recursion_depth) + ")");
   }
+  // Depth alone does not bound the work: a macro that calls itself twice per level makes 2^depth
+  // calls. Every call counts like a loop iteration.
+  tick();
   const std::string& name = def.kind == StmtKind::kMacro ? def.name : std::string("caller");
   auto frame = std::make_shared<Frame>();
   frame->parent = closure;
@@ -840,7 +914,10 @@ Value Interp::call_macro(const Stmt& def, const FramePtr& closure, CallArgs& arg
 }
 
 Value Interp::apply_filter(const std::string& name, const Value& v, CallArgs& args) {
-  return run_filter(*this, name, v, args);
+  Value r = run_filter(*this, name, v, args);
+  // As in call(): `escape` multiplies its input by up to 6, so s|e|e|e... must stop at the cap.
+  if (r.is_string()) check_size(r.s.size());
+  return r;
 }
 
 bool Interp::apply_test(const std::string& name, const Value& v, CallArgs& args) {

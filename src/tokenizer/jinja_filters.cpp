@@ -97,7 +97,7 @@ std::vector<Value> attr_parts(const Value& attribute) {
   for (const auto& p : py_split(attribute.s, Value::str("."), -1, false)) {
     bool digits =
         !p.empty() && std::all_of(p.begin(), p.end(), [](char c) { return c >= '0' && c <= '9'; });
-    parts.push_back(digits ? Value::integer(std::stoll(p)) : Value::str(p));
+    parts.push_back(digits ? Value::integer(parse_digits(p)) : Value::str(p));
   }
   return parts;
 }
@@ -306,6 +306,9 @@ Value f_batch(Interp& in, const Value& v, CallArgs& a) {
   }
   if (!tmp.empty()) {
     if (!b[1].is_none()) {
+      // The padding is made here, not taken from the input: `[1]|batch(10**12, 0)` would
+      // otherwise build a trillion-element row.
+      in.tick(static_cast<size_t>(count) - tmp.size());
       while (static_cast<int64_t>(tmp.size()) < count) tmp.push_back(b[1]);
     }
     out.push_back(make_list(std::move(tmp)));
@@ -354,8 +357,20 @@ Value f_escape(Interp&, const Value& v, CallArgs& a) {
   return Value::str(html_escape(soft_str(v)));
 }
 
+// The first or last character of a string, without a Value per character (see iterate()).
+Value end_char(const std::string& s, bool last) {
+  // A character is at most 4 bytes, so a 4-byte window decodes it whole.
+  std::u32string u =
+      decode_utf8(last ? std::string_view(s).substr(s.size() - std::min<size_t>(s.size(), 4))
+                       : std::string_view(s).substr(0, 4));
+  std::string ch;
+  append_utf8(ch, last ? u.back() : u.front());
+  return Value::str(std::move(ch));
+}
+
 Value f_first(Interp&, const Value& v, CallArgs& a) {
   bind("first", a, {});
+  if (v.is_string() && !v.s.empty()) return end_char(v.s, false);
   if (v.is_list()) {
     if (!v.list->items.empty()) return v.list->items.front();
   } else {
@@ -367,6 +382,7 @@ Value f_first(Interp&, const Value& v, CallArgs& a) {
 
 Value f_last(Interp&, const Value& v, CallArgs& a) {
   bind("last", a, {});
+  if (v.is_string() && !v.s.empty()) return end_char(v.s, true);
   if (v.is_list()) {
     if (!v.list->items.empty()) return v.list->items.back();
   } else {
@@ -429,9 +445,15 @@ Value f_format(Interp& in, const Value& v, CallArgs& a) {
 Value f_indent(Interp& in, const Value& v, CallArgs& a) {
   Bound b = bind("indent", a, {"width", "first", "blank"});
   std::string ind = "    ";
-  if (b.has(0))
-    ind =
-        b[0].is_string() ? b[0].s : std::string(std::max<int64_t>(0, int_arg(b[0], "width")), ' ');
+  if (b.has(0)) {
+    if (b[0].is_string()) {
+      ind = b[0].s;
+    } else {
+      const int64_t width = std::max<int64_t>(0, int_arg(b[0], "width"));
+      in.check_size(static_cast<size_t>(width));  // before allocating it
+      ind = std::string(static_cast<size_t>(width), ' ');
+    }
+  }
   if (v.is_undefined()) fail_undefined(v);
   if (!v.is_string()) fail("unsupported operand type(s) for +=: '" + type_name(v) + "' and 'str'");
   std::vector<std::string> lines = py_splitlines(v.s + "\n", false);
@@ -452,7 +474,10 @@ Value f_indent(Interp& in, const Value& v, CallArgs& a) {
       in.check_size(rv.size());
     }
   }
-  if (truthy(b[1])) rv = ind + rv;
+  if (truthy(b[1])) {
+    in.check_size(ind.size() + rv.size());
+    rv = ind + rv;
+  }
   return Value::str(std::move(rv));
 }
 
@@ -777,16 +802,18 @@ Value f_truncate(Interp&, const Value& v, CallArgs& a) {
   std::string end = b.has(2) ? str_arg(b[2], "end") : "...";
   int64_t leeway = b.has(3) && !b[3].is_none() ? int_arg(b[3], "leeway") : 5;
   auto end_len = static_cast<int64_t>(count_code_points(end));
+  // length + leeway in 128 bits: both come from the template and may be near INT64_MAX.
+  const __int128 limit = static_cast<__int128>(length) + leeway;
   if (!v.is_string()) {
     // jinja2 measures the value itself: short lists pass through, numbers have no len().
-    if (static_cast<int64_t>(py_len(v)) <= length + leeway) return v;
+    if (static_cast<__int128>(py_len(v)) <= limit) return v;
     fail("'" + type_name(v) + "' object has no attribute 'rsplit'");
   }
   std::u32string s = decode_utf8(v.s);
   if (length < end_len)
     fail("expected length >= " + std::to_string(end_len) + ", got " + std::to_string(length));
   if (leeway < 0) fail("expected leeway >= 0, got " + std::to_string(leeway));
-  if (static_cast<int64_t>(s.size()) <= length + leeway) return Value::str(encode_utf8(s));
+  if (static_cast<__int128>(s.size()) <= limit) return Value::str(encode_utf8(s));
   std::string head = encode_utf8(std::u32string_view(s).substr(0, length - end_len));
   if (truthy(b[1])) return Value::str(head + end);
   std::vector<std::string> parts = py_split(head, Value::str(" "), 1, true);
@@ -1124,6 +1151,8 @@ Value f_sum(Interp& in, const Value& v, CallArgs& a) {
     } else if (acc.is_number() && x.is_number()) {
       acc = Value::real(acc.as_double() + x.as_double());
     } else if (acc.is_list() && x.is_list()) {
+      // Each step copies the whole accumulator, so summing n lists is O(n^2) copies: count them.
+      in.tick(acc.list->items.size() + x.list->items.size());
       std::vector<Value> items = acc.list->items;
       items.insert(items.end(), x.list->items.begin(), x.list->items.end());
       acc = make_list(std::move(items), acc.list->kind);

@@ -35,6 +35,14 @@ class RaisedError : public TemplateError {
 struct Value;
 [[noreturn]] void fail_undefined(const Value& v);
 
+// Budgets of the render running on this thread, for value helpers that have no Interp at hand
+// (repr, json.dumps, equality, splitting). Values share sub-lists by pointer, so `[x, x]` doubled
+// 40 times is a small value whose repr or comparison is astronomically large: these let the
+// helpers stop as they grow instead of after. Outside a render they do nothing.
+void budget_bytes(size_t bytes);  // fails if a string of `bytes` would exceed max_output_bytes
+void budget_items(size_t n);      // fails if n more elements would exceed max_loop_iterations
+void budget_tick(size_t n = 1);   // counts n units of work against max_loop_iterations
+
 // Deepest list/dict nesting a value may have. Bounding it at construction keeps every recursive
 // walk (repr, tojson, ==, destruction) far from the C++ stack limit; Python's own recursion
 // limit stops json.dumps and repr around 1000 levels anyway.
@@ -225,6 +233,9 @@ size_t py_len(const Value& v);
 // Python iter() materialized: str -> chars, dict -> keys, Undefined -> empty.
 std::vector<Value> iterate(const Value& v);
 void check_int_range(double d);
+// A run of ASCII digits as a number, saturating at INT64_MAX (std::stoll would throw a
+// std::out_of_range that is no template error).
+int64_t parse_digits(std::string_view digits);
 
 // UTF-8 helpers. Invalid bytes decode to U+DC80..U+DCFF and encode back unchanged
 // (Python's surrogateescape), so no input is ever mangled.
@@ -300,6 +311,7 @@ struct CallExpr {
 struct Expr {
   ExprKind kind;
   int line;
+  int height = 1;    // levels of this subtree; the parser bounds it (see Parser::seal)
   Value value;       // kConst
   std::string name;  // kName, kAttr, kFilter, kTest, kBinary
   std::vector<ExprPtr> args;
@@ -390,6 +402,16 @@ class Interp {
   void track(const std::shared_ptr<Object>& obj) { tracked_.push_back(obj); }
   // Counts work against max_loop_iterations.
   void tick(size_t n = 1);
+  // Fails if n more units of work would exceed max_loop_iterations, without counting them.
+  void check_work(size_t n) const;
+  // Counts one statement or expression against max_steps, and stops before the C++ stack runs
+  // out: the interpreter recurses on nested statements, expressions and macro calls, and their
+  // product (100 macro levels each evaluating a 200-link chain) needs far more stack than any
+  // one of those limits suggests.
+  void step() {
+    if (++steps_ > opts().max_steps) step_limit();
+    if (reinterpret_cast<uintptr_t>(__builtin_frame_address(0)) < stack_floor_) stack_limit();
+  }
   // Fails if a string of `bytes` bytes would exceed the output cap.
   void check_size(size_t bytes) const;
 
@@ -417,6 +439,10 @@ class Interp {
   int line_ = 0;
   int depth_ = 0;
   size_t work_ = 0;
+  size_t steps_ = 0;
+  uintptr_t stack_floor_ = 0;  // lowest stack address a template frame may use (0: unknown)
+  [[noreturn]] void step_limit() const;
+  [[noreturn]] void stack_limit() const;
   std::vector<std::weak_ptr<Object>> tracked_;
 };
 

@@ -192,6 +192,8 @@ Value m_pad(Interp& in, const Value& self, CallArgs& a, char mode) {
                                : "rjust",
                  a, {"width", "fillchar"}, 1);
   int64_t width = int_arg(b[0], "width");
+  // Up to 4 bytes per fill char; checked in two steps so width * 4 cannot wrap around.
+  in.check_size(static_cast<size_t>(std::max<int64_t>(width, 0)));
   in.check_size(static_cast<size_t>(std::max<int64_t>(width, 0)) * 4);
   char32_t fill = ' ';
   if (b.has(1)) {
@@ -444,7 +446,7 @@ Value m_format(Interp& in, const Value& self, CallArgs& a) {
              " out of range for positional args tuple");
       v = a.pos[auto_idx++];
     } else if (is_index) {
-      size_t idx = std::stoul(head);
+      auto idx = static_cast<size_t>(parse_digits(head));
       if (idx >= a.pos.size())
         fail("Replacement index " + head + " out of range for positional args tuple");
       v = a.pos[idx];
@@ -470,7 +472,7 @@ Value m_format(Interp& in, const Value& self, CallArgs& a) {
         std::string key = field.substr(end + 1, rb - end - 1);
         bool digits = !key.empty() && std::all_of(key.begin(), key.end(),
                                                   [](char ch) { return ch >= '0' && ch <= '9'; });
-        v = in.getitem(v, digits ? Value::integer(std::stoll(key)) : Value::str(key));
+        v = in.getitem(v, digits ? Value::integer(parse_digits(key)) : Value::str(key));
         end = rb + 1 < field.size() ? rb + 1 : std::string::npos;
       }
     }

@@ -1,6 +1,7 @@
 // Lexer and parser for the Jinja subset. Both mirror jinja2 3.1's lexer.py and parser.py closely,
 // because chat templates depend on the exact whitespace rules (trim_blocks, lstrip_blocks, '-'
 // and '+' markers) and operator precedence of the reference implementation.
+#include <algorithm>
 #include <cstring>
 
 #include "core/error.h"
@@ -591,6 +592,28 @@ class Parser {
     return e;
   }
 
+  // Records the height of a finished node and refuses trees taller than kMaxParseDepth. Guard
+  // only sees recursion, but chains (a.b.c..., f()()..., x|f|f..., a + b + c ...) are built by
+  // loops, and the interpreter evaluates and frees the tree recursively: 100k links would
+  // overflow the stack there. Every node that has children goes through here.
+  static ExprPtr seal(ExprPtr e) {
+    int h = 0;
+    auto see = [&h](const ExprPtr& c) {
+      if (c) h = std::max(h, c->height);
+    };
+    for (const auto& a : e->args) see(a);
+    for (const auto& a : e->call.pos) see(a);
+    for (const auto& kv : e->call.kw) see(kv.second);
+    see(e->call.star);
+    see(e->call.starstar);
+    e->height = h + 1;
+    if (e->height > kMaxParseDepth) {
+      syntax_error(e->line,
+                   "expression nests deeper than " + std::to_string(kMaxParseDepth) + " levels");
+    }
+    return e;
+  }
+
   // ---- statements --------------------------------------------------------------------------
 
   // Parses until a block tag whose name is in `ends`; leaves the parser on that name.
@@ -867,7 +890,7 @@ class Parser {
     }
     auto e = node(ExprKind::kTuple, line);
     e->args = std::move(args);
-    return e;
+    return seal(std::move(e));
   }
 
   ExprPtr parse_expression(bool with_condexpr) {
@@ -886,7 +909,7 @@ class Parser {
       e->args.push_back(std::move(expr2));
       e->args.push_back(std::move(expr1));
       e->args.push_back(std::move(expr3));
-      expr1 = std::move(e);
+      expr1 = seal(std::move(e));
       line = cur().line;
     }
     return expr1;
@@ -899,7 +922,7 @@ class Parser {
       auto e = node(ExprKind::kOr, line);
       e->args.push_back(std::move(left));
       e->args.push_back(parse_and());
-      left = std::move(e);
+      left = seal(std::move(e));
       line = cur().line;
     }
     return left;
@@ -912,7 +935,7 @@ class Parser {
       auto e = node(ExprKind::kAnd, line);
       e->args.push_back(std::move(left));
       e->args.push_back(parse_not());
-      left = std::move(e);
+      left = seal(std::move(e));
       line = cur().line;
     }
     return left;
@@ -923,7 +946,7 @@ class Parser {
     if (is_name("not")) {
       auto e = node(ExprKind::kNot, next().line);
       e->args.push_back(parse_not());
-      return e;
+      return seal(std::move(e));
     }
     return parse_compare();
   }
@@ -954,7 +977,7 @@ class Parser {
     e->args.push_back(std::move(first));
     for (auto& o : operands) e->args.push_back(std::move(o));
     e->ops = std::move(ops);
-    return e;
+    return seal(std::move(e));
   }
 
   ExprPtr binary(const std::string& op, ExprPtr l, ExprPtr r, int line) {
@@ -962,7 +985,7 @@ class Parser {
     e->name = op;
     e->args.push_back(std::move(l));
     e->args.push_back(std::move(r));
-    return e;
+    return seal(std::move(e));
   }
 
   ExprPtr parse_math1() {
@@ -983,7 +1006,7 @@ class Parser {
     auto e = node(ExprKind::kConcat, line);
     e->args.push_back(std::move(first));
     while (skip_op("~")) e->args.push_back(parse_math2());
-    return e;
+    return seal(std::move(e));
   }
 
   ExprPtr parse_math2() {
@@ -1015,6 +1038,7 @@ class Parser {
       bool neg = next().value == "-";
       n = node(neg ? ExprKind::kNeg : ExprKind::kPos, line);
       n->args.push_back(parse_unary(false));
+      n = seal(std::move(n));
     } else {
       n = parse_primary();
     }
@@ -1077,7 +1101,7 @@ class Parser {
         e->args.push_back(parse_expression(true));
       }
       expect_op("]");
-      return e;
+      return seal(std::move(e));
     }
     if (is_op("{")) {
       next();
@@ -1090,7 +1114,7 @@ class Parser {
         e->args.push_back(parse_expression(true));
       }
       expect_op("}");
-      return e;
+      return seal(std::move(e));
     }
     syntax_error(line, "unexpected " + describe(t));
   }
@@ -1103,14 +1127,14 @@ class Parser {
           auto e = node(ExprKind::kAttr, line);
           e->name = next().value;
           e->args.push_back(std::move(n));
-          n = std::move(e);
+          n = seal(std::move(e));
         } else if (cur().type == Tok::kInt) {
           auto e = node(ExprKind::kItem, line);
           auto k = node(ExprKind::kConst, line);
           k->value = Value::integer(next().ival);
           e->args.push_back(std::move(n));
           e->args.push_back(std::move(k));
-          n = std::move(e);
+          n = seal(std::move(e));
         } else {
           syntax_error(cur().line, "expected name or number");
         }
@@ -1136,7 +1160,7 @@ class Parser {
     if (parts.empty()) syntax_error(line, "expected subscript expression");
     if (parts.size() == 1 && parts[0]->kind == ExprKind::kSlice) {
       parts[0]->args[0] = std::move(obj);
-      return std::move(parts[0]);
+      return seal(std::move(parts[0]));
     }
     auto e = node(ExprKind::kItem, line);
     e->args.push_back(std::move(obj));
@@ -1149,9 +1173,9 @@ class Parser {
           syntax_error(line, "multi-dimensional slices are not supported");
         t->args.push_back(std::move(p));
       }
-      e->args.push_back(std::move(t));
+      e->args.push_back(seal(std::move(t)));
     }
-    return e;
+    return seal(std::move(e));
   }
 
   ExprPtr parse_subscribed() {
@@ -1223,7 +1247,7 @@ class Parser {
     auto e = node(ExprKind::kCall, cur().line);
     parse_call_args(&e->call);
     e->args.push_back(std::move(callee));
-    return e;
+    return seal(std::move(e));
   }
 
   // Filters after `|` (or, with start_inline, a first filter without one). With a null operand
@@ -1244,10 +1268,10 @@ class Parser {
       if (is_op("(")) parse_call_args(&e->call);
       if (chain) {
         e->args.push_back(nullptr);
-        chain->push_back(std::move(e));
+        chain->push_back(seal(std::move(e)));
       } else {
         e->args.push_back(std::move(operand));
-        operand = std::move(e);
+        operand = seal(std::move(e));
       }
     }
     return operand;
@@ -1290,7 +1314,7 @@ class Parser {
       e->call.pos.push_back(parse_postfix(parse_primary()));
     }
     e->args.push_back(std::move(operand));
-    return e;
+    return seal(std::move(e));
   }
 
   std::vector<Token> t_;

@@ -287,6 +287,7 @@ std::string json_key(const Value& k) {
 
 void dump(const Value& v, const JsonStyle& st, int level, std::string& out) {
   auto newline = [&](int lvl) {
+    budget_bytes(out.size() + 1 + lvl * st.indent.size());  // the indent may be a long string
     out += '\n';
     for (int n = 0; n < lvl; ++n) out += st.indent;
   };
@@ -323,6 +324,7 @@ void dump(const Value& v, const JsonStyle& st, int level, std::string& out) {
         if (n) out += st.item_sep;
         if (st.pretty) newline(level + 1);
         dump(items[n], st, level + 1, out);
+        budget_bytes(out.size());  // shared sub-lists and long indents multiply the text
       }
       if (st.pretty) newline(level);
       out += ']';
@@ -346,6 +348,7 @@ void dump(const Value& v, const JsonStyle& st, int level, std::string& out) {
         json_string(out, json_key(items[n]->first), st.ensure_ascii);
         out += st.key_sep;
         dump(items[n]->second, st, level + 1, out);
+        budget_bytes(out.size());
       }
       if (st.pretty) newline(level);
       out += '}';
@@ -497,6 +500,7 @@ void repr_into(std::string& out, const Value& v, int depth) {
       for (size_t n = 0; n < items.size(); ++n) {
         if (n) out += ", ";
         repr_into(out, items[n], depth + 1);
+        budget_bytes(out.size());  // shared sub-lists can make the text exponentially long
       }
       out += close;
       return;
@@ -510,6 +514,7 @@ void repr_into(std::string& out, const Value& v, int depth) {
         repr_into(out, k, depth + 1);
         out += ": ";
         repr_into(out, val, depth + 1);
+        budget_bytes(out.size());
       }
       out += '}';
       return;
@@ -612,6 +617,8 @@ bool equal(const Value& a, const Value& b) {
     case Type::kList: {
       if (a.list == b.list) return true;
       if (!same_sequence_kind(a, b) || a.list->items.size() != b.list->items.size()) return false;
+      // Two lists built alike from shared sub-lists can hold 2^40 nodes: count the walk.
+      budget_tick();
       for (size_t n = 0; n < a.list->items.size(); ++n) {
         if (!equal(a.list->items[n], b.list->items[n])) return false;
       }
@@ -620,6 +627,7 @@ bool equal(const Value& a, const Value& b) {
     case Type::kDict: {
       if (a.dict == b.dict) return true;
       if (a.dict->items.size() != b.dict->items.size()) return false;
+      budget_tick();
       for (const auto& [k, v] : a.dict->items) {
         const Value* other = b.dict->find(k);
         if (!other || !equal(v, *other)) return false;
@@ -718,6 +726,9 @@ std::vector<Value> iterate(const Value& v) {
       for (const auto& kv : v.dict->items) out.push_back(kv.first);
       return out;
     case Type::kString: {
+      // A one-character Value per code point is ~100 bytes: a 16 MiB string would become
+      // gigabytes before the loop that walks it could count its iterations.
+      budget_items(count_code_points(v.s));
       for (char32_t c : decode_utf8(v.s)) {
         std::string ch;
         append_utf8(ch, c);
@@ -728,6 +739,15 @@ std::vector<Value> iterate(const Value& v) {
     default:
       fail("'" + type_name(v) + "' object is not iterable");
   }
+}
+
+int64_t parse_digits(std::string_view digits) {
+  int64_t v = 0;
+  for (char c : digits) {
+    if (v > (INT64_MAX - (c - '0')) / 10) return INT64_MAX;
+    v = v * 10 + (c - '0');
+  }
+  return v;
 }
 
 void check_int_range(double d) {
@@ -990,6 +1010,7 @@ std::vector<std::string> py_split(std::string_view s, const Value& sep, int64_t 
         }
         size_t j = i;
         while (j < u.size() && !py_isspace(u[j])) ++j;
+        budget_items(parts.size() + 1);  // the parts become list elements
         parts.push_back(u.substr(i, j - i));
         i = j;
       }
@@ -1006,6 +1027,7 @@ std::vector<std::string> py_split(std::string_view s, const Value& sep, int64_t 
         }
         size_t j = e;
         while (j > 0 && !py_isspace(u[j - 1])) --j;
+        budget_items(parts.size() + 1);
         parts.push_back(u.substr(j, e - j));
         e = j;
       }
@@ -1022,6 +1044,7 @@ std::vector<std::string> py_split(std::string_view s, const Value& sep, int64_t 
     while (maxsplit < 0 || static_cast<int64_t>(out.size()) < maxsplit) {
       size_t pos = s.find(d, start);
       if (pos == std::string_view::npos) break;
+      budget_items(out.size() + 1);
       out.emplace_back(s.substr(start, pos - start));
       start = pos + d.size();
     }
@@ -1032,6 +1055,7 @@ std::vector<std::string> py_split(std::string_view s, const Value& sep, int64_t 
       if (end < d.size()) break;
       size_t pos = s.rfind(d, end - d.size());
       if (pos == std::string_view::npos) break;
+      budget_items(out.size() + 1);
       out.emplace_back(s.substr(pos + d.size(), end - pos - d.size()));
       end = pos;
     }
@@ -1056,6 +1080,7 @@ std::vector<std::string> py_splitlines(std::string_view s, bool keepends) {
     size_t eol = i;
     ++i;
     if (c == '\r' && i < u.size() && u[i] == '\n') ++i;
+    budget_items(out.size() + 1);
     out.push_back(encode_utf8(std::u32string_view(u).substr(start, (keepends ? i : eol) - start)));
     start = i;
   }
@@ -1065,6 +1090,19 @@ std::vector<std::string> py_splitlines(std::string_view s, bool keepends) {
 
 std::string py_replace(std::string_view s, std::string_view old, std::string_view repl,
                        int64_t count) {
+  // Size the result before building it: replacing "" or one char by a long string multiplies the
+  // input (16 MiB * 16 MiB), far past the output cap that a check afterwards would apply.
+  size_t n = 0;
+  if (old.empty()) {
+    n = count_code_points(s) + 1;
+  } else {
+    for (size_t p = s.find(old); p != std::string_view::npos; p = s.find(old, p + old.size())) ++n;
+  }
+  if (count >= 0) n = std::min(n, static_cast<size_t>(count));
+  if (repl.size() > old.size()) {
+    const size_t grow = repl.size() - old.size();
+    budget_bytes(n > (SIZE_MAX - s.size()) / grow ? SIZE_MAX : s.size() + n * grow);
+  }
   std::string out;
   if (old.empty()) {
     // Python inserts the replacement before every code point and at the end.
@@ -1195,7 +1233,20 @@ std::string py_percent_format(std::string_view fmt, const Value& args) {
       arg = &positional[next++];
     }
     std::string spec = "%" + flags + width + (has_precision ? "." + precision : "");
-    char buf[512];
+    // Width and precision become allocations (padding, or glibc's digit buffer for %.Nf), so
+    // they are held to the output cap before anything is formatted.
+    const auto w = static_cast<size_t>(parse_digits(width));
+    const auto p = static_cast<size_t>(parse_digits(precision));
+    budget_bytes(out.size() + w);
+    // printf into a string of the right size (a fixed buffer would cut long output short).
+    auto print = [](const std::string& f, auto x) {
+      int len = std::snprintf(nullptr, 0, f.c_str(), x);
+      if (len < 0) fail("format width or precision is too large");
+      std::string r(static_cast<size_t>(len) + 1, '\0');
+      std::snprintf(r.data(), r.size(), f.c_str(), x);
+      r.resize(static_cast<size_t>(len));
+      return r;
+    };
     switch (conv) {
       case 's':
       case 'r':
@@ -1203,10 +1254,8 @@ std::string py_percent_format(std::string_view fmt, const Value& args) {
         std::string text = conv == 's' ? to_str(*arg) : repr(*arg);
         if (has_precision) {
           std::u32string u = decode_utf8(text);
-          size_t p = std::stoul(precision.empty() ? "0" : precision);
           if (u.size() > p) text = encode_utf8(std::u32string_view(u).substr(0, p));
         }
-        size_t w = width.empty() ? 0 : std::stoul(width);
         size_t len = count_code_points(text);
         if (len < w) {
           if (flags.find('-') != std::string::npos) {
@@ -1235,12 +1284,13 @@ std::string py_percent_format(std::string_view fmt, const Value& args) {
           n = static_cast<int64_t>(arg->f);
         }
         if (conv == 'c') {
+          if (n < 0 || n > 0x10FFFF) fail("%c arg not in range(0x110000)");
           append_utf8(out, static_cast<char32_t>(n));
           break;
         }
+        budget_bytes(out.size() + p);  // zero padding
         char t = conv == 'i' || conv == 'u' ? 'd' : conv;
-        std::snprintf(buf, sizeof(buf), (spec + "ll" + t).c_str(), static_cast<long long>(n));
-        out += buf;
+        out += print(spec + "ll" + t, static_cast<long long>(n));
         break;
       }
       case 'f':
@@ -1252,8 +1302,8 @@ std::string py_percent_format(std::string_view fmt, const Value& args) {
         if (!arg->is_number()) {
           fail(std::string("must be real number, not ") + type_name(*arg));
         }
-        std::snprintf(buf, sizeof(buf), (spec + conv).c_str(), arg->as_double());
-        out += buf;
+        budget_bytes(out.size() + p);  // digits
+        out += print(spec + conv, arg->as_double());
         break;
       }
       default:

@@ -288,16 +288,18 @@ json read_json(const std::filesystem::path& path) {
   return parse_json(ss.str(), path.string());
 }
 
-AddedToken parse_added(const json& a, const std::string& where) {
+// `name` is the token's place in the file for errors ("tokenizer.json: added_tokens[3]").
+AddedToken parse_added(const json& a, const std::string& where, const std::string& name) {
   AddedToken t;
   KILN_CHECK(a.is_object() && a.contains("content") && a["content"].is_string(), where,
              ": added token without a string \"content\"");
+  const JsonObj o{a, name};
   t.content = a["content"].get<std::string>();
-  t.special = a.value("special", false);
-  t.single_word = a.value("single_word", false);
-  t.lstrip = a.value("lstrip", false);
-  t.rstrip = a.value("rstrip", false);
-  t.normalized = a.value("normalized", !t.special);
+  t.special = o.boolean("special", false);
+  t.single_word = o.boolean("single_word", false);
+  t.lstrip = o.boolean("lstrip", false);
+  t.rstrip = o.boolean("rstrip", false);
+  t.normalized = o.boolean("normalized", !t.special);
   return t;
 }
 
@@ -325,23 +327,20 @@ std::shared_ptr<TokenizerImpl> load_tokenizer_json(const std::filesystem::path& 
     tk->pre_tokenizer = make_pre_tokenizer(get("pre_tokenizer"), where);
     bool raw = tk->pre_tokenizer && ends_with_byte_level(get("pre_tokenizer"));
     tk->model = make_model(j["model"], where, raw);
-    if (raw && j["model"].value("type", "BPE") == "BPE") {
-      std::string p = j["model"].value("continuing_subword_prefix", json()).is_string()
-                          ? j["model"]["continuing_subword_prefix"].get<std::string>()
-                          : "";
-      std::string s = j["model"].value("end_of_word_suffix", json()).is_string()
-                          ? j["model"]["end_of_word_suffix"].get<std::string>()
-                          : "";
-      if (p.empty() && s.empty()) set_raw_byte_level(*tk->pre_tokenizer);
-    }
+    const JsonObj model{j["model"], cat(where, ": model")};  // an object: make_model checked
+    if (raw && model.str("type", "BPE") == "BPE" &&
+        model.str("continuing_subword_prefix", "").empty() &&
+        model.str("end_of_word_suffix", "").empty())
+      set_raw_byte_level(*tk->pre_tokenizer);
     tk->post_processor = make_post_processor(get("post_processor"), where);
     tk->decoder = make_decoder(get("decoder"), where);
     if (j.contains("added_tokens") && j["added_tokens"].is_array()) {
-      for (const json& a : j["added_tokens"]) {
-        tk->add_token(parse_added(a, where));
-      }
+      const json& added = j["added_tokens"];
+      for (size_t i = 0; i < added.size(); ++i)
+        tk->add_token(parse_added(added[i], where, cat(where, ": added_tokens[", i, "]")));
     }
   } catch (const json::exception& e) {
+    // Every field is read through JsonObj and friends, which name it; this is a safety net.
     throw Error(cat(where, ": bad tokenizer.json: ", e.what()));
   }
   tk->n_ids = tk->model->vocab_size();
@@ -352,6 +351,7 @@ std::shared_ptr<TokenizerImpl> load_tokenizer_json(const std::filesystem::path& 
 // Applies tokenizer_config.json: bos/eos strings, extra added tokens, and the add_bos_token /
 // add_eos_token override that transformers' Llama and Gemma tokenizer classes perform.
 void apply_config(TokenizerImpl& tk, const json& cfg, const std::string& where) {
+  KILN_CHECK(cfg.is_object(), where, ": expected a JSON object");
   tk.bos = config_token(cfg, "bos_token");
   tk.eos = config_token(cfg, "eos_token");
   if (cfg.contains("added_tokens_decoder") && cfg["added_tokens_decoder"].is_object()) {
@@ -365,12 +365,15 @@ void apply_config(TokenizerImpl& tk, const json& cfg, const std::string& where) 
         throw Error(cat(where, ": added_tokens_decoder key \"", it.key(), "\" is not an id"));
       }
       if (tk.added_by_id.count(id)) continue;
-      tk.add_token(parse_added(*it, where));
+      tk.add_token(
+          parse_added(*it, where, cat(where, ": added_tokens_decoder[\"", it.key(), "\"]")));
       changed = true;
     }
     if (changed) tk.finish_added_tokens();
   }
-  std::string cls = cfg.value("tokenizer_class", "");
+  std::string cls;
+  if (auto it = cfg.find("tokenizer_class"); it != cfg.end() && !it->is_null())
+    cls = json_string(*it, cat(where, ": tokenizer_class"));
   bool llama_like =
       cls.rfind("Llama", 0) == 0 || cls.rfind("Gemma", 0) == 0 || cls.rfind("CodeLlama", 0) == 0;
   bool has_bos = cfg.contains("add_bos_token") && cfg["add_bos_token"].is_boolean();
@@ -391,6 +394,65 @@ void apply_config(TokenizerImpl& tk, const json& cfg, const std::string& where) 
     }
     tk.post_processor = make_template(std::move(before), std::move(after));
   }
+}
+
+// ---- Reading tokenizer files -------------------------------------------------------------------
+
+namespace {
+[[noreturn]] void wrong_type(const json& v, const std::string& name, const char* want) {
+  throw Error(cat(name, " must be ", want, ", not ", v.type_name()));
+}
+}  // namespace
+
+std::string json_string(const json& v, const std::string& name) {
+  if (!v.is_string()) wrong_type(v, name, "a string");
+  return v.get<std::string>();
+}
+
+double json_number(const json& v, const std::string& name) {
+  if (!v.is_number()) wrong_type(v, name, "a number");
+  return v.get<double>();
+}
+
+const json& json_array(const json& v, const std::string& name) {
+  if (!v.is_array()) wrong_type(v, name, "an array");
+  return v;
+}
+
+const json& JsonObj::at(const char* key) const {
+  if (!j.is_object()) wrong_type(j, name, "an object");
+  auto it = j.find(key);
+  if (it == j.end()) throw Error(cat(field(key), " is missing"));
+  return *it;
+}
+
+const json* JsonObj::find(const char* key) const {
+  if (!j.is_object()) return nullptr;
+  auto it = j.find(key);
+  return it == j.end() || it->is_null() ? nullptr : &*it;
+}
+
+std::string JsonObj::str(const char* key) const {
+  return json_string(at(key), field(key));
+}
+
+std::string JsonObj::str(const char* key, const std::string& dflt) const {
+  const json* v = find(key);
+  return v ? json_string(*v, field(key)) : dflt;
+}
+
+bool JsonObj::boolean(const char* key, bool dflt) const {
+  const json* v = find(key);
+  if (!v) return dflt;
+  if (!v->is_boolean()) wrong_type(*v, field(key), "true or false");
+  return v->get<bool>();
+}
+
+size_t JsonObj::count(const char* key, size_t dflt) const {
+  const json* v = find(key);
+  if (!v) return dflt;
+  if (!v->is_number_unsigned()) wrong_type(*v, field(key), "a non-negative integer");
+  return v->get<size_t>();
 }
 
 int32_t file_token_id(const json& v, const std::string& what) {

@@ -8,8 +8,6 @@ namespace kiln::tok {
 
 using json = nlohmann::json;
 
-Pattern make_pattern(const json& j, const std::string& where);
-
 namespace {
 
 std::string type_of(const json& j, const std::string& where, const char* what) {
@@ -267,17 +265,17 @@ int32_t token_pair_id(const json& j, const std::string& where, const char* field
 
 }  // namespace
 
-std::unique_ptr<Decoder> make_decoder(const json& j, const std::string& where) {
+std::unique_ptr<Decoder> make_decoder(const json& j, const std::string& where,
+                                      const std::string& path) {
   if (j.is_null()) return nullptr;
   std::string t = type_of(j, where, "decoder");
+  const JsonObj o{j, cat(where, ": ", path)};
   if (t == "ByteLevel") return std::make_unique<ByteLevelDec>();
   if (t == "Metaspace") {
-    std::string repl = j.contains("replacement") ? j["replacement"].get<std::string>() : "\u2581";
-    bool strip = j.contains("add_prefix_space") && !j["add_prefix_space"].is_null()
-                     ? j["add_prefix_space"].get<bool>()
-                     : true;
-    if (j.contains("prepend_scheme") && !j["prepend_scheme"].is_null()) {
-      std::string s = j["prepend_scheme"].get<std::string>();
+    std::string repl = o.str("replacement", "\u2581");
+    bool strip = o.boolean("add_prefix_space", true);
+    if (o.find("prepend_scheme")) {
+      std::string s = o.str("prepend_scheme");
       KILN_CHECK(s == "always" || s == "first" || s == "never", where,
                  ": unknown Metaspace prepend_scheme \"", s, "\"");
       strip = s != "never";
@@ -287,17 +285,18 @@ std::unique_ptr<Decoder> make_decoder(const json& j, const std::string& where) {
   if (t == "ByteFallback") return std::make_unique<ByteFallbackDec>();
   if (t == "Fuse") return std::make_unique<FuseDec>();
   if (t == "Strip")
-    return std::make_unique<StripDec>(
-        one_char(j.at("content").get<std::string>(), where, "content"), j.value("start", size_t{0}),
-        j.value("stop", size_t{0}));
+    return std::make_unique<StripDec>(one_char(o.str("content"), where, "content"),
+                                      o.count("start", 0), o.count("stop", 0));
   if (t == "Replace")
-    return std::make_unique<ReplaceDec>(make_pattern(j.at("pattern"), where),
-                                        j.at("content").get<std::string>());
-  if (t == "BPEDecoder") return std::make_unique<BpeDec>(j.value("suffix", std::string("</w>")));
+    return std::make_unique<ReplaceDec>(make_pattern(o.at("pattern"), where, o.field("pattern")),
+                                        o.str("content"));
+  if (t == "BPEDecoder") return std::make_unique<BpeDec>(o.str("suffix", "</w>"));
   if (t == "Sequence") {
     std::vector<std::unique_ptr<Decoder>> v;
-    for (auto& d : j.at("decoders"))
-      if (auto p = make_decoder(d, where)) v.push_back(std::move(p));
+    const json& list = json_array(o.at("decoders"), o.field("decoders"));
+    for (size_t i = 0; i < list.size(); ++i)
+      if (auto p = make_decoder(list[i], where, cat(path, ".decoders[", i, "]")))
+        v.push_back(std::move(p));
     return std::make_unique<DecSequence>(std::move(v));
   }
   throw Error(cat(where, ": unsupported decoder type \"", t, "\""));
@@ -319,27 +318,33 @@ std::unique_ptr<PostProcessor> make_template(std::vector<int32_t> before,
   return std::make_unique<Template>(std::move(before), std::move(after));
 }
 
-std::unique_ptr<PostProcessor> make_post_processor(const json& j, const std::string& where) {
+std::unique_ptr<PostProcessor> make_post_processor(const json& j, const std::string& where,
+                                                   const std::string& path) {
   if (j.is_null()) return nullptr;
   std::string t = type_of(j, where, "post_processor");
+  const JsonObj o{j, cat(where, ": ", path)};
   if (t == "ByteLevel") return std::make_unique<NoOp>();  // only adjusts offsets
   if (t == "TemplateProcessing") {
-    const json& single = j.at("single");
-    const json& specials = j.contains("special_tokens") ? j["special_tokens"] : json::object();
+    const json& single = json_array(o.at("single"), o.field("single"));
+    static const json kNone = json::object();
+    const json& specials = o.find("special_tokens") ? *o.find("special_tokens") : kNone;
+    KILN_CHECK(specials.is_object(), o.field("special_tokens"), " must be an object");
     std::vector<int32_t> before, after;
     bool seen_a = false;
-    for (const json& piece : single) {
-      if (piece.contains("Sequence")) {
+    for (size_t i = 0; i < single.size(); ++i) {
+      const JsonObj piece{single[i], o.field(cat("single[", i, "]"))};
+      if (piece.find("Sequence")) {
         KILN_CHECK(!seen_a, where, ": post_processor.single has two sequences");
         seen_a = true;
         continue;
       }
-      KILN_CHECK(piece.contains("SpecialToken"), where,
+      KILN_CHECK(piece.find("SpecialToken"), where,
                  ": post_processor.single entries must be Sequence or SpecialToken");
-      std::string name = piece["SpecialToken"].at("id").get<std::string>();
+      std::string name = JsonObj{piece.at("SpecialToken"), piece.field("SpecialToken")}.str("id");
       KILN_CHECK(specials.contains(name), where, ": post_processor special token \"", name,
                  "\" is not in special_tokens");
-      for (const json& id : specials[name].at("ids"))
+      const JsonObj special{specials[name], o.field(cat("special_tokens[\"", name, "\"]"))};
+      for (const json& id : json_array(special.at("ids"), special.field("ids")))
         (seen_a ? after : before)
             .push_back(
                 file_token_id(id, cat(where, ": post_processor special token \"", name, "\" id")));
@@ -349,13 +354,15 @@ std::unique_ptr<PostProcessor> make_post_processor(const json& j, const std::str
   }
   if (t == "RobertaProcessing" || t == "BertProcessing") {
     return std::make_unique<Template>(
-        std::vector<int32_t>{token_pair_id(j.at("cls"), where, "cls")},
-        std::vector<int32_t>{token_pair_id(j.at("sep"), where, "sep")});
+        std::vector<int32_t>{token_pair_id(o.at("cls"), where, "cls")},
+        std::vector<int32_t>{token_pair_id(o.at("sep"), where, "sep")});
   }
   if (t == "Sequence") {
     std::vector<std::unique_ptr<PostProcessor>> v;
-    for (auto& p : j.at("processors"))
-      if (auto q = make_post_processor(p, where)) v.push_back(std::move(q));
+    const json& list = json_array(o.at("processors"), o.field("processors"));
+    for (size_t i = 0; i < list.size(); ++i)
+      if (auto q = make_post_processor(list[i], where, cat(path, ".processors[", i, "]")))
+        v.push_back(std::move(q));
     return std::make_unique<PostSequence>(std::move(v));
   }
   throw Error(cat(where, ": unsupported post_processor type \"", t, "\""));

@@ -31,6 +31,17 @@ namespace kiln::tok {
 inline size_t utf8_len(unsigned char c) {
   return c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
 }
+// Length of the char at s[i] where s may not be valid UTF-8 (text cut by a malformed piece): the
+// lead byte's length when its continuation bytes are there, else 1. Never steps past the end.
+inline size_t utf8_char_len(std::string_view s, size_t i) {
+  auto c = static_cast<unsigned char>(s[i]);
+  if (c < 0xC0) return 1;  // ASCII, or a stray continuation byte
+  size_t n = utf8_len(c);
+  if (n > s.size() - i) return 1;
+  for (size_t k = 1; k < n; ++k)
+    if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return 1;
+  return n;
+}
 // Decodes the char at s[i] (s must be valid UTF-8) and advances i.
 uint32_t next_cp(std::string_view s, size_t& i);
 void append_utf8(std::string& out, uint32_t cp);
@@ -162,6 +173,29 @@ class TokenMatcher {
   std::array<bool, 256> first_{};
 };
 
+// ---- Reading tokenizer files ------------------------------------------------------------------
+
+// An object of a tokenizer file and its name for errors: the file, then its path in the document
+// ("tokenizer.json: normalizer.normalizers[1]"). The getters fail in one line naming the field
+// ("... normalizers[1].content must be a string, not number"), never with nlohmann's
+// "[json.exception.type_error.302] ..." text. Absent and null optional fields take the default.
+struct JsonObj {
+  const nlohmann::json& j;
+  std::string name;
+
+  std::string field(const std::string& key) const { return name + "." + key; }
+  const nlohmann::json& at(const char* key) const;    // required
+  const nlohmann::json* find(const char* key) const;  // nullptr when absent or null
+  std::string str(const char* key) const;             // required string
+  std::string str(const char* key, const std::string& dflt) const;
+  bool boolean(const char* key, bool dflt) const;
+  size_t count(const char* key, size_t dflt) const;  // a non-negative integer
+};
+// Typed reads of one value; `name` is what an error calls it.
+std::string json_string(const nlohmann::json& v, const std::string& name);
+double json_number(const nlohmann::json& v, const std::string& name);
+const nlohmann::json& json_array(const nlohmann::json& v, const std::string& name);
+
 // ---- Factories (JSON -> components); `where` names the file for errors ----------------------
 
 // Token ids a tokenizer file may use: they index tables, so they must be dense enough (the
@@ -171,11 +205,19 @@ constexpr int64_t kMaxTokenizerId = int64_t(1) << 22;
 // `what` (never a value wrapped to 32 bits).
 int32_t file_token_id(const nlohmann::json& v, const std::string& what);
 
-std::unique_ptr<Normalizer> make_normalizer(const nlohmann::json& j, const std::string& where);
-std::unique_ptr<PreTokenizer> make_pre_tokenizer(const nlohmann::json& j, const std::string& where);
-std::unique_ptr<Decoder> make_decoder(const nlohmann::json& j, const std::string& where);
+// `path` is where the component sits in the document (a Sequence's members are
+// "normalizer.normalizers[2]" ...), for naming its fields in errors.
+std::unique_ptr<Normalizer> make_normalizer(const nlohmann::json& j, const std::string& where,
+                                            const std::string& path = "normalizer");
+std::unique_ptr<PreTokenizer> make_pre_tokenizer(const nlohmann::json& j, const std::string& where,
+                                                 const std::string& path = "pre_tokenizer");
+std::unique_ptr<Decoder> make_decoder(const nlohmann::json& j, const std::string& where,
+                                      const std::string& path = "decoder");
 std::unique_ptr<PostProcessor> make_post_processor(const nlohmann::json& j,
-                                                   const std::string& where);
+                                                   const std::string& where,
+                                                   const std::string& path = "post_processor");
+// A {"String": ...} or {"Regex": ...} split pattern; `name` is what errors call it.
+Pattern make_pattern(const nlohmann::json& j, const std::string& where, const std::string& name);
 // byte_level_input: the pre-tokenizer ends in ByteLevel, so pieces arrive as raw bytes that the
 // model maps through GPT-2's byte table itself (saves building the mapped strings).
 std::unique_ptr<Model> make_model(const nlohmann::json& j, const std::string& where,

@@ -269,7 +269,7 @@ class Bpe : public Model {
       std::string tmp;
       for (size_t i = 0; i < w.size();) {
         size_t b = i;
-        i += utf8_len(static_cast<unsigned char>(w[i]));
+        i += utf8_char_len(w, i);
         std::string_view s = w.substr(b, i - b);
         bool first = b == 0, last = i >= w.size();
         if ((!first && !prefix.empty()) || (last && !suffix.empty())) {
@@ -369,12 +369,6 @@ class Bpe : public Model {
   }
 };
 
-std::string opt_string(const json& j, const char* key) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return "";
-  return it->get<std::string>();
-}
-
 void fill_fallback(Bpe& m) {
   m.fallback_ids.fill(-1);
   char buf[8];
@@ -386,7 +380,8 @@ void fill_fallback(Bpe& m) {
 
 std::unique_ptr<Model> make_bpe(const json& j, const std::string& where, bool byte_level_input) {
   auto m = std::make_unique<Bpe>();
-  const json& vocab = j.at("vocab");
+  const JsonObj o{j, cat(where, ": model")};
+  const json& vocab = o.at("vocab");
   KILN_CHECK(vocab.is_object(), where, ": model.vocab must be an object");
   m->vocab_orig.reserve(vocab.size());
   int32_t max_id = -1;
@@ -399,16 +394,16 @@ std::unique_ptr<Model> make_bpe(const json& j, const std::string& where, bool by
     m->id_to_tok[id] = it.key();
   }
   m->n_tokens = vocab.size();
-  m->byte_fallback = j.value("byte_fallback", false);
-  m->fuse_unk = j.value("fuse_unk", false);
-  m->ignore_merges = j.value("ignore_merges", false);
-  m->prefix = opt_string(j, "continuing_subword_prefix");
-  m->suffix = opt_string(j, "end_of_word_suffix");
-  if (j.contains("dropout") && !j["dropout"].is_null()) {
-    double d = j["dropout"].get<double>();
+  m->byte_fallback = o.boolean("byte_fallback", false);
+  m->fuse_unk = o.boolean("fuse_unk", false);
+  m->ignore_merges = o.boolean("ignore_merges", false);
+  m->prefix = o.str("continuing_subword_prefix", "");
+  m->suffix = o.str("end_of_word_suffix", "");
+  if (const json* dropout = o.find("dropout")) {
+    double d = json_number(*dropout, o.field("dropout"));
     KILN_CHECK(d == 0.0, where, ": BPE dropout is not supported (encoding would be random)");
   }
-  std::string unk = opt_string(j, "unk_token");
+  std::string unk = o.str("unk_token", "");
   if (!unk.empty()) {
     m->unk_id = m->vocab_orig.get(unk);
     KILN_CHECK(m->unk_id >= 0, where, ": model.unk_token \"", unk, "\" is not in the vocab");
@@ -443,7 +438,7 @@ std::unique_ptr<Model> make_bpe(const json& j, const std::string& where, bool by
     m->vocab = m->vocab_orig;
   }
 
-  const json& merges = j.at("merges");
+  const json& merges = o.at("merges");
   KILN_CHECK(merges.is_array(), where, ": model.merges must be an array");
   m->merges.reserve(merges.size());
   std::string a, b, joined;
@@ -459,8 +454,8 @@ std::unique_ptr<Model> make_bpe(const json& j, const std::string& where, bool by
     } else {
       KILN_CHECK(e.is_array() && e.size() == 2, where, ": model.merges[", r,
                  "] must be \"a b\" or [\"a\", \"b\"]");
-      a = e[0].get<std::string>();
-      b = e[1].get<std::string>();
+      a = json_string(e[0], o.field(cat("merges[", r, "][0]")));
+      b = json_string(e[1], o.field(cat("merges[", r, "][1]")));
     }
     int32_t ia = m->vocab_orig.get(a), ib = m->vocab_orig.get(b);
     KILN_CHECK(ia >= 0, where, ": model.merges[", r, "] token \"", a, "\" is not in the vocab");
@@ -523,7 +518,8 @@ class Unigram : public Model {
     const double unk_score = min_score_ - 10.0;
     for (size_t at = 0; at < n;) {
       double here = best[at].score;
-      size_t mblen = utf8_len(static_cast<unsigned char>(s[at]));
+      // Not utf8_len: a piece that ends mid-character leaves at + utf8_len past the end of `best`.
+      size_t mblen = utf8_char_len(s, at);
       bool has_single = false;
       int node = 0;
       for (size_t k = at; k < n; ++k) {
@@ -677,7 +673,8 @@ std::unique_ptr<Model> make_spm_bpe(const std::vector<std::string>& pieces,
 
 std::unique_ptr<Model> make_model(const json& j, const std::string& where, bool byte_level_input) {
   KILN_CHECK(j.is_object(), where, ": \"model\" must be an object");
-  std::string t = j.value("type", "");
+  const JsonObj o{j, cat(where, ": model")};
+  std::string t = o.str("type", "");
   if (t.empty()) {
     // Old files omit the type; HF infers it from the fields.
     if (j.contains("merges"))
@@ -687,7 +684,7 @@ std::unique_ptr<Model> make_model(const json& j, const std::string& where, bool 
   }
   if (t == "BPE") return make_bpe(j, where, byte_level_input);
   if (t == "Unigram") {
-    const json& v = j.at("vocab");
+    const json& v = o.at("vocab");
     KILN_CHECK(v.is_array(), where, ": Unigram model.vocab must be an array of [piece, score]");
     std::vector<std::string> pieces;
     std::vector<double> scores;
@@ -696,8 +693,8 @@ std::unique_ptr<Model> make_model(const json& j, const std::string& where, bool 
     for (size_t i = 0; i < v.size(); ++i) {
       KILN_CHECK(v[i].is_array() && v[i].size() == 2, where, ": model.vocab[", i,
                  "] must be [piece, score]");
-      pieces.push_back(v[i][0].get<std::string>());
-      scores.push_back(v[i][1].get<double>());
+      pieces.push_back(json_string(v[i][0], o.field(cat("vocab[", i, "][0]"))));
+      scores.push_back(json_number(v[i][1], o.field(cat("vocab[", i, "][1]"))));
     }
     std::optional<int> unk;
     if (j.contains("unk_id") && !j["unk_id"].is_null()) {
@@ -705,7 +702,8 @@ std::unique_ptr<Model> make_model(const json& j, const std::string& where, bool 
       KILN_CHECK(*unk >= 0 && static_cast<size_t>(*unk) < pieces.size(), where,
                  ": model.unk_id out of range");
     }
-    return make_unigram(std::move(pieces), std::move(scores), unk, j.value("byte_fallback", false));
+    return make_unigram(std::move(pieces), std::move(scores), unk,
+                        o.boolean("byte_fallback", false));
   }
   throw Error(cat(where, ": unsupported model type \"", t, "\""));
 }

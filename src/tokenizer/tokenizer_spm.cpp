@@ -201,6 +201,14 @@ std::shared_ptr<TokenizerImpl> load_sentencepiece(const std::filesystem::path& p
   std::vector<AddedToken> added;
   for (size_t i = 0; i < pieces.size(); ++i) {
     if (types[i] != kControl && types[i] != kUnknown && types[i] != kUserDefined) continue;
+    // These are matched in the raw text: a partial UTF-8 sequence would cut characters in two
+    // and hand the model and pre-tokenizers invalid text. sentencepiece's own trainer and
+    // transformers' conversion only ever produce valid strings.
+    KILN_CHECK(find_invalid_utf8(pieces[i]) == std::string::npos, where, ": piece ", i,
+               types[i] == kUserDefined ? " (user-defined)"
+               : types[i] == kUnknown   ? " (unknown)"
+                                        : " (control)",
+               " is not valid UTF-8");
     AddedToken t;
     t.content = pieces[i];
     t.id = static_cast<int32_t>(i);

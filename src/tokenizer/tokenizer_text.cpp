@@ -617,30 +617,26 @@ std::string type_of(const json& j, const std::string& where, const char* what) {
   return j["type"].get<std::string>();
 }
 
-bool get_bool(const json& j, const char* key, bool def) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return def;
-  return it->get<bool>();
-}
-
 }  // namespace
 
-Pattern make_pattern(const json& j, const std::string& where) {
+Pattern make_pattern(const json& j, const std::string& where, const std::string& name) {
   Pattern p;
-  KILN_CHECK(j.is_object(), where, ": pattern must be {\"String\": ...} or {\"Regex\": ...}");
+  KILN_CHECK(j.is_object(), name, " must be {\"String\": ...} or {\"Regex\": ...}");
   if (j.contains("String")) {
-    p.literal = j["String"].get<std::string>();
+    p.literal = json_string(j["String"], name + ".String");
   } else if (j.contains("Regex")) {
-    p.regex = std::make_unique<Regex>(j["Regex"].get<std::string>(), where);
+    p.regex = std::make_unique<Regex>(json_string(j["Regex"], name + ".Regex"), where);
   } else {
-    throw Error(cat(where, ": pattern must be {\"String\": ...} or {\"Regex\": ...}"));
+    throw Error(cat(name, " must be {\"String\": ...} or {\"Regex\": ...}"));
   }
   return p;
 }
 
-std::unique_ptr<Normalizer> make_normalizer(const json& j, const std::string& where) {
+std::unique_ptr<Normalizer> make_normalizer(const json& j, const std::string& where,
+                                            const std::string& path) {
   if (j.is_null()) return nullptr;
   std::string t = type_of(j, where, "normalizer");
+  const JsonObj o{j, cat(where, ": ", path)};
   if (t == "NFC") return std::make_unique<UnicodeNorm>(UTF8PROC_STABLE | UTF8PROC_COMPOSE);
   if (t == "NFD") return std::make_unique<UnicodeNorm>(UTF8PROC_STABLE | UTF8PROC_DECOMPOSE);
   if (t == "NFKC")
@@ -649,25 +645,26 @@ std::unique_ptr<Normalizer> make_normalizer(const json& j, const std::string& wh
     return std::make_unique<UnicodeNorm>(UTF8PROC_STABLE | UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT);
   if (t == "Lowercase") return std::make_unique<Lowercase>();
   if (t == "Strip")
-    return std::make_unique<Strip>(get_bool(j, "strip_left", true),
-                                   get_bool(j, "strip_right", true));
+    return std::make_unique<Strip>(o.boolean("strip_left", true), o.boolean("strip_right", true));
   if (t == "StripAccents") return std::make_unique<StripAccents>();
   if (t == "Replace")
-    return std::make_unique<Replace>(make_pattern(j.at("pattern"), where),
-                                     j.at("content").get<std::string>());
-  if (t == "Prepend") return std::make_unique<Prepend>(j.at("prepend").get<std::string>(), false);
-  if (t == "Append") return std::make_unique<Prepend>(j.at("append").get<std::string>(), true);
+    return std::make_unique<Replace>(make_pattern(o.at("pattern"), where, o.field("pattern")),
+                                     o.str("content"));
+  if (t == "Prepend") return std::make_unique<Prepend>(o.str("prepend"), false);
+  if (t == "Append") return std::make_unique<Prepend>(o.str("append"), true);
   if (t == "ByteLevel") return std::make_unique<ByteLevelNorm>();
   if (t == "BertNormalizer") {
-    bool lower = get_bool(j, "lowercase", true);
-    return std::make_unique<BertNorm>(get_bool(j, "clean_text", true),
-                                      get_bool(j, "handle_chinese_chars", true),
-                                      get_bool(j, "strip_accents", lower), lower);
+    bool lower = o.boolean("lowercase", true);
+    return std::make_unique<BertNorm>(o.boolean("clean_text", true),
+                                      o.boolean("handle_chinese_chars", true),
+                                      o.boolean("strip_accents", lower), lower);
   }
   if (t == "Sequence") {
     std::vector<std::unique_ptr<Normalizer>> v;
-    for (auto& n : j.at("normalizers"))
-      if (auto p = make_normalizer(n, where)) v.push_back(std::move(p));
+    const json& list = json_array(o.at("normalizers"), o.field("normalizers"));
+    for (size_t i = 0; i < list.size(); ++i)
+      if (auto p = make_normalizer(list[i], where, cat(path, ".normalizers[", i, "]")))
+        v.push_back(std::move(p));
     return std::make_unique<NormSequence>(std::move(v));
   }
   throw Error(cat(where, ": unsupported normalizer type \"", t, "\""));
@@ -720,8 +717,8 @@ std::unique_ptr<Normalizer> make_prepend_replace(bool prepend, bool escape_space
 
 namespace {
 
-SplitBehavior parse_behavior(const json& j, const std::string& where) {
-  std::string b = j.get<std::string>();
+SplitBehavior parse_behavior(const json& j, const std::string& where, const std::string& name) {
+  std::string b = json_string(j, name);
   if (b == "Removed") return SplitBehavior::Removed;
   if (b == "Isolated") return SplitBehavior::Isolated;
   if (b == "MergedWithPrevious") return SplitBehavior::MergedWithPrevious;
@@ -960,23 +957,25 @@ uint32_t single_char(const std::string& s, const std::string& where, const char*
 
 }  // namespace
 
-std::unique_ptr<PreTokenizer> make_pre_tokenizer(const json& j, const std::string& where) {
+std::unique_ptr<PreTokenizer> make_pre_tokenizer(const json& j, const std::string& where,
+                                                 const std::string& path) {
   if (j.is_null()) return nullptr;
   std::string t = type_of(j, where, "pre_tokenizer");
+  const JsonObj o{j, cat(where, ": ", path)};
   if (t == "Split") {
-    return std::make_unique<SplitPre>(make_pattern(j.at("pattern"), where),
-                                      parse_behavior(j.at("behavior"), where),
-                                      get_bool(j, "invert", false));
+    return std::make_unique<SplitPre>(make_pattern(o.at("pattern"), where, o.field("pattern")),
+                                      parse_behavior(o.at("behavior"), where, o.field("behavior")),
+                                      o.boolean("invert", false));
   }
   if (t == "ByteLevel")
-    return std::make_unique<ByteLevelPre>(get_bool(j, "add_prefix_space", true),
-                                          get_bool(j, "use_regex", true), where);
+    return std::make_unique<ByteLevelPre>(o.boolean("add_prefix_space", true),
+                                          o.boolean("use_regex", true), where);
   if (t == "Metaspace") {
-    std::string repl = j.contains("replacement") ? j["replacement"].get<std::string>() : "\u2581";
+    std::string repl = o.str("replacement", "\u2581");
     PrependScheme scheme =
-        get_bool(j, "add_prefix_space", true) ? PrependScheme::Always : PrependScheme::Never;
-    if (j.contains("prepend_scheme") && !j["prepend_scheme"].is_null()) {
-      std::string s = j["prepend_scheme"].get<std::string>();
+        o.boolean("add_prefix_space", true) ? PrependScheme::Always : PrependScheme::Never;
+    if (o.find("prepend_scheme")) {
+      std::string s = o.str("prepend_scheme");
       if (s == "always")
         scheme = PrependScheme::Always;
       else if (s == "first")
@@ -987,20 +986,21 @@ std::unique_ptr<PreTokenizer> make_pre_tokenizer(const json& j, const std::strin
         throw Error(cat(where, ": unknown Metaspace prepend_scheme \"", s, "\""));
     }
     return std::make_unique<MetaspacePre>(single_char(repl, where, "Metaspace replacement"), scheme,
-                                          get_bool(j, "split", true));
+                                          o.boolean("split", true));
   }
   if (t == "Whitespace") return std::make_unique<WhitespacePre>();
   if (t == "WhitespaceSplit") return char_split(is_whitespace, SplitBehavior::Removed);
   if (t == "Punctuation") {
-    SplitBehavior b =
-        j.contains("behavior") ? parse_behavior(j["behavior"], where) : SplitBehavior::Isolated;
+    SplitBehavior b = o.find("behavior")
+                          ? parse_behavior(o.at("behavior"), where, o.field("behavior"))
+                          : SplitBehavior::Isolated;
     return char_split(is_punctuation, b);
   }
   if (t == "CharDelimiterSplit") {
-    uint32_t d = single_char(j.at("delimiter").get<std::string>(), where, "delimiter");
+    uint32_t d = single_char(o.str("delimiter"), where, "delimiter");
     return char_split([d](uint32_t cp) { return cp == d; }, SplitBehavior::Removed);
   }
-  if (t == "Digits") return std::make_unique<DigitsPre>(get_bool(j, "individual_digits", false));
+  if (t == "Digits") return std::make_unique<DigitsPre>(o.boolean("individual_digits", false));
   if (t == "BertPreTokenizer") {
     std::vector<std::unique_ptr<PreTokenizer>> v;
     v.push_back(char_split(is_whitespace, SplitBehavior::Removed));
@@ -1009,18 +1009,21 @@ std::unique_ptr<PreTokenizer> make_pre_tokenizer(const json& j, const std::strin
   }
   if (t == "Sequence") {
     std::vector<std::unique_ptr<PreTokenizer>> v;
-    for (auto& p : j.at("pretokenizers"))
-      if (auto q = make_pre_tokenizer(p, where)) v.push_back(std::move(q));
+    const json& list = json_array(o.at("pretokenizers"), o.field("pretokenizers"));
+    for (size_t i = 0; i < list.size(); ++i)
+      if (auto q = make_pre_tokenizer(list[i], where, cat(path, ".pretokenizers[", i, "]")))
+        v.push_back(std::move(q));
     return std::make_unique<PreSequence>(std::move(v));
   }
   throw Error(cat(where, ": unsupported pre_tokenizer type \"", t, "\""));
 }
 
 bool ends_with_byte_level(const json& j) {
-  if (!j.is_object()) return false;
-  std::string t = j.value("type", "");
+  if (!j.is_object() || !j.contains("type") || !j["type"].is_string()) return false;
+  const std::string& t = j["type"].get_ref<const std::string&>();
   if (t == "ByteLevel") return true;
-  if (t == "Sequence" && j.contains("pretokenizers") && !j["pretokenizers"].empty())
+  if (t == "Sequence" && j.contains("pretokenizers") && j["pretokenizers"].is_array() &&
+      !j["pretokenizers"].empty())
     return ends_with_byte_level(j["pretokenizers"].back());
   return false;
 }
