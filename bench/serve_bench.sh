@@ -22,16 +22,7 @@ SEQS=${SEQS:-512}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 stamp() { echo "=== $(date +%T) $*"; }
 
-if ls build-debs/*.deb >/dev/null 2>&1; then
-  D=/tmp/kiln-deps
-  for f in build-debs/*.deb; do dpkg -x "$f" "$D"; done
-  sed -i "s|^prefix=.*|prefix=$D/usr|" "$D"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc \
-    "$D"/usr/share/pkgconfig/*.pc 2>/dev/null
-  find "$D" -type l -lname '/*' | while read -r l; do ln -sf "$D$(readlink "$l")" "$l"; done
-  export PKG_CONFIG_PATH=$D/usr/lib/x86_64-linux-gnu/pkgconfig:$D/usr/share/pkgconfig
-  export CMAKE_PREFIX_PATH=$D/usr
-  export LD_LIBRARY_PATH=$D/usr/lib/x86_64-linux-gnu:$D/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
-fi
+source bench/carried_deps.sh
 export PATH=/usr/local/cuda/bin:$PATH
 stamp device
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

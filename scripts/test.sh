@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Builds kiln with its tests and runs them with ctest. Python reference tools (HF tokenizers,
 # transformers) go into .venv from tests/requirements.txt; kiln itself never needs Python.
+#   ./scripts/test.sh              Release build (with CUDA when nvcc is there) in build/
+#   ./scripts/test.sh --sanitize   the same suite under AddressSanitizer + UBSan, CPU only, in
+#                                  build-asan/ (CI runs both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh --deps-only
@@ -9,6 +12,18 @@ if [ ! -x .venv/bin/python ] || ! cmp -s tests/requirements.txt .venv/requiremen
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
   cp tests/requirements.txt .venv/requirements.txt
+fi
+
+if [ "${1:-}" = "--sanitize" ]; then
+  # -O1 with line tables: readable reports at a fraction of a debug build's compile time. Leaks
+  # are reported too (LeakSanitizer comes with ASan); any report fails the test that made it.
+  cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
+    -DKILN_SANITIZE=ON -DKILN_CUDA=OFF -DKILN_TESTS=ON
+  cmake --build build-asan -j"$(nproc)"
+  export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:halt_on_error=1
+  export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+  ctest --test-dir build-asan --output-on-failure -j"$(nproc)"
+  exit 0
 fi
 
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DKILN_TESTS=ON
