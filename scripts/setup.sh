@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PKGS=(build-essential cmake pkg-config git xz-utils python3 python3-venv
       nlohmann-json3-dev libcli11-dev libpcre2-dev libutf8proc-dev libgtest-dev
-      libcpp-httplib-dev libxxhash-dev)
+      libcpp-httplib-dev libxxhash-dev clang-format)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

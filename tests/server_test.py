@@ -492,6 +492,47 @@ class Preemption(unittest.TestCase):
         finally:
             small.kill()
 
+    def test_preempted_request_with_prompt_logprobs(self):
+        # A request with prompt logprobs (echo + logprobs) preempted after its first token was
+        # recomputed with its prompt scored again, into the prompt logprobs already handed out:
+        # SIGSEGV (found by scripts/soak.py). The newest running sequence is the one preempted:
+        # `other` runs, then `scored` joins, and 20 blocks cannot hold both to their end
+        # (16 + 10 blocks), so `scored` is preempted and recomputed once `other` is done.
+        small = Server("--kv-cache-tokens", "320")
+        try:
+            other = {"model": NAME, "prompt": prompt_ids(300, 30), "max_tokens": 220,
+                     "temperature": 0, "ignore_eos": True, "stream": True}
+            scored = {"model": NAME, "prompt": prompt_ids(301, 10), "max_tokens": 150,
+                      "temperature": 0, "ignore_eos": True, "echo": True, "logprobs": 1}
+            status, want = A.post("/v1/completions", scored)
+            self.assertEqual(status, 200, want)
+            conn = http.client.HTTPConnection("127.0.0.1", small.port, timeout=120)
+            conn.request("POST", "/v1/completions", body=json.dumps(other),
+                         headers=small.headers())
+            r = conn.getresponse()
+            self.assertEqual(r.status, 200)
+            lines = iter(r)
+            for line in lines:  # its first token is out: it runs
+                if line.startswith(b"data: {"):
+                    break
+            status, got = small.post("/v1/completions", scored)
+            self.assertEqual(status, 200, got)
+            rest = [line.decode().strip() for line in lines]
+            conn.close()
+            self.assertEqual([x for x in rest if x.startswith("data: ")][-1], "data: [DONE]")
+            self.assertGreater(small.metrics()["kiln:num_preemptions_total"], 0)
+            g, w = got["choices"][0], want["choices"][0]
+            self.assertEqual(g["text"], w["text"])
+            self.assertEqual(g["logprobs"]["tokens"], w["logprobs"]["tokens"])
+            lps = g["logprobs"]["token_logprobs"]
+            self.assertEqual(len(lps), 10 + 150)
+            self.assertIsNone(lps[0])
+            for x, y in zip(lps[1:], w["logprobs"]["token_logprobs"][1:]):
+                self.assertAlmostEqual(x, y, delta=1e-4)
+            self.assertEqual(small.stop(), 0)
+        finally:
+            small.kill()
+
 
 class Errors(unittest.TestCase):
     KEY = "sekrit"
@@ -567,6 +608,16 @@ class Errors(unittest.TestCase):
             self.assertIn("message", r["error"])
         self.assert_still_serving()
 
+    def test_non_text_content_parts(self):
+        # A part whose "type" is not a string (found by fuzz/fuzz_server_request.cpp) is refused
+        # like an image part, not with a JSON library type error.
+        for part in [{"type": 1, "text": "x"}, {"type": "image_url"}, {"text": "x"}]:
+            status, r = self.s.post("/v1/chat/completions",
+                                    {"model": NAME, "messages": [{"role": "user",
+                                                                  "content": [part]}]})
+            self.assert_error(status, r, 400)
+            self.assertIn("only text content parts are supported", r["error"]["message"])
+
     def test_unknown_route(self):
         self.assert_error(*self.s.request("GET", "/v1/nothing"), 404)
 
@@ -575,6 +626,7 @@ class Errors(unittest.TestCase):
         body = {"model": NAME, "prompt": prompt_ids(7, 10), "max_tokens": 200,
                 "temperature": 0, "ignore_eos": True}
         statuses, lock = [], threading.Lock()
+        before = self.s.metrics()
 
         def worker():
             status, r = self.s.post("/v1/completions", body)
@@ -594,6 +646,13 @@ class Errors(unittest.TestCase):
         for s, r in statuses:
             if s == 503:
                 self.assertIn("message", r["error"])
+        # A refused request never ran: it is no aborted completion (each used to count as one,
+        # found by scripts/soak.py); the accepted ones finished by length.
+        after = self.s.metrics()
+        done = {reason: after[f'kiln:request_success_total{{finished_reason="{reason}"}}'] -
+                before[f'kiln:request_success_total{{finished_reason="{reason}"}}']
+                for reason in ("stop", "length", "abort")}
+        self.assertEqual(done, {"stop": 0, "length": codes.count(200), "abort": 0})
         self.assert_still_serving()
 
 

@@ -188,6 +188,27 @@ TEST(EngineFile, BrokenTokenizerFailsTheBuild) {
   EXPECT_FALSE(fs::exists(tmp / "e"));
 }
 
+TEST(EngineFile, BrokenChatTemplateFailsTheBuild) {
+  // The error names the file the template came from, not only the Jinja line.
+  TempDir tmp;
+  copy_dir(hf("llama"), tmp / "m");
+  std::ofstream(tmp / "m" / "chat_template.jinja")
+      << "{% for m in messages %}{{ m.content }}{% if %}";
+  std::string err = error_of([&] { Engine::build_to(tmp / "m", tmp / "e"); });
+  EXPECT_NE(err.find("chat_template.jinja: chat template: "), std::string::npos) << err;
+  EXPECT_NE(err.find("line 1"), std::string::npos) << err;
+  EXPECT_FALSE(fs::exists(tmp / "e"));
+  fs::remove(tmp / "m" / "chat_template.jinja");
+  auto tc = fs::exists(tmp / "m" / "tokenizer_config.json")
+                ? read_json(tmp / "m" / "tokenizer_config.json")
+                : nlohmann::json::object();
+  tc["chat_template"] = "{{ messages | bogus_filter }}{% endfor %}";
+  write_json(tmp / "m" / "tokenizer_config.json", tc);
+  err = error_of([&] { Engine::build_to(tmp / "m", tmp / "e"); });
+  EXPECT_NE(err.find("tokenizer_config.json: chat template: "), std::string::npos) << err;
+  EXPECT_FALSE(fs::exists(tmp / "e"));
+}
+
 TEST(EngineFile, QuantizedCheckpointsAreRefusedByName) {
   TempDir tmp;
   copy_dir(hf("llama"), tmp / "m");

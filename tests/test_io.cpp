@@ -102,6 +102,11 @@ TEST(Safetensors, HeaderValidation) {
       {R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
        16, "overlap"},
       {R"({"a":{"shape":[2],"data_offsets":[0,8]}})", 8, "missing dtype"},
+      // Element counts whose byte size wraps 64 bits to 0 (found by fuzz/fuzz_safetensors.cpp).
+      {R"({"a":{"dtype":"F32","shape":[4611686018427387904],"data_offsets":[0,0]}})", 0,
+       "shape overflows"},
+      {R"({"a":{"dtype":"I64","shape":[1073741824,2147483648],"data_offsets":[0,0]}})", 0,
+       "shape overflows"},
       {R"({"__metadata__":{"k":1}})", 0, "__metadata__.k is not a string"},
       // The data area is exactly the tensors, back to back from byte 0.
       {R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[12,20]}})",

@@ -7,7 +7,9 @@
 namespace kiln::test {
 namespace {
 
-fs::path demo() { return data("../../models/demo"); }
+fs::path demo() {
+  return data("../../models/demo");
+}
 
 TEST(TextCli, RunPromptMatchesTokenizeGenerateDecode) {
   Tokenizer tok = Tokenizer::from_dir(demo());
@@ -21,9 +23,14 @@ TEST(TextCli, RunPromptMatchesTokenizeGenerateDecode) {
   sp.stop_token_ids = {*tok.eos_token_id()};
   std::vector<int32_t> out = e.generate(ids, sp);
   const bool eos = !out.empty() && out.back() == *tok.eos_token_id();
-  std::string want = tok.decode(out, true) + "\n[finish_reason: " + (eos ? "stop" : "length") + "]\n";
+  std::string want =
+      tok.decode(out, true) + "\n[finish_reason: " + (eos ? "stop" : "length") + "]\n";
   std::string got;
-  ASSERT_EQ(run_cli("run " + demo().string() + " --prompt \"" + text + "\" --max-tokens 12 --temperature 0", &got), 0) << got;
+  ASSERT_EQ(run_cli("run " + demo().string() + " --prompt \"" + text +
+                        "\" --max-tokens 12 --temperature 0",
+                    &got),
+            0)
+      << got;
   EXPECT_EQ(got, want);
 }
 
@@ -38,8 +45,12 @@ TEST(TextCli, ChatRendersHistoryAndAnswersEachTurn) {
   nlohmann::json msgs = {{{"role", "user"}, {"content", "hi"}}};
   EXPECT_EQ(tmpl->render(msgs, true), "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
   std::ofstream(tmp / "in.txt") << "hi\nhow are you?\n";
-  ASSERT_EQ(run_cli("chat " + (tmp / "e").string() + " --system 'be brief' --max-tokens 8 --temperature 0 < " +
-                        (tmp / "in.txt").string(), &out), 0) << out;
+  ASSERT_EQ(run_cli("chat " + (tmp / "e").string() +
+                        " --system 'be brief' --max-tokens 8 --temperature 0 < " +
+                        (tmp / "in.txt").string(),
+                    &out),
+            0)
+      << out;
   EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 2) << out;
 }
 
@@ -47,9 +58,13 @@ TEST(TextCli, TokenizeRoundTrip) {
   TempDir tmp;
   std::ofstream(tmp / "t.txt") << "kiln builds engines";
   std::string ids, text;
-  ASSERT_EQ(run_cli("tokenize " + demo().string() + " < " + (tmp / "t.txt").string(), &ids), 0) << ids;
+  ASSERT_EQ(run_cli("tokenize " + demo().string() + " < " + (tmp / "t.txt").string(), &ids), 0)
+      << ids;
   std::ofstream(tmp / "ids.json") << ids;
-  ASSERT_EQ(run_cli("tokenize " + demo().string() + " --decode < " + (tmp / "ids.json").string(), &text), 0) << text;
+  ASSERT_EQ(
+      run_cli("tokenize " + demo().string() + " --decode < " + (tmp / "ids.json").string(), &text),
+      0)
+      << text;
   EXPECT_EQ(text.substr(0, 19), "kiln builds engines");
 }
 

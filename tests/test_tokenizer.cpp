@@ -229,6 +229,30 @@ TEST(TokenizerStream, HoldsBackIncompleteUtf8) {
   EXPECT_EQ(sd2.flush(), "\xEF\xBF\xBD");
 }
 
+TEST(TokenizerStream, HoldsBackAtMostMaxHeldIds) {
+  // Bytes that never complete a character, and skipped special tokens, are not held back forever:
+  // the window (re-decoded on every push) stays bounded.
+  const auto& tk = tokenizer("llama3");
+  const auto lead = tk.encode("\xF0\x9F\x98\x80", false);  // first token: an incomplete lead
+  kiln::StreamDecoder sd(tk);
+  std::string out;
+  size_t pushes = 0;
+  while (out.empty() && pushes < 4 * kiln::StreamDecoder::kMaxHeld) {
+    out += sd.push(lead[0]);
+    ++pushes;
+  }
+  EXPECT_EQ(pushes, kiln::StreamDecoder::kMaxHeld);
+  EXPECT_NE(out.find("\xEF\xBF\xBD"), std::string::npos);
+  EXPECT_TRUE(valid_utf8(out));
+  // Skipped special tokens between words do not change the text.
+  kiln::StreamDecoder sd2(tk);
+  std::string all = sd2.push(tk.encode("hi", false)[0]);
+  for (size_t i = 0; i < 3 * kiln::StreamDecoder::kMaxHeld; ++i) all += sd2.push(128000);
+  for (int32_t id : tk.encode(" there", false)) all += sd2.push(id);
+  all += sd2.flush();
+  EXPECT_EQ(all, "hi there");
+}
+
 TEST(TokenizerErrors, InvalidUtf8Input) {
   try {
     tokenizer("qwen3").encode("ab\xC3(", false);

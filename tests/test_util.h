@@ -9,6 +9,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "io/safetensors.h"
@@ -17,8 +18,12 @@ namespace kiln::test {
 
 namespace fs = std::filesystem;
 
-inline fs::path data(const std::string& rel) { return fs::path(KILN_TEST_DATA) / rel; }
-inline fs::path hf(const std::string& arch) { return data("hf/" + arch); }
+inline fs::path data(const std::string& rel) {
+  return fs::path(KILN_TEST_DATA) / rel;
+}
+inline fs::path hf(const std::string& arch) {
+  return data("hf/" + arch);
+}
 
 // A fresh temporary folder removed when the object goes away.
 struct TempDir {
@@ -36,7 +41,9 @@ inline nlohmann::json read_json(const fs::path& p) {
   return nlohmann::json::parse(in);
 }
 
-inline void write_json(const fs::path& p, const nlohmann::json& j) { std::ofstream(p) << j.dump(2); }
+inline void write_json(const fs::path& p, const nlohmann::json& j) {
+  std::ofstream(p) << j.dump(2);
+}
 
 // Copies an HF fixture folder into `dst`.
 inline void copy_dir(const fs::path& src, const fs::path& dst) {
@@ -67,18 +74,32 @@ inline Reference load_reference(const std::string& arch) {
   r.prompts = j["prompts"].get<std::vector<std::vector<int32_t>>>();
   r.greedy = j["greedy"].get<std::vector<std::vector<int32_t>>>();
   r.file = SafetensorsFile::open(hf(arch) / "reference.safetensors");
-  for (size_t i = 0; i < r.prompts.size(); ++i) r.logits.push_back(r.file->get("logits_" + std::to_string(i)));
+  for (size_t i = 0; i < r.prompts.size(); ++i)
+    r.logits.push_back(r.file->get("logits_" + std::to_string(i)));
   return r;
 }
 
-// Runs the kiln CLI; returns exit status, stdout+stderr in `out`.
+// Runs the kiln CLI; returns exit status, stdout+stderr in `out`. The line a GPU run prints to
+// stderr when the engine starts ("kiln: CUDA (<gpu>): weights ...; KV cache ...") is left out, so
+// the same expectations hold on the CPU and on a GPU.
 inline int run_cli(const std::string& args, std::string* out) {
   std::string cmd = std::string(KILN_CLI) + " " + args + " 2>&1";
   FILE* p = popen(cmd.c_str(), "r");
   char buf[4096];
-  out->clear();
-  while (size_t n = fread(buf, 1, sizeof buf, p)) out->append(buf, n);
+  std::string raw;
+  while (size_t n = fread(buf, 1, sizeof buf, p)) raw.append(buf, n);
   int st = pclose(p);
+  out->clear();
+  for (size_t pos = 0; pos < raw.size();) {
+    size_t end = raw.find('\n', pos);
+    end = end == std::string::npos ? raw.size() : end + 1;
+    const std::string_view line(raw.data() + pos, end - pos);
+    const bool device_info = line.rfind("kiln: CUDA (", 0) == 0 &&
+                             line.find("): weights ") != std::string_view::npos &&
+                             line.find("; KV cache ") != std::string_view::npos;
+    if (!device_info) out->append(line);
+    pos = end;
+  }
   return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 

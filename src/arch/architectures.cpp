@@ -40,9 +40,12 @@ std::vector<TensorRule> llama_tensors() {
 // Replaces (or adds) the rules for the given HF names.
 std::vector<TensorRule> with(std::vector<TensorRule> rules, const std::vector<TensorRule>& over) {
   for (const auto& o : over) {
-    auto it = std::find_if(rules.begin(), rules.end(), [&](const TensorRule& r) { return r.hf == o.hf; });
-    if (it != rules.end()) *it = o;
-    else rules.push_back(o);
+    auto it =
+        std::find_if(rules.begin(), rules.end(), [&](const TensorRule& r) { return r.hf == o.hf; });
+    if (it != rules.end())
+      *it = o;
+    else
+      rules.push_back(o);
   }
   return rules;
 }
@@ -99,7 +102,8 @@ std::vector<TensorRule> gpt2_tensors() {
   return r;
 }
 
-const std::vector<std::string> kLlamaIgnored = {"model.layers.{layer}.self_attn.rotary_emb.inv_freq"};
+const std::vector<std::string> kLlamaIgnored = {
+    "model.layers.{layer}.self_attn.rotary_emb.inv_freq"};
 
 std::vector<ArchSpec> make_registry() {
   std::vector<ArchSpec> r;
@@ -108,8 +112,8 @@ std::vector<ArchSpec> make_registry() {
     a.name = "LlamaForCausalLM";
     a.tensors = llama_tensors();
     a.ignored = kLlamaIgnored;
-    a.knob_keys = {{"qkv_bias", "attention_bias"}, {"o_bias", "attention_bias"},
-                   {"mlp_bias", "mlp_bias"}};
+    a.knob_keys = {
+        {"qkv_bias", "attention_bias"}, {"o_bias", "attention_bias"}, {"mlp_bias", "mlp_bias"}};
     r.push_back(a);
   }
   {
@@ -187,12 +191,9 @@ std::vector<ArchSpec> make_registry() {
     a.knobs.learned_positions = true;
     a.knobs.rope = false;
     a.knobs.tied_embeddings_default = true;
-    a.keys = {{"hidden_size", {"n_embd"}},
-              {"num_layers", {"n_layer"}},
-              {"num_heads", {"n_head"}},
-              {"max_position_embeddings", {"n_positions"}},
-              {"intermediate_size", {"n_inner"}},
-              {"norm_eps", {"layer_norm_epsilon"}},
+    a.keys = {{"hidden_size", {"n_embd"}},        {"num_layers", {"n_layer"}},
+              {"num_heads", {"n_head"}},          {"max_position_embeddings", {"n_positions"}},
+              {"intermediate_size", {"n_inner"}}, {"norm_eps", {"layer_norm_epsilon"}},
               {"act", {"activation_function"}}};
     a.default_act = "gelu_new";
     a.intermediate_mult = 4;
@@ -206,7 +207,8 @@ std::vector<ArchSpec> make_registry() {
     a.tensors.insert(a.tensors.end(), moe.begin(), moe.end());
     a.ignored = kLlamaIgnored;
     a.knobs.routing = Routing::SoftmaxTopK;
-    a.keys = {{"num_experts", {"num_local_experts"}}, {"moe_intermediate_size", {"intermediate_size"}}};
+    a.keys = {{"num_experts", {"num_local_experts"}},
+              {"moe_intermediate_size", {"intermediate_size"}}};
     r.push_back(a);
   }
   {

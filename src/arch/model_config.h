@@ -19,20 +19,20 @@ enum class Routing { None, SoftmaxTopK };  // MoE router
 // Builder knobs: orthogonal switches of the one shared decoder graph.
 struct Knobs {
   NormKind norm = NormKind::RMS;
-  bool norm_bias = false;          // LayerNorm with bias
+  bool norm_bias = false;  // LayerNorm with bias
   bool qkv_bias = false;
   bool o_bias = false;
   bool mlp_bias = false;
-  bool gated_mlp = true;           // act(gate) * up, else act(up)
-  bool qk_norm = false;            // per-head norm of q and k before RoPE
-  bool post_attn_norm = false;     // norm of the attention output before the residual add
-  bool post_ffn_norm = false;      // norm of the FFN output before the residual add
+  bool gated_mlp = true;        // act(gate) * up, else act(up)
+  bool qk_norm = false;         // per-head norm of q and k before RoPE
+  bool post_attn_norm = false;  // norm of the attention output before the residual add
+  bool post_ffn_norm = false;   // norm of the FFN output before the residual add
   bool embed_scale_sqrt_hidden = false;
   bool learned_positions = false;  // absolute position embeddings added to the input
   bool rope = true;                // rotary embeddings on q and k
   bool tied_embeddings_default = false;
   Routing routing = Routing::None;
-  bool shared_expert = false;      // always-on expert with a sigmoid gate
+  bool shared_expert = false;  // always-on expert with a sigmoid gate
 };
 
 struct RopeConfig {
@@ -42,11 +42,11 @@ struct RopeConfig {
   double factor = 1.0;
   double low_freq_factor = 1.0, high_freq_factor = 4.0;  // llama3
   int64_t original_max_position_embeddings = 0;
-  double beta_fast = 32.0, beta_slow = 1.0;               // yarn
-  std::optional<double> attention_factor;                 // yarn / longrope
-  std::optional<double> mscale, mscale_all_dim;           // yarn
-  bool truncate = true;                                   // yarn
-  std::vector<double> short_factor, long_factor;          // longrope
+  double beta_fast = 32.0, beta_slow = 1.0;       // yarn
+  std::optional<double> attention_factor;         // yarn / longrope
+  std::optional<double> mscale, mscale_all_dim;   // yarn
+  bool truncate = true;                           // yarn
+  std::vector<double> short_factor, long_factor;  // longrope
 };
 
 struct LayerConfig {
@@ -65,9 +65,9 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   std::vector<RopeConfig> ropes;
   std::vector<LayerConfig> layers;
-  double attn_scale = 0;      // multiplies q.k; default 1/sqrt(head_dim)
-  double attn_softcap = 0;    // 0: off
-  double final_softcap = 0;   // 0: off
+  double attn_scale = 0;     // multiplies q.k; default 1/sqrt(head_dim)
+  double attn_softcap = 0;   // 0: off
+  double final_softcap = 0;  // 0: off
   int64_t num_experts = 0, experts_per_token = 0, moe_intermediate_size = 0,
           shared_expert_intermediate_size = 0;
   bool norm_topk_prob = true;

@@ -13,20 +13,20 @@ struct Info {
   const char* name;
   size_t size;
 };
-constexpr Info kInfo[] = {{DType::F32, "F32", 4},    {DType::F16, "F16", 2},
-                          {DType::BF16, "BF16", 2},  {DType::F8_E4M3, "F8_E4M3", 1},
-                          {DType::F8_E5M2, "F8_E5M2", 1}, {DType::I8, "I8", 1},
-                          {DType::U8, "U8", 1},      {DType::I16, "I16", 2},
-                          {DType::I32, "I32", 4},    {DType::I64, "I64", 8},
-                          {DType::BOOL, "BOOL", 1}};
+constexpr Info kInfo[] = {
+    {DType::F32, "F32", 4},         {DType::F16, "F16", 2},         {DType::BF16, "BF16", 2},
+    {DType::F8_E4M3, "F8_E4M3", 1}, {DType::F8_E5M2, "F8_E5M2", 1}, {DType::I8, "I8", 1},
+    {DType::U8, "U8", 1},           {DType::I16, "I16", 2},         {DType::I32, "I32", 4},
+    {DType::I64, "I64", 8},         {DType::BOOL, "BOOL", 1}};
 
 float f8_to_f32(uint8_t v, int exp_bits, int man_bits, bool e4m3) {
   int bias = (1 << (exp_bits - 1)) - 1;
   int sign = v >> 7, exp = (v >> man_bits) & ((1 << exp_bits) - 1), man = v & ((1 << man_bits) - 1);
   float r;
   if (e4m3 && exp == 15 && man == 7) return std::numeric_limits<float>::quiet_NaN();
-  if (!e4m3 && exp == 31) return man ? std::numeric_limits<float>::quiet_NaN()
-                                     : (sign ? -1.f : 1.f) * std::numeric_limits<float>::infinity();
+  if (!e4m3 && exp == 31)
+    return man ? std::numeric_limits<float>::quiet_NaN()
+               : (sign ? -1.f : 1.f) * std::numeric_limits<float>::infinity();
   if (exp == 0)
     r = std::ldexp(float(man), 1 - bias - man_bits);
   else
@@ -35,8 +35,12 @@ float f8_to_f32(uint8_t v, int exp_bits, int man_bits, bool e4m3) {
 }
 }  // namespace
 
-size_t dtype_size(DType t) { return kInfo[int(t)].size; }
-std::string_view dtype_name(DType t) { return kInfo[int(t)].name; }
+size_t dtype_size(DType t) {
+  return kInfo[int(t)].size;
+}
+std::string_view dtype_name(DType t) {
+  return kInfo[int(t)].name;
+}
 
 bool parse_dtype(std::string_view name, DType* out) {
   for (const auto& i : kInfo)

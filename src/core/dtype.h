@@ -37,7 +37,7 @@ inline uint16_t f32_to_bf16(float f) {
 }
 
 inline float f16_to_f32(uint16_t h) {
-#if defined(__F16C__) || defined(__FLT16_MAX__)
+#if defined(__FLT16_MAX__)  // _Float16 exists (gcc 12; clang 14 has none on x86, F16C or not)
   _Float16 v;
   std::memcpy(&v, &h, 2);
   return float(v);
@@ -48,7 +48,10 @@ inline float f16_to_f32(uint16_t h) {
       u = sign;
     } else {
       int e = -1;
-      do { ++e; man <<= 1; } while (!(man & 0x400));
+      do {
+        ++e;
+        man <<= 1;
+      } while (!(man & 0x400));
       u = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
     }
   } else if (exp == 31) {
@@ -63,10 +66,32 @@ inline float f16_to_f32(uint16_t h) {
 }
 
 inline uint16_t f32_to_f16(float f) {
+#if defined(__FLT16_MAX__)
   _Float16 v = static_cast<_Float16>(f);
   uint16_t h;
   std::memcpy(&h, &v, 2);
   return h;
+#else
+  // Round to nearest even, as the conversion above (checked equal for every non-NaN float).
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u)  // inf, or NaN (kept quiet, top payload bits kept)
+    return uint16_t(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u | ((ax >> 13) & 0x3ffu) : 0u));
+  if (ax >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds past 65504: inf
+  if (ax < 0x38800000u) {                                  // below 2^-14: subnormal or 0
+    if (ax <= 0x33000000u) return uint16_t(sign);          // at most 2^-25: rounds to 0
+    const uint32_t m = (ax & 0x7fffffu) | 0x800000u, shift = 126 - (ax >> 23);
+    uint32_t r = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1))) ++r;
+    return uint16_t(sign | r);
+  }
+  uint32_t r = (ax - 0x38000000u) >> 13;  // rebias 127 -> 15, drop 13 mantissa bits
+  const uint32_t rem = ax & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1))) ++r;  // a carry moves into the exponent
+  return uint16_t(sign | r);
+#endif
 }
 
 // Converts n elements of type `from` to float (float dtypes only).

@@ -18,7 +18,7 @@ std::string cat(const Args&... args) {
 
 }  // namespace kiln
 
-#define KILN_CHECK(cond, ...)                                     \
-  do {                                                            \
-    if (!(cond)) throw ::kiln::Error(::kiln::cat(__VA_ARGS__));   \
+#define KILN_CHECK(cond, ...)                                   \
+  do {                                                          \
+    if (!(cond)) throw ::kiln::Error(::kiln::cat(__VA_ARGS__)); \
   } while (0)

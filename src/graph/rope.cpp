@@ -36,7 +36,8 @@ std::vector<double> rope_inv_freq(const RopeConfig& r, int64_t dim, int64_t max_
         if (wl > low_wl) {
           f /= r.factor;
         } else if (wl >= high_wl) {
-          const double s = (old / wl - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+          const double s =
+              (old / wl - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
           f = (1 - s) * f / r.factor + s * f;
         }
       }
@@ -44,14 +45,17 @@ std::vector<double> rope_inv_freq(const RopeConfig& r, int64_t dim, int64_t max_
     }
     case RopeType::Yarn: {
       double factor = r.factor;
-      double orig = double(r.original_max_position_embeddings ? r.original_max_position_embeddings : max_pos);
+      double orig =
+          double(r.original_max_position_embeddings ? r.original_max_position_embeddings : max_pos);
       if (r.original_max_position_embeddings && r.original_max_position_embeddings != max_pos)
         factor = double(max_pos) / orig;
       auto mscale = [](double s, double m) { return s <= 1 ? 1.0 : 0.1 * m * std::log(s) + 1.0; };
-      if (r.attention_factor) *attention_factor = *r.attention_factor;
+      if (r.attention_factor)
+        *attention_factor = *r.attention_factor;
       else if (r.mscale && r.mscale_all_dim)
         *attention_factor = mscale(factor, *r.mscale) / mscale(factor, *r.mscale_all_dim);
-      else *attention_factor = mscale(factor, 1.0);
+      else
+        *attention_factor = mscale(factor, 1.0);
       auto corr = [&](double rot) {
         return double(dim) * std::log(orig / (rot * 2 * M_PI)) / (2 * std::log(r.theta));
       };
@@ -71,8 +75,10 @@ std::vector<double> rope_inv_freq(const RopeConfig& r, int64_t dim, int64_t max_
     case RopeType::LongRope: {
       const double orig = double(r.original_max_position_embeddings);
       const double factor = double(max_pos) / orig;
-      if (r.attention_factor) *attention_factor = *r.attention_factor;
-      else *attention_factor = factor <= 1 ? 1.0 : std::sqrt(1 + std::log(factor) / std::log(orig));
+      if (r.attention_factor)
+        *attention_factor = *r.attention_factor;
+      else
+        *attention_factor = factor <= 1 ? 1.0 : std::sqrt(1 + std::log(factor) / std::log(orig));
       const auto& ext = seq_len > int64_t(orig) ? r.long_factor : r.short_factor;
       for (int64_t i = 0; i < half && size_t(i) < ext.size(); ++i) inv[size_t(i)] /= ext[size_t(i)];
       break;

@@ -16,6 +16,7 @@
 #include "io/json.h"
 #include "kiln/kiln.h"
 #include "runtime/engine_impl.h"
+#include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kiln {
@@ -99,10 +100,12 @@ json manifest_of(const Engine::Impl& m) {
           {"generation_defaults", m.generation_defaults}};
 }
 
-// A tokenizer shipped with the checkpoint must load at build time, not fail a later run.
+// A tokenizer or chat template shipped with the checkpoint must load at build time, not fail a
+// later run.
 void check_tokenizer(const fs::path& dir) {
   if (fs::is_regular_file(dir / "tokenizer.json") || fs::is_regular_file(dir / "tokenizer.model"))
     (void)Tokenizer::from_dir(dir);
+  (void)ChatTemplate::from_dir(dir);
 }
 
 ModelInfo write_plan(const Engine::Impl& m, const WeightPlan& plan, const fs::path& out,

@@ -324,6 +324,9 @@ void Scheduler::Impl::emit(Seq* s, std::vector<int32_t> ids, std::vector<TokenLo
   if (s->score_prompt && !r->prompt_lps_sent) {
     o.prompt_logprobs = std::move(r->prompt_lps);
     r->prompt_lps_sent = true;
+    // Scored and handed out (prompt_lps is empty now): a recompute after preemption must not
+    // score the prompt again, which would write prompt_lps[pos + 1] of the empty vector.
+    s->score_prompt = false;
   }
   if (r->cb) {
     try {

@@ -134,7 +134,10 @@ struct Job {
   void cancel_unfinished() {
     if (all_done()) return;
     cancel();
-    for (ChoiceState& s : choices) {
+    // Only completions of prompts the scheduler accepted: a request refused at submit (queue
+    // full, 503) was never started, so it is no aborted completion.
+    for (size_t c = 0; c < ids.size() * size_t(n); ++c) {
+      ChoiceState& s = choices[c];
       if (s.finish != FinishReason::None) continue;
       s.finish = FinishReason::Abort;
       finished++;
@@ -521,7 +524,7 @@ void Server::Impl::routes() {
                 if (m.contains("content") && m["content"].is_array()) {
                   std::string text;
                   for (const json& part : m["content"]) {
-                    if (!part.is_object() || part.value("type", "") != "text" ||
+                    if (!part.is_object() || !part.contains("type") || part["type"] != "text" ||
                         !part.contains("text") || !part["text"].is_string())
                       throw HttpError(400, "only text content parts are supported", "messages");
                     if (!text.empty()) text += "\n";

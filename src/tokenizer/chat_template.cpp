@@ -133,8 +133,16 @@ std::optional<ChatTemplate> ChatTemplate::from_dir(const fs::path& dir, std::str
     throw Error(cat(origin, ": no chat template named \"", key, "\" (available: ", names, ")"));
   }
 
-  ChatTemplate result(it->second, token_string(config, "bos_token", config_path),
-                      token_string(config, "eos_token", config_path), opts);
+  // A template that does not parse names where it came from (the Jinja error has only a line).
+  std::optional<ChatTemplate> parsed;
+  try {
+    parsed.emplace(it->second, token_string(config, "bos_token", config_path),
+                   token_string(config, "eos_token", config_path), opts);
+  } catch (const Error& e) {
+    throw Error(cat(origin, ": chat template", key == "default" ? "" : cat(" \"", key, "\""), ": ",
+                    e.what()));
+  }
+  ChatTemplate& result = *parsed;
   for (const char* k : {"unk_token", "sep_token", "pad_token", "cls_token", "mask_token"}) {
     std::string tok = token_string(config, k, config_path);
     if (!tok.empty()) result.special_tokens_[k] = tok;
@@ -151,7 +159,7 @@ std::optional<ChatTemplate> ChatTemplate::from_dir(const fs::path& dir, std::str
     }
     result.special_tokens_["additional_special_tokens"] = std::move(list);
   }
-  return result;
+  return parsed;
 }
 
 std::string ChatTemplate::render(const nlohmann::json& messages, bool add_generation_prompt,

@@ -562,7 +562,12 @@ std::string StreamDecoder::push(int32_t id) {
   // trailing U+FFFD, emit the difference and slide the window.
   ids_.push_back(id);
   std::string text = tokenizer_.decode(ids_, skip_special_);
-  if (text.size() <= prefix_text_.size() || ends_with_replacement(text)) return {};
+  // Unlike HF, the window is bounded: tokens that decode to nothing (skipped special tokens) or
+  // bytes that never complete a character would otherwise grow it forever, and every push
+  // re-decodes it (quadratic; found by fuzz_tokenizer_json). A real character needs at most four
+  // byte tokens, so past kMaxHeld held-back ids the text is emitted as it stands.
+  const bool held = text.size() <= prefix_text_.size() || ends_with_replacement(text);
+  if (held && ids_.size() - prefix_ < kMaxHeld) return {};
   std::string out;
   if (text.compare(0, prefix_text_.size(), prefix_text_) == 0) {
     out = text.substr(prefix_text_.size());

@@ -64,13 +64,17 @@ class Tokenizer {
 // like HF's DecodeStream it decodes a window (a few previous ids + the new ones) and emits the
 // part past the previous window's text once it does not end in U+FFFD. Concatenating every push()
 // and the final flush() gives decode(all ids) for decoders that work token by token (byte-level,
-// byte-fallback, Metaspace).
+// byte-fallback, Metaspace). At most kMaxHeld ids are held back: past that (a run of skipped
+// special tokens, or bytes that never form a character) the text is emitted as it stands, so a
+// push costs a bounded decode.
 class StreamDecoder {
  public:
   explicit StreamDecoder(const Tokenizer& tokenizer, bool skip_special_tokens = true);
   std::string push(int32_t id);
   // Emits whatever is still held back (possibly ending in U+FFFD) and resets the stream.
   std::string flush();
+
+  static constexpr size_t kMaxHeld = 64;
 
  private:
   Tokenizer tokenizer_;
