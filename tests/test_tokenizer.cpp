@@ -359,6 +359,15 @@ TEST(TokenizerErrors, WrongFieldTypesNameTheField) {
       {"{" + model + R"(, "added_tokens": [{"id": 0, "content": "a"},
          {"id": 1, "content": "b", "special": "no"}]})",
        "added_tokens[1].special must be true or false, not string"},
+      // Post-processor ids must name tokens (fuzz/regressions/tokenizer_json/bert_sep_not_a_token).
+      // The added token "y" gets id 3, the next after the model's (HF ignores the file's 4).
+      {"{" + model + R"(, "post_processor": {"type": "BertProcessing", "sep": ["[SEP]", 6],
+         "cls": ["a", 0]}})",
+       "post_processor adds token id 6, which is neither in model.vocab nor in added_tokens"},
+      {"{" + model + R"(, "post_processor": {"type": "Sequence", "processors": [
+         {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "x"}}, {"Sequence": {}}],
+          "special_tokens": {"x": {"ids": [4]}}}]}, "added_tokens": [{"id": 4, "content": "y"}]})",
+       "post_processor adds token id 4, which is neither in model.vocab nor in added_tokens"},
   };
   int n = 0;
   for (const auto& c : cases) {

@@ -345,6 +345,15 @@ std::shared_ptr<TokenizerImpl> load_tokenizer_json(const std::filesystem::path& 
   }
   tk->n_ids = tk->model->vocab_size();
   tk->finish_added_tokens();
+  // HF takes a post-processor's ids on trust; an id that names no token would reach the model's
+  // embedding as an out-of-range input (found by fuzz_tokenizer_json).
+  if (tk->post_processor) {
+    std::vector<int32_t> ids;
+    tk->post_processor->added_ids(ids);
+    for (int32_t id : ids)
+      KILN_CHECK(tk->id_to_token(id) != nullptr, where, ": post_processor adds token id ", id,
+                 ", which is neither in model.vocab nor in added_tokens");
+  }
   return tk;
 }
 

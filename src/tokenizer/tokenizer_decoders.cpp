@@ -236,6 +236,10 @@ class Template : public PostProcessor {
     ids.insert(ids.begin(), before_.begin(), before_.end());
     ids.insert(ids.end(), after_.begin(), after_.end());
   }
+  void added_ids(std::vector<int32_t>& out) const override {
+    out.insert(out.end(), before_.begin(), before_.end());
+    out.insert(out.end(), after_.begin(), after_.end());
+  }
 
  private:
   std::vector<int32_t> before_, after_;
@@ -251,6 +255,9 @@ class PostSequence : public PostProcessor {
   explicit PostSequence(std::vector<std::unique_ptr<PostProcessor>> v) : v_(std::move(v)) {}
   void process(std::vector<int32_t>& ids) const override {
     for (auto& p : v_) p->process(ids);
+  }
+  void added_ids(std::vector<int32_t>& out) const override {
+    for (auto& p : v_) p->added_ids(out);
   }
 
  private:

@@ -146,6 +146,8 @@ class PostProcessor {
   virtual ~PostProcessor() = default;
   // Adds the special tokens around `ids` (only called with add_special_tokens).
   virtual void process(std::vector<int32_t>& ids) const = 0;
+  // Appends every id process() can add (checked against the vocabulary at load).
+  virtual void added_ids(std::vector<int32_t>& out) const { (void)out; }
 };
 
 struct AddedToken {
