@@ -436,6 +436,18 @@ TEST(TokenizerErrors, DeepNestingIsRefused) {
 
 // Token ids beyond 32 bits (or past kiln's table limit) in tokenizer.json, tokenizer.model and
 // `kiln tokenize --decode` input are refused, never wrapped onto another token.
+TEST(TokenizerErrors, SparseVocabIdsAreBelowVocabSize) {
+  // vocab_size() is 1 + the largest id, also when the vocab's ids have gaps (it was the entry
+  // count, so the engine's "every id fits the model" check could pass an id it should not).
+  // An added token still gets the id after the entry count, as HF gives it.
+  const fs::path p = write_file("sparse_ids.json", R"({"model": {"type": "BPE",
+      "vocab": {"a": 0, "b": 5}, "merges": []}, "added_tokens": [{"id": 9, "content": "<x>"}]})");
+  const auto tk = kiln::Tokenizer::from_json_file(p);
+  EXPECT_EQ(tk.encode("b", false), std::vector<int32_t>{5});
+  EXPECT_EQ(tk.token_to_id("<x>"), 2);
+  EXPECT_EQ(tk.vocab_size(), 6u);
+}
+
 TEST(TokenizerErrors, IdsBeyondThirtyTwoBits) {
   const std::string big = "4294967301";  // 2^32 + 5: wraps to 5 as int32
   std::string err = load_error(write_file(

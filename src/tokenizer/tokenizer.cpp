@@ -343,7 +343,9 @@ std::shared_ptr<TokenizerImpl> load_tokenizer_json(const std::filesystem::path& 
     // Every field is read through JsonObj and friends, which name it; this is a safety net.
     throw Error(cat(where, ": bad tokenizer.json: ", e.what()));
   }
-  tk->n_ids = tk->model->vocab_size();
+  // HF numbers new added tokens from the entry count (model->vocab_size()), but the ids in use
+  // reach the largest one, which is what callers compare against the model's vocabulary.
+  tk->n_ids = std::max(tk->model->vocab_size(), tk->model->id_limit());
   tk->finish_added_tokens();
   // HF takes a post-processor's ids on trust; an id that names no token would reach the model's
   // embedding as an out-of-range input (found by fuzz_tokenizer_json).

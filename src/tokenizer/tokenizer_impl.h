@@ -133,6 +133,8 @@ class Model {
   virtual std::optional<int32_t> token_to_id(std::string_view token) const = 0;
   virtual const std::string* id_to_token(int32_t id) const = 0;
   virtual size_t vocab_size() const = 0;
+  // 1 + the largest id (larger than vocab_size() when a vocab's ids have gaps).
+  virtual size_t id_limit() const { return vocab_size(); }
 };
 
 class Decoder {

@@ -194,6 +194,7 @@ class Bpe : public Model {
     return &*id_to_tok[id];
   }
   size_t vocab_size() const override { return n_tokens; }
+  size_t id_limit() const override { return id_to_tok.size(); }
 
   void encode(std::string_view w, std::vector<int32_t>& out) const override {
     if (w.empty()) return;
