@@ -127,30 +127,7 @@ void completions(const json& body) {
 void chat(const json& body) {
   const Model& m = model();
   KILN_FUZZ_ASSERT(m.tmpl.has_value());
-  auto mit = body.find("messages");
-  if (mit == body.end() || !mit->is_array() || mit->empty())
-    throw HttpError(400, "'messages' must be a non-empty list", "messages");
-  json messages = json::array();
-  for (const json& msg : *mit) {
-    if (!msg.is_object() || !msg.contains("role") || !msg["role"].is_string())
-      throw HttpError(400, "each message needs a string 'role'", "messages");
-    json mm = msg;
-    if (msg.contains("content") && msg["content"].is_array()) {
-      std::string text;
-      for (const json& part : msg["content"]) {
-        if (!part.is_object() || !part.contains("type") || part["type"] != "text" ||
-            !part.contains("text") || !part["text"].is_string())
-          throw HttpError(400, "only text content parts are supported", "messages");
-        if (!text.empty()) text += "\n";
-        text += part["text"].get<std::string>();
-      }
-      mm["content"] = text;
-    } else if (msg.contains("content") && !msg["content"].is_string() &&
-               !msg["content"].is_null()) {
-      throw HttpError(400, "message 'content' must be a string or a list of parts", "messages");
-    }
-    messages.push_back(std::move(mm));
-  }
+  const json messages = srv::chat_messages(body);
   json extra = json::object();
   if (auto it = body.find("chat_template_kwargs"); it != body.end() && !it->is_null()) {
     if (!it->is_object()) throw HttpError(400, "'chat_template_kwargs' must be an object");

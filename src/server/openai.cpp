@@ -82,6 +82,33 @@ std::string dump(const json& j) {
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
+json chat_messages(const json& body) {
+  auto mit = body.find("messages");
+  if (mit == body.end() || !mit->is_array() || mit->empty())
+    throw HttpError(400, "'messages' must be a non-empty list", "messages");
+  json messages = json::array();
+  for (const json& m : *mit) {
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
+      throw HttpError(400, "each message needs a string 'role'", "messages");
+    json mm = m;
+    if (m.contains("content") && m["content"].is_array()) {
+      std::string text;
+      for (const json& part : m["content"]) {
+        if (!part.is_object() || !part.contains("type") || part["type"] != "text" ||
+            !part.contains("text") || !part["text"].is_string())
+          throw HttpError(400, "only text content parts are supported", "messages");
+        if (!text.empty()) text += "\n";
+        text += part["text"].get<std::string>();
+      }
+      mm["content"] = text;
+    } else if (m.contains("content") && !m["content"].is_string() && !m["content"].is_null()) {
+      throw HttpError(400, "message 'content' must be a string or a list of parts", "messages");
+    }
+    messages.push_back(std::move(mm));
+  }
+  return messages;
+}
+
 std::optional<int64_t> get_int(const json& body, const char* key) {
   auto it = body.find(key);
   if (it == body.end() || it->is_null()) return std::nullopt;

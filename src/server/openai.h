@@ -38,6 +38,10 @@ json error_body(int status, const std::string& message, const std::string& param
 std::string dump(const json& j);
 
 // Reads `key` of `body` (absent or null: nullopt); a value of the wrong type is a 400 naming it.
+// The request's "messages", checked, with text-part lists joined into one string (templates of
+// text-only models expect strings). Throws HttpError 400 naming "messages".
+json chat_messages(const json& body);
+
 std::optional<int64_t> get_int(const json& body, const char* key);
 std::optional<double> get_number(const json& body, const char* key);
 std::optional<bool> get_bool(const json& body, const char* key);

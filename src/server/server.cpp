@@ -512,32 +512,7 @@ void Server::Impl::routes() {
               check_model(body);
               if (!tok) throw HttpError(400, "this model has no tokenizer, so no chat", "messages");
               if (!tmpl) throw HttpError(400, "this model has no chat template", "messages");
-              auto mit = body.find("messages");
-              if (mit == body.end() || !mit->is_array() || mit->empty())
-                throw HttpError(400, "'messages' must be a non-empty list", "messages");
-              // Text-part lists become one string: templates of text-only models expect strings.
-              json messages = json::array();
-              for (const json& m : *mit) {
-                if (!m.is_object() || !m.contains("role") || !m["role"].is_string())
-                  throw HttpError(400, "each message needs a string 'role'", "messages");
-                json mm = m;
-                if (m.contains("content") && m["content"].is_array()) {
-                  std::string text;
-                  for (const json& part : m["content"]) {
-                    if (!part.is_object() || !part.contains("type") || part["type"] != "text" ||
-                        !part.contains("text") || !part["text"].is_string())
-                      throw HttpError(400, "only text content parts are supported", "messages");
-                    if (!text.empty()) text += "\n";
-                    text += part["text"].get<std::string>();
-                  }
-                  mm["content"] = text;
-                } else if (m.contains("content") && !m["content"].is_string() &&
-                           !m["content"].is_null()) {
-                  throw HttpError(400, "message 'content' must be a string or a list of parts",
-                                  "messages");
-                }
-                messages.push_back(std::move(mm));
-              }
+              const json messages = server::chat_messages(body);
               json extra = json::object();
               if (auto it = body.find("chat_template_kwargs"); it != body.end() && !it->is_null()) {
                 if (!it->is_object())
