@@ -27,8 +27,11 @@ namespace kiln {
 // Build-time choices (what TensorRT-LLM calls the build config).
 struct BuildConfig {
   std::string dtype = "auto";  // auto (the checkpoint's torch_dtype), f32, f16 or bf16
-  int64_t max_batch = 1;       // concurrent sequences the runtime plans for
-  int64_t max_seq_len = 0;     // 0: the model's max_position_embeddings
+  // Weight quantization of the linear layers: none, or int8-wo (int8 weights with one scale per
+  // output channel, activations in the engine dtype; needs a 16-bit dtype).
+  std::string quant = "none";
+  int64_t max_batch = 1;    // concurrent sequences the runtime plans for
+  int64_t max_seq_len = 0;  // 0: the model's max_position_embeddings
 };
 
 // Run-time choices.
@@ -93,6 +96,7 @@ struct SamplingParams {
 struct ModelInfo {
   std::string architecture;
   std::string dtype;
+  std::string quant = "none";  // weight quantization (BuildConfig::quant)
   int64_t num_params = 0;
   int64_t weight_bytes = 0;
   int64_t vocab_size = 0, hidden_size = 0, num_layers = 0;

@@ -5,6 +5,7 @@
 #include <fstream>
 #include <set>
 
+#include "build/quantize.h"
 #include "core/error.h"
 #include "graph/layout.h"
 #include "io/json.h"
@@ -149,7 +150,7 @@ Checkpoint open_config(const fs::path& config_json) {
   return ck;
 }
 
-WeightPlan plan_weights(const Checkpoint& ck, DType dtype) {
+WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
   KILN_CHECK(ck.weights, ck.dir.string(), ": checkpoint has no weights");
   const ModelConfig& c = ck.config;
   const WeightSet& ws = *ck.weights;
@@ -232,14 +233,15 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype) {
     throw Error(msg);
   }
 
-  std::map<std::string, bool> is_matrix;
-  for (const auto& spec : engine_layout(c)) is_matrix[spec.name] = spec.matrix;
+  std::map<std::string, DType> planned_dtype;  // quantized weights are planned in F32 first
+  for (const auto& spec : engine_layout(c))
+    planned_dtype[spec.name] = quantizes(q, spec.role) ? DType::F32 : spec.dtype(dtype);
   auto wset = std::make_shared<WeightSet>(ws);
   WeightPlan out;
   for (const auto& [name, part_names] : plan) {
     PlannedTensor pt;
     pt.name = name;
-    pt.dtype = is_matrix[name] ? dtype : DType::F32;
+    pt.dtype = planned_dtype[name];
     std::vector<Part> parts;
     for (const auto& p : part_names) {
       const Shape& s = ws.info(src[p].hf).shape;
@@ -287,19 +289,19 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype) {
     };
     out.push_back(std::move(pt));
   }
-  return out;
+  return q == WeightQuant::None ? out : quantize_plan(std::move(out), engine_layout(c, q));
 }
 
-WeightPlan plan_dummy_weights(const ModelConfig& c, DType dtype, uint64_t seed) {
+WeightPlan plan_dummy_weights(const ModelConfig& c, DType dtype, uint64_t seed, WeightQuant q) {
   WeightPlan out;
   const auto layout = engine_layout(c);
   for (size_t ti = 0; ti < layout.size(); ++ti) {
     const auto& spec = layout[ti];
     PlannedTensor pt;
     pt.name = spec.name;
-    pt.dtype = spec.matrix ? dtype : DType::F32;
+    pt.dtype = quantizes(q, spec.role) ? DType::F32 : spec.dtype(dtype);
     pt.shape = spec.shape;
-    const bool is_norm = !spec.matrix && spec.name.find("norm") != std::string::npos &&
+    const bool is_norm = !spec.matrix() && spec.name.find("norm") != std::string::npos &&
                          spec.name.find(".bias") == std::string::npos;
     const int64_t row_elems = numel(spec.shape) / std::max<int64_t>(pt.rows(), 1);
     const DType dt = pt.dtype;
@@ -329,7 +331,7 @@ WeightPlan plan_dummy_weights(const ModelConfig& c, DType dtype, uint64_t seed) 
     };
     out.push_back(std::move(pt));
   }
-  return out;
+  return q == WeightQuant::None ? out : quantize_plan(std::move(out), engine_layout(c, q));
 }
 
 WeightPlan plan_held(const std::vector<std::pair<std::string, Tensor>>& tensors) {
@@ -346,6 +348,10 @@ WeightPlan plan_held(const std::vector<std::pair<std::string, Tensor>>& tensors)
       std::memcpy(dst, static_cast<const char*>(t.data) + size_t(row0) * rb, size_t(n) * rb);
     };
     out.push_back(std::move(pt));
+    if (t.scales) {  // a quantized weight's scales are their own engine tensor
+      std::vector<std::pair<std::string, Tensor>> sc = {{name + ".scale", *t.scales}};
+      for (auto& p : plan_held(sc)) out.push_back(std::move(p));
+    }
   }
   return out;
 }

@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "arch/registry.h"
+#include "core/quant.h"
 #include "core/tensor.h"
 #include "io/safetensors.h"
 
@@ -53,14 +54,18 @@ using WeightPlan = std::vector<PlannedTensor>;
 
 // Maps the checkpoint's tensors onto engine_layout(config): renames, transposes, fuses QKV and
 // gate/up, converts matrices to `dtype` and vectors to F32. Every missing, unexpected or
-// mis-shaped weight is reported in one kiln::Error, before any tensor is converted.
-WeightPlan plan_weights(const Checkpoint& ck, DType dtype);
+// mis-shaped weight is reported in one kiln::Error, before any tensor is converted. Under a
+// quantization scheme q, the plan is that of engine_layout(config, q): the weights q rewrites
+// are quantized from the source values as they stream, each followed by its scales.
+WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q = WeightQuant::None);
 
 // Seeded random weights in engine layout (matrices ~ U with std 0.02, norm weights ~ 1 + U/10);
 // any row range can be made on its own and gives the same bytes.
-WeightPlan plan_dummy_weights(const ModelConfig& c, DType dtype, uint64_t seed);
+WeightPlan plan_dummy_weights(const ModelConfig& c, DType dtype, uint64_t seed,
+                              WeightQuant q = WeightQuant::None);
 
-// Tensors already in memory, as a plan (for writing them).
+// Tensors already in memory, as a plan (for writing them); a quantized tensor's scales follow it
+// as "<name>.scale".
 WeightPlan plan_held(const std::vector<std::pair<std::string, Tensor>>& tensors);
 
 // Every planned tensor in memory (those with a view without a copy).

@@ -27,10 +27,15 @@ struct Tensor {
   Shape shape;
   std::shared_ptr<void> storage;  // keeps `data` alive
   void* data = nullptr;
+  // Quantized weights (core/quant.h): dtype is the storage type (I8) and element (r, c) stands
+  // for data[r, c] * scales[r]; scales is F32 [rows] on the same device. Null: not quantized.
+  std::shared_ptr<Tensor> scales;
 
   int64_t numel() const { return kiln::numel(shape); }
   size_t nbytes() const { return size_t(numel()) * dtype_size(dtype); }
   bool empty() const { return data == nullptr; }
+  // Bytes of the data plus the scales of a quantized weight.
+  size_t weight_bytes() const { return nbytes() + (scales ? scales->nbytes() : 0); }
   template <typename T>
   T* ptr() {
     return static_cast<T*>(data);

@@ -7,56 +7,83 @@ namespace kiln {
 namespace {
 
 // FFN sub-block tensors with inner size I under `prefix` (dense MLP, one expert, shared expert).
-void ffn_specs(const ModelConfig& c, const std::string& p, int64_t I, std::vector<WeightSpec>& r) {
+// `expert`: the matrices belong to a routed expert (gathered by the MoE op).
+void ffn_specs(const ModelConfig& c, const std::string& p, int64_t I, bool expert,
+               std::vector<WeightSpec>& r) {
   const int64_t H = c.hidden_size;
   const bool g = c.knobs.gated_mlp;
-  r.push_back({p + (g ? "w_gate_up" : "w_up"), {g ? 2 * I : I, H}, true});
-  if (c.knobs.mlp_bias) r.push_back({p + (g ? "b_gate_up" : "b_up"), {g ? 2 * I : I}, false});
-  r.push_back({p + "w_down", {H, I}, true});
-  if (c.knobs.mlp_bias) r.push_back({p + "b_down", {H}, false});
+  const WeightRole col = expert ? WeightRole::Expert : WeightRole::ColumnLinear;
+  const WeightRole row = expert ? WeightRole::Expert : WeightRole::RowLinear;
+  r.push_back({p + (g ? "w_gate_up" : "w_up"), {g ? 2 * I : I, H}, col});
+  if (c.knobs.mlp_bias)
+    r.push_back({p + (g ? "b_gate_up" : "b_up"), {g ? 2 * I : I}, WeightRole::Vector});
+  r.push_back({p + "w_down", {H, I}, row});
+  if (c.knobs.mlp_bias) r.push_back({p + "b_down", {H}, WeightRole::Vector});
 }
 
 void norm_specs(const ModelConfig& c, const std::string& name, std::vector<WeightSpec>& r) {
-  r.push_back({name, {c.hidden_size}, false});
-  if (c.knobs.norm_bias) r.push_back({name + ".bias", {c.hidden_size}, false});
+  r.push_back({name, {c.hidden_size}, WeightRole::Vector});
+  if (c.knobs.norm_bias) r.push_back({name + ".bias", {c.hidden_size}, WeightRole::Vector});
 }
 
 }  // namespace
 
-std::vector<WeightSpec> engine_layout(const ModelConfig& c) {
+bool quantizes(WeightQuant q, WeightRole r) {
+  return q != WeightQuant::None && (r == WeightRole::ColumnLinear || r == WeightRole::RowLinear);
+}
+
+namespace {
+
+std::vector<WeightSpec> plain_layout(const ModelConfig& c) {
   const int64_t H = c.hidden_size, V = c.vocab_size, hd = c.head_dim;
   const int64_t qkv = c.q_dim() + 2 * c.kv_dim();
   std::vector<WeightSpec> r;
-  r.push_back({"embed", {V, H}, true});
-  if (c.knobs.learned_positions) r.push_back({"pos_embed", {c.max_position_embeddings, H}, true});
+  using R = WeightRole;
+  r.push_back({"embed", {V, H}, R::Embedding});
+  if (c.knobs.learned_positions)
+    r.push_back({"pos_embed", {c.max_position_embeddings, H}, R::Embedding});
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
     norm_specs(c, p + "attn_norm", r);
-    r.push_back({p + "wqkv", {qkv, H}, true});
-    if (c.knobs.qkv_bias) r.push_back({p + "bqkv", {qkv}, false});
+    r.push_back({p + "wqkv", {qkv, H}, R::ColumnLinear});
+    if (c.knobs.qkv_bias) r.push_back({p + "bqkv", {qkv}, R::Vector});
     if (c.knobs.qk_norm) {
-      r.push_back({p + "q_norm", {hd}, false});
-      r.push_back({p + "k_norm", {hd}, false});
+      r.push_back({p + "q_norm", {hd}, R::Vector});
+      r.push_back({p + "k_norm", {hd}, R::Vector});
     }
-    r.push_back({p + "wo", {H, c.q_dim()}, true});
-    if (c.knobs.o_bias) r.push_back({p + "bo", {H}, false});
+    r.push_back({p + "wo", {H, c.q_dim()}, R::RowLinear});
+    if (c.knobs.o_bias) r.push_back({p + "bo", {H}, R::Vector});
     if (c.knobs.post_attn_norm) norm_specs(c, p + "post_attn_norm", r);
     norm_specs(c, p + "ffn_norm", r);
     if (!c.layers[size_t(l)].moe) {
-      ffn_specs(c, p, c.intermediate_size, r);
+      ffn_specs(c, p, c.intermediate_size, false, r);
     } else {
-      r.push_back({p + "router", {c.num_experts, H}, true});
+      r.push_back({p + "router", {c.num_experts, H}, R::Gate});
       for (int64_t e = 0; e < c.num_experts; ++e)
-        ffn_specs(c, p + "experts." + std::to_string(e) + ".", c.moe_intermediate_size, r);
+        ffn_specs(c, p + "experts." + std::to_string(e) + ".", c.moe_intermediate_size, true, r);
       if (c.knobs.shared_expert) {
-        ffn_specs(c, p + "shared.", c.shared_expert_intermediate_size, r);
-        r.push_back({p + "shared_gate", {1, H}, true});
+        // The shared expert runs through linear() like a dense FFN.
+        ffn_specs(c, p + "shared.", c.shared_expert_intermediate_size, false, r);
+        r.push_back({p + "shared_gate", {1, H}, R::Gate});
       }
     }
     if (c.knobs.post_ffn_norm) norm_specs(c, p + "post_ffn_norm", r);
   }
   norm_specs(c, "final_norm", r);
-  if (!c.tie_word_embeddings) r.push_back({"lm_head", {V, H}, true});
+  if (!c.tie_word_embeddings) r.push_back({"lm_head", {V, H}, R::LmHead});
+  return r;
+}
+
+}  // namespace
+
+std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q) {
+  std::vector<WeightSpec> r;
+  for (WeightSpec& s : plain_layout(c)) {
+    const bool quantized = quantizes(q, s.role);
+    if (quantized) s.quant = q;
+    r.push_back(s);
+    if (quantized) r.push_back({s.name + ".scale", {s.shape[0]}, WeightRole::Scale});
+  }
   return r;
 }
 

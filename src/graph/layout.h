@@ -1,23 +1,48 @@
 // The weights the shared decoder builder reads, as a function of the model config: names, shapes
-// and whether a tensor is a matrix (stored in the engine dtype) or a vector (always F32).
+// and the role each plays. Roles decide storage (matrices in the engine dtype, vectors in F32)
+// and which weights a quantization scheme rewrites: build steps read roles, never names.
 #pragma once
 
 #include <string>
 #include <vector>
 
 #include "arch/model_config.h"
+#include "core/quant.h"
 #include "core/tensor.h"
 
 namespace kiln {
 
+enum class WeightRole : uint8_t {
+  Vector,        // norm weights and biases (F32)
+  Embedding,     // token and position tables, read a row at a time
+  ColumnLinear,  // y = x W^T whose output features split under tensor parallelism (wqkv, gate_up)
+  RowLinear,     // y = x W^T whose input features split (wo, w_down)
+  Gate,          // small linears with a handful of outputs (MoE router, shared-expert gate)
+  Expert,        // MoE expert matrices, gathered per token by the MoE op
+  LmHead,        // the output projection (F32 logits)
+  Scale,         // dequantization scales of the quantized weight named before ".scale" (F32)
+};
+
 struct WeightSpec {
   std::string name;
   Shape shape;
-  bool matrix;
+  WeightRole role;
+  WeightQuant quant = WeightQuant::None;  // how this weight is stored (None: engine dtype / F32)
+  bool matrix() const { return role != WeightRole::Vector && role != WeightRole::Scale; }
+  // The tensor's dtype in an engine whose matrices are `engine` dtype.
+  DType dtype(DType engine) const {
+    return quant != WeightQuant::None ? quant_storage(quant) : matrix() ? engine : DType::F32;
+  }
 };
 
-// Engine (runtime) layout: fused wqkv and w_gate_up, in the order they are stored.
-std::vector<WeightSpec> engine_layout(const ModelConfig& c);
+// Whether scheme q rewrites weights of role r. Weight-only schemes take the dense linears,
+// where decode reads almost all of its bytes; embeddings, the LM head (F32 logits), routers and
+// experts (the MoE op gathers them in the engine dtype) keep the engine dtype.
+bool quantizes(WeightQuant q, WeightRole r);
+
+// Engine (runtime) layout: fused wqkv and w_gate_up, in the order they are stored. Under a
+// quantization scheme, each weight it rewrites is followed by its "<name>.scale" ([rows], F32).
+std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q = WeightQuant::None);
 
 // Shape a checkpoint's source tensor must have, for canonical source names such as
 // "layers.3.wq" or "layers.0.experts.2.w_gate"; empty if the builder has no use for it.

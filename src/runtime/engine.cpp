@@ -10,6 +10,7 @@
 
 #include "build/checkpoint.h"
 #include "build/engine_file.h"
+#include "build/quantize.h"
 #include "core/error.h"
 #include "graph/decoder.h"
 #include "graph/layout.h"
@@ -94,6 +95,7 @@ json manifest_of(const Engine::Impl& m) {
           {"model", to_json(m.config)},
           {"build",
            {{"dtype", dtype_label(m.dtype)},
+            {"quant", weight_quant_name(m.quant)},
             {"max_batch", m.max_batch},
             {"max_seq_len", m.max_seq_len}}},
           {"source", m.source},
@@ -114,7 +116,12 @@ ModelInfo write_plan(const Engine::Impl& m, const WeightPlan& plan, const fs::pa
   ModelInfo i;
   i.architecture = m.config.architecture;
   i.dtype = dtype_label(m.dtype);
+  i.quant = std::string(weight_quant_name(m.quant));
   for (const auto& pt : plan) {
+    if (pt.name.ends_with(".scale")) {  // scales are bytes, not parameters
+      i.weight_bytes += int64_t(pt.nbytes());
+      continue;
+    }
     i.num_params += numel(pt.shape);
     i.weight_bytes += int64_t(pt.nbytes());
   }
@@ -126,14 +133,15 @@ ModelInfo write_plan(const Engine::Impl& m, const WeightPlan& plan, const fs::pa
 Engine Engine::build(const fs::path& hf_dir, const BuildConfig& bc) {
   Checkpoint ck = open_checkpoint(hf_dir);
   auto impl = prepare(ck, bc, hf_dir, source_of(ck, hf_dir));
-  impl->weights = materialize(plan_weights(ck, impl->dtype));
+  impl->weights = attach_scales(materialize(plan_weights(ck, impl->dtype, impl->quant)));
   return Engine(std::move(impl));
 }
 
 Engine Engine::build_dummy(const fs::path& config_json, const BuildConfig& bc, uint64_t seed) {
   Checkpoint ck = open_config(config_json);
   auto impl = prepare(ck, bc, config_json.parent_path(), dummy_source_of(ck, config_json, seed));
-  impl->weights = materialize(plan_dummy_weights(ck.config, impl->dtype, seed));
+  impl->weights =
+      attach_scales(materialize(plan_dummy_weights(ck.config, impl->dtype, seed, impl->quant)));
   return Engine(std::move(impl));
 }
 
@@ -141,7 +149,8 @@ ModelInfo Engine::build_to(const fs::path& hf_dir, const fs::path& out, const Bu
                            const ProgressFn& progress) {
   Checkpoint ck = open_checkpoint(hf_dir);
   auto impl = prepare(ck, bc, hf_dir, source_of(ck, hf_dir));
-  const WeightPlan plan = plan_weights(ck, impl->dtype);  // every weight problem, before writing
+  // Every weight problem, before writing.
+  const WeightPlan plan = plan_weights(ck, impl->dtype, impl->quant);
   check_tokenizer(hf_dir);
   return write_plan(*impl, plan, out, progress);
 }
@@ -151,7 +160,8 @@ ModelInfo Engine::build_dummy_to(const fs::path& config_json, const fs::path& ou
   Checkpoint ck = open_config(config_json);
   auto impl = prepare(ck, bc, config_json.parent_path(), dummy_source_of(ck, config_json, seed));
   check_tokenizer(config_json.parent_path());
-  return write_plan(*impl, plan_dummy_weights(ck.config, impl->dtype, seed), out, progress);
+  return write_plan(*impl, plan_dummy_weights(ck.config, impl->dtype, seed, impl->quant), out,
+                    progress);
 }
 
 bool Engine::is_engine_dir(const fs::path& dir) {
@@ -165,6 +175,7 @@ Engine Engine::open(const fs::path& dir, const BuildConfig& bc) {
     const BuildConfig none;
     for (auto [set, opt] : {std::pair{bc.dtype != none.dtype, "--dtype"},
                             std::pair{bc.max_seq_len != none.max_seq_len, "--max-seq-len"},
+                            std::pair{bc.quant != none.quant, "--quant"},
                             std::pair{bc.max_batch != none.max_batch, "--max-batch"}})
       KILN_CHECK(!set, dir.string(), ": is a built engine; ", opt,
                  " applies only when building from a Hugging Face folder (rebuild with kiln "
@@ -209,6 +220,11 @@ Engine Engine::load(const fs::path& dir) {
     impl->config = model_config_from_json(man.at("model"));
     const json& b = man.at("build");
     impl->dtype = parse_float_dtype(b.at("dtype").get<std::string>(), mf.string());
+    const std::string quant = b.value("quant", std::string("none"));
+    if (quant != "none" && quant != "int8-wo")
+      throw Error(cat(mf.string(), ": build.quant '", quant,
+                      "' is not a scheme this kiln runs (none, int8-wo)"));
+    impl->quant = parse_weight_quant(quant);
     impl->max_batch = b.at("max_batch").get<int64_t>();
     impl->max_seq_len = b.at("max_seq_len").get<int64_t>();
     impl->source = man.at("source");
@@ -218,7 +234,7 @@ Engine Engine::load(const fs::path& dir) {
   }
   auto file = SafetensorsFile::open(dir / kWeights);
   std::vector<std::string> problems;
-  const auto layout = engine_layout(impl->config);
+  const auto layout = engine_layout(impl->config, impl->quant);
   std::set<std::string> expected;
   for (const auto& spec : layout) expected.insert(spec.name);
   for (const auto& [name, ti] : file->tensors())
@@ -229,7 +245,7 @@ Engine Engine::load(const fs::path& dir) {
       continue;
     }
     Tensor t = file->get(spec.name);
-    const DType want = spec.matrix ? impl->dtype : DType::F32;
+    const DType want = spec.dtype(impl->dtype);
     if (t.shape != spec.shape || t.dtype != want) {
       problems.push_back(cat(spec.name, " is ", dtype_name(t.dtype), shape_str(t.shape),
                              " (expected ", dtype_name(want), shape_str(spec.shape), ")"));
@@ -243,6 +259,7 @@ Engine Engine::load(const fs::path& dir) {
     if (problems.size() > 8) list += cat("; ... and ", problems.size() - 8, " more");
     throw Error(cat((dir / kWeights).string(), ": does not match its manifest: ", list));
   }
+  impl->weights = attach_scales(std::move(impl->weights));
   impl->tokenizer_dir = dir;
   return Engine(std::move(impl));
 }
@@ -257,9 +274,10 @@ ModelInfo Engine::info() const {
   ModelInfo i;
   i.architecture = m.config.architecture;
   i.dtype = dtype_label(m.dtype);
+  i.quant = std::string(weight_quant_name(m.quant));
   for (const auto& [n, t] : m.weights) {
     i.num_params += t.numel();
-    i.weight_bytes += int64_t(t.nbytes());
+    i.weight_bytes += int64_t(t.weight_bytes());
   }
   i.vocab_size = m.config.vocab_size;
   i.hidden_size = m.config.hidden_size;
@@ -307,7 +325,7 @@ void Engine::start(const RuntimeConfig& rc) {
   RuntimeInfo& ri = m.rinfo;
   ri = RuntimeInfo{};
   ri.device = m.backend->name();
-  for (const auto& [n, t] : m.weights) ri.weight_bytes += int64_t(t.nbytes());
+  for (const auto& [n, t] : m.weights) ri.weight_bytes += int64_t(t.weight_bytes());
   ri.free_bytes_before_kv = int64_t(free);
   // A setting that would change nothing is refused rather than ignored.
   const bool fraction_set = rc.kv_cache_fraction != RuntimeConfig{}.kv_cache_fraction;

@@ -12,6 +12,7 @@
 
 #include "arch/model_config.h"
 #include "core/error.h"
+#include "core/quant.h"
 #include "graph/decoder.h"
 #include "kiln/kiln.h"
 #include "runtime/kv_cache.h"
@@ -24,11 +25,13 @@ constexpr int kEngineFormatVersion = 1;
 struct Engine::Impl {
   ModelConfig config;
   DType dtype = DType::F32;
+  WeightQuant quant = WeightQuant::None;  // how the linear weights are stored (core/quant.h)
   int64_t max_batch = 1, max_seq_len = 0;
   nlohmann::json source;
   nlohmann::json generation_defaults = nlohmann::json::object();
   std::filesystem::path tokenizer_dir;
-  std::vector<std::pair<std::string, Tensor>> weights;  // host, engine layout
+  // Host weights in engine layout; a quantized weight carries its scales (no ".scale" entries).
+  std::vector<std::pair<std::string, Tensor>> weights;
 
   // Runtime, created by start(); destroyed in reverse order (the decoder's buffers and the
   // cache before the backend).
@@ -84,6 +87,10 @@ struct Engine::Impl {
     std::string d = bc.dtype;
     if (d == "auto") d = config_dtype.empty() ? "f32" : config_dtype;
     dtype = parse_float_dtype(d, "build dtype");
+    quant = parse_weight_quant(bc.quant);
+    KILN_CHECK(quant == WeightQuant::None || dtype != DType::F32, "--quant ", bc.quant,
+               " keeps activations in a 16-bit type; give --dtype bf16 or f16 (the engine "
+               "dtype is f32)");
     KILN_CHECK(bc.max_batch >= 1, "max_batch must be >= 1 (got ", bc.max_batch, ")");
     max_batch = bc.max_batch;
     max_seq_len = bc.max_seq_len ? bc.max_seq_len : config.max_position_embeddings;

@@ -33,6 +33,7 @@ void add_model_args(CLI::App* c, ModelArgs& a) {
                 "weight dtype when building from an HF folder: auto, f32, f16, bf16");
   c->add_option("--max-seq-len", a.bc.max_seq_len,
                 "when building from an HF folder (0: max_position_embeddings)");
+  c->add_option("--quant", a.bc.quant, "when building from an HF folder: none, int8-wo");
   add_runtime_args(c, a.rc);
 }
 
@@ -180,6 +181,9 @@ void register_model_commands(CLI::App& app) {
     c->add_option("--dtype", bc.dtype, "auto, f32, f16 or bf16");
     c->add_option("--max-batch", bc.max_batch, "concurrent sequences");
     c->add_option("--max-seq-len", bc.max_seq_len, "0: max_position_embeddings");
+    c->add_option("--quant", bc.quant,
+                  "weight quantization of the linear layers: none, int8-wo (with a 16-bit --dtype)")
+        ->capture_default_str();
     c->add_flag("--dummy-weights", dummy, "seeded random weights of the shape --config describes");
     c->add_option("--config", config, "config.json for --dummy-weights");
     c->add_option("--seed", seed, "seed for --dummy-weights");
@@ -198,8 +202,9 @@ void register_model_commands(CLI::App& app) {
       bar.finish();
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const double p = double(i.num_params);
+      const std::string kind = i.quant == "none" ? i.dtype : i.dtype + ", " + i.quant;
       std::printf("built %s (%s, %.3f %s params, %s) -> %s in %.2f s\n", i.architecture.c_str(),
-                  i.dtype.c_str(), p >= 1e9 ? p / 1e9 : p / 1e6, p >= 1e9 ? "B" : "M",
+                  kind.c_str(), p >= 1e9 ? p / 1e9 : p / 1e6, p >= 1e9 ? "B" : "M",
                   human_bytes(double(i.weight_bytes)).c_str(), out.c_str(), s);
     });
   }
@@ -329,18 +334,20 @@ void register_model_commands(CLI::App& app) {
       auto report = [&](const std::string& test, int64_t n_prompt, int64_t n_gen, int64_t batch,
                         const std::vector<double>& rates) {
         const double mean = mean_of(rates), sd = sd_of(rates);
+        const std::string kind = info.quant == "none" ? info.dtype : info.dtype + " " + info.quant;
         if (format == "md") {
           const double np = double(info.num_params);
           std::printf("| %s %s | %s | %.2f %s | %s | %d | %s | %lld | %.2f ± %.2f |\n",
-                      info.architecture.c_str(), info.dtype.c_str(),
+                      info.architecture.c_str(), kind.c_str(),
                       human_bytes(double(info.weight_bytes)).c_str(),
                       np >= 1e9 ? np / 1e9 : np / 1e6, np >= 1e9 ? "B" : "M", backend.c_str(),
                       threads, test.c_str(), (long long)batch, mean, sd);
           std::fflush(stdout);
         }
-        rows.push_back({{"model", info.architecture + " " + info.dtype},
+        rows.push_back({{"model", info.architecture + " " + kind},
                         {"architecture", info.architecture},
                         {"dtype", info.dtype},
+                        {"quant", info.quant},
                         {"model_size", info.weight_bytes},
                         {"model_n_params", info.num_params},
                         {"backend", backend},

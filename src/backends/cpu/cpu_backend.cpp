@@ -18,6 +18,10 @@ namespace {
 const float* fptr(const Tensor* t) {
   return t ? t->ptr<float>() : nullptr;
 }
+// The dequantization scales of a quantized weight (null for a plain one).
+const float* scales(const Tensor& w) {
+  return w.scales ? w.scales->ptr<float>() : nullptr;
+}
 float* F(void* p) {
   return static_cast<float*>(p);
 }
@@ -53,7 +57,8 @@ class CpuBackend final : public Backend {
   }
   void linear(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
               int64_t ldy) override {
-    cpu::linear(F(x), n, w.shape[1], ldx, w.data, w.dtype, w.shape[0], fptr(b), F(y), ldy);
+    cpu::linear(F(x), n, w.shape[1], ldx, w.data, w.dtype, w.shape[0], fptr(b), F(y), ldy,
+                scales(w));
   }
   void norm(const void* x, int64_t rows, int64_t dim, int64_t ldx, const Tensor& w, const Tensor* b,
             NormKind kind, float eps, void* y, int64_t ldy, bool, bool) override {
@@ -145,9 +150,10 @@ class CpuBackend final : public Backend {
         const int64_t I = wgu.shape[0] / 2;
         gu.resize(size_t(2 * I));
         h.resize(size_t(I));
-        cpu::linear(xi, 1, H, H, wgu.data, wgu.dtype, 2 * I, nullptr, gu.data(), 2 * I);
+        cpu::linear(xi, 1, H, H, wgu.data, wgu.dtype, 2 * I, nullptr, gu.data(), 2 * I,
+                    scales(wgu));
         cpu::gated_act(gu.data(), 1, I, a, h.data());
-        cpu::linear(h.data(), 1, I, I, wd.data, wd.dtype, H, nullptr, y.data(), H);
+        cpu::linear(h.data(), 1, I, I, wd.data, wd.dtype, H, nullptr, y.data(), H, scales(wd));
         for (int64_t d = 0; d < H; ++d) oi[d] += scale * y[size_t(d)];
       };
       for (int64_t k = 0; k < top_k; ++k) {

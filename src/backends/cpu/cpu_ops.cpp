@@ -7,6 +7,9 @@
 #include <cstring>
 #include <vector>
 
+#include "core/error.h"
+#include "core/quant.h"
+
 namespace kiln::cpu {
 
 namespace {
@@ -19,8 +22,15 @@ float* scratch(size_t n, int slot) {
   return b.data();
 }
 
-const float* row_f32(const void* w, DType t, int64_t row, int64_t in, float* buf) {
+// Row `row` of weight w as floats: in place for F32, else converted (or, for I8 with per-row
+// scales, dequantized exactly as core/quant.h defines) into buf.
+const float* row_f32(const void* w, DType t, const float* scales, int64_t row, int64_t in,
+                     float* buf) {
   if (t == DType::F32) return static_cast<const float*>(w) + row * in;
+  if (t == DType::I8) {
+    dequantize_int8_row(static_cast<const int8_t*>(w) + row * in, scales[row], in, buf);
+    return buf;
+  }
   const auto* s = static_cast<const uint16_t*>(w) + row * in;
   if (t == DType::BF16) {
 #pragma omp simd
@@ -57,7 +67,8 @@ float apply_act(float x, Activation a) {
 }  // namespace
 
 void linear(const float* x, int64_t n, int64_t in, int64_t ldx, const void* w, DType wt,
-            int64_t out, const float* bias, float* y, int64_t ldy) {
+            int64_t out, const float* bias, float* y, int64_t ldy, const float* w_scales) {
+  if (wt == DType::I8 && !w_scales) throw Error("CPU linear: an int8 weight needs its scales");
   // Every output element comes from the same 4x4 register tile, whatever n and the element's
   // place: tail rows of x and tail rows of w are padded (zeros) to whole tiles. So a row's
   // result never depends on the batch it is in (continuous batching and preemption give the
@@ -77,7 +88,7 @@ void linear(const float* x, int64_t n, int64_t in, int64_t ldx, const void* w, D
     const float* wr[RB];
     for (int64_t r = 0; r < RB; ++r) {
       if (r < rb) {
-        wr[r] = row_f32(w, wt, o0 + r, in, buf + r * in);
+        wr[r] = row_f32(w, wt, w_scales, o0 + r, in, buf + r * in);
       } else {
         std::fill(buf + r * in, buf + (r + 1) * in, 0.0f);
         wr[r] = buf + r * in;

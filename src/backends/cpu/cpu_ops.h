@@ -1,6 +1,6 @@
 // CPU reference kernels: free functions on raw pointers, FP32 activations, weights in F32, F16 or
-// BF16 (upcast on the fly). Parallel with OpenMP. These define the numerics every other backend
-// is checked against.
+// BF16 (upcast on the fly) or int8 with scales (dequantized on the fly). Parallel with OpenMP.
+// These define the numerics every other backend is checked against.
 #pragma once
 
 #include <cstdint>
@@ -11,8 +11,10 @@
 namespace kiln::cpu {
 
 // y[n, out] = x[n, in] . w[out, in]^T (+ bias[out]); x rows are `ldx` floats apart, y rows `ldy`.
+// An I8 weight (core/quant.h) takes its per-row scales in w_scales and is dequantized row by row:
+// the result is exactly that of the F32 weight q * scale.
 void linear(const float* x, int64_t n, int64_t in, int64_t ldx, const void* w, DType wt,
-            int64_t out, const float* bias, float* y, int64_t ldy);
+            int64_t out, const float* bias, float* y, int64_t ldy, const float* w_scales = nullptr);
 
 // y = norm(x) * w (+ b) row-wise over `dim`; y may alias x.
 void norm(const float* x, int64_t rows, int64_t dim, int64_t ldx, const float* w, const float* b,

@@ -17,6 +17,7 @@
 #include "backends/cpu/cpu_sample.h"
 #include "backends/cuda/cuda_common.h"
 #include "backends/cuda/cuda_gemm.h"
+#include "backends/cuda/cuda_gemv_w8.h"
 #include "backends/cuda/cuda_kernels.h"
 #include "backends/cuda/cuda_logits.h"
 #include "backends/cuda/cuda_profile.h"
@@ -135,6 +136,13 @@ class CudaBackend final : public Backend {
 
   Tensor upload(const Tensor& host) override {
     KILN_CHECK(host.device == Device::CPU, "upload: tensor is already on a device");
+    if (host.scales) {  // a quantized weight: its scales travel with it
+      Tensor plain = host;
+      plain.scales = nullptr;
+      Tensor t = upload(plain);
+      t.scales = std::make_shared<Tensor>(upload(*host.scales));
+      return t;
+    }
     const size_t bytes = host.nbytes();
     void* p = alloc(bytes);
     std::shared_ptr<void> owner(p, [](void* q) { cudaFree(q); });
@@ -147,7 +155,18 @@ class CudaBackend final : public Backend {
   }
   std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host) override {
     flush();
-    return cuda::upload_all(host, stream_);
+    // Quantized weights' scales go up in the same bulk copy, after the weights.
+    std::vector<const Tensor*> all = host;
+    std::vector<std::pair<size_t, size_t>> scale_at;  // (weight index, index in all)
+    for (size_t i = 0; i < host.size(); ++i)
+      if (host[i]->scales) {
+        scale_at.push_back({i, all.size()});
+        all.push_back(host[i]->scales.get());
+      }
+    std::vector<Tensor> dev = cuda::upload_all(all, stream_);
+    for (const auto& [i, j] : scale_at) dev[i].scales = std::make_shared<Tensor>(dev[j]);
+    dev.resize(host.size());
+    return dev;
   }
 
   std::pair<size_t, size_t> memory() const override {
@@ -634,6 +653,7 @@ class CudaBackend final : public Backend {
   void linear_impl(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
                    int64_t ldy, bool may_defer) {
     flush();
+    if (w.dtype == DType::I8) return linear_w8(x, n, ldx, w, b, y, ldy);
     KILN_CHECK(w.dtype == act_, "CUDA linear: weight dtype ", dtype_name(w.dtype),
                " differs from the activation dtype ", dtype_name(act_));
     KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
@@ -651,6 +671,24 @@ class CudaBackend final : public Backend {
       return;
     }
     lt_->run(act_, x, n, ldx, w.data, in, out, y, ldy);
+    if (b) cuda::bias_add(act_, y, n, out, ldy, b->ptr<float>(), stream_);
+  }
+
+  // Int8 weight-only linear: the W8A16 GEMV for decode-sized batches; larger ones dequantize the
+  // weight into scratch (one rounding to the activation type) and run cuBLASLt on it.
+  void linear_w8(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
+                 int64_t ldy) {
+    KILN_CHECK(w.scales && w.scales->dtype == DType::F32 && act_ != DType::F32,
+               "CUDA linear: an int8 weight needs F32 scales and a 16-bit activation type");
+    KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
+    const int64_t in = w.shape[1], out = w.shape[0];
+    if (n == 0 || out == 0) return;
+    const cuda::GemvW8Params g{act_, x,       n, ldx, w.ptr<int8_t>(), w.scales->ptr<float>(), in,
+                               out,  fptr(b), y, ldy};
+    if (gemv_ && cuda::gemv_w8_is_supported(g)) return cuda::gemv_w8_launch(g, stream_);
+    void* deq = scratch("w8_dequant", size_t(in * out) * dtype_size(act_));
+    cuda::dequant_w8_launch({act_, w.ptr<int8_t>(), w.scales->ptr<float>(), out, in, deq}, stream_);
+    lt_->run(act_, x, n, ldx, deq, in, out, y, ldy);
     if (b) cuda::bias_add(act_, y, n, out, ldy, b->ptr<float>(), stream_);
   }
 

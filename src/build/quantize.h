@@ -1,0 +1,24 @@
+// Build-time weight quantization: rewrites a weight plan so that the weights a scheme quantizes
+// stream to the engine file as their storage type plus scales, a chunk of rows at a time (memory
+// stays bounded whatever the model size).
+#pragma once
+
+#include <vector>
+
+#include "build/checkpoint.h"
+#include "graph/layout.h"
+
+namespace kiln {
+
+// `plan` holds every tensor of engine_layout(c) (no scales), with the weights that `layout`
+// (engine_layout(c, q)) marks quantized planned in F32. Returns the plan of `layout`: each such
+// weight replaced by its quantized storage followed by its "<name>.scale". A non-finite value
+// in a weight is an error naming the tensor and row.
+WeightPlan quantize_plan(WeightPlan plan, const std::vector<WeightSpec>& layout);
+
+// Moves each "<name>.scale" tensor of `w` into the `scales` of the weight <name> (which must be
+// in `w`), so that a quantized weight travels as one Tensor from here on.
+std::vector<std::pair<std::string, Tensor>> attach_scales(
+    std::vector<std::pair<std::string, Tensor>> w);
+
+}  // namespace kiln
