@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call for the quantization figures (docs/perf.md, docs/quality.md): build kiln
 # (Release, -j16), run the CUDA and quantization tests, measure the copy-bandwidth ceiling, then
-# build Llama-3.1-8B-shaped dummy engines in BF16 and BF16 + int8-wo and run `kiln bench` on
-# each (tg128 batch 1 and 8, pp512), plus a per-op GPU-time profile of int8-wo decode.
+# build Llama-3.1-8B-shaped dummy engines in BF16, BF16 + int8-wo and BF16 + int4-wo and run
+# `kiln bench` on each (tg128 batch 1 and 8, pp512), plus per-op GPU-time profiles of the
+# quantized decodes.
 # Results in $OUT: log, tests.txt.
 #
 #   bench/quant_bench.sh                        # everything
@@ -55,7 +56,7 @@ if has ceilings; then
 fi
 
 if has bench; then
-  for q in none int8-wo; do
+  for q in none int8-wo int4-wo; do
     E="$ENGINES/$q"
     rm -rf "$E"
     stamp "engine $M $q"
@@ -64,9 +65,11 @@ if has bench; then
     stamp "kiln bench $q"
     timeout 150 "$BUILD/kiln" bench "$E" --device cuda -r "$REPS" -p 512 -n 128 -b 1,8
   done
-  stamp "int8-wo per-op GPU time (decode, graphs off)"
-  KILN_CUDA_PROFILE=1 timeout 120 "$BUILD/kiln" bench "$ENGINES/int8-wo" --device cuda -r 1 \
-    -p 0 -n 128 2>&1 | tail -n 25
+  for q in int8-wo int4-wo; do
+    stamp "$q per-op GPU time (decode)"
+    KILN_CUDA_PROFILE=1 timeout 120 "$BUILD/kiln" bench "$ENGINES/$q" --device cuda -r 1 \
+      -p 0 -n 128 2>&1 | tail -n 16
+  done
   rm -rf "$ENGINES"
 fi
 stamp "end"

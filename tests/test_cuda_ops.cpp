@@ -71,9 +71,10 @@ TEST_P(CudaOps, LinearInt8) {
     for (int64_t r = 0; r < c.out; ++r)
       ASSERT_TRUE(quantize_int8_row(&wf[size_t(r * c.in)], c.in, wh.ptr<int8_t>() + r * c.in,
                                     sh.ptr<float>() + r));
+    wh.quant = WeightQuant::Int8;
     wh.scales = std::make_shared<Tensor>(sh);
     const Tensor wd = gpu->upload(wh);
-    ASSERT_TRUE(wd.scales);
+    ASSERT_TRUE(wd.scales && wd.quant == WeightQuant::Int8);
     auto [bh, bd] = vec(c.out, 0.0f, 1.0f);
     std::vector<float> want(size_t(c.n * ldy), kPoison);
     cpu->linear(x.data(), c.n, ldx, wh, c.bias ? &bh : nullptr, want.data(), ldy);
@@ -84,10 +85,53 @@ TEST_P(CudaOps, LinearInt8) {
   }
   // The bulk upload carries scales too.
   Tensor wh = Tensor::zeros(DType::I8, {4, 32});
+  wh.quant = WeightQuant::Int8;
   wh.scales = std::make_shared<Tensor>(Tensor::zeros(DType::F32, {4}));
   const std::vector<Tensor> up_all = gpu->upload_all({&wh});
   ASSERT_EQ(up_all.size(), 1u);
   EXPECT_TRUE(up_all[0].scales && up_all[0].scales->device == Device::CUDA);
+}
+
+// Int4 weight-only linears: the W4A16 GEMV (n <= 8) and dequantize + cuBLASLt against the CPU
+// reference over the dequantized weight; groups of 32, 64 and 128.
+TEST_P(CudaOps, LinearInt4) {
+  if (dt == DType::F32) GTEST_SKIP() << "int4 weights run in 16-bit engines";
+  struct Case {
+    int64_t n, in, out, ldx_pad, ldy_pad;
+    bool bias;
+  };
+  const Case cases[] = {
+      {1, 64, 33, 0, 0, false},  {1, 4096, 256, 0, 0, true},   {2, 1024, 3000, 0, 0, false},
+      {3, 96, 100, 8, 3, true},  {8, 256, 1000, 0, 0, false},  {5, 128, 17, 4, 0, false},
+      {17, 64, 130, 0, 5, true}, {130, 224, 96, 16, 0, false}, {1, 14336, 64, 0, 0, false},
+      {9, 512, 1, 0, 0, true},   {64, 4096, 512, 0, 0, false}};
+  for (const Case& c : cases) {
+    const int64_t group = int4_group(c.in), G = c.in / group;
+    const std::string what =
+        cat("int4 linear n=", c.n, " in=", c.in, " out=", c.out, " group ", group, " ldx+",
+            c.ldx_pad, " ldy+", c.ldy_pad, c.bias ? " bias" : "");
+    const int64_t ldx = c.in + c.ldx_pad, ldy = c.out + c.ldy_pad;
+    auto x = strided(rnd(size_t(c.n * c.in)), c.n, c.in, ldx);
+    const std::vector<float> wf = rnd(size_t(c.out * c.in), 1.0f / std::sqrt(float(c.in)));
+    Tensor wh = Tensor::zeros(DType::U8, {c.out, c.in / 2});
+    Tensor sh = Tensor::zeros(DType::F32, {c.out, G}), zh = Tensor::zeros(DType::U8, {c.out, G});
+    for (int64_t r = 0; r < c.out; ++r)
+      ASSERT_TRUE(quantize_int4_row(&wf[size_t(r * c.in)], c.in, group,
+                                    wh.ptr<uint8_t>() + r * c.in / 2, sh.ptr<float>() + r * G,
+                                    zh.ptr<uint8_t>() + r * G));
+    wh.quant = WeightQuant::Int4;
+    wh.scales = std::make_shared<Tensor>(sh);
+    wh.zero_points = std::make_shared<Tensor>(zh);
+    const Tensor wd = gpu->upload(wh);
+    ASSERT_TRUE(wd.scales && wd.zero_points && wd.quant == WeightQuant::Int4);
+    auto [bh, bd] = vec(c.out, 0.0f, 1.0f);
+    std::vector<float> want(size_t(c.n * ldy), kPoison);
+    cpu->linear(x.data(), c.n, ldx, wh, c.bias ? &bh : nullptr, want.data(), ldy);
+    void* xd = up(x);
+    void* yd = up(std::vector<float>(size_t(c.n * ldy), kPoison));
+    gpu->linear(xd, c.n, ldx, wd, c.bias ? &bd : nullptr, yd, ldy);
+    expect_close(down(yd, size_t(c.n * ldy)), ldy, want, ldy, c.n, c.out, what);
+  }
 }
 
 // The same products with the GEMV kernel switched off: cuBLASLt for every n.

@@ -348,10 +348,11 @@ WeightPlan plan_held(const std::vector<std::pair<std::string, Tensor>>& tensors)
       std::memcpy(dst, static_cast<const char*>(t.data) + size_t(row0) * rb, size_t(n) * rb);
     };
     out.push_back(std::move(pt));
-    if (t.scales) {  // a quantized weight's scales are their own engine tensor
-      std::vector<std::pair<std::string, Tensor>> sc = {{name + ".scale", *t.scales}};
-      for (auto& p : plan_held(sc)) out.push_back(std::move(p));
-    }
+    // A quantized weight's scales and zeros are engine tensors of their own.
+    std::vector<std::pair<std::string, Tensor>> extra;
+    if (t.scales) extra.push_back({name + ".scale", *t.scales});
+    if (t.zero_points) extra.push_back({name + ".zero", *t.zero_points});
+    for (auto& p : plan_held(extra)) out.push_back(std::move(p));
   }
   return out;
 }

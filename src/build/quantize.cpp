@@ -14,37 +14,60 @@ namespace {
 // Rows of F32 source converted per pass (bounds the staging buffer whatever the chunk asked for).
 constexpr size_t kStageBytes = size_t(16) << 20;
 
-// One quantized weight: its F32 source plan and the scales of the rows quantized so far, so the
-// ".scale" tensor written after it does not convert the source a second time.
+// One quantized weight: its F32 source plan and the scales (and zeros) of the rows quantized so
+// far, so the ".scale" / ".zero" tensors written after it do not convert the source again.
 struct Quantizer {
   PlannedTensor src;
-  int64_t rows = 0, cols = 0;
+  WeightQuant q = WeightQuant::None;
+  int64_t rows = 0, cols = 0, group = 0, groups = 1;  // groups per row (1: per channel)
   std::vector<float> scales;
-  std::vector<uint8_t> have;  // row r's scale is known
+  std::vector<uint8_t> zeros;
+  std::vector<uint8_t> have;  // row r's scales are known
 
-  // Quantizes rows [row0, row0 + n): q (may be null) gets the int8 rows, scales[] the scales.
-  void run(int64_t row0, int64_t n, int8_t* q) {
+  size_t code_bytes() const { return size_t(q == WeightQuant::Int4 ? cols / 2 : cols); }
+
+  // Quantizes rows [row0, row0 + n): codes (may be null) gets their codes, scales[] / zeros[]
+  // their factors.
+  void run(int64_t row0, int64_t n, uint8_t* codes) {
     const int64_t step = std::max<int64_t>(
         1, int64_t(kStageBytes / (sizeof(float) * size_t(std::max<int64_t>(cols, 1)))));
     std::vector<float> stage(size_t(std::min(step, n) * cols));
-    std::vector<int8_t> tmp(q ? 0 : size_t(std::min(step, n) * cols));
+    std::vector<uint8_t> tmp(codes ? 0 : size_t(std::min(step, n)) * code_bytes());
     for (int64_t a = row0; a < row0 + n; a += step) {
       const int64_t m = std::min(step, row0 + n - a);
       src.fill(a, m, stage.data());
-      int8_t* out = q ? q + (a - row0) * cols : tmp.data();
+      uint8_t* out = codes ? codes + size_t(a - row0) * code_bytes() : tmp.data();
       std::atomic<int64_t> bad{-1};
 #pragma omp parallel for schedule(static)
       for (int64_t r = 0; r < m; ++r) {
-        float s = 0.0f;
-        if (!quantize_int8_row(stage.data() + r * cols, cols, out + r * cols, &s)) {
+        const float* w = stage.data() + r * cols;
+        uint8_t* o = out + size_t(r) * code_bytes();
+        const size_t at = size_t(a + r) * size_t(groups);
+        const bool ok = q == WeightQuant::Int8
+                            ? quantize_int8_row(w, cols, reinterpret_cast<int8_t*>(o), &scales[at])
+                            : quantize_int4_row(w, cols, group, o, &scales[at], &zeros[at]);
+        if (!ok) {
           int64_t none = -1;
           bad.compare_exchange_strong(none, a + r);
         }
-        scales[size_t(a + r)] = s;
       }
       KILN_CHECK(bad.load() < 0, src.name, ": row ", bad.load(),
                  " holds a non-finite value; cannot quantize it");
       std::fill(have.begin() + a, have.begin() + a + m, uint8_t{1});
+    }
+  }
+  // Makes sure rows [row0, row0 + n) have their scales: rows whose codes were not written first
+  // (any other write order) are quantized again just for them.
+  void ensure(int64_t row0, int64_t n) {
+    for (int64_t r = row0; r < row0 + n;) {
+      if (have[size_t(r)]) {
+        ++r;
+        continue;
+      }
+      int64_t e = r;
+      while (e < row0 + n && !have[size_t(e)]) ++e;
+      run(r, e - r, nullptr);
+      r = e;
     }
   }
 };
@@ -63,61 +86,76 @@ WeightPlan quantize_plan(WeightPlan plan, const std::vector<WeightSpec>& layout)
       out.push_back(std::move(pt));
       continue;
     }
-    KILN_CHECK(s.quant == WeightQuant::Int8 && pt.dtype == DType::F32 && pt.shape.size() == 2,
-               "quantize_plan: ", pt.name, " must be planned as a 2-D F32 matrix");
+    KILN_CHECK(pt.dtype == DType::F32 && pt.shape.size() == 2, "quantize_plan: ", pt.name,
+               " must be planned as a 2-D F32 matrix");
     auto qz = std::make_shared<Quantizer>();
+    qz->q = s.quant;
     qz->rows = pt.shape[0];
     qz->cols = pt.shape[1];
-    qz->scales.assign(size_t(qz->rows), 0.0f);
+    if (s.quant == WeightQuant::Int4) {
+      qz->group = int4_group(qz->cols);
+      qz->groups = qz->cols / qz->group;
+      qz->zeros.assign(size_t(qz->rows * qz->groups), 0);
+    }
+    qz->scales.assign(size_t(qz->rows * qz->groups), 0.0f);
     qz->have.assign(size_t(qz->rows), 0);
-    PlannedTensor q;
-    q.name = pt.name;
-    q.dtype = quant_storage(s.quant);
-    q.shape = pt.shape;
-    q.fill = [qz](int64_t row0, int64_t n, void* dst) {
-      qz->run(row0, n, static_cast<int8_t*>(dst));
+    PlannedTensor codes;
+    codes.name = pt.name;
+    codes.dtype = quant_storage(s.quant);
+    codes.shape = s.shape;  // the stored codes' shape
+    codes.fill = [qz](int64_t row0, int64_t n, void* dst) {
+      qz->run(row0, n, static_cast<uint8_t*>(dst));
     };
     PlannedTensor sc;
     sc.name = pt.name + ".scale";
     sc.dtype = DType::F32;
-    sc.shape = {qz->rows};
+    sc.shape = s.quant == WeightQuant::Int4 ? Shape{qz->rows, qz->groups} : Shape{qz->rows};
     sc.fill = [qz](int64_t row0, int64_t n, void* dst) {
-      // Rows whose weight chunk was not written first (any other write order) are quantized
-      // again just for their scales.
-      for (int64_t r = row0; r < row0 + n;) {
-        if (qz->have[size_t(r)]) {
-          ++r;
-          continue;
-        }
-        int64_t e = r;
-        while (e < row0 + n && !qz->have[size_t(e)]) ++e;
-        qz->run(r, e - r, nullptr);
-        r = e;
-      }
-      std::copy_n(qz->scales.begin() + row0, n, static_cast<float*>(dst));
+      qz->ensure(row0, n);
+      std::copy_n(qz->scales.begin() + row0 * qz->groups, n * qz->groups, static_cast<float*>(dst));
     };
-    sc.release = pt.release;
+    std::function<void()> release = pt.release;
     qz->src = std::move(pt);
-    out.push_back(std::move(q));
-    out.push_back(std::move(sc));
+    out.push_back(std::move(codes));
+    if (s.quant == WeightQuant::Int4) {
+      out.push_back(std::move(sc));
+      PlannedTensor z;
+      z.name = qz->src.name + ".zero";
+      z.dtype = DType::U8;
+      z.shape = {qz->rows, qz->groups};
+      z.fill = [qz](int64_t row0, int64_t n, void* dst) {
+        qz->ensure(row0, n);
+        std::copy_n(qz->zeros.begin() + row0 * qz->groups, n * qz->groups,
+                    static_cast<uint8_t*>(dst));
+      };
+      z.release = release;  // the last of the three
+      out.push_back(std::move(z));
+    } else {
+      sc.release = release;
+      out.push_back(std::move(sc));
+    }
   }
   return out;
 }
 
 std::vector<std::pair<std::string, Tensor>> attach_scales(
-    std::vector<std::pair<std::string, Tensor>> w) {
+    std::vector<std::pair<std::string, Tensor>> w, WeightQuant q) {
   std::map<std::string, size_t> index;
   for (size_t i = 0; i < w.size(); ++i) index[w[i].first] = i;
   std::vector<std::pair<std::string, Tensor>> out;
   for (auto& [name, t] : w) {
-    if (!name.ends_with(".scale")) continue;
-    const std::string base = name.substr(0, name.size() - 6);
+    const bool scale = name.ends_with(".scale"), zero = name.ends_with(".zero");
+    if (!scale && !zero) continue;
+    const std::string base = name.substr(0, name.size() - (scale ? 6 : 5));
     auto it = index.find(base);
-    KILN_CHECK(it != index.end(), name, ": scales of a weight that is not there");
-    w[it->second].second.scales = std::make_shared<Tensor>(t);
+    KILN_CHECK(it != index.end() && q != WeightQuant::None, name, ": ", scale ? "scales" : "zeros",
+               " of a weight that is not there");
+    Tensor& wt = w[it->second].second;
+    (scale ? wt.scales : wt.zero_points) = std::make_shared<Tensor>(t);
+    wt.quant = q;
   }
   for (auto& [name, t] : w)
-    if (!name.ends_with(".scale")) out.push_back({name, std::move(t)});
+    if (!name.ends_with(".scale") && !name.ends_with(".zero")) out.push_back({name, std::move(t)});
   return out;
 }
 

@@ -18,9 +18,15 @@ enum class WeightQuant : uint8_t {
   // w[r, c] = q[r, c] * scale[r] with scale[r] = max_c |w[r, c]| / 127; activations stay in the
   // engine dtype.
   Int8,
+  // int4-wo (W4A16, the storage of AWQ and GPTQ checkpoints): asymmetric 4-bit codes in groups of
+  // `g` consecutive input columns (int4_group()), w[r, c] = (q[r, c] - zero[r, c / g]) *
+  // scale[r, c / g] with integer zeros in [0, 15]. Codes are packed two per byte, column 2k in
+  // the low nibble of byte k of the row; scales are F32 [rows, cols / g], zeros U8 [rows, cols /
+  // g].
+  Int4,
 };
 
-// "none" or "int8-wo"; throws kiln::Error naming the accepted spellings.
+// "none", "int8-wo" or "int4-wo"; throws kiln::Error naming the accepted spellings.
 WeightQuant parse_weight_quant(std::string_view s);
 std::string_view weight_quant_name(WeightQuant q);
 // The storage dtype of a weight quantized with q (q != None).
@@ -34,6 +40,27 @@ bool quantize_int8_row(const float* w, int64_t cols, int8_t* q, float* scale);
 // The values a quantized row stands for: out[c] = q[c] * scale.
 inline void dequantize_int8_row(const int8_t* q, float scale, int64_t cols, float* out) {
   for (int64_t c = 0; c < cols; ++c) out[c] = float(q[c]) * scale;
+}
+
+// The group size int4-wo uses for rows of `cols` inputs: 128, else 64 or 32 when that divides
+// cols (small models); 0 when none does (the weight cannot be quantized to int4).
+int64_t int4_group(int64_t cols);
+
+// Quantizes one row of `cols` floats (cols % group == 0, group even) to packed int4 codes
+// (cols / 2 bytes) with per-group scales and zeros, as GPTQ does: over each group, with lo =
+// min(w, 0) and hi = max(w, 0) (so 0 stays exact), scale = (hi - lo) / 15, zero = round(-lo /
+// scale) in [0, 15], q = round(w / scale) + zero clamped to [0, 15]; a group of zeros gets scale
+// 0. Returns false when the row holds a non-finite value.
+bool quantize_int4_row(const float* w, int64_t cols, int64_t group, uint8_t* q, float* scales,
+                       uint8_t* zeros);
+
+// The values a packed int4 row stands for: out[c] = (q[c] - zero[g]) * scale[g], g = c / group.
+inline void dequantize_int4_row(const uint8_t* q, const float* scales, const uint8_t* zeros,
+                                int64_t group, int64_t cols, float* out) {
+  for (int64_t c = 0; c < cols; ++c) {
+    const int code = (q[c / 2] >> (4 * (c % 2))) & 15;
+    out[c] = float(code - int(zeros[c / group])) * scales[c / group];
+  }
 }
 
 }  // namespace kiln

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "core/quant.h"
 
 namespace kiln {
 
@@ -27,15 +28,23 @@ struct Tensor {
   Shape shape;
   std::shared_ptr<void> storage;  // keeps `data` alive
   void* data = nullptr;
-  // Quantized weights (core/quant.h): dtype is the storage type (I8) and element (r, c) stands
-  // for data[r, c] * scales[r]; scales is F32 [rows] on the same device. Null: not quantized.
-  std::shared_ptr<Tensor> scales;
+  // Quantized weights (core/quant.h): `quant` names the scheme, dtype and shape are those of the
+  // stored codes (int8-wo: I8 [rows, cols]; int4-wo: U8 [rows, cols / 2], two codes a byte),
+  // `scales` (F32) and `zero_points` (U8, int4-wo only) are [rows] or [rows, groups] on the same
+  // device. None / null: a plain tensor.
+  WeightQuant quant = WeightQuant::None;
+  std::shared_ptr<Tensor> scales, zero_points;
 
   int64_t numel() const { return kiln::numel(shape); }
   size_t nbytes() const { return size_t(numel()) * dtype_size(dtype); }
   bool empty() const { return data == nullptr; }
-  // Bytes of the data plus the scales of a quantized weight.
-  size_t weight_bytes() const { return nbytes() + (scales ? scales->nbytes() : 0); }
+  // Bytes of the data plus the scales and zeros of a quantized weight.
+  size_t weight_bytes() const {
+    return nbytes() + (scales ? scales->nbytes() : 0) + (zero_points ? zero_points->nbytes() : 0);
+  }
+  // Input features of a weight matrix [out, in]: its last dimension, or the number of codes
+  // packed in it.
+  int64_t in_features() const { return quant == WeightQuant::Int4 ? 2 * shape[1] : shape[1]; }
   template <typename T>
   T* ptr() {
     return static_cast<T*>(data);

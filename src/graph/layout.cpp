@@ -79,10 +79,24 @@ std::vector<WeightSpec> plain_layout(const ModelConfig& c) {
 std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q) {
   std::vector<WeightSpec> r;
   for (WeightSpec& s : plain_layout(c)) {
-    const bool quantized = quantizes(q, s.role);
-    if (quantized) s.quant = q;
+    if (!quantizes(q, s.role)) {
+      r.push_back(s);
+      continue;
+    }
+    s.quant = q;
+    const int64_t rows = s.shape[0], cols = s.shape[1];
+    if (q == WeightQuant::Int8) {
+      r.push_back(s);
+      r.push_back({s.name + ".scale", {rows}, WeightRole::Scale});
+      continue;
+    }
+    const int64_t g = int4_group(cols);
+    KILN_CHECK(g > 0, "--quant ", weight_quant_name(q), ": ", s.name, " has ", cols,
+               " input features, not a multiple of 32 (the smallest int4 group)");
+    s.shape = {rows, cols / 2};
     r.push_back(s);
-    if (quantized) r.push_back({s.name + ".scale", {s.shape[0]}, WeightRole::Scale});
+    r.push_back({s.name + ".scale", {rows, cols / g}, WeightRole::Scale});
+    r.push_back({s.name + ".zero", {rows, cols / g}, WeightRole::Zero});
   }
   return r;
 }

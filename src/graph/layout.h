@@ -21,6 +21,7 @@ enum class WeightRole : uint8_t {
   Expert,        // MoE expert matrices, gathered per token by the MoE op
   LmHead,        // the output projection (F32 logits)
   Scale,         // dequantization scales of the quantized weight named before ".scale" (F32)
+  Zero,          // int4 zero points of the quantized weight named before ".zero" (U8)
 };
 
 struct WeightSpec {
@@ -28,10 +29,14 @@ struct WeightSpec {
   Shape shape;
   WeightRole role;
   WeightQuant quant = WeightQuant::None;  // how this weight is stored (None: engine dtype / F32)
-  bool matrix() const { return role != WeightRole::Vector && role != WeightRole::Scale; }
+  bool matrix() const {
+    return role != WeightRole::Vector && role != WeightRole::Scale && role != WeightRole::Zero;
+  }
   // The tensor's dtype in an engine whose matrices are `engine` dtype.
   DType dtype(DType engine) const {
-    return quant != WeightQuant::None ? quant_storage(quant) : matrix() ? engine : DType::F32;
+    if (quant != WeightQuant::None) return quant_storage(quant);
+    if (role == WeightRole::Zero) return DType::U8;
+    return matrix() ? engine : DType::F32;
   }
 };
 
@@ -41,7 +46,10 @@ struct WeightSpec {
 bool quantizes(WeightQuant q, WeightRole r);
 
 // Engine (runtime) layout: fused wqkv and w_gate_up, in the order they are stored. Under a
-// quantization scheme, each weight it rewrites is followed by its "<name>.scale" ([rows], F32).
+// quantization scheme, each weight it rewrites has the shape of its stored codes and is followed
+// by "<name>.scale" (int8-wo: [rows]; int4-wo: [rows, groups]) and, for int4-wo, "<name>.zero".
+// Throws kiln::Error when a weight's input size does not suit the scheme (int4-wo: a multiple
+// of 32), naming it.
 std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q = WeightQuant::None);
 
 // Shape a checkpoint's source tensor must have, for canonical source names such as

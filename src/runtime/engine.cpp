@@ -118,11 +118,13 @@ ModelInfo write_plan(const Engine::Impl& m, const WeightPlan& plan, const fs::pa
   i.dtype = dtype_label(m.dtype);
   i.quant = std::string(weight_quant_name(m.quant));
   for (const auto& pt : plan) {
-    if (pt.name.ends_with(".scale")) {  // scales are bytes, not parameters
+    if (pt.name.ends_with(".scale") || pt.name.ends_with(".zero")) {  // bytes, not parameters
       i.weight_bytes += int64_t(pt.nbytes());
       continue;
     }
-    i.num_params += numel(pt.shape);
+    // int4-wo codes are U8 bytes of two parameters each.
+    const bool packed = m.quant == WeightQuant::Int4 && pt.dtype == DType::U8;
+    i.num_params += numel(pt.shape) * (packed ? 2 : 1);
     i.weight_bytes += int64_t(pt.nbytes());
   }
   return i;
@@ -133,15 +135,16 @@ ModelInfo write_plan(const Engine::Impl& m, const WeightPlan& plan, const fs::pa
 Engine Engine::build(const fs::path& hf_dir, const BuildConfig& bc) {
   Checkpoint ck = open_checkpoint(hf_dir);
   auto impl = prepare(ck, bc, hf_dir, source_of(ck, hf_dir));
-  impl->weights = attach_scales(materialize(plan_weights(ck, impl->dtype, impl->quant)));
+  impl->weights =
+      attach_scales(materialize(plan_weights(ck, impl->dtype, impl->quant)), impl->quant);
   return Engine(std::move(impl));
 }
 
 Engine Engine::build_dummy(const fs::path& config_json, const BuildConfig& bc, uint64_t seed) {
   Checkpoint ck = open_config(config_json);
   auto impl = prepare(ck, bc, config_json.parent_path(), dummy_source_of(ck, config_json, seed));
-  impl->weights =
-      attach_scales(materialize(plan_dummy_weights(ck.config, impl->dtype, seed, impl->quant)));
+  impl->weights = attach_scales(
+      materialize(plan_dummy_weights(ck.config, impl->dtype, seed, impl->quant)), impl->quant);
   return Engine(std::move(impl));
 }
 
@@ -221,9 +224,9 @@ Engine Engine::load(const fs::path& dir) {
     const json& b = man.at("build");
     impl->dtype = parse_float_dtype(b.at("dtype").get<std::string>(), mf.string());
     const std::string quant = b.value("quant", std::string("none"));
-    if (quant != "none" && quant != "int8-wo")
+    if (quant != "none" && quant != "int8-wo" && quant != "int4-wo")
       throw Error(cat(mf.string(), ": build.quant '", quant,
-                      "' is not a scheme this kiln runs (none, int8-wo)"));
+                      "' is not a scheme this kiln runs (none, int8-wo, int4-wo)"));
     impl->quant = parse_weight_quant(quant);
     impl->max_batch = b.at("max_batch").get<int64_t>();
     impl->max_seq_len = b.at("max_seq_len").get<int64_t>();
@@ -259,7 +262,7 @@ Engine Engine::load(const fs::path& dir) {
     if (problems.size() > 8) list += cat("; ... and ", problems.size() - 8, " more");
     throw Error(cat((dir / kWeights).string(), ": does not match its manifest: ", list));
   }
-  impl->weights = attach_scales(std::move(impl->weights));
+  impl->weights = attach_scales(std::move(impl->weights), impl->quant);
   impl->tokenizer_dir = dir;
   return Engine(std::move(impl));
 }
@@ -276,7 +279,7 @@ ModelInfo Engine::info() const {
   i.dtype = dtype_label(m.dtype);
   i.quant = std::string(weight_quant_name(m.quant));
   for (const auto& [n, t] : m.weights) {
-    i.num_params += t.numel();
+    i.num_params += t.quant == WeightQuant::Int4 ? 2 * t.numel() : t.numel();  // 2 codes a byte
     i.weight_bytes += int64_t(t.weight_bytes());
   }
   i.vocab_size = m.config.vocab_size;

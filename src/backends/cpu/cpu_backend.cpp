@@ -18,9 +18,16 @@ namespace {
 const float* fptr(const Tensor* t) {
   return t ? t->ptr<float>() : nullptr;
 }
-// The dequantization scales of a quantized weight (null for a plain one).
-const float* scales(const Tensor& w) {
-  return w.scales ? w.scales->ptr<float>() : nullptr;
+// How to dequantize weight w (quant None for a plain one).
+cpu::QuantRef scales(const Tensor& w) {
+  cpu::QuantRef q;
+  q.quant = w.quant;
+  if (w.scales) {
+    q.scales = w.scales->ptr<float>();
+    q.groups = w.scales->shape.size() == 2 ? w.scales->shape[1] : 1;
+  }
+  if (w.zero_points) q.zeros = w.zero_points->ptr<uint8_t>();
+  return q;
 }
 float* F(void* p) {
   return static_cast<float*>(p);
@@ -57,7 +64,7 @@ class CpuBackend final : public Backend {
   }
   void linear(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
               int64_t ldy) override {
-    cpu::linear(F(x), n, w.shape[1], ldx, w.data, w.dtype, w.shape[0], fptr(b), F(y), ldy,
+    cpu::linear(F(x), n, w.in_features(), ldx, w.data, w.dtype, w.shape[0], fptr(b), F(y), ldy,
                 scales(w));
   }
   void norm(const void* x, int64_t rows, int64_t dim, int64_t ldx, const Tensor& w, const Tensor* b,

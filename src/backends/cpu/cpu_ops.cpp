@@ -22,15 +22,20 @@ float* scratch(size_t n, int slot) {
   return b.data();
 }
 
-// Row `row` of weight w as floats: in place for F32, else converted (or, for I8 with per-row
-// scales, dequantized exactly as core/quant.h defines) into buf.
-const float* row_f32(const void* w, DType t, const float* scales, int64_t row, int64_t in,
+// Row `row` of weight w as floats: in place for F32, else converted (or dequantized exactly as
+// core/quant.h defines) into buf.
+const float* row_f32(const void* w, DType t, const QuantRef& q, int64_t row, int64_t in,
                      float* buf) {
-  if (t == DType::F32) return static_cast<const float*>(w) + row * in;
-  if (t == DType::I8) {
-    dequantize_int8_row(static_cast<const int8_t*>(w) + row * in, scales[row], in, buf);
+  if (q.quant == WeightQuant::Int8) {
+    dequantize_int8_row(static_cast<const int8_t*>(w) + row * in, q.scales[row], in, buf);
     return buf;
   }
+  if (q.quant == WeightQuant::Int4) {
+    dequantize_int4_row(static_cast<const uint8_t*>(w) + row * (in / 2), q.scales + row * q.groups,
+                        q.zeros + row * q.groups, in / q.groups, in, buf);
+    return buf;
+  }
+  if (t == DType::F32) return static_cast<const float*>(w) + row * in;
   const auto* s = static_cast<const uint16_t*>(w) + row * in;
   if (t == DType::BF16) {
 #pragma omp simd
@@ -67,8 +72,13 @@ float apply_act(float x, Activation a) {
 }  // namespace
 
 void linear(const float* x, int64_t n, int64_t in, int64_t ldx, const void* w, DType wt,
-            int64_t out, const float* bias, float* y, int64_t ldy, const float* w_scales) {
-  if (wt == DType::I8 && !w_scales) throw Error("CPU linear: an int8 weight needs its scales");
+            int64_t out, const float* bias, float* y, int64_t ldy, const QuantRef& q) {
+  KILN_CHECK(q.quant == WeightQuant::None
+                 ? (wt == DType::F32 || wt == DType::F16 || wt == DType::BF16)
+                 : q.scales && (q.quant == WeightQuant::Int8 ||
+                                (q.zeros && q.groups > 0 && in % (2 * q.groups) == 0)),
+             "CPU linear: unsupported weight (", dtype_name(wt), ", ", weight_quant_name(q.quant),
+             ")");
   // Every output element comes from the same 4x4 register tile, whatever n and the element's
   // place: tail rows of x and tail rows of w are padded (zeros) to whole tiles. So a row's
   // result never depends on the batch it is in (continuous batching and preemption give the
@@ -88,7 +98,7 @@ void linear(const float* x, int64_t n, int64_t in, int64_t ldx, const void* w, D
     const float* wr[RB];
     for (int64_t r = 0; r < RB; ++r) {
       if (r < rb) {
-        wr[r] = row_f32(w, wt, w_scales, o0 + r, in, buf + r * in);
+        wr[r] = row_f32(w, wt, q, o0 + r, in, buf + r * in);
       } else {
         std::fill(buf + r * in, buf + (r + 1) * in, 0.0f);
         wr[r] = buf + r * in;

@@ -7,14 +7,21 @@
 
 #include "arch/model_config.h"
 #include "core/dtype.h"
+#include "core/quant.h"
 
 namespace kiln::cpu {
 
 // y[n, out] = x[n, in] . w[out, in]^T (+ bias[out]); x rows are `ldx` floats apart, y rows `ldy`.
-// An I8 weight (core/quant.h) takes its per-row scales in w_scales and is dequantized row by row:
-// the result is exactly that of the F32 weight q * scale.
+// A quantized weight (core/quant.h; `in` is its number of input features) is dequantized a row
+// at a time: the result is exactly that of the F32 weight the codes stand for.
+struct QuantRef {
+  WeightQuant quant = WeightQuant::None;
+  const float* scales = nullptr;   // [out] (int8-wo) or [out, groups] (int4-wo)
+  const uint8_t* zeros = nullptr;  // [out, groups] (int4-wo)
+  int64_t groups = 1;
+};
 void linear(const float* x, int64_t n, int64_t in, int64_t ldx, const void* w, DType wt,
-            int64_t out, const float* bias, float* y, int64_t ldy, const float* w_scales = nullptr);
+            int64_t out, const float* bias, float* y, int64_t ldy, const QuantRef& q = {});
 
 // y = norm(x) * w (+ b) row-wise over `dim`; y may alias x.
 void norm(const float* x, int64_t rows, int64_t dim, int64_t ldx, const float* w, const float* b,

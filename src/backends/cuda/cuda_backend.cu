@@ -17,6 +17,7 @@
 #include "backends/cpu/cpu_sample.h"
 #include "backends/cuda/cuda_common.h"
 #include "backends/cuda/cuda_gemm.h"
+#include "backends/cuda/cuda_gemv_w4.h"
 #include "backends/cuda/cuda_gemv_w8.h"
 #include "backends/cuda/cuda_kernels.h"
 #include "backends/cuda/cuda_logits.h"
@@ -136,11 +137,14 @@ class CudaBackend final : public Backend {
 
   Tensor upload(const Tensor& host) override {
     KILN_CHECK(host.device == Device::CPU, "upload: tensor is already on a device");
-    if (host.scales) {  // a quantized weight: its scales travel with it
+    if (host.quant != WeightQuant::None) {  // a quantized weight: scales and zeros go with it
       Tensor plain = host;
-      plain.scales = nullptr;
+      plain.quant = WeightQuant::None;
+      plain.scales = plain.zero_points = nullptr;
       Tensor t = upload(plain);
-      t.scales = std::make_shared<Tensor>(upload(*host.scales));
+      t.quant = host.quant;
+      if (host.scales) t.scales = std::make_shared<Tensor>(upload(*host.scales));
+      if (host.zero_points) t.zero_points = std::make_shared<Tensor>(upload(*host.zero_points));
       return t;
     }
     const size_t bytes = host.nbytes();
@@ -155,16 +159,26 @@ class CudaBackend final : public Backend {
   }
   std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host) override {
     flush();
-    // Quantized weights' scales go up in the same bulk copy, after the weights.
+    // Quantized weights' scales and zeros go up in the same bulk copy, after the weights.
     std::vector<const Tensor*> all = host;
-    std::vector<std::pair<size_t, size_t>> scale_at;  // (weight index, index in all)
-    for (size_t i = 0; i < host.size(); ++i)
-      if (host[i]->scales) {
-        scale_at.push_back({i, all.size()});
-        all.push_back(host[i]->scales.get());
-      }
+    struct Extra {
+      size_t weight, scales = 0, zeros = 0;  // indices in `all` (0: none)
+    };
+    std::vector<Extra> extra;
+    for (size_t i = 0; i < host.size(); ++i) {
+      if (host[i]->quant == WeightQuant::None) continue;
+      Extra e{i};
+      if (host[i]->scales) e.scales = all.size(), all.push_back(host[i]->scales.get());
+      if (host[i]->zero_points) e.zeros = all.size(), all.push_back(host[i]->zero_points.get());
+      extra.push_back(e);
+    }
     std::vector<Tensor> dev = cuda::upload_all(all, stream_);
-    for (const auto& [i, j] : scale_at) dev[i].scales = std::make_shared<Tensor>(dev[j]);
+    for (const Extra& e : extra) {
+      Tensor& t = dev[e.weight];
+      t.quant = host[e.weight]->quant;
+      if (e.scales) t.scales = std::make_shared<Tensor>(dev[e.scales]);
+      if (e.zeros) t.zero_points = std::make_shared<Tensor>(dev[e.zeros]);
+    }
     dev.resize(host.size());
     return dev;
   }
@@ -653,7 +667,8 @@ class CudaBackend final : public Backend {
   void linear_impl(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
                    int64_t ldy, bool may_defer) {
     flush();
-    if (w.dtype == DType::I8) return linear_w8(x, n, ldx, w, b, y, ldy);
+    if (w.quant == WeightQuant::Int8) return linear_w8(x, n, ldx, w, b, y, ldy);
+    if (w.quant == WeightQuant::Int4) return linear_w4(x, n, ldx, w, b, y, ldy);
     KILN_CHECK(w.dtype == act_, "CUDA linear: weight dtype ", dtype_name(w.dtype),
                " differs from the activation dtype ", dtype_name(act_));
     KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
@@ -678,16 +693,49 @@ class CudaBackend final : public Backend {
   // weight into scratch (one rounding to the activation type) and run cuBLASLt on it.
   void linear_w8(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
                  int64_t ldy) {
-    KILN_CHECK(w.scales && w.scales->dtype == DType::F32 && act_ != DType::F32,
-               "CUDA linear: an int8 weight needs F32 scales and a 16-bit activation type");
+    KILN_CHECK(
+        w.dtype == DType::I8 && w.scales && w.scales->dtype == DType::F32 && act_ != DType::F32,
+        "CUDA linear: an int8 weight needs F32 scales and a 16-bit activation type");
     KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
     const int64_t in = w.shape[1], out = w.shape[0];
     if (n == 0 || out == 0) return;
     const cuda::GemvW8Params g{act_, x,       n, ldx, w.ptr<int8_t>(), w.scales->ptr<float>(), in,
                                out,  fptr(b), y, ldy};
     if (gemv_ && cuda::gemv_w8_is_supported(g)) return cuda::gemv_w8_launch(g, stream_);
-    void* deq = scratch("w8_dequant", size_t(in * out) * dtype_size(act_));
+    void* deq = scratch("wq_dequant", size_t(in * out) * dtype_size(act_));
     cuda::dequant_w8_launch({act_, w.ptr<int8_t>(), w.scales->ptr<float>(), out, in, deq}, stream_);
+    lt_->run(act_, x, n, ldx, deq, in, out, y, ldy);
+    if (b) cuda::bias_add(act_, y, n, out, ldy, b->ptr<float>(), stream_);
+  }
+
+  // Int4 weight-only linear: the W4A16 GEMV for decode-sized batches, else dequantize + cuBLASLt.
+  void linear_w4(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
+                 int64_t ldy) {
+    KILN_CHECK(w.dtype == DType::U8 && w.scales && w.zero_points && w.scales->shape.size() == 2 &&
+                   act_ != DType::F32,
+               "CUDA linear: an int4 weight needs scales, zeros and a 16-bit activation type");
+    KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
+    const int64_t in = w.in_features(), out = w.shape[0];
+    if (n == 0 || out == 0) return;
+    const int64_t group = in / w.scales->shape[1];
+    const cuda::GemvW4Params g{act_,
+                               x,
+                               n,
+                               ldx,
+                               w.ptr<uint8_t>(),
+                               w.scales->ptr<float>(),
+                               w.zero_points->ptr<uint8_t>(),
+                               in,
+                               out,
+                               group,
+                               fptr(b),
+                               y,
+                               ldy};
+    if (gemv_ && cuda::gemv_w4_is_supported(g)) return cuda::gemv_w4_launch(g, stream_);
+    void* deq = scratch("wq_dequant", size_t(in * out) * dtype_size(act_));
+    cuda::dequant_w4_launch({act_, w.ptr<uint8_t>(), w.scales->ptr<float>(),
+                             w.zero_points->ptr<uint8_t>(), out, in, group, deq},
+                            stream_);
     lt_->run(act_, x, n, ldx, deq, in, out, y, ldy);
     if (b) cuda::bias_add(act_, y, n, out, ldy, b->ptr<float>(), stream_);
   }

@@ -1,0 +1,46 @@
+// Int4 weight-only (W4A16) kernels: packed 4-bit codes [out, in / 2] with per-group F32 scales and
+// U8 zeros [out, in / group] (core/quant.h, int4-wo), activations F16 or BF16, FP32 accumulation.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace kiln::cuda {
+
+// GEMV for decode: y[n, out] = x[n, in] . W^T (+ bias) with W[r, c] = (q[r, c] - zero[r, g]) *
+// scale[r, g], g = c / group; n <= 8. A thread takes 32 codes (16 bytes) of a row at a time, all in
+// one group (group is a multiple of 32): the zero point is folded into the unpacking and the scale
+// applies once per chunk, s * sum (q - zero) x.
+struct GemvW4Params {
+  DType act = DType::BF16;  // of x and y (F16 or BF16)
+  const void* x = nullptr;
+  int64_t n = 0, ldx = 0;
+  const uint8_t* w = nullptr;
+  const float* scales = nullptr;
+  const uint8_t* zeros = nullptr;
+  int64_t in = 0, out = 0, group = 0;
+  const float* bias = nullptr;  // may be null
+  void* y = nullptr;
+  int64_t ldy = 0;
+};
+constexpr int64_t kGemvW4MaxRows = 8;
+// 1 <= n <= 8, in % 32 == 0, group % 32 == 0 dividing in, 16-byte aligned x and w rows.
+bool gemv_w4_is_supported(const GemvW4Params& p);
+void gemv_w4_launch(const GemvW4Params& p, cudaStream_t s);
+
+// Dequantizes the codes into out (act dtype, [rows, cols]), each value rounded once; larger
+// batches run through cuBLASLt on it. cols % 32 == 0.
+struct DequantW4Params {
+  DType act = DType::BF16;
+  const uint8_t* w = nullptr;
+  const float* scales = nullptr;
+  const uint8_t* zeros = nullptr;
+  int64_t rows = 0, cols = 0, group = 0;
+  void* out = nullptr;
+};
+void dequant_w4_launch(const DequantW4Params& p, cudaStream_t s);
+
+}  // namespace kiln::cuda
