@@ -61,7 +61,8 @@ TEST(QuantInt8, SchemeNames) {
   EXPECT_EQ(parse_weight_quant("int4-wo"), WeightQuant::Int4);
   EXPECT_EQ(parse_weight_quant("none"), WeightQuant::None);
   const std::string err = error_of([] { parse_weight_quant("int3"); });
-  EXPECT_NE(err.find("unknown quantization 'int3' (expected none, int8-wo or int4-wo)"), std::string::npos)
+  EXPECT_NE(err.find("unknown quantization 'int3' (expected none, int8-wo or int4-wo)"),
+            std::string::npos)
       << err;
 }
 
@@ -306,6 +307,127 @@ TEST(QuantInt4, EngineFilesRoundTripAndAreChecked) {
   fs::rename(tmp / "w.safetensors", tmp / "e" / kEngineWeights);
   const std::string err = error_of([&] { Engine::load(tmp / "e"); });
   EXPECT_NE(err.find("missing layers.1.w_gate_up.zero"), std::string::npos) << err;
+}
+
+// An AWQ checkpoint as AutoAWQ writes it (GEMM packing: qweight I32 [in, out / 8] with the value
+// order 0 2 4 6 1 3 5 7 in each word, qzeros I32 [in / g, out / 8], scales F16 [in / g, out]),
+// packed here from the llama fixture with power-of-two scales so that every dequantized weight
+// (q - z) * s is exact in BF16. kiln must load it as int4-wo and give bit for bit the logits of
+// the plain checkpoint holding those dequantized weights.
+TEST(QuantAwq, LoadsAsPublishedAndMatchesTheDequantizedWeights) {
+  TempDir tmp;
+  copy_dir(hf("llama"), tmp / "awq");
+  copy_dir(hf("llama"), tmp / "plain");
+  constexpr int64_t g = 32;
+  constexpr int kOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};  // AutoAWQ's AWQ_ORDER
+  auto file = SafetensorsFile::open(hf("llama") / "model.safetensors");
+  std::vector<std::pair<std::string, Tensor>> awq, plain;
+  int packed = 0;
+  for (const auto& [name, ti] : file->tensors()) {
+    const Tensor t = file->get(name);
+    const bool linear = name.find("_proj.weight") != std::string::npos;
+    if (!linear) {
+      awq.push_back({name, t});
+      plain.push_back({name, t});
+      continue;
+    }
+    ++packed;
+    const int64_t out = t.shape[0], in = t.shape[1], G = in / g;
+    std::vector<float> w(static_cast<size_t>(out * in)), deq(w.size());
+    to_f32(t.dtype, t.data, w.data(), w.size());
+    std::vector<int32_t> iq(w.size()), iz(static_cast<size_t>(out * G));
+    std::vector<float> sc(iz.size());
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t k = 0; k < G; ++k) {
+        float lo = 0, hi = 0;
+        for (int64_t c = k * g; c < (k + 1) * g; ++c)
+          lo = std::min(lo, w[size_t(o * in + c)]), hi = std::max(hi, w[size_t(o * in + c)]);
+        const float s = std::exp2(std::ceil(std::log2((hi - lo) / 15.0f)));
+        const int z = int(std::clamp(std::nearbyint(-lo / s), 0.0f, 15.0f));
+        sc[size_t(o * G + k)] = s, iz[size_t(o * G + k)] = z;
+        for (int64_t c = k * g; c < (k + 1) * g; ++c) {
+          const int qv =
+              int(std::clamp(std::nearbyint(w[size_t(o * in + c)] / s) + float(z), 0.0f, 15.0f));
+          iq[size_t(o * in + c)] = qv;
+          deq[size_t(o * in + c)] = float(qv - z) * s;
+        }
+      }
+    // intweight is [in, out] in AutoAWQ's pack (the transposed linear weight).
+    Tensor qweight = Tensor::zeros(DType::I32, {in, out / 8});
+    Tensor qzeros = Tensor::zeros(DType::I32, {G, out / 8});
+    Tensor scales = Tensor::zeros(DType::F16, {G, out});
+    for (int64_t c = 0; c < in; ++c)
+      for (int64_t col = 0; col < out / 8; ++col) {
+        uint32_t word = 0;
+        for (int i = 0; i < 8; ++i)
+          word |= uint32_t(iq[size_t((col * 8 + kOrder[i]) * in + c)]) << (4 * i);
+        qweight.ptr<int32_t>()[c * (out / 8) + col] = int32_t(word);
+      }
+    for (int64_t k = 0; k < G; ++k) {
+      for (int64_t col = 0; col < out / 8; ++col) {
+        uint32_t word = 0;
+        for (int i = 0; i < 8; ++i)
+          word |= uint32_t(iz[size_t((col * 8 + kOrder[i]) * G + k)]) << (4 * i);
+        qzeros.ptr<int32_t>()[k * (out / 8) + col] = int32_t(word);
+      }
+      for (int64_t o = 0; o < out; ++o)
+        scales.ptr<uint16_t>()[k * out + o] = f32_to_f16(sc[size_t(o * G + k)]);
+    }
+    const std::string base = name.substr(0, name.size() - 7);
+    awq.push_back({base + ".qweight", qweight});
+    awq.push_back({base + ".qzeros", qzeros});
+    awq.push_back({base + ".scales", scales});
+    Tensor d = Tensor::zeros(DType::F32, t.shape);
+    std::copy(deq.begin(), deq.end(), d.ptr<float>());
+    plain.push_back({name, d});
+  }
+  // q, k, v, o, gate, up and down of every layer.
+  ASSERT_EQ(packed, 7 * read_json(hf("llama") / "config.json")["num_hidden_layers"].get<int>());
+  file.reset();
+  write_safetensors(tmp / "awq" / "model.safetensors", awq);
+  write_safetensors(tmp / "plain" / "model.safetensors", plain);
+  auto cfg = read_json(tmp / "awq" / "config.json");
+  cfg["quantization_config"] = {{"quant_method", "awq"}, {"bits", 4},
+                                {"group_size", g},       {"zero_point", true},
+                                {"version", "gemm"},     {"modules_to_not_convert", nullptr}};
+  write_json(tmp / "awq" / "config.json", cfg);
+
+  BuildConfig bc;
+  bc.dtype = "bf16";
+  const ModelInfo built = Engine::build_to(tmp / "awq", tmp / "e", bc);
+  EXPECT_EQ(built.quant, "int4-wo");
+  Engine e = Engine::load(tmp / "e"), ref = Engine::build(tmp / "plain", bc);
+  e.start({.device = "cpu"});  // the CPU reference: the same weight values give the same bits
+  ref.start({.device = "cpu"});
+  EXPECT_EQ(e.info().num_params, ref.info().num_params);
+  Reference r = load_reference("llama");
+  for (const auto& p : r.prompts) {
+    const std::vector<float> a = e.logits(p), b = ref.logits(p);
+    ASSERT_EQ(a.size(), b.size());
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0);
+  }
+
+  // Requantizing, other AWQ variants and half-quantized checkpoints are refused by name.
+  BuildConfig q8 = bc;
+  q8.quant = "int8-wo";
+  std::string err = error_of([&] { Engine::build(tmp / "awq", q8); });
+  EXPECT_NE(err.find("the checkpoint is AWQ int4-wo; --quant int8-wo would requantize it"),
+            std::string::npos)
+      << err;
+  cfg["quantization_config"]["version"] = "gemv";
+  write_json(tmp / "awq" / "config.json", cfg);
+  err = error_of([&] { Engine::build(tmp / "awq", bc); });
+  EXPECT_NE(err.find("quantization_config.version 'gemv': kiln loads AWQ in GEMM packing only"),
+            std::string::npos)
+      << err;
+  cfg["quantization_config"]["version"] = "gemm";
+  write_json(tmp / "awq" / "config.json", cfg);
+  std::vector<std::pair<std::string, Tensor>> missing;
+  for (auto& [n, t] : awq)
+    if (n != "model.layers.1.mlp.up_proj.qzeros") missing.push_back({n, t});
+  write_safetensors(tmp / "awq" / "model.safetensors", missing);
+  err = error_of([&] { Engine::build(tmp / "awq", bc); });
+  EXPECT_NE(err.find("model.layers.1.mlp.up_proj.qzeros"), std::string::npos) << err;
 }
 
 // Quality per fixture: the int8-wo bf16 engine against the HF float64 reference (which the F32

@@ -33,7 +33,8 @@ Checkpoint from_config(const fs::path& cfg_path) {
       c["architectures"].empty() || !c["architectures"][0].is_string())
     throw Error(cat(f, ": missing config field 'architectures'"));
   // Quantized checkpoints need their scheme's kernels; loading one as floats would read packed
-  // integers as weights. Refuse by name until the scheme is supported.
+  // integers as weights. AWQ (GEMM packing, 4 bits, zero points) loads as int4-wo; other schemes
+  // are refused by name until they are supported.
   if (c.contains("quantization_config")) {
     const json& q = c["quantization_config"];
     std::string method = "unnamed";
@@ -43,8 +44,33 @@ Checkpoint from_config(const fs::path& cfg_path) {
           method = q[k].get<std::string>();
           break;
         }
-    throw Error(cat(f, ": quantization_config: quantized checkpoints ('", method.substr(0, 64),
-                    "') are not supported yet; kiln builds F32, F16 and BF16 checkpoints"));
+    if (method != "awq")
+      throw Error(cat(f, ": quantization_config: quantized checkpoints ('", method.substr(0, 64),
+                      "') are not supported yet; kiln loads AWQ and builds F32, F16 and BF16 "
+                      "checkpoints"));
+    const auto field = [&](const char* k) -> const json* {
+      return q.contains(k) && !q[k].is_null() ? &q[k] : nullptr;
+    };
+    const json* version = field("version");
+    const std::string ver = version && version->is_string() ? version->get<std::string>() : "gemm";
+    KILN_CHECK(ver == "gemm" || ver == "GEMM", f, ": quantization_config.version '",
+               ver.substr(0, 32), "': kiln loads AWQ in GEMM packing only");
+    const json* bits = field("bits");
+    KILN_CHECK(bits && bits->is_number_integer() && bits->get<int64_t>() == 4, f,
+               ": quantization_config.bits: kiln loads 4-bit AWQ only");
+    const json* zp = field("zero_point");
+    KILN_CHECK(!zp || (zp->is_boolean() && zp->get<bool>()), f,
+               ": quantization_config.zero_point: kiln loads AWQ with zero points only");
+    const json* group = field("group_size");
+    KILN_CHECK(group && group->is_number_integer() && group->get<int64_t>() >= 32 &&
+                   group->get<int64_t>() <= 4096 && group->get<int64_t>() % 32 == 0,
+               f, ": quantization_config.group_size must be a multiple of 32 (at most 4096)");
+    const json* keep = field("modules_to_not_convert");
+    KILN_CHECK(!keep || (keep->is_array() && keep->empty()), f,
+               ": quantization_config.modules_to_not_convert: AWQ checkpoints with unquantized "
+               "linear layers are not supported yet");
+    ck.quant = WeightQuant::Int4;
+    ck.quant_group = group->get<int64_t>();
   }
   ck.spec = &find_arch(c["architectures"][0].get<std::string>());
   ck.config = resolve_config(*ck.spec, c, f);
@@ -86,8 +112,9 @@ std::string subst(std::string s, int64_t layer, int64_t expert) {
 }
 
 struct Source {
-  std::string hf;
+  std::string hf;  // for AWQ: the module name, holding .qweight, .qzeros and .scales
   bool transpose;
+  bool awq = false;
 };
 
 // Output rows are made in blocks of this many elements per thread: the float staging buffer.
@@ -114,6 +141,22 @@ struct Part {
   bool transpose;
   int64_t rows;  // rows it contributes to the engine tensor
 };
+
+// AWQ's GEMM packing stores 8 4-bit values per int32 in the order 0 2 4 6 1 3 5 7: value k of
+// a word sits at nibble kAwqNibble[k].
+constexpr int kAwqNibble[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+
+uint32_t read_u32(const Tensor& t, int64_t i) {  // mmapped data may be unaligned
+  uint32_t v;
+  std::memcpy(&v, static_cast<const char*>(t.data) + size_t(i) * 4, 4);
+  return v;
+}
+
+// The 4-bit value for output column o of row r of an AWQ-packed [rows, cols / 8] int32 tensor.
+uint8_t awq_value(const Tensor& t, int64_t r, int64_t o) {
+  const int64_t words = t.shape[1];
+  return uint8_t((read_u32(t, r * words + o / 8) >> (4 * kAwqNibble[o % 8])) & 15u);
+}
 
 std::string join_limited(const std::vector<std::string>& v) {
   std::string r;
@@ -150,20 +193,119 @@ Checkpoint open_config(const fs::path& config_json) {
   return ck;
 }
 
+namespace {
+
+// An engine int4-wo weight (codes, scales, zeros) from AWQ modules fused along the output rows.
+WeightPlan plan_awq(const std::shared_ptr<WeightSet>& wset, const std::string& name,
+                    const std::vector<std::string>& part_names,
+                    const std::map<std::string, Source>& src, int64_t group) {
+  struct P {
+    std::string base;
+    int64_t rows;
+  };
+  std::vector<P> parts;
+  int64_t rows = 0, in = 0;
+  for (const auto& p : part_names) {
+    const std::string& base = src.at(p).hf;
+    const Shape& qs = wset->info(base + ".qweight").shape;  // [in, out / 8]
+    parts.push_back({base, 8 * qs[1]});
+    rows += 8 * qs[1];
+    in = qs[0];
+  }
+  const int64_t G = in / group;
+  // Calls f(part, first engine row of the part, a, b) for the part rows overlapping [row0, row0+n).
+  const auto each = [parts](int64_t row0, int64_t n, const auto& f) {
+    int64_t first = 0;
+    for (const P& p : parts) {
+      const int64_t a = std::max(row0, first), b = std::min(row0 + n, first + p.rows);
+      if (a < b) f(p, first, a, b);
+      first += p.rows;
+    }
+  };
+  PlannedTensor codes, scales, zeros;
+  codes.name = name;
+  codes.dtype = DType::U8;
+  codes.shape = {rows, in / 2};
+  codes.fill = [wset, each, in](int64_t row0, int64_t n, void* dst) {
+    auto* d = static_cast<uint8_t*>(dst);
+    std::memset(d, 0, size_t(n * in / 2));
+    each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
+      const Tensor qw = wset->get(p.base + ".qweight");
+      for (int64_t c = 0; c < in; ++c)  // the packed rows are input features
+        for (int64_t o = a; o < b; ++o)
+          d[(o - row0) * (in / 2) + c / 2] |= uint8_t(awq_value(qw, c, o - first) << (4 * (c % 2)));
+    });
+  };
+  scales.name = name + ".scale";
+  scales.dtype = DType::F32;
+  scales.shape = {rows, G};
+  scales.fill = [wset, each, G](int64_t row0, int64_t n, void* dst) {
+    auto* d = static_cast<float*>(dst);
+    each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
+      const Tensor sc = wset->get(p.base + ".scales");  // [G, out]
+      std::vector<float> row(static_cast<size_t>(b - a));
+      const size_t es = dtype_size(sc.dtype);
+      for (int64_t g = 0; g < G; ++g) {
+        to_f32(sc.dtype, static_cast<const char*>(sc.data) + size_t(g * p.rows + a - first) * es,
+               row.data(), row.size());
+        for (int64_t o = a; o < b; ++o) d[(o - row0) * G + g] = row[size_t(o - a)];
+      }
+    });
+  };
+  zeros.name = name + ".zero";
+  zeros.dtype = DType::U8;
+  zeros.shape = {rows, G};
+  zeros.fill = [wset, each, G](int64_t row0, int64_t n, void* dst) {
+    auto* d = static_cast<uint8_t*>(dst);
+    each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
+      const Tensor qz = wset->get(p.base + ".qzeros");  // [G, out / 8]
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t o = a; o < b; ++o) d[(o - row0) * G + g] = awq_value(qz, g, o - first);
+    });
+  };
+  zeros.release = [wset, parts] {
+    for (const P& p : parts)
+      for (const char* t : {".qweight", ".qzeros", ".scales"}) wset->drop_pages(p.base + t);
+  };
+  WeightPlan r;
+  r.push_back(std::move(codes));
+  r.push_back(std::move(scales));
+  r.push_back(std::move(zeros));
+  return r;
+}
+
+}  // namespace
+
 WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
   KILN_CHECK(ck.weights, ck.dir.string(), ": checkpoint has no weights");
   const ModelConfig& c = ck.config;
   const WeightSet& ws = *ck.weights;
+  const bool awq = ck.quant != WeightQuant::None;
+  if (awq) {
+    KILN_CHECK(q == WeightQuant::None || q == ck.quant, ck.dir.string(), ": the checkpoint is AWQ ",
+               weight_quant_name(ck.quant), "; --quant ", weight_quant_name(q),
+               " would requantize it (leave --quant out)");
+    q = ck.quant;
+  }
   std::map<std::string, Source> src;  // canonical source name -> HF tensor
   std::vector<std::string> unexpected, missing, bad_shape;
+  std::set<std::string> awq_parts;  // .qzeros / .scales tensors of AWQ modules that were mapped
   for (const auto& hf : ws.names()) {
     int64_t layer = -1, expert = -1;
     bool ignored = false;
     for (const auto& pat : ck.spec->ignored) ignored = ignored || match(pat, hf, &layer, &expert);
     if (ignored) continue;
+    // AWQ: a module's .qweight stands for its .weight; .qzeros and .scales go with it.
+    std::string name = hf;
+    bool packed = false;
+    if (awq && (hf.ends_with(".qzeros") || hf.ends_with(".scales"))) continue;  // checked below
+    if (awq && hf.ends_with(".qweight")) {
+      name = hf.substr(0, hf.size() - 8) + ".weight";
+      packed = true;
+    }
     const TensorRule* rule = nullptr;
     for (const auto& r : ck.spec->tensors)
-      if (match(r.hf, hf, &layer, &expert)) {
+      if (match(r.hf, name, &layer, &expert)) {
         rule = &r;
         break;
       }
@@ -176,6 +318,35 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
     Shape want = source_shape(c, canon);
     if (want.empty()) {
       unexpected.push_back(hf);
+      continue;
+    }
+    if (packed) {
+      // qweight I32 [in, out / 8], qzeros I32 [in / g, out / 8], scales float [in / g, out].
+      const std::string base = hf.substr(0, hf.size() - 8);
+      const int64_t out = want[0], in = want[1], g = ck.quant_group;
+      const auto check = [&](const std::string& t, Shape shape, bool is_f) {
+        if (!ws.contains(t)) {
+          missing.push_back(t);
+          return false;
+        }
+        const TensorInfo& ti = ws.info(t);
+        if (ti.shape != shape || (is_f ? !is_float(ti.dtype) : ti.dtype != DType::I32)) {
+          bad_shape.push_back(cat(t, " ", dtype_name(ti.dtype), shape_str(ti.shape), " (expected ",
+                                  is_f ? "a float type" : "I32", shape_str(shape), ")"));
+          return false;
+        }
+        awq_parts.insert(t);
+        return true;
+      };
+      if (rule->transpose || out % 8 != 0 || in % g != 0) {
+        bad_shape.push_back(cat(hf, ": AWQ packing needs ", out, " outputs a multiple of 8 and ",
+                                in, " inputs a multiple of the group size ", g));
+        continue;
+      }
+      const bool ok = check(hf, {in, out / 8}, false) &
+                      check(base + ".qzeros", {in / g, out / 8}, false) &
+                      check(base + ".scales", {in / g, out}, true);
+      if (ok) src[canon] = {base, false, true};
       continue;
     }
     if (rule->transpose) std::reverse(want.begin(), want.end());
@@ -223,6 +394,15 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
   }
   for (const auto& [canon, s] : src)
     if (!used.count(canon)) unexpected.push_back(s.hf);
+  if (awq)  // AWQ tensors whose module was not mapped
+    for (const auto& hf : ws.names())
+      if ((hf.ends_with(".qzeros") || hf.ends_with(".scales")) && !awq_parts.count(hf)) {
+        bool ignored = false;
+        int64_t layer = -1, expert = -1;
+        for (const auto& pat : ck.spec->ignored)
+          ignored = ignored || match(pat, hf, &layer, &expert);
+        if (!ignored) unexpected.push_back(hf);
+      }
 
   if (!missing.empty() || !unexpected.empty() || !bad_shape.empty()) {
     std::string msg = cat(ck.dir.string(), ": checkpoint does not match ", ck.spec->name);
@@ -236,9 +416,25 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
   std::map<std::string, DType> planned_dtype;  // quantized weights are planned in F32 first
   for (const auto& spec : engine_layout(c))
     planned_dtype[spec.name] = quantizes(q, spec.role) ? DType::F32 : spec.dtype(dtype);
+  std::map<std::string, WeightRole> role;
+  for (const auto& spec : engine_layout(c)) role[spec.name] = spec.role;
   auto wset = std::make_shared<WeightSet>(ws);
   WeightPlan out;
   for (const auto& [name, part_names] : plan) {
+    if (awq) {
+      size_t n_packed = 0;
+      for (const auto& p : part_names) n_packed += src[p].awq;
+      const bool quantized = quantizes(q, role[name]);
+      KILN_CHECK(n_packed == (quantized ? part_names.size() : 0), ck.dir.string(), ": ", name,
+                 quantized ? " is not AWQ-quantized in full (kiln needs every dense linear packed)"
+                           : " is AWQ-quantized, but kiln keeps this weight in the engine dtype "
+                             "(not supported yet)");
+      if (quantized) {
+        for (auto& t : plan_awq(wset, name, part_names, src, ck.quant_group))
+          out.push_back(std::move(t));
+        continue;
+      }
+    }
     PlannedTensor pt;
     pt.name = name;
     pt.dtype = planned_dtype[name];
@@ -289,7 +485,9 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
     };
     out.push_back(std::move(pt));
   }
-  return q == WeightQuant::None ? out : quantize_plan(std::move(out), engine_layout(c, q));
+  return q == WeightQuant::None
+             ? out
+             : quantize_plan(std::move(out), engine_layout(c, q, ck.quant_group));
 }
 
 WeightPlan plan_dummy_weights(const ModelConfig& c, DType dtype, uint64_t seed, WeightQuant q) {

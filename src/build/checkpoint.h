@@ -24,6 +24,11 @@ struct Checkpoint {
   std::string config_dtype;  // "torch_dtype"/"dtype" of config.json, if any
   uint64_t config_hash = 0;
   std::optional<WeightSet> weights;  // absent for dummy-weight builds
+  // A checkpoint quantized as published (config.json quantization_config): the scheme its
+  // linear weights are stored in (AWQ GEMM packing: int4-wo) and its group size; None for float
+  // checkpoints.
+  WeightQuant quant = WeightQuant::None;
+  int64_t quant_group = 0;
 };
 
 // Reads config.json (+ generation_config.json) from `dir`; `with_weights` also opens the
@@ -56,7 +61,10 @@ using WeightPlan = std::vector<PlannedTensor>;
 // gate/up, converts matrices to `dtype` and vectors to F32. Every missing, unexpected or
 // mis-shaped weight is reported in one kiln::Error, before any tensor is converted. Under a
 // quantization scheme q, the plan is that of engine_layout(config, q): the weights q rewrites
-// are quantized from the source values as they stream, each followed by its scales.
+// are quantized from the source values as they stream, each followed by its scales. A
+// quantized checkpoint (ck.quant) gives the plan of engine_layout(config, ck.quant,
+// ck.quant_group), its codes, scales and zeros repacked as they stream (q must be None or
+// ck.quant: kiln does not requantize).
 WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q = WeightQuant::None);
 
 // Seeded random weights in engine layout (matrices ~ U with std 0.02, norm weights ~ 1 + U/10);

@@ -25,10 +25,24 @@ struct Quantizer {
   std::vector<uint8_t> have;  // row r's scales are known
 
   size_t code_bytes() const { return size_t(q == WeightQuant::Int4 ? cols / 2 : cols); }
+  // The per-row factors live only while this weight is being written (allocated on first use,
+  // freed by free()), so a build holds one weight's scales, not the whole model's.
+  void init() {
+    if (!have.empty()) return;
+    scales.assign(size_t(rows * groups), 0.0f);
+    if (q == WeightQuant::Int4) zeros.assign(size_t(rows * groups), 0);
+    have.assign(size_t(rows), 0);
+  }
+  void free() {
+    std::vector<float>().swap(scales);
+    std::vector<uint8_t>().swap(zeros);
+    std::vector<uint8_t>().swap(have);
+  }
 
   // Quantizes rows [row0, row0 + n): codes (may be null) gets their codes, scales[] / zeros[]
   // their factors.
   void run(int64_t row0, int64_t n, uint8_t* codes) {
+    init();
     const int64_t step = std::max<int64_t>(
         1, int64_t(kStageBytes / (sizeof(float) * size_t(std::max<int64_t>(cols, 1)))));
     std::vector<float> stage(size_t(std::min(step, n) * cols));
@@ -59,6 +73,7 @@ struct Quantizer {
   // Makes sure rows [row0, row0 + n) have their scales: rows whose codes were not written first
   // (any other write order) are quantized again just for them.
   void ensure(int64_t row0, int64_t n) {
+    init();
     for (int64_t r = row0; r < row0 + n;) {
       if (have[size_t(r)]) {
         ++r;
@@ -82,7 +97,8 @@ WeightPlan quantize_plan(WeightPlan plan, const std::vector<WeightSpec>& layout)
     auto it = spec.find(pt.name);
     KILN_CHECK(it != spec.end(), "quantize_plan: ", pt.name, " is not in the engine layout");
     const WeightSpec& s = *it->second;
-    if (s.quant == WeightQuant::None) {
+    // Unquantized weights, scales and zeros, and codes repacked from a quantized checkpoint.
+    if (s.quant == WeightQuant::None || pt.dtype == quant_storage(s.quant)) {
       out.push_back(std::move(pt));
       continue;
     }
@@ -93,12 +109,13 @@ WeightPlan quantize_plan(WeightPlan plan, const std::vector<WeightSpec>& layout)
     qz->rows = pt.shape[0];
     qz->cols = pt.shape[1];
     if (s.quant == WeightQuant::Int4) {
-      qz->group = int4_group(qz->cols);
-      qz->groups = qz->cols / qz->group;
-      qz->zeros.assign(size_t(qz->rows * qz->groups), 0);
+      // The layout's scale slot [rows, groups] says the group size.
+      const auto sit = spec.find(pt.name + ".scale");
+      KILN_CHECK(sit != spec.end() && sit->second->shape.size() == 2, "quantize_plan: ", pt.name,
+                 " has no int4 scale slot");
+      qz->groups = sit->second->shape[1];
+      qz->group = qz->cols / qz->groups;
     }
-    qz->scales.assign(size_t(qz->rows * qz->groups), 0.0f);
-    qz->have.assign(size_t(qz->rows), 0);
     PlannedTensor codes;
     codes.name = pt.name;
     codes.dtype = quant_storage(s.quant);
@@ -114,7 +131,11 @@ WeightPlan quantize_plan(WeightPlan plan, const std::vector<WeightSpec>& layout)
       qz->ensure(row0, n);
       std::copy_n(qz->scales.begin() + row0 * qz->groups, n * qz->groups, static_cast<float*>(dst));
     };
-    std::function<void()> release = pt.release;
+    // The last of the weight's tensors lets go of the source pages and of the factors.
+    const std::function<void()> release = [qz, src_release = pt.release] {
+      if (src_release) src_release();
+      qz->free();
+    };
     qz->src = std::move(pt);
     out.push_back(std::move(codes));
     if (s.quant == WeightQuant::Int4) {
@@ -128,7 +149,7 @@ WeightPlan quantize_plan(WeightPlan plan, const std::vector<WeightSpec>& layout)
         std::copy_n(qz->zeros.begin() + row0 * qz->groups, n * qz->groups,
                     static_cast<uint8_t*>(dst));
       };
-      z.release = release;  // the last of the three
+      z.release = release;
       out.push_back(std::move(z));
     } else {
       sc.release = release;

@@ -76,7 +76,7 @@ std::vector<WeightSpec> plain_layout(const ModelConfig& c) {
 
 }  // namespace
 
-std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q) {
+std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q, int64_t group) {
   std::vector<WeightSpec> r;
   for (WeightSpec& s : plain_layout(c)) {
     if (!quantizes(q, s.role)) {
@@ -90,9 +90,10 @@ std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q) {
       r.push_back({s.name + ".scale", {rows}, WeightRole::Scale});
       continue;
     }
-    const int64_t g = int4_group(cols);
-    KILN_CHECK(g > 0, "--quant ", weight_quant_name(q), ": ", s.name, " has ", cols,
-               " input features, not a multiple of 32 (the smallest int4 group)");
+    const int64_t g = group > 0 ? group : int4_group(cols);
+    KILN_CHECK(g > 0 && g % 32 == 0 && cols % g == 0, "--quant ", weight_quant_name(q), ": ",
+               s.name, " has ", cols, " input features, not a multiple of ", group > 0 ? group : 32,
+               group > 0 ? " (the checkpoint's group size)" : " (the smallest int4 group)");
     s.shape = {rows, cols / 2};
     r.push_back(s);
     r.push_back({s.name + ".scale", {rows, cols / g}, WeightRole::Scale});

@@ -49,8 +49,9 @@ bool quantizes(WeightQuant q, WeightRole r);
 // quantization scheme, each weight it rewrites has the shape of its stored codes and is followed
 // by "<name>.scale" (int8-wo: [rows]; int4-wo: [rows, groups]) and, for int4-wo, "<name>.zero".
 // Throws kiln::Error when a weight's input size does not suit the scheme (int4-wo: a multiple
-// of 32), naming it.
-std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q = WeightQuant::None);
+// of 32, or of `group` when given: a checkpoint's own group size), naming it.
+std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q = WeightQuant::None,
+                                      int64_t group = 0);
 
 // Shape a checkpoint's source tensor must have, for canonical source names such as
 // "layers.3.wq" or "layers.0.experts.2.w_gate"; empty if the builder has no use for it.

@@ -70,6 +70,16 @@ std::unique_ptr<Engine::Impl> prepare(const Checkpoint& ck, const BuildConfig& b
   auto impl = std::make_unique<Engine::Impl>();
   impl->config = ck.config;
   impl->resolve_build(bc, ck.config_dtype);
+  if (ck.quant != WeightQuant::None) {  // quantized as published: kiln keeps its scheme
+    KILN_CHECK(impl->quant == WeightQuant::None || impl->quant == ck.quant, ck.dir.string(),
+               ": the checkpoint is AWQ ", weight_quant_name(ck.quant), "; --quant ",
+               weight_quant_name(impl->quant), " would requantize it (leave --quant out)");
+    KILN_CHECK(impl->dtype != DType::F32, ck.dir.string(),
+               ": a quantized checkpoint runs with 16-bit activations; give --dtype bf16 or f16");
+    impl->quant = ck.quant;
+    // Dummy weights from an AWQ config are quantized by kiln, in its default groups.
+    impl->quant_group = ck.weights ? ck.quant_group : 0;
+  }
   impl->generation_defaults = ck.generation_defaults;
   impl->tokenizer_dir = tokenizer_dir;
   impl->source = std::move(source);
@@ -96,6 +106,7 @@ json manifest_of(const Engine::Impl& m) {
           {"build",
            {{"dtype", dtype_label(m.dtype)},
             {"quant", weight_quant_name(m.quant)},
+            {"quant_group", m.quant_group},
             {"max_batch", m.max_batch},
             {"max_seq_len", m.max_seq_len}}},
           {"source", m.source},
@@ -228,6 +239,7 @@ Engine Engine::load(const fs::path& dir) {
       throw Error(cat(mf.string(), ": build.quant '", quant,
                       "' is not a scheme this kiln runs (none, int8-wo, int4-wo)"));
     impl->quant = parse_weight_quant(quant);
+    impl->quant_group = b.value("quant_group", int64_t{0});
     impl->max_batch = b.at("max_batch").get<int64_t>();
     impl->max_seq_len = b.at("max_seq_len").get<int64_t>();
     impl->source = man.at("source");
@@ -237,7 +249,7 @@ Engine Engine::load(const fs::path& dir) {
   }
   auto file = SafetensorsFile::open(dir / kWeights);
   std::vector<std::string> problems;
-  const auto layout = engine_layout(impl->config, impl->quant);
+  const auto layout = engine_layout(impl->config, impl->quant, impl->quant_group);
   std::set<std::string> expected;
   for (const auto& spec : layout) expected.insert(spec.name);
   for (const auto& [name, ti] : file->tensors())

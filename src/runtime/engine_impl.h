@@ -26,6 +26,7 @@ struct Engine::Impl {
   ModelConfig config;
   DType dtype = DType::F32;
   WeightQuant quant = WeightQuant::None;  // how the linear weights are stored (core/quant.h)
+  int64_t quant_group = 0;                // int4 group size of a quantized checkpoint (0: rule)
   int64_t max_batch = 1, max_seq_len = 0;
   nlohmann::json source;
   nlohmann::json generation_defaults = nlohmann::json::object();

@@ -13,12 +13,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kRows = 4;
-// Chunks per thread per pass: 4 for one or two rows of x; fewer as the accumulators of more rows
-// take the registers.
-template <int N>
-constexpr int kUnroll = N <= 2   ? 4
-                        : N <= 4 ? 2
-                                 : 1;
 
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   uint4 r;
@@ -52,9 +46,8 @@ __device__ __forceinline__ void unpack_u4x32(const uint4& w, float zero, float* 
   unpack_u4x8(w.w, bias, f + 24);
 }
 
-// Each thread takes kUnroll<N> chunks of each of the block's kRows rows per pass, all loads issued
-// before any use (up to 16 independent 16-byte loads in flight per thread); a chunk's 32 codes
-// share one group, so its dot product is scaled once.
+// A thread takes one 16-byte chunk (32 codes) of each of the block's kRows rows per pass, the
+// next pass's loads issued before this pass's arithmetic.
 template <typename T, int N>
 __global__ void __launch_bounds__(kThreads)
     gemv_w4_kernel(const T* __restrict__ x, int64_t ldx, const uint8_t* __restrict__ w,
@@ -63,7 +56,7 @@ __global__ void __launch_bounds__(kThreads)
                    int64_t ldy) {
   pdl_trigger();
   const int row0 = int(blockIdx.x) * kRows, chunks = in / 32, groups = in / group;
-  const int chunks_per_group = group / 32, stride = int(blockDim.x);
+  const int chunks_per_group = group / 32;
   float acc[N][kRows];
 #pragma unroll
   for (int t = 0; t < N; ++t)
@@ -76,45 +69,46 @@ __global__ void __launch_bounds__(kThreads)
     rows[r] = min(row0 + r, out - 1);
     wr[r] = reinterpret_cast<const uint4*>(w + int64_t(rows[r]) * (in / 2));
   }
-  bool waited = false;
-  for (int c0 = threadIdx.x; c0 < chunks; c0 += kUnroll<N> * stride) {
-    uint4 wv[kUnroll<N>][kRows];
+  int c = threadIdx.x;
+  uint4 wa[kRows];
+  if (c < chunks)
 #pragma unroll
-    for (int u = 0; u < kUnroll<N>; ++u)
+    for (int r = 0; r < kRows; ++r) wa[r] = ld_stream(wr[r] + c);
+  pdl_wait();  // weights do not depend on the previous kernel; x does
+  while (c < chunks) {
+    const int g = c / chunks_per_group;
+    float sc[kRows], zr[kRows];
 #pragma unroll
-      for (int r = 0; r < kRows; ++r)
-        if (c0 + u * stride < chunks) wv[u][r] = ld_stream(wr[r] + c0 + u * stride);
-    if (!waited) pdl_wait();  // weights do not depend on the previous kernel; x does
-    waited = true;
+    for (int r = 0; r < kRows; ++r) {
+      sc[r] = __ldg(scales + int64_t(rows[r]) * groups + g);
+      zr[r] = float(__ldg(zeros + int64_t(rows[r]) * groups + g));
+    }
+    uint4 cur[kRows];
 #pragma unroll
-    for (int u = 0; u < kUnroll<N>; ++u) {
-      const int c = c0 + u * stride;
-      if (c >= chunks) break;
-      const int g = c / chunks_per_group;
+    for (int r = 0; r < kRows; ++r) cur[r] = wa[r];
+    const int next = c + int(blockDim.x);
+    if (next < chunks)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) wa[r] = ld_stream(wr[r] + next);
+#pragma unroll
+    for (int t = 0; t < N; ++t) {
+      // 32 activations: four 16-byte vectors of a 16-bit type.
+      const uint4* xp = reinterpret_cast<const uint4*>(x + t * ldx + int64_t(c) * 32);
+      float xf[32];
+#pragma unroll
+      for (int v = 0; v < 4; ++v) unpack_vec<T>(__ldg(xp + v), xf + 8 * v);
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        const int64_t gi = int64_t(rows[r]) * groups + g;
         float wf[32];
-        unpack_u4x32(wv[u][r], float(__ldg(zeros + gi)), wf);
-        const float sc = __ldg(scales + gi);
+        unpack_u4x32(cur[r], zr[r], wf);
+        float d = 0.0f;
 #pragma unroll
-        for (int t = 0; t < N; ++t) {
-          // 32 activations: four 16-byte vectors of a 16-bit type (L1-resident after the first).
-          const uint4* xp = reinterpret_cast<const uint4*>(x + t * ldx + int64_t(c) * 32);
-          float d = 0.0f;
-#pragma unroll
-          for (int v = 0; v < 4; ++v) {
-            float xf[8];
-            unpack_vec<T>(__ldg(xp + v), xf);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) d = fmaf(wf[8 * v + e], xf[e], d);
-          }
-          acc[t][r] = fmaf(sc, d, acc[t][r]);
-        }
+        for (int e = 0; e < 32; ++e) d = fmaf(wf[e], xf[e], d);
+        acc[t][r] = fmaf(sc[r], d, acc[t][r]);
       }
     }
+    c = next;
   }
-  if (!waited) pdl_wait();  // y may still be read by the previous kernel
   __shared__ float red[kThreads / 32][N * kRows];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
 #pragma unroll
@@ -135,9 +129,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int N>
 void launch_gemv(const GemvW4Params& p, cudaStream_t s) {
-  // Whole warps, each thread kUnroll<N> chunks per pass: in = 4096 takes 32 threads.
-  const int64_t passes = (p.in / 32 + kUnroll<N> - 1) / kUnroll<N>;
-  const unsigned threads = unsigned(std::clamp<int64_t>((passes + 31) / 32 * 32, 32, kThreads));
+  const int64_t chunks = p.in / 32;
+  const unsigned threads = unsigned(std::clamp<int64_t>((chunks + 31) / 32 * 32, 32, kThreads));
   const unsigned blocks = unsigned((p.out + kRows - 1) / kRows);
   launch_kernel(gemv_w4_kernel<T, N>, blocks, threads, 0, s, static_cast<const T*>(p.x), p.ldx, p.w,
                 p.scales, p.zeros, int(p.in), int(p.out), int(p.group), p.bias,

@@ -13,12 +13,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kRows = 4;
-// Chunks per thread per pass: 4 for one or two rows of x; fewer as the accumulators of more rows
-// take the registers.
-template <int N>
-constexpr int kUnroll = N <= 2   ? 4
-                        : N <= 4 ? 2
-                                 : 1;
 
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   uint4 r;
@@ -38,16 +32,13 @@ __device__ __forceinline__ void unpack_i8x4(uint32_t w, float* f) {
   f[3] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7443)) - 8388736.0f;
 }
 
-// Each thread takes kUnroll<N> chunks of each of the block's kRows rows per pass, all loads issued
-// before any use (up to 16 independent 16-byte loads in flight per thread), so a few warps per
-// block keep HBM busy; the product of a chunk is accumulated per row and scaled once at the end.
 template <typename T, int N>
 __global__ void __launch_bounds__(kThreads)
     gemv_w8_kernel(const T* __restrict__ x, int64_t ldx, const int8_t* __restrict__ w,
                    const float* __restrict__ scales, int in, int out,
                    const float* __restrict__ bias, T* __restrict__ y, int64_t ldy) {
   pdl_trigger();
-  const int row0 = int(blockIdx.x) * kRows, chunks = in / 16, stride = int(blockDim.x);
+  const int row0 = int(blockIdx.x) * kRows, chunks = in / 16;
   float acc[N][kRows];
 #pragma unroll
   for (int t = 0; t < N; ++t)
@@ -57,43 +48,39 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int r = 0; r < kRows; ++r)  // rows past the end read the last row and are never stored
     wr[r] = reinterpret_cast<const uint4*>(w + int64_t(min(row0 + r, out - 1)) * in);
-  bool waited = false;
-  for (int c0 = threadIdx.x; c0 < chunks; c0 += kUnroll<N> * stride) {
-    uint4 wv[kUnroll<N>][kRows];
+  int c = threadIdx.x;
+  uint4 wa[kRows];
+  if (c < chunks)
 #pragma unroll
-    for (int u = 0; u < kUnroll<N>; ++u)
+    for (int r = 0; r < kRows; ++r) wa[r] = ld_stream(wr[r] + c);
+  pdl_wait();  // weights do not depend on the previous kernel; x does
+  while (c < chunks) {
+    float wf[kRows][16];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      unpack_i8x4(wa[r].x, wf[r]);
+      unpack_i8x4(wa[r].y, wf[r] + 4);
+      unpack_i8x4(wa[r].z, wf[r] + 8);
+      unpack_i8x4(wa[r].w, wf[r] + 12);
+    }
+    const int next = c + int(blockDim.x);
+    if (next < chunks)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) wa[r] = ld_stream(wr[r] + next);
+#pragma unroll
+    for (int t = 0; t < N; ++t) {
+      // 16 activations: two 16-byte vectors of a 16-bit type.
+      const uint4* xp = reinterpret_cast<const uint4*>(x + t * ldx + int64_t(c) * 16);
+      float xf[16];
+      unpack_vec<T>(__ldg(xp), xf);
+      unpack_vec<T>(__ldg(xp + 1), xf + 8);
 #pragma unroll
       for (int r = 0; r < kRows; ++r)
-        if (c0 + u * stride < chunks) wv[u][r] = ld_stream(wr[r] + c0 + u * stride);
-    if (!waited) pdl_wait();  // weights do not depend on the previous kernel; x does
-    waited = true;
 #pragma unroll
-    for (int u = 0; u < kUnroll<N>; ++u) {
-      const int c = c0 + u * stride;
-      if (c >= chunks) break;
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        float wf[16];
-        unpack_i8x4(wv[u][r].x, wf);
-        unpack_i8x4(wv[u][r].y, wf + 4);
-        unpack_i8x4(wv[u][r].z, wf + 8);
-        unpack_i8x4(wv[u][r].w, wf + 12);
-#pragma unroll
-        for (int t = 0; t < N; ++t) {
-          // 16 activations: two 16-byte vectors of a 16-bit type (L1-resident after the first).
-          const uint4* xp = reinterpret_cast<const uint4*>(x + t * ldx + int64_t(c) * 16);
-          float xf[16];
-          unpack_vec<T>(__ldg(xp), xf);
-          unpack_vec<T>(__ldg(xp + 1), xf + 8);
-          float d = 0.0f;
-#pragma unroll
-          for (int e = 0; e < 16; ++e) d = fmaf(wf[e], xf[e], d);
-          acc[t][r] += d;
-        }
-      }
+        for (int e = 0; e < 16; ++e) acc[t][r] = fmaf(wf[r][e], xf[e], acc[t][r]);
     }
+    c = next;
   }
-  if (!waited) pdl_wait();  // y may still be read by the previous kernel
   __shared__ float red[kThreads / 32][N * kRows];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
 #pragma unroll
@@ -114,9 +101,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int N>
 void launch_gemv(const GemvW8Params& p, cudaStream_t s) {
-  // Whole warps, each thread kUnroll<N> chunks per pass: in = 4096 takes 64 threads.
-  const int64_t passes = (p.in / 16 + kUnroll<N> - 1) / kUnroll<N>;
-  const unsigned threads = unsigned(std::clamp<int64_t>((passes + 31) / 32 * 32, 32, kThreads));
+  const int64_t chunks = p.in / 16;
+  const unsigned threads = unsigned(std::clamp<int64_t>((chunks + 31) / 32 * 32, 32, kThreads));
   const unsigned blocks = unsigned((p.out + kRows - 1) / kRows);
   launch_kernel(gemv_w8_kernel<T, N>, blocks, threads, 0, s, static_cast<const T*>(p.x), p.ldx, p.w,
                 p.scales, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy);
