@@ -47,7 +47,8 @@ __device__ __forceinline__ void unpack_u4x32(const uint4& w, float zero, float* 
 }
 
 // A thread takes one 16-byte chunk (32 codes) of each of the block's kRows rows per pass, the
-// next pass's loads issued before this pass's arithmetic.
+// next pass's loads issued before this pass's arithmetic. The 32 codes share one group, so its
+// factors apply once per chunk: s * (sum q x - z * sum x).
 template <typename T, int N>
 __global__ void __launch_bounds__(kThreads)
     gemv_w4_kernel(const T* __restrict__ x, int64_t ldx, const uint8_t* __restrict__ w,
@@ -97,14 +98,17 @@ __global__ void __launch_bounds__(kThreads)
       float xf[32];
 #pragma unroll
       for (int v = 0; v < 4; ++v) unpack_vec<T>(__ldg(xp + v), xf + 8 * v);
+      float xs = 0.0f;
+#pragma unroll
+      for (int e = 0; e < 32; ++e) xs += xf[e];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         float wf[32];
-        unpack_u4x32(cur[r], zr[r], wf);
+        unpack_u4x32(cur[r], 0.0f, wf);
         float d = 0.0f;
 #pragma unroll
         for (int e = 0; e < 32; ++e) d = fmaf(wf[e], xf[e], d);
-        acc[t][r] = fmaf(sc[r], d, acc[t][r]);
+        acc[t][r] = fmaf(sc[r], d - zr[r] * xs, acc[t][r]);  // s * sum (q - z) x
       }
     }
     c = next;

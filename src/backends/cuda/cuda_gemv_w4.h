@@ -12,8 +12,8 @@ namespace kiln::cuda {
 
 // GEMV for decode: y[n, out] = x[n, in] . W^T (+ bias) with W[r, c] = (q[r, c] - zero[r, g]) *
 // scale[r, g], g = c / group; n <= 8. A thread takes 32 codes (16 bytes) of a row at a time, all in
-// one group (group is a multiple of 32): the zero point is folded into the unpacking and the scale
-// applies once per chunk, s * sum (q - zero) x.
+// one group (group is a multiple of 32), so the group's factors apply once per chunk:
+// s * (sum q x - zero * sum x).
 struct GemvW4Params {
   DType act = DType::BF16;  // of x and y (F16 or BF16)
   const void* x = nullptr;
