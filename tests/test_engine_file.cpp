@@ -14,15 +14,6 @@
 namespace kiln::test {
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
 std::vector<std::string> entries(const fs::path& dir) {
   std::vector<std::string> r;
   for (const auto& e : fs::directory_iterator(dir)) r.push_back(e.path().filename().string());

@@ -16,15 +16,6 @@
 namespace kiln::test {
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
 TEST(QuantInt8, RowsRoundToTheNearestStep) {
   std::mt19937 rng(3);
   std::normal_distribution<float> d(0.0f, 0.02f);

@@ -7,12 +7,14 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "io/safetensors.h"
+#include "kiln/error.h"
 
 namespace kiln::test {
 
@@ -50,6 +52,16 @@ inline void copy_dir(const fs::path& src, const fs::path& dst) {
   fs::create_directories(dst);
   for (const auto& e : fs::directory_iterator(src))
     fs::copy_file(e.path(), dst / e.path().filename(), fs::copy_options::overwrite_existing);
+}
+
+// The message of the kiln::Error that f throws; "" when it throws none.
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
 }
 
 // ||a - b|| / ||b|| over one row.

@@ -17,11 +17,10 @@
 #include "backends/cpu/cpu_sample.h"
 #include "backends/cuda/cuda_common.h"
 #include "backends/cuda/cuda_gemm.h"
-#include "backends/cuda/cuda_gemv_w4.h"
-#include "backends/cuda/cuda_gemv_w8.h"
 #include "backends/cuda/cuda_kernels.h"
 #include "backends/cuda/cuda_logits.h"
 #include "backends/cuda/cuda_profile.h"
+#include "backends/cuda/cuda_quant_linear.h"
 #include "backends/cuda/cuda_sample.h"
 #include "backends/cuda/cuda_upload.h"
 #include "graph/backend.h"
@@ -159,28 +158,7 @@ class CudaBackend final : public Backend {
   }
   std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host) override {
     flush();
-    // Quantized weights' scales and zeros go up in the same bulk copy, after the weights.
-    std::vector<const Tensor*> all = host;
-    struct Extra {
-      size_t weight, scales = 0, zeros = 0;  // indices in `all` (0: none)
-    };
-    std::vector<Extra> extra;
-    for (size_t i = 0; i < host.size(); ++i) {
-      if (host[i]->quant == WeightQuant::None) continue;
-      Extra e{i};
-      if (host[i]->scales) e.scales = all.size(), all.push_back(host[i]->scales.get());
-      if (host[i]->zero_points) e.zeros = all.size(), all.push_back(host[i]->zero_points.get());
-      extra.push_back(e);
-    }
-    std::vector<Tensor> dev = cuda::upload_all(all, stream_);
-    for (const Extra& e : extra) {
-      Tensor& t = dev[e.weight];
-      t.quant = host[e.weight]->quant;
-      if (e.scales) t.scales = std::make_shared<Tensor>(dev[e.scales]);
-      if (e.zeros) t.zero_points = std::make_shared<Tensor>(dev[e.zeros]);
-    }
-    dev.resize(host.size());
-    return dev;
+    return cuda::upload_all(host, stream_);
   }
 
   std::pair<size_t, size_t> memory() const override {
@@ -667,8 +645,12 @@ class CudaBackend final : public Backend {
   void linear_impl(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
                    int64_t ldy, bool may_defer) {
     flush();
-    if (w.quant == WeightQuant::Int8) return linear_w8(x, n, ldx, w, b, y, ldy);
-    if (w.quant == WeightQuant::Int4) return linear_w4(x, n, ldx, w, b, y, ldy);
+    if (w.quant != WeightQuant::None) {
+      KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
+      return cuda::quant_linear(
+          {act_, x, n, ldx, &w, fptr(b), y, ldy, gemv_}, *lt_,
+          [this](size_t bytes) { return scratch("wq_dequant", bytes); }, stream_);
+    }
     KILN_CHECK(w.dtype == act_, "CUDA linear: weight dtype ", dtype_name(w.dtype),
                " differs from the activation dtype ", dtype_name(act_));
     KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
@@ -686,57 +668,6 @@ class CudaBackend final : public Backend {
       return;
     }
     lt_->run(act_, x, n, ldx, w.data, in, out, y, ldy);
-    if (b) cuda::bias_add(act_, y, n, out, ldy, b->ptr<float>(), stream_);
-  }
-
-  // Int8 weight-only linear: the W8A16 GEMV for decode-sized batches; larger ones dequantize the
-  // weight into scratch (one rounding to the activation type) and run cuBLASLt on it.
-  void linear_w8(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
-                 int64_t ldy) {
-    KILN_CHECK(
-        w.dtype == DType::I8 && w.scales && w.scales->dtype == DType::F32 && act_ != DType::F32,
-        "CUDA linear: an int8 weight needs F32 scales and a 16-bit activation type");
-    KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
-    const int64_t in = w.shape[1], out = w.shape[0];
-    if (n == 0 || out == 0) return;
-    const cuda::GemvW8Params g{act_, x,       n, ldx, w.ptr<int8_t>(), w.scales->ptr<float>(), in,
-                               out,  fptr(b), y, ldy};
-    if (gemv_ && cuda::gemv_w8_is_supported(g)) return cuda::gemv_w8_launch(g, stream_);
-    void* deq = scratch("wq_dequant", size_t(in * out) * dtype_size(act_));
-    cuda::dequant_w8_launch({act_, w.ptr<int8_t>(), w.scales->ptr<float>(), out, in, deq}, stream_);
-    lt_->run(act_, x, n, ldx, deq, in, out, y, ldy);
-    if (b) cuda::bias_add(act_, y, n, out, ldy, b->ptr<float>(), stream_);
-  }
-
-  // Int4 weight-only linear: the W4A16 GEMV for decode-sized batches, else dequantize + cuBLASLt.
-  void linear_w4(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
-                 int64_t ldy) {
-    KILN_CHECK(w.dtype == DType::U8 && w.scales && w.zero_points && w.scales->shape.size() == 2 &&
-                   act_ != DType::F32,
-               "CUDA linear: an int4 weight needs scales, zeros and a 16-bit activation type");
-    KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
-    const int64_t in = w.in_features(), out = w.shape[0];
-    if (n == 0 || out == 0) return;
-    const int64_t group = in / w.scales->shape[1];
-    const cuda::GemvW4Params g{act_,
-                               x,
-                               n,
-                               ldx,
-                               w.ptr<uint8_t>(),
-                               w.scales->ptr<float>(),
-                               w.zero_points->ptr<uint8_t>(),
-                               in,
-                               out,
-                               group,
-                               fptr(b),
-                               y,
-                               ldy};
-    if (gemv_ && cuda::gemv_w4_is_supported(g)) return cuda::gemv_w4_launch(g, stream_);
-    void* deq = scratch("wq_dequant", size_t(in * out) * dtype_size(act_));
-    cuda::dequant_w4_launch({act_, w.ptr<uint8_t>(), w.scales->ptr<float>(),
-                             w.zero_points->ptr<uint8_t>(), out, in, group, deq},
-                            stream_);
-    lt_->run(act_, x, n, ldx, deq, in, out, y, ldy);
     if (b) cuda::bias_add(act_, y, n, out, ldy, b->ptr<float>(), stream_);
   }
 

@@ -319,9 +319,8 @@ struct Fds {
   }
 };
 
-}  // namespace
-
-std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host, cudaStream_t s) {
+// Every tensor of `host` as a plain tensor (quantized weights' codes only).
+std::vector<Tensor> upload_plain(const std::vector<const Tensor*>& host, cudaStream_t s) {
   using clock = std::chrono::steady_clock;
   const auto t0 = clock::now();
   const bool verbose = env_int("KILN_UPLOAD_VERBOSE", 0) != 0;
@@ -547,6 +546,33 @@ std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host, cudaStrea
                  double(total) / 1e9 / std::max(dt, 1e-9));
   }
   return out;
+}
+
+}  // namespace
+
+std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host, cudaStream_t s) {
+  // Quantized weights' scales and zeros go up in the same bulk copy, after the weights.
+  std::vector<const Tensor*> all = host;
+  struct Extra {
+    size_t weight, scales = 0, zeros = 0;  // indices in `all` (0: none)
+  };
+  std::vector<Extra> extra;
+  for (size_t i = 0; i < host.size(); ++i) {
+    if (host[i]->quant == WeightQuant::None) continue;
+    Extra e{i};
+    if (host[i]->scales) e.scales = all.size(), all.push_back(host[i]->scales.get());
+    if (host[i]->zero_points) e.zeros = all.size(), all.push_back(host[i]->zero_points.get());
+    extra.push_back(e);
+  }
+  std::vector<Tensor> dev = upload_plain(all, s);
+  for (const Extra& e : extra) {
+    Tensor& t = dev[e.weight];
+    t.quant = host[e.weight]->quant;
+    if (e.scales) t.scales = std::make_shared<Tensor>(dev[e.scales]);
+    if (e.zeros) t.zero_points = std::make_shared<Tensor>(dev[e.zeros]);
+  }
+  dev.resize(host.size());
+  return dev;
 }
 
 }  // namespace kiln::cuda

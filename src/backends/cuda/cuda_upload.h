@@ -12,7 +12,8 @@
 namespace kiln::cuda {
 
 // Copies every host tensor to the current device and returns the device tensors, in the order
-// of `host` (same dtype and shape, device = Device::CUDA). All share one owner: a single
+// of `host` (same dtype and shape, device = Device::CUDA; a quantized weight keeps its scheme,
+// and its scales and zeros come up in the same copy). All share one owner: a single
 // cudaMalloc'ed block, each tensor at a 256-byte-aligned offset (laid out in source-address
 // order), freed when the last of them goes away. Zero-byte tensors get a valid, aligned, non-null
 // pointer. When it returns the copies are complete and no host memory is referenced any more.
