@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for the quantization figures (docs/perf.md, docs/quality.md): build kiln
 # (Release, -j16), run the CUDA and quantization tests, measure the copy-bandwidth ceiling, then
-# build Llama-3.1-8B-shaped dummy engines in BF16, BF16 + int8-wo and BF16 + int4-wo and run
+# build Llama-3.1-8B-shaped dummy engines in BF16, BF16 + int8-wo, BF16 + int4-wo and fp8 and run
 # `kiln bench` on each (tg128 batch 1 and 8, pp512), plus per-op GPU-time profiles of the
 # quantized decodes.
 # Results in $OUT: log, tests.txt.
@@ -56,7 +56,7 @@ if has ceilings; then
 fi
 
 if has bench; then
-  for q in none int8-wo int4-wo; do
+  for q in ${QUANTS:-none int8-wo int4-wo fp8}; do
     E="$ENGINES/$q"
     rm -rf "$E"
     stamp "engine $M $q"
@@ -65,7 +65,7 @@ if has bench; then
     stamp "kiln bench $q"
     timeout 150 "$BUILD/kiln" bench "$E" --device cuda -r "$REPS" -p 512 -n 128 -b 1,8
   done
-  for q in int8-wo int4-wo; do
+  for q in ${PROFILE_QUANTS:-int8-wo int4-wo fp8}; do
     stamp "$q per-op GPU time (decode)"
     KILN_CUDA_PROFILE=1 timeout 120 "$BUILD/kiln" bench "$ENGINES/$q" --device cuda -r 1 \
       -p 0 -n 128 2>&1 | tail -n 16

@@ -92,6 +92,55 @@ TEST_P(CudaOps, LinearInt8) {
   EXPECT_TRUE(up_all[0].scales && up_all[0].scales->device == Device::CUDA);
 }
 
+// fp8 linears: activations quantized per token, then the FP8 tensor-core GEMV (n <= 8) or
+// cuBLASLt's FP8 GEMM with outer-vector scales (the GEMV in chunks where cuBLASLt has no
+// algorithm), against the CPU reference that quantizes the same activations the same way.
+TEST_P(CudaOps, LinearFp8) {
+  if (dt == DType::F32) GTEST_SKIP() << "fp8 weights run in 16-bit engines";
+  struct Case {
+    int64_t n, in, out, ldx_pad, ldy_pad;
+    bool bias;
+  };
+  const Case cases[] = {
+      {1, 64, 33, 0, 0, false},  {1, 4096, 256, 0, 0, true},   {2, 1024, 3000, 0, 0, false},
+      {3, 144, 100, 8, 3, true}, {8, 256, 1000, 0, 0, false},  {5, 112, 17, 4, 0, false},
+      {17, 64, 130, 0, 5, true}, {130, 208, 96, 16, 0, false}, {1, 14336, 64, 0, 0, false},
+      {9, 512, 1, 0, 0, true},   {64, 4096, 512, 0, 0, false}, {300, 1024, 2048, 0, 0, true},
+      {8, 16, 48, 0, 0, false},  {7, 80, 16, 0, 0, true}};
+  setenv("KILN_CUDA_GEMV", "0", 1);
+  auto lt = make_cuda_backend(dt);
+  unsetenv("KILN_CUDA_GEMV");
+  for (bool gemv : {true, false}) {
+    Backend* be = gemv ? gpu.get() : lt.get();
+    for (const Case& c : cases) {
+      const std::string what =
+          cat("fp8 linear n=", c.n, " in=", c.in, " out=", c.out, " ldx+", c.ldx_pad, " ldy+",
+              c.ldy_pad, c.bias ? " bias" : "", gemv ? "" : " (no GEMV)");
+      const int64_t ldx = c.in + c.ldx_pad, ldy = c.out + c.ldy_pad;
+      auto x = strided(rnd(size_t(c.n * c.in)), c.n, c.in, ldx);
+      const std::vector<float> wf = rnd(size_t(c.out * c.in), 1.0f / std::sqrt(float(c.in)));
+      Tensor wh = Tensor::zeros(DType::F8_E4M3, {c.out, c.in});
+      Tensor sh = Tensor::zeros(DType::F32, {c.out});
+      for (int64_t r = 0; r < c.out; ++r)
+        ASSERT_TRUE(quantize_fp8_row(&wf[size_t(r * c.in)], c.in, wh.ptr<uint8_t>() + r * c.in,
+                                     sh.ptr<float>() + r));
+      wh.quant = WeightQuant::Fp8;
+      wh.scales = std::make_shared<Tensor>(sh);
+      const Tensor wd = be->upload(wh);
+      ASSERT_TRUE(wd.scales && wd.quant == WeightQuant::Fp8);
+      auto [bh, bd] = vec(c.out, 0.0f, 1.0f);
+      std::vector<float> want(size_t(c.n * ldy), kPoison);
+      cpu->linear(x.data(), c.n, ldx, wh, c.bias ? &bh : nullptr, want.data(), ldy);
+      void* xd = up(x);
+      void* yd = up(std::vector<float>(size_t(c.n * ldy), kPoison));
+      gpu->synchronize();  // the two backends have separate streams
+      be->linear(xd, c.n, ldx, wd, c.bias ? &bd : nullptr, yd, ldy);
+      be->synchronize();
+      expect_close(down(yd, size_t(c.n * ldy)), ldy, want, ldy, c.n, c.out, what);
+    }
+  }
+}
+
 // Int4 weight-only linears: the W4A16 GEMV (n <= 8) and dequantize + cuBLASLt against the CPU
 // reference over the dequantized weight; groups of 32, 64 and 128.
 TEST_P(CudaOps, LinearInt4) {

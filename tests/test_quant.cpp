@@ -1,5 +1,6 @@
-// Weight quantization (int8-wo): the row numerics, the CPU reference against a plain dequantized
-// weight, streamed builds, engine files, and quality against each fixture's HF reference.
+// Weight quantization (int8-wo, int4-wo, fp8): the row numerics, the CPU reference against a plain
+// dequantized weight, streamed builds, engine files, and quality against each fixture's HF
+// reference.
 #include <cstring>
 #include <random>
 
@@ -50,9 +51,10 @@ TEST(QuantInt8, RowsRoundToTheNearestStep) {
 TEST(QuantInt8, SchemeNames) {
   EXPECT_EQ(parse_weight_quant("int8-wo"), WeightQuant::Int8);
   EXPECT_EQ(parse_weight_quant("int4-wo"), WeightQuant::Int4);
+  EXPECT_EQ(parse_weight_quant("fp8"), WeightQuant::Fp8);
   EXPECT_EQ(parse_weight_quant("none"), WeightQuant::None);
   const std::string err = error_of([] { parse_weight_quant("int3"); });
-  EXPECT_NE(err.find("unknown quantization 'int3' (expected none, int8-wo or int4-wo)"),
+  EXPECT_NE(err.find("unknown quantization 'int3' (expected none, int8-wo, int4-wo or fp8)"),
             std::string::npos)
       << err;
 }
@@ -85,10 +87,105 @@ TEST(QuantInt8, CpuLinearEqualsTheDequantizedWeight) {
       Error);
 }
 
+// E4M3 conversions: every finite code round-trips, the table agrees with the safetensors reader's
+// decoding, and rounding is to nearest even with saturation at 448 (the GPU's satfinite).
+TEST(QuantFp8, E4M3ConversionsFollowTheFormat) {
+  for (int c = 0; c < 256; ++c) {
+    const uint8_t v = uint8_t(c);
+    float ref = 0;
+    to_f32(DType::F8_E4M3, &v, &ref, 1);
+    if ((c & 0x7f) == 0x7f) {
+      EXPECT_TRUE(std::isnan(e4m3_to_f32(v))) << c;
+      continue;
+    }
+    EXPECT_EQ(e4m3_to_f32(v), ref) << c;
+    EXPECT_EQ(f32_to_e4m3(ref), v) << c;
+    // Halfway to the next code up in magnitude: ties go to the even code.
+    if ((c & 0x7f) < 0x7e) {
+      const uint8_t up = uint8_t(c + 1);
+      const float mid = 0.5f * (ref + e4m3_to_f32(up));
+      EXPECT_EQ(f32_to_e4m3(mid), (c & 1) ? up : v) << c;
+      EXPECT_EQ(f32_to_e4m3(std::nextafter(mid, 0.0f)), v) << c;
+      EXPECT_EQ(f32_to_e4m3(std::nextafter(mid, 2.0f * mid)), up) << c;
+    }
+  }
+  EXPECT_EQ(e4m3_to_f32(0x7e), 448.0f);
+  EXPECT_EQ(e4m3_to_f32(0x01), std::ldexp(1.0f, -9));
+  EXPECT_EQ(f32_to_e4m3(464.0f), 0x7e);
+  EXPECT_EQ(f32_to_e4m3(1e9f), 0x7e);
+  EXPECT_EQ(f32_to_e4m3(-INFINITY), 0xfe);
+  EXPECT_EQ(f32_to_e4m3(std::nanf("")), 0x7f);
+  EXPECT_EQ(f32_to_e4m3(std::ldexp(1.0f, -11)), 0x00);  // a quarter step: 0
+}
+
+TEST(QuantFp8, RowsScaleToTheLargestCode) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> d(0.0f, 0.02f);
+  const int64_t cols = 333;
+  std::vector<float> w(static_cast<size_t>(cols)), back(w.size());
+  for (auto& x : w) x = d(rng);
+  w[7] = 0.2f;
+  std::vector<uint8_t> q(w.size());
+  float s = -1;
+  ASSERT_TRUE(quantize_fp8_row(w.data(), cols, q.data(), &s));
+  EXPECT_EQ(s, 0.2f / 448.0f);
+  EXPECT_EQ(q[7], 0x7e);
+  dequantize_fp8_row(q.data(), s, cols, back.data());
+  for (int64_t c = 0; c < cols; ++c)  // 3 mantissa bits: within half a step, 1/16 relative
+    EXPECT_LE(std::fabs(back[size_t(c)] - w[size_t(c)]),
+              std::max(std::fabs(w[size_t(c)]) / 16.0f, std::ldexp(s, -10)) * 1.0001f)
+        << c;
+  std::vector<float> z(4, 0.0f);
+  ASSERT_TRUE(quantize_fp8_row(z.data(), 4, q.data(), &s));
+  EXPECT_EQ(s, 0.0f);
+  EXPECT_EQ(q[0], 0);
+  z[2] = std::nanf("");
+  EXPECT_FALSE(quantize_fp8_row(z.data(), 4, q.data(), &s));
+}
+
+// The CPU reference over fp8 weights is the F32 linear over the dequantized weights applied to
+// x with each row quantized to E4M3 (its own scale) and dequantized; a NaN row stays NaN.
+TEST(QuantFp8, CpuLinearQuantizesActivationsPerRow) {
+  std::mt19937 rng(12);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  const int64_t in = 67, out = 13;
+  std::vector<float> w(static_cast<size_t>(in * out)), bias(static_cast<size_t>(out)),
+      scales(static_cast<size_t>(out)), deq(w.size());
+  std::vector<uint8_t> q(w.size());
+  for (auto& x : w) x = d(rng);
+  for (auto& x : bias) x = d(rng);
+  for (int64_t r = 0; r < out; ++r) {
+    ASSERT_TRUE(quantize_fp8_row(&w[size_t(r * in)], in, &q[size_t(r * in)], &scales[size_t(r)]));
+    dequantize_fp8_row(&q[size_t(r * in)], scales[size_t(r)], in, &deq[size_t(r * in)]);
+  }
+  for (int64_t n : {1, 3, 4, 9}) {
+    const int64_t ldx = in + 5;
+    std::vector<float> x(size_t(n * ldx)), xq(size_t(n * in)), a(size_t(n * out)), b(a.size());
+    for (auto& v : x) v = d(rng) * 30.0f;
+    std::vector<uint8_t> codes(static_cast<size_t>(in));
+    for (int64_t t = 0; t < n; ++t) {
+      float sx = 0;
+      ASSERT_TRUE(quantize_fp8_row(&x[size_t(t * ldx)], in, codes.data(), &sx));
+      dequantize_fp8_row(codes.data(), sx, in, &xq[size_t(t * in)]);
+    }
+    cpu::linear(x.data(), n, in, ldx, q.data(), DType::F8_E4M3, out, bias.data(), a.data(), out,
+                {WeightQuant::Fp8, scales.data()});
+    cpu::linear(xq.data(), n, in, in, deq.data(), DType::F32, out, bias.data(), b.data(), out);
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << "n=" << n;
+    if (n > 1) {
+      x[size_t(ldx + 2)] = std::nanf("");
+      cpu::linear(x.data(), n, in, ldx, q.data(), DType::F8_E4M3, out, bias.data(), a.data(), out,
+                  {WeightQuant::Fp8, scales.data()});
+      EXPECT_TRUE(std::isnan(a[size_t(out)]));
+      EXPECT_EQ(a[0], b[0]);
+    }
+  }
+}
+
 // Roles, not names, decide what a scheme quantizes; each quantized weight has its scale (and
 // zero) slots, shaped by the scheme.
 TEST(QuantInt8, LayoutQuantizesTheDenseLinearsOnly) {
-  for (WeightQuant wq : {WeightQuant::Int8, WeightQuant::Int4})
+  for (WeightQuant wq : {WeightQuant::Int8, WeightQuant::Int4, WeightQuant::Fp8})
     for (const char* arch : {"llama", "qwen2_moe", "gpt2"}) {
       const ModelConfig c = open_config(hf(arch) / "config.json").config;
       const auto plain = engine_layout(c);
@@ -113,8 +210,8 @@ TEST(QuantInt8, LayoutQuantizesTheDenseLinearsOnly) {
         EXPECT_EQ(sc.name, s.name + ".scale");
         EXPECT_EQ(sc.role, WeightRole::Scale);
         EXPECT_EQ(sc.dtype(DType::BF16), DType::F32);
-        if (wq == WeightQuant::Int8) {
-          EXPECT_EQ(s.dtype(DType::BF16), DType::I8);
+        if (wq != WeightQuant::Int4) {
+          EXPECT_EQ(s.dtype(DType::BF16), wq == WeightQuant::Int8 ? DType::I8 : DType::F8_E4M3);
           EXPECT_EQ(s.shape, plain[p].shape);
           EXPECT_EQ(sc.shape, Shape{rows});
         } else {
@@ -149,7 +246,7 @@ TEST(QuantInt4, OddInputSizesAreRefused) {
 // made whole in memory, with scales written after their weight or not.
 TEST(QuantInt8, StreamedBuildEqualsTheInMemoryBuild) {
   TempDir tmp;
-  for (WeightQuant wq : {WeightQuant::Int8, WeightQuant::Int4})
+  for (WeightQuant wq : {WeightQuant::Int8, WeightQuant::Int4, WeightQuant::Fp8})
     for (const char* arch : {"llama", "gpt2", "qwen2_moe"}) {
       const Checkpoint ck = open_checkpoint(hf(arch));
       const WeightPlan plan = plan_weights(ck, DType::BF16, wq);
@@ -300,6 +397,39 @@ TEST(QuantInt4, EngineFilesRoundTripAndAreChecked) {
   EXPECT_NE(err.find("missing layers.1.w_gate_up.zero"), std::string::npos) << err;
 }
 
+// The fp8 engine file: E4M3 codes and scales round-trip, the engine is about half the bf16 one,
+// and a missing scale is named.
+TEST(QuantFp8, EngineFilesRoundTripAndAreChecked) {
+  TempDir tmp;
+  BuildConfig bc;
+  bc.dtype = "bf16";
+  bc.quant = "fp8";
+  const ModelInfo built = Engine::build_to(hf("qwen3"), tmp / "e", bc);
+  EXPECT_EQ(built.quant, "fp8");
+  EXPECT_EQ(read_json(tmp / "e" / kEngineManifest)["build"]["quant"], "fp8");
+  EXPECT_GT(Engine::verify(tmp / "e"), 0u);
+  Engine disk = Engine::load(tmp / "e"), mem = Engine::build(hf("qwen3"), bc);
+  BuildConfig q8 = bc;
+  q8.quant = "int8-wo";
+  const ModelInfo i8 = Engine::build(hf("qwen3"), q8).info();
+  EXPECT_EQ(built.weight_bytes, i8.weight_bytes);  // one byte a weight and one scale a row
+  EXPECT_EQ(built.num_params, i8.num_params);
+  const std::vector<int32_t> p = {5, 17, 300, 2, 99, 42, 7};
+  const std::vector<float> a = disk.logits(p);
+  EXPECT_EQ(a, mem.logits(p));
+  for (float v : a) ASSERT_TRUE(std::isfinite(v));
+  auto file = SafetensorsFile::open(tmp / "e" / kEngineWeights);
+  EXPECT_EQ(file->get("layers.0.w_down").dtype, DType::F8_E4M3);
+  std::vector<std::pair<std::string, Tensor>> ts;
+  for (const auto& [name, ti] : file->tensors())
+    if (name != "layers.1.w_down.scale") ts.push_back({name, file->get(name)});
+  write_safetensors(tmp / "w.safetensors", ts);
+  file.reset();
+  fs::rename(tmp / "w.safetensors", tmp / "e" / kEngineWeights);
+  const std::string err = error_of([&] { Engine::load(tmp / "e"); });
+  EXPECT_NE(err.find("missing layers.1.w_down.scale"), std::string::npos) << err;
+}
+
 // An AWQ checkpoint as AutoAWQ writes it (GEMM packing: qweight I32 [in, out / 8] with the value
 // order 0 2 4 6 1 3 5 7 in each word, qzeros I32 [in / g, out / 8], scales F16 [in / g, out]),
 // packed here from the llama fixture with power-of-two scales so that every dequantized weight
@@ -421,18 +551,19 @@ TEST(QuantAwq, LoadsAsPublishedAndMatchesTheDequantizedWeights) {
   EXPECT_NE(err.find("model.layers.1.mlp.up_proj.qzeros"), std::string::npos) << err;
 }
 
-// Quality per fixture: the int8-wo bf16 engine against the HF float64 reference (which the F32
-// engine matches to ~1e-6): normalised MSE of the logits over every position of every reference
-// prompt, and how often its top-1 token is the reference's. Printed for docs/quality.md.
+// Quality per fixture: the bf16 engine, plain and in each scheme, against the HF float64 reference
+// (which the F32 engine matches to ~1e-6): normalised MSE of the logits over every position of
+// every reference prompt, and how often its top-1 token is the reference's. Printed for
+// docs/quality.md.
 class QuantQuality : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(QuantQuality, WeightOnlySchemesStayCloseToTheReference) {
   const std::string arch = GetParam();
   Reference ref = load_reference(arch);
-  const char* const schemes[] = {"none", "int8-wo", "int4-wo"};
-  double nmse[3] = {0, 0, 0};
-  int64_t top1[3] = {0, 0, 0}, positions = 0;
-  for (int k = 0; k < 3; ++k) {
+  const char* const schemes[] = {"none", "int8-wo", "int4-wo", "fp8"};
+  double nmse[4] = {0, 0, 0, 0};
+  int64_t top1[4] = {0, 0, 0, 0}, positions = 0;
+  for (int k = 0; k < 4; ++k) {
     BuildConfig bc;
     bc.dtype = "bf16";
     bc.quant = schemes[k];
@@ -456,19 +587,22 @@ TEST_P(QuantQuality, WeightOnlySchemesStayCloseToTheReference) {
     }
     nmse[k] = num / den;
   }
-  std::printf("[quality] | %s | %.2e | %lld/%lld | %.2e | %lld/%lld | %.2e | %lld/%lld |\n",
-              arch.c_str(), nmse[0], (long long)top1[0], (long long)positions, nmse[1],
-              (long long)top1[1], (long long)positions, nmse[2], (long long)top1[2],
-              (long long)positions);
+  std::printf("[quality] | %s |", arch.c_str());
+  for (int k = 0; k < 4; ++k)
+    std::printf(" %.2e | %lld/%lld |", nmse[k], (long long)top1[k], (long long)positions);
+  std::printf("\n");
   // Bounds from the rounding each scheme does to these fixtures' weights (normal, std 0.02-0.09):
   // measured on llama's layer 0 (numpy, the same rules), the weights' own NMSE is ~4e-5 for
   // int8 per channel and ~1e-2 for int4 in groups of 64 / 128; the logits' NMSE comes out ~4-5x
-  // the weights' for both, and the bounds allow 25x (int8) and 5x (int4). Top-1: ties between
-  // the near-flat logits of random weights flip first.
+  // the weights' for both, and the bounds allow 25x (int8) and 5x (int4). fp8 rounds weights
+  // (NMSE ~7e-4 for normal rows, 3 mantissa bits) and activations alike, ~1.4e-3 per linear; the
+  // bound allows 14x that. Top-1: ties between the near-flat logits of random weights flip first.
   EXPECT_LT(nmse[1], 1e-3) << arch;
   EXPECT_GE(double(top1[1]), 0.9 * double(positions)) << arch;
   EXPECT_LT(nmse[2], 5e-2) << arch;
   EXPECT_GE(double(top1[2]), 0.6 * double(positions)) << arch;
+  EXPECT_LT(nmse[3], 2e-2) << arch;
+  EXPECT_GE(double(top1[3]), 0.7 * double(positions)) << arch;
 }
 
 INSTANTIATE_TEST_SUITE_P(Hf, QuantQuality,

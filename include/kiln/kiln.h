@@ -27,8 +27,10 @@ namespace kiln {
 // Build-time choices (what TensorRT-LLM calls the build config).
 struct BuildConfig {
   std::string dtype = "auto";  // auto (the checkpoint's torch_dtype), f32, f16 or bf16
-  // Weight quantization of the linear layers: none, or int8-wo (int8 weights with one scale per
-  // output channel, activations in the engine dtype; needs a 16-bit dtype).
+  // Weight quantization of the linear layers (needs a 16-bit dtype): none; int8-wo (int8 weights,
+  // one scale per output channel, activations in the engine dtype); int4-wo (4-bit weights in
+  // groups with scales and zeros, as AWQ/GPTQ store them); fp8 (E4M3 weights with one scale per
+  // output channel and activations quantized to E4M3 per token as each linear runs).
   std::string quant = "none";
   int64_t max_batch = 1;    // concurrent sequences the runtime plans for
   int64_t max_seq_len = 0;  // 0: the model's max_position_embeddings

@@ -59,6 +59,8 @@ struct Quantizer {
         const size_t at = size_t(a + r) * size_t(groups);
         const bool ok = q == WeightQuant::Int8
                             ? quantize_int8_row(w, cols, reinterpret_cast<int8_t*>(o), &scales[at])
+                        : q == WeightQuant::Fp8
+                            ? quantize_fp8_row(w, cols, o, &scales[at])
                             : quantize_int4_row(w, cols, group, o, &scales[at], &zeros[at]);
         if (!ok) {
           int64_t none = -1;

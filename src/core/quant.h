@@ -24,9 +24,15 @@ enum class WeightQuant : uint8_t {
   // the low nibble of byte k of the row; scales are F32 [rows, cols / g], zeros U8 [rows, cols /
   // g].
   Int4,
+  // fp8 (W8A8, TensorRT-LLM's and vLLM's dynamic FP8): E4M3 weights with one F32 scale per output
+  // channel, w[r, c] = e4m3(q[r, c]) * scale[r], scale[r] = max_c |w[r, c]| / 448; activations
+  // are quantized the same way per token (row) as each linear runs (quantize_fp8_row), so a
+  // product is sx[t] * scale[r] * sum_c e4m3(qx[t, c]) * e4m3(q[r, c]), the product FP8 tensor
+  // cores compute.
+  Fp8,
 };
 
-// "none", "int8-wo" or "int4-wo"; throws kiln::Error naming the accepted spellings.
+// "none", "int8-wo", "int4-wo" or "fp8"; throws kiln::Error naming the accepted spellings.
 WeightQuant parse_weight_quant(std::string_view s);
 std::string_view weight_quant_name(WeightQuant q);
 // The storage dtype of a weight quantized with q (q != None).
@@ -61,6 +67,25 @@ inline void dequantize_int4_row(const uint8_t* q, const float* scales, const uin
     const int code = (q[c / 2] >> (4 * (c % 2))) & 15;
     out[c] = float(code - int(zeros[c / group])) * scales[c / group];
   }
+}
+
+// E4M3 (the "fn" variant: no infinities, one NaN code per sign, largest finite 448) from a
+// float: round to nearest, ties to even, saturating to +-448 as the GPU's satfinite conversion
+// does; NaN gives 0x7F.
+uint8_t f32_to_e4m3(float f);
+// The value of an E4M3 code (a table lookup).
+float e4m3_to_f32(uint8_t v);
+constexpr float kE4M3Max = 448.0f;
+
+// Quantizes one row of `cols` floats to E4M3 codes with one scale: scale = max |w| / 448,
+// q = f32_to_e4m3(w * (448 / max |w|)); a row whose max |w| is below kFp8TinyRow (zeros
+// included) gets scale 0 and codes 0. Used for fp8 weights at build time and for activations
+// per token at run time (the GPU computes the same codes). Returns false for a non-finite value.
+constexpr float kFp8TinyRow = 1e-30f;
+bool quantize_fp8_row(const float* w, int64_t cols, uint8_t* q, float* scale);
+
+inline void dequantize_fp8_row(const uint8_t* q, float scale, int64_t cols, float* out) {
+  for (int64_t c = 0; c < cols; ++c) out[c] = e4m3_to_f32(q[c]) * scale;
 }
 
 }  // namespace kiln

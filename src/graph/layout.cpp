@@ -85,7 +85,10 @@ std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q, int64
     }
     s.quant = q;
     const int64_t rows = s.shape[0], cols = s.shape[1];
-    if (q == WeightQuant::Int8) {
+    // FP8 tensor-core products take inputs in multiples of 16 (16-byte rows).
+    KILN_CHECK(q != WeightQuant::Fp8 || cols % 16 == 0, "--quant fp8: ", s.name, " has ", cols,
+               " input features, not a multiple of 16");
+    if (q == WeightQuant::Int8 || q == WeightQuant::Fp8) {  // one scale per output channel
       r.push_back(s);
       r.push_back({s.name + ".scale", {rows}, WeightRole::Scale});
       continue;

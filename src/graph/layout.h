@@ -47,9 +47,9 @@ bool quantizes(WeightQuant q, WeightRole r);
 
 // Engine (runtime) layout: fused wqkv and w_gate_up, in the order they are stored. Under a
 // quantization scheme, each weight it rewrites has the shape of its stored codes and is followed
-// by "<name>.scale" (int8-wo: [rows]; int4-wo: [rows, groups]) and, for int4-wo, "<name>.zero".
-// Throws kiln::Error when a weight's input size does not suit the scheme (int4-wo: a multiple
-// of 32, or of `group` when given: a checkpoint's own group size), naming it.
+// by "<name>.scale" (int8-wo, fp8: [rows]; int4-wo: [rows, groups]) and, for int4-wo,
+// "<name>.zero". Throws kiln::Error when a weight's input size does not suit the scheme (int4-wo: a
+// multiple of 32, or of `group` when given: a checkpoint's own group size), naming it.
 std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q = WeightQuant::None,
                                       int64_t group = 0);
 

@@ -235,9 +235,9 @@ Engine Engine::load(const fs::path& dir) {
     const json& b = man.at("build");
     impl->dtype = parse_float_dtype(b.at("dtype").get<std::string>(), mf.string());
     const std::string quant = b.value("quant", std::string("none"));
-    if (quant != "none" && quant != "int8-wo" && quant != "int4-wo")
+    if (quant != "none" && quant != "int8-wo" && quant != "int4-wo" && quant != "fp8")
       throw Error(cat(mf.string(), ": build.quant '", quant,
-                      "' is not a scheme this kiln runs (none, int8-wo, int4-wo)"));
+                      "' is not a scheme this kiln runs (none, int8-wo, int4-wo, fp8)"));
     impl->quant = parse_weight_quant(quant);
     impl->quant_group = b.value("quant_group", int64_t{0});
     impl->max_batch = b.at("max_batch").get<int64_t>();

@@ -510,7 +510,8 @@ void register_bench_subcommands(CLI::App* bench) {
                   "weight dtype when building from an HF folder: auto, f32, f16, bf16");
     c->add_option("--max-seq-len", a.bc.max_seq_len,
                   "when building from an HF folder (0: max_position_embeddings)");
-    c->add_option("--quant", a.bc.quant, "when building from an HF folder: none, int8-wo");
+    c->add_option("--quant", a.bc.quant,
+                  "when building from an HF folder: none, int8-wo, int4-wo, fp8");
     add_runtime_args(c, a.sc.runtime);
     c->add_option("--max-num-seqs", a.sc.max_num_seqs,
                   "sequences per step (0: 256 on a GPU, 16 on the CPU)");

@@ -33,7 +33,8 @@ void add_model_args(CLI::App* c, ModelArgs& a) {
                 "weight dtype when building from an HF folder: auto, f32, f16, bf16");
   c->add_option("--max-seq-len", a.bc.max_seq_len,
                 "when building from an HF folder (0: max_position_embeddings)");
-  c->add_option("--quant", a.bc.quant, "when building from an HF folder: none, int8-wo");
+  c->add_option("--quant", a.bc.quant,
+                "when building from an HF folder: none, int8-wo, int4-wo, fp8");
   add_runtime_args(c, a.rc);
 }
 
@@ -182,7 +183,8 @@ void register_model_commands(CLI::App& app) {
     c->add_option("--max-batch", bc.max_batch, "concurrent sequences");
     c->add_option("--max-seq-len", bc.max_seq_len, "0: max_position_embeddings");
     c->add_option("--quant", bc.quant,
-                  "weight quantization of the linear layers: none, int8-wo (with a 16-bit --dtype)")
+                  "weight quantization of the linear layers: none, int8-wo, int4-wo, fp8 (with a "
+                  "16-bit --dtype)")
         ->capture_default_str();
     c->add_flag("--dummy-weights", dummy, "seeded random weights of the shape --config describes");
     c->add_option("--config", config, "config.json for --dummy-weights");

@@ -61,7 +61,8 @@ void register_serve(CLI::App& app) {
   c->add_option("--dtype", cfg.build.dtype, "weight dtype when building from an HF folder");
   c->add_option("--max-seq-len", cfg.build.max_seq_len,
                 "when building from an HF folder (0: max_position_embeddings)");
-  c->add_option("--quant", cfg.build.quant, "when building from an HF folder: none, int8-wo");
+  c->add_option("--quant", cfg.build.quant,
+                "when building from an HF folder: none, int8-wo, int4-wo, fp8");
   add_runtime_args(c, cfg.serve.runtime);
   c->callback([&] {
     cfg.serve.prefix_cache = !no_prefix_cache;

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "core/error.h"
@@ -28,6 +29,10 @@ const float* row_f32(const void* w, DType t, const QuantRef& q, int64_t row, int
                      float* buf) {
   if (q.quant == WeightQuant::Int8) {
     dequantize_int8_row(static_cast<const int8_t*>(w) + row * in, q.scales[row], in, buf);
+    return buf;
+  }
+  if (q.quant == WeightQuant::Fp8) {
+    dequantize_fp8_row(static_cast<const uint8_t*>(w) + row * in, q.scales[row], in, buf);
     return buf;
   }
   if (q.quant == WeightQuant::Int4) {
@@ -75,7 +80,7 @@ void linear(const float* x, int64_t n, int64_t in, int64_t ldx, const void* w, D
             int64_t out, const float* bias, float* y, int64_t ldy, const QuantRef& q) {
   KILN_CHECK(q.quant == WeightQuant::None
                  ? (wt == DType::F32 || wt == DType::F16 || wt == DType::BF16)
-                 : q.scales && (q.quant == WeightQuant::Int8 ||
+                 : q.scales && (q.quant == WeightQuant::Int8 || q.quant == WeightQuant::Fp8 ||
                                 (q.zeros && q.groups > 0 && in % (2 * q.groups) == 0)),
              "CPU linear: unsupported weight (", dtype_name(wt), ", ", weight_quant_name(q.quant),
              ")");
@@ -83,6 +88,24 @@ void linear(const float* x, int64_t n, int64_t in, int64_t ldx, const void* w, D
   // place: tail rows of x and tail rows of w are padded (zeros) to whole tiles. So a row's
   // result never depends on the batch it is in (continuous batching and preemption give the
   // same tokens as a request alone).
+  // fp8 quantizes each activation row as it comes in (core/quant.h): x becomes the values its
+  // E4M3 codes stand for. A row with a NaN or infinity stays non-finite, for the engine's check
+  // on the logits to report.
+  std::vector<float> xq;
+  if (q.quant == WeightQuant::Fp8) {
+    xq.resize(size_t(n * in));
+    std::vector<uint8_t> codes(static_cast<size_t>(in));
+    for (int64_t t = 0; t < n; ++t) {
+      float sx = 0.0f;
+      float* r = xq.data() + t * in;
+      if (quantize_fp8_row(x + t * ldx, in, codes.data(), &sx))
+        dequantize_fp8_row(codes.data(), sx, in, r);
+      else
+        std::fill(r, r + in, std::numeric_limits<float>::quiet_NaN());
+    }
+    x = xq.data();
+    ldx = in;
+  }
   constexpr int64_t RB = 4, TB = 4;
   const int64_t full = n / TB * TB;
   std::vector<float> xt;  // the padded tail rows of x

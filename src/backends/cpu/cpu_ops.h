@@ -13,10 +13,12 @@ namespace kiln::cpu {
 
 // y[n, out] = x[n, in] . w[out, in]^T (+ bias[out]); x rows are `ldx` floats apart, y rows `ldy`.
 // A quantized weight (core/quant.h; `in` is its number of input features) is dequantized a row
-// at a time: the result is exactly that of the F32 weight the codes stand for.
+// at a time: the result is exactly that of the F32 weight the codes stand for. For fp8 each row of
+// x is first quantized to E4M3 with its own scale (quantize_fp8_row) and replaced by the values
+// its codes stand for, as the GPU's FP8 products see it.
 struct QuantRef {
   WeightQuant quant = WeightQuant::None;
-  const float* scales = nullptr;   // [out] (int8-wo) or [out, groups] (int4-wo)
+  const float* scales = nullptr;   // [out] (int8-wo, fp8) or [out, groups] (int4-wo)
   const uint8_t* zeros = nullptr;  // [out, groups] (int4-wo)
   int64_t groups = 1;
 };

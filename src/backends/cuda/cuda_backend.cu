@@ -649,7 +649,7 @@ class CudaBackend final : public Backend {
       KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
       return cuda::quant_linear(
           {act_, x, n, ldx, &w, fptr(b), y, ldy, gemv_}, *lt_,
-          [this](size_t bytes) { return scratch("wq_dequant", bytes); }, stream_);
+          [this](const char* name, size_t bytes) { return scratch(name, bytes); }, stream_);
     }
     KILN_CHECK(w.dtype == act_, "CUDA linear: weight dtype ", dtype_name(w.dtype),
                " differs from the activation dtype ", dtype_name(act_));

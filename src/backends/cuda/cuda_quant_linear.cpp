@@ -1,5 +1,8 @@
 #include "backends/cuda/cuda_quant_linear.h"
 
+#include <algorithm>
+
+#include "backends/cuda/cuda_fp8.h"
 #include "backends/cuda/cuda_gemv_w4.h"
 #include "backends/cuda/cuda_gemv_w8.h"
 #include "backends/cuda/cuda_kernels.h"
@@ -7,8 +10,53 @@
 
 namespace kiln::cuda {
 
-void quant_linear(const QuantLinearParams& p, LtGemm& lt,
-                  const std::function<void*(size_t)>& scratch, cudaStream_t s) {
+namespace {
+
+// fp8: the fused GEMV (quantizing x itself) for small n * in; otherwise x quantized per token
+// into scratch, then the FP8 GEMV or cuBLASLt's FP8 GEMM (the GEMV over chunks of 8 tokens where
+// cuBLASLt has no algorithm for the shape).
+void fp8_linear(const QuantLinearParams& p, LtGemm& lt, const ScratchFn& scratch, cudaStream_t s) {
+  const Tensor& w = *p.w;
+  KILN_CHECK(p.act != DType::F32 && w.dtype == DType::F8_E4M3 && w.scales &&
+                 w.scales->dtype == DType::F32 && w.in_features() % 16 == 0,
+             "CUDA linear: an fp8 weight needs its scales, a multiple of 16 inputs and a 16-bit "
+             "activation type");
+  const int64_t in = w.shape[1], out = w.shape[0];
+  if (p.n == 0 || out == 0) return;
+  const float* sw = w.scales->ptr<float>();
+  GemvFp8Params g;
+  g.act = p.act, g.n = p.n, g.w = w.ptr<uint8_t>(), g.sw = sw, g.in = in, g.out = out;
+  g.bias = p.bias, g.y = p.y, g.ldy = p.ldy;
+  if (p.gemv && p.n <= kGemvFp8MaxRows && p.n * in <= kGemvFp8FusedMax) {
+    g.x = p.x, g.ldx = p.ldx;
+    if (gemv_fp8_is_supported(g)) return gemv_fp8_launch(g, s);
+  }
+  // Codes [n, in] (rows 16-byte aligned since in % 16 == 0), then the n scales.
+  const size_t code_bytes = size_t(p.n * in + 255) / 256 * 256;
+  auto* buf = static_cast<uint8_t*>(scratch("fp8_act", code_bytes + size_t(p.n) * 4));
+  auto* sx = reinterpret_cast<float*>(buf + code_bytes);
+  quant_act_fp8_launch({p.act, p.x, p.n, p.ldx, in, buf, in, sx}, s);
+  g.x = nullptr, g.ldx = 0;
+  const auto gemv = [&](int64_t t0, int64_t n) {
+    GemvFp8Params c = g;
+    c.xq = buf + t0 * in, c.ldq = in, c.sx = sx + t0, c.n = n;
+    c.y = static_cast<char*>(p.y) + size_t(t0 * p.ldy) * dtype_size(p.act);
+    gemv_fp8_launch(c, s);
+  };
+  if (p.gemv && p.n <= kGemvFp8MaxRows) return gemv(0, p.n);
+  if (lt.run_fp8(buf, p.n, in, sx, w.data, sw, in, out, p.act, p.y, p.ldy)) {
+    if (p.bias) bias_add(p.act, p.y, p.n, out, p.ldy, p.bias, s);
+    return;
+  }
+  for (int64_t t0 = 0; t0 < p.n; t0 += kGemvFp8MaxRows)
+    gemv(t0, std::min(kGemvFp8MaxRows, p.n - t0));
+}
+
+}  // namespace
+
+void quant_linear(const QuantLinearParams& p, LtGemm& lt, const ScratchFn& scratch,
+                  cudaStream_t s) {
+  if (p.w->quant == WeightQuant::Fp8) return fp8_linear(p, lt, scratch, s);
   const Tensor& w = *p.w;
   const bool int8 = w.quant == WeightQuant::Int8;
   KILN_CHECK(p.act != DType::F32 && w.scales && w.scales->dtype == DType::F32 &&
@@ -24,7 +72,7 @@ void quant_linear(const QuantLinearParams& p, LtGemm& lt,
   if (int8) {
     const GemvW8Params g{p.act, p.x, p.n, p.ldx, w.ptr<int8_t>(), sc, in, out, p.bias, p.y, p.ldy};
     if (p.gemv && gemv_w8_is_supported(g)) return gemv_w8_launch(g, s);
-    deq = scratch(size_t(in * out) * dtype_size(p.act));
+    deq = scratch("wq_dequant", size_t(in * out) * dtype_size(p.act));
     dequant_w8_launch({p.act, w.ptr<int8_t>(), sc, out, in, deq}, s);
   } else {
     const int64_t group = in / w.scales->shape[1];
@@ -32,7 +80,7 @@ void quant_linear(const QuantLinearParams& p, LtGemm& lt,
     const GemvW4Params g{p.act, p.x,    p.n, p.ldx, w.ptr<uint8_t>(), sc, z, in, out,
                          group, p.bias, p.y, p.ldy};
     if (p.gemv && gemv_w4_is_supported(g)) return gemv_w4_launch(g, s);
-    deq = scratch(size_t(in * out) * dtype_size(p.act));
+    deq = scratch("wq_dequant", size_t(in * out) * dtype_size(p.act));
     dequant_w4_launch({p.act, w.ptr<uint8_t>(), sc, z, out, in, group, deq}, s);
   }
   lt.run(p.act, p.x, p.n, p.ldx, deq, in, out, p.y, p.ldy);

@@ -1,6 +1,8 @@
-// Linears over weight-only quantized weights (int8-wo, int4-wo; core/quant.h) on the CUDA
-// backend: the W8A16 / W4A16 GEMV for decode-sized batches, otherwise the weight dequantized into
-// a scratch buffer (one rounding to the activation type) and cuBLASLt on it.
+// Linears over quantized weights (core/quant.h) on the CUDA backend. int8-wo / int4-wo: the
+// W8A16 / W4A16 GEMV for decode-sized batches, otherwise the weight dequantized into a scratch
+// buffer (one rounding to the activation type) and cuBLASLt on it. fp8: the activations are
+// quantized per token into scratch, then the FP8 tensor-core GEMV (up to 8 tokens) or cuBLASLt's
+// FP8 GEMM with per-token and per-channel scales.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -25,10 +27,11 @@ struct QuantLinearParams {
   bool gemv = true;  // false: always dequantize + cuBLASLt (KILN_CUDA_GEMV=0)
 };
 
-// y[n, out] = x[n, in] . W^T (+ bias). `scratch(bytes)` returns a device buffer of at least that
-// size for the dequantized weight (used only above the GEMV's rows). Throws kiln::Error for a
-// weight without its scales (and zeros) or an F32 activation type.
-void quant_linear(const QuantLinearParams& p, LtGemm& lt,
-                  const std::function<void*(size_t)>& scratch, cudaStream_t s);
+// y[n, out] = x[n, in] . W^T (+ bias). `scratch(name, bytes)` returns a device buffer of at
+// least that size, one per name ("wq_dequant": a dequantized weight; "fp8_act": quantized
+// activations). Throws kiln::Error for a weight without its scales (and zeros) or an F32
+// activation type.
+using ScratchFn = std::function<void*(const char* name, size_t bytes)>;
+void quant_linear(const QuantLinearParams& p, LtGemm& lt, const ScratchFn& scratch, cudaStream_t s);
 
 }  // namespace kiln::cuda

@@ -558,7 +558,8 @@ std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host, cudaStrea
   };
   std::vector<Extra> extra;
   for (size_t i = 0; i < host.size(); ++i) {
-    if (host[i]->quant == WeightQuant::None) continue;
+    // (A null entry is left for upload_plain to refuse by name.)
+    if (!host[i] || host[i]->quant == WeightQuant::None) continue;
     Extra e{i};
     if (host[i]->scales) e.scales = all.size(), all.push_back(host[i]->scales.get());
     if (host[i]->zero_points) e.zeros = all.size(), all.push_back(host[i]->zero_points.get());

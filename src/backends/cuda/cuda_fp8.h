@@ -1,0 +1,56 @@
+// FP8 (E4M3) kernels for fp8 engines (core/quant.h): activations quantized per token as each
+// linear runs, and the decode GEMV on FP8 tensor cores. Larger batches use cuBLASLt's FP8 GEMM
+// with the same per-token and per-channel scales (LtGemm::run_fp8).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace kiln::cuda {
+
+// codes[t, :] = E4M3(x[t, :] / scales[t]) with scales[t] = max |x[t, :]| / 448, for each of the
+// n rows: the CPU reference's quantize_fp8_row, bit for bit (IEEE division, round to nearest
+// even, saturating). A NaN or infinity in a row gives NaN codes, so the products stay NaN.
+struct QuantActFp8Params {
+  DType act = DType::BF16;  // of x (F16 or BF16)
+  const void* x = nullptr;
+  int64_t n = 0, ldx = 0, in = 0;
+  uint8_t* codes = nullptr;  // [n, ldq]
+  int64_t ldq = 0;
+  float* scales = nullptr;  // [n]
+};
+void quant_act_fp8_launch(const QuantActFp8Params& p, cudaStream_t s);
+
+// y[t, r] = (sum_c e4m3(xq[t, c]) * e4m3(w[r, c])) * sx[t] * sw[r] (+ bias[r]) for n <= 8
+// tokens: one m16n8k32 FP8 mma per 16 rows and 32 inputs, the tokens as its 8 columns, so the
+// weights go to the tensor cores as loaded (no conversion instructions). Any order of the inputs
+// gives the same sum, so each thread feeds the mma the 16 contiguous bytes it loaded.
+// Activations either as codes (xq, ldq, sx from quant_act_fp8) or, with xq null, as the 16-bit x
+// itself (x, ldx), quantized inside the kernel to the same codes and scales: the fused form, for
+// small n * in (kGemvFp8FusedMax), where a separate quantization kernel would cost more than
+// every block reading x.
+struct GemvFp8Params {
+  DType act = DType::BF16;  // of x and y (F16 or BF16)
+  const uint8_t* xq = nullptr;
+  int64_t ldq = 0;
+  const float* sx = nullptr;
+  const void* x = nullptr;  // fused (xq null)
+  int64_t ldx = 0;
+  int64_t n = 0;
+  const uint8_t* w = nullptr;
+  const float* sw = nullptr;
+  int64_t in = 0, out = 0;
+  const float* bias = nullptr;  // may be null
+  void* y = nullptr;
+  int64_t ldy = 0;
+};
+constexpr int64_t kGemvFp8FusedMax = 16384;  // n * in up to which the GEMV quantizes x itself
+constexpr int64_t kGemvFp8MaxRows = 8;
+// 1 <= n <= 8, in % 16 == 0, 16-byte aligned rows of x (or xq) and w.
+bool gemv_fp8_is_supported(const GemvFp8Params& p);
+void gemv_fp8_launch(const GemvFp8Params& p, cudaStream_t s);
+
+}  // namespace kiln::cuda
