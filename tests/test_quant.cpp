@@ -2,6 +2,7 @@
 // dequantized weight, streamed builds, engine files, and quality against each fixture's HF
 // reference.
 #include <cstring>
+#include <map>
 #include <random>
 
 #include "backends/cpu/cpu_ops.h"
@@ -428,6 +429,164 @@ TEST(QuantFp8, EngineFilesRoundTripAndAreChecked) {
   fs::rename(tmp / "w.safetensors", tmp / "e" / kEngineWeights);
   const std::string err = error_of([&] { Engine::load(tmp / "e"); });
   EXPECT_NE(err.find("missing layers.1.w_down.scale"), std::string::npos) << err;
+}
+
+// FP8 checkpoints as compressed-tensors (float-quantized) and ModelOpt write them, packed here
+// from the llama fixture: every dense linear as E4M3 codes with a power-of-two weight_scale per
+// tensor (per output channel for down_proj), plus static input scales kiln does not use. kiln
+// must keep the codes as published, each row's scale its part's, and build an fp8 engine whose
+// logits stay within the fp8 quality bound; other FP8 layouts are refused by name.
+TEST(QuantFp8Checkpoint, LoadsAsPublished) {
+  TempDir tmp;
+  copy_dir(hf("llama"), tmp / "ct");
+  auto file = SafetensorsFile::open(hf("llama") / "model.safetensors");
+  std::vector<std::pair<std::string, Tensor>> ts;
+  std::map<std::string, std::pair<Tensor, std::vector<float>>> published;  // codes, row scales
+  for (const auto& [name, ti] : file->tensors()) {
+    const Tensor t = file->get(name);
+    if (name.find("_proj.weight") == std::string::npos) {
+      ts.push_back({name, t});
+      continue;
+    }
+    const int64_t out = t.shape[0], in = t.shape[1];
+    const bool channel = name.find("down_proj") != std::string::npos;
+    std::vector<float> w(static_cast<size_t>(out * in)), rs(static_cast<size_t>(out));
+    to_f32(t.dtype, t.data, w.data(), w.size());
+    float amax = 0;
+    for (float v : w) amax = std::max(amax, std::fabs(v));
+    Tensor codes = Tensor::zeros(DType::F8_E4M3, {out, in});
+    for (int64_t o = 0; o < out; ++o) {
+      float ra = amax;
+      if (channel) {
+        ra = 0;
+        for (int64_t c = 0; c < in; ++c) ra = std::max(ra, std::fabs(w[size_t(o * in + c)]));
+      }
+      const float sc = std::exp2(std::ceil(std::log2(ra / 448.0f)));  // exact division
+      rs[size_t(o)] = sc;
+      for (int64_t c = 0; c < in; ++c)
+        codes.ptr<uint8_t>()[o * in + c] = f32_to_e4m3(w[size_t(o * in + c)] / sc);
+    }
+    Tensor scale = channel ? Tensor::zeros(DType::F32, {out, 1}) : Tensor::zeros(DType::F32, {1});
+    std::copy_n(rs.begin(), channel ? out : 1, scale.ptr<float>());
+    const std::string base = name.substr(0, name.size() - 7);
+    ts.push_back({name, codes});
+    ts.push_back({base + ".weight_scale", scale});
+    Tensor one = Tensor::zeros(DType::F32, {1});
+    one.ptr<float>()[0] = 1.0f;
+    ts.push_back({base + ".input_scale", one});
+    published[name] = {codes, rs};
+  }
+  file.reset();
+  write_safetensors(tmp / "ct" / "model.safetensors", ts);
+  copy_dir(tmp / "ct", tmp / "mo");
+  auto cfg = read_json(tmp / "ct" / "config.json");
+  write_json(tmp / "mo" / "config.json", cfg);  // ModelOpt: described by hf_quant_config.json
+  write_json(tmp / "mo" / "hf_quant_config.json",
+             {{"producer", {{"name", "modelopt"}}},
+              {"quantization", {{"quant_algo", "FP8"}, {"exclude_modules", {"lm_head"}}}}});
+  cfg["quantization_config"] = {
+      {"quant_method", "compressed-tensors"},
+      {"format", "float-quantized"},
+      {"config_groups",
+       {{"group_0",
+         {{"targets", {"Linear"}},
+          {"weights",
+           {{"num_bits", 8}, {"type", "float"}, {"strategy", "tensor"}, {"symmetric", true}}},
+          {"input_activations",
+           {{"num_bits", 8}, {"type", "float"}, {"strategy", "tensor"}, {"dynamic", false}}}}}}},
+      {"ignore", {"lm_head"}}};
+  write_json(tmp / "ct" / "config.json", cfg);
+
+  BuildConfig bc;
+  bc.dtype = "bf16";
+  const ModelInfo built = Engine::build_to(tmp / "ct", tmp / "e", bc);
+  EXPECT_EQ(built.quant, "fp8");
+  // The engine holds the published codes; each row's scale is its part's (q, k, v fused).
+  auto eng = SafetensorsFile::open(tmp / "e" / kEngineWeights);
+  const int64_t L = cfg["num_hidden_layers"].get<int64_t>();
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string p = cat("model.layers.", l, ".");
+    for (const auto& [engine_name, parts] :
+         std::vector<std::pair<std::string, std::vector<std::string>>>{
+             {"wqkv", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}},
+             {"wo", {"self_attn.o_proj"}},
+             {"w_gate_up", {"mlp.gate_proj", "mlp.up_proj"}},
+             {"w_down", {"mlp.down_proj"}}}) {
+      const Tensor codes = eng->get(cat("layers.", l, ".", engine_name));
+      const Tensor sc = eng->get(cat("layers.", l, ".", engine_name, ".scale"));
+      ASSERT_EQ(codes.dtype, DType::F8_E4M3);
+      int64_t row = 0;
+      for (const auto& part : parts) {
+        const auto& [pc, rs] = published.at(p + part + ".weight");
+        const int64_t out = pc.shape[0], in = pc.shape[1];
+        EXPECT_EQ(std::memcmp(static_cast<const uint8_t*>(codes.data) + row * in, pc.data,
+                              size_t(out * in)),
+                  0)
+            << engine_name << " " << part;
+        for (int64_t o = 0; o < out; ++o)
+          ASSERT_EQ(sc.ptr<float>()[row + o], rs[size_t(o)]) << engine_name << " " << part;
+        row += out;
+      }
+      EXPECT_EQ(row, codes.shape[0]);
+    }
+  }
+  eng.reset();
+  // ModelOpt's description gives the same engine; the logits stay within the fp8 bound.
+  Engine ct = Engine::load(tmp / "e"), mo = Engine::build(tmp / "mo", bc);
+  ct.start({.device = "cpu"});
+  mo.start({.device = "cpu"});
+  Reference ref = load_reference("llama");
+  const int64_t V = ct.info().vocab_size;
+  double num = 0, den = 0;
+  for (size_t j = 0; j < ref.prompts.size(); ++j) {
+    const std::vector<float> got = ct.logits(ref.prompts[j]);
+    EXPECT_EQ(got, mo.logits(ref.prompts[j]));
+    const float* want = ref.logits[j].ptr<float>();
+    for (size_t i = 0; i < ref.prompts[j].size() * size_t(V); ++i)
+      num += (double(got[i]) - want[i]) * (double(got[i]) - want[i]),
+          den += double(want[i]) * want[i];
+  }
+  std::printf("[fp8 checkpoint] llama, compressed-tensors / ModelOpt layout: NMSE %.2e\n",
+              num / den);
+  EXPECT_LT(num / den, 2e-2);
+
+  // Refusals, each by name.
+  BuildConfig q8 = bc;
+  q8.quant = "int8-wo";
+  std::string err = error_of([&] { Engine::build(tmp / "ct", q8); });
+  EXPECT_NE(err.find("the checkpoint is fp8; --quant int8-wo would requantize it"),
+            std::string::npos)
+      << err;
+  auto bad = cfg;
+  bad["quantization_config"]["config_groups"]["group_0"]["weights"]["type"] = "int";
+  bad["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 4;
+  write_json(tmp / "ct" / "config.json", bad);
+  err = error_of([&] { Engine::build(tmp / "ct", bc); });
+  EXPECT_NE(err.find("config_groups.group_0.weights: 4-bit int per tensor is not supported yet"),
+            std::string::npos)
+      << err;
+  bad = cfg;
+  bad["quantization_config"] = {{"quant_method", "fp8"}, {"weight_block_size", {128, 128}}};
+  write_json(tmp / "ct" / "config.json", bad);
+  err = error_of([&] { Engine::build(tmp / "ct", bc); });
+  EXPECT_NE(err.find("block-wise FP8 checkpoints are not supported yet"), std::string::npos) << err;
+  write_json(tmp / "mo" / "hf_quant_config.json", {{"quantization", {{"quant_algo", "NVFP4"}}}});
+  err = error_of([&] { Engine::build(tmp / "mo", bc); });
+  EXPECT_NE(err.find("quant_algo 'NVFP4': kiln loads ModelOpt FP8 only"), std::string::npos) << err;
+  // FP8 codes without a quantization config, and a missing weight_scale.
+  fs::remove(tmp / "mo" / "hf_quant_config.json");
+  err = error_of([&] { Engine::build(tmp / "mo", bc); });
+  EXPECT_NE(err.find("has dtype F8_E4M3 but config.json has no FP8 quantization_config"),
+            std::string::npos)
+      << err;
+  write_json(tmp / "ct" / "config.json", cfg);
+  std::vector<std::pair<std::string, Tensor>> missing;
+  for (auto& [n, t] : ts)
+    if (n != "model.layers.1.mlp.up_proj.weight_scale") missing.push_back({n, t});
+  write_safetensors(tmp / "ct" / "model.safetensors", missing);
+  err = error_of([&] { Engine::build(tmp / "ct", bc); });
+  EXPECT_NE(err.find("missing weights"), std::string::npos) << err;
+  EXPECT_NE(err.find("model.layers.1.mlp.up_proj.weight_scale"), std::string::npos) << err;
 }
 
 // An AWQ checkpoint as AutoAWQ writes it (GEMM packing: qweight I32 [in, out / 8] with the value

@@ -24,6 +24,63 @@ json read_json(const fs::path& p) {
   return parse_json(text, p.string());
 }
 
+// AWQ: GEMM packing, 4 bits, zero points, groups of a multiple of 32, every linear packed.
+void parse_awq(const json& q, const std::string& f, Checkpoint& ck) {
+  const auto field = [&](const char* k) -> const json* {
+    return q.contains(k) && !q[k].is_null() ? &q[k] : nullptr;
+  };
+  const json* version = field("version");
+  const std::string ver = version && version->is_string() ? version->get<std::string>() : "gemm";
+  KILN_CHECK(ver == "gemm" || ver == "GEMM", f, ": quantization_config.version '",
+             ver.substr(0, 32), "': kiln loads AWQ in GEMM packing only");
+  const json* bits = field("bits");
+  KILN_CHECK(bits && bits->is_number_integer() && bits->get<int64_t>() == 4, f,
+             ": quantization_config.bits: kiln loads 4-bit AWQ only");
+  const json* zp = field("zero_point");
+  KILN_CHECK(!zp || (zp->is_boolean() && zp->get<bool>()), f,
+             ": quantization_config.zero_point: kiln loads AWQ with zero points only");
+  const json* group = field("group_size");
+  KILN_CHECK(group && group->is_number_integer() && group->get<int64_t>() >= 32 &&
+                 group->get<int64_t>() <= 4096 && group->get<int64_t>() % 32 == 0,
+             f, ": quantization_config.group_size must be a multiple of 32 (at most 4096)");
+  const json* keep = field("modules_to_not_convert");
+  KILN_CHECK(!keep || (keep->is_array() && keep->empty()), f,
+             ": quantization_config.modules_to_not_convert: AWQ checkpoints with unquantized "
+             "linear layers are not supported yet");
+  ck.quant = WeightQuant::Int4;
+  ck.quant_group = group->get<int64_t>();
+}
+
+// compressed-tensors: every config group must quantize weights to 8-bit floats per tensor or per
+// channel (float-quantized / naive-quantized format). Activation settings are accepted whatever
+// they say: kiln quantizes activations per token as each linear runs.
+void parse_compressed_tensors(const json& q, const std::string& f, Checkpoint& ck) {
+  const auto str = [](const json& j, const char* k) {
+    return j.is_object() && j.contains(k) && j[k].is_string() ? j[k].get<std::string>()
+                                                              : std::string("unset");
+  };
+  const std::string format = str(q, "format");
+  KILN_CHECK(format == "unset" || format == "float-quantized" || format == "naive-quantized", f,
+             ": quantization_config.format '", format.substr(0, 32),
+             "': kiln loads compressed-tensors float-quantized (FP8) checkpoints only");
+  KILN_CHECK(
+      q.contains("config_groups") && q["config_groups"].is_object() && !q["config_groups"].empty(),
+      f, ": quantization_config.config_groups: missing or empty");
+  for (const auto& [name, g] : q["config_groups"].items()) {
+    const json w = g.is_object() && g.contains("weights") ? g["weights"] : json();
+    const int64_t bits =
+        w.is_object() && w.contains("num_bits") && w["num_bits"].is_number_integer()
+            ? w["num_bits"].get<int64_t>()
+            : 0;
+    const std::string type = str(w, "type"), strategy = str(w, "strategy");
+    KILN_CHECK(bits == 8 && type == "float" && (strategy == "tensor" || strategy == "channel"), f,
+               ": quantization_config.config_groups.", name.substr(0, 32), ".weights: ", bits,
+               "-bit ", type.substr(0, 16), " per ", strategy.substr(0, 16),
+               " is not supported yet (kiln loads FP8 weights per tensor or per channel)");
+  }
+  ck.quant = WeightQuant::Fp8;
+}
+
 Checkpoint from_config(const fs::path& cfg_path) {
   Checkpoint ck;
   const std::string f = cfg_path.string();
@@ -33,8 +90,9 @@ Checkpoint from_config(const fs::path& cfg_path) {
       c["architectures"].empty() || !c["architectures"][0].is_string())
     throw Error(cat(f, ": missing config field 'architectures'"));
   // Quantized checkpoints need their scheme's kernels; loading one as floats would read packed
-  // integers as weights. AWQ (GEMM packing, 4 bits, zero points) loads as int4-wo; other schemes
-  // are refused by name until they are supported.
+  // integers as weights. AWQ (GEMM packing, 4 bits, zero points) loads as int4-wo; FP8 with
+  // per-tensor or per-channel weight scales (compressed-tensors float-quantized, ModelOpt FP8,
+  // fbgemm_fp8, fp8 without blocks) as fp8. Other schemes are refused by name.
   if (c.contains("quantization_config")) {
     const json& q = c["quantization_config"];
     std::string method = "unnamed";
@@ -44,33 +102,29 @@ Checkpoint from_config(const fs::path& cfg_path) {
           method = q[k].get<std::string>();
           break;
         }
-    if (method != "awq")
-      throw Error(cat(f, ": quantization_config: quantized checkpoints ('", method.substr(0, 64),
-                      "') are not supported yet; kiln loads AWQ and builds F32, F16 and BF16 "
-                      "checkpoints"));
     const auto field = [&](const char* k) -> const json* {
       return q.contains(k) && !q[k].is_null() ? &q[k] : nullptr;
     };
-    const json* version = field("version");
-    const std::string ver = version && version->is_string() ? version->get<std::string>() : "gemm";
-    KILN_CHECK(ver == "gemm" || ver == "GEMM", f, ": quantization_config.version '",
-               ver.substr(0, 32), "': kiln loads AWQ in GEMM packing only");
-    const json* bits = field("bits");
-    KILN_CHECK(bits && bits->is_number_integer() && bits->get<int64_t>() == 4, f,
-               ": quantization_config.bits: kiln loads 4-bit AWQ only");
-    const json* zp = field("zero_point");
-    KILN_CHECK(!zp || (zp->is_boolean() && zp->get<bool>()), f,
-               ": quantization_config.zero_point: kiln loads AWQ with zero points only");
-    const json* group = field("group_size");
-    KILN_CHECK(group && group->is_number_integer() && group->get<int64_t>() >= 32 &&
-                   group->get<int64_t>() <= 4096 && group->get<int64_t>() % 32 == 0,
-               f, ": quantization_config.group_size must be a multiple of 32 (at most 4096)");
-    const json* keep = field("modules_to_not_convert");
-    KILN_CHECK(!keep || (keep->is_array() && keep->empty()), f,
-               ": quantization_config.modules_to_not_convert: AWQ checkpoints with unquantized "
-               "linear layers are not supported yet");
-    ck.quant = WeightQuant::Int4;
-    ck.quant_group = group->get<int64_t>();
+    if (method == "awq") {
+      parse_awq(q, f, ck);
+    } else if (method == "compressed-tensors") {
+      parse_compressed_tensors(q, f, ck);
+    } else if (method == "fp8" || method == "fbgemm_fp8") {
+      KILN_CHECK(!field("weight_block_size"), f,
+                 ": quantization_config.weight_block_size: block-wise FP8 checkpoints are not "
+                 "supported yet (kiln loads FP8 with per-tensor or per-channel scales)");
+      ck.quant = WeightQuant::Fp8;
+    } else if (method == "modelopt") {
+      const json* algo = field("quant_algo");
+      const std::string a = algo && algo->is_string() ? algo->get<std::string>() : "unnamed";
+      KILN_CHECK(a == "FP8", f, ": quantization_config.quant_algo '", a.substr(0, 32),
+                 "': kiln loads ModelOpt FP8 only");
+      ck.quant = WeightQuant::Fp8;
+    } else {
+      throw Error(cat(f, ": quantization_config: quantized checkpoints ('", method.substr(0, 64),
+                      "') are not supported yet; kiln loads AWQ, FP8 (compressed-tensors, "
+                      "ModelOpt, per-tensor fp8) and F32, F16 and BF16 checkpoints"));
+    }
   }
   ck.spec = &find_arch(c["architectures"][0].get<std::string>());
   ck.config = resolve_config(*ck.spec, c, f);
@@ -115,6 +169,7 @@ struct Source {
   std::string hf;  // for AWQ: the module name, holding .qweight, .qzeros and .scales
   bool transpose;
   bool awq = false;
+  bool fp8 = false;  // E4M3 codes with a ".weight_scale" beside them
 };
 
 // Output rows are made in blocks of this many elements per thread: the float staging buffer.
@@ -176,10 +231,23 @@ Checkpoint open_checkpoint(const fs::path& dir, bool with_weights) {
     ck.generation_defaults =
         apply_generation_config(ck.config, read_json(dir / "generation_config.json"),
                                 (dir / "generation_config.json").string());
-  if (fs::exists(dir / "hf_quant_config.json"))
-    throw Error(cat((dir / "hf_quant_config.json").string(),
-                    ": quantized checkpoints (ModelOpt) are not supported yet; kiln builds F32, "
-                    "F16 and BF16 checkpoints"));
+  if (fs::exists(dir / "hf_quant_config.json")) {
+    // ModelOpt's own description: {"quantization": {"quant_algo": ..., "kv_cache_quant_algo":
+    // ...}}. FP8 loads as fp8; a KV-cache scheme's scales are not used (kiln's cache stays in
+    // the engine dtype).
+    const fs::path qf = dir / "hf_quant_config.json";
+    const json j = read_json(qf);
+    const json* qz = j.is_object() && j.contains("quantization") ? &j["quantization"] : nullptr;
+    const std::string algo =
+        qz && qz->is_object() && qz->contains("quant_algo") && (*qz)["quant_algo"].is_string()
+            ? (*qz)["quant_algo"].get<std::string>()
+            : "unnamed";
+    KILN_CHECK(algo == "FP8", qf.string(), ": quantization.quant_algo '", algo.substr(0, 32),
+               "': kiln loads ModelOpt FP8 only");
+    KILN_CHECK(ck.quant == WeightQuant::None || ck.quant == WeightQuant::Fp8, qf.string(),
+               ": disagrees with config.json's quantization_config");
+    ck.quant = WeightQuant::Fp8;
+  }
   if (with_weights) ck.weights = WeightSet::open_dir(dir);
   return ck;
 }
@@ -274,22 +342,86 @@ WeightPlan plan_awq(const std::shared_ptr<WeightSet>& wset, const std::string& n
   return r;
 }
 
+// An engine fp8 weight (codes, per-row scales) from FP8 checkpoint weights fused along the
+// output rows: the codes as published, each part's scale repeated over its rows (per tensor) or
+// taken row by row (per channel). Nothing is requantized.
+WeightPlan plan_fp8(const std::shared_ptr<WeightSet>& wset, const std::string& name,
+                    const std::vector<std::string>& part_names,
+                    const std::map<std::string, Source>& src) {
+  struct P {
+    std::string weight, scale;
+    int64_t rows;
+  };
+  std::vector<P> parts;
+  int64_t rows = 0, in = 0;
+  for (const auto& p : part_names) {
+    const std::string& hf = src.at(p).hf;
+    const Shape& s = wset->info(hf).shape;
+    const std::string sc =
+        hf.ends_with(".weight") ? hf.substr(0, hf.size() - 7) + ".weight_scale" : hf + "_scale";
+    parts.push_back({hf, sc, s[0]});
+    rows += s[0];
+    in = s[1];
+  }
+  const auto each = [parts](int64_t row0, int64_t n, const auto& f) {
+    int64_t first = 0;
+    for (const P& p : parts) {
+      const int64_t a = std::max(row0, first), b = std::min(row0 + n, first + p.rows);
+      if (a < b) f(p, first, a, b);
+      first += p.rows;
+    }
+  };
+  PlannedTensor codes, scales;
+  codes.name = name;
+  codes.dtype = DType::F8_E4M3;
+  codes.shape = {rows, in};
+  codes.fill = [wset, each, in](int64_t row0, int64_t n, void* dst) {
+    each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
+      const Tensor w = wset->get(p.weight);
+      std::memcpy(static_cast<char*>(dst) + size_t((a - row0) * in),
+                  static_cast<const char*>(w.data) + size_t((a - first) * in),
+                  size_t((b - a) * in));
+      wset->drop_pages(p.weight, uint64_t((a - first) * in), uint64_t((b - first) * in));
+    });
+  };
+  scales.name = name + ".scale";
+  scales.dtype = DType::F32;
+  scales.shape = {rows};
+  scales.fill = [wset, each](int64_t row0, int64_t n, void* dst) {
+    auto* d = static_cast<float*>(dst);
+    each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
+      const Tensor sc = wset->get(p.scale);
+      std::vector<float> v(static_cast<size_t>(sc.numel()));
+      to_f32(sc.dtype, sc.data, v.data(), v.size());
+      for (int64_t r = a; r < b; ++r) d[r - row0] = v.size() == 1 ? v[0] : v[size_t(r - first)];
+    });
+  };
+  scales.release = [wset, parts] {
+    for (const P& p : parts) wset->drop_pages(p.weight), wset->drop_pages(p.scale);
+  };
+  WeightPlan r;
+  r.push_back(std::move(codes));
+  r.push_back(std::move(scales));
+  return r;
+}
+
 }  // namespace
 
 WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
   KILN_CHECK(ck.weights, ck.dir.string(), ": checkpoint has no weights");
   const ModelConfig& c = ck.config;
   const WeightSet& ws = *ck.weights;
-  const bool awq = ck.quant != WeightQuant::None;
-  if (awq) {
-    KILN_CHECK(q == WeightQuant::None || q == ck.quant, ck.dir.string(), ": the checkpoint is AWQ ",
-               weight_quant_name(ck.quant), "; --quant ", weight_quant_name(q),
+  const bool awq = ck.quant == WeightQuant::Int4, fp8 = ck.quant == WeightQuant::Fp8;
+  if (ck.quant != WeightQuant::None) {
+    KILN_CHECK(q == WeightQuant::None || q == ck.quant, ck.dir.string(), ": the checkpoint is ",
+               awq ? "AWQ " : "", weight_quant_name(ck.quant), "; --quant ", weight_quant_name(q),
                " would requantize it (leave --quant out)");
     q = ck.quant;
   }
   std::map<std::string, Source> src;  // canonical source name -> HF tensor
   std::vector<std::string> unexpected, missing, bad_shape;
-  std::set<std::string> awq_parts;  // .qzeros / .scales tensors of AWQ modules that were mapped
+  std::set<std::string> awq_parts;   // .qzeros / .scales tensors of AWQ modules that were mapped
+  std::set<std::string> fp8_scales;  // .weight_scale tensors of FP8 weights that were mapped
   for (const auto& hf : ws.names()) {
     int64_t layer = -1, expert = -1;
     bool ignored = false;
@@ -299,6 +431,12 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
     std::string name = hf;
     bool packed = false;
     if (awq && (hf.ends_with(".qzeros") || hf.ends_with(".scales"))) continue;  // checked below
+    if (fp8 && hf.ends_with(".weight_scale")) continue;                         // checked below
+    // Static activation and KV-cache scales: kiln scales activations per token as it runs and
+    // keeps its KV cache in the engine dtype, so these are not used.
+    if (fp8 && (hf.ends_with(".input_scale") || hf.ends_with(".input_scale_ub") ||
+                hf.ends_with(".k_scale") || hf.ends_with(".v_scale")))
+      continue;
     if (awq && hf.ends_with(".qweight")) {
       name = hf.substr(0, hf.size() - 8) + ".weight";
       packed = true;
@@ -359,6 +497,32 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
       bad_shape.push_back(cat(hf, " has dtype ", dtype_name(ti.dtype), " (expected a float type)"));
       continue;
     }
+    if (ti.dtype == DType::F8_E4M3 || ti.dtype == DType::F8_E5M2) {
+      // FP8 codes: they stand for code * weight_scale, one scale per tensor or per output row.
+      const std::string sc =
+          hf.ends_with(".weight") ? hf.substr(0, hf.size() - 7) + ".weight_scale" : hf + "_scale";
+      if (!fp8 || ti.dtype != DType::F8_E4M3 || rule->transpose) {
+        bad_shape.push_back(cat(hf, " has dtype ", dtype_name(ti.dtype),
+                                fp8 ? " (kiln loads E4M3 FP8 linear weights only)"
+                                    : " but config.json has no FP8 quantization_config"));
+        continue;
+      }
+      if (!ws.contains(sc)) {
+        missing.push_back(sc);
+        continue;
+      }
+      const TensorInfo& si = ws.info(sc);
+      const int64_t n = numel(si.shape);
+      if (!is_float(si.dtype) || si.dtype == DType::F8_E4M3 || si.dtype == DType::F8_E5M2 ||
+          (n != 1 && (n != want[0] || si.shape[0] != want[0]))) {
+        bad_shape.push_back(cat(sc, " ", dtype_name(si.dtype), shape_str(si.shape),
+                                " (expected one scale, or one per output row of ", want[0], ")"));
+        continue;
+      }
+      fp8_scales.insert(sc);
+      src[canon] = {hf, false, false, true};
+      continue;
+    }
     src[canon] = {hf, rule->transpose};
   }
 
@@ -394,9 +558,10 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
   }
   for (const auto& [canon, s] : src)
     if (!used.count(canon)) unexpected.push_back(s.hf);
-  if (awq)  // AWQ tensors whose module was not mapped
+  if (awq || fp8)  // AWQ / FP8 scale tensors whose weight was not mapped
     for (const auto& hf : ws.names())
-      if ((hf.ends_with(".qzeros") || hf.ends_with(".scales")) && !awq_parts.count(hf)) {
+      if (awq ? (hf.ends_with(".qzeros") || hf.ends_with(".scales")) && !awq_parts.count(hf)
+              : hf.ends_with(".weight_scale") && !fp8_scales.count(hf)) {
         bool ignored = false;
         int64_t layer = -1, expert = -1;
         for (const auto& pat : ck.spec->ignored)
@@ -421,6 +586,20 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
   auto wset = std::make_shared<WeightSet>(ws);
   WeightPlan out;
   for (const auto& [name, part_names] : plan) {
+    if (fp8) {
+      size_t n_fp8 = 0;
+      for (const auto& p : part_names) n_fp8 += src[p].fp8;
+      if (n_fp8) {
+        const bool quantized = quantizes(q, role[name]);
+        KILN_CHECK(quantized && n_fp8 == part_names.size(), ck.dir.string(), ": ", name,
+                   quantized ? " is FP8 in part (kiln needs every part of a fused weight in FP8)"
+                             : " is FP8 in the checkpoint, but kiln keeps this weight in the "
+                               "engine dtype (not supported yet)");
+        for (auto& t : plan_fp8(wset, name, part_names, src)) out.push_back(std::move(t));
+        continue;
+      }
+      // Dense linears the checkpoint left in 16 bits fall through: kiln quantizes them itself.
+    }
     if (awq) {
       size_t n_packed = 0;
       for (const auto& p : part_names) n_packed += src[p].awq;

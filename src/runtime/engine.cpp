@@ -72,12 +72,13 @@ std::unique_ptr<Engine::Impl> prepare(const Checkpoint& ck, const BuildConfig& b
   impl->resolve_build(bc, ck.config_dtype);
   if (ck.quant != WeightQuant::None) {  // quantized as published: kiln keeps its scheme
     KILN_CHECK(impl->quant == WeightQuant::None || impl->quant == ck.quant, ck.dir.string(),
-               ": the checkpoint is AWQ ", weight_quant_name(ck.quant), "; --quant ",
-               weight_quant_name(impl->quant), " would requantize it (leave --quant out)");
+               ": the checkpoint is ", ck.quant == WeightQuant::Int4 ? "AWQ " : "",
+               weight_quant_name(ck.quant), "; --quant ", weight_quant_name(impl->quant),
+               " would requantize it (leave --quant out)");
     KILN_CHECK(impl->dtype != DType::F32, ck.dir.string(),
                ": a quantized checkpoint runs with 16-bit activations; give --dtype bf16 or f16");
     impl->quant = ck.quant;
-    // Dummy weights from an AWQ config are quantized by kiln, in its default groups.
+    // Dummy weights from a quantized config are quantized by kiln, in its default groups.
     impl->quant_group = ck.weights ? ck.quant_group : 0;
   }
   impl->generation_defaults = ck.generation_defaults;
