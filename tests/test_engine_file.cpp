@@ -204,10 +204,11 @@ TEST(EngineFile, QuantizedCheckpointsAreRefusedByName) {
   TempDir tmp;
   copy_dir(hf("llama"), tmp / "m");
   auto cfg = read_json(tmp / "m" / "config.json");
-  cfg["quantization_config"] = {{"quant_method", "gptq"}, {"bits", 4}};
+  cfg["quantization_config"] = {{"quant_method", "bitsandbytes"}, {"load_in_4bit", true}};
   write_json(tmp / "m" / "config.json", cfg);
   std::string err = error_of([&] { Engine::build_to(tmp / "m", tmp / "e"); });
-  EXPECT_NE(err.find("quantization_config: quantized checkpoints ('gptq') are not supported yet"),
+  EXPECT_NE(err.find("quantization_config: quantized checkpoints ('bitsandbytes') are not "
+                     "supported yet"),
             std::string::npos)
       << err;
   // AWQ loads, but only in the variant kiln runs: 4 bits, GEMM packing, zero points, a group.

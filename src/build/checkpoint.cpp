@@ -51,6 +51,33 @@ void parse_awq(const json& q, const std::string& f, Checkpoint& ck) {
   ck.quant_group = group->get<int64_t>();
 }
 
+// GPTQ (AutoGPTQ / GPTQModel): 4 bits in groups of a multiple of 32 along the inputs, without
+// act-order (desc_act reorders the inputs, which kiln's kernels do not do).
+void parse_gptq(const json& q, const std::string& f, Checkpoint& ck) {
+  const auto field = [&](const char* k) -> const json* {
+    return q.contains(k) && !q[k].is_null() ? &q[k] : nullptr;
+  };
+  const json* bits = field("bits");
+  KILN_CHECK(bits && bits->is_number_integer() && bits->get<int64_t>() == 4, f,
+             ": quantization_config.bits: kiln loads 4-bit GPTQ only");
+  const json* act = field("desc_act");
+  KILN_CHECK(!act || (act->is_boolean() && !act->get<bool>()), f,
+             ": quantization_config.desc_act: act-order GPTQ checkpoints are not supported yet");
+  const json* group = field("group_size");
+  KILN_CHECK(group && group->is_number_integer() && group->get<int64_t>() >= 32 &&
+                 group->get<int64_t>() <= 4096 && group->get<int64_t>() % 32 == 0,
+             f, ": quantization_config.group_size must be a multiple of 32 (at most 4096)");
+  const json* fmt = field("checkpoint_format");
+  const std::string format = fmt && fmt->is_string() ? fmt->get<std::string>() : "gptq";
+  KILN_CHECK(format == "gptq" || format == "gptq_v2", f,
+             ": quantization_config.checkpoint_format '", format.substr(0, 32),
+             "': kiln loads gptq and gptq_v2");
+  ck.quant = WeightQuant::Int4;
+  ck.quant_group = group->get<int64_t>();
+  ck.gptq = true;
+  ck.gptq_zero_offset = format == "gptq" ? 1 : 0;
+}
+
 // compressed-tensors: every config group must quantize weights to 8-bit floats per tensor or per
 // channel (float-quantized / naive-quantized format). Activation settings are accepted whatever
 // they say: kiln quantizes activations per token as each linear runs.
@@ -107,6 +134,8 @@ Checkpoint from_config(const fs::path& cfg_path) {
     };
     if (method == "awq") {
       parse_awq(q, f, ck);
+    } else if (method == "gptq") {
+      parse_gptq(q, f, ck);
     } else if (method == "compressed-tensors") {
       parse_compressed_tensors(q, f, ck);
     } else if (method == "fp8" || method == "fbgemm_fp8") {
@@ -122,7 +151,7 @@ Checkpoint from_config(const fs::path& cfg_path) {
       ck.quant = WeightQuant::Fp8;
     } else {
       throw Error(cat(f, ": quantization_config: quantized checkpoints ('", method.substr(0, 64),
-                      "') are not supported yet; kiln loads AWQ, FP8 (compressed-tensors, "
+                      "') are not supported yet; kiln loads AWQ, GPTQ, FP8 (compressed-tensors, "
                       "ModelOpt, per-tensor fp8) and F32, F16 and BF16 checkpoints"));
     }
   }
@@ -263,22 +292,27 @@ Checkpoint open_config(const fs::path& config_json) {
 
 namespace {
 
-// An engine int4-wo weight (codes, scales, zeros) from AWQ modules fused along the output rows.
+// An engine int4-wo weight (codes, scales, zeros) from AWQ or GPTQ modules fused along the
+// output rows.
 WeightPlan plan_awq(const std::shared_ptr<WeightSet>& wset, const std::string& name,
                     const std::vector<std::string>& part_names,
-                    const std::map<std::string, Source>& src, int64_t group) {
+                    const std::map<std::string, Source>& src, const Checkpoint& ck) {
   struct P {
     std::string base;
     int64_t rows;
   };
   std::vector<P> parts;
   int64_t rows = 0, in = 0;
+  const int64_t group = ck.quant_group;
+  const bool gptq = ck.gptq;
+  const int zoff = ck.gptq_zero_offset;
   for (const auto& p : part_names) {
     const std::string& base = src.at(p).hf;
-    const Shape& qs = wset->info(base + ".qweight").shape;  // [in, out / 8]
-    parts.push_back({base, 8 * qs[1]});
-    rows += 8 * qs[1];
-    in = qs[0];
+    const Shape& qs = wset->info(base + ".qweight").shape;  // AWQ [in, out / 8], GPTQ [in / 8, out]
+    const int64_t out = gptq ? qs[1] : 8 * qs[1];
+    parts.push_back({base, out});
+    rows += out;
+    in = gptq ? 8 * qs[0] : qs[0];
   }
   const int64_t G = in / group;
   // Calls f(part, first engine row of the part, a, b) for the part rows overlapping [row0, row0+n).
@@ -294,14 +328,19 @@ WeightPlan plan_awq(const std::shared_ptr<WeightSet>& wset, const std::string& n
   codes.name = name;
   codes.dtype = DType::U8;
   codes.shape = {rows, in / 2};
-  codes.fill = [wset, each, in](int64_t row0, int64_t n, void* dst) {
+  codes.fill = [wset, each, in, gptq](int64_t row0, int64_t n, void* dst) {
     auto* d = static_cast<uint8_t*>(dst);
     std::memset(d, 0, size_t(n * in / 2));
     each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
       const Tensor qw = wset->get(p.base + ".qweight");
       for (int64_t c = 0; c < in; ++c)  // the packed rows are input features
-        for (int64_t o = a; o < b; ++o)
-          d[(o - row0) * (in / 2) + c / 2] |= uint8_t(awq_value(qw, c, o - first) << (4 * (c % 2)));
+        for (int64_t o = a; o < b; ++o) {
+          // GPTQ: input c is value c % 8 (in order) of word [c / 8, o].
+          const uint8_t v =
+              gptq ? uint8_t((read_u32(qw, (c / 8) * p.rows + (o - first)) >> (4 * (c % 8))) & 15u)
+                   : awq_value(qw, c, o - first);
+          d[(o - row0) * (in / 2) + c / 2] |= uint8_t(v << (4 * (c % 2)));
+        }
     });
   };
   scales.name = name + ".scale";
@@ -323,17 +362,25 @@ WeightPlan plan_awq(const std::shared_ptr<WeightSet>& wset, const std::string& n
   zeros.name = name + ".zero";
   zeros.dtype = DType::U8;
   zeros.shape = {rows, G};
-  zeros.fill = [wset, each, G](int64_t row0, int64_t n, void* dst) {
+  zeros.fill = [wset, each, G, gptq, zoff](int64_t row0, int64_t n, void* dst) {
     auto* d = static_cast<uint8_t*>(dst);
     each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
       const Tensor qz = wset->get(p.base + ".qzeros");  // [G, out / 8]
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t o = a; o < b; ++o) d[(o - row0) * G + g] = awq_value(qz, g, o - first);
+        for (int64_t o = a; o < b; ++o) {
+          const int64_t oo = o - first;
+          // GPTQ's v1 format stores zero - 1 (so a zero of 0 is stored as 15): add it back.
+          d[(o - row0) * G + g] =
+              gptq ? uint8_t(((read_u32(qz, g * (p.rows / 8) + oo / 8) >> (4 * (oo % 8))) + zoff) &
+                             15u)
+                   : awq_value(qz, g, oo);
+        }
     });
   };
   zeros.release = [wset, parts] {
     for (const P& p : parts)
-      for (const char* t : {".qweight", ".qzeros", ".scales"}) wset->drop_pages(p.base + t);
+      for (const char* t : {".qweight", ".qzeros", ".scales", ".g_idx"})
+        if (wset->contains(p.base + t)) wset->drop_pages(p.base + t);
   };
   WeightPlan r;
   r.push_back(std::move(codes));
@@ -414,8 +461,8 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
   const bool awq = ck.quant == WeightQuant::Int4, fp8 = ck.quant == WeightQuant::Fp8;
   if (ck.quant != WeightQuant::None) {
     KILN_CHECK(q == WeightQuant::None || q == ck.quant, ck.dir.string(), ": the checkpoint is ",
-               awq ? "AWQ " : "", weight_quant_name(ck.quant), "; --quant ", weight_quant_name(q),
-               " would requantize it (leave --quant out)");
+               awq ? (ck.gptq ? "GPTQ " : "AWQ ") : "", weight_quant_name(ck.quant), "; --quant ",
+               weight_quant_name(q), " would requantize it (leave --quant out)");
     q = ck.quant;
   }
   std::map<std::string, Source> src;  // canonical source name -> HF tensor
@@ -430,8 +477,9 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
     // AWQ: a module's .qweight stands for its .weight; .qzeros and .scales go with it.
     std::string name = hf;
     bool packed = false;
-    if (awq && (hf.ends_with(".qzeros") || hf.ends_with(".scales"))) continue;  // checked below
-    if (fp8 && hf.ends_with(".weight_scale")) continue;                         // checked below
+    if (awq && (hf.ends_with(".qzeros") || hf.ends_with(".scales") || hf.ends_with(".g_idx")))
+      continue;                                          // checked below
+    if (fp8 && hf.ends_with(".weight_scale")) continue;  // checked below
     // Static activation and KV-cache scales: kiln scales activations per token as it runs and
     // keeps its KV cache in the engine dtype, so these are not used.
     if (fp8 && (hf.ends_with(".input_scale") || hf.ends_with(".input_scale_ub") ||
@@ -459,7 +507,8 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
       continue;
     }
     if (packed) {
-      // qweight I32 [in, out / 8], qzeros I32 [in / g, out / 8], scales float [in / g, out].
+      // AWQ: qweight I32 [in, out / 8]; GPTQ: qweight I32 [in / 8, out] and maybe g_idx I32
+      // [in]. Both: qzeros I32 [in / g, out / 8], scales float [in / g, out].
       const std::string base = hf.substr(0, hf.size() - 8);
       const int64_t out = want[0], in = want[1], g = ck.quant_group;
       const auto check = [&](const std::string& t, Shape shape, bool is_f) {
@@ -477,13 +526,28 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
         return true;
       };
       if (rule->transpose || out % 8 != 0 || in % g != 0) {
-        bad_shape.push_back(cat(hf, ": AWQ packing needs ", out, " outputs a multiple of 8 and ",
-                                in, " inputs a multiple of the group size ", g));
+        bad_shape.push_back(cat(hf, ": ", ck.gptq ? "GPTQ" : "AWQ", " packing needs ", out,
+                                " outputs a multiple of 8 and ", in,
+                                " inputs a multiple of the group size ", g));
         continue;
       }
-      const bool ok = check(hf, {in, out / 8}, false) &
-                      check(base + ".qzeros", {in / g, out / 8}, false) &
-                      check(base + ".scales", {in / g, out}, true);
+      bool ok = check(hf, ck.gptq ? Shape{in / 8, out} : Shape{in, out / 8}, false) &
+                check(base + ".qzeros", {in / g, out / 8}, false) &
+                check(base + ".scales", {in / g, out}, true);
+      if (ck.gptq && ws.contains(base + ".g_idx")) {
+        // Without act-order every input c is in group c / g; anything else is refused.
+        ok = ok && check(base + ".g_idx", {in}, false);
+        if (ok) {
+          const Tensor gi = ws.get(base + ".g_idx");
+          for (int64_t c = 0; c < in && ok; ++c)
+            if (int64_t(int32_t(read_u32(gi, c))) != c / g) {
+              bad_shape.push_back(cat(base, ".g_idx: input ", c, " is in group ",
+                                      int32_t(read_u32(gi, c)), ", not ", c / g,
+                                      " (act-order is not supported yet)"));
+              ok = false;
+            }
+        }
+      }
       if (ok) src[canon] = {base, false, true};
       continue;
     }
@@ -560,7 +624,8 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
     if (!used.count(canon)) unexpected.push_back(s.hf);
   if (awq || fp8)  // AWQ / FP8 scale tensors whose weight was not mapped
     for (const auto& hf : ws.names())
-      if (awq ? (hf.ends_with(".qzeros") || hf.ends_with(".scales")) && !awq_parts.count(hf)
+      if (awq ? (hf.ends_with(".qzeros") || hf.ends_with(".scales") || hf.ends_with(".g_idx")) &&
+                    !awq_parts.count(hf)
               : hf.ends_with(".weight_scale") && !fp8_scales.count(hf)) {
         bool ignored = false;
         int64_t layer = -1, expert = -1;
@@ -609,8 +674,7 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
                            : " is AWQ-quantized, but kiln keeps this weight in the engine dtype "
                              "(not supported yet)");
       if (quantized) {
-        for (auto& t : plan_awq(wset, name, part_names, src, ck.quant_group))
-          out.push_back(std::move(t));
+        for (auto& t : plan_awq(wset, name, part_names, src, ck)) out.push_back(std::move(t));
         continue;
       }
     }

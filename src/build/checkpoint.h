@@ -29,6 +29,10 @@ struct Checkpoint {
   // checkpoints.
   WeightQuant quant = WeightQuant::None;
   int64_t quant_group = 0;
+  // int4 packing: AWQ (qweight [in, out / 8], values in the order 0 2 4 6 1 3 5 7) or GPTQ
+  // (qweight [in / 8, out], values in order; its v1 format stores each zero point minus 1).
+  bool gptq = false;
+  int gptq_zero_offset = 0;
 };
 
 // Reads config.json (+ generation_config.json) from `dir`; `with_weights` also opens the
