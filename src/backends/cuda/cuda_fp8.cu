@@ -6,6 +6,7 @@
 
 #include "backends/cuda/cuda_common.h"
 #include "backends/cuda/cuda_fp8.h"
+#include "backends/cuda/cuda_mma.h"
 #include "core/quant.h"
 
 namespace kiln::cuda {
@@ -85,15 +86,7 @@ void launch_quant(const QuantActFp8Params& p, cudaStream_t s) {
 
 // ---- GEMV ----
 
-constexpr int kWarps = 8;  // split the inputs of a block's 16 rows
-
-__device__ __forceinline__ uint4 ld_stream(const void* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
+constexpr int kWarps = 8;  // one 64-input step of each tile apiece
 
 __device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                          uint32_t a3, uint32_t b0, uint32_t b1) {
@@ -104,116 +97,52 @@ __device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Block: 16 output rows, kWarps warps splitting the inputs in 64-input steps. Lane (g, t) =
-// (lane / 4, lane % 4) loads 16 bytes at input 64 * step + 16 t of rows g and g + 8 and the 16
-// activation codes of token g there. In the mma's fragments (PTX m16n8k32, 8-bit types) that lane
-// holds A rows g and g + 8 and B column g at the same 8 k-slots per mma, so feeding it the bytes
-// it loaded computes the same dot products over a permuted k: words 0-1 go to the first mma,
-// words 2-3 to the second.
-//
-// Fused: x is the 16-bit activations; each block finds every token's max |x| itself and
-// quantizes the 16 values it feeds the mma (the codes quant_act_fp8 would write), which saves the
-// separate quantization kernel, a launch and a round trip through memory for small n * in.
-// kUnroll: 64-input steps a warp has loads in flight for; kMinBlocks: blocks an SM keeps
-// resident (the register budget).
-template <typename T, bool Fused, int kUnroll, int kMinBlocks>
-__global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
-    gemv_fp8_kernel(const void* __restrict__ xv, int64_t ldq, const float* __restrict__ sx_in,
-                    int n, const uint8_t* __restrict__ w, const float* __restrict__ sw, int in,
-                    int out, const float* __restrict__ bias, T* __restrict__ y, int64_t ldy) {
-  pdl_trigger();
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
-  const int row0 = int(blockIdx.x) * 16;
-  // Rows past the end read the last row and are never stored; tokens past n read zeros.
-  const uint8_t* w0 = w + int64_t(min(row0 + g, out - 1)) * in;
-  const uint8_t* w1 = w + int64_t(min(row0 + g + 8, out - 1)) * in;
-  const bool has_x = g < n;
-  const int steps = (in + 63) / 64, stride = kWarps * kUnroll;
-  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-  uint4 a[kUnroll], b[kUnroll];
-  const auto load_w = [&](int s0, uint4(&ra)[kUnroll], uint4(&rb)[kUnroll]) {
+// Every token's scale (max |x| / 448) and reciprocal (448 / max |x|), 0 for tiny rows, into
+// shared scale[] / inv[]: the block reads all n * in activations (vectors of 8).
+template <typename T>
+__device__ __forceinline__ void token_scales(const T* __restrict__ x, int64_t ld, int n, int in,
+                                             float* scale, float* inv) {
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  float m[kGemvFp8MaxRows];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int col = (s0 + u * kWarps) * 64 + t * 16;
-      const bool ok = s0 + u * kWarps < steps && col < in;
-      ra[u] = ok ? ld_stream(w0 + col) : zero;
-      rb[u] = ok ? ld_stream(w1 + col) : zero;
-    }
-  };
-  load_w(warp, a, b);
-  pdl_wait();  // the weights do not depend on the previous kernel; the activations do
-
-  __shared__ float scale[8], inv[8];
-  if constexpr (Fused) {
-    // Every token's max |x| over the block, n * in / 8 vectors of 8.
-    const T* x = static_cast<const T*>(xv);
-    float m[kGemvFp8MaxRows];
+  for (int k = 0; k < kGemvFp8MaxRows; ++k) m[k] = 0.0f;
+  const int vecs = in / 8;
+  for (int i = int(threadIdx.x); i < n * vecs; i += int(blockDim.x)) {
+    const int tok = i / vecs, c = (i % vecs) * 8;
+    float f[8];
+    unpack_vec<T>(*reinterpret_cast<const uint4*>(x + tok * ld + c), f);
+    float v = 0.0f;
 #pragma unroll
-    for (int k = 0; k < kGemvFp8MaxRows; ++k) m[k] = 0.0f;
-    const int vecs = in / 8;
-    for (int i = int(threadIdx.x); i < n * vecs; i += int(blockDim.x)) {
-      const int tok = i / vecs, c = (i % vecs) * 8;
-      float f[8];
-      unpack_vec<T>(*reinterpret_cast<const uint4*>(x + tok * ldq + c), f);
-      float v = 0.0f;
+    for (int e = 0; e < 8; ++e) v = fmaxf(v, fabsf(f[e]));
 #pragma unroll
-      for (int e = 0; e < 8; ++e) v = fmaxf(v, fabsf(f[e]));
-#pragma unroll
-      for (int k = 0; k < kGemvFp8MaxRows; ++k)
-        if (k == tok) m[k] = fmaxf(m[k], v);
-    }
-    __shared__ float red[kWarps][kGemvFp8MaxRows];
-#pragma unroll
-    for (int k = 0; k < kGemvFp8MaxRows; ++k) {
-      const float v = warp_max(m[k]);
-      if (lane == 0) red[warp][k] = v;
-    }
-    __syncthreads();
-    if (threadIdx.x < kGemvFp8MaxRows) {
-      float amax = 0.0f;
-      for (int k = 0; k < kWarps; ++k) amax = fmaxf(amax, red[k][threadIdx.x]);
-      const bool tiny = amax < kFp8TinyRow;
-      scale[threadIdx.x] = tiny ? 0.0f : amax / kE4M3Max;
-      inv[threadIdx.x] = tiny ? 0.0f : kE4M3Max / amax;
-    }
-    __syncthreads();
+    for (int k = 0; k < kGemvFp8MaxRows; ++k)
+      if (k == tok) m[k] = fmaxf(m[k], v);
   }
-  const float my_inv = Fused ? inv[g] : 0.0f;
-  const auto load_x = [&](int col) -> uint4 {
-    if constexpr (Fused) {
-      const T* x = static_cast<const T*>(xv) + int64_t(g) * ldq + col;
-      float f[16];
-      unpack_vec<T>(__ldg(reinterpret_cast<const uint4*>(x)), f);
-      unpack_vec<T>(__ldg(reinterpret_cast<const uint4*>(x) + 1), f + 8);
-      const uint2 lo = to_e4m3x8(f, my_inv), hi = to_e4m3x8(f + 8, my_inv);
-      return make_uint4(lo.x, lo.y, hi.x, hi.y);
-    } else {
-      return __ldg(reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(xv) + g * ldq + col));
-    }
-  };
-
-  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int s0 = warp; s0 < steps; s0 += stride) {
-    // The next batch of weights goes out first, so it is in flight while this batch's
-    // activations come from L2 (and, fused, are converted) and its mmas run.
-    uint4 na[kUnroll], nb[kUnroll];
-    if (s0 + stride < steps) load_w(s0 + stride, na, nb);
-    uint4 xq[kUnroll];
+  __shared__ float red[kWarps][kGemvFp8MaxRows];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int col = (s0 + u * kWarps) * 64 + t * 16;
-      xq[u] = has_x && s0 + u * kWarps < steps && col < in ? load_x(col) : zero;
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      mma_e4m3(c, a[u].x, b[u].x, a[u].y, b[u].y, xq[u].x, xq[u].y);
-      mma_e4m3(c, a[u].z, b[u].z, a[u].w, b[u].w, xq[u].z, xq[u].w);
-    }
-    if (s0 + stride < steps)
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) a[u] = na[u], b[u] = nb[u];
+  for (int k = 0; k < kGemvFp8MaxRows; ++k) {
+    const float v = warp_max(m[k]);
+    if (lane == 0) red[warp][k] = v;
   }
-  // C fragment: c0, c1 at (row g, tokens 2t, 2t + 1), c2, c3 at row g + 8.
+  __syncthreads();
+  if (threadIdx.x < kGemvFp8MaxRows) {
+    float amax = 0.0f;
+    for (int k = 0; k < kWarps; ++k) amax = fmaxf(amax, red[k][threadIdx.x]);
+    const bool tiny = amax < kFp8TinyRow;
+    scale[threadIdx.x] = tiny ? 0.0f : amax / kE4M3Max;
+    inv[threadIdx.x] = tiny ? 0.0f : kE4M3Max / amax;
+  }
+  __syncthreads();
+}
+
+// Sums the warps' accumulators and writes y = sum * st[token] * sw[row] (+ bias). The mma's C
+// fragment: c0, c1 at (row g, tokens 2t, 2t + 1), c2, c3 at row g + 8.
+template <typename T>
+__device__ __forceinline__ void store_rows(const float (&c)[4], int warp, int g, int t, int row0,
+                                           int n, int out, const float* st,
+                                           const float* __restrict__ sw,
+                                           const float* __restrict__ bias, T* __restrict__ y,
+                                           int64_t ldy) {
   __shared__ float red_c[kWarps][16][8];
   red_c[warp][g][2 * t] = c[0];
   red_c[warp][g][2 * t + 1] = c[1];
@@ -226,30 +155,118 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks)
     float s = 0.0f;
 #pragma unroll
     for (int k = 0; k < kWarps; ++k) s += red_c[k][r][tok];
-    const float st = Fused ? scale[tok] : sx_in[tok];
-    y[tok * ldy + row] = from_f<T>(s * st * sw[row] + (bias ? bias[row] : 0.0f));
+    y[tok * ldy + row] = from_f<T>(s * st[tok] * sw[row] + (bias ? bias[row] : 0.0f));
   }
 }
 
-template <typename T, int U, int B>
-void launch_gemv_v(const GemvFp8Params& p, cudaStream_t s) {
+// Block: 16 output rows. Its weight rows go through shared memory in tiles of kTileK inputs,
+// copied with cp.async in whole 512-byte row runs (coalesced), kStages tiles in flight; each of
+// the kWarps warps then takes one 64-input step of a tile. Lane (g, t) = (lane / 4, lane % 4)
+// reads the 16 bytes at input 64 * step + 16 t of rows g and g + 8 and the 16 activation codes
+// of token g there. In the mma's fragments (PTX m16n8k32, 8-bit types) that lane holds A rows g
+// and g + 8 and B column g at the same 8 k-slots per mma, so feeding it those bytes computes the
+// same dot products over a permuted k: words 0-1 go to the first mma, words 2-3 to the second.
+// Rows are padded by 64 bytes so the 8 lanes of a shared-memory phase hit distinct banks.
+//
+// Fused: x is the 16-bit activations; each block finds every token's max |x| itself and
+// quantizes the 16 values it feeds the mma (the codes quant_act_fp8 would write), which saves
+// the separate quantization kernel, a launch and a round trip through memory for small n * in.
+//
+// Measured on the H100 (docs/perf.md): an earlier form that loaded each lane's 16 bytes straight
+// from global memory (64-byte pieces of 8 rows per warp load, 122 registers) read the weights at
+// half the copy bandwidth; this one decodes 1.26x faster at batch 1.
+constexpr int kTileK = 512, kStages = 4, kPitch = kTileK + 64;
+static_assert(kTileK / 64 == kWarps, "one 64-input step per warp per tile");
+
+template <typename T, bool Fused>
+__global__ void __launch_bounds__(kWarps * 32)
+    gemv_fp8_kernel(const void* __restrict__ xv, int64_t ldq, const float* __restrict__ sx_in,
+                    int n, const uint8_t* __restrict__ w, const float* __restrict__ sw, int in,
+                    int out, const float* __restrict__ bias, T* __restrict__ y, int64_t ldy) {
+  pdl_trigger();
+  __shared__ __align__(16) uint8_t tile[kStages][16 * kPitch];
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
+  const int row0 = int(blockIdx.x) * 16, tiles = (in + kTileK - 1) / kTileK;
+  const auto issue = [&](int kt) {
+    uint8_t* st = tile[kt % kStages];
+    for (int i = int(threadIdx.x); i < 16 * (kTileK / 16); i += kWarps * 32) {
+      const int r = i / (kTileK / 16), c = (i % (kTileK / 16)) * 16, col = kt * kTileK + c;
+      const bool ok = kt < tiles && col < in;
+      // Rows past the end read the last row and are never stored; past `in`, zeros.
+      const uint8_t* src = w + int64_t(min(row0 + r, out - 1)) * in + (ok ? col : 0);
+      cp_async16(st + r * kPitch + c, src, ok);
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(s);
+  pdl_wait();  // the weights do not depend on the previous kernel; the activations do
+
+  __shared__ float scale[8], inv[8];
+  if constexpr (Fused) token_scales<T>(static_cast<const T*>(xv), ldq, n, in, scale, inv);
+  const float my_inv = Fused ? inv[g] : 0.0f;
+  const bool has_x = g < n;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  // This lane's activations for a tile: raw loads first (in flight during the mmas before), codes
+  // when used.
+  struct XRaw {
+    uint4 a, b;
+  };
+  const auto x_raw = [&](int kt) -> XRaw {
+    const int col = kt * kTileK + warp * 64 + t * 16;
+    if (!has_x || kt >= tiles || col >= in) return {zero, zero};
+    if constexpr (Fused) {
+      const uint4* p =
+          reinterpret_cast<const uint4*>(static_cast<const T*>(xv) + int64_t(g) * ldq + col);
+      return {__ldg(p), __ldg(p + 1)};
+    } else {
+      return {
+          __ldg(reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(xv) + g * ldq + col)),
+          zero};
+    }
+  };
+  const auto x_codes = [&](const XRaw& r) -> uint4 {
+    if constexpr (Fused) {
+      float f[16];
+      unpack_vec<T>(r.a, f);
+      unpack_vec<T>(r.b, f + 8);
+      const uint2 lo = to_e4m3x8(f, my_inv), hi = to_e4m3x8(f + 8, my_inv);
+      return make_uint4(lo.x, lo.y, hi.x, hi.y);
+    } else {
+      return r.a;
+    }
+  };
+  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  XRaw xr = x_raw(0);
+  for (int kt = 0; kt < tiles; ++kt) {
+    cp_async_wait<kStages - 2>();  // this thread's copies of tile kt have landed
+    __syncthreads();               // everyone's have; everyone is done with tile kt - 1
+    issue(kt + kStages - 1);       // into tile kt - 1's slot
+    const XRaw next = x_raw(kt + 1);
+    const uint8_t* st = tile[kt % kStages] + warp * 64 + t * 16;
+    const uint4 a = *reinterpret_cast<const uint4*>(st + g * kPitch);
+    const uint4 b = *reinterpret_cast<const uint4*>(st + (g + 8) * kPitch);
+    const uint4 xq = x_codes(xr);
+    mma_e4m3(c, a.x, b.x, a.y, b.y, xq.x, xq.y);
+    mma_e4m3(c, a.z, b.z, a.w, b.w, xq.z, xq.w);
+    xr = next;
+  }
+  cp_async_wait<0>();
+  store_rows<T>(c, warp, g, t, row0, n, out, Fused ? scale : sx_in, sw, bias, y, ldy);
+}
+
+template <typename T>
+void launch_gemv(const GemvFp8Params& p, cudaStream_t s) {
   const unsigned blocks = unsigned((p.out + 15) / 16);
   const bool fused = p.xq == nullptr;
   const void* x = fused ? p.x : static_cast<const void*>(p.xq);
   const int64_t ld = fused ? p.ldx : p.ldq;
   if (fused)
-    launch_kernel(gemv_fp8_kernel<T, true, U, B>, blocks, kWarps * 32, 0, s, x, ld, p.sx, int(p.n),
-                  p.w, p.sw, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy);
+    launch_kernel(gemv_fp8_kernel<T, true>, blocks, kWarps * 32, 0, s, x, ld, p.sx, int(p.n), p.w,
+                  p.sw, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy);
   else
-    launch_kernel(gemv_fp8_kernel<T, false, U, B>, blocks, kWarps * 32, 0, s, x, ld, p.sx, int(p.n),
-                  p.w, p.sw, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy);
-}
-
-// 4 steps in flight per warp, 2 blocks per SM (122 registers). Measured on the H100 against
-// (2, 4), (2, 3) and (3, 3): those gain up to 7% at batch 1 and lose up to 11% at batch 8.
-template <typename T>
-void launch_gemv(const GemvFp8Params& p, cudaStream_t s) {
-  launch_gemv_v<T, 4, 2>(p, s);
+    launch_kernel(gemv_fp8_kernel<T, false>, blocks, kWarps * 32, 0, s, x, ld, p.sx, int(p.n), p.w,
+                  p.sw, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy);
 }
 
 }  // namespace

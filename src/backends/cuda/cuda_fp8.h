@@ -26,8 +26,9 @@ void quant_act_fp8_launch(const QuantActFp8Params& p, cudaStream_t s);
 
 // y[t, r] = (sum_c e4m3(xq[t, c]) * e4m3(w[r, c])) * sx[t] * sw[r] (+ bias[r]) for n <= 8
 // tokens: one m16n8k32 FP8 mma per 16 rows and 32 inputs, the tokens as its 8 columns, so the
-// weights go to the tensor cores as loaded (no conversion instructions). Any order of the inputs
-// gives the same sum, so each thread feeds the mma the 16 contiguous bytes it loaded.
+// weights go to the tensor cores as stored (no conversion instructions). They are staged through
+// shared memory in coalesced tiles; any order of the inputs gives the same sum, so each thread
+// feeds the mma 16 contiguous bytes of a tile row.
 // Activations either as codes (xq, ldq, sx from quant_act_fp8) or, with xq null, as the 16-bit x
 // itself (x, ldx), quantized inside the kernel to the same codes and scales: the fused form, for
 // small n * in (kGemvFp8FusedMax), where a separate quantization kernel would cost more than
