@@ -37,6 +37,20 @@ DType quant_storage(WeightQuant q) {
   return q == WeightQuant::Int8 ? DType::I8 : DType::U8;
 }
 
+namespace {
+// max |w| over a row; false when the row holds a non-finite value.
+bool row_amax(const float* w, int64_t cols, float* amax) {
+  bool finite = true;
+  float m = 0.0f;
+  for (int64_t c = 0; c < cols; ++c) {
+    finite &= std::isfinite(w[c]);
+    m = std::max(m, std::fabs(w[c]));
+  }
+  *amax = m;
+  return finite;
+}
+}  // namespace
+
 int64_t int4_group(int64_t cols) {
   for (int64_t g : {128, 64, 32})
     if (cols % g == 0) return g;
@@ -68,12 +82,7 @@ bool quantize_int4_row(const float* w, int64_t cols, int64_t group, uint8_t* q, 
 
 bool quantize_int8_row(const float* w, int64_t cols, int8_t* q, float* scale) {
   float amax = 0.0f;
-  bool finite = true;
-  for (int64_t c = 0; c < cols; ++c) {
-    finite &= std::isfinite(w[c]);
-    amax = std::max(amax, std::fabs(w[c]));
-  }
-  if (!finite) return false;
+  if (!row_amax(w, cols, &amax)) return false;
   const float s = amax / 127.0f;
   *scale = s;
   if (s == 0.0f) {
@@ -128,12 +137,7 @@ float e4m3_to_f32(uint8_t v) {
 
 bool quantize_fp8_row(const float* w, int64_t cols, uint8_t* q, float* scale) {
   float amax = 0.0f;
-  bool finite = true;
-  for (int64_t c = 0; c < cols; ++c) {
-    finite &= std::isfinite(w[c]);
-    amax = std::max(amax, std::fabs(w[c]));
-  }
-  if (!finite) return false;
+  if (!row_amax(w, cols, &amax)) return false;
   // Multiply by the reciprocal, computed once, as the GPU kernels do (one division per row, not
   // per element); both give the same codes. Rows below kFp8TinyRow quantize to zeros: their
   // reciprocal would overflow.

@@ -1,0 +1,334 @@
+#include "build/quantized_checkpoint.h"
+
+#include <cstring>
+#include <fstream>
+
+#include "core/error.h"
+#include "io/json.h"
+
+namespace kiln {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+// AWQ's GEMM packing stores 8 4-bit values per int32 in the order 0 2 4 6 1 3 5 7: value k of
+// a word sits at nibble kAwqNibble[k].
+constexpr int kAwqNibble[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+
+// The 4-bit value for output column o of row r of an AWQ-packed [rows, cols / 8] int32 tensor.
+uint8_t awq_value(const Tensor& t, int64_t r, int64_t o) {
+  const int64_t words = t.shape[1];
+  return uint8_t((read_u32(t, r * words + o / 8) >> (4 * kAwqNibble[o % 8])) & 15u);
+}
+
+// q[k] when present and not null.
+const json* field(const json& q, const char* k) {
+  return q.contains(k) && !q[k].is_null() ? &q[k] : nullptr;
+}
+
+// The bits (4) and group size (a multiple of 32, at most 4096) AWQ and GPTQ both declare.
+int64_t int4_group(const json& q, const std::string& f, const char* scheme) {
+  const json* bits = field(q, "bits");
+  KILN_CHECK(bits && bits->is_number_integer() && bits->get<int64_t>() == 4, f,
+             ": quantization_config.bits: kiln loads 4-bit ", scheme, " only");
+  const json* group = field(q, "group_size");
+  KILN_CHECK(group && group->is_number_integer() && group->get<int64_t>() >= 32 &&
+                 group->get<int64_t>() <= 4096 && group->get<int64_t>() % 32 == 0,
+             f, ": quantization_config.group_size must be a multiple of 32 (at most 4096)");
+  return group->get<int64_t>();
+}
+
+// AWQ: GEMM packing, 4 bits, zero points, groups of a multiple of 32, every linear packed.
+void parse_awq(const json& q, const std::string& f, Checkpoint& ck) {
+  const json* version = field(q, "version");
+  const std::string ver = version && version->is_string() ? version->get<std::string>() : "gemm";
+  KILN_CHECK(ver == "gemm" || ver == "GEMM", f, ": quantization_config.version '",
+             ver.substr(0, 32), "': kiln loads AWQ in GEMM packing only");
+  const int64_t group = int4_group(q, f, "AWQ");
+  const json* zp = field(q, "zero_point");
+  KILN_CHECK(!zp || (zp->is_boolean() && zp->get<bool>()), f,
+             ": quantization_config.zero_point: kiln loads AWQ with zero points only");
+  const json* keep = field(q, "modules_to_not_convert");
+  KILN_CHECK(!keep || (keep->is_array() && keep->empty()), f,
+             ": quantization_config.modules_to_not_convert: AWQ checkpoints with unquantized "
+             "linear layers are not supported yet");
+  ck.quant = WeightQuant::Int4;
+  ck.quant_group = group;
+}
+
+// GPTQ (AutoGPTQ / GPTQModel): 4 bits in groups of a multiple of 32 along the inputs, without
+// act-order (desc_act reorders the inputs, which kiln's kernels do not do).
+void parse_gptq(const json& q, const std::string& f, Checkpoint& ck) {
+  const int64_t group = int4_group(q, f, "GPTQ");
+  const json* act = field(q, "desc_act");
+  KILN_CHECK(!act || (act->is_boolean() && !act->get<bool>()), f,
+             ": quantization_config.desc_act: act-order GPTQ checkpoints are not supported yet");
+  const json* fmt = field(q, "checkpoint_format");
+  const std::string format = fmt && fmt->is_string() ? fmt->get<std::string>() : "gptq";
+  KILN_CHECK(format == "gptq" || format == "gptq_v2", f,
+             ": quantization_config.checkpoint_format '", format.substr(0, 32),
+             "': kiln loads gptq and gptq_v2");
+  ck.quant = WeightQuant::Int4;
+  ck.quant_group = group;
+  ck.gptq = true;
+  ck.gptq_zero_offset = format == "gptq" ? 1 : 0;
+}
+
+// compressed-tensors: every config group must quantize weights to 8-bit floats per tensor or per
+// channel (float-quantized / naive-quantized format). Activation settings are accepted whatever
+// they say: kiln quantizes activations per token as each linear runs.
+void parse_compressed_tensors(const json& q, const std::string& f, Checkpoint& ck) {
+  const auto str = [](const json& j, const char* k) {
+    return j.is_object() && j.contains(k) && j[k].is_string() ? j[k].get<std::string>()
+                                                              : std::string("unset");
+  };
+  const std::string format = str(q, "format");
+  KILN_CHECK(format == "unset" || format == "float-quantized" || format == "naive-quantized", f,
+             ": quantization_config.format '", format.substr(0, 32),
+             "': kiln loads compressed-tensors float-quantized (FP8) checkpoints only");
+  KILN_CHECK(
+      q.contains("config_groups") && q["config_groups"].is_object() && !q["config_groups"].empty(),
+      f, ": quantization_config.config_groups: missing or empty");
+  for (const auto& [name, g] : q["config_groups"].items()) {
+    const json w = g.is_object() && g.contains("weights") ? g["weights"] : json();
+    const int64_t bits =
+        w.is_object() && w.contains("num_bits") && w["num_bits"].is_number_integer()
+            ? w["num_bits"].get<int64_t>()
+            : 0;
+    const std::string type = str(w, "type"), strategy = str(w, "strategy");
+    KILN_CHECK(bits == 8 && type == "float" && (strategy == "tensor" || strategy == "channel"), f,
+               ": quantization_config.config_groups.", name.substr(0, 32), ".weights: ", bits,
+               "-bit ", type.substr(0, 16), " per ", strategy.substr(0, 16),
+               " is not supported yet (kiln loads FP8 weights per tensor or per channel)");
+  }
+  ck.quant = WeightQuant::Fp8;
+}
+
+}  // namespace
+
+uint32_t read_u32(const Tensor& t, int64_t i) {  // mmapped data may be unaligned
+  uint32_t v;
+  std::memcpy(&v, static_cast<const char*>(t.data) + size_t(i) * 4, 4);
+  return v;
+}
+
+std::string fp8_scale_name(const std::string& weight) {
+  return weight.ends_with(".weight") ? weight.substr(0, weight.size() - 7) + ".weight_scale"
+                                     : weight + "_scale";
+}
+
+void parse_quantization_config(const json& q, const std::string& f, Checkpoint& ck) {
+  // Quantized checkpoints need their scheme's kernels; loading one as floats would read packed
+  // integers as weights. AWQ and GPTQ (4 bits, groups) load as int4-wo; FP8 with
+  // per-tensor or per-channel weight scales (compressed-tensors float-quantized, ModelOpt FP8,
+  // fbgemm_fp8, fp8 without blocks) as fp8. Other schemes are refused by name.
+  std::string method = "unnamed";
+  if (q.is_object())
+    for (const char* k : {"quant_method", "quant_algo", "format"})
+      if (q.contains(k) && q[k].is_string()) {
+        method = q[k].get<std::string>();
+        break;
+      }
+  if (method == "awq") {
+    parse_awq(q, f, ck);
+  } else if (method == "gptq") {
+    parse_gptq(q, f, ck);
+  } else if (method == "compressed-tensors") {
+    parse_compressed_tensors(q, f, ck);
+  } else if (method == "fp8" || method == "fbgemm_fp8") {
+    KILN_CHECK(!field(q, "weight_block_size"), f,
+               ": quantization_config.weight_block_size: block-wise FP8 checkpoints are not "
+               "supported yet (kiln loads FP8 with per-tensor or per-channel scales)");
+    ck.quant = WeightQuant::Fp8;
+  } else if (method == "modelopt") {
+    const json* algo = field(q, "quant_algo");
+    const std::string a = algo && algo->is_string() ? algo->get<std::string>() : "unnamed";
+    KILN_CHECK(a == "FP8", f, ": quantization_config.quant_algo '", a.substr(0, 32),
+               "': kiln loads ModelOpt FP8 only");
+    ck.quant = WeightQuant::Fp8;
+  } else {
+    throw Error(cat(f, ": quantization_config: quantized checkpoints ('", method.substr(0, 64),
+                    "') are not supported yet; kiln loads AWQ, GPTQ, FP8 (compressed-tensors, "
+                    "ModelOpt, per-tensor fp8) and F32, F16 and BF16 checkpoints"));
+  }
+}
+
+void parse_hf_quant_config(const fs::path& qf, Checkpoint& ck) {
+  std::ifstream in(qf, std::ios::binary);
+  if (!in) throw Error(cat(qf.string(), ": cannot open"));
+  const json j = parse_json(
+      std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()),
+      qf.string());
+  // ModelOpt's own description: {"quantization": {"quant_algo": ..., "kv_cache_quant_algo":
+  // ...}}. FP8 loads as fp8; a KV-cache scheme's scales are not used (kiln's cache stays in
+  // the engine dtype).
+  const json* qz = j.is_object() && j.contains("quantization") ? &j["quantization"] : nullptr;
+  const std::string algo =
+      qz && qz->is_object() && qz->contains("quant_algo") && (*qz)["quant_algo"].is_string()
+          ? (*qz)["quant_algo"].get<std::string>()
+          : "unnamed";
+  KILN_CHECK(algo == "FP8", qf.string(), ": quantization.quant_algo '", algo.substr(0, 32),
+             "': kiln loads ModelOpt FP8 only");
+  KILN_CHECK(ck.quant == WeightQuant::None || ck.quant == WeightQuant::Fp8, qf.string(),
+             ": disagrees with config.json's quantization_config");
+  ck.quant = WeightQuant::Fp8;
+}
+
+// An engine int4-wo weight (codes, scales, zeros) from AWQ or GPTQ modules fused along the
+// output rows.
+WeightPlan plan_int4_packed(const std::shared_ptr<WeightSet>& wset, const std::string& name,
+                            const std::vector<std::string>& modules, const Checkpoint& ck) {
+  struct P {
+    std::string base;
+    int64_t rows;
+  };
+  std::vector<P> parts;
+  int64_t rows = 0, in = 0;
+  const int64_t group = ck.quant_group;
+  const bool gptq = ck.gptq;
+  const int zoff = ck.gptq_zero_offset;
+  for (const std::string& base : modules) {
+    const Shape& qs = wset->info(base + ".qweight").shape;  // AWQ [in, out / 8], GPTQ [in / 8, out]
+    const int64_t out = gptq ? qs[1] : 8 * qs[1];
+    parts.push_back({base, out});
+    rows += out;
+    in = gptq ? 8 * qs[0] : qs[0];
+  }
+  const int64_t G = in / group;
+  // Calls f(part, first engine row of the part, a, b) for the part rows overlapping [row0, row0+n).
+  const auto each = [parts](int64_t row0, int64_t n, const auto& f) {
+    int64_t first = 0;
+    for (const P& p : parts) {
+      const int64_t a = std::max(row0, first), b = std::min(row0 + n, first + p.rows);
+      if (a < b) f(p, first, a, b);
+      first += p.rows;
+    }
+  };
+  PlannedTensor codes, scales, zeros;
+  codes.name = name;
+  codes.dtype = DType::U8;
+  codes.shape = {rows, in / 2};
+  codes.fill = [wset, each, in, gptq](int64_t row0, int64_t n, void* dst) {
+    auto* d = static_cast<uint8_t*>(dst);
+    std::memset(d, 0, size_t(n * in / 2));
+    each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
+      const Tensor qw = wset->get(p.base + ".qweight");
+      for (int64_t c = 0; c < in; ++c)  // the packed rows are input features
+        for (int64_t o = a; o < b; ++o) {
+          // GPTQ: input c is value c % 8 (in order) of word [c / 8, o].
+          const uint8_t v =
+              gptq ? uint8_t((read_u32(qw, (c / 8) * p.rows + (o - first)) >> (4 * (c % 8))) & 15u)
+                   : awq_value(qw, c, o - first);
+          d[(o - row0) * (in / 2) + c / 2] |= uint8_t(v << (4 * (c % 2)));
+        }
+    });
+  };
+  scales.name = name + ".scale";
+  scales.dtype = DType::F32;
+  scales.shape = {rows, G};
+  scales.fill = [wset, each, G](int64_t row0, int64_t n, void* dst) {
+    auto* d = static_cast<float*>(dst);
+    each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
+      const Tensor sc = wset->get(p.base + ".scales");  // [G, out]
+      std::vector<float> row(static_cast<size_t>(b - a));
+      const size_t es = dtype_size(sc.dtype);
+      for (int64_t g = 0; g < G; ++g) {
+        to_f32(sc.dtype, static_cast<const char*>(sc.data) + size_t(g * p.rows + a - first) * es,
+               row.data(), row.size());
+        for (int64_t o = a; o < b; ++o) d[(o - row0) * G + g] = row[size_t(o - a)];
+      }
+    });
+  };
+  zeros.name = name + ".zero";
+  zeros.dtype = DType::U8;
+  zeros.shape = {rows, G};
+  zeros.fill = [wset, each, G, gptq, zoff](int64_t row0, int64_t n, void* dst) {
+    auto* d = static_cast<uint8_t*>(dst);
+    each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
+      const Tensor qz = wset->get(p.base + ".qzeros");  // [G, out / 8]
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t o = a; o < b; ++o) {
+          const int64_t oo = o - first;
+          // GPTQ's v1 format stores zero - 1 (so a zero of 0 is stored as 15): add it back.
+          d[(o - row0) * G + g] =
+              gptq ? uint8_t(((read_u32(qz, g * (p.rows / 8) + oo / 8) >> (4 * (oo % 8))) + zoff) &
+                             15u)
+                   : awq_value(qz, g, oo);
+        }
+    });
+  };
+  zeros.release = [wset, parts] {
+    for (const P& p : parts)
+      for (const char* t : {".qweight", ".qzeros", ".scales", ".g_idx"})
+        if (wset->contains(p.base + t)) wset->drop_pages(p.base + t);
+  };
+  WeightPlan r;
+  r.push_back(std::move(codes));
+  r.push_back(std::move(scales));
+  r.push_back(std::move(zeros));
+  return r;
+}
+
+// An engine fp8 weight (codes, per-row scales) from FP8 checkpoint weights fused along the
+// output rows: the codes as published, each part's scale repeated over its rows (per tensor) or
+// taken row by row (per channel). Nothing is requantized.
+WeightPlan plan_fp8(const std::shared_ptr<WeightSet>& wset, const std::string& name,
+                    const std::vector<std::string>& weights) {
+  struct P {
+    std::string weight, scale;
+    int64_t rows;
+  };
+  std::vector<P> parts;
+  int64_t rows = 0, in = 0;
+  for (const std::string& hf : weights) {
+    const Shape& s = wset->info(hf).shape;
+    const std::string sc = fp8_scale_name(hf);
+    parts.push_back({hf, sc, s[0]});
+    rows += s[0];
+    in = s[1];
+  }
+  const auto each = [parts](int64_t row0, int64_t n, const auto& f) {
+    int64_t first = 0;
+    for (const P& p : parts) {
+      const int64_t a = std::max(row0, first), b = std::min(row0 + n, first + p.rows);
+      if (a < b) f(p, first, a, b);
+      first += p.rows;
+    }
+  };
+  PlannedTensor codes, scales;
+  codes.name = name;
+  codes.dtype = DType::F8_E4M3;
+  codes.shape = {rows, in};
+  codes.fill = [wset, each, in](int64_t row0, int64_t n, void* dst) {
+    each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
+      const Tensor w = wset->get(p.weight);
+      std::memcpy(static_cast<char*>(dst) + size_t((a - row0) * in),
+                  static_cast<const char*>(w.data) + size_t((a - first) * in),
+                  size_t((b - a) * in));
+      wset->drop_pages(p.weight, uint64_t((a - first) * in), uint64_t((b - first) * in));
+    });
+  };
+  scales.name = name + ".scale";
+  scales.dtype = DType::F32;
+  scales.shape = {rows};
+  scales.fill = [wset, each](int64_t row0, int64_t n, void* dst) {
+    auto* d = static_cast<float*>(dst);
+    each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
+      const Tensor sc = wset->get(p.scale);
+      std::vector<float> v(static_cast<size_t>(sc.numel()));
+      to_f32(sc.dtype, sc.data, v.data(), v.size());
+      for (int64_t r = a; r < b; ++r) d[r - row0] = v.size() == 1 ? v[0] : v[size_t(r - first)];
+    });
+  };
+  scales.release = [wset, parts] {
+    for (const P& p : parts) wset->drop_pages(p.weight), wset->drop_pages(p.scale);
+  };
+  WeightPlan r;
+  r.push_back(std::move(codes));
+  r.push_back(std::move(scales));
+  return r;
+}
+
+}  // namespace kiln
