@@ -3,11 +3,12 @@
 # (Release, -j16), run the CUDA and quantization tests, measure the copy-bandwidth ceiling, then
 # build Llama-3.1-8B-shaped dummy engines in BF16, BF16 + int8-wo, BF16 + int4-wo and fp8 and run
 # `kiln bench` on each (tg128 batch 1 and 8, pp512), plus per-op GPU-time profiles of the
-# quantized decodes.
+# quantized decodes; stage kv: BF16 engines with a BF16 and an FP8 KV cache, decoding at a
+# context depth of $DEPTH tokens (tg128 @ d$DEPTH, batches $KV_BATCHES).
 # Results in $OUT: log, tests.txt.
 #
 #   bench/quant_bench.sh                        # everything
-#   STAGES="build tests" bench/quant_bench.sh   # subset of: build tests ceilings bench
+#   STAGES="build tests" bench/quant_bench.sh   # subset of: build tests ceilings bench kv
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/quant_bench}
@@ -71,5 +72,20 @@ if has bench; then
       -p 0 -n 128 2>&1 | tail -n 16
   done
   rm -rf "$ENGINES"
+fi
+
+if has kv; then
+  DEPTH=${DEPTH:-4096}
+  for kv in auto fp8; do
+    E="$ENGINES/kv-$kv"
+    rm -rf "$E"
+    stamp "engine $M bf16, kv cache $kv"
+    "$BUILD/kiln" build --dummy-weights --config "bench/configs/$M/config.json" --dtype bf16 \
+      --kv-cache-dtype "$kv" --max-seq-len $((DEPTH + 256)) -o "$E" | tail -n 1
+    stamp "kiln bench kv $kv"
+    timeout 240 "$BUILD/kiln" bench "$E" --device cuda -r "${KV_REPS:-2}" -p 0 -n 128 \
+      -d "$DEPTH" -b "${KV_BATCHES:-1,16,32}"
+    rm -rf "$E"
+  done
 fi
 stamp "end"

@@ -29,14 +29,16 @@ struct AttnCase {
   float softcap;
   int64_t block_size, cached, n;
   bool tell_len = true;  // KVLayerView::len set (else the backend reads positions back)
+  bool fp8 = false;      // FP8 cache (--kv-cache-dtype fp8): E4M3 codes and per-head scales
 };
 
 class CudaAttention : public CudaOps {
  protected:
   void run(const AttnCase& c) {
-    const std::string what =
-        cat("attention heads=", c.heads, "/", c.kv_heads, " hd=", c.hd, " window=", c.window,
-            " softcap=", c.softcap, " bs=", c.block_size, " cached=", c.cached, " n=", c.n);
+    if (c.fp8 && dt == DType::F32) return;  // FP8 caches are for 16-bit engines
+    const std::string what = cat("attention heads=", c.heads, "/", c.kv_heads, " hd=", c.hd,
+                                 " window=", c.window, " softcap=", c.softcap, " bs=", c.block_size,
+                                 " cached=", c.cached, " n=", c.n, c.fp8 ? " fp8 cache" : "");
     const int64_t T = c.cached + c.n, kvd = c.kv_heads * c.hd, qd = c.heads * c.hd;
     const int64_t need = (T + c.block_size - 1) / c.block_size, nb = need + 3;
     // A scattered block table: the sequence's blocks are not in pool order.
@@ -51,6 +53,13 @@ class CudaAttention : public CudaOps {
     const int32_t* tg = up_raw(table);
     KVLayerView kv_cpu{kc.data(), vc.data(), table.data(), c.block_size, kvd, T};
     KVLayerView kv_gpu{kg, vg, tg, c.block_size, kvd, c.tell_len ? T : 0};
+    // FP8: the pools' first bytes hold the codes; scales [slots][kv_heads] beside them.
+    const int64_t nscales = nb * c.block_size * c.kv_heads;
+    std::vector<float> ksc(size_t(nscales), 0.0f), vsc(size_t(nscales), 0.0f);
+    if (c.fp8) {
+      kv_cpu.k_scale = ksc.data(), kv_cpu.v_scale = vsc.data(), kv_cpu.head_dim = c.hd;
+      kv_gpu.k_scale = up_raw(ksc), kv_gpu.v_scale = up_raw(vsc), kv_gpu.head_dim = c.hd;
+    }
     // K/V rows strided like the Decoder's fused qkv buffer.
     const int64_t ldkv = 2 * kvd + 8;
     auto write = [&](int64_t p0, int64_t m) {
@@ -81,6 +90,24 @@ class CudaAttention : public CudaOps {
       expect_close(down(out, size_t(c.n * ldo)), ldo, want, ldo, c.n, qd, cat(what, " ldo=", ldo));
     }
     // The cache itself, as attention read it.
+    if (c.fp8) {  // the same inputs give the same codes and scales, bit for bit
+      const auto bytes = [](const void* p, size_t n) {
+        std::vector<uint8_t> r(n);
+        std::memcpy(r.data(), p, n);
+        return r;
+      };
+      std::vector<uint8_t> kcodes(static_cast<size_t>(pool)), vcodes(kcodes.size());
+      gpu->to_host(kcodes.data(), kg, kcodes.size());
+      gpu->to_host(vcodes.data(), vg, vcodes.size());
+      EXPECT_EQ(kcodes, bytes(kc.data(), size_t(pool))) << what << ": K codes";
+      EXPECT_EQ(vcodes, bytes(vc.data(), size_t(pool))) << what << ": V codes";
+      std::vector<float> kg_s(ksc.size()), vg_s(vsc.size());
+      gpu->to_host(kg_s.data(), kv_gpu.k_scale, kg_s.size() * 4);
+      gpu->to_host(vg_s.data(), kv_gpu.v_scale, vg_s.size() * 4);
+      EXPECT_EQ(kg_s, ksc) << what << ": K scales";
+      EXPECT_EQ(vg_s, vsc) << what << ": V scales";
+      return;
+    }
     auto kgot = down(kg, size_t(pool));
     expect_close(kgot, pool, kc, pool, 1, pool, what + " K cache", 0.0);
   }
@@ -115,6 +142,21 @@ TEST_P(CudaAttention, DecodeAndChunks) {
   AttnCase c{32, 8, 128, 0, 0, 16, 700, 1};
   c.tell_len = false;
   run(c);
+}
+
+// FP8 cache: codes and scales equal the CPU's bit for bit; attention over them matches the CPU's
+// over the same codes (prefill, decode with split-K, head sizes the tensor-core kernels take and
+// one they do not, a window and a soft-cap).
+TEST_P(CudaAttention, Fp8Cache) {
+  for (AttnCase c :
+       {AttnCase{4, 2, 32, 0, 0, 16, 0, 24}, AttnCase{32, 8, 128, 0, 0, 16, 0, 300},
+        AttnCase{8, 2, 256, 0, 0, 16, 0, 70}, AttnCase{4, 2, 18, 0, 0, 16, 0, 21},
+        AttnCase{4, 2, 16, 8, 50.0f, 16, 0, 24}, AttnCase{32, 8, 128, 0, 0, 16, 700, 1},
+        AttnCase{14, 2, 64, 0, 0, 16, 500, 1}, AttnCase{8, 8, 80, 0, 0, 4, 90, 3},
+        AttnCase{32, 8, 128, 1024, 0, 16, 2000, 1}}) {
+    c.fp8 = true;
+    run(c);
+  }
 }
 
 // Batched decode: one token of each of several sequences, each with its own row of a block-table
@@ -191,6 +233,7 @@ struct MixedCase {
   std::vector<MixedSeq> seqs;  // the first num_decode have q == 1
   int64_t num_decode;
   bool seq_start = true;  // give the mixed-batch fields (else a plain batched decode: seq, pos)
+  bool fp8 = false;       // FP8 cache
 };
 
 class CudaMixedAttention : public CudaOps {
@@ -198,6 +241,7 @@ class CudaMixedAttention : public CudaOps {
   // Runs the case once per KV length in `bounds` (0: the tight max(pos) + 1) against the CPU
   // reference; returns each output [n, ldo].
   std::vector<std::vector<float>> run(const MixedCase& c, const std::vector<int64_t>& bounds) {
+    if (c.fp8 && dt == DType::F32) return {};  // FP8 caches are for 16-bit engines
     const int64_t bs = 16, kvd = c.kv_heads * c.hd, qd = c.heads * c.hd;
     const int64_t S = int64_t(c.seqs.size());
     int64_t n = 0, max_q = 0, longest = 0, stride = 1;
@@ -213,9 +257,9 @@ class CudaMixedAttention : public CudaOps {
       longest = std::max(longest, m.start + m.q);
       stride = std::max(stride, (m.start + m.q + bs - 1) / bs + 1);  // + 1: rows have slack
     }
-    std::string what =
-        cat("mixed attention heads=", c.heads, "/", c.kv_heads, " hd=", c.hd, " window=", c.window,
-            " softcap=", c.softcap, " decodes=", c.num_decode, " seqs=[");
+    std::string what = cat("mixed attention heads=", c.heads, "/", c.kv_heads, " hd=", c.hd,
+                           " window=", c.window, " softcap=", c.softcap, " decodes=", c.num_decode,
+                           c.fp8 ? " fp8 cache" : "", " seqs=[");
     for (const MixedSeq& m : c.seqs) what += cat(" ", m.start, "+", m.q);
     what += " ]";
     // Block tables: row s covers sequence s; blocks scattered over the pool; block 0 unused.
@@ -227,16 +271,27 @@ class CudaMixedAttention : public CudaOps {
     void* kg = up(std::vector<float>(size_t(pool), 0.0f));
     void* vg = up(std::vector<float>(size_t(pool), 0.0f));
     const int32_t* tg = up_raw(table);
+    std::vector<float> ksc(size_t(nb * bs * c.kv_heads)), vsc(ksc.size());
+    float* ksg = up_raw(ksc);
+    float* vsg = up_raw(vsc);
+    auto scaled = [&](KVLayerView v, bool on_gpu) {  // the FP8 scale pools, when asked for
+      if (c.fp8) {
+        v.k_scale = on_gpu ? ksg : ksc.data(), v.v_scale = on_gpu ? vsg : vsc.data();
+        v.head_dim = c.hd;
+      }
+      return v;
+    };
     // Each sequence's history and this step's K/V, through its own table row.
     for (int64_t s = 0; s < S; ++s) {
       const int64_t m = c.seqs[size_t(s)].start + c.seqs[size_t(s)].q;
       auto kv = rnd(size_t(m * 2 * kvd));
       std::vector<int32_t> pos(static_cast<size_t>(m)), one(static_cast<size_t>(m), int32_t(s));
       std::iota(pos.begin(), pos.end(), 0);
-      cpu->kv_write(KVLayerView{kc.data(), vc.data(), table.data(), bs, kvd, m, one.data(), stride},
-                    kv.data(), kv.data() + kvd, 2 * kvd, pos.data(), m);
+      cpu->kv_write(
+          scaled({kc.data(), vc.data(), table.data(), bs, kvd, m, one.data(), stride}, false),
+          kv.data(), kv.data() + kvd, 2 * kvd, pos.data(), m);
       void* kvg = up(kv);
-      gpu->kv_write(KVLayerView{kg, vg, tg, bs, kvd, m, up_raw(one), stride}, kvg,
+      gpu->kv_write(scaled({kg, vg, tg, bs, kvd, m, up_raw(one), stride}, true), kvg,
                     static_cast<char*>(kvg) + kvd * dtype_size(dt), 2 * kvd, up_raw(pos), m);
     }
     std::vector<int32_t> pos(static_cast<size_t>(n)), seq(static_cast<size_t>(n));
@@ -251,7 +306,8 @@ class CudaMixedAttention : public CudaOps {
     const int64_t ldq = qd + 16, ldo = qd + 8;
     auto q = rnd(size_t(n * ldq));
     std::vector<float> want(size_t(n * ldo), kPoison);
-    KVLayerView kv_cpu{kc.data(), vc.data(), table.data(), bs, kvd, longest, seq.data(), stride};
+    const KVLayerView kv_cpu =
+        scaled({kc.data(), vc.data(), table.data(), bs, kvd, longest, seq.data(), stride}, false);
     cpu->attention(q.data(), ldq, n, pos.data(), kv_cpu, ap, want.data(), ldo);
     void* qg = up(q);
     const int32_t* pg = up_raw(pos);
@@ -259,7 +315,8 @@ class CudaMixedAttention : public CudaOps {
     const int32_t* ssg = up_raw(seq_start);
     std::vector<std::vector<float>> outs;
     for (const int64_t bound : bounds) {
-      KVLayerView kv_gpu{kg, vg, tg, bs, kvd, bound > 0 ? bound : longest, sg, stride};
+      KVLayerView kv_gpu =
+          scaled({kg, vg, tg, bs, kvd, bound > 0 ? bound : longest, sg, stride}, true);
       if (c.seq_start) {
         kv_gpu.seq_start = ssg;
         kv_gpu.num_seqs = S;
@@ -271,7 +328,8 @@ class CudaMixedAttention : public CudaOps {
       outs.push_back(down(out, size_t(n * ldo)));
       expect_close(outs.back(), ldo, want, ldo, n, qd, cat(what, " len=", kv_gpu.len));
     }
-    expect_close(down(kg, size_t(pool)), pool, kc, pool, 1, pool, what + " K cache", 0.0);
+    if (!c.fp8)  // (the FP8 codes are compared bit for bit by CudaAttention)
+      expect_close(down(kg, size_t(pool)), pool, kc, pool, 1, pool, what + " K cache", 0.0);
     return outs;
   }
   void run(const MixedCase& c) { run(c, {0}); }
@@ -293,6 +351,17 @@ TEST_P(CudaMixedAttention, DecodesAndChunks) {
   run({32, 8, 128, 0, 0.0f, {{0, 150}, {300, 16}, {17, 1}, {64, 129}}, 0});
   run({8, 2, 64, 0, 0.0f, {{333, 77}}, 0});
   run({32, 8, 128, 0, 0.0f, {{2, 1}, {899, 1}, {63, 1}}, 3});
+}
+
+TEST_P(CudaMixedAttention, Fp8Cache) {
+  const std::vector<MixedSeq> llama = {{0, 1},   {36, 1},   {699, 1}, {4, 1},   {128, 1},
+                                       {0, 300}, {100, 17}, {513, 1}, {40, 64}, {1000, 45}};
+  run({32, 8, 128, 0, 0.0f, llama, 5, true, true});
+  run({8, 2, 256, 0, 0.0f, {{9, 1}, {77, 1}, {5, 40}, {0, 2}}, 2, true, true});
+  run({16, 8, 128, 100, 0.0f, {{30, 1}, {700, 1}, {0, 260}, {150, 80}, {400, 5}}, 2, true, true});
+  run({8, 8, 80, 0, 30.0f, {{20, 1}, {0, 19}, {33, 70}}, 1, true, true});
+  run({4, 2, 18, 0, 0.0f, {{10, 1}, {3, 1}, {0, 21}, {50, 9}}, 2, true, true});
+  run({32, 8, 128, 0, 0.0f, {{2, 1}, {899, 1}, {63, 1}}, 3, false, true});  // batched decode
 }
 
 TEST_P(CudaMixedAttention, WindowAndSoftcap) {

@@ -2,7 +2,9 @@
 // dequantized weight, streamed builds, engine files, and quality against each fixture's HF
 // reference.
 #include <cstring>
+#include <limits>
 #include <map>
+#include <numeric>
 #include <random>
 
 #include "backends/cpu/cpu_ops.h"
@@ -431,22 +433,138 @@ TEST(QuantFp8, EngineFilesRoundTripAndAreChecked) {
   EXPECT_NE(err.find("missing layers.1.w_down.scale"), std::string::npos) << err;
 }
 
-// Quality per fixture: the bf16 engine, plain and in each scheme, against the HF float64 reference
-// (which the F32 engine matches to ~1e-6): normalised MSE of the logits over every position of
-// every reference prompt, and how often its top-1 token is the reference's. Printed for
-// docs/quality.md.
+// The FP8 KV cache on the CPU: each (token, head) stores quantize_fp8_row's codes and scale, and
+// attention over it is attention over those values dequantized (the reference the GPU kernels
+// are held to); a non-finite value makes its head's attention NaN, never a finite answer.
+TEST(QuantKvFp8, CpuCacheHoldsCodesAndScales) {
+  const int64_t heads = 4, kv_heads = 2, hd = 16, kvd = kv_heads * hd, bs = 4, n = 11;
+  const std::vector<int32_t> table = {3, 1, 2};  // out of pool order
+  const int64_t slots = 4 * bs;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> k(size_t(n * kvd)), v(k.size()), q(size_t(n * heads * hd));
+  for (auto* x : {&k, &v, &q})
+    for (float& f : *x) f = nd(rng);
+  for (int64_t d = 0; d < hd; ++d) k[size_t(3 * kvd + hd + d)] *= 1000.0f;  // an outlier head
+  std::vector<uint8_t> kc(size_t(slots * kvd)), vc(kc.size());
+  std::vector<float> ks(size_t(slots * kv_heads)), vs(ks.size());
+  cpu::KVView f8{reinterpret_cast<float*>(kc.data()),
+                 reinterpret_cast<float*>(vc.data()),
+                 table.data(),
+                 bs,
+                 kvd,
+                 nullptr,
+                 0,
+                 ks.data(),
+                 vs.data(),
+                 hd};
+  std::vector<int32_t> pos(static_cast<size_t>(n));
+  std::iota(pos.begin(), pos.end(), 0);
+  cpu::kv_write(f8, k.data(), v.data(), kvd, pos.data(), n);
+  // The same values dequantized into a float cache.
+  std::vector<float> kf(size_t(slots * kvd), 0.0f), vf(kf.size(), 0.0f);
+  cpu::KVView f32{kf.data(), vf.data(), table.data(), bs, kvd};
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t slot = f32.slot(i, i);
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      uint8_t codes[hd];
+      float scale = 0;
+      ASSERT_TRUE(quantize_fp8_row(k.data() + i * kvd + h * hd, hd, codes, &scale));
+      ASSERT_EQ(std::memcmp(codes, kc.data() + slot * kvd + h * hd, hd), 0) << i << " " << h;
+      ASSERT_EQ(scale, ks[size_t(slot * kv_heads + h)]) << i << " " << h;
+      dequantize_fp8_row(kc.data() + slot * kvd + h * hd, ks[size_t(slot * kv_heads + h)], hd,
+                         kf.data() + slot * kvd + h * hd);
+      dequantize_fp8_row(vc.data() + slot * kvd + h * hd, vs[size_t(slot * kv_heads + h)], hd,
+                         vf.data() + slot * kvd + h * hd);
+    }
+  }
+  // The outlier head costs only its own precision: the other head of that token keeps its scale.
+  EXPECT_GT(ks[size_t(f32.slot(3, 3) * kv_heads + 1)], 100 * ks[size_t(f32.slot(3, 3) * kv_heads)]);
+  const float scale = 0.25f;
+  std::vector<float> got(q.size()), want(q.size());
+  cpu::attention(q.data(), heads * hd, n, pos.data(), f8, heads, kv_heads, hd, scale, 0, 0,
+                 got.data(), heads * hd);
+  cpu::attention(q.data(), heads * hd, n, pos.data(), f32, heads, kv_heads, hd, scale, 0, 0,
+                 want.data(), heads * hd);
+  // The same values in the same order; only the vectorised dot product's split into lanes may
+  // differ (it follows the operands' alignment), so equal to float rounding.
+  for (size_t i = 0; i < got.size(); ++i)
+    ASSERT_NEAR(got[i], want[i], 1e-6f * (1.0f + std::fabs(want[i]))) << i;
+  // A NaN in token 5's V head 0: rows from position 5 on read it in heads 0-1 (group 2).
+  v[size_t(5 * kvd + 2)] = std::numeric_limits<float>::quiet_NaN();
+  cpu::kv_write(f8, k.data() + 5 * kvd, v.data() + 5 * kvd, kvd, pos.data() + 5, 1);
+  cpu::attention(q.data(), heads * hd, n, pos.data(), f8, heads, kv_heads, hd, scale, 0, 0,
+                 got.data(), heads * hd);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < heads; ++h) {
+      const float o = got[size_t(i * heads * hd + h * hd)];
+      EXPECT_EQ(std::isnan(o), i >= 5 && h < 2) << i << " " << h;
+    }
+}
+
+// --kv-cache-dtype fp8 is recorded in the engine, read back, checked, and refused where it
+// cannot apply.
+TEST(QuantKvFp8, EnginesRecordItAndBadSettingsAreRefused) {
+  TempDir tmp;
+  BuildConfig bc;
+  bc.dtype = "bf16";
+  bc.kv_cache_dtype = "fp8";
+  EXPECT_EQ(Engine::build_to(hf("llama"), tmp / "e", bc).kv_cache_dtype, "fp8");
+  EXPECT_EQ(read_json(tmp / "e" / kEngineManifest)["build"]["kv_cache_dtype"], "fp8");
+  Engine disk = Engine::load(tmp / "e");
+  EXPECT_EQ(disk.info().kv_cache_dtype, "fp8");
+  const std::vector<int32_t> p = {5, 17, 300, 2, 99, 42, 7};
+  EXPECT_EQ(disk.logits(p), Engine::build(hf("llama"), bc).logits(p));
+  // One byte an element plus a scale per token and head, against the CPU's F32 cache.
+  BuildConfig plain = bc;
+  plain.kv_cache_dtype = "auto";
+  Engine b16 = Engine::build(hf("llama"), plain);
+  b16.start({.device = "cpu", .kv_cache_tokens = 256});
+  disk.start({.device = "cpu", .kv_cache_tokens = 256});
+  const ModelInfo mi = disk.info();
+  const auto cfg = read_json(hf("llama") / "config.json");
+  const int64_t kv_heads = cfg["num_key_value_heads"];
+  const int64_t kvd =
+      kv_heads * (cfg["hidden_size"].get<int64_t>() / cfg["num_attention_heads"].get<int64_t>());
+  const int64_t tokens = disk.runtime_info().kv_cache_tokens + 16;  // and the padding block
+  EXPECT_EQ(disk.runtime_info().kv_cache_bytes, 2 * mi.num_layers * tokens * (kvd + 4 * kv_heads));
+  EXPECT_EQ(b16.runtime_info().kv_cache_bytes, 2 * mi.num_layers * tokens * kvd * 4);
+  BuildConfig only_kv;
+  only_kv.kv_cache_dtype = "fp8";
+  EXPECT_NE(error_of([&] { Engine::open(tmp / "e", only_kv); }).find("--kv-cache-dtype"),
+            std::string::npos);
+  BuildConfig f32 = bc;
+  f32.dtype = "f32";
+  EXPECT_NE(error_of([&] { Engine::build(hf("llama"), f32); }).find("16-bit"), std::string::npos);
+  BuildConfig bad = bc;
+  bad.kv_cache_dtype = "int4";
+  EXPECT_NE(error_of([&] { Engine::build(hf("llama"), bad); }).find("'int4'"), std::string::npos);
+  auto man = read_json(tmp / "e" / kEngineManifest);
+  man["build"]["kv_cache_dtype"] = "fp4";
+  write_json(tmp / "e" / kEngineManifest, man);
+  const std::string err = error_of([&] { Engine::load(tmp / "e"); });
+  EXPECT_NE(err.find("build.kv_cache_dtype 'fp4'"), std::string::npos) << err;
+}
+
+// Quality per fixture: the bf16 engine, plain, in each scheme and with an FP8 KV cache, against the
+// HF float64 reference (which the F32 engine matches to ~1e-6): normalised MSE of the logits over
+// every position of every reference prompt, and how often its top-1 token is the reference's.
+// Printed for docs/quality.md.
 class QuantQuality : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(QuantQuality, WeightOnlySchemesStayCloseToTheReference) {
   const std::string arch = GetParam();
   Reference ref = load_reference(arch);
-  const char* const schemes[] = {"none", "int8-wo", "int4-wo", "fp8"};
-  double nmse[4] = {0, 0, 0, 0};
-  int64_t top1[4] = {0, 0, 0, 0}, positions = 0;
-  for (int k = 0; k < 4; ++k) {
+  // The weight schemes, then the bf16 engine with an FP8 KV cache.
+  constexpr int kRuns = 5;
+  const char* const schemes[kRuns] = {"none", "int8-wo", "int4-wo", "fp8", "none"};
+  double nmse[kRuns] = {0, 0, 0, 0, 0};
+  int64_t top1[kRuns] = {0, 0, 0, 0, 0}, positions = 0;
+  for (int k = 0; k < kRuns; ++k) {
     BuildConfig bc;
     bc.dtype = "bf16";
     bc.quant = schemes[k];
+    if (k == 4) bc.kv_cache_dtype = "fp8";
     Engine e = Engine::build(hf(arch), bc);
     e.start({.device = "cpu"});
     const int64_t V = e.info().vocab_size;
@@ -468,7 +586,7 @@ TEST_P(QuantQuality, WeightOnlySchemesStayCloseToTheReference) {
     nmse[k] = num / den;
   }
   std::printf("[quality] | %s |", arch.c_str());
-  for (int k = 0; k < 4; ++k)
+  for (int k = 0; k < kRuns; ++k)
     std::printf(" %.2e | %lld/%lld |", nmse[k], (long long)top1[k], (long long)positions);
   std::printf("\n");
   // Bounds from the rounding each scheme does to these fixtures' weights (normal, std 0.02-0.09):
@@ -483,6 +601,10 @@ TEST_P(QuantQuality, WeightOnlySchemesStayCloseToTheReference) {
   EXPECT_GE(double(top1[2]), 0.6 * double(positions)) << arch;
   EXPECT_LT(nmse[3], 2e-2) << arch;
   EXPECT_GE(double(top1[3]), 0.7 * double(positions)) << arch;
+  // The FP8 KV cache rounds each K and V value once (per head scales: ~7e-4 NMSE per value, as
+  // fp8 weights) and nothing else; the bound allows 7x that.
+  EXPECT_LT(nmse[4], 5e-3) << arch;
+  EXPECT_GE(double(top1[4]), 0.85 * double(positions)) << arch;
 }
 
 INSTANTIATE_TEST_SUITE_P(Hf, QuantQuality,

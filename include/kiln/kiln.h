@@ -32,6 +32,10 @@ struct BuildConfig {
   // groups with scales and zeros, as AWQ/GPTQ store them); fp8 (E4M3 weights with one scale per
   // output channel and activations quantized to E4M3 per token as each linear runs).
   std::string quant = "none";
+  // KV cache element type: auto (the engine dtype) or fp8 (E4M3 codes with one scale per token
+  // and KV head, computed as each token is written: half the bytes of a 16-bit cache, so twice
+  // the tokens fit and decode attention reads half as much; needs a 16-bit dtype).
+  std::string kv_cache_dtype = "auto";
   int64_t max_batch = 1;    // concurrent sequences the runtime plans for
   int64_t max_seq_len = 0;  // 0: the model's max_position_embeddings
 };
@@ -98,7 +102,8 @@ struct SamplingParams {
 struct ModelInfo {
   std::string architecture;
   std::string dtype;
-  std::string quant = "none";  // weight quantization (BuildConfig::quant)
+  std::string quant = "none";           // weight quantization (BuildConfig::quant)
+  std::string kv_cache_dtype = "auto";  // BuildConfig::kv_cache_dtype
   int64_t num_params = 0;
   int64_t weight_bytes = 0;
   int64_t vocab_size = 0, hidden_size = 0, num_layers = 0;

@@ -42,6 +42,15 @@ struct KVLayerView {
   // contents of pos / seq_start (a captured decode graph replays with other positions).
   const int32_t* seq_start = nullptr;
   int64_t num_seqs = 0, num_decode = 0, max_q = 0;
+  // FP8 cache (--kv-cache-dtype fp8): k / v hold E4M3 codes, and k_scale / v_scale one F32
+  // scale per (slot, KV head), [num_blocks * block_size][kv_dim / head_dim]: a head's values are
+  // its codes times its scale, quantized by kv_write per token and head with quantize_fp8_row
+  // (core/quant.h; max |x| / 448), so no calibration is needed and an outlier token or head costs
+  // only its own precision. nullptr: k / v hold the backend's activation dtype.
+  float* k_scale = nullptr;
+  float* v_scale = nullptr;
+  int64_t head_dim = 0;  // the scales' granularity; set with them
+  bool fp8() const { return k_scale != nullptr; }
 };
 
 // Backend::sample's id for a row of logits holding NaN or +inf.

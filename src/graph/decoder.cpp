@@ -90,6 +90,7 @@ void Decoder::build_attn(int64_t l, int64_t n) {
                  kv_len_,          d_seq_,           bt_stride_};
   kv.seq_start = d_seq_start_;
   kv.num_seqs = num_seqs_, kv.num_decode = num_decode_, kv.max_q = max_q_;
+  kv.k_scale = cache_.k_scales(l), kv.v_scale = cache_.v_scales(l), kv.head_dim = hd;
   be_.kv_write(kv, k, v, ld, d_pos_, n);
   void* att = buf("att", size_t(n * qd) * a);
   AttnParams ap{c_.num_heads,         c_.num_kv_heads,        hd,

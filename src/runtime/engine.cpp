@@ -109,6 +109,7 @@ json manifest_of(const Engine::Impl& m) {
            {{"dtype", dtype_label(m.dtype)},
             {"quant", weight_quant_name(m.quant)},
             {"quant_group", m.quant_group},
+            {"kv_cache_dtype", m.kv_fp8 ? "fp8" : "auto"},
             {"max_batch", m.max_batch},
             {"max_seq_len", m.max_seq_len}}},
           {"source", m.source},
@@ -130,6 +131,7 @@ ModelInfo write_plan(const Engine::Impl& m, const WeightPlan& plan, const fs::pa
   i.architecture = m.config.architecture;
   i.dtype = dtype_label(m.dtype);
   i.quant = std::string(weight_quant_name(m.quant));
+  i.kv_cache_dtype = m.kv_fp8 ? "fp8" : "auto";
   for (const auto& pt : plan) {
     if (pt.name.ends_with(".scale") || pt.name.ends_with(".zero")) {  // bytes, not parameters
       i.weight_bytes += int64_t(pt.nbytes());
@@ -192,6 +194,7 @@ Engine Engine::open(const fs::path& dir, const BuildConfig& bc) {
     for (auto [set, opt] : {std::pair{bc.dtype != none.dtype, "--dtype"},
                             std::pair{bc.max_seq_len != none.max_seq_len, "--max-seq-len"},
                             std::pair{bc.quant != none.quant, "--quant"},
+                            std::pair{bc.kv_cache_dtype != none.kv_cache_dtype, "--kv-cache-dtype"},
                             std::pair{bc.max_batch != none.max_batch, "--max-batch"}})
       KILN_CHECK(!set, dir.string(), ": is a built engine; ", opt,
                  " applies only when building from a Hugging Face folder (rebuild with kiln "
@@ -242,6 +245,11 @@ Engine Engine::load(const fs::path& dir) {
                       "' is not a scheme this kiln runs (none, int8-wo, int4-wo, fp8)"));
     impl->quant = parse_weight_quant(quant);
     impl->quant_group = b.value("quant_group", int64_t{0});
+    const std::string kvd = b.value("kv_cache_dtype", std::string("auto"));
+    if (kvd != "auto" && kvd != "fp8")
+      throw Error(cat(mf.string(), ": build.kv_cache_dtype '", kvd,
+                      "' is not one this kiln runs (auto, fp8)"));
+    impl->kv_fp8 = kvd == "fp8";
     impl->max_batch = b.at("max_batch").get<int64_t>();
     impl->max_seq_len = b.at("max_seq_len").get<int64_t>();
     impl->source = man.at("source");
@@ -292,6 +300,7 @@ ModelInfo Engine::info() const {
   i.architecture = m.config.architecture;
   i.dtype = dtype_label(m.dtype);
   i.quant = std::string(weight_quant_name(m.quant));
+  i.kv_cache_dtype = m.kv_fp8 ? "fp8" : "auto";
   for (const auto& [n, t] : m.weights) {
     i.num_params += t.quant == WeightQuant::Int4 ? 2 * t.numel() : t.numel();  // 2 codes a byte
     i.weight_bytes += int64_t(t.weight_bytes());
@@ -336,7 +345,7 @@ void Engine::start(const RuntimeConfig& rc) {
 
   // The KV cache: blocks of 16 tokens, block 0 reserved for padding rows.
   constexpr int64_t bs = 16;
-  const size_t block = KVCache::block_bytes(m.config, bs, m.backend->act_dtype());
+  const size_t block = KVCache::block_bytes(m.config, bs, m.backend->act_dtype(), m.kv_fp8);
   const int64_t seq_blocks = (m.max_seq_len + bs - 1) / bs;
   const auto [free, total] = m.backend->memory();
   RuntimeInfo& ri = m.rinfo;
@@ -374,7 +383,7 @@ void Engine::start(const RuntimeConfig& rc) {
         by_tokens ? "--kv-cache-tokens" : "--kv-cache-fraction",
         " or rebuild with a smaller --max-seq-len"));
   }
-  m.cache = std::make_unique<KVCache>(*m.backend, m.config, blocks, bs);
+  m.cache = std::make_unique<KVCache>(*m.backend, m.config, blocks, bs, m.kv_fp8);
   ri.kv_cache_tokens = m.cache->capacity_tokens();
   ri.kv_cache_bytes = int64_t(size_t(blocks) * block);
   const bool gpu = total > 0;

@@ -27,6 +27,7 @@ struct Engine::Impl {
   DType dtype = DType::F32;
   WeightQuant quant = WeightQuant::None;  // how the linear weights are stored (core/quant.h)
   int64_t quant_group = 0;                // int4 group size of a quantized checkpoint (0: rule)
+  bool kv_fp8 = false;                    // --kv-cache-dtype fp8
   int64_t max_batch = 1, max_seq_len = 0;
   nlohmann::json source;
   nlohmann::json generation_defaults = nlohmann::json::object();
@@ -92,6 +93,12 @@ struct Engine::Impl {
     KILN_CHECK(quant == WeightQuant::None || dtype != DType::F32, "--quant ", bc.quant,
                " keeps activations in a 16-bit type; give --dtype bf16 or f16 (the engine "
                "dtype is f32)");
+    KILN_CHECK(bc.kv_cache_dtype == "auto" || bc.kv_cache_dtype == "fp8", "--kv-cache-dtype '",
+               bc.kv_cache_dtype, "' is not one of auto, fp8");
+    kv_fp8 = bc.kv_cache_dtype == "fp8";
+    KILN_CHECK(!kv_fp8 || dtype != DType::F32,
+               "--kv-cache-dtype fp8 dequantizes into 16-bit attention; give --dtype bf16 or f16 "
+               "(the engine dtype is f32)");
     KILN_CHECK(bc.max_batch >= 1, "max_batch must be >= 1 (got ", bc.max_batch, ")");
     max_batch = bc.max_batch;
     max_seq_len = bc.max_seq_len ? bc.max_seq_len : config.max_position_embeddings;

@@ -1,6 +1,8 @@
 // Paged KV cache: per layer, pools of fixed-size blocks for K and V on the backend's device;
 // each sequence owns a block table. Running out of blocks is a kiln::Error, never a crash.
 // Block 0 is never handed out: padding rows of a batched step write there.
+// Elements are the backend's activation dtype, or with fp8 E4M3 codes plus one F32 scale per
+// (token, KV head) in pools of their own (KVLayerView): 1 + 4 / head_dim bytes an element.
 #pragma once
 
 #include <cstdint>
@@ -13,7 +15,8 @@ namespace kiln {
 
 class KVCache {
  public:
-  KVCache(Backend& be, const ModelConfig& c, int64_t num_blocks, int64_t block_size = 16);
+  KVCache(Backend& be, const ModelConfig& c, int64_t num_blocks, int64_t block_size = 16,
+          bool fp8 = false);
   ~KVCache();
   KVCache(const KVCache&) = delete;
   KVCache& operator=(const KVCache&) = delete;
@@ -22,10 +25,14 @@ class KVCache {
   int64_t num_blocks() const { return num_blocks_; }
   int64_t free_blocks() const { return int64_t(free_.size()); }
   int64_t capacity_tokens() const { return (num_blocks_ - 1) * block_size_; }
-  // Bytes of one block across all layers, K and V.
-  static size_t block_bytes(const ModelConfig& c, int64_t block_size, DType act);
+  // Bytes of one block across all layers, K and V (and their scales with fp8).
+  static size_t block_bytes(const ModelConfig& c, int64_t block_size, DType act, bool fp8 = false);
   void* k_pool(int64_t layer) const { return k_[size_t(layer)]; }
   void* v_pool(int64_t layer) const { return v_[size_t(layer)]; }
+  // FP8 scale pools [num_blocks * block_size][num_kv_heads]; nullptr without fp8.
+  float* k_scales(int64_t layer) const { return fp8_ ? ks_[size_t(layer)] : nullptr; }
+  float* v_scales(int64_t layer) const { return fp8_ ? vs_[size_t(layer)] : nullptr; }
+  bool fp8() const { return fp8_; }
   int64_t kv_dim() const { return kv_dim_; }
 
   // Takes and returns blocks; take() throws kiln::Error when the pool is exhausted.
@@ -35,7 +42,9 @@ class KVCache {
  private:
   Backend& be_;
   int64_t num_blocks_, block_size_, kv_dim_;
+  bool fp8_;
   std::vector<void*> k_, v_;
+  std::vector<float*> ks_, vs_;
   std::vector<int32_t> free_;
 };
 

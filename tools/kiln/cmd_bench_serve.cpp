@@ -512,6 +512,8 @@ void register_bench_subcommands(CLI::App* bench) {
                   "when building from an HF folder (0: max_position_embeddings)");
     c->add_option("--quant", a.bc.quant,
                   "when building from an HF folder: none, int8-wo, int4-wo, fp8");
+    c->add_option("--kv-cache-dtype", a.bc.kv_cache_dtype,
+                  "when building from an HF folder: auto or fp8 (E4M3 KV cache)");
     add_runtime_args(c, a.sc.runtime);
     c->add_option("--max-num-seqs", a.sc.max_num_seqs,
                   "sequences per step (0: 256 on a GPU, 16 on the CPU)");

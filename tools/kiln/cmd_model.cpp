@@ -35,6 +35,8 @@ void add_model_args(CLI::App* c, ModelArgs& a) {
                 "when building from an HF folder (0: max_position_embeddings)");
   c->add_option("--quant", a.bc.quant,
                 "when building from an HF folder: none, int8-wo, int4-wo, fp8");
+  c->add_option("--kv-cache-dtype", a.bc.kv_cache_dtype,
+                "when building from an HF folder: auto or fp8 (E4M3 KV cache)");
   add_runtime_args(c, a.rc);
 }
 
@@ -186,6 +188,10 @@ void register_model_commands(CLI::App& app) {
                   "weight quantization of the linear layers: none, int8-wo, int4-wo, fp8 (with a "
                   "16-bit --dtype)")
         ->capture_default_str();
+    c->add_option("--kv-cache-dtype", bc.kv_cache_dtype,
+                  "KV cache elements: auto (the engine dtype) or fp8 (E4M3 with a scale per "
+                  "token and KV head; with a 16-bit --dtype)")
+        ->capture_default_str();
     c->add_flag("--dummy-weights", dummy, "seeded random weights of the shape --config describes");
     c->add_option("--config", config, "config.json for --dummy-weights");
     c->add_option("--seed", seed, "seed for --dummy-weights");
@@ -204,7 +210,8 @@ void register_model_commands(CLI::App& app) {
       bar.finish();
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const double p = double(i.num_params);
-      const std::string kind = i.quant == "none" ? i.dtype : i.dtype + ", " + i.quant;
+      std::string kind = i.quant == "none" ? i.dtype : i.dtype + ", " + i.quant;
+      if (i.kv_cache_dtype != "auto") kind += ", kv " + i.kv_cache_dtype;
       std::printf("built %s (%s, %.3f %s params, %s) -> %s in %.2f s\n", i.architecture.c_str(),
                   kind.c_str(), p >= 1e9 ? p / 1e9 : p / 1e6, p >= 1e9 ? "B" : "M",
                   human_bytes(double(i.weight_bytes)).c_str(), out.c_str(), s);
@@ -290,7 +297,7 @@ void register_model_commands(CLI::App& app) {
     auto* c =
         app.add_subcommand("bench", "Prompt-processing and generation speed (llama-bench style)");
     static ModelArgs a;
-    static int64_t pp = 512, tg = 128;
+    static int64_t pp = 512, tg = 128, depth = 0;
     static int reps = 3;
     static std::string batches = "1", format = "md";
     add_model_args(c, a);
@@ -301,6 +308,10 @@ void register_model_commands(CLI::App& app) {
     c->add_option("-p,--n-prompt", pp, "prompt tokens (0: skip)");
     c->add_option("-n,--n-gen", tg, "generated tokens per sequence (0: skip)");
     c->add_option("-b,--batch", batches, "sequences decoding together, e.g. 1,8,32 (tg only)");
+    c->add_option("-d,--n-depth", depth,
+                  "tokens in each sequence's KV cache before tg starts (llama-bench's depth; "
+                  "prefilled untimed)")
+        ->check(CLI::NonNegativeNumber);
     c->add_option("-r,--repetitions", reps, "timed repetitions after one warm-up");
     c->add_option("-o,--output", format, "md or json");
     c->callback([c] {
@@ -317,12 +328,13 @@ void register_model_commands(CLI::App& app) {
       }
       Engine e = Engine::open(a.model, a.bc);
       const ModelInfo info = e.info();
-      KILN_CHECK(pp + 1 <= info.max_seq_len && tg + 1 <= info.max_seq_len, "bench needs ",
-                 std::max(pp, tg) + 1, " positions but the engine allows ", info.max_seq_len);
+      KILN_CHECK(pp + 1 <= info.max_seq_len && depth + tg + 1 <= info.max_seq_len, "bench needs ",
+                 std::max(pp, depth + tg) + 1, " positions but the engine allows ",
+                 info.max_seq_len);
       // Only what the runs need, unless asked otherwise: starts fast, leaves the GPU's memory.
       RuntimeConfig rc = a.rc;
       if (rc.kv_cache_tokens == 0)
-        rc.kv_cache_tokens = std::max({pp + 1, bmax * (tg + 16), info.max_seq_len});
+        rc.kv_cache_tokens = std::max({pp + 1, bmax * (depth + tg + 16), info.max_seq_len});
       start_engine(e, rc);
       std::mt19937 rng(1234);
       std::uniform_int_distribution<int32_t> tok(0, int32_t(info.vocab_size - 1));
@@ -336,7 +348,8 @@ void register_model_commands(CLI::App& app) {
       auto report = [&](const std::string& test, int64_t n_prompt, int64_t n_gen, int64_t batch,
                         const std::vector<double>& rates) {
         const double mean = mean_of(rates), sd = sd_of(rates);
-        const std::string kind = info.quant == "none" ? info.dtype : info.dtype + " " + info.quant;
+        std::string kind = info.quant == "none" ? info.dtype : info.dtype + " " + info.quant;
+        if (info.kv_cache_dtype != "auto") kind += " kv-" + info.kv_cache_dtype;
         if (format == "md") {
           const double np = double(info.num_params);
           std::printf("| %s %s | %s | %.2f %s | %s | %d | %s | %lld | %.2f ± %.2f |\n",
@@ -350,6 +363,7 @@ void register_model_commands(CLI::App& app) {
                         {"architecture", info.architecture},
                         {"dtype", info.dtype},
                         {"quant", info.quant},
+                        {"kv_cache_dtype", info.kv_cache_dtype},
                         {"model_size", info.weight_bytes},
                         {"model_n_params", info.num_params},
                         {"backend", backend},
@@ -357,6 +371,7 @@ void register_model_commands(CLI::App& app) {
                         {"test", test},
                         {"n_prompt", n_prompt},
                         {"n_gen", n_gen},
+                        {"n_depth", n_gen > 0 ? depth : 0},
                         {"n_batch", batch},
                         {"avg_ts", mean},
                         {"stddev_ts", sd},
@@ -392,13 +407,21 @@ void register_model_commands(CLI::App& app) {
             std::vector<Session*> ptrs;
             ss.reserve(size_t(b));
             for (int64_t i = 0; i < b; ++i) {
-              ss.push_back(e.session(tg + 1));
+              ss.push_back(e.session(depth + tg + 1));
               ss.back().set_sampling(greedy);
             }
             for (auto& s : ss) ptrs.push_back(&s);
             std::vector<int32_t> cur(static_cast<size_t>(b));
-            for (auto& t : cur) t = tok(rng);
-            cur = e.step(ptrs, cur);
+            if (depth > 0) {  // each sequence's context, prefilled before the clock starts
+              std::vector<int32_t> ctx(static_cast<size_t>(depth));
+              for (int64_t i = 0; i < b; ++i) {
+                for (auto& t : ctx) t = tok(rng);
+                cur[size_t(i)] = ss[size_t(i)].next(ctx);
+              }
+            } else {
+              for (auto& t : cur) t = tok(rng);
+              cur = e.step(ptrs, cur);
+            }
             int64_t steps = 0;
             auto t0 = std::chrono::steady_clock::now();
             e.decode(ptrs, cur, tg, [&](std::span<const int32_t>) { return ++steps > 0; });
@@ -406,7 +429,7 @@ void register_model_commands(CLI::App& app) {
             KILN_CHECK(steps == tg, "bench: ", steps, " of ", tg, " steps ran");
             if (r > 0) rates.push_back(double(b * tg) / sec);
           }
-          report(cat("tg", tg), 0, tg, b, rates);
+          report(depth > 0 ? cat("tg", tg, " @ d", depth) : cat("tg", tg), 0, tg, b, rates);
         }
       }
       if (format == "json") std::printf("%s\n", rows.dump(2).c_str());

@@ -37,7 +37,8 @@ const float* F(const void* p) {
 }
 
 cpu::KVView view(const KVLayerView& kv) {
-  return {F(kv.k), F(kv.v), kv.block_table, kv.block_size, kv.kv_dim, kv.seq, kv.bt_stride};
+  return {F(kv.k), F(kv.v),      kv.block_table, kv.block_size, kv.kv_dim,
+          kv.seq,  kv.bt_stride, kv.k_scale,     kv.v_scale,    kv.head_dim};
 }
 
 class CpuBackend final : public Backend {

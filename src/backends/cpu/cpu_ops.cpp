@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "core/error.h"
@@ -17,7 +18,7 @@ namespace {
 
 // Thread-local scratch that grows but never shrinks, so hot loops do not allocate.
 float* scratch(size_t n, int slot) {
-  thread_local std::vector<float> bufs[2];
+  thread_local std::vector<float> bufs[3];
   auto& b = bufs[slot];
   if (b.size() < n) b.resize(n);
   return b.data();
@@ -249,12 +250,45 @@ void softcap(float* x, int64_t count, float cap) {
 
 void kv_write(const KVView& kv, const float* k, const float* v, int64_t ld, const int32_t* pos,
               int64_t n) {
+  KILN_CHECK(!kv.k_scale || (kv.v_scale && kv.head_dim > 0 && kv.kv_dim % kv.head_dim == 0),
+             "kv_write: an FP8 cache needs both scale pools and a head_dim dividing kv_dim");
   for (int64_t i = 0; i < n; ++i) {
     const int64_t slot = kv.slot(i, pos[i]);
+    if (kv.k_scale) {  // FP8: each head's values to codes with their own scale
+      const int64_t heads = kv.kv_dim / kv.head_dim;
+      auto* kc = reinterpret_cast<uint8_t*>(kv.k) + slot * kv.kv_dim;
+      auto* vc = reinterpret_cast<uint8_t*>(kv.v) + slot * kv.kv_dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        for (auto [x, codes, scale] :
+             {std::tuple{k, kc, kv.k_scale}, std::tuple{v, vc, kv.v_scale}})
+          // A non-finite value makes the head NaN (its scale), so attention over it is NaN and
+          // reported as NaN logits, never a finite wrong answer.
+          if (!quantize_fp8_row(x + i * ld + h * kv.head_dim, kv.head_dim, codes + h * kv.head_dim,
+                                scale + slot * heads + h)) {
+            std::fill(codes + h * kv.head_dim, codes + (h + 1) * kv.head_dim, uint8_t{0});
+            scale[slot * heads + h] = std::numeric_limits<float>::quiet_NaN();
+          }
+      }
+      continue;
+    }
     std::memcpy(kv.k + slot * kv.kv_dim, k + i * ld, size_t(kv.kv_dim) * 4);
     std::memcpy(kv.v + slot * kv.kv_dim, v + i * ld, size_t(kv.kv_dim) * 4);
   }
 }
+
+namespace {
+
+// Head `kvo / head_dim` of the K or V row in `slot` as floats: in place for a float cache, else
+// its codes times its scale (dequantize_fp8_row) into buf.
+const float* cached_head(const float* pool, const float* scales, const KVView& kv, int64_t slot,
+                         int64_t kvo, int64_t head_dim, float* buf) {
+  if (!scales) return pool + slot * kv.kv_dim + kvo;
+  const auto* codes = reinterpret_cast<const uint8_t*>(pool) + slot * kv.kv_dim + kvo;
+  dequantize_fp8_row(codes, scales[slot * (kv.kv_dim / head_dim) + kvo / head_dim], head_dim, buf);
+  return buf;
+}
+
+}  // namespace
 
 void attention(const float* q, int64_t ldq, int64_t n, const int32_t* pos, const KVView& kv,
                int64_t heads, int64_t kv_heads, int64_t head_dim, float scale, float cap,
@@ -267,12 +301,14 @@ void attention(const float* q, int64_t ldq, int64_t n, const int32_t* pos, const
       const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
       const int64_t len = p - lo + 1;
       float* s = scratch(size_t(len), 0);
+      float* kbuf = scratch(size_t(head_dim), 2);  // a dequantized FP8 head
       const float* qh = q + i * ldq + h * head_dim;
       const int64_t kvo = (h / group) * head_dim;
       float mx = -INFINITY;
       for (int64_t j = 0; j < len; ++j) {
         const int64_t slot = kv.slot(i, lo + j);
-        float x = dot(qh, kv.k + slot * kv.kv_dim + kvo, head_dim) * scale;
+        float x =
+            dot(qh, cached_head(kv.k, kv.k_scale, kv, slot, kvo, head_dim, kbuf), head_dim) * scale;
         if (cap > 0) x = cap * std::tanh(x / cap);
         s[j] = x;
         mx = std::max(mx, x);
@@ -284,7 +320,7 @@ void attention(const float* q, int64_t ldq, int64_t n, const int32_t* pos, const
       for (int64_t d = 0; d < head_dim; ++d) o[d] = 0;
       for (int64_t j = 0; j < len; ++j) {
         const int64_t slot = kv.slot(i, lo + j);
-        const float* vr = kv.v + slot * kv.kv_dim + kvo;
+        const float* vr = cached_head(kv.v, kv.v_scale, kv, slot, kvo, head_dim, kbuf);
         const float pj = s[j] * inv;
 #pragma omp simd
         for (int64_t d = 0; d < head_dim; ++d) o[d] += pj * vr[d];

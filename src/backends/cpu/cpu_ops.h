@@ -61,6 +61,10 @@ struct KVView {
   int64_t kv_dim;
   const int32_t* seq = nullptr;  // token i's table is row seq[i] (bt_stride apart); null: one
   int64_t bt_stride = 0;
+  // FP8 cache (KVLayerView): k / v are E4M3 codes (uint8_t), one scale per (slot, KV head).
+  float* k_scale = nullptr;
+  float* v_scale = nullptr;
+  int64_t head_dim = 0;
   // Cache slot of token i at position p.
   int64_t slot(int64_t i, int64_t p) const {
     const int32_t* bt = seq ? block_table + int64_t(seq[i]) * bt_stride : block_table;

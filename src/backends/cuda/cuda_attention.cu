@@ -24,6 +24,7 @@
 // each token in its own row blocks (seq).
 #include <algorithm>
 #include <climits>
+#include <type_traits>
 
 #include "backends/cuda/cuda_attention_decode.h"
 #include "backends/cuda/cuda_attention_tc.h"
@@ -66,6 +67,9 @@ struct Args {
   int splits;  // key ranges per row block (grid.z); sized on the device from the rows' ranges
   bool vec;    // 16-byte K/V loads
   bool vec_q;  // 16-byte Q loads
+  const float* k_scale;  // FP8 cache: one scale per (slot, KV head), kv_heads a slot
+  const float* v_scale;
+  int kv_heads;
   void* out;
   int64_t ldo;
   float* ws;      // [n * heads][splits][D + 2] when splits > 1
@@ -76,9 +80,11 @@ size_t smem_bytes(int D) {
   return size_t(kRows * D + kBK * D + kBK * (D + 4) + 4 * kBK * kWarpRows) * sizeof(float);
 }
 
-// DPL: output dims per lane, ceil(D / 32) rounded up to an instantiated value.
-template <typename T, int DPL>
+// DPL: output dims per lane, ceil(D / 32) rounded up to an instantiated value. KV: the cache's
+// element type, T or E4M3 (codes times a scale per key and KV head, applied as the tile loads).
+template <typename T, typename KV, int DPL>
 __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
+  constexpr bool kFp8 = std::is_same_v<KV, E4M3>;
   pdl_begin();
   extern __shared__ float4 smem4[];
   const int D = a.D;
@@ -175,8 +181,8 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
 #pragma unroll
     for (int k = 0; k < DPL; ++k) o[j][k] = 0.0f;
   }
-  const T* kp = static_cast<const T*>(a.kpool) + int64_t(kvh) * D;
-  const T* vp = static_cast<const T*>(a.vpool) + int64_t(kvh) * D;
+  const KV* kp = static_cast<const KV*>(a.kpool) + int64_t(kvh) * D;
+  const KV* vp = static_cast<const KV*>(a.vpool) + int64_t(kvh) * D;
   float* pw = Ps + warp * kBK * kWarpRows;
   const float4* q4 = reinterpret_cast<const float4*>(Qs) + warp;  // rows warp*4 .. +3 of dim d
 
@@ -185,10 +191,16 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
     {
       const int j = tid % kBK, t = t0 + j;
       const bool ok = t < k1;
-      const int64_t off = ok ? (int64_t(bt[t / a.bs]) * a.bs + t % a.bs) * a.kv_dim : 0;
+      const int64_t slot = ok ? int64_t(bt[t / a.bs]) * a.bs + t % a.bs : 0;
+      const int64_t off = slot * a.kv_dim;
+      float ks = 1.0f, vs = 1.0f;  // FP8: this key's scales
+      if constexpr (kFp8) {
+        ks = ok ? a.k_scale[slot * a.kv_heads + kvh] : 0.0f;
+        vs = ok ? a.v_scale[slot * a.kv_heads + kvh] : 0.0f;
+      }
       if (a.vec) {
         // Batches of 4 chunks per thread: 8 independent 16-byte loads before the first use.
-        constexpr int E = kVec<T>, kStep = kThreads / kBK;
+        constexpr int E = kVec<KV>, kStep = kThreads / kBK;
         for (int c0 = tid / kBK; c0 < D / E; c0 += 4 * kStep) {
           uint4 kb[4], vb[4];
 #pragma unroll
@@ -205,8 +217,12 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
             const int c = c0 + u * kStep;
             if (c >= D / E) break;
             float kf[E], vf[E];
-            unpack_vec<T>(kb[u], kf);
-            unpack_vec<T>(vb[u], vf);
+            unpack_vec<KV>(kb[u], kf);
+            unpack_vec<KV>(vb[u], vf);
+            if constexpr (kFp8) {
+#pragma unroll
+              for (int e = 0; e < E; ++e) kf[e] *= ks, vf[e] *= vs;
+            }
 #pragma unroll
             for (int e = 0; e < E; ++e) Kt[(c * E + e) * kBK + j] = kf[e];
             float4* vd = reinterpret_cast<float4*>(Vs + j * (D + 4) + c * E);
@@ -217,8 +233,8 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
         }
       } else {
         for (int d = tid / kBK; d < D; d += kThreads / kBK) {
-          Kt[d * kBK + j] = ok ? to_f(kp[off + d]) : 0.0f;
-          Vs[j * (D + 4) + d] = ok ? to_f(vp[off + d]) : 0.0f;
+          Kt[d * kBK + j] = ok ? to_f(kp[off + d]) * ks : 0.0f;
+          Vs[j * (D + 4) + d] = ok ? to_f(vp[off + d]) * vs : 0.0f;
         }
       }
     }
@@ -424,28 +440,28 @@ size_t max_over_parts(const AttnLaunch& a, int num_sms, F core, G decode) {
   return r;
 }
 
-template <typename T, int DPL>
+template <typename T, typename KV, int DPL>
 void launch(const Args& args, dim3 grid, cudaStream_t s) {
   const size_t smem = smem_bytes(args.D);
   static bool raised = false;  // per instantiation; the limit is per kernel, not per launch
   if (!raised) {
-    KILN_CUDA_CHECK(cudaFuncSetAttribute(attn_kernel<T, DPL>,
+    KILN_CUDA_CHECK(cudaFuncSetAttribute(attn_kernel<T, KV, DPL>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(smem_bytes(kMaxHeadDim))));
     raised = true;
   }
-  launch_kernel(attn_kernel<T, DPL>, grid, kThreads, smem, s, args);
+  launch_kernel(attn_kernel<T, KV, DPL>, grid, kThreads, smem, s, args);
 }
 
-template <typename T>
+template <typename T, typename KV>
 void launch_dpl(const Args& args, dim3 grid, cudaStream_t s) {
   const int dpl = (args.D + 31) / 32;
-  if (dpl <= 1) return launch<T, 1>(args, grid, s);
-  if (dpl <= 2) return launch<T, 2>(args, grid, s);
-  if (dpl <= 3) return launch<T, 3>(args, grid, s);
-  if (dpl <= 4) return launch<T, 4>(args, grid, s);
-  if (dpl <= 6) return launch<T, 6>(args, grid, s);
-  return launch<T, 8>(args, grid, s);
+  if (dpl <= 1) return launch<T, KV, 1>(args, grid, s);
+  if (dpl <= 2) return launch<T, KV, 2>(args, grid, s);
+  if (dpl <= 3) return launch<T, KV, 3>(args, grid, s);
+  if (dpl <= 4) return launch<T, KV, 4>(args, grid, s);
+  if (dpl <= 6) return launch<T, KV, 6>(args, grid, s);
+  return launch<T, KV, 8>(args, grid, s);
 }
 
 template <typename T>
@@ -453,6 +469,7 @@ void launch_core(const AttnLaunch& a, float* ws, int* counters, int num_sms, cud
   const Plan p = make_plan(a, num_sms);
   KILN_CHECK(p.splits == 1 || (ws && counters), "attention: split-K workspace missing");
   const int64_t e = 16 / int64_t(sizeof(T));
+  const int64_t ekv = a.k_scale ? 16 : e;  // K/V elements per 16-byte load
   Args g{a.q,
          a.ldq,
          int(a.n),
@@ -472,15 +489,25 @@ void launch_core(const AttnLaunch& a, float* ws, int* counters, int num_sms, cud
          a.softcap,
          int(a.window),
          p.splits,
-         a.head_dim % e == 0 && a.kv_dim % e == 0,
+         a.head_dim % ekv == 0 && a.kv_dim % ekv == 0,
          a.head_dim % e == 0 && a.ldq % e == 0 && reinterpret_cast<uintptr_t>(a.q) % 16 == 0,
+         a.k_scale,
+         a.v_scale,
+         int(a.kv_heads),
          a.out,
          a.ldo,
          ws,
          counters};
   const dim3 grid(unsigned(p.row_blocks), unsigned(a.kv_heads), unsigned(p.splits));
   KILN_CHECK(grid.y <= 65535 && grid.z <= 65535, "attention: too many KV heads");
-  launch_dpl<T>(g, grid, s);
+  if (a.k_scale) {
+    if constexpr (std::is_same_v<T, float>)
+      throw Error("attention: an FP8 KV cache needs F16 or BF16 activations");
+    else
+      launch_dpl<T, E4M3>(g, grid, s);
+  } else {
+    launch_dpl<T, T>(g, grid, s);
+  }
 }
 
 }  // namespace

@@ -15,6 +15,10 @@
 // softmax (FP32, base-2 exponent; P rounded to the input type for the PV product, as in the
 // prefill kernel). The 4 warps' partial results are merged through shared memory at the end.
 //
+// An FP8 cache (KV = E4M3) streams its codes and per-(key, KV head) scales through the ring
+// instead, half the bytes; before a tile's products the warp turns it into one T tile (code *
+// scale in FP32, rounded to T), so the tensor-core part is the 16-bit kernel's.
+//
 // Few rows (batch 1, small batches) cannot fill the GPU, so the keys are also split over grid.z
 // (flash-decoding); the last block of a (row, KV head) to finish merges the splits (an atomic
 // counter; no second launch). The host picks only the number of splits, from host values; each
@@ -22,6 +26,7 @@
 // captured under a length bound spreads the keys a replay actually has over every split.
 #include <algorithm>
 #include <climits>
+#include <type_traits>
 
 #include "backends/cuda/cuda_attention_decode.h"
 #include "backends/cuda/cuda_attention_tc.h"
@@ -52,6 +57,8 @@ struct DecArgs {
   const int32_t* bt;
   int bs;
   int64_t kv_dim;
+  const float* k_scale;  // FP8 cache: [slots][kv_heads]
+  const float* v_scale;
   float scale_log2;      // scale * log2(e)
   float scale_over_cap;  // scale / softcap
   float cap_log2;        // softcap * log2(e); 0: no soft-cap
@@ -68,24 +75,42 @@ struct DecArgs {
 template <int D>
 constexpr int kStages = D > 128 ? 2 : 3;
 
-template <typename T, int D>
+// Shared memory: Q [kRows][D + 8] T, then each warp's region: ST stages of K / V tiles in the
+// cache's type (FP8: codes [2][kTileKeys][D + 16] bytes and scales [2][kTileKeys] F32 per stage,
+// then the one T tile pair they are turned into). The warps' partial outputs reuse their region.
+template <typename T, typename KV, int D>
+struct DecSmem {
+  static constexpr bool kFp8 = std::is_same_v<KV, E4M3>;
+  static constexpr int LDS = D + 8;                    // T elements per row
+  static constexpr int kStageT = 2 * kTileKeys * LDS;  // T elements: K tile then V tile
+  static constexpr int LD8 = D + 16;                   // bytes per FP8 row (16-byte aligned)
+  static constexpr int kStage8 = 2 * kTileKeys * LD8 + 2 * kTileKeys * 4;  // bytes
+  static constexpr int kWarpBytes = kFp8 ? kStages<D> * kStage8 + kStageT * int(sizeof(T))
+                                         : kStages<D> * kStageT * int(sizeof(T));
+  static constexpr size_t kBytes = size_t(kRows * LDS) * sizeof(T) + size_t(kWarps) * kWarpBytes;
+  static_assert(kWarpBytes % 16 == 0 && kStage8 % 16 == 0, "16-byte aligned regions");
+};
+
+template <typename T, typename KV, int D>
 constexpr size_t smem_bytes() {
-  return size_t(kRows + kWarps * kStages<D> * 2 * kTileKeys) * (D + 8) * sizeof(T);
+  return DecSmem<T, KV, D>::kBytes;
 }
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) {
+  using Sm = DecSmem<T, KV, D>;
+  constexpr bool kFp8 = Sm::kFp8;
   constexpr int ST = kStages<D>;
   constexpr int LDS = D + 8;  // elements per shared row (+16 bytes: conflict-free ldmatrix)
   constexpr int CH = D / 8;   // 16-byte chunks per row
   constexpr int KS = D / 16;  // k16 steps of Q K^T
   constexpr int DT = D / 8;   // n8 tiles of O
   constexpr bool kQReg = D <= 128;
-  constexpr int kStage = 2 * kTileKeys * LDS;  // one stage: K tile then V tile
-  constexpr int LDP = D + 4;                   // floats per row of a warp's partial output
+  constexpr int kStage = Sm::kStageT;  // one stage: K tile then V tile
+  constexpr int LDP = D + 4;           // floats per row of a warp's partial output
   constexpr int WS = D + 4;  // floats per workspace row: 16-byte aligned for the merge's loads
   static_assert(D % 16 == 0 && ST >= 2, "tile shapes");
-  static_assert(kRows * LDP * 4 <= ST * kStage * int(sizeof(T)), "partials fit in the ring");
+  static_assert(kRows * LDP * 4 <= Sm::kWarpBytes, "partials fit in the warp's region");
 
   extern __shared__ float4 smem4[];
   T* Qs = reinterpret_cast<T*>(smem4);  // [kRows][LDS]
@@ -96,7 +121,11 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int i = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
   const int group = a.group;
-  T* ring = Qs + kRows * LDS + warp * ST * kStage;
+  char* const regions = reinterpret_cast<char*>(Qs + kRows * LDS);
+  char* const region = regions + warp * Sm::kWarpBytes;
+  T* ring = reinterpret_cast<T*>(region);                     // 16-bit cache: the stages
+  uint8_t* ring8 = reinterpret_cast<uint8_t*>(region);        // FP8: the stages
+  T* conv = reinterpret_cast<T*>(region + ST * Sm::kStage8);  // FP8: the converted tile
 
   // Key range of the row and this split's piece of it, in whole warp tiles.
   const int hi = a.pos[i];
@@ -122,21 +151,63 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
     cp_async_commit();
   }
   const int32_t* bt = a.bt + (a.seq ? int64_t(a.seq[i]) * a.bt_stride : 0);
-  const T* kp = static_cast<const T*>(a.kpool) + int64_t(kvh) * D;
-  const T* vp = static_cast<const T*>(a.vpool) + int64_t(kvh) * D;
+  const KV* kp = static_cast<const KV*>(a.kpool) + int64_t(kvh) * D;
+  const KV* vp = static_cast<const KV*>(a.vpool) + int64_t(kvh) * D;
   // The warp's tile j (keys k0 + 16 (warp + 4 j) ...) into stage `st`; keys past k1 are zeros.
   auto load_tile = [&](int st, int j) {
-    T* kd = ring + st * kStage;
-    T* vd = kd + kTileKeys * LDS;
     const int t0 = k0 + (warp + kWarps * j) * kTileKeys;
+    if constexpr (kFp8) {
+      constexpr int CH8 = D / 16;  // 16-byte chunks of codes per row
+      uint8_t* kd = ring8 + st * Sm::kStage8;
+      uint8_t* vd = kd + kTileKeys * Sm::LD8;
+      float* sd = reinterpret_cast<float*>(vd + kTileKeys * Sm::LD8);  // K scales, V scales
 #pragma unroll
-    for (int e = lane; e < kTileKeys * CH; e += 32) {
-      const int jj = e / CH, c = e % CH, t = t0 + jj;
-      const bool ok = t < k1;
-      int64_t off = 0;
-      if (ok) off = (int64_t(__ldg(bt + t / a.bs)) * a.bs + t % a.bs) * a.kv_dim + c * 8;
-      cp_async16(kd + jj * LDS + c * 8, kp + off, ok);
-      cp_async16(vd + jj * LDS + c * 8, vp + off, ok);
+      for (int e = lane; e < kTileKeys * CH8; e += 32) {
+        const int jj = e / CH8, c = e % CH8, t = t0 + jj;
+        const bool ok = t < k1;
+        int64_t off = 0;
+        if (ok) off = (int64_t(__ldg(bt + t / a.bs)) * a.bs + t % a.bs) * a.kv_dim + c * 16;
+        cp_async16(kd + jj * Sm::LD8 + c * 16, kp + off, ok);
+        cp_async16(vd + jj * Sm::LD8 + c * 16, vp + off, ok);
+      }
+      {  // lanes 0-15: the keys' K scales, 16-31 their V scales
+        const int jj = lane % kTileKeys, t = t0 + jj;
+        const bool ok = t < k1;
+        int64_t si = 0;
+        if (ok) si = (int64_t(__ldg(bt + t / a.bs)) * a.bs + t % a.bs) * gridDim.y + kvh;
+        cp_async4(sd + lane, (lane < kTileKeys ? a.k_scale : a.v_scale) + si, ok);
+      }
+    } else {
+      T* kd = ring + st * kStage;
+      T* vd = kd + kTileKeys * LDS;
+#pragma unroll
+      for (int e = lane; e < kTileKeys * CH; e += 32) {
+        const int jj = e / CH, c = e % CH, t = t0 + jj;
+        const bool ok = t < k1;
+        int64_t off = 0;
+        if (ok) off = (int64_t(__ldg(bt + t / a.bs)) * a.bs + t % a.bs) * a.kv_dim + c * 8;
+        cp_async16(kd + jj * LDS + c * 8, kp + off, ok);
+        cp_async16(vd + jj * LDS + c * 8, vp + off, ok);
+      }
+    }
+  };
+  // FP8: stage st's codes times their scales into the T tile pair `conv` (zero-filled keys have
+  // codes and scales 0). Each lane turns 16-byte chunks of 16 codes into two 16-byte T chunks.
+  auto convert_tile = [&](int st) {
+    constexpr int CH8 = D / 16;
+    const uint8_t* src = ring8 + st * Sm::kStage8;
+    const float* sd = reinterpret_cast<const float*>(src + 2 * kTileKeys * Sm::LD8);
+#pragma unroll 4
+    for (int e = lane; e < 2 * kTileKeys * CH8; e += 32) {
+      const int row = e / CH8, c = e % CH8;  // rows [0, 16): K, [16, 32): V
+      float f[16];
+      unpack_vec<E4M3>(*reinterpret_cast<const uint4*>(src + row * Sm::LD8 + c * 16), f);
+      const float sc = sd[row];
+#pragma unroll
+      for (int k = 0; k < 16; ++k) f[k] *= sc;
+      uint4* d = reinterpret_cast<uint4*>(conv + row * LDS + c * 16);
+      d[0] = pack_vec<T>(f);
+      d[1] = pack_vec<T>(f + 8);
     }
   };
 #pragma unroll
@@ -167,6 +238,11 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
       cp_async_commit();
     }
     const T* Kb = ring + (j % ST) * kStage;
+    if constexpr (kFp8) {
+      convert_tile(j % ST);
+      __syncwarp();  // the converted tile visible to the warp's ldmatrix
+      Kb = conv;
+    }
     const T* Vb = Kb + kTileKeys * LDS;
     const int t0 = k0 + (warp + kWarps * j) * kTileKeys;
 
@@ -245,7 +321,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
   // The warp's partial (unnormalised O, max, sum) into its own ring, now idle.
   cp_async_wait<0>();
   __syncwarp();
-  float* part = reinterpret_cast<float*>(ring);  // [kRows][LDP]
+  float* part = reinterpret_cast<float*>(region);  // [kRows][LDP]
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float t = l[h];
@@ -275,12 +351,11 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
     s_inv[tid] = L;
   }
   __syncthreads();
-  const float* parts = reinterpret_cast<const float*>(Qs + kRows * LDS);
+  const float* parts = reinterpret_cast<const float*>(regions);
   auto merged = [&](int r, int d) {
     float acc = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w)
-      acc += s_w[w][r] * parts[w * ST * kStage * int(sizeof(T)) / 4 + r * LDP + d];
+    for (int w = 0; w < kWarps; ++w) acc += s_w[w][r] * parts[w * Sm::kWarpBytes / 4 + r * LDP + d];
     return acc;
   };
   const int h0 = kvh * group;
@@ -367,32 +442,32 @@ int plan_splits(const AttnLaunch& a, int num_sms) {
   return int(std::max<int64_t>(1, std::min({want, most, int64_t(kMaxSplits)})));
 }
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 void launch(const DecArgs& g, int64_t kv_heads, cudaStream_t s) {
-  constexpr size_t smem = smem_bytes<T, D>();
+  constexpr size_t smem = smem_bytes<T, KV, D>();
   static bool raised = false;  // per instantiation; the limit is per kernel, not per launch
   if (!raised) {
-    KILN_CUDA_CHECK(cudaFuncSetAttribute(attn_decode_kernel<T, D>,
+    KILN_CUDA_CHECK(cudaFuncSetAttribute(attn_decode_kernel<T, KV, D>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     raised = true;
   }
   const dim3 grid(unsigned(g.n), unsigned(kv_heads), unsigned(g.splits));
-  launch_kernel(attn_decode_kernel<T, D>, grid, dim3(kThreads), smem, s, g);
+  launch_kernel(attn_decode_kernel<T, KV, D>, grid, dim3(kThreads), smem, s, g);
 }
 
-template <typename T>
+template <typename T, typename KV>
 void launch_d(int64_t D, const DecArgs& g, int64_t kv_heads, cudaStream_t s) {
   switch (D) {
     case 64:
-      return launch<T, 64>(g, kv_heads, s);
+      return launch<T, KV, 64>(g, kv_heads, s);
     case 80:
-      return launch<T, 80>(g, kv_heads, s);
+      return launch<T, KV, 80>(g, kv_heads, s);
     case 96:
-      return launch<T, 96>(g, kv_heads, s);
+      return launch<T, KV, 96>(g, kv_heads, s);
     case 128:
-      return launch<T, 128>(g, kv_heads, s);
+      return launch<T, KV, 128>(g, kv_heads, s);
     default:
-      return launch<T, 256>(g, kv_heads, s);
+      return launch<T, KV, 256>(g, kv_heads, s);
   }
 }
 
@@ -409,6 +484,7 @@ bool attention_decode_supported(DType act, const AttnLaunch& a) {
     return false;
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   if (!aligned(a.q) || !aligned(a.out) || !aligned(a.kpool) || !aligned(a.vpool)) return false;
+  if (a.k_scale && (!a.v_scale || a.kv_dim % 16 != 0)) return false;  // FP8: 16 codes a chunk
   return a.ldq % 8 == 0 && a.ldo % 8 == 0 && a.kv_dim % 8 == 0;
 }
 
@@ -442,6 +518,8 @@ void attention_decode(DType act, const AttnLaunch& a, float* ws, int* counters, 
                   a.block_table,
                   int(a.block_size),
                   a.kv_dim,
+                  a.k_scale,
+                  a.v_scale,
                   a.scale * log2e,
                   a.softcap > 0.0f ? a.scale / a.softcap : 0.0f,
                   a.softcap > 0.0f ? a.softcap * log2e : 0.0f,
@@ -451,8 +529,13 @@ void attention_decode(DType act, const AttnLaunch& a, float* ws, int* counters, 
                   a.ldo,
                   ws,
                   counters};
-  if (act == DType::BF16) return launch_d<__nv_bfloat16>(a.head_dim, g, a.kv_heads, s);
-  launch_d<__half>(a.head_dim, g, a.kv_heads, s);
+  if (a.k_scale) {
+    if (act == DType::BF16) return launch_d<__nv_bfloat16, E4M3>(a.head_dim, g, a.kv_heads, s);
+    return launch_d<__half, E4M3>(a.head_dim, g, a.kv_heads, s);
+  }
+  if (act == DType::BF16)
+    return launch_d<__nv_bfloat16, __nv_bfloat16>(a.head_dim, g, a.kv_heads, s);
+  launch_d<__half, __half>(a.head_dim, g, a.kv_heads, s);
 }
 
 }  // namespace kiln::cuda

@@ -13,6 +13,10 @@
 // rows' limits. The output is normalised, staged in the warp's own Q rows and stored as 16-byte
 // vectors. Blocks are issued heaviest first (last rows first) for a shorter causal tail.
 //
+// An FP8 cache (KV = E4M3): the ring holds codes and per-(key, KV head) scales, half the bytes;
+// once a tile has landed the block turns it into one T tile pair (code * scale in FP32, rounded
+// to T) behind a second barrier, and the products are the 16-bit kernel's.
+//
 // Variable length (a mixed batch's prefill chunks, AttnLaunch::seq_start): one launch serves
 // several sequences, each with its own block-table row and positions. Sequence p has
 // ceil(q_p * group / rows) blocks, numbered in sequence order; the grid is sized from host
@@ -54,6 +58,8 @@ struct TcArgs {
   const int32_t* bt;
   int bs;
   int64_t kv_dim;
+  const float* k_scale;  // FP8 cache: [slots][kv_heads]
+  const float* v_scale;
   float scale_log2;      // scale * log2(e)
   float scale_over_cap;  // scale / softcap
   float cap_log2;        // softcap * log2(e); 0: no soft-cap
@@ -64,13 +70,22 @@ struct TcArgs {
 
 // Tile configuration: MI m16 row tiles per warp (block rows 64 * MI), BN keys per tile, ST
 // shared-memory stages of K/V (ST - 1 tiles in flight while one is computed).
-template <typename T, int D, int BN, int MI, int ST>
+// FP8 (KV = E4M3): each stage holds codes [2][BN][D + 16] bytes and scales [2][BN] F32, followed
+// by the one converted T tile pair [2][BN][D + 8].
+template <int D, int BN>
+constexpr int kStage8 = 2 * BN*(D + 16) + 2 * BN * 4;  // bytes
+
+template <typename T, typename KV, int D, int BN, int MI, int ST>
 constexpr size_t smem_bytes() {
+  if constexpr (std::is_same_v<KV, E4M3>)
+    return size_t(64 * MI + 2 * BN) * (D + 8) * sizeof(T) + size_t(ST) * kStage8<D, BN>;
   return size_t(64 * MI + 2 * ST * BN) * (D + 8) * sizeof(T);
 }
 
-template <typename T, int D, int BN, int MI, int ST>
+template <typename T, typename KV, int D, int BN, int MI, int ST>
 __global__ void __launch_bounds__(kThreads) attn_tc_kernel(const TcArgs a) {
+  constexpr bool kFp8 = std::is_same_v<KV, E4M3>;
+  constexpr int LD8 = D + 16;     // bytes per FP8 row
   constexpr int kRows = 64 * MI;  // query rows per block
   constexpr int WR = 16 * MI;     // query rows per warp
   constexpr int LDS = D + 8;      // elements per shared row (+16 bytes: conflict-free ldmatrix)
@@ -84,8 +99,9 @@ __global__ void __launch_bounds__(kThreads) attn_tc_kernel(const TcArgs a) {
 
   extern __shared__ float4 smem4[];
   T* Qs = reinterpret_cast<T*>(smem4);  // [kRows][LDS]
-  T* Ks = Qs + kRows * LDS;             // [ST][BN][LDS]
-  T* Vs = Ks + ST * BN * LDS;           // [ST][BN][LDS]
+  T* Ks = Qs + kRows * LDS;             // [ST][BN][LDS] (FP8: [BN][LDS], converted)
+  T* Vs = Ks + (kFp8 ? 1 : ST) * BN * LDS;
+  uint8_t* ring8 = reinterpret_cast<uint8_t*>(Vs + BN * LDS);  // FP8: [ST] stages
   __shared__ int s_lo[kRows], s_hi[kRows];
   __shared__ int s_find[3];
 
@@ -183,10 +199,34 @@ __global__ void __launch_bounds__(kThreads) attn_tc_kernel(const TcArgs a) {
       lo[mi][h] = s_lo[r], hi[mi][h] = s_hi[r];
     }
 
-  const T* kp = static_cast<const T*>(a.kpool) + int64_t(kvh) * D;
-  const T* vp = static_cast<const T*>(a.vpool) + int64_t(kvh) * D;
+  const KV* kp = static_cast<const KV*>(a.kpool) + int64_t(kvh) * D;
+  const KV* vp = static_cast<const KV*>(a.vpool) + int64_t(kvh) * D;
   // Keys t0 .. t0 + BN - 1 into stage `buf`; keys outside [cta_lo, cta_hi] become zeros.
   auto load_tile = [&](int buf, int t0) {
+    if constexpr (kFp8) {
+      constexpr int CH8 = D / 16;
+      uint8_t* kd = ring8 + buf * kStage8<D, BN>;
+      uint8_t* vd = kd + BN * LD8;
+      float* sd = reinterpret_cast<float*>(vd + BN * LD8);  // K scales [BN], V scales [BN]
+#pragma unroll
+      for (int it = 0; it < (BN * CH8 + kThreads - 1) / kThreads; ++it) {
+        const int e = tid + it * kThreads, j = e / CH8, c = e % CH8, t = t0 + j;
+        if ((BN * CH8) % kThreads != 0 && e >= BN * CH8) break;
+        const bool ok = t >= cta_lo && t <= cta_hi;
+        int64_t off = 0;
+        if (ok) off = (int64_t(__ldg(bt + t / a.bs)) * a.bs + t % a.bs) * a.kv_dim + c * 16;
+        cp_async16(kd + j * LD8 + c * 16, kp + off, ok);
+        cp_async16(vd + j * LD8 + c * 16, vp + off, ok);
+      }
+      if (tid < 2 * BN) {  // threads [0, BN): K scales; [BN, 2 BN): V scales
+        const int t = t0 + tid % BN;
+        const bool ok = t >= cta_lo && t <= cta_hi;
+        int64_t si = 0;
+        if (ok) si = (int64_t(__ldg(bt + t / a.bs)) * a.bs + t % a.bs) * gridDim.y + kvh;
+        cp_async4(sd + tid, (tid < BN ? a.k_scale : a.v_scale) + si, ok);
+      }
+      return;
+    }
     T* kd = Ks + buf * BN * LDS;
     T* vd = Vs + buf * BN * LDS;
 #pragma unroll
@@ -236,10 +276,27 @@ __global__ void __launch_bounds__(kThreads) attn_tc_kernel(const TcArgs a) {
       if (nx < ntiles) load_tile(nx % ST, t_begin + nx * BN);
       cp_async_commit();
     }
+    if constexpr (kFp8) {  // the whole block turns stage it % ST into Ks / Vs
+      constexpr int CH8 = D / 16;
+      const uint8_t* src = ring8 + (it % ST) * kStage8<D, BN>;
+      const float* sd = reinterpret_cast<const float*>(src + 2 * BN * LD8);
+      for (int e = tid; e < 2 * BN * CH8; e += kThreads) {
+        const int row = e / CH8, c = e % CH8;  // rows [0, BN): K, [BN, 2 BN): V
+        float f[16];
+        unpack_vec<E4M3>(*reinterpret_cast<const uint4*>(src + row * LD8 + c * 16), f);
+        const float sc = sd[row];
+#pragma unroll
+        for (int k = 0; k < 16; ++k) f[k] *= sc;
+        uint4* d = reinterpret_cast<uint4*>(Ks + row * LDS + c * 16);  // Vs follows Ks
+        d[0] = pack_vec<T>(f);
+        d[1] = pack_vec<T>(f + 8);
+      }
+      __syncthreads();
+    }
     const int t0 = t_begin + it * BN;
     if (t0 > w_hi_max || t0 + BN - 1 < w_lo_min) continue;  // no row of this warp sees the tile
-    const T* Kb = Ks + (it % ST) * BN * LDS;
-    const T* Vb = Vs + (it % ST) * BN * LDS;
+    const T* Kb = Ks + (kFp8 ? 0 : it % ST) * BN * LDS;
+    const T* Vb = Vs + (kFp8 ? 0 : it % ST) * BN * LDS;
 
     // S = Q K^T
     float s[MI][NT][4];
@@ -399,12 +456,12 @@ __global__ void __launch_bounds__(kThreads) attn_tc_kernel(const TcArgs a) {
   }
 }
 
-template <typename T, int D, int BN, int MI, int ST>
+template <typename T, typename KV, int D, int BN, int MI, int ST>
 void launch(const TcArgs& g, int64_t total, int64_t kv_heads, cudaStream_t s) {
-  constexpr size_t smem = smem_bytes<T, D, BN, MI, ST>();
+  constexpr size_t smem = smem_bytes<T, KV, D, BN, MI, ST>();
   static bool raised = false;  // per instantiation; the limit is per kernel, not per launch
   if (!raised) {
-    KILN_CUDA_CHECK(cudaFuncSetAttribute(attn_tc_kernel<T, D, BN, MI, ST>,
+    KILN_CUDA_CHECK(cudaFuncSetAttribute(attn_tc_kernel<T, KV, D, BN, MI, ST>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     raised = true;
   }
@@ -420,7 +477,7 @@ void launch(const TcArgs& g, int64_t total, int64_t kv_heads, cudaStream_t s) {
   if (gx == 0) return;
   KILN_CHECK(gx < INT_MAX, "attention: too many query rows");
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(kv_heads));
-  launch_kernel(attn_tc_kernel<T, D, BN, MI, ST>, grid, dim3(kThreads), smem, s, g);
+  launch_kernel(attn_tc_kernel<T, KV, D, BN, MI, ST>, grid, dim3(kThreads), smem, s, g);
 }
 
 // Two tile configurations, both checked on H100 (bench/attention_tc_check.cu): 64 rows per block
@@ -428,34 +485,34 @@ void launch(const TcArgs& g, int64_t total, int64_t kv_heads, cudaStream_t s) {
 // as for pp512), and 128 rows with 32-key tiles and 3 stages (K/V fragments reused over two row
 // tiles: ~5% faster once the grid fills every SM twice, as for pp2048). D = 256 keeps 64 rows and
 // 32-key tiles (its FP32 output tile takes 128 registers a thread).
-template <typename T, int D>
+template <typename T, typename KV, int D>
 void launch_rows(bool rows128, const TcArgs& g, int64_t total, int64_t kv_heads, cudaStream_t s) {
   if constexpr (D == 256) {
-    launch<T, D, 32, 1, 2>(g, total, kv_heads, s);
+    launch<T, KV, D, 32, 1, 2>(g, total, kv_heads, s);
   } else {
-    if (rows128) return launch<T, D, 32, 2, 3>(g, total, kv_heads, s);
-    launch<T, D, 64, 1, 2>(g, total, kv_heads, s);
+    if (rows128) return launch<T, KV, D, 32, 2, 3>(g, total, kv_heads, s);
+    launch<T, KV, D, 64, 1, 2>(g, total, kv_heads, s);
   }
 }
 
-template <typename T>
+template <typename T, typename KV>
 bool launch_d(int64_t D, bool rows128, const TcArgs& g, int64_t total, int64_t kv_heads,
               cudaStream_t s) {
   switch (D) {
     case 64:
-      launch_rows<T, 64>(rows128, g, total, kv_heads, s);
+      launch_rows<T, KV, 64>(rows128, g, total, kv_heads, s);
       return true;
     case 80:
-      launch_rows<T, 80>(rows128, g, total, kv_heads, s);
+      launch_rows<T, KV, 80>(rows128, g, total, kv_heads, s);
       return true;
     case 96:
-      launch_rows<T, 96>(rows128, g, total, kv_heads, s);
+      launch_rows<T, KV, 96>(rows128, g, total, kv_heads, s);
       return true;
     case 128:
-      launch_rows<T, 128>(rows128, g, total, kv_heads, s);
+      launch_rows<T, KV, 128>(rows128, g, total, kv_heads, s);
       return true;
     case 256:
-      launch_rows<T, 256>(rows128, g, total, kv_heads, s);
+      launch_rows<T, KV, 256>(rows128, g, total, kv_heads, s);
       return true;
     default:
       return false;
@@ -504,6 +561,7 @@ bool attention_tc_enabled() {
 bool attention_tc(DType act, const AttnLaunch& a, cudaStream_t s) {
   if (!attention_tc_enabled()) return false;
   if (act != DType::F16 && act != DType::BF16) return false;
+  if (a.k_scale && (!a.v_scale || a.kv_dim % 16 != 0)) return false;  // FP8: 16 codes a chunk
   if (a.seq != nullptr && a.seq_start == nullptr) return false;
   if (a.seq_start && (a.num_seqs <= a.num_decode || a.num_decode < 0 || a.num_decode > a.n ||
                       a.bt_stride < 0 || a.num_seqs >= INT_MAX || a.max_q >= INT_MAX))
@@ -538,6 +596,8 @@ bool attention_tc(DType act, const AttnLaunch& a, cudaStream_t s) {
                  a.block_table,
                  int(a.block_size),
                  a.kv_dim,
+                 a.k_scale,
+                 a.v_scale,
                  a.scale * log2e,
                  a.softcap > 0.0f ? a.scale / a.softcap : 0.0f,
                  a.softcap > 0.0f ? a.softcap * log2e : 0.0f,
@@ -545,8 +605,14 @@ bool attention_tc(DType act, const AttnLaunch& a, cudaStream_t s) {
                  a.out,
                  a.ldo};
   const bool rows128 = use_rows128(total, a.kv_heads);
-  if (act == DType::BF16) return launch_d<__nv_bfloat16>(D, rows128, g, total, a.kv_heads, s);
-  return launch_d<__half>(D, rows128, g, total, a.kv_heads, s);
+  if (a.k_scale) {
+    if (act == DType::BF16)
+      return launch_d<__nv_bfloat16, E4M3>(D, rows128, g, total, a.kv_heads, s);
+    return launch_d<__half, E4M3>(D, rows128, g, total, a.kv_heads, s);
+  }
+  if (act == DType::BF16)
+    return launch_d<__nv_bfloat16, __nv_bfloat16>(D, rows128, g, total, a.kv_heads, s);
+  return launch_d<__half, __half>(D, rows128, g, total, a.kv_heads, s);
 }
 
 }  // namespace kiln::cuda

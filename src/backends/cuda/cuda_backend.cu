@@ -16,6 +16,7 @@
 
 #include "backends/cpu/cpu_sample.h"
 #include "backends/cuda/cuda_common.h"
+#include "backends/cuda/cuda_fp8.h"
 #include "backends/cuda/cuda_gemm.h"
 #include "backends/cuda/cuda_kernels.h"
 #include "backends/cuda/cuda_logits.h"
@@ -282,6 +283,17 @@ class CudaBackend final : public Backend {
                 int64_t n) override {
     Prof prof(prof_.get(), "kv_write");
     Pending& p = pending_;
+    if (kv.fp8()) {  // per-head amax first: its own kernel, after the rope
+      flush();
+      cuda::KvWriteFp8Params f;
+      f.act = act_, f.k = k, f.v = v, f.ld = ld, f.n = n, f.pos = pos;
+      f.kpool = static_cast<uint8_t*>(kv.k), f.vpool = static_cast<uint8_t*>(kv.v);
+      f.k_scale = kv.k_scale, f.v_scale = kv.v_scale, f.block_table = kv.block_table;
+      f.block_size = kv.block_size, f.kv_dim = kv.kv_dim, f.head_dim = kv.head_dim;
+      f.seq = kv.seq, f.bt_stride = kv.bt_stride;
+      cuda::kv_write_fp8_launch(f, stream_);
+      return;
+    }
     if (p.kind == Pending::Rope && p.k_from > 0 && n == p.n && ld == p.ld &&
         k == static_cast<const char*>(p.x) + size_t(p.k_from * p.head_dim) * p.es &&
         kv.kv_dim == (p.heads - p.k_from) * p.head_dim) {
@@ -332,7 +344,9 @@ class CudaBackend final : public Backend {
                              kv.seq_start,
                              kv.num_seqs,
                              kv.num_decode,
-                             kv.max_q};
+                             kv.max_q,
+                             kv.k_scale,
+                             kv.v_scale};
     const size_t ws = cuda::attention_workspace(a, sms_);
     const size_t nc = cuda::attention_counters(a, sms_);
     cuda::attention(act_, a, ws ? static_cast<float*>(scratch("attn_ws", ws)) : nullptr,

@@ -5,6 +5,7 @@
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -101,6 +102,14 @@ __device__ __forceinline__ float round_to(float v) {
   return to_f(from_f<T>(v));
 }
 
+// Cache slot of token i: its position through its sequence's block table.
+__device__ __forceinline__ int64_t cache_slot(const int32_t* bt, int64_t bs, const int32_t* seq,
+                                              int64_t bt_stride, const int32_t* pos, int64_t i) {
+  const int64_t p = pos[i];
+  if (seq) bt += int64_t(seq[i]) * bt_stride;
+  return int64_t(bt[p / bs]) * bs + p % bs;
+}
+
 // Elements of T in one 16-byte vector.
 template <typename T>
 constexpr int kVec = 16 / int(sizeof(T));
@@ -127,6 +136,30 @@ __device__ __forceinline__ void unpack(const uint4& u, float* f, H* tag) {
   unpack_word(u.y, f + 2, tag);
   unpack_word(u.z, f + 4, tag);
   unpack_word(u.w, f + 6, tag);
+}
+// An E4M3 code of an FP8 KV cache (KVLayerView::k_scale): the KV element type the attention
+// kernels take besides the activation type; its values still need their scale.
+struct E4M3 {
+  uint8_t bits;
+};
+__device__ __forceinline__ float2 e4m3x2_to_float2(uint16_t w) {
+  // cvt.rn.f16x2.e4m3x2: exact (every E4M3 value is an F16), then exact to F32.
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w), __NV_E4M3);
+  __half2 v;
+  memcpy(&v, &h, 4);
+  return __half22float2(v);
+}
+__device__ __forceinline__ float to_f(E4M3 v) {
+  return e4m3x2_to_float2(v.bits).x;
+}
+__device__ __forceinline__ void unpack(const uint4& u, float* f, E4M3*) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 a = e4m3x2_to_float2(uint16_t(w[i] & 0xffffu));
+    const float2 b = e4m3x2_to_float2(uint16_t(w[i] >> 16));
+    f[4 * i] = a.x, f[4 * i + 1] = a.y, f[4 * i + 2] = b.x, f[4 * i + 3] = b.y;
+  }
 }
 template <typename T>
 __device__ __forceinline__ void unpack_vec(const uint4& u, float* f) {

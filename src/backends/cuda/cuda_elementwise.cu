@@ -196,14 +196,6 @@ __global__ void rope_kernel(T* x, int64_t n, int64_t ld, int64_t heads, int64_t 
   }
 }
 
-// Cache slot of token i: its position through its sequence's block table.
-__device__ __forceinline__ int64_t cache_slot(const int32_t* bt, int64_t bs, const int32_t* seq,
-                                              int64_t bt_stride, const int32_t* pos, int64_t i) {
-  const int64_t p = pos[i];
-  if (seq) bt += int64_t(seq[i]) * bt_stride;
-  return int64_t(bt[p / bs]) * bs + p % bs;
-}
-
 // rope + kv_write in one launch. Threads [0, pairs) rotate one (a, b) pair each and, for k
 // heads, also store it in the cache; then threads copy the unrotated dims of the k heads
 // (partial rotary) and the v row. Each element is written by the thread that computed it.

@@ -84,6 +84,37 @@ void launch_quant(const QuantActFp8Params& p, cudaStream_t s) {
                   static_cast<const T*>(p.x), p.ldx, int(p.in), p.codes, p.ldq, p.scales);
 }
 
+// ---- KV cache write ----
+
+constexpr int kKvWarps = 4;  // (token, head) pairs per block
+
+template <typename T>
+__global__ void __launch_bounds__(kKvWarps * 32) kv_write_fp8_kernel(const KvWriteFp8Params p) {
+  pdl_begin();
+  const int lane = int(threadIdx.x) % 32;
+  const int64_t heads = p.kv_dim / p.head_dim;
+  const int64_t task = int64_t(blockIdx.x) * kKvWarps + threadIdx.x / 32;
+  if (task >= p.n * heads) return;
+  const int64_t i = task / heads, h = task % heads;
+  const int64_t slot = cache_slot(p.block_table, p.block_size, p.seq, p.bt_stride, p.pos, i);
+  const int hd = int(p.head_dim);
+#pragma unroll
+  for (int kv = 0; kv < 2; ++kv) {
+    const T* x = static_cast<const T*>(kv ? p.v : p.k) + i * p.ld + h * hd;
+    uint8_t* q = (kv ? p.vpool : p.kpool) + slot * p.kv_dim + h * hd;
+    float amax = 0.0f;
+    for (int d = lane; d < hd; d += 32) amax = fmaxf(amax, fabsf(to_f(x[d])));
+    amax = warp_max(amax);
+    // As quant_act_fp8_kernel: NaN elements give NaN codes; an infinity makes inv 0 and the
+    // scale infinite, so every dequantized value is NaN (0 * inf).
+    const bool tiny = amax < kFp8TinyRow;
+    const float inv = tiny ? 0.0f : kE4M3Max / amax;
+    if (lane == 0) (kv ? p.v_scale : p.k_scale)[slot * heads + h] = tiny ? 0.0f : amax / kE4M3Max;
+    for (int d = lane; d < hd; d += 32)
+      q[d] = tiny ? 0 : uint8_t(to_e4m3x2(to_f(x[d]) * inv, 0.0f) & 0xffu);
+  }
+}
+
 // ---- GEMV ----
 
 constexpr int kWarps = 8;  // one 64-input step of each tile apiece
@@ -301,6 +332,21 @@ void gemv_fp8_launch(const GemvFp8Params& p, cudaStream_t s) {
     launch_gemv<__nv_bfloat16>(p, s);
   else
     launch_gemv<__half>(p, s);
+}
+
+bool kv_write_fp8_is_supported(const KvWriteFp8Params& p) {
+  return p.k && p.v && p.kpool && p.vpool && p.k_scale && p.v_scale && p.head_dim > 0 &&
+         p.kv_dim % p.head_dim == 0 && p.n >= 0 &&
+         p.n * (p.kv_dim / p.head_dim) / kKvWarps < INT_MAX;
+}
+
+void kv_write_fp8_launch(const KvWriteFp8Params& p, cudaStream_t s) {
+  KILN_CHECK(kv_write_fp8_is_supported(p), "kv_write_fp8: bad operands (n ", p.n, ", kv_dim ",
+             p.kv_dim, ", head_dim ", p.head_dim, ")");
+  const int64_t tasks = p.n * (p.kv_dim / p.head_dim);
+  if (tasks == 0) return;
+  const unsigned blocks = unsigned((tasks + kKvWarps - 1) / kKvWarps);
+  KILN_DISPATCH_ACT(p.act, launch_kernel(kv_write_fp8_kernel<T>, blocks, kKvWarps * 32, 0, s, p));
 }
 
 }  // namespace kiln::cuda

@@ -24,6 +24,28 @@ struct QuantActFp8Params {
 };
 void quant_act_fp8_launch(const QuantActFp8Params& p, cudaStream_t s);
 
+// The FP8 KV cache's write (KVLayerView::k_scale): rows k / v [n, kv_dim] (stride ld) into the
+// slots of positions pos[i] as E4M3 codes, one scale per (token, KV head) = max |x| / 448 over
+// the head's head_dim values: the CPU's quantize_fp8_row per head, bit for bit. A NaN or
+// infinity in a head makes its dequantized values NaN. One warp per (token, head).
+struct KvWriteFp8Params {
+  DType act = DType::BF16;  // of k / v
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t ld = 0, n = 0;
+  const int32_t* pos = nullptr;
+  uint8_t* kpool = nullptr;  // [slots, kv_dim]
+  uint8_t* vpool = nullptr;
+  float* k_scale = nullptr;  // [slots, kv_dim / head_dim]
+  float* v_scale = nullptr;
+  const int32_t* block_table = nullptr;
+  int64_t block_size = 0, kv_dim = 0, head_dim = 0;
+  const int32_t* seq = nullptr;  // batched: token i's table is row seq[i], bt_stride apart
+  int64_t bt_stride = 0;
+};
+bool kv_write_fp8_is_supported(const KvWriteFp8Params& p);
+void kv_write_fp8_launch(const KvWriteFp8Params& p, cudaStream_t s);
+
 // y[t, r] = (sum_c e4m3(xq[t, c]) * e4m3(w[r, c])) * sx[t] * sw[r] (+ bias[r]) for n <= 8
 // tokens: one m16n8k32 FP8 mma per 16 rows and 32 inputs, the tokens as its 8 columns, so the
 // weights go to the tensor cores as stored (no conversion instructions). They are staged through

@@ -125,6 +125,10 @@ struct AttnLaunch {
   // when it takes them (else the CUDA-core kernel takes every row through seq).
   const int32_t* seq_start = nullptr;
   int64_t num_seqs = 0, num_decode = 0, max_q = 0;
+  // FP8 cache (KVLayerView::k_scale): kpool / vpool hold E4M3 codes, these one F32 scale per
+  // (slot, KV head); nullptr: the pools hold the activation type. F16 / BF16 engines only.
+  const float* k_scale = nullptr;
+  const float* v_scale = nullptr;
 };
 // Bytes of FP32 workspace, and the number of int counters (zero-initialised once; the kernel
 // leaves them zero), that attention() needs for this launch (0: none).

@@ -22,6 +22,12 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) 
                "r"(ok ? 16 : 0)
                : "memory");
 }
+// 4-byte global -> shared copy (.ca: the only kind for sizes under 16); zero-fills when !ok.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(ok ? 4 : 0)
+               : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
