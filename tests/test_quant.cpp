@@ -513,14 +513,16 @@ TEST(QuantKvFp8, EnginesRecordItAndBadSettingsAreRefused) {
   EXPECT_EQ(read_json(tmp / "e" / kEngineManifest)["build"]["kv_cache_dtype"], "fp8");
   Engine disk = Engine::load(tmp / "e");
   EXPECT_EQ(disk.info().kv_cache_dtype, "fp8");
+  disk.start({.device = "cpu", .kv_cache_tokens = 256});
   const std::vector<int32_t> p = {5, 17, 300, 2, 99, 42, 7};
-  EXPECT_EQ(disk.logits(p), Engine::build(hf("llama"), bc).logits(p));
+  Engine mem = Engine::build(hf("llama"), bc);
+  mem.start({.device = "cpu"});
+  EXPECT_EQ(disk.logits(p), mem.logits(p));
   // One byte an element plus a scale per token and head, against the CPU's F32 cache.
   BuildConfig plain = bc;
   plain.kv_cache_dtype = "auto";
   Engine b16 = Engine::build(hf("llama"), plain);
   b16.start({.device = "cpu", .kv_cache_tokens = 256});
-  disk.start({.device = "cpu", .kv_cache_tokens = 256});
   const ModelInfo mi = disk.info();
   const auto cfg = read_json(hf("llama") / "config.json");
   const int64_t kv_heads = cfg["num_key_value_heads"];
