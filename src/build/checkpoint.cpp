@@ -150,10 +150,14 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
   KILN_CHECK(ck.weights, ck.dir.string(), ": checkpoint has no weights");
   const ModelConfig& c = ck.config;
   const WeightSet& ws = *ck.weights;
-  const bool awq = ck.quant == WeightQuant::Int4, fp8 = ck.quant == WeightQuant::Fp8;
+  // awq: packed integer modules (AWQ, GPTQ or compressed-tensors), each module's packed tensor
+  // standing for its .weight with scales (and zeros) beside it.
+  const bool ct = !ck.ct_format.empty();
+  const bool awq = ck.quant == WeightQuant::Int4 || ct, fp8 = ck.quant == WeightQuant::Fp8;
+  const char* packing = ct ? "compressed-tensors" : ck.gptq ? "GPTQ" : "AWQ";
   if (ck.quant != WeightQuant::None) {
     KILN_CHECK(q == WeightQuant::None || q == ck.quant, ck.dir.string(), ": the checkpoint is ",
-               awq ? (ck.gptq ? "GPTQ " : "AWQ ") : "", weight_quant_name(ck.quant), "; --quant ",
+               awq ? cat(packing, " ") : "", weight_quant_name(ck.quant), "; --quant ",
                weight_quant_name(q), " would requantize it (leave --quant out)");
     q = ck.quant;
   }
@@ -169,7 +173,11 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
     // AWQ: a module's .qweight stands for its .weight; .qzeros and .scales go with it.
     std::string name = hf;
     bool packed = false;
-    if (awq && (hf.ends_with(".qzeros") || hf.ends_with(".scales") || hf.ends_with(".g_idx")))
+    if (awq && !ct &&
+        (hf.ends_with(".qzeros") || hf.ends_with(".scales") || hf.ends_with(".g_idx")))
+      continue;  // checked below
+    if (ct && (hf.ends_with(".weight_scale") || hf.ends_with(".weight_zero_point") ||
+               hf.ends_with(".weight_shape") || hf.ends_with(".weight_g_idx")))
       continue;                                          // checked below
     if (fp8 && hf.ends_with(".weight_scale")) continue;  // checked below
     // Static activation and KV-cache scales: kiln scales activations per token as it runs and
@@ -177,10 +185,16 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
     if (fp8 && (hf.ends_with(".input_scale") || hf.ends_with(".input_scale_ub") ||
                 hf.ends_with(".k_scale") || hf.ends_with(".v_scale")))
       continue;
-    if (awq && hf.ends_with(".qweight")) {
+    if (awq && !ct && hf.ends_with(".qweight")) {
       name = hf.substr(0, hf.size() - 8) + ".weight";
       packed = true;
     }
+    if (ct && hf.ends_with(".weight_packed")) {
+      name = hf.substr(0, hf.size() - 7);
+      packed = true;
+    }
+    // compressed-tensors int-quantized: the I8 .weight is the packed tensor.
+    if (ct && ck.ct_format == "int-quantized" && ws.info(hf).dtype == DType::I8) packed = true;
     const TensorRule* rule = nullptr;
     for (const auto& r : ck.spec->tensors)
       if (match(r.hf, name, &layer, &expert)) {
@@ -201,26 +215,63 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
     if (packed) {
       // AWQ: qweight I32 [in, out / 8]; GPTQ: qweight I32 [in / 8, out] and maybe g_idx I32
       // [in]. Both: qzeros I32 [in / g, out / 8], scales float [in / g, out].
-      const std::string base = hf.substr(0, hf.size() - 8);
+      // compressed-tensors: see Checkpoint::ct_format.
+      const std::string base = hf.substr(0, hf.rfind('.'));
       const int64_t out = want[0], in = want[1], g = ck.quant_group;
-      const auto check = [&](const std::string& t, Shape shape, bool is_f) {
+      const auto check = [&](const std::string& t, Shape shape, bool is_f,
+                             DType type = DType::I32) {
         if (!ws.contains(t)) {
           missing.push_back(t);
           return false;
         }
         const TensorInfo& ti = ws.info(t);
-        if (ti.shape != shape || (is_f ? !is_float(ti.dtype) : ti.dtype != DType::I32)) {
+        if (ti.shape != shape ||
+            (is_f ? !is_float(ti.dtype) || ti.dtype == DType::F8_E4M3 || ti.dtype == DType::F8_E5M2
+                  : ti.dtype != type)) {
           bad_shape.push_back(cat(t, " ", dtype_name(ti.dtype), shape_str(ti.shape), " (expected ",
-                                  is_f ? "a float type" : "I32", shape_str(shape), ")"));
+                                  is_f ? "a float type" : dtype_name(type), shape_str(shape), ")"));
           return false;
         }
         awq_parts.insert(t);
         return true;
       };
-      if (rule->transpose || out % 8 != 0 || in % g != 0) {
-        bad_shape.push_back(cat(hf, ": ", ck.gptq ? "GPTQ" : "AWQ", " packing needs ", out,
-                                " outputs a multiple of 8 and ", in,
-                                " inputs a multiple of the group size ", g));
+      const bool int8 = ck.quant == WeightQuant::Int8;
+      const int64_t rows_mult = ct && (int8 || ck.ct_symmetric) ? 1 : 8;
+      const int64_t in_mult = int8 ? (ck.ct_format == "pack-quantized" ? 4 : 1) : g;
+      if (rule->transpose || out % rows_mult != 0 || in % in_mult != 0) {
+        bad_shape.push_back(cat(hf, ": ", packing, " packing needs ", out,
+                                " outputs a multiple of ", rows_mult, " and ", in,
+                                " inputs a multiple of ", in_mult));
+        continue;
+      }
+      if (ct) {
+        const int64_t G = int8 ? 1 : in / g;
+        bool ok = ck.ct_format == "pack-quantized" ? check(hf, {out, in / (int8 ? 4 : 8)}, false)
+                                                   : check(hf, {out, in}, false, DType::I8);
+        ok = check(base + ".weight_scale", {out, G}, true) && ok;
+        if (!int8 && !ck.ct_symmetric)
+          ok = check(base + ".weight_zero_point", {out / 8, G}, false) && ok;
+        if (ws.contains(base + ".weight_shape")) {  // (out, in) as the producer saw it
+          const TensorInfo& si = ws.info(base + ".weight_shape");
+          std::vector<int64_t> v;
+          if (numel(si.shape) == 2 && (si.dtype == DType::I32 || si.dtype == DType::I64)) {
+            const Tensor st = ws.get(base + ".weight_shape");
+            for (int k = 0; k < 2; ++k)
+              v.push_back(si.dtype == DType::I32 ? int64_t(int32_t(read_u32(st, k)))
+                                                 : int64_t(read_u32(st, 2 * k)) |
+                                                       int64_t(read_u32(st, 2 * k + 1)) << 32);
+          }
+          if (v != std::vector<int64_t>{out, in}) {
+            bad_shape.push_back(cat(base, ".weight_shape does not say ", shape_str({out, in})));
+            ok = false;
+          }
+          awq_parts.insert(base + ".weight_shape");
+        }
+        if (ws.contains(base + ".weight_g_idx")) {
+          bad_shape.push_back(cat(base, ".weight_g_idx: act-order groups are not supported yet"));
+          ok = false;
+        }
+        if (ok) src[canon] = {base, false, true};
         continue;
       }
       bool ok = check(hf, ck.gptq ? Shape{in / 8, out} : Shape{in, out / 8}, false) &
@@ -315,9 +366,12 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
     if (!used.count(canon)) unexpected.push_back(s.hf);
   if (awq || fp8)  // AWQ / FP8 scale tensors whose weight was not mapped
     for (const auto& hf : ws.names())
-      if (awq ? (hf.ends_with(".qzeros") || hf.ends_with(".scales") || hf.ends_with(".g_idx")) &&
-                    !awq_parts.count(hf)
-              : hf.ends_with(".weight_scale") && !fp8_scales.count(hf)) {
+      if (ct ? (hf.ends_with(".weight_scale") || hf.ends_with(".weight_zero_point") ||
+                hf.ends_with(".weight_shape") || hf.ends_with(".weight_g_idx")) &&
+                   !awq_parts.count(hf)
+          : awq ? (hf.ends_with(".qzeros") || hf.ends_with(".scales") || hf.ends_with(".g_idx")) &&
+                      !awq_parts.count(hf)
+                : hf.ends_with(".weight_scale") && !fp8_scales.count(hf)) {
         bool ignored = false;
         int64_t layer = -1, expert = -1;
         for (const auto& pat : ck.spec->ignored)
@@ -361,11 +415,15 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
       for (const auto& p : part_names) n_packed += src[p].awq;
       const bool quantized = quantizes(q, role[name]);
       KILN_CHECK(n_packed == (quantized ? part_names.size() : 0), ck.dir.string(), ": ", name,
-                 quantized ? " is not AWQ-quantized in full (kiln needs every dense linear packed)"
-                           : " is AWQ-quantized, but kiln keeps this weight in the engine dtype "
-                             "(not supported yet)");
+                 quantized ? cat(" is not ", packing,
+                                 "-quantized in full (kiln needs every dense linear packed)")
+                           : cat(" is ", packing,
+                                 "-quantized, but kiln keeps this weight in the engine dtype "
+                                 "(not supported yet)"));
       if (quantized) {
-        for (auto& t : plan_int4_packed(wset, name, hf_names(part_names, src), ck))
+        for (auto& t : q == WeightQuant::Int8
+                           ? plan_int8_ct(wset, name, hf_names(part_names, src), ck)
+                           : plan_int4_packed(wset, name, hf_names(part_names, src), ck))
           out.push_back(std::move(t));
         continue;
       }

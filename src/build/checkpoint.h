@@ -33,6 +33,14 @@ struct Checkpoint {
   // (qweight [in / 8, out], values in order; its v1 format stores each zero point minus 1).
   bool gptq = false;
   int gptq_zero_offset = 0;
+  // compressed-tensors integer weights (int4-wo in groups, or int8-wo per channel, symmetric):
+  // "pack-quantized" (<module>.weight_packed I32 [out, in * bits / 32], values in order along the
+  // inputs, each stored plus 2^(bits - 1); .weight_scale [out, in / group] or [out, 1];
+  // .weight_shape; int4 asymmetric: .weight_zero_point I32 [out / 8, in / group] packed the same
+  // way along the outputs) or "int-quantized" (.weight I8 [out, in], .weight_scale [out, 1]).
+  // Empty for other checkpoints.
+  std::string ct_format;
+  bool ct_symmetric = true;
 };
 
 // Reads config.json (+ generation_config.json) from `dir`; `with_weights` also opens the

@@ -76,34 +76,75 @@ void parse_gptq(const json& q, const std::string& f, Checkpoint& ck) {
   ck.gptq_zero_offset = format == "gptq" ? 1 : 0;
 }
 
-// compressed-tensors: every config group must quantize weights to 8-bit floats per tensor or per
-// channel (float-quantized / naive-quantized format). Activation settings are accepted whatever
-// they say: kiln quantizes activations per token as each linear runs.
+// compressed-tensors (llm-compressor): every config group quantizes weights the same way, one of
+//   8-bit float per tensor or channel (float-quantized / naive-quantized): fp8;
+//   4-bit int in groups of a multiple of 32, symmetric or not (pack-quantized): int4-wo;
+//   8-bit int per channel, symmetric (pack-quantized, int-quantized or naive-quantized): int8-wo.
+// Activation settings are accepted whatever they say: kiln quantizes activations per token as
+// each fp8 linear runs and keeps them in 16 bits for the weight-only schemes.
 void parse_compressed_tensors(const json& q, const std::string& f, Checkpoint& ck) {
   const auto str = [](const json& j, const char* k) {
     return j.is_object() && j.contains(k) && j[k].is_string() ? j[k].get<std::string>()
                                                               : std::string("unset");
   };
   const std::string format = str(q, "format");
-  KILN_CHECK(format == "unset" || format == "float-quantized" || format == "naive-quantized", f,
-             ": quantization_config.format '", format.substr(0, 32),
-             "': kiln loads compressed-tensors float-quantized (FP8) checkpoints only");
   KILN_CHECK(
       q.contains("config_groups") && q["config_groups"].is_object() && !q["config_groups"].empty(),
       f, ": quantization_config.config_groups: missing or empty");
+  std::string scheme;  // of the first group; every other must match it
+  int64_t group = 0;
+  bool symmetric = true;
   for (const auto& [name, g] : q["config_groups"].items()) {
     const json w = g.is_object() && g.contains("weights") ? g["weights"] : json();
-    const int64_t bits =
-        w.is_object() && w.contains("num_bits") && w["num_bits"].is_number_integer()
-            ? w["num_bits"].get<int64_t>()
-            : 0;
+    const auto num = [&](const char* k) {
+      return w.is_object() && w.contains(k) && w[k].is_number_integer() ? w[k].get<int64_t>() : 0;
+    };
+    const int64_t bits = num("num_bits"), gs = num("group_size");
     const std::string type = str(w, "type"), strategy = str(w, "strategy");
-    KILN_CHECK(bits == 8 && type == "float" && (strategy == "tensor" || strategy == "channel"), f,
-               ": quantization_config.config_groups.", name.substr(0, 32), ".weights: ", bits,
-               "-bit ", type.substr(0, 16), " per ", strategy.substr(0, 16),
-               " is not supported yet (kiln loads FP8 weights per tensor or per channel)");
+    const std::string where =
+        cat(f, ": quantization_config.config_groups.", name.substr(0, 32), ".weights");
+    const bool sym = !(w.is_object() && w.contains("symmetric") && w["symmetric"].is_boolean() &&
+                       !w["symmetric"].get<bool>());
+    std::string s;
+    if (bits == 8 && type == "float" && (strategy == "tensor" || strategy == "channel")) {
+      s = "fp8";
+    } else if (bits == 4 && type == "int" && strategy == "group") {
+      KILN_CHECK(gs >= 32 && gs <= 4096 && gs % 32 == 0, where,
+                 ".group_size must be a multiple of 32 (at most 4096)");
+      const std::string order = str(w, "actorder");
+      KILN_CHECK(order == "unset" || order == "weight", where, ".actorder '", order.substr(0, 16),
+                 "': act-order groups (g_idx) are not supported yet");
+      s = "int4";
+    } else if (bits == 8 && type == "int" && strategy == "channel") {
+      KILN_CHECK(sym, where, ".symmetric: kiln loads symmetric 8-bit integer weights only");
+      s = "int8";
+    } else {
+      throw Error(cat(where, ": ", bits, "-bit ", type.substr(0, 16), " per ",
+                      strategy.substr(0, 16),
+                      " is not supported yet (kiln loads FP8 per tensor or channel, 4-bit "
+                      "integers in groups, 8-bit integers per channel)"));
+    }
+    if (scheme.empty()) scheme = s, group = gs, symmetric = sym;
+    KILN_CHECK(s == scheme && (s != "int4" || (gs == group && sym == symmetric)), where,
+               ": differs from the first group's scheme (kiln runs one scheme per engine)");
   }
-  ck.quant = WeightQuant::Fp8;
+  const bool ok = scheme == "fp8" ? format == "unset" || format == "float-quantized" ||
+                                        format == "naive-quantized"
+                  : scheme == "int4" ? format == "pack-quantized"
+                                     : format == "pack-quantized" || format == "int-quantized" ||
+                                           format == "naive-quantized";
+  KILN_CHECK(ok, f, ": quantization_config.format '", format.substr(0, 32), "' does not hold ",
+             scheme,
+             " weights the way kiln reads them (fp8: float-quantized; int4: "
+             "pack-quantized; int8: pack-quantized or int-quantized)");
+  if (scheme == "fp8") {
+    ck.quant = WeightQuant::Fp8;
+    return;
+  }
+  ck.quant = scheme == "int4" ? WeightQuant::Int4 : WeightQuant::Int8;
+  ck.quant_group = scheme == "int4" ? group : 0;
+  ck.ct_format = format == "pack-quantized" ? format : "int-quantized";
+  ck.ct_symmetric = symmetric;
 }
 
 }  // namespace
@@ -187,14 +228,16 @@ WeightPlan plan_int4_packed(const std::shared_ptr<WeightSet>& wset, const std::s
   std::vector<P> parts;
   int64_t rows = 0, in = 0;
   const int64_t group = ck.quant_group;
-  const bool gptq = ck.gptq;
+  const bool gptq = ck.gptq, ct = !ck.ct_format.empty(), ct_sym = ck.ct_symmetric;
   const int zoff = ck.gptq_zero_offset;
+  const std::string qname = ct ? ".weight_packed" : ".qweight";
   for (const std::string& base : modules) {
-    const Shape& qs = wset->info(base + ".qweight").shape;  // AWQ [in, out / 8], GPTQ [in / 8, out]
-    const int64_t out = gptq ? qs[1] : 8 * qs[1];
+    // AWQ [in, out / 8], GPTQ [in / 8, out], compressed-tensors [out, in / 8]
+    const Shape& qs = wset->info(base + qname).shape;
+    const int64_t out = ct ? qs[0] : gptq ? qs[1] : 8 * qs[1];
     parts.push_back({base, out});
     rows += out;
-    in = gptq ? 8 * qs[0] : qs[0];
+    in = ct ? 8 * qs[1] : gptq ? 8 * qs[0] : qs[0];
   }
   const int64_t G = in / group;
   // Calls f(part, first engine row of the part, a, b) for the part rows overlapping [row0, row0+n).
@@ -210,11 +253,19 @@ WeightPlan plan_int4_packed(const std::shared_ptr<WeightSet>& wset, const std::s
   codes.name = name;
   codes.dtype = DType::U8;
   codes.shape = {rows, in / 2};
-  codes.fill = [wset, each, in, gptq](int64_t row0, int64_t n, void* dst) {
+  codes.fill = [wset, each, in, gptq, ct, qname](int64_t row0, int64_t n, void* dst) {
     auto* d = static_cast<uint8_t*>(dst);
     std::memset(d, 0, size_t(n * in / 2));
     each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
-      const Tensor qw = wset->get(p.base + ".qweight");
+      const Tensor qw = wset->get(p.base + qname);
+      if (ct) {  // word [o, c / 8] holds inputs c in order, each stored + 8, kiln's zero 8
+        for (int64_t o = a; o < b; ++o)
+          for (int64_t c = 0; c < in; ++c)
+            d[(o - row0) * (in / 2) + c / 2] |=
+                uint8_t(((read_u32(qw, (o - first) * (in / 8) + c / 8) >> (4 * (c % 8))) & 15u)
+                        << (4 * (c % 2)));
+        return;
+      }
       for (int64_t c = 0; c < in; ++c)  // the packed rows are input features
         for (int64_t o = a; o < b; ++o) {
           // GPTQ: input c is value c % 8 (in order) of word [c / 8, o].
@@ -228,9 +279,16 @@ WeightPlan plan_int4_packed(const std::shared_ptr<WeightSet>& wset, const std::s
   scales.name = name + ".scale";
   scales.dtype = DType::F32;
   scales.shape = {rows, G};
-  scales.fill = [wset, each, G](int64_t row0, int64_t n, void* dst) {
+  scales.fill = [wset, each, G, ct](int64_t row0, int64_t n, void* dst) {
     auto* d = static_cast<float*>(dst);
     each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
+      if (ct) {  // weight_scale [out, G]: the engine's layout
+        const Tensor sc = wset->get(p.base + ".weight_scale");
+        to_f32(sc.dtype,
+               static_cast<const char*>(sc.data) + size_t((a - first) * G) * dtype_size(sc.dtype),
+               d + (a - row0) * G, size_t((b - a) * G));
+        return;
+      }
       const Tensor sc = wset->get(p.base + ".scales");  // [G, out]
       std::vector<float> row(static_cast<size_t>(b - a));
       const size_t es = dtype_size(sc.dtype);
@@ -244,9 +302,25 @@ WeightPlan plan_int4_packed(const std::shared_ptr<WeightSet>& wset, const std::s
   zeros.name = name + ".zero";
   zeros.dtype = DType::U8;
   zeros.shape = {rows, G};
-  zeros.fill = [wset, each, G, gptq, zoff](int64_t row0, int64_t n, void* dst) {
+  zeros.fill = [wset, each, G, gptq, zoff, ct, ct_sym](int64_t row0, int64_t n, void* dst) {
     auto* d = static_cast<uint8_t*>(dst);
     each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
+      if (ct) {
+        if (ct_sym) {  // the stored offset: signed value + 8
+          std::memset(d + (a - row0) * G, 8, size_t((b - a) * G));
+          return;
+        }
+        // weight_zero_point [out / 8, G]: word [o / 8, g] holds outputs in order, each + 8, so
+        // the stored nibble is kiln's zero.
+        const Tensor zp = wset->get(p.base + ".weight_zero_point");
+        for (int64_t o = a; o < b; ++o)
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t oo = o - first;
+            d[(o - row0) * G + g] =
+                uint8_t((read_u32(zp, (oo / 8) * G + g) >> (4 * (oo % 8))) & 15u);
+          }
+        return;
+      }
       const Tensor qz = wset->get(p.base + ".qzeros");  // [G, out / 8]
       for (int64_t g = 0; g < G; ++g)
         for (int64_t o = a; o < b; ++o) {
@@ -261,13 +335,78 @@ WeightPlan plan_int4_packed(const std::shared_ptr<WeightSet>& wset, const std::s
   };
   zeros.release = [wset, parts] {
     for (const P& p : parts)
-      for (const char* t : {".qweight", ".qzeros", ".scales", ".g_idx"})
+      for (const char* t : {".qweight", ".qzeros", ".scales", ".g_idx", ".weight_packed",
+                            ".weight_scale", ".weight_zero_point"})
         if (wset->contains(p.base + t)) wset->drop_pages(p.base + t);
   };
   WeightPlan r;
   r.push_back(std::move(codes));
   r.push_back(std::move(scales));
   r.push_back(std::move(zeros));
+  return r;
+}
+
+WeightPlan plan_int8_ct(const std::shared_ptr<WeightSet>& wset, const std::string& name,
+                        const std::vector<std::string>& modules, const Checkpoint& ck) {
+  struct P {
+    std::string base;
+    int64_t rows;
+  };
+  const bool packed = ck.ct_format == "pack-quantized";
+  const std::string qname = packed ? ".weight_packed" : ".weight";
+  std::vector<P> parts;
+  int64_t rows = 0, in = 0;
+  for (const std::string& base : modules) {
+    const Shape& qs = wset->info(base + qname).shape;  // packed [out, in / 4]; plain [out, in]
+    parts.push_back({base, qs[0]});
+    rows += qs[0];
+    in = packed ? 4 * qs[1] : qs[1];
+  }
+  const auto each = [parts](int64_t row0, int64_t n, const auto& f) {
+    int64_t first = 0;
+    for (const P& p : parts) {
+      const int64_t a = std::max(row0, first), b = std::min(row0 + n, first + p.rows);
+      if (a < b) f(p, first, a, b);
+      first += p.rows;
+    }
+  };
+  PlannedTensor codes, scales;
+  codes.name = name;
+  codes.dtype = DType::I8;
+  codes.shape = {rows, in};
+  codes.fill = [wset, each, in, packed, qname](int64_t row0, int64_t n, void* dst) {
+    auto* d = static_cast<int8_t*>(dst);
+    each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
+      const Tensor qw = wset->get(p.base + qname);
+      if (!packed) {
+        std::memcpy(d + (a - row0) * in, static_cast<const int8_t*>(qw.data) + (a - first) * in,
+                    size_t((b - a) * in));
+        return;
+      }
+      for (int64_t o = a; o < b; ++o)  // word [o, c / 4] holds inputs c in order, each + 128
+        for (int64_t c = 0; c < in; ++c)
+          d[(o - row0) * in + c] = int8_t(
+              int((read_u32(qw, (o - first) * (in / 4) + c / 4) >> (8 * (c % 4))) & 255u) - 128);
+    });
+  };
+  scales.name = name + ".scale";
+  scales.dtype = DType::F32;
+  scales.shape = {rows};
+  scales.fill = [wset, each](int64_t row0, int64_t n, void* dst) {
+    auto* d = static_cast<float*>(dst);
+    each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
+      const Tensor sc = wset->get(p.base + ".weight_scale");  // [out, 1]
+      to_f32(sc.dtype, static_cast<const char*>(sc.data) + size_t(a - first) * dtype_size(sc.dtype),
+             d + (a - row0), size_t(b - a));
+    });
+  };
+  scales.release = [wset, parts, qname] {
+    for (const P& p : parts)
+      wset->drop_pages(p.base + qname), wset->drop_pages(p.base + ".weight_scale");
+  };
+  WeightPlan r;
+  r.push_back(std::move(codes));
+  r.push_back(std::move(scales));
   return r;
 }
 

@@ -27,10 +27,15 @@ uint32_t read_u32(const Tensor& t, int64_t i);
 // The scale tensor of an FP8 weight: "<module>.weight_scale".
 std::string fp8_scale_name(const std::string& weight);
 
-// An engine int4-wo weight (codes, scales, zeros) from AWQ or GPTQ modules (names without the
-// ".qweight" suffix) fused along the output rows, repacked as it streams.
+// An engine int4-wo weight (codes, scales, zeros) from AWQ, GPTQ or compressed-tensors
+// pack-quantized modules (names without the ".qweight" / ".weight_packed" suffix) fused along the
+// output rows, repacked as it streams.
 WeightPlan plan_int4_packed(const std::shared_ptr<WeightSet>& wset, const std::string& name,
                             const std::vector<std::string>& modules, const Checkpoint& ck);
+// An engine int8-wo weight (I8 codes, per-row scales) from compressed-tensors 8-bit modules
+// (pack-quantized or int-quantized, per channel, symmetric) fused along the output rows.
+WeightPlan plan_int8_ct(const std::shared_ptr<WeightSet>& wset, const std::string& name,
+                        const std::vector<std::string>& modules, const Checkpoint& ck);
 // An engine fp8 weight (E4M3 codes, per-row scales) from FP8 checkpoint weights fused along the
 // output rows: the codes as published, each part's weight_scale repeated over its rows (per
 // tensor) or taken row by row (per channel).

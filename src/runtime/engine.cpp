@@ -73,7 +73,9 @@ std::unique_ptr<Engine::Impl> prepare(const Checkpoint& ck, const BuildConfig& b
   if (ck.quant != WeightQuant::None) {  // quantized as published: kiln keeps its scheme
     KILN_CHECK(impl->quant == WeightQuant::None || impl->quant == ck.quant, ck.dir.string(),
                ": the checkpoint is ",
-               ck.quant == WeightQuant::Int4 ? (ck.gptq ? "GPTQ " : "AWQ ") : "",
+               !ck.ct_format.empty()           ? "compressed-tensors "
+               : ck.quant == WeightQuant::Int4 ? (ck.gptq ? "GPTQ " : "AWQ ")
+                                               : "",
                weight_quant_name(ck.quant), "; --quant ", weight_quant_name(impl->quant),
                " would requantize it (leave --quant out)");
     KILN_CHECK(impl->dtype != DType::F32, ck.dir.string(),
