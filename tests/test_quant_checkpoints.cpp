@@ -182,8 +182,8 @@ TEST(QuantFp8Checkpoint, LoadsAsPublished) {
   bad = cfg;
   bad["quantization_config"] = {{"quant_method", "fp8"}, {"weight_block_size", {128, 128}}};
   write_json(tmp / "ct" / "config.json", bad);
-  err = error_of([&] { Engine::build(tmp / "ct", bc); });
-  EXPECT_NE(err.find("block-wise FP8 checkpoints are not supported yet"), std::string::npos) << err;
+  err = error_of([&] { Engine::build(tmp / "ct", bc); });  // block-wise: its scales are _inv
+  EXPECT_NE(err.find("model.layers.0.self_attn.q_proj.weight_scale_inv"), std::string::npos) << err;
   write_json(tmp / "mo" / "hf_quant_config.json", {{"quantization", {{"quant_algo", "NVFP4"}}}});
   err = error_of([&] { Engine::build(tmp / "mo", bc); });
   EXPECT_NE(err.find("quant_algo 'NVFP4': kiln loads ModelOpt FP8 only"), std::string::npos) << err;
@@ -201,6 +201,86 @@ TEST(QuantFp8Checkpoint, LoadsAsPublished) {
   err = error_of([&] { Engine::build(tmp / "ct", bc); });
   EXPECT_NE(err.find("missing weights"), std::string::npos) << err;
   EXPECT_NE(err.find("model.layers.1.mlp.up_proj.weight_scale"), std::string::npos) << err;
+}
+
+// Block-wise FP8 as DeepSeek-V3 and Qwen3-FP8 publish it (quant_method fp8, weight_block_size,
+// E4M3 .weight with .weight_scale_inv per block), packed here from the llama fixture in 24 x 48
+// blocks (several per tensor, partial ones at the edges: 64 = 2 * 24 + 16) with
+// power-of-two scales, so every dequantized weight is exact in BF16. kiln dequantizes it as it
+// loads: the engine must give bit for bit the logits of the plain checkpoint holding those
+// weights, and --quant fp8 requantizes it per channel.
+TEST(QuantFp8Checkpoint, BlockWiseLoadsDequantized) {
+  TempDir tmp;
+  copy_dir(hf("llama"), tmp / "blk");
+  copy_dir(hf("llama"), tmp / "plain");
+  constexpr int64_t bh = 24, bw = 48;
+  auto file = SafetensorsFile::open(hf("llama") / "model.safetensors");
+  std::vector<std::pair<std::string, Tensor>> blk, plain;
+  for (const auto& [name, ti] : file->tensors()) {
+    const Tensor t = file->get(name);
+    if (name.find("_proj.weight") == std::string::npos) {
+      blk.push_back({name, t});
+      plain.push_back({name, t});
+      continue;
+    }
+    const int64_t out = t.shape[0], in = t.shape[1], R = (out + bh - 1) / bh,
+                  C = (in + bw - 1) / bw;
+    std::vector<float> w(static_cast<size_t>(out * in));
+    to_f32(t.dtype, t.data, w.data(), w.size());
+    Tensor codes = Tensor::zeros(DType::F8_E4M3, {out, in});
+    Tensor inv = Tensor::zeros(DType::F32, {R, C});
+    Tensor deq = Tensor::zeros(DType::F32, {out, in});
+    for (int64_t br = 0; br < R; ++br)
+      for (int64_t bc = 0; bc < C; ++bc) {
+        float amax = 0;
+        for (int64_t r = br * bh; r < std::min(out, (br + 1) * bh); ++r)
+          for (int64_t c = bc * bw; c < std::min(in, (bc + 1) * bw); ++c)
+            amax = std::max(amax, std::fabs(w[size_t(r * in + c)]));
+        const float s = std::exp2(std::ceil(std::log2(amax / 448.0f)));
+        inv.ptr<float>()[br * C + bc] = s;
+        for (int64_t r = br * bh; r < std::min(out, (br + 1) * bh); ++r)
+          for (int64_t c = bc * bw; c < std::min(in, (bc + 1) * bw); ++c) {
+            const uint8_t q = f32_to_e4m3(w[size_t(r * in + c)] / s);
+            codes.ptr<uint8_t>()[r * in + c] = q;
+            deq.ptr<float>()[r * in + c] = e4m3_to_f32(q) * s;
+          }
+      }
+    const std::string base = name.substr(0, name.size() - 7);
+    blk.push_back({name, codes});
+    blk.push_back({base + ".weight_scale_inv", inv});
+    plain.push_back({name, deq});
+  }
+  file.reset();
+  write_safetensors(tmp / "blk" / "model.safetensors", blk);
+  write_safetensors(tmp / "plain" / "model.safetensors", plain);
+  auto cfg = read_json(tmp / "blk" / "config.json");
+  cfg["quantization_config"] = {{"quant_method", "fp8"},
+                                {"activation_scheme", "dynamic"},
+                                {"fmt", "e4m3"},
+                                {"weight_block_size", {bh, bw}}};
+  write_json(tmp / "blk" / "config.json", cfg);
+
+  BuildConfig bc;
+  bc.dtype = "bf16";
+  Engine e = Engine::build(tmp / "blk", bc), ref = Engine::build(tmp / "plain", bc);
+  EXPECT_EQ(e.info().quant, "none");
+  e.start({.device = "cpu"});
+  ref.start({.device = "cpu"});
+  for (const auto& p : std::vector<std::vector<int32_t>>{{5, 17, 300, 2, 99}, {1, 2, 3}})
+    EXPECT_EQ(e.logits(p), ref.logits(p));
+  BuildConfig f8 = bc;
+  f8.quant = "fp8";
+  EXPECT_EQ(Engine::build(tmp / "blk", f8).info().quant, "fp8");
+
+  // A scale tensor of the wrong shape is named.
+  for (auto& [n, t] : blk)
+    if (n == "model.layers.2.mlp.down_proj.weight_scale_inv") t = Tensor::zeros(DType::F32, {1, 1});
+  write_safetensors(tmp / "blk" / "model.safetensors", blk);
+  const std::string err = error_of([&] { Engine::build(tmp / "blk", bc); });
+  EXPECT_NE(err.find("model.layers.2.mlp.down_proj.weight_scale_inv F32[1, 1] (expected a float "
+                     "scale per 24x48 block"),
+            std::string::npos)
+      << err;
 }
 
 // A GPTQ checkpoint (AutoGPTQ's v1 format: qweight I32 [in / 8, out] with values in order along

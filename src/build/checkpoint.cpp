@@ -77,7 +77,8 @@ struct Source {
   std::string hf;  // for AWQ: the module name, holding .qweight, .qzeros and .scales
   bool transpose;
   bool awq = false;
-  bool fp8 = false;  // E4M3 codes with a ".weight_scale" beside them
+  bool fp8 = false;         // E4M3 codes with a ".weight_scale" beside them
+  std::string block_scale;  // block-wise FP8: its .weight_scale_inv (dequantized as it loads)
 };
 
 // Output rows are made in blocks of this many elements per thread: the float staging buffer.
@@ -110,7 +111,9 @@ void convert_elems(DType from, const void* src, DType to, void* dst, int64_t n) 
 struct Part {
   std::string hf;
   bool transpose;
-  int64_t rows;  // rows it contributes to the engine tensor
+  int64_t rows;               // rows it contributes to the engine tensor
+  std::string block_scale;    // block-wise FP8: values are code * scale_inv[r / bh, c / bw]
+  int64_t block[2] = {0, 0};  // its {bh, bw}
 };
 
 std::string join_limited(const std::vector<std::string>& v) {
@@ -180,6 +183,10 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
                hf.ends_with(".weight_shape") || hf.ends_with(".weight_g_idx")))
       continue;                                          // checked below
     if (fp8 && hf.ends_with(".weight_scale")) continue;  // checked below
+    const bool fp8_block = ck.fp8_block[0] > 0;
+    if (fp8_block && hf.ends_with(".weight_scale_inv")) continue;  // checked below
+    // Static activation scales of block-wise FP8: kiln computes in 16 bits.
+    if (fp8_block && hf.ends_with(".input_scale")) continue;
     // Static activation and KV-cache scales: kiln scales activations per token as it runs and
     // keeps its KV cache in the engine dtype, so these are not used.
     if (fp8 && (hf.ends_with(".input_scale") || hf.ends_with(".input_scale_ub") ||
@@ -304,12 +311,34 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
       bad_shape.push_back(cat(hf, " has dtype ", dtype_name(ti.dtype), " (expected a float type)"));
       continue;
     }
+    if (fp8_block && ti.dtype == DType::F8_E4M3 && !rule->transpose) {
+      // Block-wise FP8: code * weight_scale_inv of its [bh, bw] block.
+      const std::string sc = fp8_scale_name(hf) + "_inv";
+      const int64_t bh = ck.fp8_block[0], bw = ck.fp8_block[1];
+      const Shape blocks = {(want[0] + bh - 1) / bh, (want[1] + bw - 1) / bw};
+      if (!ws.contains(sc)) {
+        missing.push_back(sc);
+        continue;
+      }
+      const TensorInfo& si = ws.info(sc);
+      if (!is_float(si.dtype) || si.dtype == DType::F8_E4M3 || si.dtype == DType::F8_E5M2 ||
+          si.shape != blocks) {
+        bad_shape.push_back(cat(sc, " ", dtype_name(si.dtype), shape_str(si.shape),
+                                " (expected a float scale per ", bh, "x", bw, " block, ",
+                                shape_str(blocks), ")"));
+        continue;
+      }
+      fp8_scales.insert(sc);
+      src[canon] = {hf, false, false, false, sc};
+      continue;
+    }
     if (ti.dtype == DType::F8_E4M3 || ti.dtype == DType::F8_E5M2) {
       // FP8 codes: they stand for code * weight_scale, one scale per tensor or per output row.
       const std::string sc = fp8_scale_name(hf);
       if (!fp8 || ti.dtype != DType::F8_E4M3 || rule->transpose) {
         bad_shape.push_back(cat(hf, " has dtype ", dtype_name(ti.dtype),
-                                fp8 ? " (kiln loads E4M3 FP8 linear weights only)"
+                                fp8 || fp8_block
+                                    ? " (kiln loads E4M3 FP8 linear weights only)"
                                     : " but config.json has no FP8 quantization_config"));
         continue;
       }
@@ -364,14 +393,15 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
   }
   for (const auto& [canon, s] : src)
     if (!used.count(canon)) unexpected.push_back(s.hf);
-  if (awq || fp8)  // AWQ / FP8 scale tensors whose weight was not mapped
+  if (awq || fp8 || ck.fp8_block[0] > 0)  // scale tensors whose weight was not mapped
     for (const auto& hf : ws.names())
       if (ct ? (hf.ends_with(".weight_scale") || hf.ends_with(".weight_zero_point") ||
                 hf.ends_with(".weight_shape") || hf.ends_with(".weight_g_idx")) &&
                    !awq_parts.count(hf)
           : awq ? (hf.ends_with(".qzeros") || hf.ends_with(".scales") || hf.ends_with(".g_idx")) &&
                       !awq_parts.count(hf)
-                : hf.ends_with(".weight_scale") && !fp8_scales.count(hf)) {
+          : fp8 ? hf.ends_with(".weight_scale") && !fp8_scales.count(hf)
+                : hf.ends_with(".weight_scale_inv") && !fp8_scales.count(hf)) {
         bool ignored = false;
         int64_t layer = -1, expert = -1;
         for (const auto& pat : ck.spec->ignored)
@@ -434,7 +464,11 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
     std::vector<Part> parts;
     for (const auto& p : part_names) {
       const Shape& s = ws.info(src[p].hf).shape;
-      parts.push_back({src[p].hf, src[p].transpose, src[p].transpose ? s.back() : s.front()});
+      parts.push_back({src[p].hf,
+                       src[p].transpose,
+                       src[p].transpose ? s.back() : s.front(),
+                       src[p].block_scale,
+                       {ck.fp8_block[0], ck.fp8_block[1]}});
       pt.shape = src[p].transpose ? Shape(s.rbegin(), s.rend()) : s;
     }
     pt.shape[0] = 0;
@@ -451,7 +485,25 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
           const Tensor t = wset->get(p.hf);
           char* d = static_cast<char*>(dst) + size_t(a - row0) * row_elems * dtype_size(dt);
           const size_t es = dtype_size(t.dtype);
-          if (!p.transpose) {
+          if (!p.block_scale.empty()) {
+            // Block-wise FP8: each row's codes times its blocks' scale_inv, in FP32.
+            const Tensor sc = wset->get(p.block_scale);
+            const int64_t C = int64_t(row_elems), bh = p.block[0], bw = p.block[1];
+            const int64_t nb = (C + bw - 1) / bw;
+            std::vector<float> row(static_cast<size_t>(C)), s(static_cast<size_t>(nb));
+            for (int64_t r = a; r < b; ++r) {
+              to_f32(t.dtype, static_cast<const char*>(t.data) + size_t(r - first) * C, row.data(),
+                     row.size());
+              to_f32(sc.dtype,
+                     static_cast<const char*>(sc.data) +
+                         size_t((r - first) / bh * nb) * dtype_size(sc.dtype),
+                     s.data(), s.size());
+              for (int64_t c = 0; c < C; ++c) row[size_t(c)] *= s[size_t(c / bw)];
+              from_f32(dt, row.data(), d + size_t(r - a) * row_elems * dtype_size(dt), row.size());
+            }
+            wset->drop_pages(p.hf, uint64_t(a - first) * row_elems,
+                             uint64_t(b - first) * row_elems);
+          } else if (!p.transpose) {
             convert_elems(t.dtype,
                           static_cast<const char*>(t.data) + size_t(a - first) * row_elems * es, dt,
                           d, int64_t((b - a) * row_elems));

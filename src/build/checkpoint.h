@@ -41,6 +41,12 @@ struct Checkpoint {
   // Empty for other checkpoints.
   std::string ct_format;
   bool ct_symmetric = true;
+  // Block-wise FP8 (quant_method fp8 with weight_block_size [rows, cols], as DeepSeek-V3 and
+  // Qwen3-FP8 publish): E4M3 .weight with .weight_scale_inv [ceil(out / rows), ceil(in / cols)].
+  // kiln's kernels take one scale per row, so these weights are dequantized exactly (code *
+  // scale in FP32) into the engine dtype, or into F32 for --quant to requantize; quant stays
+  // None. {0, 0}: not block-wise.
+  int64_t fp8_block[2] = {0, 0};
 };
 
 // Reads config.json (+ generation_config.json) from `dir`; `with_weights` also opens the

@@ -179,9 +179,16 @@ void parse_quantization_config(const json& q, const std::string& f, Checkpoint& 
   } else if (method == "compressed-tensors") {
     parse_compressed_tensors(q, f, ck);
   } else if (method == "fp8" || method == "fbgemm_fp8") {
-    KILN_CHECK(!field(q, "weight_block_size"), f,
-               ": quantization_config.weight_block_size: block-wise FP8 checkpoints are not "
-               "supported yet (kiln loads FP8 with per-tensor or per-channel scales)");
+    if (const json* b = field(q, "weight_block_size")) {
+      KILN_CHECK(method == "fp8" && b->is_array() && b->size() == 2 &&
+                     (*b)[0].is_number_integer() && (*b)[1].is_number_integer() &&
+                     (*b)[0].get<int64_t>() >= 1 && (*b)[0].get<int64_t>() <= 65536 &&
+                     (*b)[1].get<int64_t>() >= 1 && (*b)[1].get<int64_t>() <= 65536,
+                 f, ": quantization_config.weight_block_size must be [rows, cols] (1 to 65536)");
+      ck.fp8_block[0] = (*b)[0].get<int64_t>();
+      ck.fp8_block[1] = (*b)[1].get<int64_t>();
+      return;  // dequantized as it loads (Checkpoint::fp8_block)
+    }
     ck.quant = WeightQuant::Fp8;
   } else if (method == "modelopt") {
     const json* algo = field(q, "quant_algo");

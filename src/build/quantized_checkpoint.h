@@ -14,10 +14,12 @@
 
 namespace kiln {
 
-// Sets ck.quant (and quant_group, gptq) from config.json's quantization_config: AWQ (GEMM
-// packing) and GPTQ (no act-order) 4-bit as int4-wo; FP8 with per-tensor or per-channel weight
-// scales (compressed-tensors float-quantized, ModelOpt, fbgemm_fp8, fp8 without blocks) as fp8.
-// Any other scheme or variant throws kiln::Error naming file and field. `file` names config.json.
+// Sets ck.quant (and quant_group, gptq, ct_format, fp8_block) from config.json's
+// quantization_config: AWQ (GEMM packing), GPTQ (no act-order) and compressed-tensors W4A16 as
+// int4-wo; compressed-tensors W8A16 as int8-wo; FP8 with per-tensor or per-channel weight scales
+// (compressed-tensors float-quantized, ModelOpt, fbgemm_fp8, fp8 without blocks) as fp8;
+// block-wise fp8 as float weights (dequantized as they load). Any other scheme or variant throws
+// kiln::Error naming file and field. `file` names config.json.
 void parse_quantization_config(const nlohmann::json& q, const std::string& file, Checkpoint& ck);
 // The same for ModelOpt's hf_quant_config.json (FP8 only).
 void parse_hf_quant_config(const std::filesystem::path& file, Checkpoint& ck);
