@@ -164,10 +164,11 @@ void start_engine(Engine& e, const RuntimeConfig& rc) {
                                                   human_bytes(double(r.free_bytes_before_kv)),
                                                   " free after the weights")
                                             : std::string("--kv-cache-tokens");
-  std::fprintf(stderr, "kiln: %s: weights %s; KV cache %lld tokens, %s (%s); CUDA graphs %s\n",
+  const std::string kv = e.info().kv_cache_dtype == "fp8" ? " fp8" : "";
+  std::fprintf(stderr, "kiln: %s: weights %s; KV cache %lld tokens, %s%s (%s); CUDA graphs %s\n",
                r.device.c_str(), human_bytes(double(r.weight_bytes)).c_str(),
                (long long)r.kv_cache_tokens, human_bytes(double(r.kv_cache_bytes)).c_str(),
-               how.c_str(), r.cuda_graphs ? "on" : "off");
+               kv.c_str(), how.c_str(), r.cuda_graphs ? "on" : "off");
 }
 
 void register_model_commands(CLI::App& app) {
