@@ -21,8 +21,11 @@ git ls-files -z '*.cpp' '*.h' '*.cu' '*.cuh' | xargs -0 clang-format --dry-run -
 if [ "${1:-}" = "--sanitize" ]; then
   # -O1 with line tables: readable reports at a fraction of a debug build's compile time. Leaks
   # are reported too (LeakSanitizer comes with ASan); any report fails the test that made it.
+  # A unity build (8 sources a unit): the instrumented build was CI's longest step (366 s instead
+  # of ~800 s on 2 cores). It needs helpers in anonymous namespaces to have distinct names
+  # across files; shared ones belong in a header.
   cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
-    -DKILN_SANITIZE=ON -DKILN_CUDA=OFF -DKILN_TESTS=ON
+    -DKILN_SANITIZE=ON -DKILN_CUDA=OFF -DKILN_TESTS=ON -DCMAKE_UNITY_BUILD=ON
   cmake --build build-asan -j"$(nproc)" --target kiln kiln_tests
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:halt_on_error=1
   export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

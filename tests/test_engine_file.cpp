@@ -21,10 +21,6 @@ std::vector<std::string> entries(const fs::path& dir) {
   return r;
 }
 
-fs::path demo() {
-  return data("../../models/demo");
-}
-
 class StreamedBuild : public ::testing::TestWithParam<const char*> {};
 
 // Rows made a few at a time (a tiny staging buffer, so chunks cut across fused Q/K/V and gate/up

@@ -410,10 +410,6 @@ TEST(Scheduler, QueueFullIsRefused) {
 }
 
 // Text-level rules on the demo model (a real byte-level BPE tokenizer).
-fs::path demo() {
-  return fs::path(KILN_TEST_DATA).parent_path().parent_path() / "models/demo";
-}
-
 TEST(Scheduler, StopStringsAcrossTokenBoundaries) {
   Engine e = Engine::open(demo());
   Scheduler s(e, cpu_config());

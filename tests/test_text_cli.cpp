@@ -7,10 +7,6 @@
 namespace kiln::test {
 namespace {
 
-fs::path demo() {
-  return data("../../models/demo");
-}
-
 TEST(TextCli, RunPromptMatchesTokenizeGenerateDecode) {
   Tokenizer tok = Tokenizer::from_dir(demo());
   const std::string text = "Hello from kiln, the engine builder.";

@@ -23,6 +23,10 @@ namespace fs = std::filesystem;
 inline fs::path data(const std::string& rel) {
   return fs::path(KILN_TEST_DATA) / rel;
 }
+// The demo model in models/demo (the README's default).
+inline fs::path demo() {
+  return fs::path(KILN_TEST_DATA).parent_path().parent_path() / "models/demo";
+}
 inline fs::path hf(const std::string& arch) {
   return data("hf/" + arch);
 }

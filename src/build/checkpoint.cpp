@@ -77,8 +77,8 @@ struct Source {
   std::string hf;  // for AWQ: the module name, holding .qweight, .qzeros and .scales
   bool transpose;
   bool awq = false;
-  bool fp8 = false;         // E4M3 codes with a ".weight_scale" beside them
-  std::string block_scale;  // block-wise FP8: its .weight_scale_inv (dequantized as it loads)
+  bool fp8 = false;              // E4M3 codes with a ".weight_scale" beside them
+  std::string block_scale = {};  // block-wise FP8: its .weight_scale_inv (dequantized on load)
 };
 
 // Output rows are made in blocks of this many elements per thread: the float staging buffer.

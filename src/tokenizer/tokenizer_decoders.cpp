@@ -10,12 +10,6 @@ using json = nlohmann::json;
 
 namespace {
 
-std::string type_of(const json& j, const std::string& where, const char* what) {
-  KILN_CHECK(j.is_object() && j.contains("type") && j["type"].is_string(), where, ": ", what,
-             " without a \"type\"");
-  return j["type"].get<std::string>();
-}
-
 // Maps each token's chars back to bytes when they all belong to GPT-2's byte alphabet (others
 // are kept as UTF-8), then decodes the lot lossily into a single token.
 class ByteLevelDec : public Decoder {

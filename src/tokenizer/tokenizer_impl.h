@@ -222,6 +222,9 @@ std::unique_ptr<PostProcessor> make_post_processor(const nlohmann::json& j,
                                                    const std::string& path = "post_processor");
 // A {"String": ...} or {"Regex": ...} split pattern; `name` is what errors call it.
 Pattern make_pattern(const nlohmann::json& j, const std::string& where, const std::string& name);
+// j["type"] of a normalizer / pre-tokenizer / decoder / post-processor object; `what` names it in
+// the error when missing.
+std::string type_of(const nlohmann::json& j, const std::string& where, const char* what);
 // byte_level_input: the pre-tokenizer ends in ByteLevel, so pieces arrive as raw bytes that the
 // model maps through GPT-2's byte table itself (saves building the mapped strings).
 std::unique_ptr<Model> make_model(const nlohmann::json& j, const std::string& where,

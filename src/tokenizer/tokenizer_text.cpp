@@ -611,13 +611,13 @@ class NormSequence : public Normalizer {
   std::vector<std::unique_ptr<Normalizer>> v_;
 };
 
+}  // namespace
+
 std::string type_of(const json& j, const std::string& where, const char* what) {
   KILN_CHECK(j.is_object() && j.contains("type") && j["type"].is_string(), where, ": ", what,
              " without a \"type\"");
   return j["type"].get<std::string>();
 }
-
-}  // namespace
 
 Pattern make_pattern(const json& j, const std::string& where, const std::string& name) {
   Pattern p;
