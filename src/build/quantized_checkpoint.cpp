@@ -23,6 +23,18 @@ uint8_t awq_value(const Tensor& t, int64_t r, int64_t o) {
   return uint8_t((read_u32(t, r * words + o / 8) >> (4 * kAwqNibble[o % 8])) & 15u);
 }
 
+// The parts of a weight fused along its output rows (each with .rows): calls f(part, its first
+// engine row, a, b) for the rows [a, b) of each part that overlap engine rows [row0, row0 + n).
+template <typename P, typename F>
+void for_part_rows(const std::vector<P>& parts, int64_t row0, int64_t n, const F& f) {
+  int64_t first = 0;
+  for (const P& p : parts) {
+    const int64_t a = std::max(row0, first), b = std::min(row0 + n, first + p.rows);
+    if (a < b) f(p, first, a, b);
+    first += p.rows;
+  }
+}
+
 // q[k] when present and not null.
 const json* field(const json& q, const char* k) {
   return q.contains(k) && !q[k].is_null() ? &q[k] : nullptr;
@@ -249,12 +261,7 @@ WeightPlan plan_int4_packed(const std::shared_ptr<WeightSet>& wset, const std::s
   const int64_t G = in / group;
   // Calls f(part, first engine row of the part, a, b) for the part rows overlapping [row0, row0+n).
   const auto each = [parts](int64_t row0, int64_t n, const auto& f) {
-    int64_t first = 0;
-    for (const P& p : parts) {
-      const int64_t a = std::max(row0, first), b = std::min(row0 + n, first + p.rows);
-      if (a < b) f(p, first, a, b);
-      first += p.rows;
-    }
+    for_part_rows(parts, row0, n, f);
   };
   PlannedTensor codes, scales, zeros;
   codes.name = name;
@@ -370,12 +377,7 @@ WeightPlan plan_int8_ct(const std::shared_ptr<WeightSet>& wset, const std::strin
     in = packed ? 4 * qs[1] : qs[1];
   }
   const auto each = [parts](int64_t row0, int64_t n, const auto& f) {
-    int64_t first = 0;
-    for (const P& p : parts) {
-      const int64_t a = std::max(row0, first), b = std::min(row0 + n, first + p.rows);
-      if (a < b) f(p, first, a, b);
-      first += p.rows;
-    }
+    for_part_rows(parts, row0, n, f);
   };
   PlannedTensor codes, scales;
   codes.name = name;
@@ -436,12 +438,7 @@ WeightPlan plan_fp8(const std::shared_ptr<WeightSet>& wset, const std::string& n
     in = s[1];
   }
   const auto each = [parts](int64_t row0, int64_t n, const auto& f) {
-    int64_t first = 0;
-    for (const P& p : parts) {
-      const int64_t a = std::max(row0, first), b = std::min(row0 + n, first + p.rows);
-      if (a < b) f(p, first, a, b);
-      first += p.rows;
-    }
+    for_part_rows(parts, row0, n, f);
   };
   PlannedTensor codes, scales;
   codes.name = name;
