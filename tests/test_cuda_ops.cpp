@@ -154,33 +154,43 @@ TEST_P(CudaOps, LinearInt4) {
       {3, 96, 100, 8, 3, true},  {8, 256, 1000, 0, 0, false},  {5, 128, 17, 4, 0, false},
       {17, 64, 130, 0, 5, true}, {130, 224, 96, 16, 0, false}, {1, 14336, 64, 0, 0, false},
       {9, 512, 1, 0, 0, true},   {64, 4096, 512, 0, 0, false}};
-  for (const Case& c : cases) {
-    const int64_t group = int4_group(c.in), G = c.in / group;
-    const std::string what =
-        cat("int4 linear n=", c.n, " in=", c.in, " out=", c.out, " group ", group, " ldx+",
-            c.ldx_pad, " ldy+", c.ldy_pad, c.bias ? " bias" : "");
-    const int64_t ldx = c.in + c.ldx_pad, ldy = c.out + c.ldy_pad;
-    auto x = strided(rnd(size_t(c.n * c.in)), c.n, c.in, ldx);
-    const std::vector<float> wf = rnd(size_t(c.out * c.in), 1.0f / std::sqrt(float(c.in)));
-    Tensor wh = Tensor::zeros(DType::U8, {c.out, c.in / 2});
-    Tensor sh = Tensor::zeros(DType::F32, {c.out, G}), zh = Tensor::zeros(DType::U8, {c.out, G});
-    for (int64_t r = 0; r < c.out; ++r)
-      ASSERT_TRUE(quantize_int4_row(&wf[size_t(r * c.in)], c.in, group,
-                                    wh.ptr<uint8_t>() + r * c.in / 2, sh.ptr<float>() + r * G,
-                                    zh.ptr<uint8_t>() + r * G));
-    wh.quant = WeightQuant::Int4;
-    wh.scales = std::make_shared<Tensor>(sh);
-    wh.zero_points = std::make_shared<Tensor>(zh);
-    const Tensor wd = gpu->upload(wh);
-    ASSERT_TRUE(wd.scales && wd.zero_points && wd.quant == WeightQuant::Int4);
-    auto [bh, bd] = vec(c.out, 0.0f, 1.0f);
-    std::vector<float> want(size_t(c.n * ldy), kPoison);
-    cpu->linear(x.data(), c.n, ldx, wh, c.bias ? &bh : nullptr, want.data(), ldy);
-    void* xd = up(x);
-    void* yd = up(std::vector<float>(size_t(c.n * ldy), kPoison));
-    gpu->linear(xd, c.n, ldx, wd, c.bias ? &bd : nullptr, yd, ldy);
-    expect_close(down(yd, size_t(c.n * ldy)), ldy, want, ldy, c.n, c.out, what);
-  }
+  std::mt19937 rng(3);
+  // Each case also as an act-order weight (an input order the linear gathers x through first).
+  for (const Case& c : cases)
+    for (const bool act_order : {false, true}) {
+      const int64_t group = int4_group(c.in), G = c.in / group;
+      const std::string what =
+          cat("int4 linear n=", c.n, " in=", c.in, " out=", c.out, " group ", group, " ldx+",
+              c.ldx_pad, " ldy+", c.ldy_pad, c.bias ? " bias" : "", act_order ? " act-order" : "");
+      const int64_t ldx = c.in + c.ldx_pad, ldy = c.out + c.ldy_pad;
+      auto x = strided(rnd(size_t(c.n * c.in)), c.n, c.in, ldx);
+      const std::vector<float> wf = rnd(size_t(c.out * c.in), 1.0f / std::sqrt(float(c.in)));
+      Tensor wh = Tensor::zeros(DType::U8, {c.out, c.in / 2});
+      Tensor sh = Tensor::zeros(DType::F32, {c.out, G}), zh = Tensor::zeros(DType::U8, {c.out, G});
+      for (int64_t r = 0; r < c.out; ++r)
+        ASSERT_TRUE(quantize_int4_row(&wf[size_t(r * c.in)], c.in, group,
+                                      wh.ptr<uint8_t>() + r * c.in / 2, sh.ptr<float>() + r * G,
+                                      zh.ptr<uint8_t>() + r * G));
+      wh.quant = WeightQuant::Int4;
+      wh.scales = std::make_shared<Tensor>(sh);
+      wh.zero_points = std::make_shared<Tensor>(zh);
+      if (act_order) {
+        Tensor ph = Tensor::zeros(DType::I32, {c.in});
+        std::iota(ph.ptr<int32_t>(), ph.ptr<int32_t>() + c.in, 0);
+        std::shuffle(ph.ptr<int32_t>(), ph.ptr<int32_t>() + c.in, rng);
+        wh.input_perm = std::make_shared<Tensor>(ph);
+      }
+      const Tensor wd = gpu->upload(wh);
+      ASSERT_TRUE(wd.scales && wd.zero_points && wd.quant == WeightQuant::Int4 &&
+                  bool(wd.input_perm) == act_order);
+      auto [bh, bd] = vec(c.out, 0.0f, 1.0f);
+      std::vector<float> want(size_t(c.n * ldy), kPoison);
+      cpu->linear(x.data(), c.n, ldx, wh, c.bias ? &bh : nullptr, want.data(), ldy);
+      void* xd = up(x);
+      void* yd = up(std::vector<float>(size_t(c.n * ldy), kPoison));
+      gpu->linear(xd, c.n, ldx, wd, c.bias ? &bd : nullptr, yd, ldy);
+      expect_close(down(yd, size_t(c.n * ldy)), ldy, want, ldy, c.n, c.out, what);
+    }
 }
 
 // The same products with the GEMV kernel switched off: cuBLASLt for every n.

@@ -57,8 +57,9 @@ TEST(QuantInt8, SchemeNames) {
   EXPECT_EQ(parse_weight_quant("fp8"), WeightQuant::Fp8);
   EXPECT_EQ(parse_weight_quant("none"), WeightQuant::None);
   const std::string err = error_of([] { parse_weight_quant("int3"); });
-  EXPECT_NE(err.find("unknown quantization 'int3' (expected none, int8-wo, int4-wo or fp8)"),
-            std::string::npos)
+  EXPECT_NE(
+      err.find("unknown quantization 'int3' (expected none, int8-wo, int4-wo, int4-awq or fp8)"),
+      std::string::npos)
       << err;
 }
 
@@ -557,17 +558,22 @@ class QuantQuality : public ::testing::TestWithParam<std::string> {};
 TEST_P(QuantQuality, WeightOnlySchemesStayCloseToTheReference) {
   const std::string arch = GetParam();
   Reference ref = load_reference(arch);
-  // The weight schemes, then the bf16 engine with an FP8 KV cache.
-  constexpr int kRuns = 5;
-  const char* const schemes[kRuns] = {"none", "int8-wo", "int4-wo", "fp8", "none"};
-  double nmse[kRuns] = {0, 0, 0, 0, 0};
-  int64_t top1[kRuns] = {0, 0, 0, 0, 0}, positions = 0;
+  // The weight schemes, the bf16 engine with an FP8 KV cache, then int4-awq calibrated on the
+  // built-in text with the demo model's tokenizer (the fixtures have none; same 512-token vocab).
+  constexpr int kRuns = 6;
+  const char* const schemes[kRuns] = {"none", "int8-wo", "int4-wo", "fp8", "none", "int4-awq"};
+  double nmse[kRuns] = {0, 0, 0, 0, 0, 0};
+  int64_t top1[kRuns] = {0, 0, 0, 0, 0, 0}, positions = 0;
+  TempDir tmp;
+  copy_dir(hf(arch), tmp / "m");
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json"})
+    fs::copy_file(demo() / f, tmp / "m" / f);
   for (int k = 0; k < kRuns; ++k) {
     BuildConfig bc;
     bc.dtype = "bf16";
     bc.quant = schemes[k];
     if (k == 4) bc.kv_cache_dtype = "fp8";
-    Engine e = Engine::build(hf(arch), bc);
+    Engine e = Engine::build(k == 5 ? tmp / "m" : hf(arch), bc);
     e.start({.device = "cpu"});
     const int64_t V = e.info().vocab_size;
     double num = 0, den = 0;
@@ -607,6 +613,15 @@ TEST_P(QuantQuality, WeightOnlySchemesStayCloseToTheReference) {
   // fp8 weights) and nothing else; the bound allows 7x that.
   EXPECT_LT(nmse[4], 5e-3) << arch;
   EXPECT_GE(double(top1[4]), 0.85 * double(positions)) << arch;
+  // int4-awq rounds as int4-wo does, after scales chosen to lower the output error on the
+  // calibration text. Random weights have no outlier channels to protect, and these prompts are
+  // random ids, not the text: AWQ lands within a few percent of plain int4 (0.92x to 1.06x when
+  // written), so the check is that it is not worse (10%) and within int4's bound. Top-1 is
+  // printed, not bounded: with logits of RMS ~1 and int4's error of RMS ~0.2, every position whose
+  // top-2 margin is under ~0.4 can flip either way (llama: plain int4 32/43, AWQ 23/43, at a lower
+  // NMSE), so top-1 here counts luck, not quality.
+  EXPECT_LT(nmse[5], 5e-2) << arch;
+  EXPECT_LE(nmse[5], 1.1 * nmse[2]) << arch;
 }
 
 INSTANTIATE_TEST_SUITE_P(Hf, QuantQuality,

@@ -4,8 +4,12 @@
 // by name.
 #include <cstring>
 #include <map>
+#include <numeric>
+#include <random>
 
+#include "build/checkpoint.h"
 #include "build/engine_file.h"
+#include "build/quantize.h"
 #include "core/error.h"
 #include "core/quant.h"
 #include "kiln/kiln.h"
@@ -283,62 +287,104 @@ TEST(QuantFp8Checkpoint, BlockWiseLoadsDequantized) {
       << err;
 }
 
-// A GPTQ checkpoint (AutoGPTQ's v1 format: qweight I32 [in / 8, out] with values in order along
-// the inputs, qzeros I32 [in / g, out / 8] holding zero - 1, scales F16 [in / g, out], g_idx
-// [in]) packed from the llama fixture with power-of-two scales, so every dequantized weight is
-// exact in BF16: kiln must load it as int4-wo and give bit for bit the logits of the plain
-// checkpoint holding the dequantized weights. Act-order is refused by name.
-TEST(QuantGptq, LoadsAsPublishedAndMatchesTheDequantizedWeights) {
-  TempDir tmp;
-  copy_dir(hf("llama"), tmp / "gptq");
-  copy_dir(hf("llama"), tmp / "plain");
-  constexpr int64_t g = 32;
+// Normalized mean squared error of a against b.
+double nmse(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]), den += double(b[i]) * b[i];
+  return a.size() == b.size() && den > 0 ? num / den : 1.0;
+}
+
+// The llama fixture packed as a GPTQ checkpoint (AutoGPTQ's v1 format: qweight I32 [in / 8, out]
+// with values in order along the inputs, qzeros I32 [in / g, out / 8] holding zero - 1, scales
+// F16 [in / g, out], g_idx [in]) in `gptq`, with power-of-two scales so every dequantized weight is
+// exact in BF16, and the plain checkpoint holding those dequantized weights in `plain`. With
+// `act_order`, each module's inputs are grouped as GPTQ's desc_act does: a random order per
+// input (q/k/v share one, as gate/up do, since they share the Hessian), g_idx[order[i]] = i / g.
+// Returns the GPTQ tensors (for tests to spoil).
+std::vector<std::pair<std::string, Tensor>> write_gptq(const fs::path& gptq, const fs::path& plain,
+                                                       int64_t g, bool act_order) {
+  copy_dir(hf("llama"), gptq);
+  copy_dir(hf("llama"), plain);
   auto file = SafetensorsFile::open(hf("llama") / "model.safetensors");
-  std::vector<std::pair<std::string, Tensor>> gptq, plain;
+  std::vector<std::pair<std::string, Tensor>> out_t, plain_t;
+  std::map<std::string, std::vector<int64_t>> orders;  // by layer and input
+  std::mt19937 rng(7);
   for (const auto& [name, ti] : file->tensors()) {
     const Tensor t = file->get(name);
     if (name.find("_proj.weight") == std::string::npos) {
-      gptq.push_back({name, t});
-      plain.push_back({name, t});
+      out_t.push_back({name, t});
+      plain_t.push_back({name, t});
       continue;
     }
     const int64_t out = t.shape[0], in = t.shape[1], G = in / g;
-    const Int4Groups q = int4_groups(t, g);
-    const std::vector<float>& deq = q.deq;
+    // Input key: the layer and which input the module reads.
+    const std::string layer =
+        name.substr(0, name.find(".self_attn") < name.find(".mlp") ? name.find(".self_attn")
+                                                                   : name.find(".mlp"));
+    const bool qkv = name.find("q_proj") != std::string::npos ||
+                     name.find("k_proj") != std::string::npos ||
+                     name.find("v_proj") != std::string::npos;
+    const bool gu =
+        name.find("gate_proj") != std::string::npos || name.find("up_proj") != std::string::npos;
+    const std::string key = layer + (qkv ? "qkv" : gu ? "gate_up" : name);
+    std::vector<int64_t>& order = orders[key];
+    if (order.empty()) {
+      order.resize(size_t(in));
+      std::iota(order.begin(), order.end(), 0);
+      if (act_order) std::shuffle(order.begin(), order.end(), rng);
+    }
+    // Quantize the columns in `order`: group k holds inputs order[k * g .. (k + 1) * g).
+    Tensor tp = Tensor::zeros(DType::F32, t.shape);
+    std::vector<float> w(static_cast<size_t>(out * in));
+    to_f32(t.dtype, t.data, w.data(), w.size());
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i)
+        tp.ptr<float>()[o * in + i] = w[size_t(o * in + order[size_t(i)])];
+    const Int4Groups q = int4_groups(tp, g);
     Tensor qweight = Tensor::zeros(DType::I32, {in / 8, out});
     Tensor qzeros = Tensor::zeros(DType::I32, {G, out / 8});
     Tensor scales = Tensor::zeros(DType::F16, {G, out});
     Tensor gidx = Tensor::zeros(DType::I32, {in});
+    Tensor d = Tensor::zeros(DType::F32, t.shape);
     auto* qw = reinterpret_cast<uint32_t*>(qweight.ptr<int32_t>());
     auto* qz = reinterpret_cast<uint32_t*>(qzeros.ptr<int32_t>());
-    for (int64_t c = 0; c < in; ++c) gidx.ptr<int32_t>()[c] = int32_t(c / g);
+    for (int64_t i = 0; i < in; ++i) gidx.ptr<int32_t>()[order[size_t(i)]] = int32_t(i / g);
     for (int64_t o = 0; o < out; ++o) {
       for (int64_t k = 0; k < G; ++k) {
         scales.ptr<uint16_t>()[k * out + o] = f32_to_f16(q.s[size_t(o * G + k)]);
         // v1 format: zero - 1
         qz[k * (out / 8) + o / 8] |= uint32_t((q.z[size_t(o * G + k)] - 1) & 15) << (4 * (o % 8));
       }
-      for (int64_t c = 0; c < in; ++c)
-        qw[(c / 8) * out + o] |= uint32_t(q.q[size_t(o * in + c)]) << (4 * (c % 8));
+      for (int64_t i = 0; i < in; ++i) {  // input c = order[i], stored in its own place
+        const int64_t c = order[size_t(i)];
+        qw[(c / 8) * out + o] |= uint32_t(q.q[size_t(o * in + i)]) << (4 * (c % 8));
+        d.ptr<float>()[o * in + c] = q.deq[size_t(o * in + i)];
+      }
     }
     const std::string base = name.substr(0, name.size() - 7);
-    gptq.push_back({base + ".qweight", qweight});
-    gptq.push_back({base + ".qzeros", qzeros});
-    gptq.push_back({base + ".scales", scales});
-    gptq.push_back({base + ".g_idx", gidx});
-    Tensor d = Tensor::zeros(DType::F32, t.shape);
-    std::copy(deq.begin(), deq.end(), d.ptr<float>());
-    plain.push_back({name, d});
+    out_t.push_back({base + ".qweight", qweight});
+    out_t.push_back({base + ".qzeros", qzeros});
+    out_t.push_back({base + ".scales", scales});
+    out_t.push_back({base + ".g_idx", gidx});
+    plain_t.push_back({name, d});
   }
   file.reset();
-  write_safetensors(tmp / "gptq" / "model.safetensors", gptq);
-  write_safetensors(tmp / "plain" / "model.safetensors", plain);
-  auto cfg = read_json(tmp / "gptq" / "config.json");
+  write_safetensors(gptq / "model.safetensors", out_t);
+  write_safetensors(plain / "model.safetensors", plain_t);
+  auto cfg = read_json(gptq / "config.json");
   cfg["quantization_config"] = {{"quant_method", "gptq"}, {"bits", 4},
-                                {"group_size", g},        {"desc_act", false},
+                                {"group_size", g},        {"desc_act", act_order},
                                 {"sym", false},           {"checkpoint_format", "gptq"}};
-  write_json(tmp / "gptq" / "config.json", cfg);
+  write_json(gptq / "config.json", cfg);
+  return out_t;
+}
 
+// A GPTQ checkpoint without act-order must load as int4-wo and give bit for bit the logits of the
+// plain checkpoint holding the dequantized weights. A shuffled g_idx without desc_act is refused.
+TEST(QuantGptq, LoadsAsPublishedAndMatchesTheDequantizedWeights) {
+  TempDir tmp;
+  auto gptq = write_gptq(tmp / "gptq", tmp / "plain", 32, false);
   BuildConfig bc;
   bc.dtype = "bf16";
   Engine e = Engine::build(tmp / "gptq", bc);
@@ -349,23 +395,87 @@ TEST(QuantGptq, LoadsAsPublishedAndMatchesTheDequantizedWeights) {
   for (const auto& p : std::vector<std::vector<int32_t>>{{5, 17, 300, 2, 99}, {1, 2, 3}})
     EXPECT_EQ(e.logits(p), ref.logits(p));
 
-  cfg["quantization_config"]["desc_act"] = true;
-  write_json(tmp / "gptq" / "config.json", cfg);
-  std::string err = error_of([&] { Engine::build(tmp / "gptq", bc); });
-  EXPECT_NE(err.find("desc_act: act-order GPTQ checkpoints are not supported yet"),
-            std::string::npos)
-      << err;
-  cfg["quantization_config"]["desc_act"] = false;
-  write_json(tmp / "gptq" / "config.json", cfg);
-  // A shuffled g_idx (act-order written without the flag) is refused too.
+  // A shuffled g_idx (act-order written without the flag) is refused.
   for (auto& [n, t] : gptq)
     if (n == "model.layers.0.mlp.down_proj.g_idx")
       std::swap(t.ptr<int32_t>()[0], t.ptr<int32_t>()[40]);
   write_safetensors(tmp / "gptq" / "model.safetensors", gptq);
-  err = error_of([&] { Engine::build(tmp / "gptq", bc); });
-  EXPECT_NE(err.find("model.layers.0.mlp.down_proj.g_idx: input 0 is in group 1"),
+  const std::string err = error_of([&] { Engine::build(tmp / "gptq", bc); });
+  EXPECT_NE(err.find("model.layers.0.mlp.down_proj.g_idx: input 0 is in group 1, not 0 (an "
+                     "act-order g_idx, but the quantization_config does not say so)"),
             std::string::npos)
       << err;
+}
+
+// Act-order GPTQ (desc_act, a shuffled g_idx per input): kiln stores each weight's columns sorted
+// by group with the order as "<weight>.perm" and gathers the inputs through it, so the engine
+// computes the plain checkpoint's products, summed in another order: logits agree to float
+// rounding (NMSE < 1e-12). Built to a folder and loaded back, it must give the same logits. A
+// g_idx that q/k/v do not share, or with a group of the wrong size, is refused by name.
+TEST(QuantGptq, ActOrderLoadsAndMatchesTheDequantizedWeights) {
+  TempDir tmp;
+  auto gptq = write_gptq(tmp / "gptq", tmp / "plain", 32, true);
+  BuildConfig bc;
+  bc.dtype = "bf16";
+  Engine e = Engine::build(tmp / "gptq", bc);
+  EXPECT_EQ(e.info().quant, "int4-wo");
+  Engine::build_to(tmp / "gptq", tmp / "engine", bc);
+  Engine loaded = Engine::load(tmp / "engine");
+  Engine ref = Engine::build(tmp / "plain", bc);
+  e.start({.device = "cpu"});
+  loaded.start({.device = "cpu"});
+  ref.start({.device = "cpu"});
+  for (const auto& p : std::vector<std::vector<int32_t>>{{5, 17, 300, 2, 99}, {1, 2, 3}}) {
+    const auto a = e.logits(p), b = ref.logits(p);
+    EXPECT_LT(nmse(a, b), 1e-12);
+    EXPECT_EQ(loaded.logits(p), a);
+  }
+
+  const auto spoil = [&](const std::string& tensor, int i, int j) {
+    auto t2 = gptq;
+    for (auto& [n, t] : t2)
+      if (n == tensor) {
+        Tensor c = Tensor::zeros(t.dtype, t.shape);
+        std::memcpy(c.data, t.data, t.nbytes());
+        std::swap(c.ptr<int32_t>()[i], c.ptr<int32_t>()[j]);
+        t = c;
+      }
+    write_safetensors(tmp / "gptq" / "model.safetensors", t2);
+    return error_of([&] { Engine::build(tmp / "gptq", bc); });
+  };
+  // k_proj's groups differ from q_proj's (two inputs of different groups swap places).
+  const auto* kg = [&] {
+    for (auto& [n, t] : gptq)
+      if (n == "model.layers.1.self_attn.k_proj.g_idx") return t.ptr<int32_t>();
+    return static_cast<int32_t*>(nullptr);
+  }();
+  ASSERT_NE(kg, nullptr);
+  int other = 1;
+  while (kg[other] == kg[0]) ++other;
+  std::string err = spoil("model.layers.1.self_attn.k_proj.g_idx", 0, other);
+  EXPECT_NE(err.find("model.layers.1.self_attn.k_proj.g_idx differs from "
+                     "model.layers.1.self_attn.q_proj.g_idx"),
+            std::string::npos)
+      << err;
+  // A group of 33 inputs and one of 31.
+  Tensor bad;
+  for (auto& [n, t] : gptq)
+    if (n == "model.layers.2.mlp.down_proj.g_idx") bad = t;
+  auto t3 = gptq;
+  for (auto& [n, t] : t3)
+    if (n == "model.layers.2.mlp.down_proj.g_idx") {
+      t = Tensor::zeros(DType::I32, bad.shape);
+      std::memcpy(t.data, bad.data, bad.nbytes());
+      for (int64_t c = 0; c < t.numel(); ++c)
+        if (t.ptr<int32_t>()[c] == 1) {
+          t.ptr<int32_t>()[c] = 0;
+          break;
+        }
+    }
+  write_safetensors(tmp / "gptq" / "model.safetensors", t3);
+  err = error_of([&] { Engine::build(tmp / "gptq", bc); });
+  EXPECT_NE(err.find("model.layers.2.mlp.down_proj.g_idx: input"), std::string::npos) << err;
+  EXPECT_NE(err.find("but there are 4 groups of 32 inputs"), std::string::npos) << err;
 }
 
 // An AWQ checkpoint as AutoAWQ writes it (GEMM packing: qweight I32 [in, out / 8] with the value
@@ -479,7 +589,7 @@ TEST(QuantAwq, LoadsAsPublishedAndMatchesTheDequantizedWeights) {
 // so every dequantized weight is exact in BF16: W4A16 in groups (symmetric and with zero points)
 // and W8A16 per channel (pack-quantized and int-quantized). Each must load as int4-wo / int8-wo
 // and give bit for bit the logits of the plain checkpoint holding the dequantized weights;
-// act-order and schemes kiln does not run are refused by name.
+// a missing or disordered g_idx and schemes kiln does not run are refused by name.
 TEST(QuantCompressedTensors, IntCheckpointsLoadAsPublished) {
   TempDir tmp;
   constexpr int64_t g = 32;
@@ -597,8 +707,15 @@ TEST(QuantCompressedTensors, IntCheckpointsLoadAsPublished) {
       auto bad = cfg;
       bad["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group";
       write_json(ct / "config.json", bad);
-      std::string err = error_of([&] { Engine::build(ct, bc); });
-      EXPECT_NE(err.find("weights.actorder 'group': act-order groups (g_idx) are not supported"),
+      std::string err = error_of([&] { Engine::build(ct, bc); });  // act-order needs g_idx
+      EXPECT_NE(err.find("missing weights (canonical names): "
+                         "model.layers.0.mlp.down_proj.weight_g_idx"),
+                std::string::npos)
+          << err;
+      bad["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "sideways";
+      write_json(ct / "config.json", bad);
+      err = error_of([&] { Engine::build(ct, bc); });
+      EXPECT_NE(err.find("weights.actorder 'sideways' is not an ordering kiln knows"),
                 std::string::npos)
           << err;
       bad = cfg;
@@ -624,8 +741,8 @@ TEST(QuantCompressedTensors, IntCheckpointsLoadAsPublished) {
                          {read_json(ct / "config.json")["hidden_size"].get<int64_t>()})});
       write_safetensors(ct / "model.safetensors", with_gidx);
       err = error_of([&] { Engine::build(ct, bc); });
-      EXPECT_NE(err.find("model.layers.1.mlp.up_proj.weight_g_idx: act-order groups are not "
-                         "supported yet"),
+      EXPECT_NE(err.find("model.layers.1.mlp.up_proj.weight_g_idx: input 32 is in group 0, not 1 "
+                         "(an act-order g_idx, but the quantization_config does not say so)"),
                 std::string::npos)
           << err;
     }

@@ -30,8 +30,13 @@ struct BuildConfig {
   // Weight quantization of the linear layers (needs a 16-bit dtype): none; int8-wo (int8 weights,
   // one scale per output channel, activations in the engine dtype); int4-wo (4-bit weights in
   // groups with scales and zeros, as AWQ/GPTQ store them); fp8 (E4M3 weights with one scale per
-  // output channel and activations quantized to E4M3 per token as each linear runs).
+  // output channel and activations quantized to E4M3 per token as each linear runs); int4-awq
+  // (int4-wo whose weight columns are first scaled by activation-aware scales that kiln
+  // calibrates on text through the float model, AWQ; the engine is an int4-wo engine).
   std::string quant = "none";
+  // --quant int4-awq: a UTF-8 text file to calibrate on (its first 512 tokens); empty: a
+  // built-in text of prose, dialogue, code and numbers.
+  std::string calib;
   // KV cache element type: auto (the engine dtype) or fp8 (E4M3 codes with one scale per token
   // and KV head, computed as each token is written: half the bytes of a 16-bit cache, so twice
   // the tokens fit and decode attention reads half as much; needs a 16-bit dtype).
@@ -104,6 +109,10 @@ struct ModelInfo {
   std::string dtype;
   std::string quant = "none";           // weight quantization (BuildConfig::quant)
   std::string kv_cache_dtype = "auto";  // BuildConfig::kv_cache_dtype
+  // int4-awq builds: what the scales were calibrated on and what they gained, e.g. "AWQ on 512
+  // tokens of the built-in text: 20 of 24 linears scaled, sample output error 0.71x plain int4";
+  // empty otherwise.
+  std::string calibration;
   int64_t num_params = 0;
   int64_t weight_bytes = 0;
   int64_t vocab_size = 0, hidden_size = 0, num_layers = 0;

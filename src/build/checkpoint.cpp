@@ -5,6 +5,7 @@
 #include <fstream>
 #include <set>
 
+#include "build/awq.h"
 #include "build/quantize.h"
 #include "build/quantized_checkpoint.h"
 #include "core/error.h"
@@ -149,7 +150,8 @@ Checkpoint open_config(const fs::path& config_json) {
   return ck;
 }
 
-WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
+WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
+                        const std::map<std::string, std::vector<float>>* awq_scales) {
   KILN_CHECK(ck.weights, ck.dir.string(), ": checkpoint has no weights");
   const ModelConfig& c = ck.config;
   const WeightSet& ws = *ck.weights;
@@ -242,6 +244,26 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
         awq_parts.insert(t);
         return true;
       };
+      // g_idx I32 [in]: the group of each input. Act-order: every group holds exactly g inputs
+      // (kiln sorts the columns by group); otherwise input c must be in group c / g.
+      const auto check_groups = [&](const std::string& t, int64_t in, int64_t g) {
+        if (!check(t, {in}, false)) return false;
+        const Tensor gi = ws.get(t);
+        std::vector<int64_t> count(size_t(in / g), 0);
+        for (int64_t c = 0; c < in; ++c) {
+          const int64_t k = int32_t(read_u32(gi, c));
+          if (k < 0 || k >= in / g || (!ck.act_order && k != c / g) || ++count[size_t(k)] > g) {
+            bad_shape.push_back(
+                ck.act_order
+                    ? cat(t, ": input ", c, " is in group ", k, ", but there are ", in / g,
+                          " groups of ", g, " inputs")
+                    : cat(t, ": input ", c, " is in group ", k, ", not ", c / g,
+                          " (an act-order g_idx, but the quantization_config does not say so)"));
+            return false;
+          }
+        }
+        return true;
+      };
       const bool int8 = ck.quant == WeightQuant::Int8;
       const int64_t rows_mult = ct && (int8 || ck.ct_symmetric) ? 1 : 8;
       const int64_t in_mult = int8 ? (ck.ct_format == "pack-quantized" ? 4 : 1) : g;
@@ -274,30 +296,16 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
           }
           awq_parts.insert(base + ".weight_shape");
         }
-        if (ws.contains(base + ".weight_g_idx")) {
-          bad_shape.push_back(cat(base, ".weight_g_idx: act-order groups are not supported yet"));
-          ok = false;
-        }
+        if (!int8 && (ck.act_order || ws.contains(base + ".weight_g_idx")))
+          ok = check_groups(base + ".weight_g_idx", in, g) && ok;
         if (ok) src[canon] = {base, false, true};
         continue;
       }
       bool ok = check(hf, ck.gptq ? Shape{in / 8, out} : Shape{in, out / 8}, false) &
                 check(base + ".qzeros", {in / g, out / 8}, false) &
                 check(base + ".scales", {in / g, out}, true);
-      if (ck.gptq && ws.contains(base + ".g_idx")) {
-        // Without act-order every input c is in group c / g; anything else is refused.
-        ok = ok && check(base + ".g_idx", {in}, false);
-        if (ok) {
-          const Tensor gi = ws.get(base + ".g_idx");
-          for (int64_t c = 0; c < in && ok; ++c)
-            if (int64_t(int32_t(read_u32(gi, c))) != c / g) {
-              bad_shape.push_back(cat(base, ".g_idx: input ", c, " is in group ",
-                                      int32_t(read_u32(gi, c)), ", not ", c / g,
-                                      " (act-order is not supported yet)"));
-              ok = false;
-            }
-        }
-      }
+      if (ck.gptq && (ck.act_order || ws.contains(base + ".g_idx")))
+        ok = check_groups(base + ".g_idx", in, g) && ok;
       if (ok) src[canon] = {base, false, true};
       continue;
     }
@@ -530,9 +538,14 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q) {
     };
     out.push_back(std::move(pt));
   }
+  if (awq_scales) {
+    KILN_CHECK(q == WeightQuant::Int4 && ck.quant == WeightQuant::None,
+               "AWQ scales apply to int4 builds of float checkpoints");
+    out = apply_awq(std::move(out), c, *awq_scales);
+  }
   return q == WeightQuant::None
              ? out
-             : quantize_plan(std::move(out), engine_layout(c, q, ck.quant_group));
+             : quantize_plan(std::move(out), engine_layout(c, q, ck.quant_group, ck.act_order));
 }
 
 WeightPlan plan_dummy_weights(const ModelConfig& c, DType dtype, uint64_t seed, WeightQuant q) {
@@ -591,10 +604,11 @@ WeightPlan plan_held(const std::vector<std::pair<std::string, Tensor>>& tensors)
       std::memcpy(dst, static_cast<const char*>(t.data) + size_t(row0) * rb, size_t(n) * rb);
     };
     out.push_back(std::move(pt));
-    // A quantized weight's scales and zeros are engine tensors of their own.
+    // A quantized weight's scales, zeros and input order are engine tensors of their own.
     std::vector<std::pair<std::string, Tensor>> extra;
     if (t.scales) extra.push_back({name + ".scale", *t.scales});
     if (t.zero_points) extra.push_back({name + ".zero", *t.zero_points});
+    if (t.input_perm) extra.push_back({name + ".perm", *t.input_perm});
     for (auto& p : plan_held(extra)) out.push_back(std::move(p));
   }
   return out;

@@ -33,6 +33,12 @@ struct Checkpoint {
   // (qweight [in / 8, out], values in order; its v1 format stores each zero point minus 1).
   bool gptq = false;
   int gptq_zero_offset = 0;
+  // Act-order int4 (GPTQ desc_act, compressed-tensors actorder "group"): input c of a module is in
+  // group g_idx[c] (.g_idx / .weight_g_idx I32 [in]), each group holding exactly quant_group
+  // inputs. kiln stores the columns sorted by group with the order as "<weight>.perm"; modules
+  // fused into one engine weight (q/k/v, gate/up) must share their g_idx, as they share their
+  // input (and GPTQ's Hessian).
+  bool act_order = false;
   // compressed-tensors integer weights (int4-wo in groups, or int8-wo per channel, symmetric):
   // "pack-quantized" (<module>.weight_packed I32 [out, in * bits / 32], values in order along the
   // inputs, each stored plus 2^(bits - 1); .weight_scale [out, in / group] or [out, 1];
@@ -83,7 +89,9 @@ using WeightPlan = std::vector<PlannedTensor>;
 // quantized checkpoint (ck.quant) gives the plan of engine_layout(config, ck.quant,
 // ck.quant_group), its codes, scales and zeros repacked as they stream (q must be None or
 // ck.quant: kiln does not requantize).
-WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q = WeightQuant::None);
+// `awq_scales`: input scales of an int4 build (build/awq.h), applied and folded before quantizing.
+WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q = WeightQuant::None,
+                        const std::map<std::string, std::vector<float>>* awq_scales = nullptr);
 
 // Seeded random weights in engine layout (matrices ~ U with std 0.02, norm weights ~ 1 + U/10);
 // any row range can be made on its own and gives the same bytes.

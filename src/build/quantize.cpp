@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <map>
 #include <memory>
 
@@ -165,20 +166,43 @@ std::vector<std::pair<std::string, Tensor>> attach_scales(
     std::vector<std::pair<std::string, Tensor>> w, WeightQuant q) {
   std::map<std::string, size_t> index;
   for (size_t i = 0; i < w.size(); ++i) index[w[i].first] = i;
-  std::vector<std::pair<std::string, Tensor>> out;
+  // The tensors that travel with a quantized weight, by suffix.
+  static constexpr std::pair<const char*, std::shared_ptr<Tensor> Tensor::*> kSlots[] = {
+      {".scale", &Tensor::scales}, {".zero", &Tensor::zero_points}, {".perm", &Tensor::input_perm}};
+  const auto slot = [](const std::string& name)
+      -> const std::pair<const char*, std::shared_ptr<Tensor> Tensor::*>* {
+    for (const auto& s : kSlots)
+      if (name.ends_with(s.first)) return &s;
+    return nullptr;
+  };
   for (auto& [name, t] : w) {
-    const bool scale = name.ends_with(".scale"), zero = name.ends_with(".zero");
-    if (!scale && !zero) continue;
-    const std::string base = name.substr(0, name.size() - (scale ? 6 : 5));
+    const auto* s = slot(name);
+    if (!s) continue;
+    const std::string base = name.substr(0, name.size() - std::strlen(s->first));
     auto it = index.find(base);
-    KILN_CHECK(it != index.end() && q != WeightQuant::None, name, ": ", scale ? "scales" : "zeros",
+    KILN_CHECK(it != index.end() && q != WeightQuant::None, name, ": ", s->first + 1,
                " of a weight that is not there");
     Tensor& wt = w[it->second].second;
-    (scale ? wt.scales : wt.zero_points) = std::make_shared<Tensor>(t);
+    wt.*(s->second) = std::make_shared<Tensor>(t);
     wt.quant = q;
   }
-  for (auto& [name, t] : w)
-    if (!name.ends_with(".scale") && !name.ends_with(".zero")) out.push_back({name, std::move(t)});
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (auto& [name, t] : w) {
+    if (slot(name)) continue;
+    if (t.input_perm) {  // linear() gathers inputs through it: it must be a permutation
+      const Tensor& p = *t.input_perm;
+      const int64_t in = t.in_features();
+      std::vector<bool> seen(static_cast<size_t>(in), false);
+      bool ok = p.dtype == DType::I32 && p.numel() == in;
+      for (int64_t j = 0; ok && j < in; ++j) {
+        const int32_t v = p.ptr<int32_t>()[j];
+        ok = v >= 0 && v < in && !seen[size_t(v)];
+        if (ok) seen[size_t(v)] = true;
+      }
+      KILN_CHECK(ok, name, ".perm: not a permutation of the ", in, " inputs");
+    }
+    out.push_back({name, std::move(t)});
+  }
   return out;
 }
 

@@ -16,9 +16,9 @@ namespace kiln {
 // non-finite value in a weight is an error naming the tensor and row.
 WeightPlan quantize_plan(WeightPlan plan, const std::vector<WeightSpec>& layout);
 
-// Moves each "<name>.scale" / "<name>.zero" tensor of `w` into the `scales` / `zeros` of the
-// weight <name> (which must be in `w`) and marks it quantized with q, so that a quantized weight
-// travels as one Tensor from here on.
+// Moves each "<name>.scale" / "<name>.zero" / "<name>.perm" tensor of `w` into the `scales` /
+// `zero_points` / `input_perm` of the weight <name> (which must be in `w`) and marks it quantized
+// with q, so that a quantized weight travels as one Tensor from here on.
 std::vector<std::pair<std::string, Tensor>> attach_scales(
     std::vector<std::pair<std::string, Tensor>> w, WeightQuant q);
 

@@ -1,7 +1,9 @@
 #include "build/quantized_checkpoint.h"
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <numeric>
 
 #include "core/error.h"
 #include "io/json.h"
@@ -70,13 +72,13 @@ void parse_awq(const json& q, const std::string& f, Checkpoint& ck) {
   ck.quant_group = group;
 }
 
-// GPTQ (AutoGPTQ / GPTQModel): 4 bits in groups of a multiple of 32 along the inputs, without
-// act-order (desc_act reorders the inputs, which kiln's kernels do not do).
+// GPTQ (AutoGPTQ / GPTQModel): 4 bits in groups of a multiple of 32 along the inputs, in order
+// or (desc_act) in the groups each module's g_idx gives.
 void parse_gptq(const json& q, const std::string& f, Checkpoint& ck) {
   const int64_t group = int4_group(q, f, "GPTQ");
   const json* act = field(q, "desc_act");
-  KILN_CHECK(!act || (act->is_boolean() && !act->get<bool>()), f,
-             ": quantization_config.desc_act: act-order GPTQ checkpoints are not supported yet");
+  KILN_CHECK(!act || act->is_boolean(), f, ": quantization_config.desc_act must be true or false");
+  ck.act_order = act && act->get<bool>();
   const json* fmt = field(q, "checkpoint_format");
   const std::string format = fmt && fmt->is_string() ? fmt->get<std::string>() : "gptq";
   KILN_CHECK(format == "gptq" || format == "gptq_v2", f,
@@ -105,7 +107,7 @@ void parse_compressed_tensors(const json& q, const std::string& f, Checkpoint& c
       f, ": quantization_config.config_groups: missing or empty");
   std::string scheme;  // of the first group; every other must match it
   int64_t group = 0;
-  bool symmetric = true;
+  bool symmetric = true, act_order = false;
   for (const auto& [name, g] : q["config_groups"].items()) {
     const json w = g.is_object() && g.contains("weights") ? g["weights"] : json();
     const auto num = [&](const char* k) {
@@ -118,14 +120,23 @@ void parse_compressed_tensors(const json& q, const std::string& f, Checkpoint& c
     const bool sym = !(w.is_object() && w.contains("symmetric") && w["symmetric"].is_boolean() &&
                        !w["symmetric"].get<bool>());
     std::string s;
+    bool ao_group = false;
     if (bits == 8 && type == "float" && (strategy == "tensor" || strategy == "channel")) {
       s = "fp8";
     } else if (bits == 4 && type == "int" && strategy == "group") {
       KILN_CHECK(gs >= 32 && gs <= 4096 && gs % 32 == 0, where,
                  ".group_size must be a multiple of 32 (at most 4096)");
-      const std::string order = str(w, "actorder");
-      KILN_CHECK(order == "unset" || order == "weight", where, ".actorder '", order.substr(0, 16),
-                 "': act-order groups (g_idx) are not supported yet");
+      // "group" (alias "dynamic", or true) groups inputs by weight_g_idx; "weight" (alias
+      // "static") only changed the order GPTQ quantized in: groups stay contiguous.
+      const json* ao = w.is_object() && w.contains("actorder") ? &w["actorder"] : nullptr;
+      const std::string order = !ao || ao->is_null() ? "unset"
+                                : ao->is_boolean()   ? (ao->get<bool>() ? "group" : "unset")
+                                                     : str(w, "actorder");
+      KILN_CHECK(order == "unset" || order == "weight" || order == "static" || order == "group" ||
+                     order == "dynamic",
+                 where, ".actorder '", order.substr(0, 16),
+                 "' is not an ordering kiln knows (group, dynamic, weight, static)");
+      ao_group = order == "group" || order == "dynamic";
       s = "int4";
     } else if (bits == 8 && type == "int" && strategy == "channel") {
       KILN_CHECK(sym, where, ".symmetric: kiln loads symmetric 8-bit integer weights only");
@@ -136,9 +147,10 @@ void parse_compressed_tensors(const json& q, const std::string& f, Checkpoint& c
                       " is not supported yet (kiln loads FP8 per tensor or channel, 4-bit "
                       "integers in groups, 8-bit integers per channel)"));
     }
-    if (scheme.empty()) scheme = s, group = gs, symmetric = sym;
-    KILN_CHECK(s == scheme && (s != "int4" || (gs == group && sym == symmetric)), where,
-               ": differs from the first group's scheme (kiln runs one scheme per engine)");
+    if (scheme.empty()) scheme = s, group = gs, symmetric = sym, act_order = ao_group;
+    KILN_CHECK(
+        s == scheme && (s != "int4" || (gs == group && sym == symmetric && ao_group == act_order)),
+        where, ": differs from the first group's scheme (kiln runs one scheme per engine)");
   }
   const bool ok = scheme == "fp8" ? format == "unset" || format == "float-quantized" ||
                                         format == "naive-quantized"
@@ -157,6 +169,7 @@ void parse_compressed_tensors(const json& q, const std::string& f, Checkpoint& c
   ck.quant_group = scheme == "int4" ? group : 0;
   ck.ct_format = format == "pack-quantized" ? format : "int-quantized";
   ck.ct_symmetric = symmetric;
+  ck.act_order = act_order;
 }
 
 }  // namespace
@@ -263,31 +276,57 @@ WeightPlan plan_int4_packed(const std::shared_ptr<WeightSet>& wset, const std::s
   const auto each = [parts](int64_t row0, int64_t n, const auto& f) {
     for_part_rows(parts, row0, n, f);
   };
-  PlannedTensor codes, scales, zeros;
+  // Act-order: engine column j holds input perm[j], the inputs sorted by group (stably), so that
+  // column j is in group j / group as kiln's kernels read it; pos[c] is where input c goes. The
+  // checkpoint was validated to have exactly `group` inputs per group, and fused parts must agree.
+  std::vector<int32_t> perm(static_cast<size_t>(in)), pos(static_cast<size_t>(in));
+  std::iota(perm.begin(), perm.end(), 0);
+  if (ck.act_order) {
+    const std::string gname = ct ? ".weight_g_idx" : ".g_idx";
+    std::vector<int32_t> first_gidx;
+    for (const P& p : parts) {
+      const Tensor gi = wset->get(p.base + gname);
+      std::vector<int32_t> g(static_cast<size_t>(in));
+      for (int64_t c = 0; c < in; ++c) g[size_t(c)] = int32_t(read_u32(gi, c));
+      if (first_gidx.empty()) first_gidx = g;
+      KILN_CHECK(g == first_gidx, ck.dir.string(), ": ", p.base, gname, " differs from ",
+                 parts[0].base, gname, ": kiln fuses these modules into ", name,
+                 " and needs one input order for them (they share their input)");
+    }
+    std::stable_sort(perm.begin(), perm.end(), [&](int32_t a, int32_t b) {
+      return first_gidx[size_t(a)] < first_gidx[size_t(b)];
+    });
+  }
+  for (int64_t j = 0; j < in; ++j) pos[size_t(perm[size_t(j)])] = int32_t(j);
+  PlannedTensor codes, scales, zeros, order;
   codes.name = name;
   codes.dtype = DType::U8;
   codes.shape = {rows, in / 2};
-  codes.fill = [wset, each, in, gptq, ct, qname](int64_t row0, int64_t n, void* dst) {
+  codes.fill = [wset, each, in, gptq, ct, qname, pos](int64_t row0, int64_t n, void* dst) {
     auto* d = static_cast<uint8_t*>(dst);
     std::memset(d, 0, size_t(n * in / 2));
     each(row0, n, [&](const P& p, int64_t first, int64_t a, int64_t b) {
       const Tensor qw = wset->get(p.base + qname);
       if (ct) {  // word [o, c / 8] holds inputs c in order, each stored + 8, kiln's zero 8
         for (int64_t o = a; o < b; ++o)
-          for (int64_t c = 0; c < in; ++c)
-            d[(o - row0) * (in / 2) + c / 2] |=
+          for (int64_t c = 0; c < in; ++c) {
+            const int64_t j = pos[size_t(c)];
+            d[(o - row0) * (in / 2) + j / 2] |=
                 uint8_t(((read_u32(qw, (o - first) * (in / 8) + c / 8) >> (4 * (c % 8))) & 15u)
-                        << (4 * (c % 2)));
+                        << (4 * (j % 2)));
+          }
         return;
       }
-      for (int64_t c = 0; c < in; ++c)  // the packed rows are input features
+      for (int64_t c = 0; c < in; ++c) {  // the packed rows are input features
+        const int64_t j = pos[size_t(c)];
         for (int64_t o = a; o < b; ++o) {
           // GPTQ: input c is value c % 8 (in order) of word [c / 8, o].
           const uint8_t v =
               gptq ? uint8_t((read_u32(qw, (c / 8) * p.rows + (o - first)) >> (4 * (c % 8))) & 15u)
                    : awq_value(qw, c, o - first);
-          d[(o - row0) * (in / 2) + c / 2] |= uint8_t(v << (4 * (c % 2)));
+          d[(o - row0) * (in / 2) + j / 2] |= uint8_t(v << (4 * (j % 2)));
         }
+      }
     });
   };
   scales.name = name + ".scale";
@@ -357,6 +396,15 @@ WeightPlan plan_int4_packed(const std::shared_ptr<WeightSet>& wset, const std::s
   r.push_back(std::move(codes));
   r.push_back(std::move(scales));
   r.push_back(std::move(zeros));
+  if (ck.act_order) {
+    order.name = name + ".perm";
+    order.dtype = DType::I32;
+    order.shape = {in};
+    order.fill = [perm](int64_t row0, int64_t n, void* dst) {
+      std::memcpy(dst, perm.data() + row0, size_t(n) * 4);
+    };
+    r.push_back(std::move(order));
+  }
   return r;
 }
 

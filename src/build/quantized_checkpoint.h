@@ -15,7 +15,7 @@
 namespace kiln {
 
 // Sets ck.quant (and quant_group, gptq, ct_format, fp8_block) from config.json's
-// quantization_config: AWQ (GEMM packing), GPTQ (no act-order) and compressed-tensors W4A16 as
+// quantization_config: AWQ (GEMM packing), GPTQ (act-order too) and compressed-tensors W4A16 as
 // int4-wo; compressed-tensors W8A16 as int8-wo; FP8 with per-tensor or per-channel weight scales
 // (compressed-tensors float-quantized, ModelOpt, fbgemm_fp8, fp8 without blocks) as fp8;
 // block-wise fp8 as float weights (dequantized as they load). Any other scheme or variant throws

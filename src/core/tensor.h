@@ -34,13 +34,18 @@ struct Tensor {
   // device. None / null: a plain tensor.
   WeightQuant quant = WeightQuant::None;
   std::shared_ptr<Tensor> scales, zero_points;
+  // Act-order int4 weights (GPTQ desc_act, compressed-tensors actorder "group"): I32 [in], the
+  // stored columns are the inputs x[input_perm[j]], reordered so that each group's inputs are
+  // contiguous; linear() gathers x through it first. Null: inputs in order.
+  std::shared_ptr<Tensor> input_perm;
 
   int64_t numel() const { return kiln::numel(shape); }
   size_t nbytes() const { return size_t(numel()) * dtype_size(dtype); }
   bool empty() const { return data == nullptr; }
-  // Bytes of the data plus the scales and zeros of a quantized weight.
+  // Bytes of the data plus the scales, zeros and input order of a quantized weight.
   size_t weight_bytes() const {
-    return nbytes() + (scales ? scales->nbytes() : 0) + (zero_points ? zero_points->nbytes() : 0);
+    return nbytes() + (scales ? scales->nbytes() : 0) + (zero_points ? zero_points->nbytes() : 0) +
+           (input_perm ? input_perm->nbytes() : 0);
   }
   // Input features of a weight matrix [out, in]: its last dimension, or the number of codes
   // packed in it.

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -215,7 +216,10 @@ class Backend {
                        void* out) = 0;
 };
 
-std::unique_ptr<Backend> make_cpu_backend();
+// Called by the CPU backend with the F32 input rows of every linear() before it runs (x[n, in],
+// rows ldx apart) and the weight it multiplies: how calibration (build/awq.h) sees activations.
+using LinearObserver = std::function<void(const float* x, int64_t n, int64_t ldx, const Tensor& w)>;
+std::unique_ptr<Backend> make_cpu_backend(LinearObserver observe = {});
 // CUDA backend whose activations and KV cache use `act` (the engine dtype: f32 engines compute
 // in FP32, f16/bf16 engines in that type with FP32 accumulation). nullptr when kiln was built
 // without CUDA or no GPU is visible.

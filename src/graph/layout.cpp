@@ -76,7 +76,9 @@ std::vector<WeightSpec> plain_layout(const ModelConfig& c) {
 
 }  // namespace
 
-std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q, int64_t group) {
+std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q, int64_t group,
+                                      bool act_order) {
+  KILN_CHECK(!act_order || q == WeightQuant::Int4, "act-order input order is for int4-wo only");
   std::vector<WeightSpec> r;
   for (WeightSpec& s : plain_layout(c)) {
     if (!quantizes(q, s.role)) {
@@ -101,6 +103,7 @@ std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q, int64
     r.push_back(s);
     r.push_back({s.name + ".scale", {rows, cols / g}, WeightRole::Scale});
     r.push_back({s.name + ".zero", {rows, cols / g}, WeightRole::Zero});
+    if (act_order) r.push_back({s.name + ".perm", {cols}, WeightRole::Perm});
   }
   return r;
 }

@@ -22,6 +22,7 @@ enum class WeightRole : uint8_t {
   LmHead,        // the output projection (F32 logits)
   Scale,         // dequantization scales of the quantized weight named before ".scale" (F32)
   Zero,          // int4 zero points of the quantized weight named before ".zero" (U8)
+  Perm,          // act-order input order of the int4 weight named before ".perm" (I32)
 };
 
 struct WeightSpec {
@@ -30,12 +31,14 @@ struct WeightSpec {
   WeightRole role;
   WeightQuant quant = WeightQuant::None;  // how this weight is stored (None: engine dtype / F32)
   bool matrix() const {
-    return role != WeightRole::Vector && role != WeightRole::Scale && role != WeightRole::Zero;
+    return role != WeightRole::Vector && role != WeightRole::Scale && role != WeightRole::Zero &&
+           role != WeightRole::Perm;
   }
   // The tensor's dtype in an engine whose matrices are `engine` dtype.
   DType dtype(DType engine) const {
     if (quant != WeightQuant::None) return quant_storage(quant);
     if (role == WeightRole::Zero) return DType::U8;
+    if (role == WeightRole::Perm) return DType::I32;
     return matrix() ? engine : DType::F32;
   }
 };
@@ -48,10 +51,11 @@ bool quantizes(WeightQuant q, WeightRole r);
 // Engine (runtime) layout: fused wqkv and w_gate_up, in the order they are stored. Under a
 // quantization scheme, each weight it rewrites has the shape of its stored codes and is followed
 // by "<name>.scale" (int8-wo, fp8: [rows]; int4-wo: [rows, groups]) and, for int4-wo,
-// "<name>.zero". Throws kiln::Error when a weight's input size does not suit the scheme (int4-wo: a
-// multiple of 32, or of `group` when given: a checkpoint's own group size), naming it.
+// "<name>.zero", and under `act_order` (int4-wo from an act-order checkpoint) "<name>.perm" [in].
+// Throws kiln::Error when a weight's input size does not suit the scheme (int4-wo: a multiple of
+// 32, or of `group` when given: a checkpoint's own group size), naming it.
 std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q = WeightQuant::None,
-                                      int64_t group = 0);
+                                      int64_t group = 0, bool act_order = false);
 
 // Shape a checkpoint's source tensor must have, for canonical source names such as
 // "layers.3.wq" or "layers.0.experts.2.w_gate"; empty if the builder has no use for it.

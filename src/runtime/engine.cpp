@@ -16,6 +16,7 @@
 #include "graph/layout.h"
 #include "io/json.h"
 #include "kiln/kiln.h"
+#include "runtime/calibrate.h"
 #include "runtime/engine_impl.h"
 #include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
@@ -44,6 +45,16 @@ std::string hex(uint64_t v) {
 
 std::string dtype_label(DType t) {
   return t == DType::F32 ? "f32" : t == DType::F16 ? "f16" : t == DType::BF16 ? "bf16" : "?";
+}
+
+// What calibration did, in words (ModelInfo::calibration).
+std::string calibration_line(const json& a) {
+  if (!a.is_object()) return "";
+  const double ratio = a.value("sample_error_vs_int4", 1.0);
+  return cat("AWQ on ", a.value("tokens", int64_t{0}), " tokens of ",
+             a.value("text", std::string("?")), ": ", a.value("scaled", int64_t{0}), " of ",
+             a.value("linears", int64_t{0}), " linears scaled, sample output error ",
+             std::lround(ratio * 100), "% of plain int4's");
 }
 
 }  // namespace
@@ -78,12 +89,18 @@ std::unique_ptr<Engine::Impl> prepare(const Checkpoint& ck, const BuildConfig& b
                                                : "",
                weight_quant_name(ck.quant), "; --quant ", weight_quant_name(impl->quant),
                " would requantize it (leave --quant out)");
+    KILN_CHECK(!impl->awq, ck.dir.string(), ": the checkpoint is already quantized (",
+               weight_quant_name(ck.quant), "); --quant int4-awq would requantize it");
     KILN_CHECK(impl->dtype != DType::F32, ck.dir.string(),
                ": a quantized checkpoint runs with 16-bit activations; give --dtype bf16 or f16");
     impl->quant = ck.quant;
     // Dummy weights from a quantized config are quantized by kiln, in its default groups.
     impl->quant_group = ck.weights ? ck.quant_group : 0;
+    impl->act_order = ck.weights && ck.act_order;
   }
+  KILN_CHECK(!impl->awq || ck.weights,
+             "--quant int4-awq calibrates a checkpoint's weights on text; dummy weights have "
+             "nothing to calibrate (use --quant int4-wo)");
   impl->generation_defaults = ck.generation_defaults;
   impl->tokenizer_dir = tokenizer_dir;
   impl->source = std::move(source);
@@ -111,6 +128,8 @@ json manifest_of(const Engine::Impl& m) {
            {{"dtype", dtype_label(m.dtype)},
             {"quant", weight_quant_name(m.quant)},
             {"quant_group", m.quant_group},
+            {"act_order", m.act_order},
+            {"awq", m.awq_info},
             {"kv_cache_dtype", m.kv_fp8 ? "fp8" : "auto"},
             {"max_batch", m.max_batch},
             {"max_seq_len", m.max_seq_len}}},
@@ -134,8 +153,10 @@ ModelInfo write_plan(const Engine::Impl& m, const WeightPlan& plan, const fs::pa
   i.dtype = dtype_label(m.dtype);
   i.quant = std::string(weight_quant_name(m.quant));
   i.kv_cache_dtype = m.kv_fp8 ? "fp8" : "auto";
+  i.calibration = calibration_line(m.awq_info);
   for (const auto& pt : plan) {
-    if (pt.name.ends_with(".scale") || pt.name.ends_with(".zero")) {  // bytes, not parameters
+    if (pt.name.ends_with(".scale") || pt.name.ends_with(".zero") ||
+        pt.name.ends_with(".perm")) {  // bytes, not parameters
       i.weight_bytes += int64_t(pt.nbytes());
       continue;
     }
@@ -149,11 +170,36 @@ ModelInfo write_plan(const Engine::Impl& m, const WeightPlan& plan, const fs::pa
 
 }  // namespace
 
+namespace {
+
+// The weight plan of a checkpoint build: for int4-awq, the AWQ scales calibrated first
+// (runtime/calibrate.h) and recorded in m.awq_info.
+WeightPlan checkpoint_plan(const Checkpoint& ck, Engine::Impl& m) {
+  if (!m.awq) return plan_weights(ck, m.dtype, m.quant);
+  std::string text = kDefaultCalibText, name = "the built-in text";
+  if (!m.calib.empty()) {
+    std::ifstream in(m.calib, std::ios::binary);
+    KILN_CHECK(in, "--calib ", m.calib, ": cannot open");
+    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    KILN_CHECK(text.size() <= (size_t(64) << 20), "--calib ", m.calib,
+               ": larger than 64 MiB (kiln reads its first 512 tokens)");
+    name = m.calib;
+  }
+  const AwqCalibration cal = calibrate_awq(ck, m.dtype, text, name);
+  m.awq_info = {{"text", m.calib.empty() ? "the built-in text" : m.calib},
+                {"tokens", cal.tokens},
+                {"linears", int64_t(cal.scales.size())},
+                {"scaled", cal.scaled},
+                {"sample_error_vs_int4", cal.err_rtn > 0 ? cal.err / cal.err_rtn : 1.0}};
+  return plan_weights(ck, m.dtype, m.quant, &cal.scales);
+}
+
+}  // namespace
+
 Engine Engine::build(const fs::path& hf_dir, const BuildConfig& bc) {
   Checkpoint ck = open_checkpoint(hf_dir);
   auto impl = prepare(ck, bc, hf_dir, source_of(ck, hf_dir));
-  impl->weights =
-      attach_scales(materialize(plan_weights(ck, impl->dtype, impl->quant)), impl->quant);
+  impl->weights = attach_scales(materialize(checkpoint_plan(ck, *impl)), impl->quant);
   return Engine(std::move(impl));
 }
 
@@ -170,7 +216,7 @@ ModelInfo Engine::build_to(const fs::path& hf_dir, const fs::path& out, const Bu
   Checkpoint ck = open_checkpoint(hf_dir);
   auto impl = prepare(ck, bc, hf_dir, source_of(ck, hf_dir));
   // Every weight problem, before writing.
-  const WeightPlan plan = plan_weights(ck, impl->dtype, impl->quant);
+  const WeightPlan plan = checkpoint_plan(ck, *impl);
   check_tokenizer(hf_dir);
   return write_plan(*impl, plan, out, progress);
 }
@@ -196,6 +242,7 @@ Engine Engine::open(const fs::path& dir, const BuildConfig& bc) {
     for (auto [set, opt] : {std::pair{bc.dtype != none.dtype, "--dtype"},
                             std::pair{bc.max_seq_len != none.max_seq_len, "--max-seq-len"},
                             std::pair{bc.quant != none.quant, "--quant"},
+                            std::pair{bc.calib != none.calib, "--calib"},
                             std::pair{bc.kv_cache_dtype != none.kv_cache_dtype, "--kv-cache-dtype"},
                             std::pair{bc.max_batch != none.max_batch, "--max-batch"}})
       KILN_CHECK(!set, dir.string(), ": is a built engine; ", opt,
@@ -247,6 +294,10 @@ Engine Engine::load(const fs::path& dir) {
                       "' is not a scheme this kiln runs (none, int8-wo, int4-wo, fp8)"));
     impl->quant = parse_weight_quant(quant);
     impl->quant_group = b.value("quant_group", int64_t{0});
+    impl->act_order = b.value("act_order", false);
+    if (b.contains("awq")) impl->awq_info = b["awq"];
+    if (impl->act_order && impl->quant != WeightQuant::Int4)
+      throw Error(cat(mf.string(), ": build.act_order is for int4-wo engines only"));
     const std::string kvd = b.value("kv_cache_dtype", std::string("auto"));
     if (kvd != "auto" && kvd != "fp8")
       throw Error(cat(mf.string(), ": build.kv_cache_dtype '", kvd,
@@ -261,7 +312,7 @@ Engine Engine::load(const fs::path& dir) {
   }
   auto file = SafetensorsFile::open(dir / kWeights);
   std::vector<std::string> problems;
-  const auto layout = engine_layout(impl->config, impl->quant, impl->quant_group);
+  const auto layout = engine_layout(impl->config, impl->quant, impl->quant_group, impl->act_order);
   std::set<std::string> expected;
   for (const auto& spec : layout) expected.insert(spec.name);
   for (const auto& [name, ti] : file->tensors())
@@ -303,6 +354,7 @@ ModelInfo Engine::info() const {
   i.dtype = dtype_label(m.dtype);
   i.quant = std::string(weight_quant_name(m.quant));
   i.kv_cache_dtype = m.kv_fp8 ? "fp8" : "auto";
+  i.calibration = calibration_line(m.awq_info);
   for (const auto& [n, t] : m.weights) {
     i.num_params += t.quant == WeightQuant::Int4 ? 2 * t.numel() : t.numel();  // 2 codes a byte
     i.weight_bytes += int64_t(t.weight_bytes());

@@ -27,7 +27,11 @@ struct Engine::Impl {
   DType dtype = DType::F32;
   WeightQuant quant = WeightQuant::None;  // how the linear weights are stored (core/quant.h)
   int64_t quant_group = 0;                // int4 group size of a quantized checkpoint (0: rule)
-  bool kv_fp8 = false;                    // --kv-cache-dtype fp8
+  bool act_order = false;   // int4 weights carry an input order (GPTQ desc_act checkpoints)
+  bool kv_fp8 = false;      // --kv-cache-dtype fp8
+  bool awq = false;         // --quant int4-awq: int4-wo after an AWQ scale search (build/awq.h)
+  std::string calib;        // its --calib file ("": the built-in text)
+  nlohmann::json awq_info;  // what calibration did (manifest build.awq), null without AWQ
   int64_t max_batch = 1, max_seq_len = 0;
   nlohmann::json source;
   nlohmann::json generation_defaults = nlohmann::json::object();
@@ -89,7 +93,11 @@ struct Engine::Impl {
     std::string d = bc.dtype;
     if (d == "auto") d = config_dtype.empty() ? "f32" : config_dtype;
     dtype = parse_float_dtype(d, "build dtype");
-    quant = parse_weight_quant(bc.quant);
+    awq = bc.quant == "int4-awq";
+    quant = parse_weight_quant(awq ? "int4-wo" : bc.quant);
+    KILN_CHECK(bc.calib.empty() || awq, "--calib is for --quant int4-awq (the quantization is ",
+               bc.quant, ")");
+    calib = bc.calib;
     KILN_CHECK(quant == WeightQuant::None || dtype != DType::F32, "--quant ", bc.quant,
                " keeps activations in a 16-bit type; give --dtype bf16 or f16 (the engine "
                "dtype is f32)");

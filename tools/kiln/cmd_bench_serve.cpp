@@ -511,9 +511,10 @@ void register_bench_subcommands(CLI::App* bench) {
     c->add_option("--max-seq-len", a.bc.max_seq_len,
                   "when building from an HF folder (0: max_position_embeddings)");
     c->add_option("--quant", a.bc.quant,
-                  "when building from an HF folder: none, int8-wo, int4-wo, fp8");
+                  "when building from an HF folder: none, int8-wo, int4-wo, int4-awq, fp8");
     c->add_option("--kv-cache-dtype", a.bc.kv_cache_dtype,
                   "when building from an HF folder: auto or fp8 (E4M3 KV cache)");
+    c->add_option("--calib", a.bc.calib, "--quant int4-awq: text file to calibrate on");
     add_runtime_args(c, a.sc.runtime);
     c->add_option("--max-num-seqs", a.sc.max_num_seqs,
                   "sequences per step (0: 256 on a GPU, 16 on the CPU)");

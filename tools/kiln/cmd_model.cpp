@@ -34,9 +34,10 @@ void add_model_args(CLI::App* c, ModelArgs& a) {
   c->add_option("--max-seq-len", a.bc.max_seq_len,
                 "when building from an HF folder (0: max_position_embeddings)");
   c->add_option("--quant", a.bc.quant,
-                "when building from an HF folder: none, int8-wo, int4-wo, fp8");
+                "when building from an HF folder: none, int8-wo, int4-wo, int4-awq, fp8");
   c->add_option("--kv-cache-dtype", a.bc.kv_cache_dtype,
                 "when building from an HF folder: auto or fp8 (E4M3 KV cache)");
+  c->add_option("--calib", a.bc.calib, "--quant int4-awq: text file to calibrate on");
   add_runtime_args(c, a.rc);
 }
 
@@ -186,9 +187,13 @@ void register_model_commands(CLI::App& app) {
     c->add_option("--max-batch", bc.max_batch, "concurrent sequences");
     c->add_option("--max-seq-len", bc.max_seq_len, "0: max_position_embeddings");
     c->add_option("--quant", bc.quant,
-                  "weight quantization of the linear layers: none, int8-wo, int4-wo, fp8 (with a "
+                  "weight quantization of the linear layers: none, int8-wo, int4-wo, int4-awq "
+                  "(int4-wo with activation-aware scales calibrated on text), fp8 (with a "
                   "16-bit --dtype)")
         ->capture_default_str();
+    c->add_option("--calib", bc.calib,
+                  "--quant int4-awq: UTF-8 text file to calibrate on, its first 512 tokens "
+                  "(default: a built-in text of prose, dialogue, code and numbers)");
     c->add_option("--kv-cache-dtype", bc.kv_cache_dtype,
                   "KV cache elements: auto (the engine dtype) or fp8 (E4M3 with a scale per "
                   "token and KV head; with a 16-bit --dtype)")
@@ -216,6 +221,7 @@ void register_model_commands(CLI::App& app) {
       std::printf("built %s (%s, %.3f %s params, %s) -> %s in %.2f s\n", i.architecture.c_str(),
                   kind.c_str(), p >= 1e9 ? p / 1e9 : p / 1e6, p >= 1e9 ? "B" : "M",
                   human_bytes(double(i.weight_bytes)).c_str(), out.c_str(), s);
+      if (!i.calibration.empty()) std::printf("%s\n", i.calibration.c_str());
     });
   }
   // verify

@@ -62,9 +62,10 @@ void register_serve(CLI::App& app) {
   c->add_option("--max-seq-len", cfg.build.max_seq_len,
                 "when building from an HF folder (0: max_position_embeddings)");
   c->add_option("--quant", cfg.build.quant,
-                "when building from an HF folder: none, int8-wo, int4-wo, fp8");
+                "when building from an HF folder: none, int8-wo, int4-wo, int4-awq, fp8");
   c->add_option("--kv-cache-dtype", cfg.build.kv_cache_dtype,
                 "when building from an HF folder: auto or fp8 (E4M3 KV cache)");
+  c->add_option("--calib", cfg.build.calib, "--quant int4-awq: text file to calibrate on");
   add_runtime_args(c, cfg.serve.runtime);
   c->callback([&] {
     cfg.serve.prefix_cache = !no_prefix_cache;

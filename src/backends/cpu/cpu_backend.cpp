@@ -27,6 +27,7 @@ cpu::QuantRef scales(const Tensor& w) {
     q.groups = w.scales->shape.size() == 2 ? w.scales->shape[1] : 1;
   }
   if (w.zero_points) q.zeros = w.zero_points->ptr<uint8_t>();
+  if (w.input_perm) q.perm = w.input_perm->ptr<int32_t>();
   return q;
 }
 float* F(void* p) {
@@ -43,6 +44,7 @@ cpu::KVView view(const KVLayerView& kv) {
 
 class CpuBackend final : public Backend {
  public:
+  explicit CpuBackend(LinearObserver observe) : observe_(std::move(observe)) {}
   Device device() const override { return Device::CPU; }
   std::string name() const override { return "CPU"; }
   DType act_dtype() const override { return DType::F32; }
@@ -65,6 +67,7 @@ class CpuBackend final : public Backend {
   }
   void linear(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
               int64_t ldy) override {
+    if (observe_) observe_(F(x), n, ldx, w);
     cpu::linear(F(x), n, w.in_features(), ldx, w.data, w.dtype, w.shape[0], fptr(b), F(y), ldy,
                 scales(w));
   }
@@ -175,12 +178,15 @@ class CpuBackend final : public Backend {
       }
     }
   }
+
+ private:
+  LinearObserver observe_;
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend() {
-  return std::make_unique<CpuBackend>();
+std::unique_ptr<Backend> make_cpu_backend(LinearObserver observe) {
+  return std::make_unique<CpuBackend>(std::move(observe));
 }
 
 #ifndef KILN_HAVE_CUDA

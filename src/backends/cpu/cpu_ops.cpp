@@ -92,6 +92,16 @@ void linear(const float* x, int64_t n, int64_t in, int64_t ldx, const void* w, D
   // fp8 quantizes each activation row as it comes in (core/quant.h): x becomes the values its
   // E4M3 codes stand for. A row with a NaN or infinity stays non-finite, for the engine's check
   // on the logits to report.
+  // Act-order: the stored columns are the inputs in q.perm's order, so x is gathered the same
+  // way first (the products then sum in the stored order).
+  std::vector<float> xp;
+  if (q.perm) {
+    xp.resize(size_t(n * in));
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < in; ++j) xp[size_t(t * in + j)] = x[t * ldx + q.perm[j]];
+    x = xp.data();
+    ldx = in;
+  }
   std::vector<float> xq;
   if (q.quant == WeightQuant::Fp8) {
     xq.resize(size_t(n * in));

@@ -21,6 +21,7 @@ struct QuantRef {
   const float* scales = nullptr;   // [out] (int8-wo, fp8) or [out, groups] (int4-wo)
   const uint8_t* zeros = nullptr;  // [out, groups] (int4-wo)
   int64_t groups = 1;
+  const int32_t* perm = nullptr;  // [in]: act-order int4-wo, stored column j is input perm[j]
 };
 void linear(const float* x, int64_t n, int64_t in, int64_t ldx, const void* w, DType wt,
             int64_t out, const float* bias, float* y, int64_t ldy, const QuantRef& q = {});

@@ -137,14 +137,15 @@ class CudaBackend final : public Backend {
 
   Tensor upload(const Tensor& host) override {
     KILN_CHECK(host.device == Device::CPU, "upload: tensor is already on a device");
-    if (host.quant != WeightQuant::None) {  // a quantized weight: scales and zeros go with it
+    if (host.quant != WeightQuant::None) {  // a quantized weight: scales, zeros, order go with it
       Tensor plain = host;
       plain.quant = WeightQuant::None;
-      plain.scales = plain.zero_points = nullptr;
+      plain.scales = plain.zero_points = plain.input_perm = nullptr;
       Tensor t = upload(plain);
       t.quant = host.quant;
       if (host.scales) t.scales = std::make_shared<Tensor>(upload(*host.scales));
       if (host.zero_points) t.zero_points = std::make_shared<Tensor>(upload(*host.zero_points));
+      if (host.input_perm) t.input_perm = std::make_shared<Tensor>(upload(*host.input_perm));
       return t;
     }
     const size_t bytes = host.nbytes();

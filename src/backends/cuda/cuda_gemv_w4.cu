@@ -196,7 +196,25 @@ bool aligned16(const void* q) {
   return reinterpret_cast<uintptr_t>(q) % 16 == 0;
 }
 
+// One thread per output element; rows of x are L2-resident (at most a few KiB).
+__global__ void gather_cols_kernel(const uint16_t* __restrict__ x, int64_t ldx,
+                                   const int32_t* __restrict__ perm, int in,
+                                   uint16_t* __restrict__ y) {
+  const int j = int(blockIdx.x) * blockDim.x + int(threadIdx.x);
+  const int64_t t = blockIdx.y;
+  if (j < in) y[t * in + j] = x[t * ldx + perm[j]];
+}
+
 }  // namespace
+
+void gather_cols_launch(const GatherColsParams& p, cudaStream_t s) {
+  KILN_CHECK(p.in > 0 && p.in <= INT_MAX && p.n >= 0 && p.n <= 65535 && p.ldx >= p.in,
+             "gather_cols: unsupported shape (n ", p.n, ", in ", p.in, ")");
+  if (p.n == 0) return;
+  launch_kernel(gather_cols_kernel, dim3(unsigned((p.in + 255) / 256), unsigned(p.n)), 256, 0, s,
+                static_cast<const uint16_t*>(p.x), p.ldx, p.perm, int(p.in),
+                static_cast<uint16_t*>(p.y));
+}
 
 bool gemv_w4_is_supported(const GemvW4Params& p) {
   if (p.act != DType::F16 && p.act != DType::BF16) return false;

@@ -43,4 +43,15 @@ struct DequantW4Params {
 };
 void dequant_w4_launch(const DequantW4Params& p, cudaStream_t s);
 
+// Act-order weights (Tensor::input_perm): y[t, j] = x[t, perm[j]] for t < n, j < in, y dense
+// [n, in]; 16-bit elements, so the linear that follows reads its inputs in the stored order.
+// perm must be a permutation of [0, in) (checked when the engine loads).
+struct GatherColsParams {
+  const void* x = nullptr;  // 16-bit elements
+  int64_t n = 0, ldx = 0, in = 0;
+  const int32_t* perm = nullptr;
+  void* y = nullptr;
+};
+void gather_cols_launch(const GatherColsParams& p, cudaStream_t s);
+
 }  // namespace kiln::cuda

@@ -67,6 +67,19 @@ void quant_linear(const QuantLinearParams& p, LtGemm& lt, const ScratchFn& scrat
              " weight needs its scales (and zeros) and a 16-bit activation type");
   const int64_t in = w.in_features(), out = w.shape[0];
   if (p.n == 0 || out == 0) return;
+  if (w.input_perm) {  // act-order: gather the inputs into the stored column order first
+    KILN_CHECK(w.input_perm->dtype == DType::I32 && w.input_perm->numel() == in,
+               "CUDA linear: an act-order weight needs an I32 input order of ", in);
+    QuantLinearParams q = p;
+    void* xp = scratch("act_order_x", size_t(p.n * in) * dtype_size(p.act));
+    gather_cols_launch({p.x, p.n, p.ldx, in, w.input_perm->ptr<int32_t>(), xp}, s);
+    Tensor plain = w;
+    plain.input_perm = nullptr;
+    q.x = xp;
+    q.ldx = in;
+    q.w = &plain;
+    return quant_linear(q, lt, scratch, s);
+  }
   const float* sc = w.scales->ptr<float>();
   void* deq = nullptr;
   if (int8) {

@@ -551,10 +551,11 @@ std::vector<Tensor> upload_plain(const std::vector<const Tensor*>& host, cudaStr
 }  // namespace
 
 std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host, cudaStream_t s) {
-  // Quantized weights' scales and zeros go up in the same bulk copy, after the weights.
+  // Quantized weights' scales, zeros and input orders go up in the same bulk copy, after the
+  // weights.
   std::vector<const Tensor*> all = host;
   struct Extra {
-    size_t weight, scales = 0, zeros = 0;  // indices in `all` (0: none)
+    size_t weight, scales = 0, zeros = 0, perm = 0;  // indices in `all` (0: none)
   };
   std::vector<Extra> extra;
   for (size_t i = 0; i < host.size(); ++i) {
@@ -563,6 +564,7 @@ std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host, cudaStrea
     Extra e{i};
     if (host[i]->scales) e.scales = all.size(), all.push_back(host[i]->scales.get());
     if (host[i]->zero_points) e.zeros = all.size(), all.push_back(host[i]->zero_points.get());
+    if (host[i]->input_perm) e.perm = all.size(), all.push_back(host[i]->input_perm.get());
     extra.push_back(e);
   }
   std::vector<Tensor> dev = upload_plain(all, s);
@@ -571,6 +573,7 @@ std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host, cudaStrea
     t.quant = host[e.weight]->quant;
     if (e.scales) t.scales = std::make_shared<Tensor>(dev[e.scales]);
     if (e.zeros) t.zero_points = std::make_shared<Tensor>(dev[e.zeros]);
+    if (e.perm) t.input_perm = std::make_shared<Tensor>(dev[e.perm]);
   }
   dev.resize(host.size());
   return dev;
