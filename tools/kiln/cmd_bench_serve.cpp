@@ -293,6 +293,7 @@ struct OfflineArgs {
   ServeConfig sc;
   bool no_prefix_cache = false;
   std::string step_log;  // CSV of every engine step
+  bool dummy = false;    // --dummy-weights: model is a config.json
   bench::WorkloadArgs w;
 };
 
@@ -337,7 +338,7 @@ void report_steps(const std::vector<StepInfo>& steps, double duration, const std
 void run_offline(OfflineArgs& a) {
   const double rate = bench::validate_workload_args(a.w);
   KILN_CHECK(!a.model.empty(), "bench offline needs a model (engine or Hugging Face folder)");
-  Engine e = Engine::open(a.model, a.bc);
+  Engine e = open_bench_engine(a.model, a.bc, a.dummy);
   const ModelInfo info = e.info();
   std::vector<BenchRequest> reqs = bench::make_workload(a.w, info.vocab_size);
   const bool has_tokenizer = !e.tokenizer_dir().empty();
@@ -515,6 +516,9 @@ void register_bench_subcommands(CLI::App* bench) {
     c->add_option("--kv-cache-dtype", a.bc.kv_cache_dtype,
                   "when building from an HF folder: auto or fp8 (E4M3 KV cache)");
     c->add_option("--calib", a.bc.calib, "--quant int4-awq: text file to calibrate on");
+    c->add_flag("--dummy-weights", a.dummy,
+                "model is a config.json (or a folder with one): seeded random weights of its "
+                "shape, built in memory");
     add_runtime_args(c, a.sc.runtime);
     c->add_option("--max-num-seqs", a.sc.max_num_seqs,
                   "sequences per step (0: 256 on a GPU, 16 on the CPU)");

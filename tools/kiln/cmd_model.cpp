@@ -148,6 +148,16 @@ class ProgressLine {
 
 }  // namespace
 
+Engine open_bench_engine(const std::string& model, const BuildConfig& bc, bool dummy) {
+  if (!dummy) return Engine::open(model, bc);
+  const std::filesystem::path p = std::filesystem::is_directory(model)
+                                      ? std::filesystem::path(model) / "config.json"
+                                      : std::filesystem::path(model);
+  KILN_CHECK(!Engine::is_engine_dir(model), model,
+             ": is a built engine; --dummy-weights takes a config.json (or a folder with one)");
+  return Engine::build_dummy(p, bc);
+}
+
 void add_runtime_args(CLI::App* c, RuntimeConfig& rc) {
   c->add_option("--device", rc.device, "auto, cpu or cuda");
   c->add_option("--threads", rc.threads, "CPU threads (0: all cores)");
@@ -307,7 +317,11 @@ void register_model_commands(CLI::App& app) {
     static int64_t pp = 512, tg = 128, depth = 0;
     static int reps = 3;
     static std::string batches = "1", format = "md";
+    static bool dummy = false;
     add_model_args(c, a);
+    c->add_flag("--dummy-weights", dummy,
+                "model is a config.json (or a folder with one): seeded random weights of its "
+                "shape, built in memory");
     // `bench serve` / `bench offline` run without this command's model: required is checked in
     // the callback, so the positional does not demand a value there.
     c->get_option("model")->required(false);
@@ -333,7 +347,7 @@ void register_model_commands(CLI::App& app) {
         KILN_CHECK(b >= 1, "--batch: counts must be >= 1");
         bmax = std::max(bmax, b);
       }
-      Engine e = Engine::open(a.model, a.bc);
+      Engine e = open_bench_engine(a.model, a.bc, dummy);
       const ModelInfo info = e.info();
       KILN_CHECK(pp + 1 <= info.max_seq_len && depth + tg + 1 <= info.max_seq_len, "bench needs ",
                  std::max(pp, depth + tg) + 1, " positions but the engine allows ",

@@ -25,6 +25,12 @@ void start_engine(Engine& e, const RuntimeConfig& rc);
 // --device, --threads, --kv-cache-fraction, --kv-cache-tokens.
 void add_runtime_args(CLI::App* c, RuntimeConfig& rc);
 
+// The engine a benchmark runs: `model` opened as an engine or Hugging Face folder, or with
+// `dummy` (--dummy-weights, vLLM's --load-format dummy) seeded random weights of the shape its
+// config.json (the file, or the one in the folder) describes, built in memory: real shapes
+// without a checkpoint or the disk an engine folder needs (a 70B fp8 engine is ~70 GB).
+Engine open_bench_engine(const std::string& model, const BuildConfig& bc, bool dummy);
+
 // Sampling and stopping flags shared by run and chat (validated by the scheduler as the
 // server validates them).
 struct GenerationArgs {
