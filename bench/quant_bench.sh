@@ -4,11 +4,12 @@
 # build Llama-3.1-8B-shaped dummy engines in BF16, BF16 + int8-wo, BF16 + int4-wo and fp8 and run
 # `kiln bench` on each (tg128 batch 1 and 8, pp512), plus per-op GPU-time profiles of the
 # quantized decodes; stage kv: BF16 engines with a BF16 and an FP8 KV cache, decoding at a
-# context depth of $DEPTH tokens (tg128 @ d$DEPTH, batches $KV_BATCHES).
+# context depth of $DEPTH tokens (tg128 @ d$DEPTH, batches $KV_BATCHES); stage fp8: offline
+# 128/128 of the 8B shape in BF16 and fp8, and (H200) the 70B shape's fp8 batch-1 decode.
 # Results in $OUT: log, tests.txt.
 #
 #   bench/quant_bench.sh                        # everything
-#   STAGES="build tests" bench/quant_bench.sh   # subset of: build tests ceilings bench kv
+#   STAGES="build tests" bench/quant_bench.sh   # subset of: build tests ceilings bench kv fp8
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/quant_bench}
@@ -88,4 +89,27 @@ if has kv; then
     rm -rf "$E"
   done
 fi
+if has fp8; then
+  # The FP8 goals: offline 128/128 on the 8B shape (1024 requests at once) beside BF16 in this
+  # call, then (on an H200: 70 GB of fp8 weights) the 70B shape's batch-1 decode. Dummy weights
+  # built in memory (--dummy-weights): a 70B fp8 engine folder would not fit the disk.
+  for q in none fp8; do
+    stamp "offline 128/128, 1024 requests, 8B $q"
+    timeout 240 "$BUILD/kiln" bench offline --dummy-weights "bench/configs/$M/config.json" \
+      --dtype bf16 --quant "$q" --max-seq-len 2048 --random-input-len 128 \
+      --random-output-len 128 --num-prompts 1024 --max-num-seqs 1024 -o json \
+      >"$OUT/offline_$q.json" 2>"$OUT/offline_$q.err"
+    echo "exit $?"; tail -n 4 "$OUT/offline_$q.err"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: round(d[k],2) for k in ['output_throughput','request_throughput','mean_ttft_ms','median_tpot_ms'] if k in d})" "$OUT/offline_$q.json"
+  done
+  M70=meta-llama__Llama-3.3-70B-Instruct
+  if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)" -gt 100000 ]; then
+    stamp "70B fp8 tg128 batch 1 (dummy weights in memory)"
+    timeout 400 "$BUILD/kiln" bench --dummy-weights "bench/configs/$M70/config.json" --dtype bf16 \
+      --quant fp8 --max-seq-len 2048 --device cuda -p 0 -n 128 -b 1 -r 2 2>&1 | tail -n 4
+  else
+    echo "70B fp8: skipped (needs an H200's memory)"
+  fi
+fi
+
 stamp "end"
