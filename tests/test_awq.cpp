@@ -15,17 +15,6 @@
 namespace kiln::test {
 namespace {
 
-void write_file(const fs::path& p, const std::string& text) {
-  std::ofstream(p, std::ios::binary) << text;
-}
-
-double nmse(const std::vector<float>& a, const std::vector<float>& ref) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i)
-    num += (double(a[i]) - ref[i]) * (double(a[i]) - ref[i]), den += double(ref[i]) * ref[i];
-  return num / den;
-}
-
 // A weight whose inputs include a few channels with 30x larger activations, as LLMs' linears
 // have: the search must pick alpha > 0 and cut the output error well below plain int4's, and it
 // never does worse than plain int4 (alpha 0 is on the grid).
@@ -126,13 +115,13 @@ TEST(QuantAwq, BuildsCalibratedEngines) {
 
   std::string text;
   for (int i = 0; i < 40; ++i) text += "The quick brown fox jumps over the lazy dog. ";
-  write_file(tmp / "calib.txt", text);
+  write_text(tmp / "calib.txt", text);
   bc.calib = (tmp / "calib.txt").string();
   Engine own = Engine::build(tmp / "m", bc);
   EXPECT_NE(own.info().calibration.find("tokens of " + bc.calib), std::string::npos)
       << own.info().calibration;
 
-  write_file(tmp / "short.txt", "Too short.");
+  write_text(tmp / "short.txt", "Too short.");
   bc.calib = (tmp / "short.txt").string();
   std::string err = error_of([&] { Engine::build(tmp / "m", bc); });
   EXPECT_NE(err.find("short.txt: "), std::string::npos) << err;

@@ -12,6 +12,7 @@
 #include "build/quantize.h"
 #include "core/error.h"
 #include "core/quant.h"
+#include "graph/backend.h"
 #include "kiln/kiln.h"
 #include "test_util.h"
 
@@ -287,14 +288,6 @@ TEST(QuantFp8Checkpoint, BlockWiseLoadsDequantized) {
       << err;
 }
 
-// Normalized mean squared error of a against b.
-double nmse(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
-    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]), den += double(b[i]) * b[i];
-  return a.size() == b.size() && den > 0 ? num / den : 1.0;
-}
-
 // The llama fixture packed as a GPTQ checkpoint (AutoGPTQ's v1 format: qweight I32 [in / 8, out]
 // with values in order along the inputs, qzeros I32 [in / g, out / 8] holding zero - 1, scales
 // F16 [in / g, out], g_idx [in]) in `gptq`, with power-of-two scales so every dequantized weight is
@@ -476,6 +469,31 @@ TEST(QuantGptq, ActOrderLoadsAndMatchesTheDequantizedWeights) {
   err = error_of([&] { Engine::build(tmp / "gptq", bc); });
   EXPECT_NE(err.find("model.layers.2.mlp.down_proj.g_idx: input"), std::string::npos) << err;
   EXPECT_NE(err.find("but there are 4 groups of 32 inputs"), std::string::npos) << err;
+}
+
+// The act-order engine on the GPU (its inputs gathered by a kernel before the W4A16 GEMV in
+// decode and before dequantize + cuBLASLt in prefill; decode replayed from CUDA graphs) against
+// the CPU engine, to the tolerance CudaParity.WeightOnlyQuantMatchesTheCpuEngine holds int4-wo to.
+TEST(QuantGptq, ActOrderRunsOnCudaAsOnTheCpu) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA GPU visible";
+  TempDir tmp;
+  write_gptq(tmp / "gptq", tmp / "plain", 32, true);
+  BuildConfig bc;
+  bc.dtype = "bf16";
+  Engine gpu = Engine::build(tmp / "gptq", bc), cpu = Engine::build(tmp / "gptq", bc);
+  gpu.start({.device = "cuda"});
+  cpu.start({.device = "cpu"});
+  const int64_t V = gpu.info().vocab_size;
+  for (const auto& p :
+       std::vector<std::vector<int32_t>>{{5, 17, 300, 2, 99, 42, 7, 1, 13, 250, 4, 8}, {1, 2, 3}}) {
+    const std::vector<float> want = cpu.logits(p), got = gpu.logits(p);
+    Session s = gpu.session();
+    for (size_t i = 0; i < p.size(); ++i) {
+      EXPECT_LE(rel_err(got.data() + i * V, want.data() + i * V, V), 2e-2) << "prefill " << i;
+      const std::vector<float> step = s.forward(std::span<const int32_t>(&p[i], 1));
+      EXPECT_LE(rel_err(step.data(), want.data() + i * V, V), 2e-2) << "decode " << i;
+    }
+  }
 }
 
 // An AWQ checkpoint as AutoAWQ writes it (GEMM packing: qweight I32 [in, out / 8] with the value

@@ -31,6 +31,19 @@ inline fs::path hf(const std::string& arch) {
   return data("hf/" + arch);
 }
 
+// Normalized mean squared error of `a` against `ref` (1 when the sizes differ).
+inline double nmse(const std::vector<float>& a, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size() && i < ref.size(); ++i)
+    num += (double(a[i]) - ref[i]) * (double(a[i]) - ref[i]), den += double(ref[i]) * ref[i];
+  return a.size() == ref.size() && den > 0 ? num / den : 1.0;
+}
+
+// Writes `text` to the file `p` (replacing it).
+inline void write_text(const fs::path& p, const std::string& text) {
+  std::ofstream(p, std::ios::binary) << text;
+}
+
 // A fresh temporary folder removed when the object goes away.
 struct TempDir {
   fs::path path;

@@ -14,7 +14,8 @@ WeightQuant parse_weight_quant(std::string_view s) {
   if (s == "int8-wo") return WeightQuant::Int8;
   if (s == "int4-wo") return WeightQuant::Int4;
   if (s == "fp8") return WeightQuant::Fp8;
-  throw Error(cat("unknown quantization '", s, "' (expected none, int8-wo, int4-wo, int4-awq or fp8)"));
+  throw Error(
+      cat("unknown quantization '", s, "' (expected none, int8-wo, int4-wo, int4-awq or fp8)"));
 }
 
 std::string_view weight_quant_name(WeightQuant q) {

@@ -4,7 +4,8 @@
 
 namespace kiln {
 
-const char* const kDefaultCalibText = R"CALIB(The river had been rising for three days when the ferryman finally agreed to take us across. He stood at the end of the dock with his hands in his pockets, looking at the brown water as if it owed him money. "It will hold," he said at last, "but you will pay double, and you will sit where I tell you to sit." Nobody argued. The children climbed in first, then the old woman with the basket of eggs, then the rest of us, and the little boat settled so low that water slapped over the side with every wave.
+const char* const kDefaultCalibText =
+    R"CALIB(The river had been rising for three days when the ferryman finally agreed to take us across. He stood at the end of the dock with his hands in his pockets, looking at the brown water as if it owed him money. "It will hold," he said at last, "but you will pay double, and you will sit where I tell you to sit." Nobody argued. The children climbed in first, then the old woman with the basket of eggs, then the rest of us, and the little boat settled so low that water slapped over the side with every wave.
 
 Halfway across, the engine coughed and died. For a long moment the only sound was the river itself, a deep steady hiss, and the creak of the hull as the current turned us slowly downstream. The ferryman did not hurry. He opened a wooden box, took out a length of wire and a screwdriver with a cracked handle, and began to whistle.
 
