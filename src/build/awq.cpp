@@ -35,6 +35,11 @@ AwqChoice awq_search(const float* w, int64_t out, int64_t in, int64_t group, con
                  int64_t(st.sample.size()) == st.sample_rows * in && group > 0 && in % group == 0,
              "AWQ search: no calibration statistics for a weight of ", in, " inputs");
   const int64_t m = st.sample_rows;
+  // The output error is summed over at most kRows rows of W, evenly spaced: alpha is one number
+  // per linear, and 512 rows rank 20 candidates as all 28,672 of a gate_up would, at a 56th of
+  // the cost (the search would otherwise take ~30 min on 2 cores for 8B).
+  constexpr int64_t kRows = 512;
+  const int64_t rows = std::min(out, kRows);
   std::vector<float> mean(static_cast<size_t>(in));
   for (int64_t c = 0; c < in; ++c)
     mean[size_t(c)] = std::max(float(st.abs_sum[size_t(c)] / double(st.rows)), 1e-4f);
@@ -53,7 +58,8 @@ AwqChoice awq_search(const float* w, int64_t out, int64_t in, int64_t group, con
     for (float& v : s) v /= norm;
     double err = 0;
 #pragma omp parallel for schedule(static) reduction(+ : err)
-    for (int64_t o = 0; o < out; ++o) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t o = i * out / rows;  // evenly spaced rows (all of them when out <= kRows)
       // The row as the engine will hold it, over s, minus the float row: the error weights.
       std::vector<float> ws(static_cast<size_t>(in)), d(ws.size()), sc(size_t(in / group));
       std::vector<uint8_t> q(size_t(in / 2)), z(sc.size());

@@ -39,11 +39,12 @@ std::vector<std::string> awq_weights(const ModelConfig& c);
 struct AwqChoice {
   std::vector<float> scale;     // [in]
   float alpha = 0;              // mean|x|^alpha; 0: s = 1, plain round-to-nearest
-  double err = 0, err_rtn = 0;  // squared output error on the sample, chosen and at alpha 0
+  double err = 0, err_rtn = 0;  // squared output error measured, chosen and at alpha 0
 };
 // Searches alpha over 0, 1/grid, ..., (grid - 1)/grid for the weight w [out, in] (F32) quantized
 // to int4 in groups of `group` (core/quant.h's quantize_int4_row), minimizing the squared error
-// of the sample rows' outputs against the float weight's. Deterministic; OpenMP over rows.
+// of the sample rows' outputs against the float weight's, over up to 512 evenly spaced rows of
+// w. Deterministic; OpenMP over rows.
 AwqChoice awq_search(const float* w, int64_t out, int64_t in, int64_t group, const ActStats& st,
                      int grid = 20);
 
