@@ -5,11 +5,12 @@
 # `kiln bench` on each (tg128 batch 1 and 8, pp512), plus per-op GPU-time profiles of the
 # quantized decodes; stage kv: BF16 engines with a BF16 and an FP8 KV cache, decoding at a
 # context depth of $DEPTH tokens (tg128 @ d$DEPTH, batches $KV_BATCHES); stage fp8: offline
-# 128/128 of the 8B shape in BF16 and fp8, and (H200) the 70B shape's fp8 batch-1 decode.
+# 128/128 of the 8B shape in BF16 and fp8, and (H200) the 70B shape's fp8 batch-1 decode; stage
+# tg: tg128 at batch 1 and 8 of in-memory dummies in $TG_QUANTS.
 # Results in $OUT: log, tests.txt.
 #
 #   bench/quant_bench.sh                        # everything
-#   STAGES="build tests" bench/quant_bench.sh   # subset of: build tests ceilings bench kv fp8
+#   STAGES="build tests" bench/quant_bench.sh   # subset of: build tests ceilings bench kv tg fp8
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/quant_bench}
@@ -89,6 +90,15 @@ if has kv; then
     rm -rf "$E"
   done
 fi
+if has tg; then
+  # Decode only (tg128, batch 1 and 8) of in-memory dummies: quick kernel checks, no engine folder.
+  for q in ${TG_QUANTS:-none int4-wo}; do
+    stamp "tg128 8B $q (dummy weights in memory)"
+    timeout 200 "$BUILD/kiln" bench --dummy-weights "bench/configs/$M/config.json" --dtype bf16 \
+      --quant "$q" --max-seq-len 2048 --device cuda -p 0 -n 128 -b 1,8 -r "$REPS" 2>&1 | tail -n 3
+  done
+fi
+
 if has fp8; then
   # The FP8 goals: offline 128/128 on the 8B shape (1024 requests at once) beside BF16 in this
   # call, then (on an H200: 70 GB of fp8 weights) the 70B shape's batch-1 decode. Dummy weights

@@ -1,11 +1,12 @@
-// Int4 weight-only GEMV and dequantization (cuda_gemv_w4.h), shaped like the int8 ones
-// (cuda_gemv_w8.cu): 256 threads own 4 output rows and sweep `in` with 16-byte weight loads
-// (32 codes each), streamed past L1.
+// Int4 weight-only GEMV and dequantization (cuda_gemv_w4.h). The CUDA-core GEMV is shaped like
+// the int8 one (cuda_gemv_w8.cu): 256 threads own 4 output rows and sweep `in` with 16-byte weight
+// loads (32 codes each), streamed past L1. The tensor-core GEMV (groups of 128k codes) follows it.
 #include <algorithm>
 #include <climits>
 
 #include "backends/cuda/cuda_common.h"
 #include "backends/cuda/cuda_gemv_w4.h"
+#include "backends/cuda/cuda_mma.h"
 
 namespace kiln::cuda {
 
@@ -131,6 +132,155 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Tensor-core variant for groups that are whole multiples of 128 codes (Llama-class shapes: the
+// int4 default group and AWQ / GPTQ's usual one). The CUDA-core kernel above spends ~3.5
+// instructions a weight (a byte permute, a subtraction and an FMA each, plus x); here a weight
+// costs ~1.4: nibbles become 16-bit (magic + code) values with a mask-or (lop3) per two codes,
+// one exact subtraction of (magic + zero) per two, and mma.m16n8k16 does the products, x's rows
+// being the B operand's columns (n <= 8).
+//
+// A warp owns 16 rows and steps through `in` 128 codes at a time: lane (g = lane / 4, q =
+// lane % 4) loads 16 bytes of row g and of row g + 8, codes q * 32 .. q * 32 + 31 of the step.
+// The mma's k order is free as long as A and B agree, so logical k of (q, i) maps to the code
+// pairs the mask trick yields: of each 32-bit word (8 codes c0..c7), (c0, c4), (c1, c5), (c2,
+// c6), (c3, c7); B takes x in the same pairs (byte permutes of x's words). A step lies in one
+// group, so its products are summed in a fresh tile and scaled once by each row's group scale.
+// The block's 8 warps split the steps; the next step's loads are issued before this step's math.
+constexpr int kTcWarps = 8;
+constexpr int kTcRows = 16;
+
+template <typename T>
+struct Magic;
+template <>
+struct Magic<__nv_bfloat16> {  // bf16 128.0: 0x4300 | c is 128 + c exactly (7 mantissa bits)
+  static constexpr uint32_t bits = 0x43004300u;
+  static constexpr float value = 128.0f;
+};
+template <>
+struct Magic<__half> {  // fp16 1024.0: 0x6400 | c is 1024 + c exactly
+  static constexpr uint32_t bits = 0x64006400u;
+  static constexpr float value = 1024.0f;
+};
+
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t mask, uint32_t magic) {
+  uint32_t r;  // (a & mask) | magic
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(a), "r"(mask), "r"(magic));
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {  // a - b, two lanes of T
+  uint32_t r;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 x, y;
+    memcpy(&x, &a, 4), memcpy(&y, &b, 4);
+    const __nv_bfloat162 z = __hsub2(x, y);
+    memcpy(&r, &z, 4);
+  } else {
+    __half2 x, y;
+    memcpy(&x, &a, 4), memcpy(&y, &b, 4);
+    const __half2 z = __hsub2(x, y);
+    memcpy(&r, &z, 4);
+  }
+  return r;
+}
+
+// The 8 codes of word w minus the zero (zm: (magic + zero) in both halves) as four registers of
+// two T: (c0, c4), (c1, c5), (c2, c6), (c3, c7).
+template <typename T>
+__device__ __forceinline__ void codes8(uint32_t w, uint32_t zm, uint32_t (&r)[4]) {
+  constexpr uint32_t m = Magic<T>::bits;
+  r[0] = sub2<T>(lop3_and_or(w, 0x000F000Fu, m), zm);
+  r[1] = sub2<T>(lop3_and_or(w >> 4, 0x000F000Fu, m), zm);
+  r[2] = sub2<T>(lop3_and_or(w >> 8, 0x000F000Fu, m), zm);
+  r[3] = sub2<T>(lop3_and_or(w >> 12, 0x000F000Fu, m), zm);
+}
+
+// x's 8 values of one word group (words X0..X3: columns (0,1) (2,3) (4,5) (6,7)) in the pairs
+// of codes8: (0,4) (1,5) (2,6) (3,7).
+__device__ __forceinline__ void pairs8(const uint32_t* xw, uint32_t (&r)[4]) {
+  r[0] = __byte_perm(xw[0], xw[2], 0x5410);
+  r[1] = __byte_perm(xw[0], xw[2], 0x7632);
+  r[2] = __byte_perm(xw[1], xw[3], 0x5410);
+  r[3] = __byte_perm(xw[1], xw[3], 0x7632);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kTcWarps * 32)
+    gemv_w4_tc_kernel(const T* __restrict__ x, int64_t ldx, int n, const uint8_t* __restrict__ w,
+                      const float* __restrict__ scales, const uint8_t* __restrict__ zeros, int in,
+                      int out, int group, const float* __restrict__ bias, T* __restrict__ y,
+                      int64_t ldy) {
+  pdl_trigger();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  const int row0 = int(blockIdx.x) * kTcRows;
+  const int ra = min(row0 + g, out - 1), rb = min(row0 + g + 8, out - 1);
+  const int steps = in / 128, groups = in / group, steps_per_group = group / 128;
+  const uint4* wa = reinterpret_cast<const uint4*>(w + int64_t(ra) * (in / 2)) + q;
+  const uint4* wb = reinterpret_cast<const uint4*>(w + int64_t(rb) * (in / 2)) + q;
+  const bool has_x = g < n;  // lane g supplies x row g as the B operand's column g
+  const uint4* xr = reinterpret_cast<const uint4*>(x + int64_t(has_x ? g : 0) * ldx) + 4 * q;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  int s = warp;
+  uint4 na, nb;  // the next step's codes (a step is 128 codes: 4 uint4 of a row, one a lane)
+  if (s < steps) na = ld_stream(wa + 4 * s), nb = ld_stream(wb + 4 * s);
+  pdl_wait();  // weights do not depend on the previous kernel; x does
+  for (; s < steps; s += kTcWarps) {
+    const uint4 ca = na, cb = nb;
+    const int next = s + kTcWarps;
+    if (next < steps) na = ld_stream(wa + 4 * next), nb = ld_stream(wb + 4 * next);
+    uint4 xv[4];
+#pragma unroll
+    for (int v = 0; v < 4; ++v)
+      xv[v] = has_x ? __ldg(xr + int64_t(s) * 16 + v) : make_uint4(0, 0, 0, 0);
+    const int gi = s / steps_per_group;
+    const float sa = __ldg(scales + int64_t(ra) * groups + gi);
+    const float sb = __ldg(scales + int64_t(rb) * groups + gi);
+    const float fa = Magic<T>::value + float(__ldg(zeros + int64_t(ra) * groups + gi));
+    const float fb = Magic<T>::value + float(__ldg(zeros + int64_t(rb) * groups + gi));
+    const uint32_t za = pack2<T>(fa, fa), zb = pack2<T>(fb, fb);  // magic + zero, exact
+    const uint32_t aw[4] = {ca.x, ca.y, ca.z, ca.w}, bw[4] = {cb.x, cb.y, cb.z, cb.w};
+    const uint32_t* xw = reinterpret_cast<const uint32_t*>(xv);
+    float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {  // word k: codes q * 32 + 8k .. + 8 of both rows
+      uint32_t A[4], B[4], X[4];
+      codes8<T>(aw[k], za, A);
+      codes8<T>(bw[k], zb, B);
+      pairs8(xw + 4 * k, X);
+      const uint32_t f0[4] = {A[0], B[0], A[1], B[1]}, f1[4] = {A[2], B[2], A[3], B[3]};
+      mma16816<T>(t, f0, X[0], X[1]);
+      mma16816<T>(t, f1, X[2], X[3]);
+    }
+    acc[0] = fmaf(t[0], sa, acc[0]);
+    acc[1] = fmaf(t[1], sa, acc[1]);
+    acc[2] = fmaf(t[2], sb, acc[2]);
+    acc[3] = fmaf(t[3], sb, acc[3]);
+  }
+  // acc: rows g (0, 1) and g + 8 (2, 3), x rows 2q and 2q + 1. Sum the warps' partial tiles.
+  __shared__ float red[kTcWarps][32][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) red[warp][lane][i] = acc[i];
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float v = 0.0f;
+      for (int k = 0; k < kTcWarps; ++k) v += red[k][lane][i];
+      const int row = row0 + g + (i >= 2 ? 8 : 0), t = 2 * q + (i & 1);
+      if (row < out && t < n) y[t * ldy + row] = from_f<T>(v + (bias ? bias[row] : 0.0f));
+    }
+  }
+}
+
+template <typename T>
+void launch_gemv_tc(const GemvW4Params& p, cudaStream_t s) {
+  const unsigned blocks = unsigned((p.out + kTcRows - 1) / kTcRows);
+  launch_kernel(gemv_w4_tc_kernel<T>, blocks, kTcWarps * 32, 0, s, static_cast<const T*>(p.x),
+                p.ldx, int(p.n), p.w, p.scales, p.zeros, int(p.in), int(p.out), int(p.group),
+                p.bias, static_cast<T*>(p.y), p.ldy);
+}
+
 template <typename T, int N>
 void launch_gemv(const GemvW4Params& p, cudaStream_t s) {
   const int64_t chunks = p.in / 32;
@@ -200,6 +350,7 @@ bool aligned16(const void* q) {
 __global__ void gather_cols_kernel(const uint16_t* __restrict__ x, int64_t ldx,
                                    const int32_t* __restrict__ perm, int in,
                                    uint16_t* __restrict__ y) {
+  pdl_begin();  // x is the previous kernel's output
   const int j = int(blockIdx.x) * blockDim.x + int(threadIdx.x);
   const int64_t t = blockIdx.y;
   if (j < in) y[t * in + j] = x[t * ldx + perm[j]];
@@ -228,6 +379,10 @@ bool gemv_w4_is_supported(const GemvW4Params& p) {
 void gemv_w4_launch(const GemvW4Params& p, cudaStream_t s) {
   KILN_CHECK(gemv_w4_is_supported(p), "gemv_w4: unsupported shape or alignment (n ", p.n, ", in ",
              p.in, ", group ", p.group, ")");
+  if (p.group % 128 == 0) {  // whole 128-code steps per group: the tensor-core kernel
+    if (p.act == DType::BF16) return launch_gemv_tc<__nv_bfloat16>(p, s);
+    return launch_gemv_tc<__half>(p, s);
+  }
   if (p.act == DType::BF16)
     dispatch_n<__nv_bfloat16>(p, s);
   else

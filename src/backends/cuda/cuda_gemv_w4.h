@@ -11,9 +11,11 @@
 namespace kiln::cuda {
 
 // GEMV for decode: y[n, out] = x[n, in] . W^T (+ bias) with W[r, c] = (q[r, c] - zero[r, g]) *
-// scale[r, g], g = c / group; n <= 8. A thread takes 32 codes (16 bytes) of a row at a time, all in
-// one group (group is a multiple of 32), so the group's factors apply once per chunk:
-// s * (sum q x - zero * sum x).
+// scale[r, g], g = c / group; n <= 8. Groups of a multiple of 128 run on tensor cores (codes
+// turned into 16-bit (q - zero) by mask tricks, mma.m16n8k16 with x as the B operand, each
+// 128-code step scaled once); smaller groups on CUDA cores (a thread takes 32 codes of a row at a
+// time, all in one group, so the group's factors apply once per chunk: s * (sum q x - zero *
+// sum x)).
 struct GemvW4Params {
   DType act = DType::BF16;  // of x and y (F16 or BF16)
   const void* x = nullptr;
