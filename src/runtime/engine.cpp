@@ -91,8 +91,6 @@ std::unique_ptr<Engine::Impl> prepare(const Checkpoint& ck, const BuildConfig& b
                " would requantize it (leave --quant out)");
     KILN_CHECK(!impl->awq, ck.dir.string(), ": the checkpoint is already quantized (",
                weight_quant_name(ck.quant), "); --quant int4-awq would requantize it");
-    KILN_CHECK(impl->dtype != DType::F32, ck.dir.string(),
-               ": a quantized checkpoint runs with 16-bit activations; give --dtype bf16 or f16");
     impl->quant = ck.quant;
     // Dummy weights from a quantized config are quantized by kiln, in its default groups.
     impl->quant_group = ck.weights ? ck.quant_group : 0;
@@ -380,7 +378,14 @@ void Engine::start(const RuntimeConfig& rc) {
   KILN_CHECK(rc.kv_cache_fraction > 0 && rc.kv_cache_fraction <= 1,
              "--kv-cache-fraction must be in (0, 1] (got ", rc.kv_cache_fraction, ")");
   KILN_CHECK(rc.kv_cache_tokens >= 0, "--kv-cache-tokens must be >= 0");
-  if (rc.device == "cuda" || (rc.device == "auto" && cuda_available())) {
+  // Quantized weights with F32 activations are the CPU reference's mode (it dequantizes into
+  // F32 anyway); the CUDA kernels take 16-bit activations, so auto picks the CPU for them.
+  const bool cpu_only = m.quant != WeightQuant::None && m.dtype == DType::F32;
+  KILN_CHECK(!cpu_only || rc.device != "cuda", "--device cuda: this engine holds ",
+             weight_quant_name(m.quant),
+             " weights with f32 activations, which only the CPU computes; build it with --dtype "
+             "bf16 or f16 to run it on a GPU");
+  if (rc.device == "cuda" || (rc.device == "auto" && !cpu_only && cuda_available())) {
     m.backend = make_cuda_backend(m.dtype);
     if (!m.backend) {
       if (rc.device == "cuda")

@@ -98,9 +98,6 @@ struct Engine::Impl {
     KILN_CHECK(bc.calib.empty() || awq, "--calib is for --quant int4-awq (the quantization is ",
                bc.quant, ")");
     calib = bc.calib;
-    KILN_CHECK(quant == WeightQuant::None || dtype != DType::F32, "--quant ", bc.quant,
-               " keeps activations in a 16-bit type; give --dtype bf16 or f16 (the engine "
-               "dtype is f32)");
     KILN_CHECK(bc.kv_cache_dtype == "auto" || bc.kv_cache_dtype == "fp8", "--kv-cache-dtype '",
                bc.kv_cache_dtype, "' is not one of auto, fp8");
     kv_fp8 = bc.kv_cache_dtype == "fp8";
