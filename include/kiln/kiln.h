@@ -113,6 +113,10 @@ struct ModelInfo {
   // tokens of the built-in text: 20 of 24 linears scaled, sample output error 0.71x plain int4";
   // empty otherwise.
   std::string calibration;
+  // Builds from a GGUF file: its architecture and what became of each tensor type, e.g. "GGUF
+  // llama: Q4_1 x210, Q8_0 x1 dequantized (no kiln kernel for them); F32 x61 as stored"; empty
+  // otherwise.
+  std::string conversion;
   int64_t num_params = 0;
   int64_t weight_bytes = 0;
   int64_t vocab_size = 0, hidden_size = 0, num_layers = 0;
@@ -125,7 +129,8 @@ class Session;
 
 class Engine {
  public:
-  // From a Hugging Face folder (config.json, *.safetensors, tokenizer files).
+  // From a Hugging Face folder (config.json, *.safetensors, tokenizer files) or a GGUF file
+  // (llama.cpp's format: its metadata, tensors and tokenizer mapped onto the same build).
   static Engine build(const std::filesystem::path& hf_dir, const BuildConfig& bc = {});
   // Seeded random weights of the shape a config.json describes (speed work).
   static Engine build_dummy(const std::filesystem::path& config_json, const BuildConfig& bc,

@@ -27,9 +27,13 @@ json read_json(const fs::path& p) {
 }
 
 Checkpoint from_config(const fs::path& cfg_path) {
+  return checkpoint_from_config(read_json(cfg_path), cfg_path.string());
+}
+
+}  // namespace
+
+Checkpoint checkpoint_from_config(const json& c, const std::string& f) {
   Checkpoint ck;
-  const std::string f = cfg_path.string();
-  json c = read_json(cfg_path);
   if (!c.is_object()) throw Error(cat(f, ": not a JSON object"));
   if (!c.contains("architectures") || !c["architectures"].is_array() ||
       c["architectures"].empty() || !c["architectures"][0].is_string())
@@ -43,6 +47,8 @@ Checkpoint from_config(const fs::path& cfg_path) {
   ck.config_hash = fnv1a(raw.data(), raw.size());
   return ck;
 }
+
+namespace {
 
 // Matches `name` against a pattern with {layer}/{expert} placeholders.
 bool match(const std::string& pat, const std::string& name, int64_t* layer, int64_t* expert) {

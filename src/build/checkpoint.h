@@ -58,6 +58,8 @@ struct Checkpoint {
 // Reads config.json (+ generation_config.json) from `dir`; `with_weights` also opens the
 // safetensors. Throws kiln::Error naming the file and field.
 Checkpoint open_checkpoint(const std::filesystem::path& dir, bool with_weights = true);
+// The weightless checkpoint a parsed config.json describes; `where` names it in errors.
+Checkpoint checkpoint_from_config(const nlohmann::json& config, const std::string& where);
 // A weightless checkpoint from a config.json file (for dummy-weight builds).
 Checkpoint open_config(const std::filesystem::path& config_json);
 

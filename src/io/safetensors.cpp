@@ -266,6 +266,15 @@ WeightSet WeightSet::open_dir(const fs::path& dir) {
   return w;
 }
 
+WeightSet WeightSet::from_virtual(std::map<std::string, VirtualTensor> tensors, uint64_t identity) {
+  WeightSet w;
+  for (const auto& [name, v] : tensors) w.where_[name] = 0;
+  w.virtual_ = std::make_shared<const std::map<std::string, VirtualTensor>>(std::move(tensors));
+  w.made_ = std::make_shared<Made>();
+  w.virtual_identity_ = identity;
+  return w;
+}
+
 std::vector<std::string> WeightSet::names() const {
   std::vector<std::string> r;
   for (const auto& [n, i] : where_) r.push_back(n);
@@ -273,21 +282,44 @@ std::vector<std::string> WeightSet::names() const {
 }
 
 const TensorInfo& WeightSet::info(const std::string& name) const {
+  if (virtual_) return virtual_->at(name).info;
   return files_[where_.at(name)]->tensors().at(name);
 }
 
 Tensor WeightSet::get(const std::string& name) const {
   auto it = where_.find(name);
   if (it == where_.end()) throw Error(cat("no weight '", name, "' in the checkpoint"));
-  return files_[it->second]->get(name);
+  if (!virtual_) return files_[it->second]->get(name);
+  // Fused weights read their parts in turn, a few rows at a time: keep the last 4 made.
+  constexpr size_t kKeep = 4;
+  std::lock_guard<std::mutex> lock(made_->mu);
+  auto& recent = made_->recent;
+  for (size_t i = 0; i < recent.size(); ++i)
+    if (recent[i].first == name) {
+      std::rotate(recent.begin(), recent.begin() + long(i), recent.begin() + long(i) + 1);
+      return recent.front().second;
+    }
+  Tensor t = virtual_->at(name).make();
+  recent.insert(recent.begin(), {name, t});
+  if (recent.size() > kKeep) recent.pop_back();
+  return t;
 }
 
 void WeightSet::drop_pages(const std::string& name, uint64_t begin, uint64_t end) const {
   auto it = where_.find(name);
-  if (it != where_.end()) files_[it->second]->drop_pages(name, begin, end);
+  if (it == where_.end()) return;
+  if (!virtual_) return files_[it->second]->drop_pages(name, begin, end);
+  if (end > begin) return;  // a range: the made tensor is still being read
+  {
+    std::lock_guard<std::mutex> lock(made_->mu);
+    auto& recent = made_->recent;
+    std::erase_if(recent, [&](const auto& e) { return e.first == name; });
+  }
+  if (const auto& r = virtual_->at(name).release) r();
 }
 
 uint64_t WeightSet::identity_hash() const {
+  if (virtual_) return virtual_identity_;
   uint64_t h = fnv1a("kiln", 4);
   for (const auto& f : files_) {
     uint64_t x = f->header_hash();

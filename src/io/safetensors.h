@@ -2,8 +2,10 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -72,9 +74,20 @@ void write_safetensors(const std::filesystem::path& path,
 
 // All weights of a checkpoint folder: model.safetensors, or the shards listed by
 // model.safetensors.index.json (every listed name must be in its shard).
+// A tensor another format holds (a GGUF tensor, dequantized or rearranged on the way): what it
+// will be, and how to make it.
+struct VirtualTensor {
+  TensorInfo info;  // dtype and shape of what make() returns (begin/end unused)
+  std::function<Tensor()> make;
+  std::function<void()> release;  // lets go of the source's pages (may be empty)
+};
+
 class WeightSet {
  public:
   static WeightSet open_dir(const std::filesystem::path& dir);
+  // Tensors made on demand. A build reads a tensor a few rows at a time, calling get() for each
+  // range: the last few tensors made are kept until drop_pages(name) (whole tensor) lets them go.
+  static WeightSet from_virtual(std::map<std::string, VirtualTensor> tensors, uint64_t identity);
   std::vector<std::string> names() const;
   bool contains(const std::string& name) const { return where_.count(name) != 0; }
   const TensorInfo& info(const std::string& name) const;
@@ -87,6 +100,15 @@ class WeightSet {
  private:
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, size_t> where_;
+  // from_virtual: the tensors, and the last ones made (most recent first; shared so that copies
+  // of the set share it).
+  struct Made {
+    std::mutex mu;
+    std::vector<std::pair<std::string, Tensor>> recent;
+  };
+  std::shared_ptr<const std::map<std::string, VirtualTensor>> virtual_;
+  std::shared_ptr<Made> made_;
+  uint64_t virtual_identity_ = 0;
 };
 
 uint64_t fnv1a(const void* data, size_t n, uint64_t h = 1469598103934665603ull);

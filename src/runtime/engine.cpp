@@ -10,10 +10,12 @@
 
 #include "build/checkpoint.h"
 #include "build/engine_file.h"
+#include "build/gguf_checkpoint.h"
 #include "build/quantize.h"
 #include "core/error.h"
 #include "graph/decoder.h"
 #include "graph/layout.h"
+#include "io/gguf.h"
 #include "io/json.h"
 #include "kiln/kiln.h"
 #include "runtime/calibrate.h"
@@ -111,6 +113,41 @@ json source_of(const Checkpoint& ck, const fs::path& hf_dir) {
           {"weights_hash", hex(ck.weights->identity_hash())}};
 }
 
+// A checkpoint to build from: a Hugging Face folder, or a GGUF file whose tokenizer files are
+// written into a temporary folder that lives as long as `owner`.
+struct Source {
+  Checkpoint ck;
+  fs::path tokenizer_dir;
+  std::shared_ptr<void> owner;
+  std::string conversion;
+};
+
+Source open_source(const fs::path& path) {
+  Source s;
+  if (!fs::is_regular_file(path)) {
+    s.ck = open_checkpoint(path);
+    s.tokenizer_dir = path;
+    return s;
+  }
+  KILN_CHECK(is_gguf_file(path), path.string(),
+             ": not a GGUF file (no GGUF magic), a kiln engine or a Hugging Face folder");
+  std::string tmpl = (fs::temp_directory_path() / "kiln-gguf-XXXXXX").string();
+  KILN_CHECK(mkdtemp(tmpl.data()), "cannot make a temporary folder in ",
+             fs::temp_directory_path().string());
+  const fs::path dir = tmpl;
+  s.owner = std::shared_ptr<void>(new fs::path(dir), [](void* p) {
+    auto* d = static_cast<fs::path*>(p);
+    std::error_code ec;
+    fs::remove_all(*d, ec);
+    delete d;
+  });
+  GgufSummary sum;
+  s.ck = open_gguf_checkpoint(path, dir, &sum);
+  s.tokenizer_dir = dir;
+  s.conversion = cat("GGUF ", sum.architecture, ": ", sum.types);
+  return s;
+}
+
 json dummy_source_of(const Checkpoint& ck, const fs::path& config_json, uint64_t seed) {
   return {{"path", fs::absolute(config_json).string()},
           {"config_hash", hex(ck.config_hash)},
@@ -152,6 +189,7 @@ ModelInfo write_plan(const Engine::Impl& m, const WeightPlan& plan, const fs::pa
   i.quant = std::string(weight_quant_name(m.quant));
   i.kv_cache_dtype = m.kv_fp8 ? "fp8" : "auto";
   i.calibration = calibration_line(m.awq_info);
+  i.conversion = m.conversion;
   for (const auto& pt : plan) {
     if (pt.name.ends_with(".scale") || pt.name.ends_with(".zero") ||
         pt.name.ends_with(".perm")) {  // bytes, not parameters
@@ -195,9 +233,11 @@ WeightPlan checkpoint_plan(const Checkpoint& ck, Engine::Impl& m) {
 }  // namespace
 
 Engine Engine::build(const fs::path& hf_dir, const BuildConfig& bc) {
-  Checkpoint ck = open_checkpoint(hf_dir);
-  auto impl = prepare(ck, bc, hf_dir, source_of(ck, hf_dir));
-  impl->weights = attach_scales(materialize(checkpoint_plan(ck, *impl)), impl->quant);
+  Source s = open_source(hf_dir);
+  auto impl = prepare(s.ck, bc, s.tokenizer_dir, source_of(s.ck, hf_dir));
+  impl->tokenizer_owner = s.owner;
+  impl->conversion = s.conversion;
+  impl->weights = attach_scales(materialize(checkpoint_plan(s.ck, *impl)), impl->quant);
   return Engine(std::move(impl));
 }
 
@@ -211,11 +251,12 @@ Engine Engine::build_dummy(const fs::path& config_json, const BuildConfig& bc, u
 
 ModelInfo Engine::build_to(const fs::path& hf_dir, const fs::path& out, const BuildConfig& bc,
                            const ProgressFn& progress) {
-  Checkpoint ck = open_checkpoint(hf_dir);
-  auto impl = prepare(ck, bc, hf_dir, source_of(ck, hf_dir));
+  Source s = open_source(hf_dir);
+  auto impl = prepare(s.ck, bc, s.tokenizer_dir, source_of(s.ck, hf_dir));
+  impl->conversion = s.conversion;
   // Every weight problem, before writing.
-  const WeightPlan plan = checkpoint_plan(ck, *impl);
-  check_tokenizer(hf_dir);
+  const WeightPlan plan = checkpoint_plan(s.ck, *impl);
+  check_tokenizer(s.tokenizer_dir);
   return write_plan(*impl, plan, out, progress);
 }
 
@@ -249,6 +290,7 @@ Engine Engine::open(const fs::path& dir, const BuildConfig& bc) {
     return load(dir);
   }
   if (!fs::exists(dir)) throw Error(cat(dir.string(), ": no such file or directory"));
+  if (fs::is_regular_file(dir)) return build(dir, bc);  // a GGUF file (or an error naming it)
   if (fs::is_directory(dir) && !fs::exists(dir / "config.json"))
     throw Error(cat(dir.string(), ": neither a kiln engine (", kManifest,
                     ") nor a Hugging Face folder (config.json)"));
@@ -353,6 +395,7 @@ ModelInfo Engine::info() const {
   i.quant = std::string(weight_quant_name(m.quant));
   i.kv_cache_dtype = m.kv_fp8 ? "fp8" : "auto";
   i.calibration = calibration_line(m.awq_info);
+  i.conversion = m.conversion;
   for (const auto& [n, t] : m.weights) {
     i.num_params += t.quant == WeightQuant::Int4 ? 2 * t.numel() : t.numel();  // 2 codes a byte
     i.weight_bytes += int64_t(t.weight_bytes());

@@ -36,6 +36,10 @@ struct Engine::Impl {
   nlohmann::json source;
   nlohmann::json generation_defaults = nlohmann::json::object();
   std::filesystem::path tokenizer_dir;
+  // A GGUF build: the temporary folder holding its tokenizer files (removed with the last
+  // owner), and what the build did with its tensor types (ModelInfo::conversion).
+  std::shared_ptr<void> tokenizer_owner;
+  std::string conversion;
   // Host weights in engine layout; a quantized weight carries its scales (no ".scale" entries).
   std::vector<std::pair<std::string, Tensor>> weights;
 

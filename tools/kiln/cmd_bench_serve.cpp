@@ -337,7 +337,8 @@ void report_steps(const std::vector<StepInfo>& steps, double duration, const std
 
 void run_offline(OfflineArgs& a) {
   const double rate = bench::validate_workload_args(a.w);
-  KILN_CHECK(!a.model.empty(), "bench offline needs a model (engine or Hugging Face folder)");
+  KILN_CHECK(!a.model.empty(),
+             "bench offline needs a model (engine, Hugging Face folder or GGUF file)");
   Engine e = open_bench_engine(a.model, a.bc, a.dummy);
   const ModelInfo info = e.info();
   std::vector<BenchRequest> reqs = bench::make_workload(a.w, info.vocab_size);
@@ -506,7 +507,8 @@ void register_bench_subcommands(CLI::App* bench) {
     auto* c = bench->add_subcommand(
         "offline", "The serving workload in-process through the scheduler (vLLM metrics)");
     static OfflineArgs a;
-    c->add_option("model", a.model, "kiln engine folder or Hugging Face model folder")->required();
+    c->add_option("model", a.model, "kiln engine folder, Hugging Face model folder or GGUF file")
+        ->required();
     c->add_option("--dtype", a.bc.dtype,
                   "weight dtype when building from an HF folder: auto, f32, f16, bf16");
     c->add_option("--max-seq-len", a.bc.max_seq_len,

@@ -19,27 +19,20 @@
 
 namespace kiln::cli {
 
-namespace {
-
-struct ModelArgs {
-  std::string model;
-  BuildConfig bc;
-  RuntimeConfig rc;
-};
-
 void add_model_args(CLI::App* c, ModelArgs& a) {
-  c->add_option("model", a.model, "kiln engine folder or Hugging Face model folder")->required();
+  c->add_option("model", a.model, "kiln engine folder, Hugging Face model folder or GGUF file")
+      ->required();
   c->add_option("--dtype", a.bc.dtype,
-                "weight dtype when building from an HF folder: auto, f32, f16, bf16");
-  c->add_option("--max-seq-len", a.bc.max_seq_len,
-                "when building from an HF folder (0: max_position_embeddings)");
-  c->add_option("--quant", a.bc.quant,
-                "when building from an HF folder: none, int8-wo, int4-wo, int4-awq, fp8");
+                "weight dtype when building from an HF folder or GGUF file: auto, f32, f16, bf16");
+  c->add_option("--max-seq-len", a.bc.max_seq_len, "when building (0: max_position_embeddings)");
+  c->add_option("--quant", a.bc.quant, "when building: none, int8-wo, int4-wo, int4-awq, fp8");
   c->add_option("--kv-cache-dtype", a.bc.kv_cache_dtype,
-                "when building from an HF folder: auto or fp8 (E4M3 KV cache)");
+                "when building: auto or fp8 (E4M3 KV cache)");
   c->add_option("--calib", a.bc.calib, "--quant int4-awq: text file to calibrate on");
   add_runtime_args(c, a.rc);
 }
+
+namespace {
 
 std::vector<int32_t> parse_ids(const std::string& s) {
   std::vector<int32_t> r;
@@ -185,13 +178,13 @@ void start_engine(Engine& e, const RuntimeConfig& rc) {
 void register_model_commands(CLI::App& app) {
   // build
   {
-    auto* c = app.add_subcommand("build",
-                                 "Build an engine from a Hugging Face folder (or dummy weights)");
+    auto* c = app.add_subcommand(
+        "build", "Build an engine from a Hugging Face folder or a GGUF file (or dummy weights)");
     static std::string src, out, config;
     static BuildConfig bc;
     static bool dummy = false;
     static uint64_t seed = 0;
-    c->add_option("hf_dir", src, "Hugging Face model folder");
+    c->add_option("model", src, "Hugging Face model folder or GGUF file");
     c->add_option("-o,--output", out, "engine folder to write")->required();
     c->add_option("--dtype", bc.dtype, "auto, f32, f16 or bf16");
     c->add_option("--max-batch", bc.max_batch, "concurrent sequences");
@@ -215,7 +208,7 @@ void register_model_commands(CLI::App& app) {
       auto t0 = std::chrono::steady_clock::now();
       KILN_CHECK(!dummy || !config.empty(), "--dummy-weights needs --config <config.json>");
       KILN_CHECK(dummy || !src.empty(),
-                 "build needs a Hugging Face folder (or --dummy-weights --config)");
+                 "build needs a Hugging Face folder or a GGUF file (or --dummy-weights --config)");
       KILN_CHECK(!dummy || src.empty(),
                  "--dummy-weights takes --config, not a Hugging Face folder");
       KILN_CHECK(dummy || config.empty(), "--config is for --dummy-weights");
@@ -232,6 +225,7 @@ void register_model_commands(CLI::App& app) {
                   kind.c_str(), p >= 1e9 ? p / 1e9 : p / 1e6, p >= 1e9 ? "B" : "M",
                   human_bytes(double(i.weight_bytes)).c_str(), out.c_str(), s);
       if (!i.calibration.empty()) std::printf("%s\n", i.calibration.c_str());
+      if (!i.conversion.empty()) std::printf("%s\n", i.conversion.c_str());
     });
   }
   // verify
@@ -337,7 +331,8 @@ void register_model_commands(CLI::App& app) {
     c->add_option("-o,--output", format, "md or json");
     c->callback([c] {
       if (!c->get_subcommands().empty()) return;  // serve / offline ran
-      KILN_CHECK(!a.model.empty(), "bench needs a model (engine or Hugging Face folder)");
+      KILN_CHECK(!a.model.empty(),
+                 "bench needs a model (engine, Hugging Face folder or GGUF file)");
       KILN_CHECK(format == "md" || format == "json", "-o: expected md or json (got '", format,
                  "')");
       KILN_CHECK(reps >= 1, "-r must be >= 1");

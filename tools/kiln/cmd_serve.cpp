@@ -38,7 +38,8 @@ void register_serve(CLI::App& app) {
   auto* c = app.add_subcommand("serve", "OpenAI-compatible HTTP server (continuous batching)");
   static ServerConfig cfg;
   static bool no_prefix_cache = false;
-  c->add_option("model", cfg.model, "kiln engine folder or Hugging Face model folder")->required();
+  c->add_option("model", cfg.model, "kiln engine folder, Hugging Face model folder or GGUF file")
+      ->required();
   c->add_option("--host", cfg.host, "address to listen on (default: loopback only)")
       ->default_val("127.0.0.1");
   c->add_option("--port", cfg.port, "TCP port (0: any free port)")

@@ -130,7 +130,8 @@ void register_chat(CLI::App& app) {
   static std::string model, system, dtype = "auto";
   static RuntimeConfig rc;
   static GenerationArgs ga;
-  c->add_option("model", model, "kiln engine folder or Hugging Face model folder")->required();
+  c->add_option("model", model, "kiln engine folder, Hugging Face model folder or GGUF file")
+      ->required();
   c->add_option("--system", system, "system message");
   c->add_option("--dtype", dtype, "when building from an HF folder");
   add_generation_args(c, ga);

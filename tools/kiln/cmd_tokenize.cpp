@@ -1,6 +1,8 @@
 // `kiln tokenize`: encode stdin text to ids or decode ids to text with a model's tokenizer.
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <iostream>
 #include <iterator>
 #include <memory>
@@ -9,7 +11,9 @@
 
 #include "commands.h"
 #include "core/error.h"
+#include "io/gguf.h"
 #include "io/json.h"
+#include "tokenizer/gguf_tokenizer.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kiln::cli {
@@ -48,8 +52,26 @@ std::vector<int32_t> parse_ids(const std::string& text, const std::string& where
   return ids_of(parse_json(text, cat(where, " (expected a JSON array of token ids)")), where);
 }
 
+// The tokenizer of a folder, or of a GGUF file's metadata (written out as Hugging Face files into
+// a temporary folder, as a build does).
+Tokenizer open_tokenizer(const std::string& path) {
+  if (!std::filesystem::is_regular_file(path)) return Tokenizer::from_dir(path);
+  KILN_CHECK(is_gguf_file(path), path, ": not a folder or a GGUF file");
+  std::string tmpl = (std::filesystem::temp_directory_path() / "kiln-tok-XXXXXX").string();
+  KILN_CHECK(mkdtemp(tmpl.data()), "cannot make a temporary folder");
+  struct Remove {
+    std::string dir;
+    ~Remove() {
+      std::error_code ec;
+      std::filesystem::remove_all(dir, ec);
+    }
+  } remove{tmpl};
+  write_gguf_tokenizer(GgufFile::open(path)->metadata(), tmpl, path);
+  return Tokenizer::from_dir(tmpl);
+}
+
 void run_tokenize(const TokenizeArgs& a) {
-  Tokenizer tk = Tokenizer::from_dir(a.dir);
+  Tokenizer tk = open_tokenizer(a.dir);
   // Encoding: --special adds the template's special tokens. Decoding: --special keeps special
   // tokens in the text (otherwise they are skipped).
   if (!a.jsonl) {
@@ -97,7 +119,8 @@ void register_tokenize(CLI::App& app) {
   auto args = std::make_shared<TokenizeArgs>();
   CLI::App* cmd = app.add_subcommand(
       "tokenize", "Encode stdin text to token ids (JSON array), or decode ids with --decode");
-  cmd->add_option("dir", args->dir, "model, engine or tokenizer folder")->required();
+  cmd->add_option("dir", args->dir, "model, engine or tokenizer folder, or a GGUF file")
+      ->required();
   cmd->add_flag("--special", args->special,
                 "encode: add the special tokens of the template (e.g. <bos>); "
                 "decode: keep special tokens in the text");

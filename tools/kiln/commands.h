@@ -16,8 +16,18 @@ void register_model_commands(CLI::App& app);  // build, run, logits, bench (cmd_
 void register_tokenize(CLI::App& app);        // tokenize (cmd_tokenize.cpp)
 void register_chat(CLI::App& app);            // chat (cmd_text.cpp)
 void register_serve(CLI::App& app);           // serve (cmd_serve.cpp)
+void register_eval(CLI::App& app);            // eval (cmd_eval.cpp)
 // bench serve / bench offline (cmd_bench_serve.cpp), under cmd_model.cpp's `bench`.
 void register_bench_subcommands(CLI::App* bench);
+
+// A model argument (engine folder, Hugging Face folder or GGUF file) with the build options
+// that apply when it is built in memory, and the runtime options.
+struct ModelArgs {
+  std::string model;
+  BuildConfig bc;
+  RuntimeConfig rc;
+};
+void add_model_args(CLI::App* c, ModelArgs& a);
 
 // Starts the engine on the device `rc` names; on a GPU, reports to stderr what is resident and
 // how large the KV cache is.

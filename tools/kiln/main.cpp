@@ -36,6 +36,7 @@ int main(int argc, char** argv) {
   kiln::cli::register_tokenize(app);
   kiln::cli::register_chat(app);
   kiln::cli::register_serve(app);
+  kiln::cli::register_eval(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
