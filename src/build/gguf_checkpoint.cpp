@@ -92,6 +92,72 @@ void unpermute_rows(float* w, int64_t rows, int64_t cols, int64_t heads) {
                     size_t(cols) * 4);
 }
 
+// The HF row r of a weight whose rows LlamaModel.permute interleaved over `heads` heads comes
+// from this GGUF row (identity when heads is 0).
+int64_t source_row(int64_t r, int64_t rows, int64_t heads) {
+  if (!heads) return r;
+  const int64_t d = rows / heads, half = d / 2, h = r / d, i = (r % d) / half, j = r % half;
+  return h * d + j * 2 + i;
+}
+
+// A Q4_0 weight [out, in] (blocks of 32: an F16 scale d, then 16 bytes whose low nibbles are
+// codes 0..15 and high nibbles codes 16..31; value (q - 8) * d) as compressed-tensors
+// pack-quantized int4: <base>.weight_packed I32 [out, in / 8] (8 codes a word, in order along the
+// inputs, code k at bits 4k; stored values q = signed value + 8), .weight_scale F32 [out, in /
+// 32] and .weight_shape.
+void add_q4_0_as_packed(const std::shared_ptr<GgufFile>& g, const GgufTensorInfo& t,
+                        const std::string& base, int64_t perm_heads,
+                        std::map<std::string, VirtualTensor>& vts) {
+  const int64_t out = t.ne[1], in = t.ne[0], blocks = in / 32;
+  constexpr size_t kBlock = 18;
+  VirtualTensor packed, scale, shape;
+  packed.info.dtype = DType::I32;
+  packed.info.shape = {out, in / 8};
+  packed.make = [g, t, out, in, blocks, perm_heads] {
+    Tensor r = Tensor::zeros(DType::I32, {out, in / 8});
+    auto* w = reinterpret_cast<uint32_t*>(r.ptr<int32_t>());
+    for (int64_t o = 0; o < out; ++o) {
+      const uint8_t* row = g->data(t) + size_t(source_row(o, out, perm_heads)) * blocks * kBlock;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* qs = row + b * kBlock + 2;
+        uint8_t code[32];
+        for (int j = 0; j < 16; ++j) code[j] = qs[j] & 15, code[j + 16] = qs[j] >> 4;
+        for (int k = 0; k < 4; ++k) {
+          uint32_t word = 0;
+          for (int c = 0; c < 8; ++c) word |= uint32_t(code[k * 8 + c]) << (4 * c);
+          w[o * (in / 8) + b * 4 + k] = word;
+        }
+      }
+    }
+    return r;
+  };
+  scale.info.dtype = DType::F32;
+  scale.info.shape = {out, blocks};
+  scale.make = [g, t, out, blocks, perm_heads] {
+    Tensor r = Tensor::zeros(DType::F32, {out, blocks});
+    for (int64_t o = 0; o < out; ++o) {
+      const uint8_t* row = g->data(t) + size_t(source_row(o, out, perm_heads)) * blocks * kBlock;
+      for (int64_t b = 0; b < blocks; ++b) {
+        uint16_t d;
+        std::memcpy(&d, row + b * kBlock, 2);
+        r.ptr<float>()[o * blocks + b] = f16_to_f32(d);
+      }
+    }
+    return r;
+  };
+  shape.info.dtype = DType::I64;
+  shape.info.shape = {2};
+  shape.make = [out, in] {
+    Tensor r = Tensor::zeros(DType::I64, {2});
+    r.ptr<int64_t>()[0] = out, r.ptr<int64_t>()[1] = in;
+    return r;
+  };
+  packed.release = [g, t] { g->drop_pages(t); };
+  vts[base + ".weight_packed"] = std::move(packed);
+  vts[base + ".weight_scale"] = std::move(scale);
+  vts[base + ".weight_shape"] = std::move(shape);
+}
+
 }  // namespace
 
 Checkpoint open_gguf_checkpoint(const fs::path& file, const fs::path& tokenizer_dir,
@@ -263,8 +329,31 @@ Checkpoint open_gguf_checkpoint(const fs::path& file, const fs::path& tokenizer_
     return r;
   }());
 
+  // Q4_0 codes are kiln's int4-wo in groups of 32 exactly ((q - 8) * d, d an F16 scale): when
+  // every dense linear is Q4_0 they are kept, presented as compressed-tensors pack-quantized
+  // int4 (symmetric, stored values q, scale d), which the build repacks as it does a published
+  // int4 checkpoint. Any other mix is dequantized whole (kiln runs one scheme per engine).
+  const auto is_linear = [](const std::string& hf) {
+    for (const char* s :
+         {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
+          "up_proj.weight", "down_proj.weight", "qkv_proj.weight", "gate_up_proj.weight"})
+      if (hf.ends_with(s)) return true;
+    return false;
+  };
+  int linears = 0, q4_0 = 0;
+  for (const auto& [gname, hf] : names)
+    if (const GgufTensorInfo* t = g->find(gname); t && is_linear(hf))
+      ++linears, q4_0 += t->type == GgmlType::Q4_0 && t->ne.size() == 2;
+  const bool keep_q4_0 = linears > 0 && q4_0 == linears;
+  if (keep_q4_0) {
+    ck.quant = WeightQuant::Int4;
+    ck.quant_group = 32;
+    ck.ct_format = "pack-quantized";
+    ck.ct_symmetric = true;
+  }
+
   std::map<std::string, VirtualTensor> vts;
-  std::map<std::string, int> dequantized, stored;
+  std::map<std::string, int> dequantized, stored, kept;
   for (const auto& [gname, hf] : names) {
     const GgufTensorInfo* t = g->find(gname);
     if (!t) continue;  // a missing weight is named by the build's own check
@@ -279,6 +368,11 @@ Checkpoint open_gguf_checkpoint(const fs::path& file, const fs::path& tokenizer_
     }
     if (fam->permuted_qk && (gname.ends_with("attn_q.bias") || gname.ends_with("attn_k.bias")))
       perm_heads = gname.ends_with("attn_q.bias") ? heads : kv_heads;
+    if (keep_q4_0 && is_linear(hf)) {
+      ++kept[ggml_type_name(uint32_t(t->type))];
+      add_q4_0_as_packed(g, *t, hf.substr(0, hf.size() - 7), perm_heads, vts);
+      continue;
+    }
     const bool plain =
         t->type == GgmlType::F32 || t->type == GgmlType::F16 || t->type == GgmlType::BF16;
     ++(plain ? stored : dequantized)[ggml_type_name(uint32_t(t->type))];
@@ -320,10 +414,12 @@ Checkpoint open_gguf_checkpoint(const fs::path& file, const fs::path& tokenizer_
       for (const auto& [t, k] : m) r += cat(r.empty() ? "" : ", ", t, " x", k);
       return r;
     };
-    summary->types = dequantized.empty()
-                         ? cat(list(stored), " as stored")
-                         : cat(list(dequantized), " dequantized (no kiln kernel for them)",
-                               stored.empty() ? "" : cat("; ", list(stored), " as stored"));
+    std::vector<std::string> parts;
+    if (!kept.empty()) parts.push_back(cat(list(kept), " kept as int4-wo (groups of 32)"));
+    if (!dequantized.empty())
+      parts.push_back(cat(list(dequantized), " dequantized (no kiln kernel for them)"));
+    if (!stored.empty()) parts.push_back(cat(list(stored), " as stored"));
+    for (const auto& p : parts) summary->types += cat(summary->types.empty() ? "" : "; ", p);
   }
   return ck;
 }

@@ -57,6 +57,7 @@ class Tokenizer {
 
  private:
   explicit Tokenizer(std::shared_ptr<const tok::TokenizerImpl> impl) : impl_(std::move(impl)) {}
+  static Tokenizer load_dir(const std::filesystem::path& dir);
   std::shared_ptr<const tok::TokenizerImpl> impl_;
 };
 
