@@ -8,6 +8,7 @@
 #include <cstring>
 #include <fstream>
 
+#include "graph/backend.h"
 #include "kiln/kiln.h"
 #include "test_util.h"
 
