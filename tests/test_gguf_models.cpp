@@ -80,7 +80,7 @@ std::vector<char> read_bytes(const fs::path& p) {
 }
 
 // Replaces the first occurrence of `from` in a file's bytes by `to` (same length).
-void patch(std::vector<char>& b, const std::string& from, const std::string& to) {
+void patch_bytes(std::vector<char>& b, const std::string& from, const std::string& to) {
   auto it = std::search(b.begin(), b.end(), from.begin(), from.end());
   ASSERT_NE(it, b.end()) << from;
   std::copy(to.begin(), to.end(), it);
@@ -178,15 +178,15 @@ TEST(GgufImport, RefusesWhatItDoesNotMap) {
     return err;
   };
   auto b = good;
-  patch(b, "llama.block_count", "llamb.block_count");  // a required key missing
+  patch_bytes(b, "llama.block_count", "llamb.block_count");  // a required key missing
   EXPECT_NE(attempt(b).find("missing metadata llama.block_count"), std::string::npos);
   b = good;
-  patch(b, "blk.1.ffn_up.weight", "blk.1.ffn_uq.weight");
+  patch_bytes(b, "blk.1.ffn_up.weight", "blk.1.ffn_uq.weight");
   std::string err = attempt(b);
   EXPECT_NE(err.find("tensors kiln does not map for llama: blk.1.ffn_uq.weight"), std::string::npos)
       << err;
   b = good;
-  patch(
+  patch_bytes(
       b,
       std::string("general.architecture\x08\x00\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00llama", 37),
       std::string("general.architecture\x08\x00\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00"
@@ -198,8 +198,8 @@ TEST(GgufImport, RefusesWhatItDoesNotMap) {
             std::string::npos)
       << err;
   b = good;
-  patch(b, "tokenizer.ggml.pre", "tokenizer.ggml.prf");  // llama.cpp's name for it, gone
-  patch(b, "gpt-2", "gpt-9");
+  patch_bytes(b, "tokenizer.ggml.pre", "tokenizer.ggml.prf");  // llama.cpp's name for it, gone
+  patch_bytes(b, "gpt-2", "gpt-9");
   err = attempt(b);
   EXPECT_NE(err.find("is a pre-tokenizer kiln does not know"), std::string::npos) << err;
   write_text(tmp / "x.gguf", "not a gguf file at all");

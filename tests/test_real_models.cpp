@@ -57,6 +57,57 @@ TEST(RealModel, Gemma3TokenizesAsLlamaCpp) {
   expect_llamacpp_ids(f, "llamacpp_tokens_gemma3.json");
 }
 
+// Greedy continuations (32 tokens, F32 on the CPU) equal transformers' on the same GGUF
+// (tests/fixtures/gguf/transformers_greedy_*.json: float32, weights dequantized by the gguf
+// package) token for token, up to the first step whose top-2 margin there is below 0.05 (a
+// near-tie FP32 rounding may decide either way).
+void expect_transformers_greedy(const fs::path& gguf, const std::string& fixture) {
+  BuildConfig bc;
+  bc.dtype = "f32";
+  bc.max_seq_len = 128;
+  Engine e = Engine::build(gguf, bc);
+  e.start({.device = "cpu"});
+  const auto j = read_json(data("gguf/" + fixture));
+  for (const auto& g : j["greedy"]) {
+    const auto prompt = g["prompt_ids"].get<std::vector<int32_t>>();
+    const auto want = g["generated_ids"].get<std::vector<int32_t>>();
+    const auto margin = g["top2_margin"].get<std::vector<double>>();
+    size_t upto = want.size();
+    for (size_t i = 0; i < margin.size(); ++i)
+      if (margin[i] < 0.05) {
+        upto = i + 1;  // the near-tie step itself may go either way
+        break;
+      }
+    SamplingParams sp;
+    sp.temperature = 0;
+    sp.max_tokens = int64_t(want.size());
+    sp.ignore_eos = true;
+    const std::vector<int32_t> got = e.generate(prompt, sp);
+    ASSERT_EQ(got.size(), want.size());
+    size_t same = 0;
+    while (same < got.size() && got[same] == want[same]) ++same;
+    EXPECT_GE(same + 1, upto) << gguf.filename() << ": differs at step " << same
+                              << " before the first near-tie (step " << upto - 1 << ")";
+    std::printf(
+        "[real model] %s greedy: %zu/%zu tokens equal to transformers' (first near-tie "
+        "at step %s)\n",
+        gguf.filename().c_str(), same, want.size(),
+        upto == want.size() ? "none" : std::to_string(upto - 1).c_str());
+  }
+}
+
+TEST(RealModel, SmolLM2GreedyMatchesTransformers) {
+  const fs::path f = model_file("SmolLM2-135M-Instruct.Q4_1.gguf");
+  REQUIRE_MODEL(f, "smollm2");
+  expect_transformers_greedy(f, "transformers_greedy_smollm2.json");
+}
+
+TEST(RealModel, Gemma3GreedyMatchesTransformers) {
+  const fs::path f = model_file("gemma-3-270m-q4_k_m.gguf");
+  REQUIRE_MODEL(f, "gemma3-270m");
+  expect_transformers_greedy(f, "transformers_greedy_gemma3.json");
+}
+
 // The README's first command, as a test: SmolLM2 through its own chat template (read from the
 // GGUF), greedy, answers the question.
 TEST(RealModel, SmolLM2AnswersThroughItsChatTemplate) {
