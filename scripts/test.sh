@@ -35,7 +35,9 @@ if [ "${1:-}" = "--sanitize" ]; then
   cmake --build build-asan -j"$(nproc)" --target kiln kiln_tests
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:halt_on_error=1
   export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-  ctest --test-dir build-asan --output-on-failure -j"$(nproc)"
+  # The real models' greedy runs (32 tokens x 3 prompts x 2 models, ~2 min under ASan) are
+  # numerics the Release run checks; their tokenizer and chat tests run here too.
+  ctest --test-dir build-asan --output-on-failure -j"$(nproc)" -E 'RealModel\..*Greedy'
   exit 0
 fi
 
