@@ -55,21 +55,20 @@ const std::vector<std::pair<const char*, const char*>> kGemma2Names = {
 };
 
 const std::vector<GgufFamily>& families() {
+  using Names = std::vector<std::pair<const char*, const char*>>;
+  const Names phi3 = {{"attn_qkv.weight", "self_attn.qkv_proj.weight"},
+                      {"ffn_up.weight", "mlp.gate_up_proj.weight"}};
+  // gguf, hf, permuted_qk, norm_plus_one, act, layer_names, swa_period, big_layers,
+  // local_rope_base
   static const std::vector<GgufFamily> f = {
-      {"llama", "LlamaForCausalLM", true},
-      {"qwen2", "Qwen2ForCausalLM"},
-      {"qwen3", "Qwen3ForCausalLM"},
-      {"gemma", "GemmaForCausalLM", false, true, "gelu_pytorch_tanh"},
-      {"gemma2", "Gemma2ForCausalLM", false, true, "gelu_pytorch_tanh", kGemma2Names, 0, 46},
+      {"llama", "LlamaForCausalLM", true, false, "silu", {}, 0, 0, 0},
+      {"qwen2", "Qwen2ForCausalLM", false, false, "silu", {}, 0, 0, 0},
+      {"qwen3", "Qwen3ForCausalLM", false, false, "silu", {}, 0, 0, 0},
+      {"gemma", "GemmaForCausalLM", false, true, "gelu_pytorch_tanh", {}, 0, 0, 0},
+      {"gemma2", "Gemma2ForCausalLM", false, true, "gelu_pytorch_tanh", kGemma2Names, 0, 46, 0},
       {"gemma3", "Gemma3ForCausalLM", false, true, "gelu_pytorch_tanh", kGemma2Names, 6, 62,
        10000.0},
-      {"phi3",
-       "Phi3ForCausalLM",
-       false,
-       false,
-       "silu",
-       {{"attn_qkv.weight", "self_attn.qkv_proj.weight"},
-        {"ffn_up.weight", "mlp.gate_up_proj.weight"}}},
+      {"phi3", "Phi3ForCausalLM", false, false, "silu", phi3, 0, 0, 0},
   };
   return f;
 }
