@@ -838,18 +838,28 @@ TEST_P(QuantCtLibrary, LoadsAsPublishedAndMatchesTransformers) {
 }
 
 // On the GPU each fixture (BF16 activations) computes what the CPU reference computes with the
-// same engine, at the BF16 tolerance of the other CUDA quantized-engine tests.
+// same engine, at the BF16 tolerance of the other CUDA quantized-engine tests. The FP8 fixture
+// quantizes each activation row as it enters a linear, from BF16 on the GPU and F32 on the CPU:
+// values near an E4M3 rounding midpoint take neighbouring codes, so the two are two instances of
+// FP8 rounding noise (measured on an H100: 9e-2 apart), not the same numbers. As in
+// CudaParity's fp8 engines (test_cuda_parity.cpp), the GPU engine is then held to the CPU
+// engine's quality against the reference instead: NMSE at most twice the CPU's plus 1e-4 (what
+// the BF16 engine itself adds on llama, measured there 5.9e-5), in prefill and in decode.
 TEST_P(QuantCtLibrary, RunsOnCudaAsOnTheCpu) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA GPU visible";
   const std::string arch = std::string("llama_ct_") + GetParam().name;
+  const bool fp8 = std::string(GetParam().quant) == "fp8";
   BuildConfig bc;
   bc.dtype = "bf16";
   Engine gpu = Engine::build(hf(arch), bc), cpu = Engine::build(hf(arch), bc);
   gpu.start({.device = "cuda"});
   cpu.start({.device = "cpu"});
   const int64_t V = gpu.info().vocab_size;
+  const Reference ref = load_reference(arch);
   double worst = 0;
-  for (const auto& p : load_reference(arch).prompts) {
+  std::vector<float> ref_all, cpu_all, prefill_all, decode_all;
+  for (size_t j = 0; j < ref.prompts.size(); ++j) {
+    const auto& p = ref.prompts[j];
     const std::vector<float> want = cpu.logits(p), got = gpu.logits(p);
     Session s = gpu.session();
     for (size_t i = 0; i < p.size(); ++i) {
@@ -857,11 +867,27 @@ TEST_P(QuantCtLibrary, RunsOnCudaAsOnTheCpu) {
       const std::vector<float> step = s.forward(std::span<const int32_t>(&p[i], 1));
       const double de = rel_err(step.data(), want.data() + i * V, V);
       worst = std::max({worst, pe, de});
-      EXPECT_LE(pe, 2e-2) << arch << " prefill " << i;
-      EXPECT_LE(de, 2e-2) << arch << " decode " << i;
+      decode_all.insert(decode_all.end(), step.begin(), step.end());
+      if (!fp8) {
+        EXPECT_LE(pe, 2e-2) << arch << " prefill " << i;
+        EXPECT_LE(de, 2e-2) << arch << " decode " << i;
+      }
     }
+    cpu_all.insert(cpu_all.end(), want.begin(), want.end());
+    prefill_all.insert(prefill_all.end(), got.begin(), got.end());
+    ref_all.insert(ref_all.end(), ref.logits[j].ptr<float>(),
+                   ref.logits[j].ptr<float>() + p.size() * size_t(V));
   }
-  std::printf("[ct library cuda] %-26s max rel err vs the CPU %.2e\n", arch.c_str(), worst);
+  const double c = nmse(cpu_all, ref_all), gp = nmse(prefill_all, ref_all),
+               gd = nmse(decode_all, ref_all);
+  std::printf(
+      "[ct library cuda] %-26s max rel err vs the CPU %.2e | NMSE vs reference: cpu %.2e, "
+      "gpu prefill %.2e, decode %.2e\n",
+      arch.c_str(), worst, c, gp, gd);
+  if (fp8) {
+    EXPECT_LE(gp, 2 * c + 1e-4) << arch;
+    EXPECT_LE(gd, 2 * c + 1e-4) << arch;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, QuantCtLibrary,
