@@ -17,22 +17,6 @@
 namespace kiln::test {
 namespace {
 
-std::string gguf_error(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    std::string m = e.what();
-    EXPECT_EQ(m.find('\n'), std::string::npos) << "multi-line error: " << m;
-    return m;
-  }
-  ADD_FAILURE() << "no kiln::Error thrown";
-  return "";
-}
-
-bool gguf_has(const std::string& s, const std::string& part) {
-  return s.find(part) != std::string::npos;
-}
-
 fs::path quants() {
   return data("gguf/quants.gguf");
 }
@@ -103,12 +87,12 @@ TEST(Gguf, TypeTraits) {
   EXPECT_EQ(ggml_block_elems(GgmlType::Q5_1), 32);
   EXPECT_EQ(ggml_block_bytes(GgmlType::Q5_1), 24u);
   EXPECT_EQ(ggml_block_bytes(GgmlType::BF16), 2u);
-  EXPECT_TRUE(
-      gguf_has(gguf_error([] { ggml_block_bytes(GgmlType::Q8_K); }), "Q8_K is not supported"));
+  EXPECT_TRUE(contains_text(one_line_error([] { ggml_block_bytes(GgmlType::Q8_K); }),
+                            "Q8_K is not supported"));
   float y[32];
   const uint8_t z[34] = {};
-  EXPECT_TRUE(
-      gguf_has(gguf_error([&] { ggml_dequantize(GgmlType::Q8_0, z, y, 31); }), "whole number"));
+  EXPECT_TRUE(contains_text(one_line_error([&] { ggml_dequantize(GgmlType::Q8_0, z, y, 31); }),
+                            "whole number"));
 }
 
 TEST(Gguf, MetadataValuesAndTypes) {
@@ -383,9 +367,9 @@ TEST(Gguf, CorruptHeadersGiveOneLineErrors) {
     c.corrupt(g);
     if (c.what == "non-printable name escaped") g.patch("b.offset", uint64_t(161));
     write_text(p, g.b);
-    const std::string e = gguf_error([&] { GgufFile::open(p); });
-    EXPECT_TRUE(gguf_has(e, c.expect)) << e;
-    EXPECT_TRUE(gguf_has(e, p.string())) << e;
+    const std::string e = one_line_error([&] { GgufFile::open(p); });
+    EXPECT_TRUE(contains_text(e, c.expect)) << e;
+    EXPECT_TRUE(contains_text(e, p.string())) << e;
   }
 }
 
@@ -408,8 +392,8 @@ TEST(Gguf, NestedArraysUpToTheDepthLimit) {
   auto f = GgufFile::open(file(4));
   EXPECT_EQ(f->metadata().at("nested"), nlohmann::json::parse("[[[[7]]]]"));
   EXPECT_TRUE(f->tensors().empty());
-  EXPECT_TRUE(gguf_has(gguf_error([&] { GgufFile::open(file(5)); }),
-                       "key 'nested': arrays nested deeper than 4 levels are not supported"));
+  EXPECT_TRUE(contains_text(one_line_error([&] { GgufFile::open(file(5)); }),
+                            "key 'nested': arrays nested deeper than 4 levels are not supported"));
 }
 
 TEST(Gguf, LongAndBinaryNamesAreEscapedAndCutInErrors) {
@@ -423,9 +407,9 @@ TEST(Gguf, LongAndBinaryNamesAreEscapedAndCutInErrors) {
   h.str(key);
   h.u32(77);
   write_text(tmp / "k.gguf", h.b);
-  const std::string e = gguf_error([&] { GgufFile::open(tmp / "k.gguf"); });
-  EXPECT_TRUE(gguf_has(e, "key '\\x0a\\x80\\x80")) << e;
-  EXPECT_TRUE(gguf_has(e, "...' (300 bytes): unknown value type 77")) << e;
+  const std::string e = one_line_error([&] { GgufFile::open(tmp / "k.gguf"); });
+  EXPECT_TRUE(contains_text(e, "key '\\x0a\\x80\\x80")) << e;
+  EXPECT_TRUE(contains_text(e, "...' (300 bytes): unknown value type 77")) << e;
   EXPECT_LT(e.size(), 600u);
 }
 
@@ -437,8 +421,8 @@ TEST(Gguf, EveryTruncationIsAnError) {
   for (size_t n = 0; n < g.b.size(); ++n) {
     SCOPED_TRACE(n);
     write_text(p, g.b.substr(0, n));
-    const std::string e = gguf_error([&] { GgufFile::open(p); });
-    EXPECT_TRUE(gguf_has(e, "truncated")) << e;
+    const std::string e = one_line_error([&] { GgufFile::open(p); });
+    EXPECT_TRUE(contains_text(e, "truncated")) << e;
   }
   write_text(p, g.b);
   EXPECT_NO_THROW(GgufFile::open(p));
@@ -478,8 +462,8 @@ TEST(Gguf, TruncatedFixtureIsAnError) {
   for (size_t n : cuts) {
     SCOPED_TRACE(n);
     write_text(p, all.substr(0, n));
-    const std::string e = gguf_error([&] { GgufFile::open(p); });
-    EXPECT_TRUE(gguf_has(e, "truncated")) << e;
+    const std::string e = one_line_error([&] { GgufFile::open(p); });
+    EXPECT_TRUE(contains_text(e, "truncated")) << e;
   }
   write_text(p, all.substr(0, end));
   EXPECT_NO_THROW(GgufFile::open(p));
@@ -520,7 +504,8 @@ TEST(Gguf, RandomCorruptionsNeverCrash) {
 }
 
 TEST(Gguf, MissingFile) {
-  EXPECT_TRUE(gguf_has(gguf_error([] { GgufFile::open("/nonexistent/x.gguf"); }), "cannot open"));
+  EXPECT_TRUE(
+      contains_text(one_line_error([] { GgufFile::open("/nonexistent/x.gguf"); }), "cannot open"));
 }
 
 // The real checkpoints (not committed: large). Checks the architecture, the tensor count, the

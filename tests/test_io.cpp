@@ -24,22 +24,6 @@ void write_raw(const fs::path& p, const std::string& header, size_t data_bytes) 
   o << zeros;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    std::string m = e.what();
-    EXPECT_EQ(m.find('\n'), std::string::npos) << "multi-line error: " << m;
-    return m;
-  }
-  ADD_FAILURE() << "no kiln::Error thrown";
-  return "";
-}
-
-bool has(const std::string& s, const std::string& part) {
-  return s.find(part) != std::string::npos;
-}
-
 TEST(Safetensors, RoundTripAllDtypesAndMetadata) {
   TempDir tmp;
   std::vector<std::pair<std::string, Tensor>> ts;
@@ -118,9 +102,9 @@ TEST(Safetensors, HeaderValidation) {
   };
   for (const auto& c : cases) {
     write_raw(p, c.header, c.data);
-    std::string m = error_of([&] { SafetensorsFile::open(p); });
-    EXPECT_TRUE(has(m, c.expect)) << c.header << " -> " << m;
-    EXPECT_TRUE(has(m, p.string())) << m;
+    std::string m = one_line_error([&] { SafetensorsFile::open(p); });
+    EXPECT_TRUE(contains_text(m, c.expect)) << c.header << " -> " << m;
+    EXPECT_TRUE(contains_text(m, p.string())) << m;
   }
   // A header length 8 bytes short of the header (its padding read as data): the data would be
   // read shifted; refused.
@@ -131,7 +115,8 @@ TEST(Safetensors, HeaderValidation) {
     o.write(reinterpret_cast<const char*>(&n), 8);
     o << h << std::string(8, ' ') << std::string(8, '\0');
   }
-  EXPECT_TRUE(has(error_of([&] { SafetensorsFile::open(p); }), "the tensors end at byte 8"));
+  EXPECT_TRUE(contains_text(one_line_error([&] { SafetensorsFile::open(p); }),
+                            "the tensors end at byte 8"));
   // Header length beyond the file, beyond 100 MB, and a file shorter than 8 bytes.
   {
     std::ofstream o(p, std::ios::binary | std::ios::trunc);
@@ -139,17 +124,17 @@ TEST(Safetensors, HeaderValidation) {
     o.write(reinterpret_cast<const char*>(&n), 8);
     o << "{}";
   }
-  EXPECT_TRUE(has(error_of([&] { SafetensorsFile::open(p); }), "truncated"));
+  EXPECT_TRUE(contains_text(one_line_error([&] { SafetensorsFile::open(p); }), "truncated"));
   {
     std::ofstream o(p, std::ios::binary | std::ios::trunc);
     uint64_t n = 200ull << 20;
     o.write(reinterpret_cast<const char*>(&n), 8);
   }
-  EXPECT_TRUE(has(error_of([&] { SafetensorsFile::open(p); }), "100 MB"));
+  EXPECT_TRUE(contains_text(one_line_error([&] { SafetensorsFile::open(p); }), "100 MB"));
   std::ofstream(p, std::ios::trunc) << "abc";
-  EXPECT_TRUE(has(error_of([&] { SafetensorsFile::open(p); }), "truncated"));
-  EXPECT_TRUE(
-      has(error_of([&] { SafetensorsFile::open(tmp / "nope.safetensors"); }), "cannot open"));
+  EXPECT_TRUE(contains_text(one_line_error([&] { SafetensorsFile::open(p); }), "truncated"));
+  EXPECT_TRUE(contains_text(
+      one_line_error([&] { SafetensorsFile::open(tmp / "nope.safetensors"); }), "cannot open"));
 }
 
 // A header of 100k tensors opens in linear time. (Duplicate-name detection through nlohmann's
@@ -197,7 +182,8 @@ TEST(Safetensors, ShardedCheckpointMatchesSingleFile) {
   // A name listed in the index but absent from its shard is reported.
   map["model.norm.weight"] = "model-00001-of-00002.safetensors";
   write_json(tmp / "m" / "model.safetensors.index.json", {{"weight_map", map}});
-  EXPECT_TRUE(has(error_of([&] { Engine::build(tmp / "m", bc); }), "not stored there"));
+  EXPECT_TRUE(
+      contains_text(one_line_error([&] { Engine::build(tmp / "m", bc); }), "not stored there"));
 }
 
 TEST(Config, TransformersFourAndFiveStyles) {
@@ -242,8 +228,9 @@ TEST(Config, TransformersFourAndFiveStyles) {
       {"rope_type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 64}};
   EXPECT_EQ(resolve_config(find_arch("LlamaForCausalLM"), j, "c").ropes[0].type, RopeType::Yarn);
   j["rope_scaling"] = {{"rope_type", "weird"}};
-  EXPECT_TRUE(has(error_of([&] { resolve_config(find_arch("LlamaForCausalLM"), j, "c"); }),
-                  "unsupported rope type 'weird'"));
+  EXPECT_TRUE(
+      contains_text(one_line_error([&] { resolve_config(find_arch("LlamaForCausalLM"), j, "c"); }),
+                    "unsupported rope type 'weird'"));
 }
 
 // Values that parse but break the model (NaN or degenerate logits) and sizes beyond what kiln
@@ -255,7 +242,7 @@ TEST(Config, RangesAreChecked) {
   auto error_for = [&](const std::function<void(json&)>& edit) {
     json j = base;
     edit(j);
-    return error_of([&] { resolve_config(find_arch(j["architectures"][0]), j, "cfg.json"); });
+    return one_line_error([&] { resolve_config(find_arch(j["architectures"][0]), j, "cfg.json"); });
   };
   struct Case {
     std::function<void(json&)> edit;
@@ -307,8 +294,8 @@ TEST(Config, RangesAreChecked) {
   };
   for (const Case& c : cases) {
     const std::string m = error_for(c.edit);
-    EXPECT_TRUE(has(m, c.expect)) << "expected '" << c.expect << "' in: " << m;
-    EXPECT_TRUE(has(m, "cfg.json")) << m;
+    EXPECT_TRUE(contains_text(m, c.expect)) << "expected '" << c.expect << "' in: " << m;
+    EXPECT_TRUE(contains_text(m, "cfg.json")) << m;
   }
   // The fixture and every real config of a known architecture pass.
   EXPECT_NO_THROW(resolve_config(find_arch(base["architectures"][0]), base, "cfg.json"));
@@ -346,9 +333,9 @@ TEST(Config, WrongTypesNameTheField) {
     j.update(edit);
     if (edit.contains("rope_scaling")) j.erase("rope_parameters");
     const std::string m =
-        error_of([&] { resolve_config(find_arch(j["architectures"][0]), j, "cfg.json"); });
-    EXPECT_TRUE(has(m, "cfg.json: " + want)) << "expected '" << want << "' in: " << m;
-    EXPECT_FALSE(has(m, "json.exception")) << m;
+        one_line_error([&] { resolve_config(find_arch(j["architectures"][0]), j, "cfg.json"); });
+    EXPECT_TRUE(contains_text(m, "cfg.json: " + want)) << "expected '" << want << "' in: " << m;
+    EXPECT_FALSE(contains_text(m, "json.exception")) << m;
   }
 }
 
@@ -441,7 +428,7 @@ class BadInput : public ::testing::Test {
     EXPECT_EQ(rc, 1) << args << "\n" << out;
     EXPECT_TRUE(out.rfind("kiln: error: ", 0) == 0) << out;
     EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
-    EXPECT_TRUE(has(out, part)) << "expected '" << part << "' in: " << out;
+    EXPECT_TRUE(contains_text(out, part)) << "expected '" << part << "' in: " << out;
     EXPECT_FALSE(fs::exists(tmp / "engine")) << "a failed build left an engine behind";
   }
 };
@@ -479,11 +466,12 @@ TEST_F(BadInput, WrongShapeAndMissingWeightAllReported) {
   fs::rename(tmp / "w.safetensors", m / "model.safetensors");
   std::string out;
   EXPECT_EQ(run_cli("build " + m.string() + " -o " + (tmp / "engine").string(), &out), 1);
-  EXPECT_TRUE(has(out, "layers.1.w_up")) << out;
-  EXPECT_TRUE(has(out, "layers.2.wo")) << out;
-  EXPECT_TRUE(has(out, "model.layers.0.self_attn.k_proj.weight [64, 32] (expected [32, 64])"))
+  EXPECT_TRUE(contains_text(out, "layers.1.w_up")) << out;
+  EXPECT_TRUE(contains_text(out, "layers.2.wo")) << out;
+  EXPECT_TRUE(
+      contains_text(out, "model.layers.0.self_attn.k_proj.weight [64, 32] (expected [32, 64])"))
       << out;
-  EXPECT_TRUE(has(out, "unexpected weights: model.layers.0.mlp.extra.weight")) << out;
+  EXPECT_TRUE(contains_text(out, "unexpected weights: model.layers.0.mlp.extra.weight")) << out;
   EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
   EXPECT_FALSE(fs::exists(tmp / "engine"));
 }
@@ -534,8 +522,8 @@ TEST(Cli, Version) {
   std::string out;
   EXPECT_EQ(run_cli("--version", &out), 0) << out;
   EXPECT_EQ(out.rfind("kiln " + build_info().version + " (commit ", 0), 0u) << out;
-  EXPECT_TRUE(has(out, cat("engine format ", build_info().engine_format))) << out;
-  EXPECT_TRUE(has(out, "cuBLASLt") || has(out, "built without CUDA")) << out;
+  EXPECT_TRUE(contains_text(out, cat("engine format ", build_info().engine_format))) << out;
+  EXPECT_TRUE(contains_text(out, "cuBLASLt") || contains_text(out, "built without CUDA")) << out;
   EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
 }
 

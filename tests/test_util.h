@@ -72,6 +72,23 @@ inline void copy_dir(const fs::path& src, const fs::path& dst) {
 }
 
 // The message of the kiln::Error that f throws; "" when it throws none.
+// The message of the kiln::Error f throws, which must be one line; a failure if it throws none.
+inline std::string one_line_error(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    std::string m = e.what();
+    EXPECT_EQ(m.find('\n'), std::string::npos) << "multi-line error: " << m;
+    return m;
+  }
+  ADD_FAILURE() << "no kiln::Error thrown";
+  return "";
+}
+
+inline bool contains_text(const std::string& s, const std::string& part) {
+  return s.find(part) != std::string::npos;
+}
+
 inline std::string error_of(const std::function<void()>& f) {
   try {
     f();

@@ -16,6 +16,7 @@
 #include <string_view>
 
 #include "core/error.h"
+#include "io/mapped_file.h"
 #include "io/safetensors.h"
 
 namespace kiln {
@@ -260,26 +261,13 @@ GgufFile::~GgufFile() = default;
 
 std::shared_ptr<GgufFile> GgufFile::open(const fs::path& path) {
   const std::string f = path.string();
-  int fd = ::open(f.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw Error(cat(f, ": cannot open: ", std::strerror(errno)));
-  struct stat st {};
-  if (fstat(fd, &st) != 0) {
-    ::close(fd);
-    throw Error(cat(f, ": cannot stat"));
-  }
-  const size_t size = size_t(st.st_size);
-  if (size < 4) {
-    ::close(fd);
-    throw Error(cat(f, ": truncated GGUF file (", size, " bytes)"));
-  }
-  void* m = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);
-  if (m == MAP_FAILED) throw Error(cat(f, ": mmap failed: ", std::strerror(errno)));
+  MappedFile mf = map_file(path, 4, "GGUF");
+  const size_t size = mf.size;
   std::shared_ptr<GgufFile> r(new GgufFile());
   r->path_ = path;
   r->size_ = size;
-  r->map_ = std::shared_ptr<void>(m, [size](void* p) { munmap(p, size); });
-  const auto* base = static_cast<const uint8_t*>(m);
+  r->map_ = mf.map;
+  const auto* base = mf.data();
 
   Cursor c{f, base, size, 0, {}};
   if (std::memcmp(base, "GGUF", 4) != 0)

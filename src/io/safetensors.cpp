@@ -13,6 +13,7 @@
 
 #include "core/error.h"
 #include "io/json.h"
+#include "io/mapped_file.h"
 
 namespace kiln {
 
@@ -48,26 +49,13 @@ SafetensorsFile::~SafetensorsFile() = default;
 
 std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const fs::path& path) {
   const std::string f = path.string();
-  int fd = ::open(f.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw Error(cat(f, ": cannot open: ", std::strerror(errno)));
-  struct stat st {};
-  if (fstat(fd, &st) != 0) {
-    ::close(fd);
-    throw Error(cat(f, ": cannot stat"));
-  }
-  const size_t size = size_t(st.st_size);
-  if (size < 8) {
-    ::close(fd);
-    throw Error(cat(f, ": truncated safetensors file (", size, " bytes, need at least 8)"));
-  }
-  void* m = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);
-  if (m == MAP_FAILED) throw Error(cat(f, ": mmap failed: ", std::strerror(errno)));
+  MappedFile mf = map_file(path, 8, "safetensors");
+  const size_t size = mf.size;
   std::shared_ptr<SafetensorsFile> r(new SafetensorsFile());
   r->path_ = path;
   r->size_ = size;
-  r->map_ = std::shared_ptr<void>(m, [size](void* p) { munmap(p, size); });
-  const auto* base = static_cast<const uint8_t*>(m);
+  r->map_ = mf.map;
+  const auto* base = mf.data();
 
   uint64_t n = 0;
   for (int i = 0; i < 8; ++i) n |= uint64_t(base[i]) << (8 * i);

@@ -14,16 +14,6 @@ using json = nlohmann::json;
 
 namespace {
 
-// GGUF token types, the same numbers as SentencePiece's piece types.
-enum TokenType {
-  kNormal = 1,
-  kUnknown = 2,
-  kControl = 3,
-  kUserDefined = 4,
-  kUnused = 5,
-  kByte = 6
-};
-
 // llama.cpp's pre-tokenizers for byte-level BPE vocabularies (llama-vocab.cpp,
 // llm_tokenizer_bpe): the regexes it splits with, in order, each split keeping matches and the
 // text between them. Where llama.cpp adapted a Hugging Face regex for its own engine, the
@@ -139,13 +129,13 @@ GgufTokenizer write_gguf_tokenizer(const json& meta, const fs::path& dir,
     KILN_CHECK((*tokens)[i].is_string(), where, ": tokenizer.ggml.tokens[", i, "] is not a string");
     text[i] = (*tokens)[i].get<std::string>();
   }
-  std::vector<int> type(n, kNormal);
+  std::vector<int> type(n, tok::kSpmNormal);
   if (const json* t = get("tokenizer.ggml.token_type")) {
     KILN_CHECK(t->is_array() && t->size() == n, where,
                ": tokenizer.ggml.token_type must be an array of ", n, " integers");
     for (size_t i = 0; i < n; ++i) {
       KILN_CHECK((*t)[i].is_number_integer() && (*t)[i].get<int64_t>() >= 0 &&
-                     (*t)[i].get<int64_t>() <= kByte,
+                     (*t)[i].get<int64_t>() <= tok::kSpmByte,
                  where, ": tokenizer.ggml.token_type[", i, "] is not a token type (0..6)");
       type[i] = (*t)[i].get<int>();
     }
@@ -233,9 +223,10 @@ GgufTokenizer write_gguf_tokenizer(const json& meta, const fs::path& dir,
     bool byte_fallback = false;
     std::string model;
     for (size_t i = 0; i < n; ++i) {
-      if (type[i] == kControl || type[i] == kUnknown || type[i] == kUserDefined)
+      if (type[i] == tok::kSpmControl || type[i] == tok::kSpmUnknown ||
+          type[i] == tok::kSpmUserDefined)
         check_utf8(i, "a special piece");
-      byte_fallback = byte_fallback || type[i] == kByte;
+      byte_fallback = byte_fallback || type[i] == tok::kSpmByte;
       std::string piece;
       bytes_field(piece, 1, text[i]);
       tag(piece, 2, 5);
@@ -243,7 +234,7 @@ GgufTokenizer write_gguf_tokenizer(const json& meta, const fs::path& dir,
       std::memcpy(&bits, &score[i], 4);
       for (int b = 0; b < 4; ++b) piece.push_back(char(uint8_t(bits >> (8 * b))));
       // Type 0 (undefined in llama.cpp's older files) is a normal piece.
-      int_field(piece, 3, type[i] == 0 ? kNormal : type[i]);
+      int_field(piece, 3, type[i] == 0 ? tok::kSpmNormal : type[i]);
       bytes_field(model, 1, piece);
     }
     std::string trainer;
@@ -269,14 +260,15 @@ GgufTokenizer write_gguf_tokenizer(const json& meta, const fs::path& dir,
     for (size_t i = 0; i < n; ++i) {
       check_utf8(i, "a byte-level token");
       vocab[text[i]] = int64_t(i);
-      if (type[i] == kControl || type[i] == kUserDefined || type[i] == kUnknown)
+      if (type[i] == tok::kSpmControl || type[i] == tok::kSpmUserDefined ||
+          type[i] == tok::kSpmUnknown)
         added.push_back({{"id", int64_t(i)},
                          {"content", text[i]},
                          {"single_word", false},
                          {"lstrip", false},
                          {"rstrip", false},
                          {"normalized", false},
-                         {"special", type[i] != kUserDefined}});
+                         {"special", type[i] != tok::kSpmUserDefined}});
     }
     json ms = json::array();
     for (size_t i = 0; i < merges->size(); ++i) {

@@ -47,6 +47,17 @@ uint32_t next_cp(std::string_view s, size_t& i);
 void append_utf8(std::string& out, uint32_t cp);
 // Offset of the first invalid byte, or npos.
 size_t find_invalid_utf8(std::string_view s);
+
+// SentencePiece's piece types (sentencepiece_model.proto), the same numbers GGUF uses for
+// tokenizer.ggml.token_type.
+enum SpmPieceType {
+  kSpmNormal = 1,
+  kSpmUnknown = 2,
+  kSpmControl = 3,
+  kSpmUserDefined = 4,
+  kSpmUnused = 5,
+  kSpmByte = 6
+};
 // Rust's String::from_utf8_lossy: each maximal invalid subpart becomes one U+FFFD.
 std::string from_utf8_lossy(std::string_view bytes);
 // Rust char::is_whitespace (the Unicode White_Space property).

@@ -77,15 +77,6 @@ class Proto {
   const std::string& where_;
 };
 
-enum PieceType {
-  kNormal = 1,
-  kUnknown = 2,
-  kControl = 3,
-  kUserDefined = 4,
-  kUnused = 5,
-  kByte = 6
-};
-
 }  // namespace
 
 std::shared_ptr<TokenizerImpl> load_sentencepiece(const std::filesystem::path& path,
@@ -114,7 +105,7 @@ std::shared_ptr<TokenizerImpl> load_sentencepiece(const std::filesystem::path& p
       Proto sp(top.bytes(), where);
       std::string piece;
       float score = 0;
-      int type = kNormal;
+      int type = kSpmNormal;
       uint32_t f2, w2;
       while (sp.key(f2, w2)) {
         if (f2 == 1 && w2 == 2)
@@ -200,24 +191,24 @@ std::shared_ptr<TokenizerImpl> load_sentencepiece(const std::filesystem::path& p
   // Control/unknown pieces are special tokens; user-defined pieces are matched verbatim.
   std::vector<AddedToken> added;
   for (size_t i = 0; i < pieces.size(); ++i) {
-    if (types[i] != kControl && types[i] != kUnknown && types[i] != kUserDefined) continue;
+    if (types[i] != kSpmControl && types[i] != kSpmUnknown && types[i] != kSpmUserDefined) continue;
     // These are matched in the raw text: a partial UTF-8 sequence would cut characters in two
     // and hand the model and pre-tokenizers invalid text. sentencepiece's own trainer and
     // transformers' conversion only ever produce valid strings.
     KILN_CHECK(find_invalid_utf8(pieces[i]) == std::string::npos, where, ": piece ", i,
-               types[i] == kUserDefined ? " (user-defined)"
-               : types[i] == kUnknown   ? " (unknown)"
-                                        : " (control)",
+               types[i] == kSpmUserDefined ? " (user-defined)"
+               : types[i] == kSpmUnknown   ? " (unknown)"
+                                           : " (control)",
                " is not valid UTF-8");
     AddedToken t;
     t.content = pieces[i];
     t.id = static_cast<int32_t>(i);
-    t.special = types[i] != kUserDefined;
+    t.special = types[i] != kSpmUserDefined;
     added.push_back(std::move(t));
   }
   if (model_type == 2) {
     std::vector<bool> mergeable(pieces.size());
-    for (size_t i = 0; i < pieces.size(); ++i) mergeable[i] = types[i] == kNormal;
+    for (size_t i = 0; i < pieces.size(); ++i) mergeable[i] = types[i] == kSpmNormal;
     tk->model = make_spm_bpe(pieces, scores, mergeable, unk_id, byte_fallback);
   } else if (model_type == 1) {
     std::vector<double> sc(scores.begin(), scores.end());
