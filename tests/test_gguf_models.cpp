@@ -86,6 +86,19 @@ void patch_bytes(std::vector<char>& b, const std::string& from, const std::strin
   std::copy(to.begin(), to.end(), it);
 }
 
+// NMSE of an engine's logits over every position of the reference prompts.
+double nmse_vs_reference(Engine& e, const Reference& ref) {
+  const int64_t V = e.info().vocab_size;
+  std::vector<float> got, want;
+  for (size_t j = 0; j < ref.prompts.size(); ++j) {
+    const std::vector<float> a = e.logits(ref.prompts[j]);
+    got.insert(got.end(), a.begin(), a.end());
+    want.insert(want.end(), ref.logits[j].ptr<float>(),
+                ref.logits[j].ptr<float>() + ref.prompts[j].size() * size_t(V));
+  }
+  return nmse(got, want);
+}
+
 // Q4_0 (llama-quantize --pure of llama.gguf) is kiln's int4-wo in groups of 32, exactly: the
 // linears stay quantized and compute what the same file dequantized to F32 by gguf-py computes
 // (llama_q4_0_dequant.gguf), bit for bit with F32 activations on the CPU.
@@ -101,21 +114,13 @@ TEST(GgufQuant, Q4_0IsKeptAsInt4) {
             "kernel for them); F32 x7 as stored");
   q.start({.device = "cpu"});
   d.start({.device = "cpu"});
-  Reference ref = load_reference("llama");
-  const int64_t V = q.info().vocab_size;
-  std::vector<float> got, want;
-  for (size_t j = 0; j < ref.prompts.size(); ++j) {
-    const std::vector<float> a = q.logits(ref.prompts[j]);
-    EXPECT_EQ(a, d.logits(ref.prompts[j]));
-    got.insert(got.end(), a.begin(), a.end());
-    want.insert(want.end(), ref.logits[j].ptr<float>(),
-                ref.logits[j].ptr<float>() + ref.prompts[j].size() * size_t(V));
-  }
+  const Reference ref = load_reference("llama");
+  for (const auto& p : ref.prompts) EXPECT_EQ(q.logits(p), d.logits(p));
   // Against the float model, for scale: --pure made the embeddings and the LM head 4-bit too,
   // so this is above QuantQuality's int4-wo figures (16-bit embeddings and head, there).
-  std::printf("[gguf quant] llama Q4_0 (every matrix) vs the float model: NMSE %.2e\n",
-              nmse(got, want));
-  EXPECT_LT(nmse(got, want), 0.1);
+  const double e = nmse_vs_reference(q, ref);
+  std::printf("[gguf quant] llama Q4_0 (every matrix) vs the float model: NMSE %.2e\n", e);
+  EXPECT_LT(e, 0.1);
 }
 
 // The kept Q4_0 weights run on the GPU's int4 kernels (BF16 activations) as on the CPU.
@@ -148,18 +153,10 @@ TEST(GgufQuant, Q8_0IsDequantized) {
   EXPECT_EQ(e.info().conversion,
             "GGUF llama: Q8_0 x23 dequantized (no kiln kernel for them); F32 x7 as stored");
   e.start({.device = "cpu"});
-  Reference ref = load_reference("llama");
-  const int64_t V = e.info().vocab_size;
-  std::vector<float> got, want;
-  for (size_t j = 0; j < ref.prompts.size(); ++j) {
-    const std::vector<float> a = e.logits(ref.prompts[j]);
-    got.insert(got.end(), a.begin(), a.end());
-    want.insert(want.end(), ref.logits[j].ptr<float>(),
-                ref.logits[j].ptr<float>() + ref.prompts[j].size() * size_t(V));
-  }
+  const double err = nmse_vs_reference(e, load_reference("llama"));
   // 8-bit codes per block of 32: held to QuantQuality's int8-wo (per channel) bound.
-  std::printf("[gguf quant] llama Q8_0 vs the float model: NMSE %.2e\n", nmse(got, want));
-  EXPECT_LT(nmse(got, want), 1e-3);
+  std::printf("[gguf quant] llama Q8_0 vs the float model: NMSE %.2e\n", err);
+  EXPECT_LT(err, 1e-3);
 }
 
 // What kiln does not map is refused by name, with nothing left behind.

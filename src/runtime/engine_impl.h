@@ -22,6 +22,11 @@ namespace kiln {
 // The engine folder format this kiln writes and reads (kiln-engine.json "version").
 constexpr int kEngineFormatVersion = 1;
 
+// "f32", "f16" or "bf16" (ModelInfo::dtype, the manifest's build.dtype).
+std::string dtype_label(DType t);
+// What AWQ calibration did, in words (ModelInfo::calibration); "" without AWQ.
+std::string calibration_line(const nlohmann::json& awq_info);
+
 struct Engine::Impl {
   ModelConfig config;
   DType dtype = DType::F32;
