@@ -4,6 +4,8 @@
 #include <cstring>
 #include <new>
 
+#include <sys/mman.h>
+
 #include "core/error.h"
 
 namespace kiln {
@@ -14,16 +16,28 @@ std::string shape_str(const Shape& s) {
   return r + "]";
 }
 
-Tensor Tensor::zeros(DType t, Shape shape) {
+Tensor Tensor::uninitialized(DType t, Shape shape) {
   Tensor r;
   r.dtype = t;
   r.shape = std::move(shape);
-  size_t bytes = (r.nbytes() + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, bytes ? bytes : 64);
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = r.nbytes();
+  const size_t align = bytes >= kHuge ? kHuge : 64;
+  const size_t padded = bytes ? (bytes + align - 1) / align * align : align;
+  void* p = std::aligned_alloc(align, padded);
   if (!p) throw std::bad_alloc();
-  std::memset(p, 0, bytes);
+#ifdef MADV_HUGEPAGE
+  // Advice only: where transparent huge pages are off this changes nothing.
+  if (align == kHuge) madvise(p, padded, MADV_HUGEPAGE);
+#endif
   r.storage = std::shared_ptr<void>(p, std::free);
   r.data = p;
+  return r;
+}
+
+Tensor Tensor::zeros(DType t, Shape shape) {
+  Tensor r = uninitialized(t, std::move(shape));
+  std::memset(r.data, 0, r.nbytes());
   return r;
 }
 

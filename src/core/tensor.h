@@ -61,6 +61,10 @@ struct Tensor {
 
   // A zero-filled, 64-byte-aligned heap tensor.
   static Tensor zeros(DType t, Shape shape);
+  // The same without the zero fill, for callers that write every element (so that the threads
+  // writing it, not one memset, fault its pages in). Buffers of 2 MiB or more are 2 MiB-aligned
+  // and asked for transparent huge pages: a model's weights are faulted in 512x fewer times.
+  static Tensor uninitialized(DType t, Shape shape);
   // Wraps bytes owned by `owner` without copying.
   static Tensor view(DType t, Shape shape, std::shared_ptr<void> owner, void* data);
 };

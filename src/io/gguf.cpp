@@ -400,13 +400,7 @@ Tensor GgufFile::to_f32(const GgufTensorInfo& t) const {
       path_.string(), ": tensor ", shown(t.name), " does not describe bytes of this file");
   // Every element is written below (by the threads that dequantize it, so that they, not one
   // memset, fault the pages in): no zero fill.
-  Tensor r;
-  r.shape = t.shape();
-  const size_t bytes = (r.nbytes() + 63) / 64 * 64;
-  void* mem = std::aligned_alloc(64, bytes ? bytes : 64);
-  if (!mem) throw std::bad_alloc();
-  r.storage = std::shared_ptr<void>(mem, std::free);
-  r.data = mem;
+  Tensor r = Tensor::uninitialized(DType::F32, t.shape());
   const int64_t row = t.ne[0], rows = row ? t.numel() / row : 0;
   const size_t row_bytes = size_t(row / ggml_block_elems(t.type)) * ggml_block_bytes(t.type);
   const uint8_t* src = data(t);
