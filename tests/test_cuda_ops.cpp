@@ -219,7 +219,7 @@ TEST_P(CudaOps, Norms) {
   };
   const Case cases[] = {{1, 64, 0, 0},    {3, 100, 4, 2}, {17, 4096, 0, 0},
                         {2, 1000, 24, 8}, {5, 513, 0, 0}, {1, 16, 0, 0}};
-  for (NormKind kind : {NormKind::RMS, NormKind::RMSPlusOne, NormKind::Layer}) {
+  for (NormKind kind : {NormKind::RMS, NormKind::RMSPlusOne, NormKind::Layer, NormKind::None}) {
     for (const Case& c : cases) {
       const std::string what = cat("norm kind=", int(kind), " rows=", c.rows, " dim=", c.dim);
       const int64_t ldx = c.dim + c.ldx_pad, ldy = c.dim + c.ldy_pad;
@@ -257,7 +257,7 @@ TEST_P(CudaOps, Norms) {
 }
 
 TEST_P(CudaOps, AddNorm) {
-  for (NormKind kind : {NormKind::RMS, NormKind::RMSPlusOne, NormKind::Layer}) {
+  for (NormKind kind : {NormKind::RMS, NormKind::RMSPlusOne, NormKind::Layer, NormKind::None}) {
     for (int64_t rows : {1, 3, 17}) {
       for (int64_t dim : {64, 100, 2048}) {
         const std::string what = cat("add_norm kind=", int(kind), " rows=", rows, " dim=", dim);
@@ -284,8 +284,9 @@ TEST_P(CudaOps, AddNorm) {
 }
 
 TEST_P(CudaOps, HeadNorm) {
-  for (int64_t hd : {16, 32, 128}) {
-    for (int64_t heads : {2, 4}) {
+  // hd 4096, one head: OLMo 2's q/k norms over the whole projection (Knobs::qk_norm_full).
+  for (int64_t hd : {16, 32, 128, 4096}) {
+    for (int64_t heads : {1, 2, 4}) {
       const int64_t n = 3, ld = heads * hd + 24;  // q|k|v-like rows: only the first part normed
       auto x = rnd(size_t(n * ld), 1.5f);
       auto [wh, wd] = vec(hd, 1.0f, 0.2f);
@@ -501,19 +502,23 @@ TEST_P(CudaOps, Rope) {
                  cat("rope n=", c.n, " hd=", c.hd, " rot=", c.rot));
   }
 }
-// The LM head: F32 logits whatever the activation dtype, soft-capped or not; GEMV and cuBLASLt
-// sizes.
+// The LM head: F32 logits whatever the activation dtype, soft-capped or not, with a bias or not
+// (Phi); GEMV and cuBLASLt sizes.
 TEST_P(CudaOps, Logits) {
   for (const int64_t n : {1, 2, 3, 9}) {
     for (const float cap : {0.0f, 30.0f}) {
       const int64_t in = 256, out = 1001;
       auto x = rnd(size_t(n * in));
       auto [wh, wd] = matrix(out, in, 4.0f / std::sqrt(float(in)));
+      // The bias where there is no cap (Phi has no cap; both at once run the same code).
+      auto [bh, bd] = vec(out, 0.0f, 1.0f);
+      const Tensor* bias_h = cap > 0 ? nullptr : &bh;
+      const Tensor* bias_d = cap > 0 ? nullptr : &bd;
       std::vector<float> want(size_t(n * out));
-      cpu->logits(x.data(), n, in, wh, cap, want.data());
+      cpu->logits(x.data(), n, in, wh, bias_h, cap, want.data());
       auto* yd = static_cast<float*>(gpu->alloc(size_t(n * out) * 4));
       allocs.push_back(yd);
-      gpu->logits(up(x), n, in, wd, cap, yd);
+      gpu->logits(up(x), n, in, wd, bias_d, cap, yd);
       std::vector<float> got(size_t(n * out));
       gpu->to_host(got.data(), yd, got.size() * 4);
       // F32 out: only the products' accumulation order differs from the CPU, in every dtype.
@@ -523,8 +528,8 @@ TEST_P(CudaOps, Logits) {
       std::normal_distribution<float> nd(0.0f, 1.0f);
       std::vector<float> xf(size_t(n * in));
       for (auto& v : xf) v = nd(rng);
-      cpu->logits(xf.data(), n, in, wh, cap, want.data());
-      gpu->logits(up_raw(xf), n, in, wd, cap, yd, true);
+      cpu->logits(xf.data(), n, in, wh, bias_h, cap, want.data());
+      gpu->logits(up_raw(xf), n, in, wd, bias_d, cap, yd, true);
       gpu->to_host(got.data(), yd, got.size() * 4);
       expect_close(got, out, want, out, n, out, cat("logits from F32 n=", n, " cap=", cap),
                    n <= 2 || dt == DType::F32 ? 1e-5 : tolerance(dt));

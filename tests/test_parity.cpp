@@ -55,7 +55,8 @@ INSTANTIATE_TEST_SUITE_P(Hf, Parity,
                          ::testing::Values("llama", "llama31_rope", "mistral_swa", "qwen2", "qwen3",
                                            "gemma", "gemma2", "gemma3_text", "phi3", "gpt2",
                                            "mixtral", "qwen2_moe", "gemma_tied", "gemma2_tied",
-                                           "gemma3_tied"));
+                                           "gemma3_tied", "qwen3_moe", "starcoder2", "granite",
+                                           "phi", "gpt_neox", "gpt_neox_seq", "cohere", "olmo2"));
 
 TEST(Engine, RoundTripIsBitIdentical) {
   TempDir tmp;

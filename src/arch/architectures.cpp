@@ -242,6 +242,130 @@ std::vector<ArchSpec> make_registry() {
     a.knobs.routing = Routing::SoftmaxTopK;
     r.push_back(a);
   }
+  {
+    ArchSpec a;
+    a.name = "Starcoder2ForCausalLM";
+    const std::string L = "model.layers.{layer}.", C = "layers.{layer}.";
+    a.tensors = with(llama_tensors(), {{L + "mlp.c_fc.weight", C + "w_up"},
+                                       {L + "mlp.c_fc.bias", C + "b_up"},
+                                       {L + "mlp.c_proj.weight", C + "w_down"},
+                                       {L + "mlp.c_proj.bias", C + "b_down"},
+                                       {L + "input_layernorm.bias", C + "attn_norm.bias"},
+                                       {L + "post_attention_layernorm.bias", C + "ffn_norm.bias"},
+                                       {"model.norm.bias", "final_norm.bias"}});
+    a.ignored = kLlamaIgnored;
+    a.knobs.norm = NormKind::Layer;
+    a.knobs.norm_bias = a.knobs.qkv_bias = a.knobs.o_bias = a.knobs.mlp_bias = true;
+    a.knob_keys = {{"qkv_bias", "use_bias"}, {"o_bias", "use_bias"}, {"mlp_bias", "use_bias"}};
+    a.knobs.gated_mlp = false;
+    a.knobs.tied_embeddings_default = true;
+    a.keys = {{"norm_eps", {"norm_epsilon"}}};
+    a.default_act = "gelu_pytorch_tanh";
+    r.push_back(a);
+  }
+  {
+    // Llama with four scalars (config keys below).
+    ArchSpec a;
+    a.name = "GraniteForCausalLM";
+    a.tensors = llama_tensors();
+    a.ignored = kLlamaIgnored;
+    a.knob_keys = {
+        {"qkv_bias", "attention_bias"}, {"o_bias", "attention_bias"}, {"mlp_bias", "mlp_bias"}};
+    a.keys = {{"embed_multiplier", {"embedding_multiplier"}},
+              {"residual_multiplier", {"residual_multiplier"}},
+              {"attn_multiplier", {"attention_multiplier"}},
+              {"logit_divisor", {"logits_scaling"}}};
+    r.push_back(a);
+  }
+  {
+    ArchSpec a;
+    a.name = "PhiForCausalLM";
+    const std::string L = "model.layers.{layer}.", C = "layers.{layer}.";
+    a.tensors = with(llama_tensors(), {{L + "input_layernorm.bias", C + "attn_norm.bias"},
+                                       {L + "self_attn.dense.weight", C + "wo"},
+                                       {L + "self_attn.dense.bias", C + "bo"},
+                                       {L + "self_attn.q_layernorm.weight", C + "q_norm"},
+                                       {L + "self_attn.q_layernorm.bias", C + "q_norm.bias"},
+                                       {L + "self_attn.k_layernorm.weight", C + "k_norm"},
+                                       {L + "self_attn.k_layernorm.bias", C + "k_norm.bias"},
+                                       {L + "mlp.fc1.weight", C + "w_up"},
+                                       {L + "mlp.fc1.bias", C + "b_up"},
+                                       {L + "mlp.fc2.weight", C + "w_down"},
+                                       {L + "mlp.fc2.bias", C + "b_down"},
+                                       {"model.final_layernorm.weight", "final_norm"},
+                                       {"model.final_layernorm.bias", "final_norm.bias"},
+                                       {"lm_head.bias", "lm_head.bias"}});
+    a.ignored = kLlamaIgnored;
+    a.knobs.norm = NormKind::Layer;
+    a.knobs.norm_bias = a.knobs.qkv_bias = a.knobs.o_bias = a.knobs.mlp_bias = true;
+    a.knobs.gated_mlp = false;
+    a.knobs.parallel_block = a.knobs.shared_block_norm = true;
+    a.knobs.lm_head_bias = true;
+    a.knob_keys = {{"qk_norm", "qk_layernorm"}};
+    a.default_act = "gelu_new";
+    r.push_back(a);
+  }
+  {
+    ArchSpec a;
+    a.name = "GPTNeoXForCausalLM";
+    const std::string L = "gpt_neox.layers.{layer}.", C = "layers.{layer}.";
+    a.tensors = {{"gpt_neox.embed_in.weight", "embed"},
+                 {"gpt_neox.final_layer_norm.weight", "final_norm"},
+                 {"gpt_neox.final_layer_norm.bias", "final_norm.bias"},
+                 {"embed_out.weight", "lm_head"},
+                 {L + "input_layernorm.weight", C + "attn_norm"},
+                 {L + "input_layernorm.bias", C + "attn_norm.bias"},
+                 {L + "attention.query_key_value.weight", C + "wqkv", false, true},
+                 {L + "attention.query_key_value.bias", C + "bqkv", false, true},
+                 {L + "attention.dense.weight", C + "wo"},
+                 {L + "attention.dense.bias", C + "bo"},
+                 {L + "post_attention_layernorm.weight", C + "ffn_norm"},
+                 {L + "post_attention_layernorm.bias", C + "ffn_norm.bias"},
+                 {L + "mlp.dense_h_to_4h.weight", C + "w_up"},
+                 {L + "mlp.dense_h_to_4h.bias", C + "b_up"},
+                 {L + "mlp.dense_4h_to_h.weight", C + "w_down"},
+                 {L + "mlp.dense_4h_to_h.bias", C + "b_down"}};
+    a.ignored = {"gpt_neox.layers.{layer}.attention.rotary_emb.inv_freq",
+                 "gpt_neox.layers.{layer}.attention.bias",
+                 "gpt_neox.layers.{layer}.attention.masked_bias"};
+    a.knobs.norm = NormKind::Layer;
+    a.knobs.norm_bias = a.knobs.qkv_bias = a.knobs.o_bias = a.knobs.mlp_bias = true;
+    a.knob_keys = {{"qkv_bias", "attention_bias"},
+                   {"o_bias", "attention_bias"},
+                   {"parallel_block", "use_parallel_residual"}};
+    a.knobs.gated_mlp = false;
+    a.knobs.parallel_block = true;
+    a.keys = {{"norm_eps", {"layer_norm_eps"}}};
+    a.default_act = "gelu";
+    r.push_back(a);
+  }
+  {
+    ArchSpec a;
+    a.name = "CohereForCausalLM";
+    const std::string L = "model.layers.{layer}.", C = "layers.{layer}.";
+    a.tensors = with(llama_tensors(), {{L + "self_attn.q_norm.weight", C + "q_norm"},
+                                       {L + "self_attn.k_norm.weight", C + "k_norm"}});
+    a.ignored = kLlamaIgnored;
+    a.knobs.norm = NormKind::Layer;  // mean-centred, weight only
+    a.knobs.parallel_block = a.knobs.shared_block_norm = true;
+    a.knobs.rope_interleaved = true;
+    a.knobs.tied_embeddings_default = true;
+    a.knob_keys = {
+        {"qkv_bias", "attention_bias"}, {"o_bias", "attention_bias"}, {"qk_norm", "use_qk_norm"}};
+    a.keys = {{"logit_multiplier", {"logit_scale"}}};
+    r.push_back(a);
+  }
+  {
+    ArchSpec a;
+    a.name = "Olmo2ForCausalLM";
+    a.tensors = gemma2_tensors();  // post_attention_layernorm is a post norm here too
+    a.ignored = kLlamaIgnored;
+    a.knobs.pre_norm = false;
+    a.knobs.post_attn_norm = a.knobs.post_ffn_norm = true;
+    a.knobs.qk_norm = a.knobs.qk_norm_full = true;
+    a.knob_keys = {{"qkv_bias", "attention_bias"}, {"o_bias", "attention_bias"}};
+    r.push_back(a);
+  }
   return r;
 }
 

@@ -14,7 +14,8 @@ using json = nlohmann::json;
 
 NLOHMANN_JSON_SERIALIZE_ENUM(NormKind, {{NormKind::RMS, "rms"},
                                         {NormKind::RMSPlusOne, "rms_plus_one"},
-                                        {NormKind::Layer, "layer"}})
+                                        {NormKind::Layer, "layer"},
+                                        {NormKind::None, "none"}})
 NLOHMANN_JSON_SERIALIZE_ENUM(Activation, {{Activation::SiLU, "silu"},
                                           {Activation::GeluTanh, "gelu_tanh"},
                                           {Activation::GeluErf, "gelu"},
@@ -29,10 +30,13 @@ NLOHMANN_JSON_SERIALIZE_ENUM(RopeType, {{RopeType::None, "none"},
 NLOHMANN_JSON_SERIALIZE_ENUM(Routing,
                              {{Routing::None, "none"}, {Routing::SoftmaxTopK, "softmax_topk"}})
 
-NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(Knobs, norm, norm_bias, qkv_bias, o_bias, mlp_bias, gated_mlp,
-                                   qk_norm, post_attn_norm, post_ffn_norm, embed_scale_sqrt_hidden,
-                                   learned_positions, rope, tied_embeddings_default, routing,
-                                   shared_expert)
+// With defaults: engines written before a knob existed load with the knob's default.
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE_WITH_DEFAULT(Knobs, norm, norm_bias, qkv_bias, o_bias, mlp_bias,
+                                                gated_mlp, qk_norm, post_attn_norm, post_ffn_norm,
+                                                embed_scale_sqrt_hidden, learned_positions, rope,
+                                                tied_embeddings_default, routing, shared_expert,
+                                                pre_norm, parallel_block, shared_block_norm,
+                                                qk_norm_full, lm_head_bias, rope_interleaved)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LayerConfig, sliding_window, rope, moe)
 
 namespace {
@@ -254,6 +258,10 @@ void check_values(const ModelConfig& m, const std::string& file) {
   positive(m.norm_eps, "rms_norm_eps / layer_norm_eps");
   if (m.norm_eps > 1) fail("rms_norm_eps / layer_norm_eps", cat("= ", m.norm_eps, " is above 1"));
   positive(m.attn_scale, "query_pre_attn_scalar (the attention scale)");
+  for (const auto& [v, field] : {std::pair{m.embed_multiplier, "embedding_multiplier"},
+                                 std::pair{m.residual_multiplier, "residual_multiplier"},
+                                 std::pair{m.logit_multiplier, "logit_scale / logits_scaling"}})
+    positive(v, field);
   // Soft-caps: 0 is off; a cap below 1 squashes every logit into (-cap, cap): degenerate.
   for (const auto& [v, field] : {std::pair{m.attn_softcap, "attn_logit_softcapping"},
                                  std::pair{m.final_softcap, "final_logit_softcapping"}})
@@ -306,10 +314,13 @@ static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std
   m.architecture = spec.name;
   m.knobs = spec.knobs;
   for (const auto& [knob, key] : spec.knob_keys) {
-    bool* k = knob == "qkv_bias"   ? &m.knobs.qkv_bias
-              : knob == "o_bias"   ? &m.knobs.o_bias
-              : knob == "mlp_bias" ? &m.knobs.mlp_bias
-                                   : nullptr;
+    bool* k = knob == "qkv_bias"         ? &m.knobs.qkv_bias
+              : knob == "o_bias"         ? &m.knobs.o_bias
+              : knob == "mlp_bias"       ? &m.knobs.mlp_bias
+              : knob == "norm_bias"      ? &m.knobs.norm_bias
+              : knob == "parallel_block" ? &m.knobs.parallel_block
+              : knob == "qk_norm"        ? &m.knobs.qk_norm
+                                         : nullptr;
     if (!k) throw Error(cat("architecture table ", spec.name, ": unknown knob '", knob, "'"));
     *k = rd.boolean(key, *k);
   }
@@ -341,11 +352,26 @@ static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std
   // Gemma 2/3 scale queries by query_pre_attn_scalar instead of head_dim.
   if (rd.find({"query_pre_attn_scalar"}))
     m.attn_scale = 1.0 / std::sqrt(rd.number({"query_pre_attn_scalar"}, double(m.head_dim)));
+  if (const auto it = spec.keys.find("attn_multiplier");
+      it != spec.keys.end() && rd.find(it->second))
+    m.attn_scale = rd.number(it->second, m.attn_scale);
+  m.embed_multiplier = rd.number(keys("embed_multiplier", {}), 1.0);
+  m.residual_multiplier = rd.number(keys("residual_multiplier", {}), 1.0);
+  m.logit_multiplier = rd.number(keys("logit_multiplier", {}), 1.0);
+  // Granite divides its logits by logits_scaling.
+  if (const auto it = spec.keys.find("logit_divisor");
+      it != spec.keys.end() && rd.find(it->second)) {
+    const double d = rd.number(it->second, 1.0);
+    if (!std::isfinite(d) || d <= 0)
+      throw Error(cat(file, ": field '", it->second[0], "' must be a finite number > 0"));
+    m.logit_multiplier = 1.0 / d;
+  }
   m.attn_softcap = rd.number({"attn_logit_softcapping"}, 0.0);
   m.final_softcap = rd.number({"final_logit_softcapping"}, 0.0);
 
   if (m.knobs.routing != Routing::None) {
-    m.num_experts = rd.integer(keys("num_experts", {"num_experts"}));
+    // transformers 5 renamed Qwen-MoE's num_experts to num_local_experts (Mixtral's name).
+    m.num_experts = rd.integer(keys("num_experts", {"num_experts", "num_local_experts"}));
     m.experts_per_token = rd.integer({"num_experts_per_tok"});
     m.moe_intermediate_size = rd.integer(keys("moe_intermediate_size", {"moe_intermediate_size"}));
     if (m.knobs.shared_expert)
@@ -454,6 +480,18 @@ static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std
       throw Error(cat(file, ": field 'eos_token_id' must be an integer or a list of integers"));
   }
   check_values(m, file);
+  // The folds of residual_multiplier / logit_multiplier (ModelConfig) are exact only where the
+  // scaled weights feed the residual add / the logits linearly.
+  if (m.knobs.parallel_block && !m.knobs.pre_norm)
+    throw Error(cat(file, ": a parallel attention / FFN block needs input norms"));
+  if (m.residual_multiplier != 1 && (m.knobs.post_attn_norm || m.knobs.post_ffn_norm))
+    throw Error(cat(file,
+                    ": residual_multiplier with post-attention / post-FFN norms is not "
+                    "supported"));
+  if (m.logit_multiplier != 1 && (m.knobs.norm == NormKind::RMSPlusOne || m.final_softcap > 0))
+    throw Error(cat(file, ": a logit scale with ",
+                    m.final_softcap > 0 ? "final_logit_softcapping" : "(1 + w) norms",
+                    " is not supported"));
   for (size_t i = 0; i < m.ropes.size(); ++i)
     if (m.ropes[i].type != RopeType::None &&
         (m.rotary_dim(int(i)) <= 0 || m.rotary_dim(int(i)) > m.head_dim))
@@ -510,6 +548,9 @@ json to_json(const ModelConfig& m) {
             {"attn_scale", m.attn_scale},
             {"attn_softcap", m.attn_softcap},
             {"final_softcap", m.final_softcap},
+            {"embed_multiplier", m.embed_multiplier},
+            {"residual_multiplier", m.residual_multiplier},
+            {"logit_multiplier", m.logit_multiplier},
             {"num_experts", m.num_experts},
             {"experts_per_token", m.experts_per_token},
             {"moe_intermediate_size", m.moe_intermediate_size},
@@ -540,6 +581,10 @@ ModelConfig model_config_from_json(const json& j) {
   j.at("attn_scale").get_to(m.attn_scale);
   j.at("attn_softcap").get_to(m.attn_softcap);
   j.at("final_softcap").get_to(m.final_softcap);
+  // Absent from engines written before these existed: 1.
+  m.embed_multiplier = j.value("embed_multiplier", 1.0);
+  m.residual_multiplier = j.value("residual_multiplier", 1.0);
+  m.logit_multiplier = j.value("logit_multiplier", 1.0);
   j.at("num_experts").get_to(m.num_experts);
   j.at("experts_per_token").get_to(m.experts_per_token);
   j.at("moe_intermediate_size").get_to(m.moe_intermediate_size);

@@ -11,7 +11,9 @@
 
 namespace kiln {
 
-enum class NormKind { RMS, RMSPlusOne, Layer };  // RMSPlusOne: Gemma's x * (1 + w)
+// RMSPlusOne: Gemma's x * (1 + w). None: no norm (y = x), for blocks without an input norm
+// (OLMo 2); its weight and bias are not read.
+enum class NormKind { RMS, RMSPlusOne, Layer, None };
 enum class Activation { SiLU, GeluTanh, GeluErf, ReLU };
 enum class RopeType { None, Default, Linear, Dynamic, Llama3, Yarn, LongRope };
 enum class Routing { None, SoftmaxTopK };  // MoE router
@@ -33,6 +35,20 @@ struct Knobs {
   bool tied_embeddings_default = false;
   Routing routing = Routing::None;
   bool shared_expert = false;  // always-on expert with a sigmoid gate
+  // Attention and FFN read normed inputs (attn_norm, ffn_norm). Off: both read the residual
+  // stream itself and only the post norms exist (OLMo 2).
+  bool pre_norm = true;
+  // Attention and FFN both read the block's input and their sum is added once (GPT-J style:
+  // Phi, GPT-NeoX, Cohere, Falcon); `shared_block_norm`: the FFN reads the attention's normed
+  // input (no ffn_norm), else its own ffn_norm of the block input (GPT-NeoX).
+  bool parallel_block = false;
+  bool shared_block_norm = false;
+  bool qk_norm_full = false;  // q/k norms over the whole projection, not per head (OLMo 2)
+  bool lm_head_bias = false;  // Phi
+  // RoPE rotates adjacent pairs (2i, 2i + 1) instead of (i, i + rot / 2) (Cohere). The build
+  // permutes q and k rows into the half-split order, so the graph's rope is unchanged (scores
+  // q.k do not depend on the order of head dimensions as long as q and k share it).
+  bool rope_interleaved = false;
 };
 
 struct RopeConfig {
@@ -65,7 +81,12 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   std::vector<RopeConfig> ropes;
   std::vector<LayerConfig> layers;
-  double attn_scale = 0;     // multiplies q.k; default 1/sqrt(head_dim)
+  double attn_scale = 0;  // multiplies q.k; default 1/sqrt(head_dim)
+  // Granite / Cohere scalars. embed_multiplier scales the token embeddings as they are read.
+  // residual_multiplier (what each block adds to the residual stream) and logit_multiplier
+  // (what the logits are multiplied by) are folded into the weights at build (wo, bo, w_down,
+  // b_down; the final norm), so an engine stores the products and these record the values.
+  double embed_multiplier = 1, residual_multiplier = 1, logit_multiplier = 1;
   double attn_softcap = 0;   // 0: off
   double final_softcap = 0;  // 0: off
   int64_t num_experts = 0, experts_per_token = 0, moe_intermediate_size = 0,

@@ -13,11 +13,14 @@
 namespace kiln {
 
 // `hf` may contain `{layer}` and `{expert}` (decimal indices); `canonical` uses the same
-// placeholders. `transpose`: the checkpoint stores [in, out] (GPT-2's Conv1D).
+// placeholders. `transpose`: the checkpoint stores [in, out] (GPT-2's Conv1D). `qkv_per_head`:
+// a fused QKV weight or bias whose rows are grouped per head, [heads][q, k, v][head_dim]
+// (GPT-NeoX), where kiln's wqkv is [q heads][k heads][v heads].
 struct TensorRule {
   std::string hf;
   std::string canonical;
   bool transpose = false;
+  bool qkv_per_head = false;
 };
 
 struct ArchSpec {

@@ -86,7 +86,88 @@ struct Source {
   bool awq = false;
   bool fp8 = false;              // E4M3 codes with a ".weight_scale" beside them
   std::string block_scale = {};  // block-wise FP8: its .weight_scale_inv (dequantized on load)
+  bool qkv_per_head = false;     // TensorRule::qkv_per_head
 };
+
+// What the build does to a source tensor's values on the way into the engine (see
+// row_transform): rows reordered (row i of the part is source row perm[i]) and values scaled.
+struct RowTransform {
+  std::vector<int64_t> perm;  // empty: identity
+  float scale = 1.0f;
+  bool identity() const { return perm.empty() && scale == 1.0f; }
+};
+
+// The layer index of a canonical "layers.L...." name, else -1.
+int64_t layer_of(const std::string& canon) {
+  if (canon.rfind("layers.", 0) != 0) return -1;
+  return std::stoll(canon.substr(7, canon.find('.', 7) - 7));
+}
+
+// The transform of canonical source `canon` (ModelConfig and Knobs say why each exists):
+//  * qkv_per_head (GPT-NeoX): [heads][q, k, v][hd] rows to kiln's [q heads][k heads][v heads];
+//  * Knobs::rope_interleaved (Cohere): within each q / k head, rotary pairs (2i, 2i + 1) to
+//    (i, i + rot / 2), the order the graph's rope rotates;
+//  * ModelConfig::residual_multiplier into what a block adds to the residual (wo, bo, w_down,
+//    b_down), ModelConfig::logit_multiplier into the final norm (and the LM head bias).
+RowTransform row_transform(const ModelConfig& c, const std::string& canon, bool qkv_per_head,
+                           const std::string& file) {
+  RowTransform t;
+  const std::string base = canon.substr(canon.rfind('.') + 1);
+  const bool final_bias = canon == "final_norm.bias" || canon == "lm_head.bias";
+  if (c.residual_multiplier != 1 &&
+      (base == "wo" || base == "bo" || base == "w_down" || base == "b_down"))
+    t.scale = float(c.residual_multiplier);
+  if (c.logit_multiplier != 1 && (canon == "final_norm" || final_bias))
+    t.scale = float(c.logit_multiplier);
+  const int64_t hd = c.head_dim, qd = c.q_dim(), kvd = c.kv_dim();
+  const bool fused = base == "wqkv" || base == "bqkv";
+  std::vector<int64_t> qkv;  // kiln row -> source row
+  if (qkv_per_head) {
+    KILN_CHECK(fused && c.num_kv_heads == c.num_heads, file, ": ", canon,
+               ": per-head fused QKV needs as many key/value heads as query heads");
+    for (int64_t e = 0; e < qd + 2 * kvd; ++e) {
+      const int64_t part = e / qd, within = e % qd;
+      qkv.push_back(within / hd * 3 * hd + part * hd + within % hd);
+    }
+  }
+  std::vector<int64_t> rope;  // engine row -> kiln row
+  const bool qk = base == "wq" || base == "wk" || base == "bq" || base == "bk" || fused ||
+                  base == "q_norm" || base == "k_norm";
+  if (c.knobs.rope_interleaved && qk) {
+    const int64_t l = std::max<int64_t>(layer_of(canon), 0);
+    const int64_t rot = c.rotary_dim(c.layers[size_t(l)].rope);
+    auto heads = [&](int64_t from, int64_t count) {
+      for (int64_t h = 0; h < count; ++h)
+        for (int64_t j = 0; j < hd; ++j)
+          rope[size_t(from + h * hd + j)] = from + h * hd +
+                                            (j >= rot      ? j
+                                             : j < rot / 2 ? 2 * j
+                                                           : 2 * (j - rot / 2) + 1);
+    };
+    KILN_CHECK(!c.knobs.qk_norm_full, file,
+               ": interleaved rope with whole-projection q/k norms "
+               "is not supported");
+    const int64_t rows = fused                          ? qd + 2 * kvd
+                         : base == "wq" || base == "bq" ? qd
+                         : base == "wk" || base == "bk" ? kvd
+                                                        : hd;
+    rope.resize(size_t(rows));
+    for (int64_t i = 0; i < rows; ++i) rope[size_t(i)] = i;  // v rows stay
+    if (fused) {
+      heads(0, c.num_heads);
+      heads(qd, c.num_kv_heads);
+    } else {
+      heads(0, rows / hd);
+    }
+  }
+  if (!rope.empty() && !qkv.empty()) {
+    for (auto& r : rope) r = qkv[size_t(r)];
+    t.perm = std::move(rope);
+  } else {
+    t.perm = !rope.empty() ? std::move(rope) : std::move(qkv);
+  }
+  return t;
+}
 
 // Output rows are made in blocks of this many elements per thread: the float staging buffer.
 constexpr int64_t kBlock = 4096;
@@ -121,6 +202,7 @@ struct Part {
   int64_t rows;               // rows it contributes to the engine tensor
   std::string block_scale;    // block-wise FP8: values are code * scale_inv[r / bh, c / bw]
   int64_t block[2] = {0, 0};  // its {bh, bw}
+  RowTransform transform = {};
 };
 
 std::string join_limited(const std::vector<std::string>& v) {
@@ -373,6 +455,7 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
       continue;
     }
     src[canon] = {hf, rule->transpose};
+    src[canon].qkv_per_head = rule->qkv_per_head;
   }
 
   // Each engine tensor comes from itself or from the parts it fuses.
@@ -440,6 +523,13 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
   auto wset = std::make_shared<WeightSet>(ws);
   WeightPlan out;
   for (const auto& [name, part_names] : plan) {
+    // Pre-quantized weights are copied as published: nothing reorders or scales them.
+    const auto as_published = [&] {
+      for (const auto& p : part_names)
+        KILN_CHECK(row_transform(c, p, src[p].qkv_per_head, ck.dir.string()).identity(),
+                   ck.dir.string(), ": ", src[p].hf, " is quantized in the checkpoint, and ",
+                   c.architecture, " reorders or scales it at build (not supported yet)");
+    };
     if (fp8) {
       size_t n_fp8 = 0;
       for (const auto& p : part_names) n_fp8 += src[p].fp8;
@@ -449,6 +539,7 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
                    quantized ? " is FP8 in part (kiln needs every part of a fused weight in FP8)"
                              : " is FP8 in the checkpoint, but kiln keeps this weight in the "
                                "engine dtype (not supported yet)");
+        as_published();
         for (auto& t : plan_fp8(wset, name, hf_names(part_names, src))) out.push_back(std::move(t));
         continue;
       }
@@ -465,6 +556,7 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
                                  "-quantized, but kiln keeps this weight in the engine dtype "
                                  "(not supported yet)"));
       if (quantized) {
+        as_published();
         for (auto& t : q == WeightQuant::Int8
                            ? plan_int8_ct(wset, name, hf_names(part_names, src), ck)
                            : plan_int4_packed(wset, name, hf_names(part_names, src), ck))
@@ -482,12 +574,18 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
                        src[p].transpose,
                        src[p].transpose ? s.back() : s.front(),
                        src[p].block_scale,
-                       {ck.fp8_block[0], ck.fp8_block[1]}});
+                       {ck.fp8_block[0], ck.fp8_block[1]},
+                       row_transform(c, p, src[p].qkv_per_head, ck.dir.string())});
+      KILN_CHECK(
+          parts.back().transform.identity() || (!src[p].transpose && src[p].block_scale.empty()),
+          ck.dir.string(), ": ", src[p].hf,
+          ": reordering or scaling a transposed or block-FP8 tensor is not supported");
       pt.shape = src[p].transpose ? Shape(s.rbegin(), s.rend()) : s;
     }
     pt.shape[0] = 0;
     for (const auto& p : parts) pt.shape[0] += p.rows;
-    if (parts.size() == 1 && !parts[0].transpose && ws.info(parts[0].hf).dtype == pt.dtype)
+    if (parts.size() == 1 && !parts[0].transpose && parts[0].transform.identity() &&
+        ws.info(parts[0].hf).dtype == pt.dtype)
       pt.view = [wset, hf = parts[0].hf] { return wset->get(hf); };  // nothing to convert
     const DType dt = pt.dtype;
     const size_t row_elems = size_t(numel(pt.shape) / std::max<int64_t>(pt.shape[0], 1));
@@ -517,6 +615,18 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
             }
             wset->drop_pages(p.hf, uint64_t(a - first) * row_elems,
                              uint64_t(b - first) * row_elems);
+          } else if (!p.transform.identity()) {
+            // Reordered or scaled rows (row_transform), one at a time through F32.
+            const RowTransform& tr = p.transform;
+            std::vector<float> row(row_elems);
+            for (int64_t r = a; r < b; ++r) {
+              const int64_t sr = tr.perm.empty() ? r - first : tr.perm[size_t(r - first)];
+              to_f32(t.dtype, static_cast<const char*>(t.data) + size_t(sr) * row_elems * es,
+                     row.data(), row_elems);
+              if (tr.scale != 1.0f)
+                for (float& v : row) v *= tr.scale;
+              from_f32(dt, row.data(), d + size_t(r - a) * row_elems * dtype_size(dt), row_elems);
+            }
           } else if (!p.transpose) {
             convert_elems(t.dtype,
                           static_cast<const char*>(t.data) + size_t(a - first) * row_elems * es, dt,

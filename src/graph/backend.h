@@ -141,11 +141,11 @@ class Backend {
   virtual void softcap(void* x, int64_t count, float cap) = 0;
   // Converts `count` activations to F32 (for logits read-back).
   virtual void to_f32(const void* x, int64_t count, float* host_out) = 0;
-  // F32 logits y[n, out] = x[n, in] . w^T, soft-capped when softcap > 0: the LM head, kept in
-  // F32 so 16-bit engines do not round logits (greedy ties) before sampling. x_f32: x is the
-  // F32 final hidden state (norm with f32_out) rather than activations.
-  virtual void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, float softcap,
-                      float* y, bool x_f32 = false) = 0;
+  // F32 logits y[n, out] = x[n, in] . w^T (+ bias, F32 [out], or nullptr), soft-capped when softcap
+  // > 0: the LM head, kept in F32 so 16-bit engines do not round logits (greedy ties) before
+  // sampling. x_f32: x is the F32 final hidden state (norm with f32_out) rather than activations.
+  virtual void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* bias,
+                      float softcap, float* y, bool x_f32 = false) = 0;
   // Picks one token per row of F32 logits [rows, vocab] (this device's memory) with the
   // settings of each row (host array); writes the ids to host memory. Synchronises. A row that
   // holds a NaN or +inf gets kNonFiniteLogits instead of a token: the model's output is broken,

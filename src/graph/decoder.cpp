@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "graph/layout.h"
 #include "graph/rope.h"
 
 namespace kiln {
@@ -74,10 +75,12 @@ void Decoder::build_attn(int64_t l, int64_t n) {
   void* k = at(qkv, qd);
   void* v = at(qkv, qd + kvd);
   if (c_.knobs.qk_norm) {
-    be_.head_norm(qkv, n, ld, c_.num_heads, hd, w_.at(p + "q_norm"), c_.knobs.norm,
-                  float(c_.norm_eps));
-    be_.head_norm(k, n, ld, c_.num_kv_heads, hd, w_.at(p + "k_norm"), c_.knobs.norm,
-                  float(c_.norm_eps));
+    // Per head, or (qk_norm_full) over all heads at once: one "head" of the whole width.
+    const bool full = c_.knobs.qk_norm_full;
+    be_.head_norm(qkv, n, ld, full ? 1 : c_.num_heads, full ? qd : hd, w_.at(p + "q_norm"),
+                  c_.knobs.norm, float(c_.norm_eps));
+    be_.head_norm(k, n, ld, full ? 1 : c_.num_kv_heads, full ? kvd : hd, w_.at(p + "k_norm"),
+                  c_.knobs.norm, float(c_.norm_eps));
   }
   const LayerConfig& lc = c_.layers[size_t(l)];
   const int r = lc.rope;
@@ -101,12 +104,10 @@ void Decoder::build_attn(int64_t l, int64_t n) {
   if (c_.knobs.post_attn_norm) build_norm(p + "post_attn_norm", o, n, o);
 }
 
-void Decoder::build_ffn(int64_t l, int64_t n) {
+void Decoder::build_ffn(int64_t l, int64_t n, const void* h, void* f) {
   const std::string p = "layers." + std::to_string(l) + ".";
   const int64_t I = c_.intermediate_size, H = c_.hidden_size;
   const size_t a = dtype_size(be_.act_dtype());
-  void* h = bufs_["h"].first;
-  void* f = buf("o", size_t(n * H) * a);
   void* act = buf("act", size_t(n * I) * a);
   if (c_.knobs.gated_mlp) {
     void* gu = buf("gu", size_t(n * 2 * I) * a);
@@ -119,7 +120,7 @@ void Decoder::build_ffn(int64_t l, int64_t n) {
   be_.linear(act, n, I, w_.at(p + "w_down"), w_.find(p + "b_down"), f, H);
 }
 
-void Decoder::build_moe_ffn(int64_t l, int64_t n) {
+void Decoder::build_moe_ffn(int64_t l, int64_t n, const void* h, void* f) {
   const std::string p = "layers." + std::to_string(l) + ".";
   std::vector<const Tensor*> gu, dn;
   for (int64_t e = 0; e < c_.num_experts; ++e) {
@@ -132,9 +133,18 @@ void Decoder::build_moe_ffn(int64_t l, int64_t n) {
                          w_.find(p + "shared.w_gate_up"),
                          w_.find(p + "shared.w_down"),
                          w_.find(p + "shared_gate")};
-  void* f = buf("o", size_t(n * c_.hidden_size) * dtype_size(be_.act_dtype()));
-  be_.moe_ffn(bufs_["h"].first, n, c_.hidden_size, mw, c_.num_experts, c_.experts_per_token,
-              c_.norm_topk_prob, c_.act, f);
+  be_.moe_ffn(h, n, c_.hidden_size, mw, c_.num_experts, c_.experts_per_token, c_.norm_topk_prob,
+              c_.act, f);
+}
+
+void Decoder::add_in_norm(void* residual, const void* delta, int64_t n, const std::string& name,
+                          void* y) {
+  // "": no norm, the layers read the residual stream itself (NormKind::None: the norm weight
+  // is not read; final_norm stands in as a valid F32 tensor).
+  const bool none = name.empty();
+  be_.add_norm(residual, delta, n, c_.hidden_size, w_.at(none ? "final_norm" : name),
+               none ? nullptr : w_.find(name + ".bias"), none ? NormKind::None : c_.knobs.norm,
+               float(c_.norm_eps), y);
 }
 
 void Decoder::build_forward(const int32_t* d_tok, int64_t n, int64_t first, int64_t rows,
@@ -143,26 +153,49 @@ void Decoder::build_forward(const int32_t* d_tok, int64_t n, int64_t first, int6
   const size_t a = dtype_size(be_.act_dtype());
   void* x = buf("x", size_t(n * H) * 4);  // the residual stream: F32 on every backend
   void* h = buf("h", size_t(n * H) * a);
-  const float escale = c_.knobs.embed_scale_sqrt_hidden ? std::sqrt(float(H)) : 1.0f;
+  const float escale =
+      float((c_.knobs.embed_scale_sqrt_hidden ? std::sqrt(double(H)) : 1.0) * c_.embed_multiplier);
   be_.embed(w_.at("embed"), d_tok, n, escale, x);
   if (c_.knobs.learned_positions) be_.add_rows(w_.at("pos_embed"), d_pos_, n, x);
-  build_norm("layers.0.attn_norm", x, n, h, true);
+  if (c_.knobs.pre_norm)
+    build_norm("layers.0.attn_norm", x, n, h, true);
+  else  // h = x in the activation dtype
+    be_.norm(x, n, H, H, w_.at("final_norm"), nullptr, NormKind::None, float(c_.norm_eps), h, H,
+             true);
   for (int64_t l = 0; l < c_.num_layers; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
+    const std::string next = l + 1 == c_.num_layers ? "final_norm"
+                             : c_.knobs.pre_norm ? "layers." + std::to_string(l + 1) + ".attn_norm"
+                                                 : "";
+    const bool moe = c_.layers[size_t(l)].moe;
+    if (c_.knobs.parallel_block) {
+      // x += attn(norm(x)) + ffn(norm'(x)); norm' is the same norm under shared_block_norm.
+      void* f = buf("f", size_t(n * H) * a);
+      const void* fin = h;
+      if (!c_.knobs.shared_block_norm) {
+        void* h2 = buf("h2", size_t(n * H) * a);
+        build_norm(p + "ffn_norm", x, n, h2, true);
+        fin = h2;
+      }
+      if (!moe)
+        build_ffn(l, n, fin, f);
+      else
+        build_moe_ffn(l, n, fin, f);
+      build_attn(l, n);
+      void* o = bufs_["o"].first;
+      be_.add(o, f, n * H);
+      add_in_norm(x, o, n, next, h);
+      continue;
+    }
     build_attn(l, n);
-    const std::string ffn_norm = p + "ffn_norm";
-    be_.add_norm(x, bufs_["o"].first, n, H, w_.at(ffn_norm), w_.find(ffn_norm + ".bias"),
-                 c_.knobs.norm, float(c_.norm_eps), h);
-    if (!c_.layers[size_t(l)].moe)
-      build_ffn(l, n);
+    add_in_norm(x, bufs_["o"].first, n, has_ffn_norm(c_) ? p + "ffn_norm" : "", h);
+    void* f = buf("o", size_t(n * H) * a);
+    if (!moe)
+      build_ffn(l, n, h, f);
     else
-      build_moe_ffn(l, n);
-    void* f = bufs_["o"].first;
+      build_moe_ffn(l, n, h, f);
     if (c_.knobs.post_ffn_norm) build_norm(p + "post_ffn_norm", f, n, f);
-    const std::string next =
-        l + 1 < c_.num_layers ? "layers." + std::to_string(l + 1) + ".attn_norm" : "final_norm";
-    be_.add_norm(x, f, n, H, w_.at(next), w_.find(next + ".bias"), c_.knobs.norm,
-                 float(c_.norm_eps), h);
+    add_in_norm(x, f, n, next, h);
   }
   // The LM head reads the final norm of the F32 residual in F32 (not the rounded h): for 16-bit
   // engines that is one rounding less right where it moves logits most.
@@ -178,7 +211,7 @@ void Decoder::build_forward(const int32_t* d_tok, int64_t n, int64_t first, int6
            float(c_.norm_eps), hf, H, true, true);
   auto* logits = static_cast<float*>(buf("logits", size_t(rows * V) * 4));
   be_.logits(hf, rows, H, c_.tie_word_embeddings ? w_.at("embed") : w_.at("lm_head"),
-             float(c_.final_softcap), logits, true);
+             w_.find("lm_head.bias"), float(c_.final_softcap), logits, true);
 }
 
 namespace {

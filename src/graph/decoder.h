@@ -72,8 +72,12 @@ class Decoder {
   void build_norm(const std::string& name, const void* x, int64_t n, void* y,
                   bool residual_in = false);
   void build_attn(int64_t l, int64_t n);
-  void build_ffn(int64_t l, int64_t n);
-  void build_moe_ffn(int64_t l, int64_t n);
+  // FFN of layer l over `in` (activations [n, hidden]) into `out`.
+  void build_ffn(int64_t l, int64_t n, const void* in, void* out);
+  void build_moe_ffn(int64_t l, int64_t n, const void* in, void* out);
+  // residual += delta; y = the norm `name` of the residual ("": none, y = residual in the
+  // activation dtype, for models without pre-norms, Knobs::pre_norm).
+  void add_in_norm(void* residual, const void* delta, int64_t n, const std::string& name, void* y);
   // The whole network over n rows whose inputs are in place; logits of `rows` rows (from row
   // `first`, or the rows listed at d_rows when given) go to the "logits" buffer.
   void build_forward(const int32_t* d_tok, int64_t n, int64_t first, int64_t rows,

@@ -28,6 +28,10 @@ void norm_specs(const ModelConfig& c, const std::string& name, std::vector<Weigh
 
 }  // namespace
 
+bool has_ffn_norm(const ModelConfig& c) {
+  return c.knobs.pre_norm && !(c.knobs.parallel_block && c.knobs.shared_block_norm);
+}
+
 bool quantizes(WeightQuant q, WeightRole r) {
   return q != WeightQuant::None && (r == WeightRole::ColumnLinear || r == WeightRole::RowLinear);
 }
@@ -44,17 +48,18 @@ std::vector<WeightSpec> plain_layout(const ModelConfig& c) {
     r.push_back({"pos_embed", {c.max_position_embeddings, H}, R::Embedding});
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
-    norm_specs(c, p + "attn_norm", r);
+    if (c.knobs.pre_norm) norm_specs(c, p + "attn_norm", r);
     r.push_back({p + "wqkv", {qkv, H}, R::ColumnLinear});
     if (c.knobs.qkv_bias) r.push_back({p + "bqkv", {qkv}, R::Vector});
     if (c.knobs.qk_norm) {
-      r.push_back({p + "q_norm", {hd}, R::Vector});
-      r.push_back({p + "k_norm", {hd}, R::Vector});
+      const bool full = c.knobs.qk_norm_full;
+      r.push_back({p + "q_norm", {full ? c.q_dim() : hd}, R::Vector});
+      r.push_back({p + "k_norm", {full ? c.kv_dim() : hd}, R::Vector});
     }
     r.push_back({p + "wo", {H, c.q_dim()}, R::RowLinear});
     if (c.knobs.o_bias) r.push_back({p + "bo", {H}, R::Vector});
     if (c.knobs.post_attn_norm) norm_specs(c, p + "post_attn_norm", r);
-    norm_specs(c, p + "ffn_norm", r);
+    if (has_ffn_norm(c)) norm_specs(c, p + "ffn_norm", r);
     if (!c.layers[size_t(l)].moe) {
       ffn_specs(c, p, c.intermediate_size, false, r);
     } else {
@@ -71,6 +76,7 @@ std::vector<WeightSpec> plain_layout(const ModelConfig& c) {
   }
   norm_specs(c, "final_norm", r);
   if (!c.tie_word_embeddings) r.push_back({"lm_head", {V, H}, R::LmHead});
+  if (c.knobs.lm_head_bias) r.push_back({"lm_head.bias", {V}, R::Vector});
   return r;
 }
 
@@ -128,6 +134,7 @@ Shape source_shape(const ModelConfig& c, const std::string& name) {
   const int64_t qd = c.q_dim(), kvd = c.kv_dim();
   if (!in_layer) {
     if (base == "embed" || base == "lm_head") return {c.vocab_size, H};
+    if (base == "lm_head.bias") return {c.vocab_size};
     if (base == "pos_embed") return {c.max_position_embeddings, H};
     if (base == "final_norm" || base == "final_norm.bias") return {H};
     return {};
@@ -140,7 +147,8 @@ Shape source_shape(const ModelConfig& c, const std::string& name) {
   if (base == "bqkv") return {qd + 2 * kvd};
   if (base == "wo") return {H, qd};
   if (base == "bo" || base == "b_down") return {H};
-  if (base == "q_norm" || base == "k_norm") return {hd};
+  if (base == "q_norm") return {c.knobs.qk_norm_full ? qd : hd};
+  if (base == "k_norm") return {c.knobs.qk_norm_full ? kvd : hd};
   if (base.find("norm") != std::string::npos) return {H};
   if (base == "w_gate" || base == "w_up") return {I, H};
   if (base == "b_gate" || base == "b_up") return {I};

@@ -43,6 +43,8 @@ struct WeightSpec {
   }
 };
 
+// Whether the FFN reads its own norm, layers.L.ffn_norm (see Knobs::pre_norm, parallel_block).
+bool has_ffn_norm(const ModelConfig& c);
 // Whether scheme q rewrites weights of role r. Weight-only schemes take the dense linears,
 // where decode reads almost all of its bytes; embeddings, the LM head (F32 logits), routers and
 // experts (the MoE op gathers them in the engine dtype) keep the engine dtype.

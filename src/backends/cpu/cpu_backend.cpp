@@ -109,9 +109,10 @@ class CpuBackend final : public Backend {
   void to_f32(const void* x, int64_t count, float* out) override {
     std::memcpy(out, x, size_t(count) * 4);
   }
-  void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, float cap, float* y,
-              bool) override {
-    cpu::linear(F(x), n, w.shape[1], ldx, w.data, w.dtype, w.shape[0], nullptr, y, w.shape[0]);
+  void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* bias, float cap,
+              float* y, bool) override {
+    cpu::linear(F(x), n, w.shape[1], ldx, w.data, w.dtype, w.shape[0],
+                bias ? F(bias->data) : nullptr, y, w.shape[0]);
     if (cap > 0) cpu::softcap(y, n * w.shape[0], cap);
   }
   void sample_async(const float* logits, int64_t rows, int64_t vocab, const SampleParams* params,

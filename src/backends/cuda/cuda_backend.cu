@@ -393,10 +393,11 @@ class CudaBackend final : public Backend {
     if (prof_) prof_->harvest(true);
   }
 
-  void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, float cap, float* y,
-              bool x_f32) override {
+  void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* bias, float cap,
+              float* y, bool x_f32) override {
     Prof prof(prof_.get(), "logits");
     flush();
+    KILN_CHECK(!bias || bias->dtype == DType::F32, "CUDA logits: the LM head bias must be F32");
     KILN_CHECK(w.dtype == act_, "CUDA logits: weight dtype ", dtype_name(w.dtype),
                " differs from the activation dtype ", dtype_name(act_));
     const int64_t in = w.shape[1], out = w.shape[0];
@@ -404,6 +405,7 @@ class CudaBackend final : public Backend {
     x_f32 = x_f32 && act_ != DType::F32;
     if (gemv_ &&
         cuda::gemv(act_, x, n, ldx, w.data, in, out, nullptr, y, out, stream_, true, x_f32)) {
+      if (bias) cuda::bias_add(DType::F32, y, n, out, out, bias->ptr<float>(), stream_);
       if (cap > 0) cuda::softcap_f32(y, n * out, cap, stream_);
       return;
     }
@@ -416,6 +418,7 @@ class CudaBackend final : public Backend {
       x = xr, ldx = in;
     }
     lt_->run(act_, x, n, ldx, w.data, in, out, y, out, true);
+    if (bias) cuda::bias_add(DType::F32, y, n, out, out, bias->ptr<float>(), stream_);
     if (cap > 0) cuda::softcap_f32(y, n * out, cap, stream_);
   }
 

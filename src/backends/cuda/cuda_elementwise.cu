@@ -103,14 +103,15 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
   T* yr = y + r * ldy + h * dim;
   const float* __restrict__ w = h < nw.w2_from ? nw.w : nw.w2;
   const bool layer = kind == int(NormKind::Layer);
+  const bool ident = kind == int(NormKind::None);  // y = x: no weight read
   const float off = kind == int(NormKind::RMSPlusOne) ? 1.0f : 0.0f;
   float v[EPT], wv[EPT], bv[EPT];
 #pragma unroll
   for (int k = 0; k < EPT; ++k) {
     const int i = t + k * TPR;
     v[k] = i < len ? to_f(xr[i]) : 0.0f;
-    wv[k] = i < len ? w[i] + off : 0.0f;
-    bv[k] = i < len && nw.b ? nw.b[i] : 0.0f;
+    wv[k] = i < len ? (ident ? 1.0f : w[i] + off) : 0.0f;
+    bv[k] = i < len && nw.b && !ident ? nw.b[i] : 0.0f;
   }
   if constexpr (ADD) {
     float d[EPT];
@@ -138,7 +139,7 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
     var = vec_sum<TPR>(var, red);
     inv = 1.0f / sqrtf(var / float(dim) + eps);  // not rsqrtf: match the CPU's rounding
   } else {
-    inv = 1.0f / sqrtf(acc / float(dim) + eps);
+    inv = ident ? 1.0f : 1.0f / sqrtf(acc / float(dim) + eps);
   }
 #pragma unroll
   for (int k = 0; k < EPT; ++k) {
