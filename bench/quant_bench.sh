@@ -43,7 +43,7 @@ fi
 
 if has tests; then
   stamp "tests"
-  timeout 280 "$BUILD/tests/kiln_tests" --gtest_filter="${TESTS:-Cuda*:*Cuda*:Quant*}" \
+  timeout "${TESTS_TIMEOUT:-280}" "$BUILD/tests/kiln_tests" --gtest_filter="${TESTS:-Cuda*:*Cuda*:Quant*}" \
     >"$OUT/tests.txt" 2>&1
   echo "kiln_tests exit $?"
   grep -E "^\[cuda parity|^\[quality|^\[  FAILED  \]|^\[  PASSED  \]|^\[  SKIPPED \]" \
