@@ -56,7 +56,8 @@ INSTANTIATE_TEST_SUITE_P(Hf, Parity,
                                            "gemma", "gemma2", "gemma3_text", "phi3", "gpt2",
                                            "mixtral", "qwen2_moe", "gemma_tied", "gemma2_tied",
                                            "gemma3_tied", "qwen3_moe", "starcoder2", "granite",
-                                           "phi", "gpt_neox", "gpt_neox_seq", "cohere", "olmo2"));
+                                           "phi", "gpt_neox", "gpt_neox_seq", "cohere", "olmo2",
+                                           "cohere2", "olmo3"));
 
 TEST(Engine, RoundTripIsBitIdentical) {
   TempDir tmp;

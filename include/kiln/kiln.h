@@ -43,6 +43,10 @@ struct BuildConfig {
   std::string kv_cache_dtype = "auto";
   int64_t max_batch = 1;    // concurrent sequences the runtime plans for
   int64_t max_seq_len = 0;  // 0: the model's max_position_embeddings
+  // Architecture spec files (docs/architectures.md) to add to kiln's tables before the
+  // checkpoint is read, each adding a family or replacing the one of the same name
+  // (--arch-spec FILE).
+  std::vector<std::string> arch_specs;
 };
 
 // Run-time choices.
@@ -114,8 +118,9 @@ struct ModelInfo {
   // empty otherwise.
   std::string calibration;
   // Builds from a GGUF file: its architecture and what became of each tensor type, e.g. "GGUF
-  // llama: Q4_1 x210, Q8_0 x1 dequantized (no kiln kernel for them); F32 x61 as stored"; empty
-  // otherwise.
+  // llama: Q4_1 x210, Q8_0 x1 dequantized (no kiln kernel for them); F32 x61 as stored". Builds
+  // of an architecture not in kiln's tables: which known family it was built as, and why.
+  // Empty otherwise.
   std::string conversion;
   int64_t num_params = 0;
   int64_t weight_bytes = 0;

@@ -36,7 +36,8 @@ NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE_WITH_DEFAULT(Knobs, norm, norm_bias, qkv_bias
                                                 embed_scale_sqrt_hidden, learned_positions, rope,
                                                 tied_embeddings_default, routing, shared_expert,
                                                 pre_norm, parallel_block, shared_block_norm,
-                                                qk_norm_full, lm_head_bias, rope_interleaved)
+                                                qk_norm_full, lm_head_bias, rope_interleaved,
+                                                rope_sliding_only)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LayerConfig, sliding_window, rope, moe)
 
 namespace {
@@ -113,8 +114,13 @@ T typed(const json& v, const std::string& file, const std::string& field) {
 struct Reader {
   const json& c;
   const std::string& file;
+  std::set<std::string>* used = nullptr;  // keys consulted that the config has
 
+  void mark(const std::string& k) const {
+    if (used && c.contains(k)) used->insert(k);
+  }
   const json* find(const std::vector<std::string>& keys) const {
+    for (const auto& k : keys) mark(k);
     for (const auto& k : keys)
       if (c.contains(k) && !c[k].is_null()) return &c[k];
     return nullptr;
@@ -136,6 +142,7 @@ struct Reader {
     return v->get<double>();
   }
   bool boolean(const std::string& key, bool dflt) const {
+    mark(key);
     if (!c.contains(key) || c[key].is_null()) return dflt;
     if (!c[key].is_boolean()) throw Error(cat(file, ": field '", key, "' must be true or false"));
     return c[key].get<bool>();
@@ -303,9 +310,14 @@ void check_values(const ModelConfig& m, const std::string& file) {
 
 }  // namespace
 
-static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std::string& file) {
+static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std::string& file,
+                                  std::set<std::string>* used) {
   if (!c.is_object()) throw Error(cat(file, ": config is not a JSON object"));
-  Reader rd{c, file};
+  Reader rd{c, file, used};
+  // Read directly below, for every family.
+  for (const char* k : {"architectures", "rope_parameters", "rope_scaling", "layer_types",
+                        "use_sliding_window", "mlp_only_layers", "quantization_config"})
+    rd.mark(k);
   auto keys = [&](const std::string& canon, std::vector<std::string> dflt) {
     auto it = spec.keys.find(canon);
     return it == spec.keys.end() ? dflt : it->second;
@@ -459,6 +471,13 @@ static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std
     }
     m.layers.push_back(l);
   }
+  if (m.knobs.rope_sliding_only && m.knobs.rope) {
+    RopeConfig nope;
+    nope.type = RopeType::None;
+    m.ropes.push_back(nope);
+    for (LayerConfig& l : m.layers)
+      if (l.sliding_window == 0) l.rope = int(m.ropes.size() - 1);
+  }
   if (m.knobs.routing != Routing::None) {
     const int64_t step = rd.integer({"decoder_sparse_step"}, 1);
     std::vector<int64_t> dense;
@@ -499,9 +518,10 @@ static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std
   return m;
 }
 
-ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::string& file) {
+ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::string& file,
+                           std::set<std::string>* used_keys) {
   try {
-    return resolve_fields(spec, c, file);
+    return resolve_fields(spec, c, file, used_keys);
   } catch (const json::exception& e) {  // a field of a type no typed reader checked
     throw Error(cat(file, ": a field has the wrong type: ", e.what()));
   }
@@ -593,6 +613,119 @@ ModelConfig model_config_from_json(const json& j) {
   j.at("eos_token_ids").get_to(m.eos_token_ids);
   get_opt(j, "bos_token_id", m.bos_token_id);
   return m;
+}
+
+json to_json_knobs(const Knobs& k) {
+  return json(k);
+}
+
+Knobs knobs_from_json(const json& j, const std::string& file) {
+  if (!j.is_object()) throw Error(cat(file, ": 'knobs' must be an object"));
+  const json all = json(Knobs{});
+  for (const auto& [name, v] : j.items()) {
+    if (!all.contains(name)) throw Error(cat(file, ": unknown knob '", name, "'"));
+    if (all[name].is_boolean() && !v.is_boolean())
+      throw Error(cat(file, ": knob '", name, "' must be true or false"));
+  }
+  // Enum knobs: only their names (nlohmann maps an unknown string to the first value).
+  const std::pair<const char*, std::vector<std::string>> enums[] = {
+      {"norm", {"rms", "rms_plus_one", "layer", "none"}}, {"routing", {"none", "softmax_topk"}}};
+  for (const auto& [name, values] : enums)
+    if (j.contains(name) &&
+        (!j[name].is_string() ||
+         std::find(values.begin(), values.end(), j[name].get<std::string>()) == values.end()))
+      throw Error(cat(file, ": knob '", name, "' must be one of ", json(values).dump()));
+  json merged = all;
+  for (const auto& [name, v] : j.items()) merged[name] = v;
+  return merged.get<Knobs>();
+}
+
+void check_spec(const ArchSpec& a, const std::string& file) {
+  const std::string what = cat(file, " (", a.name, ")");
+  // Canonical names the builder reads (graph/layout.cpp's source_shape).
+  static const std::set<std::string> kTop = {"embed",     "lm_head",    "lm_head.bias",
+                                             "pos_embed", "final_norm", "final_norm.bias"};
+  static const std::set<std::string> kLayer = {"wq",
+                                               "wk",
+                                               "wv",
+                                               "wqkv",
+                                               "bq",
+                                               "bk",
+                                               "bv",
+                                               "bqkv",
+                                               "wo",
+                                               "bo",
+                                               "q_norm",
+                                               "k_norm",
+                                               "q_norm.bias",
+                                               "k_norm.bias",
+                                               "attn_norm",
+                                               "attn_norm.bias",
+                                               "ffn_norm",
+                                               "ffn_norm.bias",
+                                               "post_attn_norm",
+                                               "post_attn_norm.bias",
+                                               "post_ffn_norm",
+                                               "post_ffn_norm.bias",
+                                               "w_gate",
+                                               "w_up",
+                                               "b_gate",
+                                               "b_up",
+                                               "w_gate_up",
+                                               "b_gate_up",
+                                               "w_down",
+                                               "b_down",
+                                               "router",
+                                               "shared_gate"};
+  static const std::set<std::string> kFfn = {"w_gate", "w_up", "w_down", "w_gate_up"};
+  auto placeholders = [](const std::string& s) {
+    return std::pair{s.find("{layer}") != std::string::npos,
+                     s.find("{expert}") != std::string::npos};
+  };
+  for (const TensorRule& r : a.tensors) {
+    std::string c = r.canonical;
+    bool ok = kTop.count(c) > 0;
+    if (!ok && c.rfind("layers.{layer}.", 0) == 0) {
+      c = c.substr(15);
+      if (c.rfind("experts.{expert}.", 0) == 0)
+        ok = kFfn.count(c.substr(17)) > 0;
+      else if (c.rfind("shared.", 0) == 0)
+        ok = kFfn.count(c.substr(7)) > 0;
+      else
+        ok = kLayer.count(c) > 0;
+    }
+    if (!ok)
+      throw Error(
+          cat(what, ": tensor rule ", r.hf, " -> '", r.canonical,
+              "': not a canonical name kiln builds from (docs/architectures.md lists them)"));
+    if (placeholders(r.hf) != placeholders(r.canonical))
+      throw Error(cat(what, ": tensor rule ", r.hf, " -> ", r.canonical,
+                      ": the two names must use the same {layer} / {expert} placeholders"));
+  }
+  static const std::set<std::string> kKeys = {"vocab_size",        "hidden_size",
+                                              "num_layers",        "num_heads",
+                                              "num_kv_heads",      "head_dim",
+                                              "intermediate_size", "max_position_embeddings",
+                                              "norm_eps",          "act",
+                                              "num_experts",       "moe_intermediate_size",
+                                              "embed_multiplier",  "residual_multiplier",
+                                              "attn_multiplier",   "logit_divisor",
+                                              "logit_multiplier"};
+  for (const auto& [k, v] : a.keys) {
+    if (!kKeys.count(k))
+      throw Error(cat(what, ": 'keys' has '", k, "', not a hyper-parameter kiln reads (",
+                      json(std::vector<std::string>(kKeys.begin(), kKeys.end())).dump(), ")"));
+    if (v.empty()) throw Error(cat(what, ": 'keys' gives no config key for '", k, "'"));
+  }
+  static const std::set<std::string> kKnobKeys = {"qkv_bias",  "o_bias",         "mlp_bias",
+                                                  "norm_bias", "parallel_block", "qk_norm"};
+  for (const auto& [k, v] : a.knob_keys)
+    if (!kKnobKeys.count(k))
+      throw Error(cat(what, ": 'knob_keys' has '", k, "'; a config key can set only ",
+                      json(std::vector<std::string>(kKnobKeys.begin(), kKnobKeys.end())).dump()));
+  parse_act(a.default_act, what);
+  if (a.sliding_period < 0) throw Error(cat(what, ": 'sliding_period' must be >= 0"));
+  if (a.intermediate_mult < 0) throw Error(cat(what, ": 'intermediate_mult' must be >= 0"));
 }
 
 }  // namespace kiln

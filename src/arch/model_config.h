@@ -49,6 +49,9 @@ struct Knobs {
   // permutes q and k rows into the half-split order, so the graph's rope is unchanged (scores
   // q.k do not depend on the order of head dimensions as long as q and k share it).
   bool rope_interleaved = false;
+  // Only sliding-window layers rotate q and k; full-attention layers use no positional
+  // encoding (Cohere 2).
+  bool rope_sliding_only = false;
 };
 
 struct RopeConfig {

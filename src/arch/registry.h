@@ -5,6 +5,7 @@
 
 #include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -43,12 +44,31 @@ struct ArchSpec {
 
 // Looks up `architectures[0]`; unknown names throw kiln::Error listing the supported ones.
 const ArchSpec& find_arch(const std::string& name);
+const ArchSpec* try_find_arch(const std::string& name);  // nullptr when unknown
 std::vector<std::string> supported_architectures();
+// Every spec, in matching order (CMake's KILN_ARCH_SPECS, then those added at run time).
+std::vector<const ArchSpec*> all_arch_specs();
+// Adds (or, for a name already known, replaces) an architecture from a spec in the format of
+// src/arch/specs/*.json (docs/architectures.md); errors name `file` and the field. The returned
+// spec lives for the rest of the process. add_arch_spec_file reads the spec from `path`
+// (`--arch-spec FILE`).
+const ArchSpec& add_arch_spec(const std::string& text, const std::string& file);
+const ArchSpec& add_arch_spec_file(const std::string& path);
+
+// Knobs <-> the "knobs" object of a spec file and of an engine's manifest (every field, enums
+// as their names). knobs_from_json refuses unknown names and wrongly typed values, naming `file`.
+nlohmann::json to_json_knobs(const Knobs& k);
+Knobs knobs_from_json(const nlohmann::json& j, const std::string& file);
+// Refuses a spec whose names the builder does not know (canonical tensor names, key and knob
+// names, placeholders, the default activation), naming `file`.
+void check_spec(const ArchSpec& a, const std::string& file);
 
 // Reads config.json (both transformers-4 and -5 styles) into a ModelConfig for `spec`. Missing
-// required fields throw kiln::Error naming `file` and the field.
+// required fields throw kiln::Error naming `file` and the field. `used_keys`, when given,
+// receives every top-level config key the reading consulted (for matching an unregistered
+// architecture: a key no family reads may change the computation).
 ModelConfig resolve_config(const ArchSpec& spec, const nlohmann::json& config,
-                           const std::string& file);
+                           const std::string& file, std::set<std::string>* used_keys = nullptr);
 
 // Folds generation_config.json into `c` (eos as int or list, bos) and returns the sampling
 // defaults it names (temperature, top_k, top_p, do_sample) as JSON.

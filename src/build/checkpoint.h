@@ -8,6 +8,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <set>
 
 #include "arch/registry.h"
 #include "core/quant.h"
@@ -19,6 +20,9 @@ namespace kiln {
 struct Checkpoint {
   std::filesystem::path dir;
   const ArchSpec* spec = nullptr;
+  // An architecture not in kiln's tables that a known family explains (open_checkpoint): which
+  // family it was built as and why; empty otherwise.
+  std::string inferred;
   ModelConfig config;
   nlohmann::json generation_defaults = nlohmann::json::object();
   std::string config_dtype;  // "torch_dtype"/"dtype" of config.json, if any
@@ -59,7 +63,11 @@ struct Checkpoint {
 // safetensors. Throws kiln::Error naming the file and field.
 Checkpoint open_checkpoint(const std::filesystem::path& dir, bool with_weights = true);
 // The weightless checkpoint a parsed config.json describes; `where` names it in errors.
-Checkpoint checkpoint_from_config(const nlohmann::json& config, const std::string& where);
+// `spec`: build as this family whatever architectures[0] says (nullptr: look it up);
+// `used_keys`: see resolve_config.
+Checkpoint checkpoint_from_config(const nlohmann::json& config, const std::string& where,
+                                  const ArchSpec* spec = nullptr,
+                                  std::set<std::string>* used_keys = nullptr);
 // A weightless checkpoint from a config.json file (for dummy-weight builds).
 Checkpoint open_config(const std::filesystem::path& config_json);
 

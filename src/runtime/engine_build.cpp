@@ -100,11 +100,16 @@ struct BuildSource {
   std::string conversion;
 };
 
+void add_arch_specs(const BuildConfig& bc) {
+  for (const auto& f : bc.arch_specs) add_arch_spec_file(f);
+}
+
 BuildSource open_source(const fs::path& path) {
   BuildSource s;
   if (!fs::is_regular_file(path)) {
     s.ck = open_checkpoint(path);
     s.tokenizer_dir = path;
+    s.conversion = s.ck.inferred;
     return s;
   }
   KILN_CHECK(is_gguf_file(path), path.string(),
@@ -211,6 +216,7 @@ WeightPlan checkpoint_plan(const Checkpoint& ck, Engine::Impl& m) {
 }  // namespace
 
 Engine Engine::build(const fs::path& hf_dir, const BuildConfig& bc) {
+  add_arch_specs(bc);
   BuildSource s = open_source(hf_dir);
   auto impl = prepare(s.ck, bc, s.tokenizer_dir, source_of(s.ck, hf_dir));
   impl->tokenizer_owner = s.owner;
@@ -220,6 +226,7 @@ Engine Engine::build(const fs::path& hf_dir, const BuildConfig& bc) {
 }
 
 Engine Engine::build_dummy(const fs::path& config_json, const BuildConfig& bc, uint64_t seed) {
+  add_arch_specs(bc);
   Checkpoint ck = open_config(config_json);
   auto impl = prepare(ck, bc, config_json.parent_path(), dummy_source_of(ck, config_json, seed));
   impl->weights = attach_scales(
@@ -229,6 +236,7 @@ Engine Engine::build_dummy(const fs::path& config_json, const BuildConfig& bc, u
 
 ModelInfo Engine::build_to(const fs::path& hf_dir, const fs::path& out, const BuildConfig& bc,
                            const ProgressFn& progress) {
+  add_arch_specs(bc);
   BuildSource s = open_source(hf_dir);
   auto impl = prepare(s.ck, bc, s.tokenizer_dir, source_of(s.ck, hf_dir));
   impl->conversion = s.conversion;
@@ -240,6 +248,7 @@ ModelInfo Engine::build_to(const fs::path& hf_dir, const fs::path& out, const Bu
 
 ModelInfo Engine::build_dummy_to(const fs::path& config_json, const fs::path& out,
                                  const BuildConfig& bc, uint64_t seed, const ProgressFn& progress) {
+  add_arch_specs(bc);
   Checkpoint ck = open_config(config_json);
   auto impl = prepare(ck, bc, config_json.parent_path(), dummy_source_of(ck, config_json, seed));
   check_tokenizer(config_json.parent_path());
@@ -261,7 +270,8 @@ Engine Engine::open(const fs::path& dir, const BuildConfig& bc) {
                             std::pair{bc.quant != none.quant, "--quant"},
                             std::pair{bc.calib != none.calib, "--calib"},
                             std::pair{bc.kv_cache_dtype != none.kv_cache_dtype, "--kv-cache-dtype"},
-                            std::pair{bc.max_batch != none.max_batch, "--max-batch"}})
+                            std::pair{bc.max_batch != none.max_batch, "--max-batch"},
+                            std::pair{!bc.arch_specs.empty(), "--arch-spec"}})
       KILN_CHECK(!set, dir.string(), ": is a built engine; ", opt,
                  " applies only when building from a Hugging Face folder (rebuild with kiln "
                  "build to change it)");

@@ -518,6 +518,7 @@ void register_bench_subcommands(CLI::App* bench) {
     c->add_option("--kv-cache-dtype", a.bc.kv_cache_dtype,
                   "when building from an HF folder: auto or fp8 (E4M3 KV cache)");
     c->add_option("--calib", a.bc.calib, "--quant int4-awq: text file to calibrate on");
+    add_arch_spec_arg(c, a.bc);
     c->add_flag("--dummy-weights", a.dummy,
                 "model is a config.json (or a folder with one): seeded random weights of its "
                 "shape, built in memory");

@@ -29,7 +29,14 @@ void add_model_args(CLI::App* c, ModelArgs& a) {
   c->add_option("--kv-cache-dtype", a.bc.kv_cache_dtype,
                 "when building: auto or fp8 (E4M3 KV cache)");
   c->add_option("--calib", a.bc.calib, "--quant int4-awq: text file to calibrate on");
+  add_arch_spec_arg(c, a.bc);
   add_runtime_args(c, a.rc);
+}
+
+void add_arch_spec_arg(CLI::App* c, BuildConfig& bc) {
+  c->add_option("--arch-spec", bc.arch_specs,
+                "when building: an architecture spec (JSON) adding or replacing a family; "
+                "repeatable (docs/architectures.md)");
 }
 
 namespace {
@@ -201,6 +208,7 @@ void register_model_commands(CLI::App& app) {
                   "KV cache elements: auto (the engine dtype) or fp8 (E4M3 with a scale per "
                   "token and KV head; with a 16-bit --dtype)")
         ->capture_default_str();
+    add_arch_spec_arg(c, bc);
     c->add_flag("--dummy-weights", dummy, "seeded random weights of the shape --config describes");
     c->add_option("--config", config, "config.json for --dummy-weights");
     c->add_option("--seed", seed, "seed for --dummy-weights");

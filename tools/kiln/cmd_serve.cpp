@@ -67,6 +67,7 @@ void register_serve(CLI::App& app) {
   c->add_option("--kv-cache-dtype", cfg.build.kv_cache_dtype,
                 "when building from an HF folder: auto or fp8 (E4M3 KV cache)");
   c->add_option("--calib", cfg.build.calib, "--quant int4-awq: text file to calibrate on");
+  add_arch_spec_arg(c, cfg.build);
   add_runtime_args(c, cfg.serve.runtime);
   c->callback([&] {
     cfg.serve.prefix_cache = !no_prefix_cache;

@@ -130,15 +130,16 @@ void register_chat(CLI::App& app) {
   static std::string model, system, dtype = "auto";
   static RuntimeConfig rc;
   static GenerationArgs ga;
+  static BuildConfig bc;
   c->add_option("model", model, "kiln engine folder, Hugging Face model folder or GGUF file")
       ->required();
   c->add_option("--system", system, "system message");
   c->add_option("--dtype", dtype, "when building from an HF folder");
+  add_arch_spec_arg(c, bc);
   add_generation_args(c, ga);
   ga.max_tokens = 256;
   add_runtime_args(c, rc);
   c->callback([&] {
-    BuildConfig bc;
     bc.dtype = dtype;
     Engine e = Engine::open(model, bc);
     Tokenizer tok = load_tokenizer(e);

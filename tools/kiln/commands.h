@@ -28,6 +28,8 @@ struct ModelArgs {
   RuntimeConfig rc;
 };
 void add_model_args(CLI::App* c, ModelArgs& a);
+// --arch-spec FILE, repeatable: architecture specs to add before building (docs/architectures.md).
+void add_arch_spec_arg(CLI::App* c, BuildConfig& bc);
 
 // Starts the engine on the device `rc` names; on a GPU, reports to stderr what is resident and
 // how large the KV cache is.
