@@ -102,6 +102,13 @@ TEST(ArchSpecs, BadSpecsAreRefusedNamingTheFileAndField) {
       {R"({"name": "X", "extends": "LlamaForCausalLM", "sliding_period": "2"})",
        "'sliding_period' has the wrong type"},
       {R"({"name": )", "invalid JSON"},
+      {R"({"name": "X", "extends": "LlamaForCausalLM", "variants": [{"when": {}}]})",
+       "a variant needs a non-empty 'when'"},
+      {R"({"name": "X", "extends": "LlamaForCausalLM",
+           "variants": [{"when": {"a": 1}, "knobs": {"wings": true}}]})",
+       "variant when {\"a\":1}"},
+      {R"({"name": "X", "extends": "LlamaForCausalLM", "constants": {"hidden_size": 8}})",
+       "'constants' can fix num_kv_heads"},
   };
   for (const auto& [text, want] : cases) {
     const std::string err = one_line_error([&] { add_arch_spec(text, "my_spec.json"); });
@@ -111,6 +118,32 @@ TEST(ArchSpecs, BadSpecsAreRefusedNamingTheFileAndField) {
   EXPECT_EQ(try_find_arch("X"), nullptr);
   EXPECT_TRUE(contains_text(one_line_error([] { add_arch_spec_file("/nonexistent/spec.json"); }),
                             "/nonexistent/spec.json: cannot open"));
+}
+
+// One name, three layouts told apart by config values (the Falcon spec's variants; parity of
+// each layout is in test_parity.cpp); the one kiln has no mechanism for is refused by name.
+TEST(ArchSpecs, VariantsSelectALayoutFromConfigValues) {
+  const ArchSpec& falcon = find_arch("FalconForCausalLM");
+  const nlohmann::json mq = {{"multi_query", true}, {"parallel_attn", true}};
+  const ArchSpec& a = specialize_arch(falcon, mq, "config.json", nullptr);
+  EXPECT_EQ(a.constants.at("num_kv_heads"), 1);
+  EXPECT_TRUE(a.knobs.parallel_block && a.knobs.shared_block_norm);
+  EXPECT_EQ(&specialize_arch(falcon, mq, "config.json", nullptr), &a);  // cached
+  const ArchSpec& b = specialize_arch(
+      falcon, {{"new_decoder_architecture", true}, {"num_kv_heads", 8}}, "config.json", nullptr);
+  EXPECT_TRUE(b.knobs.parallel_block);
+  EXPECT_FALSE(b.knobs.shared_block_norm);
+  EXPECT_EQ(b.constants.count("num_kv_heads"), 0u);
+  BuildConfig bc;
+  bc.dtype = "f32";
+  TempDir tmp;
+  copy_dir(hf("falcon_seq"), tmp / "m");
+  auto cfg = read_json(tmp / "m" / "config.json");
+  cfg["alibi"] = true;
+  write_json(tmp / "m" / "config.json", cfg);
+  EXPECT_TRUE(contains_text(one_line_error([&] { Engine::build(tmp / "m", bc); }),
+                            "FalconForCausalLM with ALiBi position biases (alibi: true) is not "
+                            "supported"));
 }
 
 // OLMo 3 is not in the tables: OLMo 2's names and keys explain it (its sliding-window layers are

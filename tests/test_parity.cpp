@@ -57,7 +57,8 @@ INSTANTIATE_TEST_SUITE_P(Hf, Parity,
                                            "mixtral", "qwen2_moe", "gemma_tied", "gemma2_tied",
                                            "gemma3_tied", "qwen3_moe", "starcoder2", "granite",
                                            "phi", "gpt_neox", "gpt_neox_seq", "cohere", "olmo2",
-                                           "cohere2", "olmo3"));
+                                           "cohere2", "olmo3", "falcon_mq", "falcon_new",
+                                           "falcon_seq"));
 
 TEST(Engine, RoundTripIsBitIdentical) {
   TempDir tmp;

@@ -34,9 +34,22 @@ struct Registry {
   std::vector<const ArchSpec*> order;
 };
 
-const std::vector<std::string> kSpecFields = {
-    "name", "doc",       "extends",        "tensors",     "ignored",           "knobs",
-    "keys", "knob_keys", "sliding_period", "default_act", "intermediate_mult", "norm_topk_default"};
+const std::vector<std::string> kSpecFields = {"name",
+                                              "doc",
+                                              "extends",
+                                              "tensors",
+                                              "ignored",
+                                              "knobs",
+                                              "keys",
+                                              "knob_keys",
+                                              "sliding_period",
+                                              "default_act",
+                                              "intermediate_mult",
+                                              "norm_topk_default",
+                                              "constants",
+                                              "unsupported",
+                                              "variants",
+                                              "config_defaults"};
 
 template <typename T>
 T field(const json& j, const char* key, const std::string& file) {
@@ -66,9 +79,10 @@ TensorRule parse_rule(const json& r, const std::string& file) {
   return t;
 }
 
-// Parses one spec; `base` is the spec it extends (or nullptr). Knobs merge field by field over
-// the base's; tensors merge by HF name (a rule for a name the base has replaces it); every other
-// field, when present, replaces the base's.
+// Parses one spec; `base` is the spec it extends (or nullptr). Knobs, keys, knob_keys,
+// constants and config_defaults merge entry by entry over the base's (null removes a key or knob
+// key); tensors merge by HF name (a rule for a name the base has replaces it); every other field,
+// when present, replaces the base's.
 ArchSpec parse_spec(const json& j, const std::string& file, const ArchSpec* base) {
   if (!j.is_object()) throw Error(cat(file, ": an architecture spec must be a JSON object"));
   for (const auto& [k, v] : j.items())
@@ -100,16 +114,68 @@ ArchSpec parse_spec(const json& j, const std::string& file, const ArchSpec* base
     }
   }
   if (j.contains("ignored")) a.ignored = field<std::vector<std::string>>(j, "ignored", file);
-  if (j.contains("keys"))
-    a.keys = field<std::map<std::string, std::vector<std::string>>>(j, "keys", file);
-  if (j.contains("knob_keys"))
-    a.knob_keys = field<std::map<std::string, std::string>>(j, "knob_keys", file);
+  // keys / knob_keys merge entry by entry; null removes the base's entry.
+  if (j.contains("keys")) {
+    if (!j["keys"].is_object()) throw Error(cat(file, ": field 'keys' must be an object"));
+    for (const auto& [k, v] : j["keys"].items()) {
+      if (v.is_null())
+        a.keys.erase(k);
+      else if (v.is_array() &&
+               std::all_of(v.begin(), v.end(), [](const json& x) { return x.is_string(); }))
+        a.keys[k] = v.get<std::vector<std::string>>();
+      else
+        throw Error(cat(file, ": keys.", k, " must be a list of config keys (or null)"));
+    }
+  }
+  if (j.contains("knob_keys")) {
+    if (!j["knob_keys"].is_object())
+      throw Error(cat(file, ": field 'knob_keys' must be an object"));
+    for (const auto& [k, v] : j["knob_keys"].items()) {
+      if (v.is_null())
+        a.knob_keys.erase(k);
+      else if (v.is_string())
+        a.knob_keys[k] = v.get<std::string>();
+      else
+        throw Error(cat(file, ": knob_keys.", k, " must be a config key (or null)"));
+    }
+  }
   if (j.contains("sliding_period")) a.sliding_period = field<int>(j, "sliding_period", file);
   if (j.contains("default_act")) a.default_act = field<std::string>(j, "default_act", file);
   if (j.contains("intermediate_mult"))
     a.intermediate_mult = field<int64_t>(j, "intermediate_mult", file);
   if (j.contains("norm_topk_default"))
     a.norm_topk_default = field<bool>(j, "norm_topk_default", file);
+  if (j.contains("constants"))
+    for (const auto& [k, v] : field<std::map<std::string, int64_t>>(j, "constants", file))
+      a.constants[k] = v;
+  if (j.contains("unsupported")) a.unsupported = field<std::string>(j, "unsupported", file);
+  if (j.contains("config_defaults")) {
+    if (!j["config_defaults"].is_object())
+      throw Error(cat(file, ": field 'config_defaults' must be an object"));
+    for (const auto& [k, v] : j["config_defaults"].items()) a.config_defaults[k] = v;
+  }
+  if (j.contains("variants")) {
+    if (!j["variants"].is_array()) throw Error(cat(file, ": field 'variants' must be a list"));
+    a.variants.clear();
+    for (const auto& v : j["variants"]) {
+      if (!v.is_object() || !v.contains("when") || !v["when"].is_object() || v["when"].empty())
+        throw Error(cat(file, ": a variant needs a non-empty 'when' object of config values"));
+      json part = v;
+      part.erase("when");
+      for (const char* k : {"name", "extends", "variants"})
+        if (part.contains(k)) throw Error(cat(file, ": a variant cannot set '", k, "'"));
+      ArchSpec::Variant var{v["when"], part};
+      a.variants.push_back(var);
+    }
+  }
+  // Each variant must make a valid spec on its own over this one (checked now, not at build).
+  for (const auto& v : a.variants) {
+    json part = v.spec;
+    part["name"] = a.name;
+    ArchSpec probe = a;
+    probe.variants.clear();
+    (void)parse_spec(part, cat(file, " (variant when ", v.when.dump(), ")"), &probe);
+  }
   if (a.tensors.empty()) throw Error(cat(file, ": the spec maps no tensors"));
   check_spec(a, file);
   return a;
@@ -149,6 +215,48 @@ Registry& registry() {
 }
 
 }  // namespace
+
+const ArchSpec& specialize_arch(const ArchSpec& a, const json& config, const std::string& file,
+                                std::set<std::string>* used_keys) {
+  std::vector<size_t> picked;  // the matching variants, in order
+  std::string key = cat(a.name, "#", static_cast<const void*>(&a), "#");
+  for (size_t i = 0; i < a.variants.size(); ++i) {
+    bool all = true;
+    for (const auto& [k, want] : a.variants[i].when.items()) {
+      if (used_keys && config.contains(k)) used_keys->insert(k);
+      const json have = config.contains(k) && !config[k].is_null() ? config[k]
+                        : a.config_defaults.contains(k)            ? a.config_defaults[k]
+                                                                   : json();
+      all = all && have == want;
+    }
+    if (all) {
+      picked.push_back(i);
+      key += cat(i, ",");
+    }
+  }
+  const ArchSpec* out = &a;
+  if (!picked.empty()) {
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    for (const ArchSpec& d : r.store)
+      if (d.cache_key == key) out = &d;
+    if (out == &a) {
+      ArchSpec s = a;
+      s.variants.clear();
+      for (const size_t i : picked) {
+        json part = a.variants[i].spec;
+        part["name"] = a.name;
+        s = parse_spec(part, file, &s);
+      }
+      s.cache_key = key;
+      r.store.push_back(std::move(s));
+      out = &r.store.back();
+    }
+  }
+  if (!out->unsupported.empty())
+    throw Error(cat(file, ": ", a.name, " ", out->unsupported, " is not supported"));
+  return *out;
+}
 
 std::vector<std::string> supported_architectures() {
   Registry& r = registry();

@@ -341,6 +341,8 @@ static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std
   m.num_layers = rd.integer(keys("num_layers", {"num_hidden_layers"}));
   m.num_heads = rd.integer(keys("num_heads", {"num_attention_heads"}));
   m.num_kv_heads = rd.integer(keys("num_kv_heads", {"num_key_value_heads"}), m.num_heads);
+  if (const auto it = spec.constants.find("num_kv_heads"); it != spec.constants.end())
+    m.num_kv_heads = it->second;
   if (m.num_heads == 0 || m.hidden_size == 0 || m.num_layers == 0 || m.vocab_size == 0)
     throw Error(cat(file, ": hidden_size, vocab_size and the layer and head counts must be > 0"));
   // transformers itself falls back to hidden_size / num_attention_heads when head_dim is absent.
@@ -723,6 +725,9 @@ void check_spec(const ArchSpec& a, const std::string& file) {
     if (!kKnobKeys.count(k))
       throw Error(cat(what, ": 'knob_keys' has '", k, "'; a config key can set only ",
                       json(std::vector<std::string>(kKnobKeys.begin(), kKnobKeys.end())).dump()));
+  for (const auto& [k, v] : a.constants)
+    if (k != "num_kv_heads" || v < 1)
+      throw Error(cat(what, ": 'constants' can fix num_kv_heads (>= 1) only, not '", k, "'"));
   parse_act(a.default_act, what);
   if (a.sliding_period < 0) throw Error(cat(what, ": 'sliding_period' must be >= 0"));
   if (a.intermediate_mult < 0) throw Error(cat(what, ": 'intermediate_mult' must be >= 0"));

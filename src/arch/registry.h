@@ -40,6 +40,20 @@ struct ArchSpec {
   int64_t intermediate_mult = 0;
   // MoE: renormalise the top-k routing weights when the config has no norm_topk_prob.
   bool norm_topk_default = true;
+  // Hyper-parameters the family fixes whatever the config says (Falcon-7B's one KV head).
+  std::map<std::string, int64_t> constants;
+  // Non-empty: the family (or the variant of it a config selects) is refused with this reason.
+  std::string unsupported;
+  // Layouts one architecture name covers, told apart by config values (Falcon): each variant
+  // whose `when` values all equal the config's (missing keys read as `config_defaults` says,
+  // else null) applies its partial spec over this one, in order. See specialize_arch.
+  struct Variant {
+    nlohmann::json when;
+    nlohmann::json spec;
+  };
+  std::vector<Variant> variants;
+  nlohmann::json config_defaults = nlohmann::json::object();
+  std::string cache_key;  // specialize_arch's results: which spec and variants they came from
 };
 
 // Looks up `architectures[0]`; unknown names throw kiln::Error listing the supported ones.
@@ -54,6 +68,12 @@ std::vector<const ArchSpec*> all_arch_specs();
 // (`--arch-spec FILE`).
 const ArchSpec& add_arch_spec(const std::string& text, const std::string& file);
 const ArchSpec& add_arch_spec_file(const std::string& path);
+
+// The spec a config selects: `a` with every matching variant applied (cached: the result lives
+// for the rest of the process); `a` itself when it has no variants. Throws kiln::Error naming
+// `file` when the selected spec is `unsupported`. The `when` keys are added to `used_keys`.
+const ArchSpec& specialize_arch(const ArchSpec& a, const nlohmann::json& config,
+                                const std::string& file, std::set<std::string>* used_keys);
 
 // Knobs <-> the "knobs" object of a spec file and of an engine's manifest (every field, enums
 // as their names). knobs_from_json refuses unknown names and wrongly typed values, naming `file`.

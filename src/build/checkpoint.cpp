@@ -40,7 +40,8 @@ Checkpoint checkpoint_from_config(const json& c, const std::string& f, const Arc
       c["architectures"].empty() || !c["architectures"][0].is_string())
     throw Error(cat(f, ": missing config field 'architectures'"));
   if (c.contains("quantization_config")) parse_quantization_config(c["quantization_config"], f, ck);
-  ck.spec = spec ? spec : &find_arch(c["architectures"][0].get<std::string>());
+  ck.spec = &specialize_arch(spec ? *spec : find_arch(c["architectures"][0].get<std::string>()), c,
+                             f, used_keys);
   ck.config = resolve_config(*ck.spec, c, f, used_keys);
   for (const char* k : {"torch_dtype", "dtype"})
     if (c.contains(k) && c[k].is_string()) ck.config_dtype = c[k].get<std::string>();
@@ -124,11 +125,19 @@ RowTransform row_transform(const ModelConfig& c, const std::string& canon, bool 
   const bool fused = base == "wqkv" || base == "bqkv";
   std::vector<int64_t> qkv;  // kiln row -> source row
   if (qkv_per_head) {
-    KILN_CHECK(fused && c.num_kv_heads == c.num_heads, file, ": ", canon,
-               ": per-head fused QKV needs as many key/value heads as query heads");
+    // Grouped per KV head: [kv heads][g query heads, k, v][hd] with g = heads / kv heads (g = 1:
+    // GPT-NeoX's [heads][q, k, v][hd]; Falcon's new decoder architecture).
+    KILN_CHECK(fused, file, ": ", canon, ": per-head QKV order is for a fused QKV weight or bias");
+    const int64_t g = c.num_heads / c.num_kv_heads, block = (g + 2) * hd;
     for (int64_t e = 0; e < qd + 2 * kvd; ++e) {
-      const int64_t part = e / qd, within = e % qd;
-      qkv.push_back(within / hd * 3 * hd + part * hd + within % hd);
+      const int64_t d = e % hd;
+      if (e < qd) {
+        const int64_t h = e / hd;
+        qkv.push_back(h / g * block + h % g * hd + d);
+      } else {
+        const int64_t j = (e - qd) % kvd / hd, part = e < qd + kvd ? g : g + 1;
+        qkv.push_back(j * block + part * hd + d);
+      }
     }
   }
   std::vector<int64_t> rope;  // engine row -> kiln row
