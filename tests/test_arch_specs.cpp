@@ -159,14 +159,18 @@ TEST(Unregistered, AFamilyThatAKnownOneExplainsBuildsAndMatchesTransformers) {
   expect_matches_reference(e, "olmo3");
 }
 
-// SmolLM3 is Llama with some layers left without rope (no_rope_layers): no family reads that
-// key, so kiln refuses rather than build a Llama that rotates every layer.
+// StableLM is not in the tables and no family explains it (LayerNorm biases, use_qkv_bias,
+// use_parallel_residual, qk_layernorm): refused, naming each key and tensor for the closest.
 TEST(Unregistered, AnUnexplainedKeyOrTensorIsRefusedByName) {
   BuildConfig bc;
   bc.dtype = "f32";
-  std::string err = one_line_error([&] { Engine::build(hf("smollm3"), bc); });
-  EXPECT_TRUE(contains_text(err, "'SmolLM3ForCausalLM' is not in kiln's tables")) << err;
-  EXPECT_TRUE(contains_text(err, "no_rope_layers")) << err;
+  std::string err = one_line_error([&] { Engine::build(hf("stablelm"), bc); });
+  EXPECT_TRUE(contains_text(err, "'StableLmForCausalLM' is not in kiln's tables")) << err;
+  EXPECT_TRUE(contains_text(err,
+                            "config keys it does not read: qk_layernorm, "
+                            "use_parallel_residual, use_qkv_bias"))
+      << err;
+  EXPECT_TRUE(contains_text(err, "unexpected weights: model.layers.0.input_layernorm.bias")) << err;
   EXPECT_TRUE(contains_text(err, "--arch-spec")) << err;
   // A Llama checkpoint under another name: explained by Llama, until its config has a key no
   // family reads.

@@ -473,6 +473,35 @@ static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std
     }
     m.layers.push_back(l);
   }
+  // Layers without rope by a per-layer list (SmolLM3's no_rope_layers: 1 = rope, 0 = none), or
+  // every interval-th layer when only the interval is given (what transformers derives).
+  const auto rope_list = spec.keys.find("rope_layers");
+  const auto rope_every = spec.keys.find("rope_layer_interval");
+  if (m.knobs.rope && (rope_list != spec.keys.end() || rope_every != spec.keys.end())) {
+    std::vector<int64_t> use(size_t(m.num_layers), 1);
+    const json* v = rope_list != spec.keys.end() ? rd.find(rope_list->second) : nullptr;
+    if (v) {
+      const std::string field = rope_list->second[0];
+      use = typed<std::vector<int64_t>>(*v, file, field);
+      if (int64_t(use.size()) != m.num_layers)
+        throw Error(cat(file, ": ", field, " has ", use.size(),
+                        " entries but num_hidden_layers is ", m.num_layers));
+      for (const int64_t u : use)
+        if (u != 0 && u != 1) throw Error(cat(file, ": ", field, " entries must be 0 or 1"));
+    } else if (rope_every != spec.keys.end() && rd.find(rope_every->second)) {
+      const int64_t every = rd.integer(rope_every->second);
+      if (every < 1) throw Error(cat(file, ": field '", rope_every->second[0], "' must be >= 1"));
+      for (int64_t i = 0; i < m.num_layers; ++i) use[size_t(i)] = (i + 1) % every != 0;
+    }
+    if (rope_every != spec.keys.end()) rd.find(rope_every->second);  // read: explained
+    if (std::find(use.begin(), use.end(), 0) != use.end()) {
+      RopeConfig nope;
+      nope.type = RopeType::None;
+      m.ropes.push_back(nope);
+      for (int64_t i = 0; i < m.num_layers; ++i)
+        if (!use[size_t(i)]) m.layers[size_t(i)].rope = int(m.ropes.size() - 1);
+    }
+  }
   if (m.knobs.rope_sliding_only && m.knobs.rope) {
     RopeConfig nope;
     nope.type = RopeType::None;
@@ -704,15 +733,16 @@ void check_spec(const ArchSpec& a, const std::string& file) {
       throw Error(cat(what, ": tensor rule ", r.hf, " -> ", r.canonical,
                       ": the two names must use the same {layer} / {expert} placeholders"));
   }
-  static const std::set<std::string> kKeys = {"vocab_size",        "hidden_size",
-                                              "num_layers",        "num_heads",
-                                              "num_kv_heads",      "head_dim",
-                                              "intermediate_size", "max_position_embeddings",
-                                              "norm_eps",          "act",
-                                              "num_experts",       "moe_intermediate_size",
-                                              "embed_multiplier",  "residual_multiplier",
-                                              "attn_multiplier",   "logit_divisor",
-                                              "logit_multiplier"};
+  static const std::set<std::string> kKeys = {"vocab_size",         "hidden_size",
+                                              "num_layers",         "num_heads",
+                                              "num_kv_heads",       "head_dim",
+                                              "intermediate_size",  "max_position_embeddings",
+                                              "norm_eps",           "act",
+                                              "num_experts",        "moe_intermediate_size",
+                                              "embed_multiplier",   "residual_multiplier",
+                                              "attn_multiplier",    "logit_divisor",
+                                              "logit_multiplier",   "rope_layers",
+                                              "rope_layer_interval"};
   for (const auto& [k, v] : a.keys) {
     if (!kKeys.count(k))
       throw Error(cat(what, ": 'keys' has '", k, "', not a hyper-parameter kiln reads (",
