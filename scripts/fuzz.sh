@@ -33,6 +33,7 @@ max_len() {
   case "$1" in
     safetensors) echo 4096 ;;
     config) echo 8192 ;;
+    arch_spec) echo 16384 ;;
     tokenizer_json) echo 32768 ;;
     tokenizer_spm) echo 16384 ;;
     chat_template) echo 8192 ;;

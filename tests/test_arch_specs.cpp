@@ -65,6 +65,11 @@ TEST(ArchSpecs, ASpecFileAddsAFamily) {
 }
 
 TEST(ArchSpecs, ARespecifiedNameReplacesTheFamily) {
+  // parse_arch_spec checks without registering.
+  const ArchSpec parsed = parse_arch_spec(
+      R"({"name": "KilnParsedOnlyForCausalLM", "extends": "Qwen2ForCausalLM"})", "p.json");
+  EXPECT_TRUE(parsed.knobs.qkv_bias);
+  EXPECT_EQ(try_find_arch("KilnParsedOnlyForCausalLM"), nullptr);
   add_arch_spec(R"({"name": "KilnTestOnlyForCausalLM", "extends": "LlamaForCausalLM"})", "a.json");
   EXPECT_FALSE(find_arch("KilnTestOnlyForCausalLM").knobs.qkv_bias);
   const size_t n = supported_architectures().size();

@@ -187,7 +187,7 @@ const ArchSpec* find_locked(Registry& r, const std::string& name) {
   return nullptr;
 }
 
-const ArchSpec& add_locked(Registry& r, const json& j, const std::string& file) {
+ArchSpec parse_locked(Registry& r, const json& j, const std::string& file) {
   const ArchSpec* base = nullptr;
   if (j.is_object() && j.contains("extends")) {
     if (!j["extends"].is_string()) throw Error(cat(file, ": field 'extends' must be a string"));
@@ -195,7 +195,11 @@ const ArchSpec& add_locked(Registry& r, const json& j, const std::string& file) 
     base = find_locked(r, b);
     if (!base) throw Error(cat(file, ": extends '", b, "', which is not a known architecture"));
   }
-  r.store.push_back(parse_spec(j, file, base));
+  return parse_spec(j, file, base);
+}
+
+const ArchSpec& add_locked(Registry& r, const json& j, const std::string& file) {
+  r.store.push_back(parse_locked(r, j, file));
   const ArchSpec* a = &r.store.back();
   for (auto& p : r.order)
     if (p->name == a->name) return *(p = a);  // an override keeps its place in the order
@@ -283,6 +287,13 @@ const ArchSpec& find_arch(const std::string& name) {
   std::string list;
   for (const auto& n : supported_architectures()) list += (list.empty() ? "" : ", ") + n;
   throw Error(cat("unsupported architecture '", name, "' (supported: ", list, ")"));
+}
+
+ArchSpec parse_arch_spec(const std::string& text, const std::string& file) {
+  const json j = parse_json(text, file);
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  return parse_locked(r, j, file);
 }
 
 const ArchSpec& add_arch_spec(const std::string& text, const std::string& file) {

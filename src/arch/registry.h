@@ -67,6 +67,8 @@ std::vector<const ArchSpec*> all_arch_specs();
 // spec lives for the rest of the process. add_arch_spec_file reads the spec from `path`
 // (`--arch-spec FILE`).
 const ArchSpec& add_arch_spec(const std::string& text, const std::string& file);
+// The same checks without adding it (its `extends` resolved against the registry).
+ArchSpec parse_arch_spec(const std::string& text, const std::string& file);
 const ArchSpec& add_arch_spec_file(const std::string& path);
 
 // The spec a config selects: `a` with every matching variant applied (cached: the result lives

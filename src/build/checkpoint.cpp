@@ -687,8 +687,9 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
   WeightPlan out;
   for (const auto& [name, part_names] : plan) {
     // Pre-quantized weights are copied as published: nothing reorders or scales them.
-    const auto as_published = [&] {
-      for (const auto& p : part_names)
+    // Init-capture: clang 14 cannot capture a structured binding by name.
+    const auto as_published = [&, &parts = part_names] {
+      for (const auto& p : parts)
         KILN_CHECK(row_transform(c, p, src[p].qkv_per_head, ck.dir.string()).identity(),
                    ck.dir.string(), ": ", src[p].hf, " is quantized in the checkpoint, and ",
                    c.architecture, " reorders or scales it at build (not supported yet)");
