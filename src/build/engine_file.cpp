@@ -311,11 +311,9 @@ uint64_t verify_checksums(const fs::path& dir, const json& manifest,
   for (const auto& [name, v] : sums->items())
     if (!file->contains(name)) bad.push_back(cat(name, " (in the manifest, not in the weights)"));
   if (!bad.empty()) {
-    std::string list;
-    for (size_t i = 0; i < bad.size() && i < 8; ++i) list += (i ? "; " : "") + bad[i];
-    if (bad.size() > 8) list += cat("; ... and ", bad.size() - 8, " more");
     throw Error(cat((dir / kEngineWeights).string(), ": ", bad.size(), " tensor",
-                    bad.size() == 1 ? "" : "s", " do not match the manifest: ", list));
+                    bad.size() == 1 ? "" : "s",
+                    " do not match the manifest: ", join_limited(bad, 8, "; ")));
   }
   return pr.bytes_done;
 }

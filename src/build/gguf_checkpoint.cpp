@@ -321,12 +321,8 @@ Checkpoint open_gguf_checkpoint(const fs::path& file, const fs::path& tokenizer_
     }
     unexpected.push_back(t.name);
   }
-  KILN_CHECK(unexpected.empty(), where, ": tensors kiln does not map for ", arch, ": ", [&] {
-    std::string r;
-    for (size_t i = 0; i < unexpected.size() && i < 12; ++i) r += cat(i ? ", " : "", unexpected[i]);
-    if (unexpected.size() > 12) r += cat(" ... and ", unexpected.size() - 12, " more");
-    return r;
-  }());
+  KILN_CHECK(unexpected.empty(), where, ": tensors kiln does not map for ", arch, ": ",
+             join_limited(unexpected));
 
   // Q4_0 codes are kiln's int4-wo in groups of 32 exactly ((q - 8) * d, d an F16 scale): when
   // every dense linear is Q4_0 they are kept, presented as compressed-tensors pack-quantized

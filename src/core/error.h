@@ -5,6 +5,7 @@
 
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace kiln {
 
@@ -14,6 +15,16 @@ std::string cat(const Args&... args) {
   std::ostringstream os;
   (os << ... << args);
   return os.str();
+}
+
+// The first `most` items joined by `sep`, then "<sep>... and N more": lists of problems in
+// one-line errors stay readable however many there are.
+inline std::string join_limited(const std::vector<std::string>& items, size_t most = 12,
+                                const char* sep = ", ") {
+  std::string r;
+  for (size_t i = 0; i < items.size() && i < most; ++i) r += (i ? sep : "") + items[i];
+  if (items.size() > most) r += cat(sep, "... and ", items.size() - most, " more");
+  return r;
 }
 
 }  // namespace kiln

@@ -49,8 +49,7 @@ Engine::Engine(Engine&&) noexcept = default;
 Engine& Engine::operator=(Engine&&) noexcept = default;
 Engine::~Engine() = default;
 
-ModelInfo Engine::info() const {
-  const Impl& m = *impl_;
+ModelInfo info_without_weights(const Engine::Impl& m) {
   ModelInfo i;
   i.architecture = m.config.architecture;
   i.dtype = dtype_label(m.dtype);
@@ -58,10 +57,6 @@ ModelInfo Engine::info() const {
   i.kv_cache_dtype = m.kv_fp8 ? "fp8" : "auto";
   i.calibration = calibration_line(m.awq_info);
   i.conversion = m.conversion;
-  for (const auto& [n, t] : m.weights) {
-    i.num_params += t.quant == WeightQuant::Int4 ? 2 * t.numel() : t.numel();  // 2 codes a byte
-    i.weight_bytes += int64_t(t.weight_bytes());
-  }
   i.vocab_size = m.config.vocab_size;
   i.hidden_size = m.config.hidden_size;
   i.num_layers = m.config.num_layers;
@@ -69,6 +64,16 @@ ModelInfo Engine::info() const {
   i.max_batch = m.max_batch;
   i.eos_token_ids = m.config.eos_token_ids;
   i.bos_token_id = m.config.bos_token_id;
+  return i;
+}
+
+ModelInfo Engine::info() const {
+  const Impl& m = *impl_;
+  ModelInfo i = info_without_weights(m);
+  for (const auto& [n, t] : m.weights) {
+    i.num_params += t.quant == WeightQuant::Int4 ? 2 * t.numel() : t.numel();  // 2 codes a byte
+    i.weight_bytes += int64_t(t.weight_bytes());
+  }
   return i;
 }
 

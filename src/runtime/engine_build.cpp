@@ -166,13 +166,7 @@ void check_tokenizer(const fs::path& dir) {
 ModelInfo write_plan(const Engine::Impl& m, const WeightPlan& plan, const fs::path& out,
                      const ProgressFn& progress) {
   write_engine_folder(out, plan, {manifest_of(m), m.tokenizer_dir, progress, kWriteChunkBytes});
-  ModelInfo i;
-  i.architecture = m.config.architecture;
-  i.dtype = dtype_label(m.dtype);
-  i.quant = std::string(weight_quant_name(m.quant));
-  i.kv_cache_dtype = m.kv_fp8 ? "fp8" : "auto";
-  i.calibration = calibration_line(m.awq_info);
-  i.conversion = m.conversion;
+  ModelInfo i = info_without_weights(m);
   for (const auto& pt : plan) {
     if (pt.name.ends_with(".scale") || pt.name.ends_with(".zero") ||
         pt.name.ends_with(".perm")) {  // bytes, not parameters
@@ -360,10 +354,8 @@ Engine Engine::load(const fs::path& dir) {
     impl->weights.push_back({spec.name, t});
   }
   if (!problems.empty()) {
-    std::string list;
-    for (size_t i = 0; i < problems.size() && i < 8; ++i) list += (i ? "; " : "") + problems[i];
-    if (problems.size() > 8) list += cat("; ... and ", problems.size() - 8, " more");
-    throw Error(cat((dir / kWeights).string(), ": does not match its manifest: ", list));
+    throw Error(cat((dir / kWeights).string(),
+                    ": does not match its manifest: ", join_limited(problems, 8, "; ")));
   }
   impl->weights = attach_scales(std::move(impl->weights), impl->quant);
   impl->tokenizer_dir = dir;

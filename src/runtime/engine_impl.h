@@ -26,6 +26,8 @@ constexpr int kEngineFormatVersion = 1;
 std::string dtype_label(DType t);
 // What AWQ calibration did, in words (ModelInfo::calibration); "" without AWQ.
 std::string calibration_line(const nlohmann::json& awq_info);
+// Engine::info() less the parameter and byte counts (which a build counts from its plan).
+ModelInfo info_without_weights(const Engine::Impl& m);
 
 struct Engine::Impl {
   ModelConfig config;
