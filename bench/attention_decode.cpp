@@ -107,6 +107,7 @@ int main() {
                        1.0f / std::sqrt(float(D)),
                        0.0f,
                        0,
+                       nullptr,
                        8192,
                        nullptr,
                        H * D,

@@ -30,15 +30,27 @@ struct AttnCase {
   int64_t block_size, cached, n;
   bool tell_len = true;  // KVLayerView::len set (else the backend reads positions back)
   bool fp8 = false;      // FP8 cache (--kv-cache-dtype fp8): E4M3 codes and per-head scales
+  bool sinks = false;    // attention sinks (AttnParams::sinks)
 };
+
+// Sink logits per head, from well below to well above the scores (|q.k| * scale is ~1 here), so
+// some heads barely notice theirs and some give it most of the mass.
+std::vector<float> sink_logits(int64_t heads) {
+  std::vector<float> s(static_cast<size_t>(heads));
+  for (int64_t h = 0; h < heads; ++h) s[size_t(h)] = -4.0f + 9.0f * float(h % 7) / 6.0f;
+  return s;
+}
 
 class CudaAttention : public CudaOps {
  protected:
   void run(const AttnCase& c) {
     if (c.fp8 && dt == DType::F32) return;  // FP8 caches are for 16-bit engines
-    const std::string what = cat("attention heads=", c.heads, "/", c.kv_heads, " hd=", c.hd,
-                                 " window=", c.window, " softcap=", c.softcap, " bs=", c.block_size,
-                                 " cached=", c.cached, " n=", c.n, c.fp8 ? " fp8 cache" : "");
+    const std::string what =
+        cat("attention heads=", c.heads, "/", c.kv_heads, " hd=", c.hd, " window=", c.window,
+            " softcap=", c.softcap, " bs=", c.block_size, " cached=", c.cached, " n=", c.n,
+            c.fp8 ? " fp8 cache" : "", c.sinks ? " sinks" : "");
+    const std::vector<float> sinks = sink_logits(c.heads);
+    const float* sinks_gpu = c.sinks ? up_raw(sinks) : nullptr;
     const int64_t T = c.cached + c.n, kvd = c.kv_heads * c.hd, qd = c.heads * c.hd;
     const int64_t need = (T + c.block_size - 1) / c.block_size, nb = need + 3;
     // A scattered block table: the sequence's blocks are not in pool order.
@@ -81,11 +93,12 @@ class CudaAttention : public CudaOps {
       auto q = rnd(size_t(c.n * ldq));
       std::vector<int32_t> pos(static_cast<size_t>(c.n));
       std::iota(pos.begin(), pos.end(), int32_t(c.cached));
-      const AttnParams ap{c.heads,   c.kv_heads, c.hd, 1.0f / std::sqrt(float(c.hd)),
-                          c.softcap, c.window};
+      AttnParams ap{c.heads, c.kv_heads, c.hd, 1.0f / std::sqrt(float(c.hd)), c.softcap, c.window};
       std::vector<float> want(size_t(c.n * ldo), kPoison);
+      if (c.sinks) ap.sinks = sinks.data();
       cpu->attention(q.data(), ldq, c.n, pos.data(), kv_cpu, ap, want.data(), ldo);
       void* out = up(std::vector<float>(size_t(c.n * ldo), kPoison));
+      ap.sinks = sinks_gpu;
       gpu->attention(up(q), ldq, c.n, up_raw(pos), kv_gpu, ap, out, ldo);
       expect_close(down(out, size_t(c.n * ldo)), ldo, want, ldo, c.n, qd, cat(what, " ldo=", ldo));
     }
@@ -130,6 +143,21 @@ TEST_P(CudaAttention, WindowAndSoftcap) {
   run({8, 4, 64, 0, 30.0f, 16, 10, 9});
   run({16, 8, 128, 100, 0, 16, 0, 260});
   run({32, 8, 128, 1024, 0, 16, 2000, 1});  // window with split-K
+}
+
+TEST_P(CudaAttention, Sinks) {
+  AttnCase c{16, 2, 64, 0, 0, 16, 0, 33};  // tensor-core prefill
+  c.sinks = true;
+  run(c);
+  c = {4, 2, 18, 8, 0, 16, 0, 21};  // CUDA cores, window
+  c.sinks = true;
+  run(c);
+  c = {32, 8, 128, 0, 0, 16, 2000, 1};  // one long decode: split-K
+  c.sinks = true;
+  run(c);
+  c = {8, 4, 64, 0, 30.0f, 16, 10, 9};  // soft-cap, few rows
+  c.sinks = true;
+  run(c);
 }
 
 TEST_P(CudaAttention, DecodeAndChunks) {
@@ -234,6 +262,7 @@ struct MixedCase {
   int64_t num_decode;
   bool seq_start = true;  // give the mixed-batch fields (else a plain batched decode: seq, pos)
   bool fp8 = false;       // FP8 cache
+  bool sinks = false;     // attention sinks
 };
 
 class CudaMixedAttention : public CudaOps {
@@ -259,7 +288,7 @@ class CudaMixedAttention : public CudaOps {
     }
     std::string what = cat("mixed attention heads=", c.heads, "/", c.kv_heads, " hd=", c.hd,
                            " window=", c.window, " softcap=", c.softcap, " decodes=", c.num_decode,
-                           c.fp8 ? " fp8 cache" : "", " seqs=[");
+                           c.fp8 ? " fp8 cache" : "", c.sinks ? " sinks" : "", " seqs=[");
     for (const MixedSeq& m : c.seqs) what += cat(" ", m.start, "+", m.q);
     what += " ]";
     // Block tables: row s covers sequence s; blocks scattered over the pool; block 0 unused.
@@ -300,8 +329,9 @@ class CudaMixedAttention : public CudaOps {
         pos[size_t(seq_start[size_t(s)] + j)] = int32_t(c.seqs[size_t(s)].start + j);
         seq[size_t(seq_start[size_t(s)] + j)] = int32_t(s);
       }
-    const AttnParams ap{c.heads,   c.kv_heads, c.hd, 1.0f / std::sqrt(float(c.hd)),
-                        c.softcap, c.window};
+    AttnParams ap{c.heads, c.kv_heads, c.hd, 1.0f / std::sqrt(float(c.hd)), c.softcap, c.window};
+    const std::vector<float> sinks = sink_logits(c.heads);
+    if (c.sinks) ap.sinks = sinks.data();
     // Rows 16-byte aligned (the tensor-core kernel's condition), gap columns poisoned.
     const int64_t ldq = qd + 16, ldo = qd + 8;
     auto q = rnd(size_t(n * ldq));
@@ -309,6 +339,7 @@ class CudaMixedAttention : public CudaOps {
     const KVLayerView kv_cpu =
         scaled({kc.data(), vc.data(), table.data(), bs, kvd, longest, seq.data(), stride}, false);
     cpu->attention(q.data(), ldq, n, pos.data(), kv_cpu, ap, want.data(), ldo);
+    if (c.sinks) ap.sinks = up_raw(sinks);
     void* qg = up(q);
     const int32_t* pg = up_raw(pos);
     const int32_t* sg = up_raw(seq);
@@ -370,6 +401,19 @@ TEST_P(CudaMixedAttention, WindowAndSoftcap) {
   run({8, 8, 80, 0, 30.0f, {{20, 1}, {0, 19}, {33, 70}}, 1});
   run({32, 8, 64, 1024, 0.0f, {{1999, 1}, {1500, 1}, {1800, 40}}, 2});  // window, split-K
   run({4, 2, 16, 8, 50.0f, {{12, 1}, {0, 24}, {30, 3}}, 1});
+}
+
+// GPT-OSS's sinks in every kernel: tensor-core prefill chunks and decodes, split-K merges
+// (long decodes), CUDA-core rows (head_dim 18), a window, an FP8 cache, a batched decode.
+TEST_P(CudaMixedAttention, Sinks) {
+  const std::vector<MixedSeq> llama = {{0, 1},   {36, 1},   {699, 1}, {4, 1},   {128, 1},
+                                       {0, 300}, {100, 17}, {513, 1}, {40, 64}, {1000, 45}};
+  run({32, 8, 128, 0, 0.0f, llama, 5, true, false, true});
+  run({64, 8, 64, 128, 0.0f, {{2000, 1}, {30, 1}, {0, 200}, {150, 80}}, 2, true, false, true});
+  run({32, 8, 64, 0, 0.0f, {{1999, 1}, {1500, 1}, {1800, 40}}, 2, true, false, true});  // split-K
+  run({4, 2, 18, 0, 0.0f, {{10, 1}, {3, 1}, {0, 21}, {50, 9}}, 2, true, false, true});
+  run({32, 8, 128, 0, 0.0f, llama, 5, true, true, true});                          // FP8 cache
+  run({32, 8, 128, 0, 0.0f, {{2, 1}, {899, 1}, {63, 1}}, 3, false, false, true});  // batched
 }
 
 // A captured decode graph passes a length bucket, not the lengths: the same launch under a large

@@ -344,10 +344,11 @@ TEST_P(CudaOps, FusedDecoderSequences) {
   for (int64_t n : {1, 2}) {
     for (int64_t inter : {3, 64, 1000}) {
       for (bool bias : {false, true}) {
-        for (Activation a : {Activation::SiLU, Activation::GeluTanh}) {
+        for (Activation a : {Activation::SiLU, Activation::GeluTanh, Activation::SwiGLUOai}) {
           const int64_t in = 256;
           auto x = rnd(size_t(n * in));
-          auto [wh, wd] = matrix(2 * inter, in, 0.0625f);
+          // SwiGLUOai: pre-activations of a few units, some past its clamp at 7.
+          auto [wh, wd] = matrix(2 * inter, in, a == Activation::SwiGLUOai ? 0.5f : 0.0625f);
           auto [bh, bd] = vec(2 * inter, 0.0f, 0.5f);
           std::vector<float> gu(size_t(n * 2 * inter)), want(size_t(n * inter));
           cpu->linear(x.data(), n, in, wh, bias ? &bh : nullptr, gu.data(), 2 * inter);
@@ -440,9 +441,9 @@ TEST_P(CudaOps, Elementwise) {
   }
   for (int64_t n : {1, 3}) {
     for (int64_t inter : {17, 100, 14336}) {
-      for (Activation a :
-           {Activation::SiLU, Activation::GeluTanh, Activation::GeluErf, Activation::ReLU}) {
-        auto gu = rnd(size_t(n * 2 * inter), 2.0f);
+      for (Activation a : {Activation::SiLU, Activation::GeluTanh, Activation::GeluErf,
+                           Activation::ReLU, Activation::SwiGLUOai}) {
+        auto gu = rnd(size_t(n * 2 * inter), a == Activation::SwiGLUOai ? 6.0f : 2.0f);
         std::vector<float> want(size_t(n * inter));
         cpu->gated_act(gu.data(), n, inter, a, want.data());
         void* out = up(std::vector<float>(size_t(n * inter), kPoison));
@@ -537,59 +538,78 @@ TEST_P(CudaOps, Logits) {
   }
 }
 
+// bias: GPT-OSS's router and expert biases with its clamped SwiGLU (gate/up sized to cross the
+// clamp at 7).
 TEST_P(CudaOps, MoE) {
   const int64_t E = 4, H = 64, I = 32, Is = 48;
   for (int64_t n : {1, 5, 17}) {
     for (bool renorm : {true, false}) {
       for (bool shared : {false, true}) {
         for (int64_t k : {1, 2}) {
-          // Router rows are unit vectors on the first E coordinates and each row of x ranks the
-          // experts there 3 apart, so top-k is the same in every dtype (no near ties).
-          std::vector<float> x = rnd(size_t(n * H));
-          for (int64_t i = 0; i < n; ++i) {
-            std::vector<int> order(static_cast<size_t>(E));
-            std::iota(order.begin(), order.end(), 0);
-            std::shuffle(order.begin(), order.end(), rng);
-            for (int64_t e = 0; e < E; ++e)
-              x[size_t(i * H + e)] = 3.0f * float(order[size_t(e)]) / 4.0f;
+          for (bool bias : {false, true}) {
+            if (bias && (shared || !renorm)) continue;  // GPT-OSS: no shared expert, renormed
+            // Router rows are unit vectors on the first E coordinates and each row of x ranks the
+            // experts there 3 apart, so top-k is the same in every dtype (no near ties).
+            std::vector<float> x = rnd(size_t(n * H));
+            for (int64_t i = 0; i < n; ++i) {
+              std::vector<int> order(static_cast<size_t>(E));
+              std::iota(order.begin(), order.end(), 0);
+              std::shuffle(order.begin(), order.end(), rng);
+              for (int64_t e = 0; e < E; ++e)
+                x[size_t(i * H + e)] = 3.0f * float(order[size_t(e)]) / 4.0f;
+            }
+            x = round(x);
+            std::vector<float> router(size_t(E * H), 0.0f);
+            for (int64_t e = 0; e < E; ++e) router[size_t(e * H + e)] = 4.0f;
+            auto [rh, rd] = weight(router, {E, H}, dt);
+            std::vector<Tensor> gu_h, gu_d, dn_h, dn_d, bgu_h, bgu_d, bdn_h, bdn_d;
+            for (int64_t e = 0; e < E; ++e) {
+              auto [a, b] = matrix(2 * I, H, bias ? 0.9f : 0.125f);
+              auto [c2, d2] = matrix(H, I, 0.17f);
+              gu_h.push_back(a), gu_d.push_back(b), dn_h.push_back(c2), dn_d.push_back(d2);
+              auto [e1, e2] = vec(2 * I, 0.0f, 1.0f);
+              auto [e3, e4] = vec(H, 0.0f, 0.5f);
+              bgu_h.push_back(e1), bgu_d.push_back(e2), bdn_h.push_back(e3), bdn_d.push_back(e4);
+            }
+            // A small router bias: it moves the weights without reordering the experts.
+            auto [rbh, rbd] = vec(E, 0.0f, 0.05f);
+            auto [sguh, sgud] = matrix(2 * Is, H, 0.125f);
+            auto [sdh, sdd] = matrix(H, Is, 0.14f);
+            auto [sgh, sgd] = matrix(1, H, 0.125f);
+            std::vector<const Tensor*> guh_p, gud_p, dnh_p, dnd_p, bguh_p, bgud_p, bdnh_p, bdnd_p;
+            for (int64_t e = 0; e < E; ++e) {
+              guh_p.push_back(&gu_h[size_t(e)]), gud_p.push_back(&gu_d[size_t(e)]);
+              dnh_p.push_back(&dn_h[size_t(e)]), dnd_p.push_back(&dn_d[size_t(e)]);
+              bguh_p.push_back(&bgu_h[size_t(e)]), bgud_p.push_back(&bgu_d[size_t(e)]);
+              bdnh_p.push_back(&bdn_h[size_t(e)]), bdnd_p.push_back(&bdn_d[size_t(e)]);
+            }
+            Backend::MoeWeights wh{&rh,
+                                   guh_p.data(),
+                                   dnh_p.data(),
+                                   shared ? &sguh : nullptr,
+                                   shared ? &sdh : nullptr,
+                                   shared ? &sgh : nullptr,
+                                   bias ? &rbh : nullptr,
+                                   bias ? bguh_p.data() : nullptr,
+                                   bias ? bdnh_p.data() : nullptr};
+            Backend::MoeWeights wd{&rd,
+                                   gud_p.data(),
+                                   dnd_p.data(),
+                                   shared ? &sgud : nullptr,
+                                   shared ? &sdd : nullptr,
+                                   shared ? &sgd : nullptr,
+                                   bias ? &rbd : nullptr,
+                                   bias ? bgud_p.data() : nullptr,
+                                   bias ? bdnd_p.data() : nullptr};
+            const Activation act = bias ? Activation::SwiGLUOai : Activation::SiLU;
+            std::vector<float> want(size_t(n * H));
+            cpu->moe_ffn(x.data(), n, H, wh, E, k, renorm, act, want.data());
+            void* out = up(std::vector<float>(size_t(n * H), kPoison));
+            gpu->moe_ffn(up(x), n, H, wd, E, k, renorm, act, out);
+            expect_close(down(out, size_t(n * H)), H, want, H, n, H,
+                         cat("moe n=", n, " k=", k, renorm ? " renorm" : "",
+                             shared ? " shared" : "", bias ? " biases, swiglu_oai" : ""));
           }
-          x = round(x);
-          std::vector<float> router(size_t(E * H), 0.0f);
-          for (int64_t e = 0; e < E; ++e) router[size_t(e * H + e)] = 4.0f;
-          auto [rh, rd] = weight(router, {E, H}, dt);
-          std::vector<Tensor> gu_h, gu_d, dn_h, dn_d;
-          for (int64_t e = 0; e < E; ++e) {
-            auto [a, b] = matrix(2 * I, H, 0.125f);
-            auto [c2, d2] = matrix(H, I, 0.17f);
-            gu_h.push_back(a), gu_d.push_back(b), dn_h.push_back(c2), dn_d.push_back(d2);
-          }
-          auto [sguh, sgud] = matrix(2 * Is, H, 0.125f);
-          auto [sdh, sdd] = matrix(H, Is, 0.14f);
-          auto [sgh, sgd] = matrix(1, H, 0.125f);
-          std::vector<const Tensor*> guh_p, gud_p, dnh_p, dnd_p;
-          for (int64_t e = 0; e < E; ++e) {
-            guh_p.push_back(&gu_h[size_t(e)]), gud_p.push_back(&gu_d[size_t(e)]);
-            dnh_p.push_back(&dn_h[size_t(e)]), dnd_p.push_back(&dn_d[size_t(e)]);
-          }
-          Backend::MoeWeights wh{&rh,
-                                 guh_p.data(),
-                                 dnh_p.data(),
-                                 shared ? &sguh : nullptr,
-                                 shared ? &sdh : nullptr,
-                                 shared ? &sgh : nullptr};
-          Backend::MoeWeights wd{&rd,
-                                 gud_p.data(),
-                                 dnd_p.data(),
-                                 shared ? &sgud : nullptr,
-                                 shared ? &sdd : nullptr,
-                                 shared ? &sgd : nullptr};
-          std::vector<float> want(size_t(n * H));
-          cpu->moe_ffn(x.data(), n, H, wh, E, k, renorm, Activation::SiLU, want.data());
-          void* out = up(std::vector<float>(size_t(n * H), kPoison));
-          gpu->moe_ffn(up(x), n, H, wd, E, k, renorm, Activation::SiLU, out);
-          expect_close(
-              down(out, size_t(n * H)), H, want, H, n, H,
-              cat("moe n=", n, " k=", k, renorm ? " renorm" : "", shared ? " shared" : ""));
         }
       }
     }

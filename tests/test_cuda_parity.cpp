@@ -29,7 +29,7 @@ const char* const kFixtures[] = {
     "gemma2",     "gemma3_text",  "gpt2",        "mixtral", "phi3",      "qwen2_moe",
     "qwen3_moe",  "starcoder2",   "granite",     "phi",     "gpt_neox",  "gpt_neox_seq",
     "cohere",     "olmo2",        "cohere2",     "olmo3",   "falcon_mq", "falcon_new",
-    "falcon_seq", "smollm3"};
+    "falcon_seq", "smollm3",      "gpt_oss"};
 
 // Teacher-forced greedy agreement with the reference continuations: {agreeing steps, steps}.
 std::pair<int, int> teacher_forced(Engine& e, const Reference& ref) {

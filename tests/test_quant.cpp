@@ -488,10 +488,10 @@ TEST(QuantKvFp8, CpuCacheHoldsCodesAndScales) {
   EXPECT_GT(ks[size_t(f32.slot(3, 3) * kv_heads + 1)], 100 * ks[size_t(f32.slot(3, 3) * kv_heads)]);
   const float scale = 0.25f;
   std::vector<float> got(q.size()), want(q.size());
-  cpu::attention(q.data(), heads * hd, n, pos.data(), f8, heads, kv_heads, hd, scale, 0, 0,
+  cpu::attention(q.data(), heads * hd, n, pos.data(), f8, heads, kv_heads, hd, scale, 0, 0, nullptr,
                  got.data(), heads * hd);
   cpu::attention(q.data(), heads * hd, n, pos.data(), f32, heads, kv_heads, hd, scale, 0, 0,
-                 want.data(), heads * hd);
+                 nullptr, want.data(), heads * hd);
   // The same values in the same order; only the vectorised dot product's split into lanes may
   // differ (it follows the operands' alignment), so equal to float rounding.
   for (size_t i = 0; i < got.size(); ++i)
@@ -499,7 +499,7 @@ TEST(QuantKvFp8, CpuCacheHoldsCodesAndScales) {
   // A NaN in token 5's V head 0: rows from position 5 on read it in heads 0-1 (group 2).
   v[size_t(5 * kvd + 2)] = std::numeric_limits<float>::quiet_NaN();
   cpu::kv_write(f8, k.data() + 5 * kvd, v.data() + 5 * kvd, kvd, pos.data() + 5, 1);
-  cpu::attention(q.data(), heads * hd, n, pos.data(), f8, heads, kv_heads, hd, scale, 0, 0,
+  cpu::attention(q.data(), heads * hd, n, pos.data(), f8, heads, kv_heads, hd, scale, 0, 0, nullptr,
                  got.data(), heads * hd);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t h = 0; h < heads; ++h) {

@@ -61,7 +61,7 @@ T field(const json& j, const char* key, const std::string& file) {
 }
 
 TensorRule parse_rule(const json& r, const std::string& file) {
-  // ["hf", "canonical"] or {"hf": ..., "canonical": ..., "transpose": bool, "qkv_per_head": bool}
+  // ["hf", "canonical"] or {"hf": ..., "canonical": ..., and the flags of TensorRule}
   if (r.is_array()) {
     if (r.size() != 2 || !r[0].is_string() || !r[1].is_string())
       throw Error(
@@ -71,11 +71,15 @@ TensorRule parse_rule(const json& r, const std::string& file) {
   if (!r.is_object() || !r.contains("hf") || !r.contains("canonical"))
     throw Error(cat(file, ": a tensor rule object needs 'hf' and 'canonical'"));
   for (const auto& [k, v] : r.items())
-    if (k != "hf" && k != "canonical" && k != "transpose" && k != "qkv_per_head")
+    if (k != "hf" && k != "canonical" && k != "transpose" && k != "qkv_per_head" &&
+        k != "stacked_experts" && k != "interleaved_gate_up")
       throw Error(cat(file, ": unknown tensor rule field '", k, "'"));
   TensorRule t{field<std::string>(r, "hf", file), field<std::string>(r, "canonical", file)};
   if (r.contains("transpose")) t.transpose = field<bool>(r, "transpose", file);
   if (r.contains("qkv_per_head")) t.qkv_per_head = field<bool>(r, "qkv_per_head", file);
+  if (r.contains("stacked_experts")) t.stacked_experts = field<bool>(r, "stacked_experts", file);
+  if (r.contains("interleaved_gate_up"))
+    t.interleaved_gate_up = field<bool>(r, "interleaved_gate_up", file);
   return t;
 }
 

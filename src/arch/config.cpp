@@ -19,7 +19,8 @@ NLOHMANN_JSON_SERIALIZE_ENUM(NormKind, {{NormKind::RMS, "rms"},
 NLOHMANN_JSON_SERIALIZE_ENUM(Activation, {{Activation::SiLU, "silu"},
                                           {Activation::GeluTanh, "gelu_tanh"},
                                           {Activation::GeluErf, "gelu"},
-                                          {Activation::ReLU, "relu"}})
+                                          {Activation::ReLU, "relu"},
+                                          {Activation::SwiGLUOai, "swiglu_oai"}})
 NLOHMANN_JSON_SERIALIZE_ENUM(RopeType, {{RopeType::None, "none"},
                                         {RopeType::Default, "default"},
                                         {RopeType::Linear, "linear"},
@@ -37,7 +38,7 @@ NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE_WITH_DEFAULT(Knobs, norm, norm_bias, qkv_bias
                                                 tied_embeddings_default, routing, shared_expert,
                                                 pre_norm, parallel_block, shared_block_norm,
                                                 qk_norm_full, lm_head_bias, rope_interleaved,
-                                                rope_sliding_only)
+                                                rope_sliding_only, attn_sinks, router_bias)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LayerConfig, sliding_window, rope, moe)
 
 namespace {
@@ -155,6 +156,7 @@ Activation parse_act(const std::string& s, const std::string& file) {
     return Activation::GeluTanh;
   if (s == "gelu") return Activation::GeluErf;
   if (s == "relu") return Activation::ReLU;
+  if (s == "swiglu_oai" || s == "swigluoai") return Activation::SwiGLUOai;
   throw Error(cat(file, ": unsupported activation '", s, "'"));
 }
 
@@ -361,6 +363,8 @@ static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std
   if (const json* v = rd.find(keys("act", {"hidden_act"})))
     act = typed<std::string>(*v, file, "hidden_act");
   m.act = parse_act(act, file);
+  if (m.act == Activation::SwiGLUOai && !m.knobs.gated_mlp)
+    throw Error(cat(file, ": the swiglu_oai activation needs a gated MLP"));
   m.tie_word_embeddings = rd.boolean("tie_word_embeddings", spec.knobs.tied_embeddings_default);
   m.attn_scale = 1.0 / std::sqrt(double(m.head_dim));
   // Gemma 2/3 scale queries by query_pre_attn_scalar instead of head_dim.
@@ -707,8 +711,11 @@ void check_spec(const ArchSpec& a, const std::string& file) {
                                                "w_down",
                                                "b_down",
                                                "router",
+                                               "router.bias",
+                                               "sinks",
                                                "shared_gate"};
-  static const std::set<std::string> kFfn = {"w_gate", "w_up", "w_down", "w_gate_up"};
+  static const std::set<std::string> kFfn = {"w_gate", "w_up", "w_down", "w_gate_up",
+                                             "b_gate", "b_up", "b_down", "b_gate_up"};
   auto placeholders = [](const std::string& s) {
     return std::pair{s.find("{layer}") != std::string::npos,
                      s.find("{expert}") != std::string::npos};
@@ -729,9 +736,20 @@ void check_spec(const ArchSpec& a, const std::string& file) {
       throw Error(
           cat(what, ": tensor rule ", r.hf, " -> '", r.canonical,
               "': not a canonical name kiln builds from (docs/architectures.md lists them)"));
-    if (placeholders(r.hf) != placeholders(r.canonical))
+    if (r.stacked_experts) {
+      if (placeholders(r.hf) != std::pair{true, false} ||
+          placeholders(r.canonical) != std::pair{true, true})
+        throw Error(cat(what, ": tensor rule ", r.hf, " -> ", r.canonical,
+                        ": stacked_experts needs {layer} in both names and {expert} in the "
+                        "canonical name only"));
+    } else if (placeholders(r.hf) != placeholders(r.canonical)) {
       throw Error(cat(what, ": tensor rule ", r.hf, " -> ", r.canonical,
                       ": the two names must use the same {layer} / {expert} placeholders"));
+    }
+    const std::string leaf = r.canonical.substr(r.canonical.rfind('.') + 1);
+    if (r.interleaved_gate_up && leaf != "w_gate_up" && leaf != "b_gate_up")
+      throw Error(cat(what, ": tensor rule ", r.hf, " -> ", r.canonical,
+                      ": interleaved_gate_up is for w_gate_up / b_gate_up"));
   }
   static const std::set<std::string> kKeys = {"vocab_size",         "hidden_size",
                                               "num_layers",         "num_heads",
@@ -747,7 +765,10 @@ void check_spec(const ArchSpec& a, const std::string& file) {
     if (!kKeys.count(k))
       throw Error(cat(what, ": 'keys' has '", k, "', not a hyper-parameter kiln reads (",
                       json(std::vector<std::string>(kKeys.begin(), kKeys.end())).dump(), ")"));
-    if (v.empty()) throw Error(cat(what, ": 'keys' gives no config key for '", k, "'"));
+    // An empty list for 'act': the family's activation is default_act whatever hidden_act says
+    // (GPT-OSS's experts ignore it in transformers too).
+    if (v.empty() && k != "act")
+      throw Error(cat(what, ": 'keys' gives no config key for '", k, "'"));
   }
   static const std::set<std::string> kKnobKeys = {"qkv_bias",  "o_bias",         "mlp_bias",
                                                   "norm_bias", "parallel_block", "qk_norm"};

@@ -14,7 +14,10 @@ namespace kiln {
 // RMSPlusOne: Gemma's x * (1 + w). None: no norm (y = x), for blocks without an input norm
 // (OLMo 2); its weight and bias are not read.
 enum class NormKind { RMS, RMSPlusOne, Layer, None };
-enum class Activation { SiLU, GeluTanh, GeluErf, ReLU };
+// SwiGLUOai (GPT-OSS, gated only): g = min(gate, 7), u = clamp(up, -7, 7),
+// act = (u + 1) * g * sigmoid(1.702 g). transformers fixes alpha 1.702 and limit 7 in code (the
+// config's swiglu_limit is not read there), and so does kiln.
+enum class Activation { SiLU, GeluTanh, GeluErf, ReLU, SwiGLUOai };
 enum class RopeType { None, Default, Linear, Dynamic, Llama3, Yarn, LongRope };
 enum class Routing { None, SoftmaxTopK };  // MoE router
 
@@ -52,6 +55,10 @@ struct Knobs {
   // Only sliding-window layers rotate q and k; full-attention layers use no positional
   // encoding (Cohere 2).
   bool rope_sliding_only = false;
+  // A learned logit per query head joins every softmax over keys and takes its share of the
+  // probability mass without contributing a value (GPT-OSS's attention sinks, layers.L.sinks).
+  bool attn_sinks = false;
+  bool router_bias = false;  // the MoE router has a bias (layers.L.router.bias)
 };
 
 struct RopeConfig {

@@ -16,12 +16,17 @@ namespace kiln {
 // `hf` may contain `{layer}` and `{expert}` (decimal indices); `canonical` uses the same
 // placeholders. `transpose`: the checkpoint stores [in, out] (GPT-2's Conv1D). `qkv_per_head`:
 // a fused QKV weight or bias whose rows are grouped per head, [heads][q, k, v][head_dim]
-// (GPT-NeoX), where kiln's wqkv is [q heads][k heads][v heads].
+// (GPT-NeoX), where kiln's wqkv is [q heads][k heads][v heads]. `stacked_experts`: `hf` holds
+// every expert of a layer in one tensor, [num_experts, ...] (no `{expert}` in `hf`; the
+// canonical name has one), expert e being slice e. `interleaved_gate_up`: a fused gate_up whose
+// rows alternate gate and up (GPT-OSS), where kiln's is [gate rows][up rows].
 struct TensorRule {
   std::string hf;
   std::string canonical;
   bool transpose = false;
   bool qkv_per_head = false;
+  bool stacked_experts = false;
+  bool interleaved_gate_up = false;
 };
 
 struct ArchSpec {

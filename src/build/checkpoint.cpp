@@ -91,6 +91,8 @@ struct Source {
   bool fp8 = false;              // E4M3 codes with a ".weight_scale" beside them
   std::string block_scale = {};  // block-wise FP8: its .weight_scale_inv (dequantized on load)
   bool qkv_per_head = false;     // TensorRule::qkv_per_head
+  int64_t slice = -1;            // TensorRule::stacked_experts: this expert's slice of hf
+  bool interleaved = false;      // TensorRule::interleaved_gate_up
 };
 
 // Output rows are made in blocks of this many elements per thread: the float staging buffer.
@@ -127,7 +129,17 @@ struct Part {
   std::string block_scale;    // block-wise FP8: values are code * scale_inv[r / bh, c / bw]
   int64_t block[2] = {0, 0};  // its {bh, bw}
   RowTransform transform = {};
+  int64_t slice = -1;  // >= 0: slice `slice` of a stacked [experts, ...] tensor
 };
+
+// The source tensor of a part: hf itself, or its slice of a stacked tensor.
+Tensor part_tensor(const WeightSet& ws, const std::string& hf, int64_t slice) {
+  const Tensor t = ws.get(hf);
+  if (slice < 0) return t;
+  const Shape s(t.shape.begin() + 1, t.shape.end());
+  const size_t bytes = size_t(numel(s)) * dtype_size(t.dtype);
+  return Tensor::view(t.dtype, s, t.storage, static_cast<char*>(t.data) + size_t(slice) * bytes);
+}
 
 }  // namespace
 
@@ -223,6 +235,25 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
       }
     if (!rule || layer >= c.num_layers || expert >= c.num_experts + (expert < 0 ? 1 : 0)) {
       unexpected.push_back(hf);
+      continue;
+    }
+    if (rule->stacked_experts) {
+      // One tensor [num_experts, ...] for every expert of the layer: a source per expert.
+      const TensorInfo& ti = ws.info(hf);
+      Shape want = source_shape(c, subst(rule->canonical, layer, 0));
+      if (rule->transpose) std::reverse(want.begin(), want.end());
+      want.insert(want.begin(), c.num_experts);
+      if (packed || !is_float(ti.dtype) || ti.dtype == DType::F8_E4M3 ||
+          ti.dtype == DType::F8_E5M2 || ti.shape != want) {
+        bad_shape.push_back(cat(hf, " ", dtype_name(ti.dtype), shape_str(ti.shape), " (expected ",
+                                shape_str(want), " in a 16- or 32-bit float type)"));
+        continue;
+      }
+      for (int64_t e = 0; e < c.num_experts; ++e) {
+        Source& sr = src[subst(rule->canonical, layer, e)];
+        sr = {hf, rule->transpose};
+        sr.slice = e, sr.interleaved = rule->interleaved_gate_up;
+      }
       continue;
     }
     const std::string canon = subst(rule->canonical, layer, expert);
@@ -379,6 +410,7 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
     }
     src[canon] = {hf, rule->transpose};
     src[canon].qkv_per_head = rule->qkv_per_head;
+    src[canon].interleaved = rule->interleaved_gate_up;
   }
 
   // Each engine tensor comes from itself or from the parts it fuses.
@@ -450,7 +482,8 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
     // Init-capture: clang 14 cannot capture a structured binding by name.
     const auto as_published = [&, &parts = part_names] {
       for (const auto& p : parts)
-        KILN_CHECK(row_transform(c, p, src[p].qkv_per_head, ck.dir.string()).identity(),
+        KILN_CHECK(row_transform(c, p, src[p].qkv_per_head, ck.dir.string(), src[p].interleaved)
+                       .identity(),
                    ck.dir.string(), ": ", src[p].hf, " is quantized in the checkpoint, and ",
                    c.architecture, " reorders or scales it at build (not supported yet)");
     };
@@ -493,24 +526,27 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
     pt.dtype = planned_dtype[name];
     std::vector<Part> parts;
     for (const auto& p : part_names) {
-      const Shape& s = ws.info(src[p].hf).shape;
-      parts.push_back({src[p].hf,
-                       src[p].transpose,
-                       src[p].transpose ? s.back() : s.front(),
-                       src[p].block_scale,
-                       {ck.fp8_block[0], ck.fp8_block[1]},
-                       row_transform(c, p, src[p].qkv_per_head, ck.dir.string())});
-      KILN_CHECK(
-          parts.back().transform.identity() || (!src[p].transpose && src[p].block_scale.empty()),
-          ck.dir.string(), ": ", src[p].hf,
-          ": reordering or scaling a transposed or block-FP8 tensor is not supported");
+      Shape s = ws.info(src[p].hf).shape;
+      if (src[p].slice >= 0) s.erase(s.begin());
+      parts.push_back(
+          {src[p].hf,
+           src[p].transpose,
+           src[p].transpose ? s.back() : s.front(),
+           src[p].block_scale,
+           {ck.fp8_block[0], ck.fp8_block[1]},
+           row_transform(c, p, src[p].qkv_per_head, ck.dir.string(), src[p].interleaved),
+           src[p].slice});
+      KILN_CHECK(parts.back().transform.identity() || src[p].block_scale.empty(), ck.dir.string(),
+                 ": ", src[p].hf, ": reordering or scaling a block-FP8 tensor is not supported");
       pt.shape = src[p].transpose ? Shape(s.rbegin(), s.rend()) : s;
     }
     pt.shape[0] = 0;
     for (const auto& p : parts) pt.shape[0] += p.rows;
     if (parts.size() == 1 && !parts[0].transpose && parts[0].transform.identity() &&
-        ws.info(parts[0].hf).dtype == pt.dtype)
-      pt.view = [wset, hf = parts[0].hf] { return wset->get(hf); };  // nothing to convert
+        ws.info(parts[0].hf).dtype == pt.dtype)  // nothing to convert
+      pt.view = [wset, hf = parts[0].hf, sl = parts[0].slice] {
+        return part_tensor(*wset, hf, sl);
+      };
     const DType dt = pt.dtype;
     const size_t row_elems = size_t(numel(pt.shape) / std::max<int64_t>(pt.shape[0], 1));
     pt.fill = [wset, parts, dt, row_elems](int64_t row0, int64_t n, void* dst) {
@@ -518,7 +554,9 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
       for (const Part& p : parts) {
         const int64_t a = std::max(row0, first), b = std::min(row0 + n, first + p.rows);
         if (a < b) {
-          const Tensor t = wset->get(p.hf);
+          const Tensor t = part_tensor(*wset, p.hf, p.slice);
+          // Pages of a slice are dropped with the whole tensor (release), not row by row.
+          const bool drop = p.slice < 0;
           char* d = static_cast<char*>(dst) + size_t(a - row0) * row_elems * dtype_size(dt);
           const size_t es = dtype_size(t.dtype);
           if (!p.block_scale.empty()) {
@@ -537,9 +575,10 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
               for (int64_t c = 0; c < C; ++c) row[size_t(c)] *= s[size_t(c / bw)];
               from_f32(dt, row.data(), d + size_t(r - a) * row_elems * dtype_size(dt), row.size());
             }
-            wset->drop_pages(p.hf, uint64_t(a - first) * row_elems,
-                             uint64_t(b - first) * row_elems);
-          } else if (!p.transform.identity()) {
+            if (drop)
+              wset->drop_pages(p.hf, uint64_t(a - first) * row_elems,
+                               uint64_t(b - first) * row_elems);
+          } else if (!p.transform.identity() && !p.transpose) {
             // Reordered or scaled rows (row_transform), one at a time through F32.
             const RowTransform& tr = p.transform;
             std::vector<float> row(row_elems);
@@ -556,16 +595,26 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
                           static_cast<const char*>(t.data) + size_t(a - first) * row_elems * es, dt,
                           d, int64_t((b - a) * row_elems));
             // Read once: let the kernel drop these pages (mapped pages count as our memory).
-            wset->drop_pages(p.hf, uint64_t(a - first) * row_elems * es,
-                             uint64_t(b - first) * row_elems * es);
+            if (drop)
+              wset->drop_pages(p.hf, uint64_t(a - first) * row_elems * es,
+                               uint64_t(b - first) * row_elems * es);
           } else {
-            // Engine rows [a, b) are source columns: gather them through a float staging tile.
+            // Engine rows [a, b) are source columns (reordered by the transform's perm): gather
+            // them through a float staging tile, reading the span of columns they come from.
+            const RowTransform& tr = p.transform;
             const int64_t R = t.shape[0], C = t.shape[1], w = b - a;
-            std::vector<float> tile(static_cast<size_t>(w * R)), row(static_cast<size_t>(w));
+            auto col = [&](int64_t r) {
+              return tr.perm.empty() ? r - first : tr.perm[size_t(r - first)];
+            };
+            int64_t c0 = col(a), c1 = col(a);
+            for (int64_t r = a; r < b; ++r) c0 = std::min(c0, col(r)), c1 = std::max(c1, col(r));
+            std::vector<float> tile(static_cast<size_t>(w * R)),
+                row(static_cast<size_t>(c1 - c0 + 1));
             for (int64_t i = 0; i < R; ++i) {
-              to_f32(t.dtype, static_cast<const char*>(t.data) + size_t(i * C + (a - first)) * es,
-                     row.data(), size_t(w));
-              for (int64_t j = 0; j < w; ++j) tile[size_t(j * R + i)] = row[size_t(j)];
+              to_f32(t.dtype, static_cast<const char*>(t.data) + size_t(i * C + c0) * es,
+                     row.data(), row.size());
+              for (int64_t j = 0; j < w; ++j)
+                tile[size_t(j * R + i)] = row[size_t(col(a + j) - c0)] * tr.scale;
             }
             from_f32(dt, tile.data(), d, tile.size());
           }

@@ -17,9 +17,19 @@ int64_t layer_of(const std::string& canon) {
 }  // namespace
 
 RowTransform row_transform(const ModelConfig& c, const std::string& canon, bool qkv_per_head,
-                           const std::string& file) {
+                           const std::string& file, bool interleaved_gate_up) {
   RowTransform t;
   const std::string base = canon.substr(canon.rfind('.') + 1);
+  if (interleaved_gate_up) {
+    KILN_CHECK(base == "w_gate_up" || base == "b_gate_up", file, ": ", canon,
+               ": interleaved gate/up order is for a fused gate_up weight or bias");
+    const int64_t I = canon.find(".experts.") != std::string::npos ? c.moe_intermediate_size
+                      : canon.find(".shared.") != std::string::npos
+                          ? c.shared_expert_intermediate_size
+                          : c.intermediate_size;
+    for (int64_t j = 0; j < 2 * I; ++j) t.perm.push_back(j < I ? 2 * j : 2 * (j - I) + 1);
+    return t;
+  }
   const bool final_bias = canon == "final_norm.bias" || canon == "lm_head.bias";
   if (c.residual_multiplier != 1 &&
       (base == "wo" || base == "bo" || base == "w_down" || base == "b_down"))

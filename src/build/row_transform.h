@@ -24,9 +24,12 @@ struct RowTransform {
 //    (i, i + rot / 2), the order the graph's rope rotates;
 //  * ModelConfig::residual_multiplier into what a block adds to the residual (wo, bo, w_down,
 //    b_down), ModelConfig::logit_multiplier into the final norm (and the LM head bias).
-// `qkv_per_head`: the source is a fused QKV grouped per KV head (TensorRule::qkv_per_head).
-// Throws kiln::Error naming `file` for a layout it cannot reorder.
+//  * interleaved_gate_up (GPT-OSS): a fused gate_up's alternating rows (gate 0, up 0, gate 1,
+//    ...) to kiln's [gate rows][up rows].
+// `qkv_per_head`: the source is a fused QKV grouped per KV head (TensorRule::qkv_per_head);
+// `interleaved_gate_up`: TensorRule::interleaved_gate_up. Throws kiln::Error naming `file` for a
+// layout it cannot reorder.
 RowTransform row_transform(const ModelConfig& c, const std::string& canon, bool qkv_per_head,
-                           const std::string& file);
+                           const std::string& file, bool interleaved_gate_up = false);
 
 }  // namespace kiln

@@ -92,6 +92,10 @@ struct AttnParams {
   float scale;
   float softcap;   // 0: off
   int64_t window;  // 0: full causal
+  // Attention sinks (Knobs::attn_sinks): F32 [heads] in this device's memory, one logit per
+  // query head that joins each row's softmax (in the units of the scaled scores) and adds no
+  // value; nullptr: none.
+  const float* sinks = nullptr;
 };
 
 class Backend {
@@ -201,8 +205,10 @@ class Backend {
   virtual uint64_t generation() const { return 0; }
   // Device memory free now and in total (bytes); CPU backends return {0, 0}: no limit known.
   virtual std::pair<size_t, size_t> memory() const { return {0, 0}; }
-  // MoE FFN: for each row, route over `router` (softmax top-k, optional renorm), run the chosen
-  // experts' gated FFNs and sum weighted; plus a sigmoid-gated shared expert when given.
+  // MoE FFN: for each row, route over `router` (+ router_bias; softmax top-k, optional renorm),
+  // run the chosen experts' gated FFNs (with their biases when given) and sum weighted; plus a
+  // sigmoid-gated shared expert when given. Softmax over the top-k logits alone (GPT-OSS) is
+  // softmax top-k with renorm: both give exp(l_e) / sum over the chosen of exp(l_j).
   struct MoeWeights {
     const Tensor* router;
     const Tensor* const* gate_up;  // [num_experts]
@@ -210,6 +216,9 @@ class Backend {
     const Tensor* shared_gate_up;  // may be null
     const Tensor* shared_down;
     const Tensor* shared_gate;
+    const Tensor* router_bias = nullptr;          // F32 [num_experts]
+    const Tensor* const* gate_up_bias = nullptr;  // [num_experts] F32 [2 I], or nullptr
+    const Tensor* const* down_bias = nullptr;     // [num_experts] F32 [hidden], or nullptr
   };
   virtual void moe_ffn(const void* x, int64_t n, int64_t hidden, const MoeWeights& w,
                        int64_t num_experts, int64_t top_k, bool renorm, Activation a,

@@ -98,6 +98,7 @@ void Decoder::build_attn(int64_t l, int64_t n) {
   void* att = buf("att", size_t(n * qd) * a);
   AttnParams ap{c_.num_heads,         c_.num_kv_heads,        hd,
                 float(c_.attn_scale), float(c_.attn_softcap), lc.sliding_window};
+  if (c_.knobs.attn_sinks) ap.sinks = static_cast<const float*>(w_.at(p + "sinks").data);
   be_.attention(qkv, ld, n, d_pos_, kv, ap, att, qd);
   void* o = buf("o", size_t(n * c_.hidden_size) * a);
   be_.linear(att, n, qd, w_.at(p + "wo"), w_.find(p + "bo"), o, c_.hidden_size);
@@ -122,17 +123,25 @@ void Decoder::build_ffn(int64_t l, int64_t n, const void* h, void* f) {
 
 void Decoder::build_moe_ffn(int64_t l, int64_t n, const void* h, void* f) {
   const std::string p = "layers." + std::to_string(l) + ".";
-  std::vector<const Tensor*> gu, dn;
+  std::vector<const Tensor*> gu, dn, bgu, bdn;
   for (int64_t e = 0; e < c_.num_experts; ++e) {
-    gu.push_back(&w_.at(p + "experts." + std::to_string(e) + ".w_gate_up"));
-    dn.push_back(&w_.at(p + "experts." + std::to_string(e) + ".w_down"));
+    const std::string x = p + "experts." + std::to_string(e) + ".";
+    gu.push_back(&w_.at(x + "w_gate_up"));
+    dn.push_back(&w_.at(x + "w_down"));
+    if (c_.knobs.mlp_bias) {
+      bgu.push_back(&w_.at(x + "b_gate_up"));
+      bdn.push_back(&w_.at(x + "b_down"));
+    }
   }
   Backend::MoeWeights mw{&w_.at(p + "router"),
                          gu.data(),
                          dn.data(),
                          w_.find(p + "shared.w_gate_up"),
                          w_.find(p + "shared.w_down"),
-                         w_.find(p + "shared_gate")};
+                         w_.find(p + "shared_gate"),
+                         c_.knobs.router_bias ? &w_.at(p + "router.bias") : nullptr,
+                         bgu.empty() ? nullptr : bgu.data(),
+                         bdn.empty() ? nullptr : bdn.data()};
   be_.moe_ffn(h, n, c_.hidden_size, mw, c_.num_experts, c_.experts_per_token, c_.norm_topk_prob,
               c_.act, f);
 }

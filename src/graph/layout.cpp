@@ -56,6 +56,7 @@ std::vector<WeightSpec> plain_layout(const ModelConfig& c) {
       r.push_back({p + "q_norm", {full ? c.q_dim() : hd}, R::Vector});
       r.push_back({p + "k_norm", {full ? c.kv_dim() : hd}, R::Vector});
     }
+    if (c.knobs.attn_sinks) r.push_back({p + "sinks", {c.num_heads}, R::Vector});
     r.push_back({p + "wo", {H, c.q_dim()}, R::RowLinear});
     if (c.knobs.o_bias) r.push_back({p + "bo", {H}, R::Vector});
     if (c.knobs.post_attn_norm) norm_specs(c, p + "post_attn_norm", r);
@@ -64,6 +65,7 @@ std::vector<WeightSpec> plain_layout(const ModelConfig& c) {
       ffn_specs(c, p, c.intermediate_size, false, r);
     } else {
       r.push_back({p + "router", {c.num_experts, H}, R::Gate});
+      if (c.knobs.router_bias) r.push_back({p + "router.bias", {c.num_experts}, R::Vector});
       for (int64_t e = 0; e < c.num_experts; ++e)
         ffn_specs(c, p + "experts." + std::to_string(e) + ".", c.moe_intermediate_size, true, r);
       if (c.knobs.shared_expert) {
@@ -156,6 +158,8 @@ Shape source_shape(const ModelConfig& c, const std::string& name) {
   if (base == "b_gate_up") return {2 * I};
   if (base == "w_down") return {H, I};
   if (base == "router") return {c.num_experts, H};
+  if (base == "router.bias") return {c.num_experts};
+  if (base == "sinks") return {c.num_heads};
   if (base == "shared_gate") return {1, H};
   return {};
 }

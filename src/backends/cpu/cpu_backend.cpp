@@ -99,7 +99,7 @@ class CpuBackend final : public Backend {
   void attention(const void* q, int64_t ldq, int64_t n, const int32_t* pos, const KVLayerView& kv,
                  const AttnParams& p, void* out, int64_t ldo) override {
     cpu::attention(F(q), ldq, n, pos, view(kv), p.heads, p.kv_heads, p.head_dim, p.scale, p.softcap,
-                   p.window, F(out), ldo);
+                   p.window, p.sinks, F(out), ldo);
   }
   void gated_act(const void* gu, int64_t n, int64_t inter, Activation a, void* out) override {
     cpu::gated_act(F(gu), n, inter, a, F(out));
@@ -141,7 +141,8 @@ class CpuBackend final : public Backend {
     const float* x = F(xv);
     float* out = F(outv);
     std::vector<float> logits(size_t(n * E));
-    cpu::linear(x, n, H, H, w.router->data, w.router->dtype, E, nullptr, logits.data(), E);
+    cpu::linear(x, n, H, H, w.router->data, w.router->dtype, E,
+                w.router_bias ? F(w.router_bias->data) : nullptr, logits.data(), E);
     std::fill(out, out + n * H, 0.0f);
     std::vector<float> gu, h, y(static_cast<size_t>(H));
     for (int64_t i = 0; i < n; ++i) {
@@ -158,24 +159,27 @@ class CpuBackend final : public Backend {
       for (int64_t k = 0; k < top_k; ++k) wsum += l[idx[size_t(k)]];
       const float* xi = x + i * H;
       float* oi = out + i * H;
-      auto run = [&](const Tensor& wgu, const Tensor& wd, float scale) {
+      auto run = [&](const Tensor& wgu, const Tensor& wd, float scale, const Tensor* bgu,
+                     const Tensor* bd) {
         const int64_t I = wgu.shape[0] / 2;
         gu.resize(size_t(2 * I));
         h.resize(size_t(I));
-        cpu::linear(xi, 1, H, H, wgu.data, wgu.dtype, 2 * I, nullptr, gu.data(), 2 * I,
-                    scales(wgu));
+        cpu::linear(xi, 1, H, H, wgu.data, wgu.dtype, 2 * I, bgu ? F(bgu->data) : nullptr,
+                    gu.data(), 2 * I, scales(wgu));
         cpu::gated_act(gu.data(), 1, I, a, h.data());
-        cpu::linear(h.data(), 1, I, I, wd.data, wd.dtype, H, nullptr, y.data(), H, scales(wd));
+        cpu::linear(h.data(), 1, I, I, wd.data, wd.dtype, H, bd ? F(bd->data) : nullptr, y.data(),
+                    H, scales(wd));
         for (int64_t d = 0; d < H; ++d) oi[d] += scale * y[size_t(d)];
       };
       for (int64_t k = 0; k < top_k; ++k) {
         const int64_t e = idx[size_t(k)];
-        run(*w.gate_up[e], *w.down[e], renorm ? l[e] / wsum : l[e]);
+        run(*w.gate_up[e], *w.down[e], renorm ? l[e] / wsum : l[e],
+            w.gate_up_bias ? w.gate_up_bias[e] : nullptr, w.down_bias ? w.down_bias[e] : nullptr);
       }
       if (w.shared_gate_up) {
         float g = 0;
         cpu::linear(xi, 1, H, H, w.shared_gate->data, w.shared_gate->dtype, 1, nullptr, &g, 1);
-        run(*w.shared_gate_up, *w.shared_down, 1.0f / (1.0f + std::exp(-g)));
+        run(*w.shared_gate_up, *w.shared_down, 1.0f / (1.0f + std::exp(-g)), nullptr, nullptr);
       }
     }
   }

@@ -71,8 +71,18 @@ float apply_act(float x, Activation a) {
       return 0.5f * x * (1.0f + std::erf(x * 0.7071067811865476f));
     case Activation::ReLU:
       return x > 0 ? x : 0;
+    case Activation::SwiGLUOai:  // gated only (config refuses it otherwise): see apply_gated
+      break;
   }
   return x;
+}
+
+// act(gate) * up, or GPT-OSS's clamped form (model_config.h).
+float apply_gated(float g, float u, Activation a) {
+  if (a != Activation::SwiGLUOai) return apply_act(g, a) * u;
+  g = std::min(g, 7.0f);
+  u = std::clamp(u, -7.0f, 7.0f);
+  return (u + 1.0f) * (g / (1.0f + std::exp(-1.702f * g)));
 }
 
 }  // namespace
@@ -250,7 +260,7 @@ void gated_act(const float* gu, int64_t n, int64_t inter, Activation a, float* o
 #pragma omp parallel for schedule(static) if (n * inter > 16384)
   for (int64_t i = 0; i < n; ++i)
     for (int64_t k = 0; k < inter; ++k)
-      out[i * inter + k] = apply_act(gu[i * 2 * inter + k], a) * gu[i * 2 * inter + inter + k];
+      out[i * inter + k] = apply_gated(gu[i * 2 * inter + k], gu[i * 2 * inter + inter + k], a);
 }
 
 void act_inplace(float* x, int64_t count, Activation a) {
@@ -306,7 +316,7 @@ const float* cached_head(const float* pool, const float* scales, const KVView& k
 
 void attention(const float* q, int64_t ldq, int64_t n, const int32_t* pos, const KVView& kv,
                int64_t heads, int64_t kv_heads, int64_t head_dim, float scale, float cap,
-               int64_t window, float* out, int64_t ldo) {
+               int64_t window, const float* sinks, float* out, int64_t ldo) {
   const int64_t group = heads / kv_heads;
 #pragma omp parallel for collapse(2) schedule(dynamic)
   for (int64_t i = 0; i < n; ++i) {
@@ -327,7 +337,9 @@ void attention(const float* q, int64_t ldq, int64_t n, const int32_t* pos, const
         s[j] = x;
         mx = std::max(mx, x);
       }
-      float sum = 0;
+      // A sink joins the softmax as one more logit with no value: max and sum include it.
+      if (sinks) mx = std::max(mx, sinks[h]);
+      float sum = sinks ? std::exp(sinks[h] - mx) : 0.0f;
       for (int64_t j = 0; j < len; ++j) sum += (s[j] = std::exp(s[j] - mx));
       const float inv = 1.0f / sum;
       float* o = out + i * ldo + h * head_dim;

@@ -46,7 +46,8 @@ void add_rows(const void* table, DType t, int64_t dim, const int32_t* pos, int64
 void rope(float* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim, int64_t rot_dim,
           const float* cos, const float* sin);
 
-// Gated activation: out[n, inter] = act(gu[:, :inter]) * gu[:, inter:]; or act in place (!gated).
+// Gated activation: out[n, inter] = act(gu[:, :inter]) * gu[:, inter:] (SwiGLUOai: its clamped
+// form, model_config.h); or act in place (!gated).
 void gated_act(const float* gu, int64_t n, int64_t inter, Activation a, float* out);
 void act_inplace(float* x, int64_t count, Activation a);
 
@@ -78,9 +79,10 @@ void kv_write(const KVView& kv, const float* k, const float* v, int64_t ld, cons
               int64_t n);
 
 // out[n, heads*head_dim] = softmax(scale * q.k (soft-capped), causal, window) . v for query
-// rows at positions pos[i]; keys are the cache positions [lo, pos[i]].
+// rows at positions pos[i]; keys are the cache positions [lo, pos[i]]. sinks (F32 [heads] or
+// nullptr): one extra logit per head in each softmax, with no value (AttnParams::sinks).
 void attention(const float* q, int64_t ldq, int64_t n, const int32_t* pos, const KVView& kv,
                int64_t heads, int64_t kv_heads, int64_t head_dim, float scale, float softcap,
-               int64_t window, float* out, int64_t ldo);
+               int64_t window, const float* sinks, float* out, int64_t ldo);
 
 }  // namespace kiln::cpu

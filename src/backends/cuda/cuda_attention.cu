@@ -72,8 +72,9 @@ struct Args {
   int kv_heads;
   void* out;
   int64_t ldo;
-  float* ws;      // [n * heads][splits][D + 2] when splits > 1
-  int* counters;  // [row_blocks * kv_heads], zero between launches (the merging block resets)
+  float* ws;           // [n * heads][splits][D + 2] when splits > 1
+  int* counters;       // [row_blocks * kv_heads], zero between launches (the merging block resets)
+  const float* sinks;  // [heads] or nullptr (AttnLaunch::sinks)
 };
 
 size_t smem_bytes(int D) {
@@ -296,7 +297,9 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
     if (!valid(fr) || (a.splits > 1 && split >= used)) continue;
     const int i = fr / a.rstride, h = blockIdx.y * a.group + fr % a.rstride;
     if (a.splits == 1) {
-      const float inv = l[j] > 0.0f ? 1.0f / l[j] : 0.0f;
+      // A sink adds exp(sink - m) to the row's normaliser (and nothing to its output).
+      const float lj = l[j] + (a.sinks && m[j] != -INFINITY ? expf(a.sinks[h] - m[j]) : 0.0f);
+      const float inv = lj > 0.0f ? 1.0f / lj : 0.0f;
       T* op = static_cast<T*>(a.out) + int64_t(i) * a.ldo + int64_t(h) * D;
 #pragma unroll
       for (int k = 0; k < DPL; ++k)
@@ -347,6 +350,8 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
     }
 #pragma unroll
     for (int o = 1; o < 8; o <<= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+    if (part == 0 && a.sinks && valid(fr) && M != -INFINITY)
+      L += expf(a.sinks[blockIdx.y * a.group + fr % a.rstride] - M);
     if (part == 0) s_L[r] = L;
   }
   __syncthreads();
@@ -497,7 +502,8 @@ void launch_core(const AttnLaunch& a, float* ws, int* counters, int num_sms, cud
          a.out,
          a.ldo,
          ws,
-         counters};
+         counters,
+         a.sinks};
   const dim3 grid(unsigned(p.row_blocks), unsigned(a.kv_heads), unsigned(p.splits));
   KILN_CHECK(grid.y <= 65535 && grid.z <= 65535, "attention: too many KV heads");
   if (a.k_scale) {

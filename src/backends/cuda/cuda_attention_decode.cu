@@ -70,9 +70,15 @@ struct DecArgs {
   int splits;
   void* out;
   int64_t ldo;
-  float* ws;      // [n * heads][splits][D + 4]: unnormalised output, (max, sum) in base 2, pad
-  int* counters;  // [n * kv_heads], zero between launches (the merging block resets its own)
+  float* ws;           // [n * heads][splits][D + 4]: unnormalised output, (max, sum) in base 2, pad
+  int* counters;       // [n * kv_heads], zero between launches (the merging block resets its own)
+  const float* sinks;  // [heads] or nullptr (AttnLaunch::sinks; natural-log units)
 };
+
+// A sink's share of a row's normaliser, whose running max M is in base 2 (scores * log2 e).
+__device__ __forceinline__ float sink_term(const float* sinks, int h, float M) {
+  return sinks && M != -INFINITY ? ex2(sinks[h] * 1.4426950408889634f - M) : 0.0f;
+}
 
 // Stages per warp: 3 (two tiles in flight per warp, two blocks per SM) up to D = 128; 2 for
 // D = 256, whose stages are twice the size.
@@ -367,6 +373,8 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
       L += s_l[w][tid] * f;
     }
     s_m[0][tid] = M;  // (read again only after the next barrier)
+    // One split: the sink joins here; else once, in the merge below.
+    if (a.splits == 1 && tid < group) L += sink_term(a.sinks, kvh * group + tid, M);
     s_inv[tid] = L;
   }
   __syncthreads();
@@ -429,6 +437,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
       }
 #pragma unroll
     for (int x = 1; x < 8; x <<= 1) L += __shfl_xor_sync(0xffffffffu, L, x);
+    if (ok) L += sink_term(a.sinks, h0 + r, M);
     if (p == 0) s_inv[r] = L > 0.0f ? 1.0f / L : 0.0f;
   }
   __syncthreads();
@@ -547,7 +556,8 @@ void attention_decode(DType act, const AttnLaunch& a, float* ws, int* counters, 
                   a.out,
                   a.ldo,
                   ws,
-                  counters};
+                  counters,
+                  a.sinks};
   if (a.k_scale) {
     if (act == DType::BF16) return launch_d<__nv_bfloat16, E4M3>(a.head_dim, g, a.kv_heads, s);
     return launch_d<__half, E4M3>(a.head_dim, g, a.kv_heads, s);

@@ -66,6 +66,7 @@ struct TcArgs {
   int window;
   void* out;
   int64_t ldo;
+  const float* sinks;  // [heads] or nullptr (AttnLaunch::sinks; natural-log units)
 };
 
 // Tile configuration: MI m16 row tiles per warp (block rows 64 * MI), BN keys per tile, ST
@@ -432,6 +433,10 @@ __global__ void __launch_bounds__(kThreads) attn_tc_kernel(const TcArgs a) {
       float t = l[mi][h];
       t += __shfl_xor_sync(0xffffffffu, t, 1);
       t += __shfl_xor_sync(0xffffffffu, t, 2);
+      if (a.sinks && m[mi][h] != -INFINITY) {  // the sink's share of the normaliser (base 2)
+        const int fr = rbase + warp * WR + mi * 16 + lane / 4 + 8 * h;
+        t += ex2(a.sinks[kvh * a.group + fr % a.group] * 1.4426950408889634f - m[mi][h]);
+      }
       inv[h] = t > 0.0f ? 1.0f / t : 0.0f;
     }
 #pragma unroll
@@ -603,7 +608,8 @@ bool attention_tc(DType act, const AttnLaunch& a, cudaStream_t s) {
                  a.softcap > 0.0f ? a.softcap * log2e : 0.0f,
                  window,
                  a.out,
-                 a.ldo};
+                 a.ldo,
+                 a.sinks};
   const bool rows128 = use_rows128(total, a.kv_heads);
   if (a.k_scale) {
     if (act == DType::BF16)

@@ -337,6 +337,7 @@ class CudaBackend final : public Backend {
                              p.scale,
                              p.softcap,
                              p.window,
+                             p.sinks,
                              len,
                              out,
                              ldo,
@@ -587,8 +588,10 @@ class CudaBackend final : public Backend {
     auto* sel_row = static_cast<int32_t*>(scratch("moe_rows", size_t(nk) * 4));
     auto* sel_exp = static_cast<int32_t*>(scratch("moe_experts", size_t(nk) * 4));
     auto* weights = static_cast<float*>(scratch("moe_weights", size_t(nk) * 4));
-    linear_impl(x, n, H, *w.router, nullptr, logits, E, false);
+    linear_impl(x, n, H, *w.router, w.router_bias, logits, E, false);
     cuda::moe_route(act_, logits, n, E, k, renorm, sel_row, sel_exp, weights, stream_);
+    const float* const* bgu = w.gate_up_bias ? bias_table(w.gate_up_bias, E) : nullptr;
+    const float* const* bdn = w.down_bias ? bias_table(w.down_bias, E) : nullptr;
     // Routed experts: gathered GEMVs over (row, expert) assignments, reading only the chosen
     // experts' weights (a grouped GEMM for long prompts is future work).
     void* gu = scratch("moe_gu", size_t(nk * 2 * I) * es);
@@ -596,7 +599,7 @@ class CudaBackend final : public Backend {
     void* ye = scratch("moe_ye", size_t(nk * H) * es);
     cuda::gemv_gather(act_, x, H, expert_table(w.gate_up, E), sel_row, sel_exp, nk, H, 2 * I, gu,
                       stream_);
-    cuda::gated_act(act_, gu, nk, I, a, h, stream_);
+    cuda::gated_act(act_, gu, nk, I, a, h, stream_, bgu, sel_exp);
     cuda::gemv_gather(act_, h, I, expert_table(w.down, E), nullptr, sel_exp, nk, I, H, ye, stream_);
     const void* ys = nullptr;
     const void* gate = nullptr;
@@ -612,7 +615,7 @@ class CudaBackend final : public Backend {
       linear_impl(x, n, H, *w.shared_gate, nullptr, sg, 1, false);
       ys = sy, gate = sg;
     }
-    cuda::moe_combine(act_, ye, weights, n, k, H, ys, gate, out, stream_);
+    cuda::moe_combine(act_, ye, weights, n, k, H, ys, gate, out, stream_, bdn, sel_exp);
   }
 
  private:
@@ -712,13 +715,20 @@ class CudaBackend final : public Backend {
   }
 
   // Device array of the experts' weight pointers, built on first use per layer.
+  // Device arrays of the experts' tensor pointers, made once per layer (keyed by expert 0's).
+  const float* const* bias_table(const Tensor* const* ts, int64_t E) {
+    return reinterpret_cast<const float* const*>(expert_table(ts, E, DType::F32));
+  }
   const void* const* expert_table(const Tensor* const* ts, int64_t E) {
+    return expert_table(ts, E, act_);
+  }
+  const void* const* expert_table(const Tensor* const* ts, int64_t E, DType want) {
     void*& d = expert_tables_[ts[0]->data];
     if (!d) {
       std::vector<const void*> h(static_cast<size_t>(E));
       for (int64_t e = 0; e < E; ++e) {
-        KILN_CHECK(ts[e]->dtype == act_ && ts[e]->shape == ts[0]->shape,
-                   "CUDA MoE: experts must share one shape and the activation dtype");
+        KILN_CHECK(ts[e]->dtype == want && ts[e]->shape == ts[0]->shape,
+                   "CUDA MoE: experts must share one shape and dtype ", dtype_name(want));
         h[size_t(e)] = ts[e]->data;
       }
       d = alloc(h.size() * sizeof(void*));

@@ -222,8 +222,18 @@ __device__ __forceinline__ float apply_act(float x, int a) {
       return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
     case Activation::ReLU:
       return x > 0.0f ? x : 0.0f;
+    case Activation::SwiGLUOai:  // gated only: apply_gated
+      break;
   }
   return x;
+}
+
+// act(gate) * up, or GPT-OSS's clamped form (model_config.h; the CPU's apply_gated).
+__device__ __forceinline__ float apply_gated(float g, float u, int a) {
+  if (Activation(a) != Activation::SwiGLUOai) return apply_act(g, a) * u;
+  g = fminf(g, 7.0f);
+  u = fminf(fmaxf(u, -7.0f), 7.0f);
+  return (u + 1.0f) * (g / (1.0f + expf(-1.702f * g)));
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

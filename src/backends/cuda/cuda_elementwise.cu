@@ -237,13 +237,20 @@ __global__ void rope_kv_kernel(T* x, int64_t n, int64_t ld, int64_t heads, int64
   }
 }
 
+// bias (MoE experts with biases): row i adds F32 bias[sel[i]][0, 2 inter) before the activation.
 template <typename T>
-__global__ void gated_act_kernel(const T* gu, int64_t n, int64_t inter, int a, T* out) {
+__global__ void gated_act_kernel(const T* gu, int64_t n, int64_t inter, int a, T* out,
+                                 const float* const* bias, const int32_t* sel) {
   pdl_begin();
   GRID_STRIDE(e, n * inter) {
     const int64_t i = e / inter, k = e % inter;
     const T* row = gu + i * 2 * inter;
-    out[e] = from_f<T>(apply_act(to_f(row[k]), a) * to_f(row[inter + k]));
+    float g = to_f(row[k]), u = to_f(row[inter + k]);
+    if (bias) {
+      const float* b = bias[sel[i]];
+      g += b[k], u += b[inter + k];
+    }
+    out[e] = from_f<T>(apply_gated(g, u, a));
   }
 }
 
@@ -335,12 +342,15 @@ __global__ void moe_route_kernel(const T* logits, int64_t E, int64_t k, bool ren
 
 template <typename T>
 __global__ void moe_combine_kernel(const T* ye, const float* weights, int64_t n, int64_t k,
-                                   int64_t hidden, const T* ys, const T* gate, T* out) {
+                                   int64_t hidden, const T* ys, const T* gate, T* out,
+                                   const float* const* bias, const int32_t* sel) {
   pdl_begin();
   GRID_STRIDE(e, n * hidden) {
     const int64_t i = e / hidden, d = e % hidden;
     float acc = 0;
-    for (int64_t j = 0; j < k; ++j) acc += weights[i * k + j] * to_f(ye[(i * k + j) * hidden + d]);
+    for (int64_t j = 0; j < k; ++j)
+      acc += weights[i * k + j] *
+             (to_f(ye[(i * k + j) * hidden + d]) + (bias ? bias[sel[i * k + j]][d] : 0.0f));
     if (ys) acc += 1.0f / (1.0f + expf(-to_f(gate[i]))) * to_f(ys[e]);
     out[e] = from_f<T>(acc);
   }
@@ -418,11 +428,11 @@ void rope(DType act, void* x, int64_t n, int64_t ld, int64_t heads, int64_t head
 }
 
 void gated_act(DType act, const void* gu, int64_t n, int64_t inter, Activation a, void* out,
-               cudaStream_t s) {
+               cudaStream_t s, const float* const* bias, const int32_t* sel) {
   if (n * inter == 0) return;
-  KILN_DISPATCH_ACT(
-      act, launch_kernel(gated_act_kernel<T>, grid_for(n * inter), kThreads, 0, s,
-                         static_cast<const T*>(gu), n, inter, int(a), static_cast<T*>(out)));
+  KILN_DISPATCH_ACT(act, launch_kernel(gated_act_kernel<T>, grid_for(n * inter), kThreads, 0, s,
+                                       static_cast<const T*>(gu), n, inter, int(a),
+                                       static_cast<T*>(out), bias, sel));
 }
 
 void act_inplace(DType act, void* x, int64_t count, Activation a, cudaStream_t s) {
@@ -504,12 +514,13 @@ void moe_route(DType act, const void* logits, int64_t n, int64_t E, int64_t k, b
 }
 
 void moe_combine(DType act, const void* ye, const float* weights, int64_t n, int64_t k,
-                 int64_t hidden, const void* ys, const void* gate, void* out, cudaStream_t s) {
+                 int64_t hidden, const void* ys, const void* gate, void* out, cudaStream_t s,
+                 const float* const* bias, const int32_t* sel) {
   if (n * hidden == 0) return;
   KILN_DISPATCH_ACT(act, launch_kernel(moe_combine_kernel<T>, grid_for(n * hidden), kThreads, 0, s,
                                        static_cast<const T*>(ye), weights, n, k, hidden,
                                        static_cast<const T*>(ys), static_cast<const T*>(gate),
-                                       static_cast<T*>(out)));
+                                       static_cast<T*>(out), bias, sel));
 }
 
 }  // namespace kiln::cuda

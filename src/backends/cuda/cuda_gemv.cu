@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(kGemvThreads)
       const T ut = from_f<T>(u + (bias ? bias[inter + j] : 0.0f));
       gu[int64_t(t) * 2 * inter + j] = gt;
       gu[int64_t(t) * 2 * inter + inter + j] = ut;
-      out[int64_t(t) * inter + j] = from_f<T>(apply_act(to_f(gt), act) * to_f(ut));
+      out[int64_t(t) * inter + j] = from_f<T>(apply_gated(to_f(gt), to_f(ut), act));
     }
   }
 }

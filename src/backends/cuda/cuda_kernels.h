@@ -37,8 +37,9 @@ void add_norm(DType act, void* residual, const void* delta, int64_t rows, int64_
 void add(DType act, void* x, const void* y, int64_t count, cudaStream_t s);
 void rope(DType act, void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim,
           int64_t rot_dim, const float* cos, const float* sin, cudaStream_t s);
+// bias / sel (MoE experts with biases): row i adds F32 bias[sel[i]] [2 inter] first.
 void gated_act(DType act, const void* gu, int64_t n, int64_t inter, Activation a, void* out,
-               cudaStream_t s);
+               cudaStream_t s, const float* const* bias = nullptr, const int32_t* sel = nullptr);
 void act_inplace(DType act, void* x, int64_t count, Activation a, cudaStream_t s);
 void softcap(DType act, void* x, int64_t count, float cap, cudaStream_t s);
 void to_f32(DType act, const void* x, int64_t count, float* out, cudaStream_t s);
@@ -67,9 +68,11 @@ void rope_kv_write(DType act, void* x, int64_t n, int64_t ld, int64_t heads, int
 // Writes sel_row/sel_expert [n*k] (assignment a = i*k + j) and weights [n*k].
 void moe_route(DType act, const void* logits, int64_t n, int64_t E, int64_t k, bool renorm,
                int32_t* sel_row, int32_t* sel_expert, float* weights, cudaStream_t s);
-// out[i] = sum_j weights[i*k+j] * ye[i*k+j] (+ sigmoid(gate[i]) * ys[i]); rows of `hidden`.
+// out[i] = sum_j weights[i*k+j] * (ye[i*k+j] + bias[sel[i*k+j]]) (+ sigmoid(gate[i]) * ys[i]);
+// rows of `hidden`; bias (F32 [hidden] per expert) may be nullptr.
 void moe_combine(DType act, const void* ye, const float* weights, int64_t n, int64_t k,
-                 int64_t hidden, const void* ys, const void* gate, void* out, cudaStream_t s);
+                 int64_t hidden, const void* ys, const void* gate, void* out, cudaStream_t s,
+                 const float* const* bias = nullptr, const int32_t* sel = nullptr);
 
 // ---- GEMV for few rows (cuda_gemv.cu) ----
 
@@ -109,6 +112,9 @@ struct AttnLaunch {
   int64_t heads, kv_heads, head_dim;
   float scale, softcap;
   int64_t window;
+  // Attention sinks (AttnParams::sinks): F32 [heads], a logit per query head in each softmax
+  // with no value; nullptr: none.
+  const float* sinks;
   // max(pos) + 1 or any upper bound: bounds the number of splits over keys (their sizes come
   // from the rows' own key ranges on the device, so a graph captured with a bound stays right).
   int64_t kv_len;
