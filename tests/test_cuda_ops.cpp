@@ -538,16 +538,18 @@ TEST_P(CudaOps, Logits) {
   }
 }
 
-// bias: GPT-OSS's router and expert biases with its clamped SwiGLU (gate/up sized to cross the
-// clamp at 7).
+// Modes: 0 softmax top-k; 1 GPT-OSS's router and expert biases with its clamped SwiGLU (gate/up
+// sized to cross the clamp at 7); 2 DeepSeek V2's group-limited softmax, scaled, ungated shared
+// expert; 3 DeepSeek V3's sigmoid with a score-correction bias over groups, scaled.
 TEST_P(CudaOps, MoE) {
   const int64_t E = 4, H = 64, I = 32, Is = 48;
   for (int64_t n : {1, 5, 17}) {
     for (bool renorm : {true, false}) {
       for (bool shared : {false, true}) {
         for (int64_t k : {1, 2}) {
-          for (bool bias : {false, true}) {
-            if (bias && (shared || !renorm)) continue;  // GPT-OSS: no shared expert, renormed
+          for (int mode : {0, 1, 2, 3}) {
+            if (mode == 1 && (shared || !renorm)) continue;  // GPT-OSS: no shared expert, renormed
+            const bool bias = mode == 1;
             // Router rows are unit vectors on the first E coordinates and each row of x ranks the
             // experts there 3 apart, so top-k is the same in every dtype (no near ties).
             std::vector<float> x = rnd(size_t(n * H));
@@ -602,13 +604,24 @@ TEST_P(CudaOps, MoE) {
                                    bias ? bgud_p.data() : nullptr,
                                    bias ? bdnd_p.data() : nullptr};
             const Activation act = bias ? Activation::SwiGLUOai : Activation::SiLU;
+            Backend::MoeParams mp;
+            mp.num_experts = E, mp.top_k = k, mp.renorm = renorm;
+            if (mode >= 2) {  // two groups of two experts, one chosen; ungated shared expert
+              mp.groups = 2, mp.topk_groups = 1, mp.shared_gated = false;
+              mp.scaling = mode == 2 ? 1.5f : 2.5f;
+              wh.shared_gate = wd.shared_gate = nullptr;
+            }
+            if (mode == 3) {
+              mp.scoring = Routing::SigmoidTopK;
+              wh.score_bias = &rbh, wd.score_bias = &rbd;
+            }
             std::vector<float> want(size_t(n * H));
-            cpu->moe_ffn(x.data(), n, H, wh, E, k, renorm, act, want.data());
+            cpu->moe_ffn(x.data(), n, H, wh, mp, act, want.data());
             void* out = up(std::vector<float>(size_t(n * H), kPoison));
-            gpu->moe_ffn(up(x), n, H, wd, E, k, renorm, act, out);
+            gpu->moe_ffn(up(x), n, H, wd, mp, act, out);
             expect_close(down(out, size_t(n * H)), H, want, H, n, H,
                          cat("moe n=", n, " k=", k, renorm ? " renorm" : "",
-                             shared ? " shared" : "", bias ? " biases, swiglu_oai" : ""));
+                             shared ? " shared" : "", " mode ", mode));
           }
         }
       }

@@ -58,7 +58,8 @@ INSTANTIATE_TEST_SUITE_P(Hf, Parity,
                                            "gemma3_tied", "qwen3_moe", "starcoder2", "granite",
                                            "phi", "gpt_neox", "gpt_neox_seq", "cohere", "olmo2",
                                            "cohere2", "olmo3", "falcon_mq", "falcon_new",
-                                           "falcon_seq", "smollm3", "gpt_oss"));
+                                           "falcon_seq", "smollm3", "gpt_oss", "deepseek_v2",
+                                           "deepseek_v3"));
 
 TEST(Engine, RoundTripIsBitIdentical) {
   TempDir tmp;

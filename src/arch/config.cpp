@@ -28,17 +28,16 @@ NLOHMANN_JSON_SERIALIZE_ENUM(RopeType, {{RopeType::None, "none"},
                                         {RopeType::Llama3, "llama3"},
                                         {RopeType::Yarn, "yarn"},
                                         {RopeType::LongRope, "longrope"}})
-NLOHMANN_JSON_SERIALIZE_ENUM(Routing,
-                             {{Routing::None, "none"}, {Routing::SoftmaxTopK, "softmax_topk"}})
+NLOHMANN_JSON_SERIALIZE_ENUM(Routing, {{Routing::None, "none"},
+                                       {Routing::SoftmaxTopK, "softmax_topk"},
+                                       {Routing::SigmoidTopK, "sigmoid_topk"}})
 
 // With defaults: engines written before a knob existed load with the knob's default.
-NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE_WITH_DEFAULT(Knobs, norm, norm_bias, qkv_bias, o_bias, mlp_bias,
-                                                gated_mlp, qk_norm, post_attn_norm, post_ffn_norm,
-                                                embed_scale_sqrt_hidden, learned_positions, rope,
-                                                tied_embeddings_default, routing, shared_expert,
-                                                pre_norm, parallel_block, shared_block_norm,
-                                                qk_norm_full, lm_head_bias, rope_interleaved,
-                                                rope_sliding_only, attn_sinks, router_bias)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE_WITH_DEFAULT(
+    Knobs, norm, norm_bias, qkv_bias, o_bias, mlp_bias, gated_mlp, qk_norm, post_attn_norm,
+    post_ffn_norm, embed_scale_sqrt_hidden, learned_positions, rope, tied_embeddings_default,
+    routing, shared_expert, pre_norm, parallel_block, shared_block_norm, qk_norm_full, lm_head_bias,
+    rope_interleaved, rope_sliding_only, attn_sinks, router_bias, shared_expert_gated, mla)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LayerConfig, sliding_window, rope, moe)
 
 namespace {
@@ -328,13 +327,14 @@ static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std
   m.architecture = spec.name;
   m.knobs = spec.knobs;
   for (const auto& [knob, key] : spec.knob_keys) {
-    bool* k = knob == "qkv_bias"         ? &m.knobs.qkv_bias
-              : knob == "o_bias"         ? &m.knobs.o_bias
-              : knob == "mlp_bias"       ? &m.knobs.mlp_bias
-              : knob == "norm_bias"      ? &m.knobs.norm_bias
-              : knob == "parallel_block" ? &m.knobs.parallel_block
-              : knob == "qk_norm"        ? &m.knobs.qk_norm
-                                         : nullptr;
+    bool* k = knob == "qkv_bias"           ? &m.knobs.qkv_bias
+              : knob == "o_bias"           ? &m.knobs.o_bias
+              : knob == "mlp_bias"         ? &m.knobs.mlp_bias
+              : knob == "norm_bias"        ? &m.knobs.norm_bias
+              : knob == "parallel_block"   ? &m.knobs.parallel_block
+              : knob == "qk_norm"          ? &m.knobs.qk_norm
+              : knob == "rope_interleaved" ? &m.knobs.rope_interleaved
+                                           : nullptr;
     if (!k) throw Error(cat("architecture table ", spec.name, ": unknown knob '", knob, "'"));
     *k = rd.boolean(key, *k);
   }
@@ -352,6 +352,23 @@ static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std
   if (m.num_kv_heads == 0 || m.num_heads % m.num_kv_heads != 0)
     throw Error(cat(file, ": num_attention_heads (", m.num_heads,
                     ") must be a multiple of num_key_value_heads (", m.num_kv_heads, ")"));
+  if (m.knobs.mla) {
+    // The attention op sees one latent KV head of kv_lora_rank + qk_rope_head_dim (Knobs::mla).
+    m.q_lora_rank = rd.integer({"q_lora_rank"}, 0);
+    m.kv_lora_rank = rd.integer({"kv_lora_rank"});
+    m.qk_nope_head_dim = rd.integer({"qk_nope_head_dim"});
+    m.qk_rope_head_dim = rd.integer({"qk_rope_head_dim"});
+    m.v_head_dim = rd.integer({"v_head_dim"});
+    rd.mark("qk_head_dim");  // written by transformers 5: qk_nope_head_dim + qk_rope_head_dim
+    if (m.kv_lora_rank < 1 || m.qk_rope_head_dim < 2 || m.qk_rope_head_dim % 2 ||
+        m.v_head_dim < 1 || m.kv_lora_rank > (1 << 16) || m.qk_nope_head_dim > (1 << 16) ||
+        m.qk_rope_head_dim > (1 << 16) || m.v_head_dim > (1 << 16) || m.q_lora_rank > (1 << 20))
+      throw Error(cat(file, ": MLA sizes kv_lora_rank ", m.kv_lora_rank, ", qk_rope_head_dim ",
+                      m.qk_rope_head_dim, ", v_head_dim ", m.v_head_dim,
+                      " must be >= 1 (the rope part even, >= 2) and at most 65536"));
+    m.num_kv_heads = 1;
+    m.head_dim = m.kv_lora_rank + m.qk_rope_head_dim;
+  }
   if (spec.intermediate_mult > 0 && !rd.find(keys("intermediate_size", {"intermediate_size"})))
     m.intermediate_size = spec.intermediate_mult * m.hidden_size;
   else
@@ -392,8 +409,26 @@ static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std
     m.num_experts = rd.integer(keys("num_experts", {"num_experts", "num_local_experts"}));
     m.experts_per_token = rd.integer({"num_experts_per_tok"});
     m.moe_intermediate_size = rd.integer(keys("moe_intermediate_size", {"moe_intermediate_size"}));
-    if (m.knobs.shared_expert)
+    // DeepSeek counts its shared experts (each of moe_intermediate_size) instead.
+    if (m.knobs.shared_expert && spec.keys.count("shared_experts"))
+      m.shared_expert_intermediate_size =
+          rd.integer(spec.keys.at("shared_experts")) * m.moe_intermediate_size;
+    else if (m.knobs.shared_expert)
       m.shared_expert_intermediate_size = rd.integer({"shared_expert_intermediate_size"});
+    m.moe_groups = rd.integer(keys("moe_groups", {}), 1);
+    m.unused_layers = rd.integer(keys("unused_layers", {}), 0);
+    m.moe_topk_groups = rd.integer(keys("moe_topk_groups", {}), 1);
+    m.routed_scaling = rd.number(keys("routed_scaling", {}), 1.0);
+    if (m.moe_groups < 1 || m.num_experts % m.moe_groups != 0 || m.moe_topk_groups < 1 ||
+        m.moe_topk_groups > m.moe_groups)
+      throw Error(cat(file, ": ", m.num_experts, " experts in ", m.moe_groups, " groups, choosing ",
+                      m.moe_topk_groups,
+                      " of them: the groups must divide the experts and 1 <= chosen <= groups"));
+    if (m.moe_topk_groups * (m.num_experts / m.moe_groups) < m.experts_per_token)
+      throw Error(cat(file, ": ", m.moe_topk_groups, " groups of ", m.num_experts / m.moe_groups,
+                      " experts cannot hold num_experts_per_tok = ", m.experts_per_token));
+    if (!std::isfinite(m.routed_scaling) || m.routed_scaling <= 0)
+      throw Error(cat(file, ": routed_scaling_factor must be a finite number > 0"));
     m.norm_topk_prob = rd.boolean("norm_topk_prob", spec.norm_topk_default);
     if (m.experts_per_token < 1 || m.experts_per_token > m.num_experts)
       throw Error(cat(file, ": num_experts_per_tok (", m.experts_per_token,
@@ -438,6 +473,17 @@ static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std
     m.ropes.assign(1, RopeConfig{});
     m.ropes[0].type = RopeType::None;
     rope_types.clear();
+  }
+  if (m.knobs.mla) {
+    // Scores scale by the query's own width (nope + rope), times DeepSeek's yarn mscale squared
+    // when the rope parameters carry mscale_all_dim (transformers' yarn_apply_mscale).
+    m.attn_scale = 1.0 / std::sqrt(double(m.qk_head_dim()));
+    const RopeConfig& r = m.ropes[0];
+    if (r.type != RopeType::Default && r.type != RopeType::None && r.mscale_all_dim &&
+        *r.mscale_all_dim != 0 && r.factor > 1) {
+      const double ms = 0.1 * *r.mscale_all_dim * std::log(r.factor) + 1.0;
+      m.attn_scale *= ms * ms;
+    }
   }
 
   // Per-layer attention pattern.
@@ -518,9 +564,11 @@ static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std
     std::vector<int64_t> dense;
     if (c.contains("mlp_only_layers") && c["mlp_only_layers"].is_array())
       dense = typed<std::vector<int64_t>>(c["mlp_only_layers"], file, "mlp_only_layers");
+    // DeepSeek: the first first_k_dense_replace layers keep a dense MLP.
+    const int64_t first_moe = rd.integer({"first_k_dense_replace"}, 0);
     for (int64_t i = 0; i < m.num_layers; ++i)
       m.layers[size_t(i)].moe = std::find(dense.begin(), dense.end(), i) == dense.end() &&
-                                step > 0 && (i + 1) % step == 0;
+                                step > 0 && (i + 1) % step == 0 && i >= first_moe;
   }
 
   if (const json* v = rd.find({"bos_token_id"}); v && v->is_number_integer())
@@ -611,6 +659,14 @@ json to_json(const ModelConfig& m) {
             {"moe_intermediate_size", m.moe_intermediate_size},
             {"shared_expert_intermediate_size", m.shared_expert_intermediate_size},
             {"norm_topk_prob", m.norm_topk_prob},
+            {"moe_groups", m.moe_groups},
+            {"moe_topk_groups", m.moe_topk_groups},
+            {"routed_scaling", m.routed_scaling},
+            {"q_lora_rank", m.q_lora_rank},
+            {"kv_lora_rank", m.kv_lora_rank},
+            {"qk_nope_head_dim", m.qk_nope_head_dim},
+            {"qk_rope_head_dim", m.qk_rope_head_dim},
+            {"v_head_dim", m.v_head_dim},
             {"eos_token_ids", m.eos_token_ids}};
   put_opt(j, "bos_token_id", m.bos_token_id);
   return j;
@@ -645,6 +701,15 @@ ModelConfig model_config_from_json(const json& j) {
   j.at("moe_intermediate_size").get_to(m.moe_intermediate_size);
   j.at("shared_expert_intermediate_size").get_to(m.shared_expert_intermediate_size);
   j.at("norm_topk_prob").get_to(m.norm_topk_prob);
+  // Absent from engines written before group-limited routing and MLA: their defaults.
+  m.moe_groups = j.value("moe_groups", int64_t{1});
+  m.moe_topk_groups = j.value("moe_topk_groups", int64_t{1});
+  m.routed_scaling = j.value("routed_scaling", 1.0);
+  m.q_lora_rank = j.value("q_lora_rank", int64_t{0});
+  m.kv_lora_rank = j.value("kv_lora_rank", int64_t{0});
+  m.qk_nope_head_dim = j.value("qk_nope_head_dim", int64_t{0});
+  m.qk_rope_head_dim = j.value("qk_rope_head_dim", int64_t{0});
+  m.v_head_dim = j.value("v_head_dim", int64_t{0});
   j.at("eos_token_ids").get_to(m.eos_token_ids);
   get_opt(j, "bos_token_id", m.bos_token_id);
   return m;
@@ -664,7 +729,8 @@ Knobs knobs_from_json(const json& j, const std::string& file) {
   }
   // Enum knobs: only their names (nlohmann maps an unknown string to the first value).
   const std::pair<const char*, std::vector<std::string>> enums[] = {
-      {"norm", {"rms", "rms_plus_one", "layer", "none"}}, {"routing", {"none", "softmax_topk"}}};
+      {"norm", {"rms", "rms_plus_one", "layer", "none"}},
+      {"routing", {"none", "softmax_topk", "sigmoid_topk"}}};
   for (const auto& [name, values] : enums)
     if (j.contains(name) &&
         (!j[name].is_string() ||
@@ -712,7 +778,16 @@ void check_spec(const ArchSpec& a, const std::string& file) {
                                                "b_down",
                                                "router",
                                                "router.bias",
+                                               "router.score_bias",
                                                "sinks",
+                                               "wq_a",
+                                               "bq_a",
+                                               "q_a_norm",
+                                               "wq_b",
+                                               "wkv_a",
+                                               "bkv_a",
+                                               "kv_a_norm",
+                                               "wkv_b",
                                                "shared_gate"};
   static const std::set<std::string> kFfn = {"w_gate", "w_up", "w_down", "w_gate_up",
                                              "b_gate", "b_up", "b_down", "b_gate_up"};
@@ -751,16 +826,30 @@ void check_spec(const ArchSpec& a, const std::string& file) {
       throw Error(cat(what, ": tensor rule ", r.hf, " -> ", r.canonical,
                       ": interleaved_gate_up is for w_gate_up / b_gate_up"));
   }
-  static const std::set<std::string> kKeys = {"vocab_size",         "hidden_size",
-                                              "num_layers",         "num_heads",
-                                              "num_kv_heads",       "head_dim",
-                                              "intermediate_size",  "max_position_embeddings",
-                                              "norm_eps",           "act",
-                                              "num_experts",        "moe_intermediate_size",
-                                              "embed_multiplier",   "residual_multiplier",
-                                              "attn_multiplier",    "logit_divisor",
-                                              "logit_multiplier",   "rope_layers",
-                                              "rope_layer_interval"};
+  static const std::set<std::string> kKeys = {"vocab_size",
+                                              "hidden_size",
+                                              "num_layers",
+                                              "num_heads",
+                                              "num_kv_heads",
+                                              "head_dim",
+                                              "intermediate_size",
+                                              "max_position_embeddings",
+                                              "norm_eps",
+                                              "act",
+                                              "num_experts",
+                                              "moe_intermediate_size",
+                                              "embed_multiplier",
+                                              "residual_multiplier",
+                                              "attn_multiplier",
+                                              "logit_divisor",
+                                              "logit_multiplier",
+                                              "rope_layers",
+                                              "rope_layer_interval",
+                                              "moe_groups",
+                                              "moe_topk_groups",
+                                              "routed_scaling",
+                                              "shared_experts",
+                                              "unused_layers"};
   for (const auto& [k, v] : a.keys) {
     if (!kKeys.count(k))
       throw Error(cat(what, ": 'keys' has '", k, "', not a hyper-parameter kiln reads (",
@@ -770,8 +859,9 @@ void check_spec(const ArchSpec& a, const std::string& file) {
     if (v.empty() && k != "act")
       throw Error(cat(what, ": 'keys' gives no config key for '", k, "'"));
   }
-  static const std::set<std::string> kKnobKeys = {"qkv_bias",  "o_bias",         "mlp_bias",
-                                                  "norm_bias", "parallel_block", "qk_norm"};
+  static const std::set<std::string> kKnobKeys = {"qkv_bias",        "o_bias",         "mlp_bias",
+                                                  "norm_bias",       "parallel_block", "qk_norm",
+                                                  "rope_interleaved"};
   for (const auto& [k, v] : a.knob_keys)
     if (!kKnobKeys.count(k))
       throw Error(cat(what, ": 'knob_keys' has '", k, "'; a config key can set only ",

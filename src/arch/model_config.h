@@ -19,7 +19,10 @@ enum class NormKind { RMS, RMSPlusOne, Layer, None };
 // config's swiglu_limit is not read there), and so does kiln.
 enum class Activation { SiLU, GeluTanh, GeluErf, ReLU, SwiGLUOai };
 enum class RopeType { None, Default, Linear, Dynamic, Llama3, Yarn, LongRope };
-enum class Routing { None, SoftmaxTopK };  // MoE router
+// MoE router scores: softmax over the experts (Mixtral, Qwen, DeepSeek V2), or a sigmoid per
+// expert whose top-k is chosen on score + a correction bias (DeepSeek V3,
+// layers.L.router.score_bias).
+enum class Routing { None, SoftmaxTopK, SigmoidTopK };
 
 // Builder knobs: orthogonal switches of the one shared decoder graph.
 struct Knobs {
@@ -58,7 +61,11 @@ struct Knobs {
   // A learned logit per query head joins every softmax over keys and takes its share of the
   // probability mass without contributing a value (GPT-OSS's attention sinks, layers.L.sinks).
   bool attn_sinks = false;
-  bool router_bias = false;  // the MoE router has a bias (layers.L.router.bias)
+  bool router_bias = false;         // the MoE router has a bias (layers.L.router.bias)
+  bool shared_expert_gated = true;  // the shared expert's output is scaled by sigmoid(shared_gate)
+  // Multi-head latent attention (DeepSeek V2 / V3): the cache holds one latent vector per token
+  // (ModelConfig::kv_lora_rank + qk_rope_head_dim), queries are absorbed into it. See mla().
+  bool mla = false;
 };
 
 struct RopeConfig {
@@ -102,14 +109,32 @@ struct ModelConfig {
   int64_t num_experts = 0, experts_per_token = 0, moe_intermediate_size = 0,
           shared_expert_intermediate_size = 0;
   bool norm_topk_prob = true;
+  // Group-limited routing (DeepSeek): experts in moe_groups equal groups; only the experts of the
+  // moe_topk_groups best groups (softmax: a group's best score; sigmoid: its two best biased
+  // scores summed) are eligible. 1 / 1: plain top-k. The chosen weights are then multiplied by
+  // routed_scaling (after any renormalisation).
+  int64_t moe_groups = 1, moe_topk_groups = 1;
+  double routed_scaling = 1.0;
+  // MLA sizes (Knobs::mla). Under MLA, num_kv_heads is 1 and head_dim is the latent head
+  // kv_lora_rank + qk_rope_head_dim: the attention op runs as MQA over the latent cache, whose
+  // rows are [rotated k_pe (qk_rope_head_dim) | normed latent (kv_lora_rank)]. q_lora_rank 0: no
+  // query LoRA (DeepSeek V2-Lite).
+  int64_t q_lora_rank = 0, kv_lora_rank = 0, qk_nope_head_dim = 0, qk_rope_head_dim = 0,
+          v_head_dim = 0;
+  // Layers a checkpoint stores past num_layers that the forward does not run (DeepSeek V3's
+  // multi-token-prediction modules): the build skips their tensors. Build time only.
+  int64_t unused_layers = 0;
   std::optional<int64_t> bos_token_id;
   std::vector<int64_t> eos_token_ids;
 
   int64_t q_dim() const { return num_heads * head_dim; }
   int64_t kv_dim() const { return num_kv_heads * head_dim; }
   int64_t rotary_dim(int rope) const {
+    if (knobs.mla) return qk_rope_head_dim;
     return int64_t(double(head_dim) * ropes[size_t(rope)].partial_rotary_factor) / 2 * 2;
   }
+  // MLA: the query projection's width per head, and the attention output's per head.
+  int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
 };
 
 nlohmann::json to_json(const ModelConfig& c);

@@ -1,5 +1,6 @@
 #include "build/checkpoint.h"
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -141,6 +142,59 @@ Tensor part_tensor(const WeightSet& ws, const std::string& hf, int64_t slice) {
   return Tensor::view(t.dtype, s, t.storage, static_cast<char*>(t.data) + size_t(slice) * bytes);
 }
 
+// MLA's absorbed per-head matrices (Knobs::mla), made at build from kv_b_proj
+// ([heads][nope + v rows][kv_lora_rank], block-FP8 dequantized as read):
+//   w_q_absorb [heads * D, nope + rope], D = rope + kv_lora_rank: maps a head's query
+//     [nope | rope] to [rope (de-interleaved when rope_interleaved) | W_UK^T nope];
+//   w_o_absorb [heads * v, D]: maps a head's attention output [. rope | latent] to W_UV latent.
+PlannedTensor plan_absorbed(const ModelConfig& c, const std::shared_ptr<WeightSet>& wset,
+                            const std::string& hf, const std::string& block_scale,
+                            std::array<int64_t, 2> block, const std::string& name, DType dt) {
+  const int64_t heads = c.num_heads, R = c.qk_rope_head_dim, L = c.kv_lora_rank;
+  const int64_t N = c.qk_nope_head_dim, V = c.v_head_dim, D = R + L, QK = N + R;
+  const bool q = name.ends_with("w_q_absorb");
+  PlannedTensor pt;
+  pt.name = name;
+  pt.dtype = dt;
+  pt.shape = q ? Shape{heads * D, QK} : Shape{heads * V, D};
+  const bool inter = c.knobs.rope_interleaved;
+  pt.fill = [=](int64_t row0, int64_t n, void* dst) {
+    const Tensor t = wset->get(hf);
+    const Tensor sc = block_scale.empty() ? Tensor{} : wset->get(block_scale);
+    const int64_t nb = block[1] > 0 ? (L + block[1] - 1) / block[1] : 0;
+    auto at = [&](int64_t r, int64_t col) {  // kv_b_proj[r][col] as F32
+      float v = 0, s = 1;
+      to_f32(t.dtype, static_cast<const char*>(t.data) + size_t(r * L + col) * dtype_size(t.dtype),
+             &v, 1);
+      if (!block_scale.empty())
+        to_f32(sc.dtype,
+               static_cast<const char*>(sc.data) +
+                   size_t(r / block[0] * nb + col / block[1]) * dtype_size(sc.dtype),
+               &s, 1);
+      return v * s;
+    };
+    const int64_t cols = pt.shape[1];
+    std::vector<float> row(static_cast<size_t>(cols));
+    for (int64_t r = row0; r < row0 + n; ++r) {
+      std::fill(row.begin(), row.end(), 0.0f);
+      if (q) {
+        const int64_t h = r / D, j = r % D;
+        if (j < R)  // rope part: the query's own rope dims, in the graph's half-split order
+          row[size_t(N + (!inter ? j : j < R / 2 ? 2 * j : 2 * (j - R / 2) + 1))] = 1.0f;
+        else
+          for (int64_t k = 0; k < N; ++k) row[size_t(k)] = at(h * (N + V) + k, j - R);
+      } else {
+        const int64_t h = r / V, o = r % V;
+        for (int64_t t2 = 0; t2 < L; ++t2) row[size_t(R + t2)] = at(h * (N + V) + N + o, t2);
+      }
+      from_f32(dt, row.data(), static_cast<char*>(dst) + size_t((r - row0) * cols) * dtype_size(dt),
+               row.size());
+    }
+  };
+  pt.release = [wset, hf] { wset->drop_pages(hf); };
+  return pt;
+}
+
 }  // namespace
 
 Checkpoint open_checkpoint(const fs::path& dir, bool with_weights) {
@@ -198,6 +252,13 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
     bool ignored = false;
     for (const auto& pat : ck.spec->ignored) ignored = ignored || match(pat, hf, &layer, &expert);
     if (ignored) continue;
+    if (c.unused_layers > 0) {  // ModelConfig::unused_layers: any tensor of those layers
+      const size_t k = hf.find("layers.");
+      if (k != std::string::npos) {
+        const int64_t l = std::atoll(hf.c_str() + k + 7);
+        if (l >= c.num_layers && l < c.num_layers + c.unused_layers) continue;
+      }
+    }
     // AWQ: a module's .qweight stands for its .weight; .qzeros and .scales go with it.
     std::string name = hf;
     bool packed = false;
@@ -426,7 +487,9 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
     const std::string prefix = dot == std::string::npos ? "" : spec.name.substr(0, dot + 1);
     const std::string base = dot == std::string::npos ? spec.name : spec.name.substr(dot + 1);
     std::vector<std::string> parts;
-    if (src.count(spec.name)) {
+    if (base == "w_q_absorb" || base == "w_o_absorb") {
+      parts = {prefix + "wkv_b"};  // made from it at build (plan_absorbed)
+    } else if (src.count(spec.name)) {
       parts = {spec.name};
     } else if (kFused.count(base) && spec.name.find(".bias") == std::string::npos) {
       for (const auto& p : kFused.at(base)) parts.push_back(prefix + p);
@@ -478,6 +541,15 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
   auto wset = std::make_shared<WeightSet>(ws);
   WeightPlan out;
   for (const auto& [name, part_names] : plan) {
+    if (name.ends_with("w_q_absorb") || name.ends_with("w_o_absorb")) {
+      const Source& s = src[part_names[0]];
+      KILN_CHECK(!s.awq && !s.fp8 && !s.transpose && s.slice < 0, ck.dir.string(), ": ", s.hf,
+                 ": kiln absorbs it into the MLA projections at build, which needs it in a float "
+                 "type or block-wise FP8");
+      out.push_back(plan_absorbed(c, wset, s.hf, s.block_scale, {ck.fp8_block[0], ck.fp8_block[1]},
+                                  name, planned_dtype[name]));
+      continue;
+    }
     // Pre-quantized weights are copied as published: nothing reorders or scales them.
     // Init-capture: clang 14 cannot capture a structured binding by name.
     const auto as_published = [&, &parts = part_names] {

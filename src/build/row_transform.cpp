@@ -36,6 +36,17 @@ RowTransform row_transform(const ModelConfig& c, const std::string& canon, bool 
     t.scale = float(c.residual_multiplier);
   if (c.logit_multiplier != 1 && (canon == "final_norm" || final_bias))
     t.scale = float(c.logit_multiplier);
+  if (c.knobs.mla && (base == "wkv_a" || base == "bkv_a")) {
+    // HF's [latent | k_rope] to the cache row [k_rope | latent], the rope pairs de-interleaved
+    // under rope_interleaved (DeepSeek).
+    const int64_t R = c.qk_rope_head_dim, L = c.kv_lora_rank;
+    for (int64_t j = 0; j < R; ++j)
+      t.perm.push_back(L + (!c.knobs.rope_interleaved ? j
+                            : j < R / 2               ? 2 * j
+                                                      : 2 * (j - R / 2) + 1));
+    for (int64_t j = 0; j < L; ++j) t.perm.push_back(j);
+    return t;
+  }
   const int64_t hd = c.head_dim, qd = c.q_dim(), kvd = c.kv_dim();
   const bool fused = base == "wqkv" || base == "bqkv";
   std::vector<int64_t> qkv;  // kiln row -> source row

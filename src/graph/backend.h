@@ -205,10 +205,10 @@ class Backend {
   virtual uint64_t generation() const { return 0; }
   // Device memory free now and in total (bytes); CPU backends return {0, 0}: no limit known.
   virtual std::pair<size_t, size_t> memory() const { return {0, 0}; }
-  // MoE FFN: for each row, route over `router` (+ router_bias; softmax top-k, optional renorm),
-  // run the chosen experts' gated FFNs (with their biases when given) and sum weighted; plus a
-  // sigmoid-gated shared expert when given. Softmax over the top-k logits alone (GPT-OSS) is
-  // softmax top-k with renorm: both give exp(l_e) / sum over the chosen of exp(l_j).
+  // MoE FFN: for each row, route (MoeParams) over `router` (+ router_bias), run the chosen
+  // experts' gated FFNs (with their biases when given) and sum weighted; plus a shared expert
+  // when given (scaled by sigmoid(x . shared_gate) when gated). Softmax over the top-k logits
+  // alone (GPT-OSS) is softmax top-k with renorm: both give exp(l_e) / sum over the chosen.
   struct MoeWeights {
     const Tensor* router;
     const Tensor* const* gate_up;  // [num_experts]
@@ -219,10 +219,31 @@ class Backend {
     const Tensor* router_bias = nullptr;          // F32 [num_experts]
     const Tensor* const* gate_up_bias = nullptr;  // [num_experts] F32 [2 I], or nullptr
     const Tensor* const* down_bias = nullptr;     // [num_experts] F32 [hidden], or nullptr
+    // Sigmoid routing (DeepSeek V3): F32 [num_experts] added to the scores to choose experts
+    // (not to weight them); nullptr: none.
+    const Tensor* score_bias = nullptr;
+  };
+  // Routing, per row of router logits l (F32 math, ties to the lower expert index):
+  //   p = softmax(l) or sigmoid(l) (scoring); s = p + score_bias (when given);
+  //   groups > 1: experts split into `groups` equal groups scored by their best s (softmax) or
+  //   their two best s summed (sigmoid); only the topk_groups best groups stay eligible;
+  //   the top_k eligible experts by s, weighted p_e, renormalised to sum 1 when renorm (sigmoid:
+  //   sum + 1e-20, as DeepSeek V3), then times `scaling`.
+  struct MoeParams {
+    int64_t num_experts = 0, top_k = 1;
+    bool renorm = true;
+    Routing scoring = Routing::SoftmaxTopK;
+    int64_t groups = 1, topk_groups = 1;
+    float scaling = 1.0f;
+    bool shared_gated = true;  // shared expert scaled by sigmoid(shared_gate) (else by 1)
   };
   virtual void moe_ffn(const void* x, int64_t n, int64_t hidden, const MoeWeights& w,
-                       int64_t num_experts, int64_t top_k, bool renorm, Activation a,
-                       void* out) = 0;
+                       const MoeParams& p, Activation a, void* out) = 0;
+  // Per-head linear: for each head h, y[:, h*out .. (h+1)*out) = x[:, h*in .. (h+1)*in) . W_h^T,
+  // where w is [heads * out, in] and W_h its rows [h*out, (h+1)*out) (MLA's absorbed query and
+  // output projections). Rows of x are ldx apart, of y ldy apart.
+  virtual void head_linear(const void* x, int64_t n, int64_t ldx, int64_t heads, const Tensor& w,
+                           void* y, int64_t ldy) = 0;
 };
 
 // Called by the CPU backend with the F32 input rows of every linear() before it runs (x[n, in],

@@ -65,7 +65,62 @@ void Decoder::build_norm(const std::string& name, const void* x, int64_t n, void
            c_.knobs.norm, float(c_.norm_eps), y, c_.hidden_size, residual_in);
 }
 
+// Multi-head latent attention (Knobs::mla) over the latent cache, queries absorbed:
+//   q = wq_b(q_a_norm(wq_a(h))) (or wq_b(h)), per head [nope | rope];
+//   Q_h = w_q_absorb_h . q_h = [q_rope_h | W_UK_h^T q_nope_h]   (the build's absorbed matrix);
+//   kv = wkv_a(h) = [k_rope | latent], latent normed (kv_a_norm); rope on Q's and kv's first
+//   qk_rope_head_dim dims; the cache stores kv (V reads the same pool: the cache is compressed);
+//   attention as MQA of head_dim rope + latent: each head's output [. | sum p latent];
+//   o_h = w_o_absorb_h . out_h = W_UV_h (sum p latent); wo(o).
+// Scores are q_rope.k_rope + q_nope.(W_UK latent) as in transformers' expanded form.
+void Decoder::build_attn_mla(int64_t l, int64_t n) {
+  const std::string p = "layers." + std::to_string(l) + ".";
+  const int64_t H = c_.hidden_size, heads = c_.num_heads, D = c_.head_dim, QK = c_.qk_head_dim();
+  const int64_t R = c_.qk_rope_head_dim, L = c_.kv_lora_rank, V = c_.v_head_dim;
+  const size_t a = dtype_size(be_.act_dtype());
+  // transformers' q_a_layernorm and kv_a_layernorm are RMSNorms with their default eps, 1e-6.
+  constexpr float kLatentEps = 1e-6f;
+  void* h = bufs_["h"].first;
+  const void* qin = h;
+  int64_t in = H;
+  if (c_.q_lora_rank > 0) {
+    in = c_.q_lora_rank;
+    void* qa = buf("mla_qa", size_t(n * in) * a);
+    be_.linear(h, n, H, w_.at(p + "wq_a"), w_.find(p + "bq_a"), qa, in);
+    be_.head_norm(qa, n, in, 1, in, w_.at(p + "q_a_norm"), NormKind::RMS, kLatentEps);
+    qin = qa;
+  }
+  void* q = buf("mla_q", size_t(n * heads * QK) * a);
+  be_.linear(qin, n, in, w_.at(p + "wq_b"), nullptr, q, heads * QK);
+  void* Q = buf("qkv", size_t(n * heads * D) * a);
+  be_.head_linear(q, n, heads * QK, heads, w_.at(p + "w_q_absorb"), Q, heads * D);
+  void* kv = buf("mla_kv", size_t(n * D) * a);
+  be_.linear(h, n, H, w_.at(p + "wkv_a"), w_.find(p + "bkv_a"), kv, D);
+  be_.head_norm(at(kv, R), n, D, 1, L, w_.at(p + "kv_a_norm"), NormKind::RMS, kLatentEps);
+  const LayerConfig& lc = c_.layers[size_t(l)];
+  const int r = lc.rope;
+  if (c_.ropes[size_t(r)].type != RopeType::None) {
+    be_.rope(Q, n, heads * D, heads, D, R, d_cos_[size_t(r)], d_sin_[size_t(r)]);
+    be_.rope(kv, n, D, 1, D, R, d_cos_[size_t(r)], d_sin_[size_t(r)]);
+  }
+  KVLayerView cache{cache_.k_pool(l), cache_.v_pool(l), d_blocks_, cache_.block_size(), D,
+                    kv_len_,          d_seq_,           bt_stride_};
+  cache.seq_start = d_seq_start_;
+  cache.num_seqs = num_seqs_, cache.num_decode = num_decode_, cache.max_q = max_q_;
+  cache.k_scale = cache_.k_scales(l), cache.v_scale = cache_.v_scales(l), cache.head_dim = D;
+  be_.kv_write(cache, kv, kv, D, d_pos_, n);
+  void* att = buf("att", size_t(n * heads * D) * a);
+  AttnParams ap{heads, 1, D, float(c_.attn_scale), float(c_.attn_softcap), lc.sliding_window};
+  be_.attention(Q, heads * D, n, d_pos_, cache, ap, att, heads * D);
+  void* oh = buf("mla_o", size_t(n * heads * V) * a);
+  be_.head_linear(att, n, heads * D, heads, w_.at(p + "w_o_absorb"), oh, heads * V);
+  void* o = buf("o", size_t(n * H) * a);
+  be_.linear(oh, n, heads * V, w_.at(p + "wo"), w_.find(p + "bo"), o, H);
+  if (c_.knobs.post_attn_norm) build_norm(p + "post_attn_norm", o, n, o);
+}
+
 void Decoder::build_attn(int64_t l, int64_t n) {
+  if (c_.knobs.mla) return build_attn_mla(l, n);
   const std::string p = "layers." + std::to_string(l) + ".";
   const int64_t qd = c_.q_dim(), kvd = c_.kv_dim(), ld = qd + 2 * kvd, hd = c_.head_dim;
   const size_t a = dtype_size(be_.act_dtype());
@@ -141,9 +196,13 @@ void Decoder::build_moe_ffn(int64_t l, int64_t n, const void* h, void* f) {
                          w_.find(p + "shared_gate"),
                          c_.knobs.router_bias ? &w_.at(p + "router.bias") : nullptr,
                          bgu.empty() ? nullptr : bgu.data(),
-                         bdn.empty() ? nullptr : bdn.data()};
-  be_.moe_ffn(h, n, c_.hidden_size, mw, c_.num_experts, c_.experts_per_token, c_.norm_topk_prob,
-              c_.act, f);
+                         bdn.empty() ? nullptr : bdn.data(),
+                         w_.find(p + "router.score_bias")};
+  Backend::MoeParams mp;
+  mp.num_experts = c_.num_experts, mp.top_k = c_.experts_per_token, mp.renorm = c_.norm_topk_prob;
+  mp.scoring = c_.knobs.routing, mp.groups = c_.moe_groups, mp.topk_groups = c_.moe_topk_groups;
+  mp.scaling = float(c_.routed_scaling), mp.shared_gated = c_.knobs.shared_expert_gated;
+  be_.moe_ffn(h, n, c_.hidden_size, mw, mp, c_.act, f);
 }
 
 void Decoder::add_in_norm(void* residual, const void* delta, int64_t n, const std::string& name,

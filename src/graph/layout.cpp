@@ -49,16 +49,35 @@ std::vector<WeightSpec> plain_layout(const ModelConfig& c) {
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
     if (c.knobs.pre_norm) norm_specs(c, p + "attn_norm", r);
-    r.push_back({p + "wqkv", {qkv, H}, R::ColumnLinear});
-    if (c.knobs.qkv_bias) r.push_back({p + "bqkv", {qkv}, R::Vector});
-    if (c.knobs.qk_norm) {
-      const bool full = c.knobs.qk_norm_full;
-      r.push_back({p + "q_norm", {full ? c.q_dim() : hd}, R::Vector});
-      r.push_back({p + "k_norm", {full ? c.kv_dim() : hd}, R::Vector});
+    if (c.knobs.mla) {
+      // Knobs::mla; the decoder's build_attn_mla says how each is used.
+      const int64_t QK = c.qk_head_dim(), D = c.head_dim, heads = c.num_heads;
+      if (c.q_lora_rank > 0) {
+        r.push_back({p + "wq_a", {c.q_lora_rank, H}, R::ColumnLinear});
+        if (c.knobs.qkv_bias) r.push_back({p + "bq_a", {c.q_lora_rank}, R::Vector});
+        r.push_back({p + "q_a_norm", {c.q_lora_rank}, R::Vector});
+      }
+      r.push_back(
+          {p + "wq_b", {heads * QK, c.q_lora_rank > 0 ? c.q_lora_rank : H}, R::ColumnLinear});
+      r.push_back({p + "w_q_absorb", {heads * D, QK}, R::HeadLinear});
+      r.push_back({p + "wkv_a", {D, H}, R::ColumnLinear});
+      if (c.knobs.qkv_bias) r.push_back({p + "bkv_a", {D}, R::Vector});
+      r.push_back({p + "kv_a_norm", {c.kv_lora_rank}, R::Vector});
+      r.push_back({p + "w_o_absorb", {heads * c.v_head_dim, D}, R::HeadLinear});
+      r.push_back({p + "wo", {H, heads * c.v_head_dim}, R::RowLinear});
+      if (c.knobs.o_bias) r.push_back({p + "bo", {H}, R::Vector});
+    } else {
+      r.push_back({p + "wqkv", {qkv, H}, R::ColumnLinear});
+      if (c.knobs.qkv_bias) r.push_back({p + "bqkv", {qkv}, R::Vector});
+      if (c.knobs.qk_norm) {
+        const bool full = c.knobs.qk_norm_full;
+        r.push_back({p + "q_norm", {full ? c.q_dim() : hd}, R::Vector});
+        r.push_back({p + "k_norm", {full ? c.kv_dim() : hd}, R::Vector});
+      }
+      if (c.knobs.attn_sinks) r.push_back({p + "sinks", {c.num_heads}, R::Vector});
+      r.push_back({p + "wo", {H, c.q_dim()}, R::RowLinear});
+      if (c.knobs.o_bias) r.push_back({p + "bo", {H}, R::Vector});
     }
-    if (c.knobs.attn_sinks) r.push_back({p + "sinks", {c.num_heads}, R::Vector});
-    r.push_back({p + "wo", {H, c.q_dim()}, R::RowLinear});
-    if (c.knobs.o_bias) r.push_back({p + "bo", {H}, R::Vector});
     if (c.knobs.post_attn_norm) norm_specs(c, p + "post_attn_norm", r);
     if (has_ffn_norm(c)) norm_specs(c, p + "ffn_norm", r);
     if (!c.layers[size_t(l)].moe) {
@@ -66,12 +85,14 @@ std::vector<WeightSpec> plain_layout(const ModelConfig& c) {
     } else {
       r.push_back({p + "router", {c.num_experts, H}, R::Gate});
       if (c.knobs.router_bias) r.push_back({p + "router.bias", {c.num_experts}, R::Vector});
+      if (c.knobs.routing == Routing::SigmoidTopK)
+        r.push_back({p + "router.score_bias", {c.num_experts}, R::Vector});
       for (int64_t e = 0; e < c.num_experts; ++e)
         ffn_specs(c, p + "experts." + std::to_string(e) + ".", c.moe_intermediate_size, true, r);
       if (c.knobs.shared_expert) {
         // The shared expert runs through linear() like a dense FFN.
         ffn_specs(c, p + "shared.", c.shared_expert_intermediate_size, false, r);
-        r.push_back({p + "shared_gate", {1, H}, R::Gate});
+        if (c.knobs.shared_expert_gated) r.push_back({p + "shared_gate", {1, H}, R::Gate});
       }
     }
     if (c.knobs.post_ffn_norm) norm_specs(c, p + "post_ffn_norm", r);
@@ -147,7 +168,17 @@ Shape source_shape(const ModelConfig& c, const std::string& name) {
   if (base == "bq") return {qd};
   if (base == "bk" || base == "bv") return {kvd};
   if (base == "bqkv") return {qd + 2 * kvd};
-  if (base == "wo") return {H, qd};
+  if (base == "wo") return {H, c.knobs.mla ? c.num_heads * c.v_head_dim : qd};
+  if (c.knobs.mla) {  // Knobs::mla's sources (HF layouts: wkv_a is [latent | k_rope])
+    const int64_t ql = c.q_lora_rank;
+    if (base == "wq_a" && ql > 0) return {ql, H};
+    if ((base == "bq_a" || base == "q_a_norm") && ql > 0) return {ql};
+    if (base == "wq_b") return {c.num_heads * c.qk_head_dim(), ql > 0 ? ql : H};
+    if (base == "wkv_a") return {hd, H};
+    if (base == "bkv_a") return {hd};
+    if (base == "kv_a_norm") return {c.kv_lora_rank};
+    if (base == "wkv_b") return {c.num_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank};
+  }
   if (base == "bo" || base == "b_down") return {H};
   if (base == "q_norm") return {c.knobs.qk_norm_full ? qd : hd};
   if (base == "k_norm") return {c.knobs.qk_norm_full ? kvd : hd};
@@ -158,7 +189,7 @@ Shape source_shape(const ModelConfig& c, const std::string& name) {
   if (base == "b_gate_up") return {2 * I};
   if (base == "w_down") return {H, I};
   if (base == "router") return {c.num_experts, H};
-  if (base == "router.bias") return {c.num_experts};
+  if (base == "router.bias" || base == "router.score_bias") return {c.num_experts};
   if (base == "sinks") return {c.num_heads};
   if (base == "shared_gate") return {1, H};
   return {};

@@ -19,6 +19,7 @@ enum class WeightRole : uint8_t {
   RowLinear,     // y = x W^T whose input features split (wo, w_down)
   Gate,          // small linears with a handful of outputs (MoE router, shared-expert gate)
   Expert,        // MoE expert matrices, gathered per token by the MoE op
+  HeadLinear,    // per-head matrices [heads * out, in] of head_linear (MLA's absorbed projections)
   LmHead,        // the output projection (F32 logits)
   Scale,         // dequantization scales of the quantized weight named before ".scale" (F32)
   Zero,          // int4 zero points of the quantized weight named before ".zero" (U8)

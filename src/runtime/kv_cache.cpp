@@ -6,16 +6,22 @@ namespace kiln {
 
 KVCache::KVCache(Backend& be, const ModelConfig& c, int64_t num_blocks, int64_t block_size,
                  bool fp8)
-    : be_(be), num_blocks_(num_blocks), block_size_(block_size), kv_dim_(c.kv_dim()), fp8_(fp8) {
+    : be_(be),
+      num_blocks_(num_blocks),
+      block_size_(block_size),
+      kv_dim_(c.kv_dim()),
+      fp8_(fp8),
+      shared_(c.knobs.mla) {
   KILN_CHECK(num_blocks >= 2, "KV cache needs at least 2 blocks (got ", num_blocks, ")");
   const size_t slots = size_t(num_blocks * block_size);
   const size_t bytes = slots * size_t(kv_dim_) * (fp8 ? 1 : dtype_size(be.act_dtype()));
   for (int64_t l = 0; l < c.num_layers; ++l) {
     k_.push_back(be.alloc(bytes));
-    v_.push_back(be.alloc(bytes));
+    if (!shared_) v_.push_back(be.alloc(bytes));
     if (fp8) {
       ks_.push_back(static_cast<float*>(be.alloc(slots * size_t(c.num_kv_heads) * 4)));
-      vs_.push_back(static_cast<float*>(be.alloc(slots * size_t(c.num_kv_heads) * 4)));
+      if (!shared_)
+        vs_.push_back(static_cast<float*>(be.alloc(slots * size_t(c.num_kv_heads) * 4)));
     }
   }
   for (int64_t b = num_blocks - 1; b >= 1; --b) free_.push_back(int32_t(b));
@@ -31,7 +37,7 @@ KVCache::~KVCache() {
 size_t KVCache::block_bytes(const ModelConfig& c, int64_t block_size, DType act, bool fp8) {
   const size_t per_token =
       fp8 ? size_t(c.kv_dim()) + 4 * size_t(c.num_kv_heads) : size_t(c.kv_dim()) * dtype_size(act);
-  return size_t(2 * c.num_layers * block_size) * per_token;
+  return size_t((c.knobs.mla ? 1 : 2) * c.num_layers * block_size) * per_token;
 }
 
 std::vector<int32_t> KVCache::take(int64_t n) {

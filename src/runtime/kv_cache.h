@@ -28,10 +28,13 @@ class KVCache {
   // Bytes of one block across all layers, K and V (and their scales with fp8).
   static size_t block_bytes(const ModelConfig& c, int64_t block_size, DType act, bool fp8 = false);
   void* k_pool(int64_t layer) const { return k_[size_t(layer)]; }
-  void* v_pool(int64_t layer) const { return v_[size_t(layer)]; }
+  // MLA (Knobs::mla): one pool per layer, the latent rows, which V reads too.
+  void* v_pool(int64_t layer) const { return (shared_ ? k_ : v_)[size_t(layer)]; }
   // FP8 scale pools [num_blocks * block_size][num_kv_heads]; nullptr without fp8.
   float* k_scales(int64_t layer) const { return fp8_ ? ks_[size_t(layer)] : nullptr; }
-  float* v_scales(int64_t layer) const { return fp8_ ? vs_[size_t(layer)] : nullptr; }
+  float* v_scales(int64_t layer) const {
+    return fp8_ ? (shared_ ? ks_ : vs_)[size_t(layer)] : nullptr;
+  }
   bool fp8() const { return fp8_; }
   int64_t kv_dim() const { return kv_dim_; }
 
@@ -43,6 +46,7 @@ class KVCache {
   Backend& be_;
   int64_t num_blocks_, block_size_, kv_dim_;
   bool fp8_;
+  bool shared_;  // V reads K's pool (MLA)
   std::vector<void*> k_, v_;
   std::vector<float*> ks_, vs_;
   std::vector<int32_t> free_;

@@ -9,6 +9,7 @@
 
 #include "backends/cpu/cpu_ops.h"
 #include "backends/cpu/cpu_sample.h"
+#include "core/error.h"
 #include "graph/backend.h"
 
 namespace kiln {
@@ -136,27 +137,23 @@ class CpuBackend final : public Backend {
                         top_lp + r * k);
   }
 
-  void moe_ffn(const void* xv, int64_t n, int64_t H, const MoeWeights& w, int64_t E, int64_t top_k,
-               bool renorm, Activation a, void* outv) override {
+  void moe_ffn(const void* xv, int64_t n, int64_t H, const MoeWeights& w, const MoeParams& mp,
+               Activation a, void* outv) override {
     const float* x = F(xv);
     float* out = F(outv);
+    const int64_t E = mp.num_experts;
     std::vector<float> logits(size_t(n * E));
     cpu::linear(x, n, H, H, w.router->data, w.router->dtype, E,
                 w.router_bias ? F(w.router_bias->data) : nullptr, logits.data(), E);
     std::fill(out, out + n * H, 0.0f);
     std::vector<float> gu, h, y(static_cast<size_t>(H));
+    std::vector<int64_t> chosen;
     for (int64_t i = 0; i < n; ++i) {
-      // softmax over experts, then top-k (ties to the lower index, like torch.topk).
-      float* l = logits.data() + i * E;
-      const float mx = *std::max_element(l, l + E);
-      float sum = 0;
-      for (int64_t e = 0; e < E; ++e) sum += (l[e] = std::exp(l[e] - mx));
-      for (int64_t e = 0; e < E; ++e) l[e] /= sum;
-      std::vector<int64_t> idx(static_cast<size_t>(E));
-      std::iota(idx.begin(), idx.end(), 0);
-      std::stable_sort(idx.begin(), idx.end(), [&](int64_t p, int64_t q) { return l[p] > l[q]; });
+      float* p = logits.data() + i * E;  // becomes the scores p
+      cpu::moe_route(p, E, mp, w.score_bias ? F(w.score_bias->data) : nullptr, chosen);
       float wsum = 0;
-      for (int64_t k = 0; k < top_k; ++k) wsum += l[idx[size_t(k)]];
+      for (int64_t e : chosen) wsum += p[e];
+      if (mp.scoring == Routing::SigmoidTopK) wsum += 1e-20f;
       const float* xi = x + i * H;
       float* oi = out + i * H;
       auto run = [&](const Tensor& wgu, const Tensor& wd, float scale, const Tensor* bgu,
@@ -171,17 +168,29 @@ class CpuBackend final : public Backend {
                     H, scales(wd));
         for (int64_t d = 0; d < H; ++d) oi[d] += scale * y[size_t(d)];
       };
-      for (int64_t k = 0; k < top_k; ++k) {
-        const int64_t e = idx[size_t(k)];
-        run(*w.gate_up[e], *w.down[e], renorm ? l[e] / wsum : l[e],
+      for (int64_t e : chosen)
+        run(*w.gate_up[e], *w.down[e], (mp.renorm ? p[e] / wsum : p[e]) * mp.scaling,
             w.gate_up_bias ? w.gate_up_bias[e] : nullptr, w.down_bias ? w.down_bias[e] : nullptr);
-      }
       if (w.shared_gate_up) {
-        float g = 0;
-        cpu::linear(xi, 1, H, H, w.shared_gate->data, w.shared_gate->dtype, 1, nullptr, &g, 1);
-        run(*w.shared_gate_up, *w.shared_down, 1.0f / (1.0f + std::exp(-g)), nullptr, nullptr);
+        float g = 1.0f;
+        if (mp.shared_gated) {
+          cpu::linear(xi, 1, H, H, w.shared_gate->data, w.shared_gate->dtype, 1, nullptr, &g, 1);
+          g = 1.0f / (1.0f + std::exp(-g));
+        }
+        run(*w.shared_gate_up, *w.shared_down, g, nullptr, nullptr);
       }
     }
+  }
+
+  void head_linear(const void* x, int64_t n, int64_t ldx, int64_t heads, const Tensor& w, void* y,
+                   int64_t ldy) override {
+    KILN_CHECK(w.quant == WeightQuant::None && w.shape.size() == 2 && w.shape[0] % heads == 0,
+               "head_linear: the weight must be a plain [heads * out, in] matrix");
+    const int64_t out = w.shape[0] / heads, in = w.shape[1];
+    const size_t head_bytes = size_t(out * in) * dtype_size(w.dtype);
+    for (int64_t hh = 0; hh < heads; ++hh)
+      cpu::linear(F(x) + hh * in, n, in, ldx, static_cast<const char*>(w.data) + hh * head_bytes,
+                  w.dtype, out, nullptr, F(y) + hh * out, ldy);
   }
 
  private:

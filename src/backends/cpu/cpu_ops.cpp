@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <tuple>
 #include <vector>
 
@@ -254,6 +255,44 @@ void rope(float* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim, int6
       }
     }
   }
+}
+
+void moe_route(float* l, int64_t E, const Backend::MoeParams& p, const float* score_bias,
+               std::vector<int64_t>& chosen) {
+  if (p.scoring == Routing::SigmoidTopK) {
+    for (int64_t e = 0; e < E; ++e) l[e] = 1.0f / (1.0f + std::exp(-l[e]));
+  } else {
+    const float mx = *std::max_element(l, l + E);
+    float sum = 0;
+    for (int64_t e = 0; e < E; ++e) sum += (l[e] = std::exp(l[e] - mx));
+    for (int64_t e = 0; e < E; ++e) l[e] /= sum;
+  }
+  std::vector<float> s(l, l + E);
+  if (score_bias)
+    for (int64_t e = 0; e < E; ++e) s[size_t(e)] += score_bias[e];
+  // Best first, ties to the lower index (as torch.topk and the CUDA kernel).
+  auto best = [](const std::vector<float>& v, int64_t k) {
+    std::vector<int64_t> idx(v.size());
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(),
+                     [&](int64_t a, int64_t b) { return v[size_t(a)] > v[size_t(b)]; });
+    idx.resize(size_t(k));
+    return idx;
+  };
+  if (p.groups > 1) {
+    const int64_t per = E / p.groups;
+    std::vector<float> g(static_cast<size_t>(p.groups));
+    for (int64_t q = 0; q < p.groups; ++q) {
+      const auto top = best(std::vector<float>(s.begin() + q * per, s.begin() + (q + 1) * per),
+                            p.scoring == Routing::SigmoidTopK ? std::min<int64_t>(2, per) : 1);
+      for (int64_t j : top) g[size_t(q)] += s[size_t(q * per + j)];
+    }
+    std::vector<char> keep(static_cast<size_t>(p.groups), 0);
+    for (int64_t q : best(g, p.topk_groups)) keep[size_t(q)] = 1;
+    for (int64_t e = 0; e < E; ++e)
+      if (!keep[size_t(e / per)]) s[size_t(e)] = -INFINITY;
+  }
+  chosen = best(s, p.top_k);
 }
 
 void gated_act(const float* gu, int64_t n, int64_t inter, Activation a, float* out) {

@@ -4,10 +4,12 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "arch/model_config.h"
 #include "core/dtype.h"
 #include "core/quant.h"
+#include "graph/backend.h"
 
 namespace kiln::cpu {
 
@@ -45,6 +47,12 @@ void add_rows(const void* table, DType t, int64_t dim, const int32_t* pos, int64
 // row; cos/sin are [n, rot_dim / 2].
 void rope(float* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim, int64_t rot_dim,
           const float* cos, const float* sin);
+
+// MoE routing of one row (Backend::MoeParams): turns router logits l[E] into scores p in place
+// and returns the chosen experts in `chosen` (best first; ties to the lower index). score_bias
+// (F32 [E] or nullptr) shifts the choice, not the scores.
+void moe_route(float* l, int64_t E, const Backend::MoeParams& p, const float* score_bias,
+               std::vector<int64_t>& chosen);
 
 // Gated activation: out[n, inter] = act(gu[:, :inter]) * gu[:, inter:] (SwiGLUOai: its clamped
 // form, model_config.h); or act in place (!gated).
