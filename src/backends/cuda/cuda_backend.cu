@@ -577,8 +577,9 @@ class CudaBackend final : public Backend {
   }
 
  public:
-  void moe_ffn(const void* x, int64_t n, int64_t H, const MoeWeights& w, int64_t E, int64_t k,
-               bool renorm, Activation a, void* out) override {
+  void moe_ffn(const void* x, int64_t n, int64_t H, const MoeWeights& w, const MoeParams& mp,
+               Activation a, void* out) override {
+    const int64_t E = mp.num_experts, k = mp.top_k;
     Prof prof(prof_.get(), "moe_ffn");
     flush();
     if (n == 0) return;
@@ -589,7 +590,16 @@ class CudaBackend final : public Backend {
     auto* sel_exp = static_cast<int32_t*>(scratch("moe_experts", size_t(nk) * 4));
     auto* weights = static_cast<float*>(scratch("moe_weights", size_t(nk) * 4));
     linear_impl(x, n, H, *w.router, w.router_bias, logits, E, false);
-    cuda::moe_route(act_, logits, n, E, k, renorm, sel_row, sel_exp, weights, stream_);
+    const cuda::MoeRouteArgs ra{
+        E,
+        mp.top_k,
+        mp.renorm,
+        mp.scoring == Routing::SigmoidTopK,
+        w.score_bias ? static_cast<const float*>(w.score_bias->data) : nullptr,
+        int(mp.groups),
+        int(mp.topk_groups),
+        mp.scaling};
+    cuda::moe_route(act_, logits, n, ra, sel_row, sel_exp, weights, stream_);
     const float* const* bgu = w.gate_up_bias ? bias_table(w.gate_up_bias, E) : nullptr;
     const float* const* bdn = w.down_bias ? bias_table(w.down_bias, E) : nullptr;
     // Routed experts: gathered GEMVs over (row, expert) assignments, reading only the chosen
@@ -608,14 +618,41 @@ class CudaBackend final : public Backend {
       void* sgu = scratch("moe_sgu", size_t(n * 2 * Is) * es);
       void* sh = scratch("moe_sh", size_t(n * Is) * es);
       void* sy = scratch("moe_sy", size_t(n * H) * es);
-      void* sg = scratch("moe_sg", size_t(n) * es);
       linear_impl(x, n, H, *w.shared_gate_up, nullptr, sgu, 2 * Is, false);
       cuda::gated_act(act_, sgu, n, Is, a, sh, stream_);
       linear_impl(sh, n, Is, *w.shared_down, nullptr, sy, H, false);
-      linear_impl(x, n, H, *w.shared_gate, nullptr, sg, 1, false);
-      ys = sy, gate = sg;
+      if (mp.shared_gated) {
+        void* sg = scratch("moe_sg", size_t(n) * es);
+        linear_impl(x, n, H, *w.shared_gate, nullptr, sg, 1, false);
+        gate = sg;
+      }
+      ys = sy;
     }
     cuda::moe_combine(act_, ye, weights, n, k, H, ys, gate, out, stream_, bdn, sel_exp);
+  }
+
+  // One product per head (a GEMV for decode rows, cuBLASLt otherwise). MLA's heads are many
+  // and small; a strided-batched GEMM would launch once (future work).
+  void head_linear(const void* x, int64_t n, int64_t ldx, int64_t heads, const Tensor& w, void* y,
+                   int64_t ldy) override {
+    Prof prof(prof_.get(), "head_linear");
+    flush();
+    KILN_CHECK(w.quant == WeightQuant::None && w.dtype == act_ && w.shape.size() == 2 &&
+                   heads > 0 && w.shape[0] % heads == 0,
+               "CUDA head_linear: the weight must be a plain [heads * out, in] matrix in ",
+               dtype_name(act_));
+    const int64_t out = w.shape[0] / heads, in = w.shape[1];
+    if (n == 0 || out == 0) return;
+    const size_t es = dtype_size(act_);
+    for (int64_t h = 0; h < heads; ++h) {
+      const void* xh = static_cast<const char*>(x) + size_t(h * in) * es;
+      const void* wh = static_cast<const char*>(w.data) + size_t(h * out * in) * es;
+      void* yh = static_cast<char*>(y) + size_t(h * out) * es;
+      if (gemv_ && cuda::gemv_supported(act_, xh, n, ldx, wh, in, out))
+        cuda::gemv(act_, xh, n, ldx, wh, in, out, nullptr, yh, ldy, stream_);
+      else
+        lt_->run(act_, xh, n, ldx, wh, in, out, yh, ldy);
+    }
   }
 
  private:

@@ -295,49 +295,93 @@ __global__ void kv_write_kernel(T* kpool, T* vpool, const int32_t* bt, int64_t b
   }
 }
 
-// One warp per row: softmax over E experts (probabilities kept in shared memory), then k rounds
-// of argmax (ties to the lower index, as torch.topk / the CPU's stable sort do).
+// One warp per row (Backend::MoeParams): scores p (softmax or sigmoid) and the choice values
+// s = p + score_bias in shared memory; group-limited routing masks the groups outside the
+// topk_groups best (a group's best s, or its two best summed under sigmoid) with -inf; then k
+// rounds of argmax over s (ties to the lower index, as torch.topk / the CPU's stable sort do),
+// each weighted by its p, renormalised and scaled.
 template <typename T>
-__global__ void moe_route_kernel(const T* logits, int64_t E, int64_t k, bool renorm,
-                                 int32_t* sel_row, int32_t* sel_expert, float* weights) {
+__global__ void moe_route_kernel(const T* logits, MoeRouteArgs r, int32_t* sel_row,
+                                 int32_t* sel_expert, float* weights) {
   pdl_begin();
-  extern __shared__ float prob[];
+  extern __shared__ float prob[];  // [E] scores, then [E] choice values, then [groups]
+  const int64_t E = r.E, k = r.k;
+  float* ch = prob + E;
+  float* gs = ch + E;
   const int64_t i = blockIdx.x;
   const int lane = threadIdx.x;
-  float mx = -INFINITY;
-  for (int64_t e = lane; e < E; e += 32) {
-    prob[e] = to_f(logits[i * E + e]);
-    mx = fmaxf(mx, prob[e]);
+  if (r.sigmoid) {
+    for (int64_t e = lane; e < E; e += 32) prob[e] = 1.0f / (1.0f + expf(-to_f(logits[i * E + e])));
+  } else {
+    float mx = -INFINITY;
+    for (int64_t e = lane; e < E; e += 32) {
+      prob[e] = to_f(logits[i * E + e]);
+      mx = fmaxf(mx, prob[e]);
+    }
+    mx = warp_max(mx);
+    float sum = 0;
+    for (int64_t e = lane; e < E; e += 32) sum += (prob[e] = expf(prob[e] - mx));
+    sum = warp_sum(sum);
+    for (int64_t e = lane; e < E; e += 32) prob[e] /= sum;
   }
-  mx = warp_max(mx);
-  float sum = 0;
-  for (int64_t e = lane; e < E; e += 32) sum += (prob[e] = expf(prob[e] - mx));
-  sum = warp_sum(sum);
-  for (int64_t e = lane; e < E; e += 32) prob[e] /= sum;
+  for (int64_t e = lane; e < E; e += 32) ch[e] = prob[e] + (r.score_bias ? r.score_bias[e] : 0.0f);
   __syncwarp();
-  float wsum = 0;
-  for (int64_t j = 0; j < k; ++j) {
-    float best = -2.0f;
-    int bi = int(E);
-    for (int e = lane; e < int(E); e += 32)
-      if (prob[e] > best) best = prob[e], bi = e;  // lane-local: ascending e keeps the lowest
+  // Argmax over v[0, m) (ties to the lower index); every lane gets it.
+  auto argmax = [&](const float* v, int m) {
+    float best = -INFINITY;
+    int bi = m;
+    for (int e = lane; e < m; e += 32)
+      if (v[e] > best) best = v[e], bi = e;  // lane-local: ascending e keeps the lowest
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
       const float ob = __shfl_xor_sync(0xffffffffu, best, o);
       const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
       if (ob > best || (ob == best && oi < bi)) best = ob, bi = oi;
     }
+    return bi;
+  };
+  if (r.groups > 1) {
+    const int per = int(E / r.groups);
+    for (int g = lane; g < r.groups; g += 32) {
+      float a = -INFINITY, b = -INFINITY;  // the group's best two choice values
+      for (int j = 0; j < per; ++j) {
+        const float v = ch[g * per + j];
+        if (v > a)
+          b = a, a = v;
+        else if (v > b)
+          b = v;
+      }
+      gs[g] = r.sigmoid && per > 1 ? a + b : a;
+    }
+    __syncwarp();
+    for (int t = 0; t < r.topk_groups; ++t) {
+      const int g = argmax(gs, r.groups);
+      __syncwarp();
+      if (lane == 0) gs[g] = INFINITY;  // chosen
+      __syncwarp();
+    }
+    for (int64_t e = lane; e < E; e += 32)
+      if (gs[e / per] != INFINITY) ch[e] = -INFINITY;
+    __syncwarp();
+  }
+  float wsum = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    const int bi = argmax(ch, int(E));
+    const float w = prob[bi];
+    __syncwarp();
     if (lane == 0) {
       sel_row[i * k + j] = int32_t(i);
       sel_expert[i * k + j] = int32_t(bi);
-      weights[i * k + j] = best;
-      prob[bi] = -1.0f;  // taken
+      weights[i * k + j] = w;
+      ch[bi] = -INFINITY;  // taken
     }
-    wsum += best;
+    wsum += w;
     __syncwarp();
   }
-  if (renorm && lane == 0)
-    for (int64_t j = 0; j < k; ++j) weights[i * k + j] /= wsum;
+  if (lane == 0) {
+    const float inv = r.renorm ? 1.0f / (wsum + (r.sigmoid ? 1e-20f : 0.0f)) : 1.0f;
+    for (int64_t j = 0; j < k; ++j) weights[i * k + j] *= inv * r.scaling;
+  }
 }
 
 template <typename T>
@@ -351,7 +395,7 @@ __global__ void moe_combine_kernel(const T* ye, const float* weights, int64_t n,
     for (int64_t j = 0; j < k; ++j)
       acc += weights[i * k + j] *
              (to_f(ye[(i * k + j) * hidden + d]) + (bias ? bias[sel[i * k + j]][d] : 0.0f));
-    if (ys) acc += 1.0f / (1.0f + expf(-to_f(gate[i]))) * to_f(ys[e]);
+    if (ys) acc += (gate ? 1.0f / (1.0f + expf(-to_f(gate[i]))) : 1.0f) * to_f(ys[e]);
     out[e] = from_f<T>(acc);
   }
 }
@@ -503,14 +547,19 @@ void rope_kv_write(DType act, void* x, int64_t n, int64_t ld, int64_t heads, int
                          static_cast<const T*>(v), pos, seq, bt_stride));
 }
 
-void moe_route(DType act, const void* logits, int64_t n, int64_t E, int64_t k, bool renorm,
-               int32_t* sel_row, int32_t* sel_expert, float* weights, cudaStream_t s) {
+void moe_route(DType act, const void* logits, int64_t n, const MoeRouteArgs& r, int32_t* sel_row,
+               int32_t* sel_expert, float* weights, cudaStream_t s) {
   if (n == 0) return;
-  KILN_CHECK(k >= 1 && k <= E, "MoE: top-k ", k, " outside [1, ", E, "]");
-  KILN_CHECK(E <= 8192, "MoE: ", E, " experts exceed the router kernel's limit of 8192");
-  KILN_DISPATCH_ACT(act, launch_kernel(moe_route_kernel<T>, unsigned(n), 32, size_t(E) * 4, s,
-                                       static_cast<const T*>(logits), E, k, renorm, sel_row,
-                                       sel_expert, weights));
+  KILN_CHECK(r.k >= 1 && r.k <= r.E, "MoE: top-k ", r.k, " outside [1, ", r.E, "]");
+  KILN_CHECK(r.E <= 4096, "MoE: ", r.E, " experts exceed the router kernel's limit of 4096");
+  KILN_CHECK(r.groups >= 1 && r.E % r.groups == 0 && r.topk_groups >= 1 &&
+                 r.topk_groups <= r.groups && r.topk_groups * (r.E / r.groups) >= r.k,
+             "MoE: ", r.groups, " groups choosing ", r.topk_groups, " cannot route ", r.k, " of ",
+             r.E, " experts");
+  const size_t smem = size_t(2 * r.E + r.groups) * 4;
+  KILN_DISPATCH_ACT(act,
+                    launch_kernel(moe_route_kernel<T>, unsigned(n), 32, smem, s,
+                                  static_cast<const T*>(logits), r, sel_row, sel_expert, weights));
 }
 
 void moe_combine(DType act, const void* ye, const float* weights, int64_t n, int64_t k,

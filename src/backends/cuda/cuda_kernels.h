@@ -64,12 +64,21 @@ void rope_kv_write(DType act, void* x, int64_t n, int64_t ld, int64_t heads, int
 
 // ---- MoE helpers (cuda_elementwise.cu) ----
 
-// Per row of logits [n, E]: softmax, top-k (ties to the lower index), optional renormalisation.
-// Writes sel_row/sel_expert [n*k] (assignment a = i*k + j) and weights [n*k].
-void moe_route(DType act, const void* logits, int64_t n, int64_t E, int64_t k, bool renorm,
-               int32_t* sel_row, int32_t* sel_expert, float* weights, cudaStream_t s);
-// out[i] = sum_j weights[i*k+j] * (ye[i*k+j] + bias[sel[i*k+j]]) (+ sigmoid(gate[i]) * ys[i]);
-// rows of `hidden`; bias (F32 [hidden] per expert) may be nullptr.
+// Routing of Backend::MoeParams (graph/backend.h) for one row of logits [E] each.
+struct MoeRouteArgs {
+  int64_t E, k;
+  bool renorm, sigmoid;
+  const float* score_bias;  // F32 [E] or nullptr
+  int groups, topk_groups;
+  float scaling;
+};
+// Per row of logits [n, E]: writes sel_row/sel_expert [n*k] (assignment a = i*k + j) and
+// weights [n*k].
+void moe_route(DType act, const void* logits, int64_t n, const MoeRouteArgs& r, int32_t* sel_row,
+               int32_t* sel_expert, float* weights, cudaStream_t s);
+// out[i] = sum_j weights[i*k+j] * (ye[i*k+j] + bias[sel[i*k+j]]) (+ g_i * ys[i], g_i =
+// sigmoid(gate[i]), or 1 when gate is nullptr); rows of `hidden`; bias (F32 [hidden] per expert)
+// may be nullptr.
 void moe_combine(DType act, const void* ye, const float* weights, int64_t n, int64_t k,
                  int64_t hidden, const void* ys, const void* gate, void* out, cudaStream_t s,
                  const float* const* bias = nullptr, const int32_t* sel = nullptr);
