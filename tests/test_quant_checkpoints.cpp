@@ -213,17 +213,22 @@ TEST(QuantFp8Checkpoint, LoadsAsPublished) {
 // blocks (several per tensor, partial ones at the edges: 64 = 2 * 24 + 16) with
 // power-of-two scales, so every dequantized weight is exact in BF16. kiln dequantizes it as it
 // loads: the engine must give bit for bit the logits of the plain checkpoint holding those
-// weights, and --quant fp8 requantizes it per channel.
-TEST(QuantFp8Checkpoint, BlockWiseLoadsDequantized) {
+// weights, and --quant fp8 requantizes it per channel. The deepseek_v3 fixture in the same format
+// (every projection and expert; its wkv_a rows are reordered and its wkv_b absorbed at build)
+// must match its plain twin the same way.
+class QuantFp8BlockCheckpoint : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(QuantFp8BlockCheckpoint, BlockWiseLoadsDequantized) {
+  const std::string fx = GetParam();
   TempDir tmp;
-  copy_dir(hf("llama"), tmp / "blk");
-  copy_dir(hf("llama"), tmp / "plain");
+  copy_dir(hf(fx), tmp / "blk");
+  copy_dir(hf(fx), tmp / "plain");
   constexpr int64_t bh = 24, bw = 48;
-  auto file = SafetensorsFile::open(hf("llama") / "model.safetensors");
+  auto file = SafetensorsFile::open(hf(fx) / "model.safetensors");
   std::vector<std::pair<std::string, Tensor>> blk, plain;
   for (const auto& [name, ti] : file->tensors()) {
     const Tensor t = file->get(name);
-    if (name.find("_proj.weight") == std::string::npos) {
+    if (name.find("proj") == std::string::npos || !name.ends_with(".weight")) {
       blk.push_back({name, t});
       plain.push_back({name, t});
       continue;
@@ -279,14 +284,17 @@ TEST(QuantFp8Checkpoint, BlockWiseLoadsDequantized) {
 
   // A scale tensor of the wrong shape is named.
   for (auto& [n, t] : blk)
-    if (n == "model.layers.2.mlp.down_proj.weight_scale_inv") t = Tensor::zeros(DType::F32, {1, 1});
+    if (n == "model.layers.0.mlp.down_proj.weight_scale_inv") t = Tensor::zeros(DType::F32, {1, 1});
   write_safetensors(tmp / "blk" / "model.safetensors", blk);
   const std::string err = error_of([&] { Engine::build(tmp / "blk", bc); });
-  EXPECT_NE(err.find("model.layers.2.mlp.down_proj.weight_scale_inv F32[1, 1] (expected a float "
+  EXPECT_NE(err.find("model.layers.0.mlp.down_proj.weight_scale_inv F32[1, 1] (expected a float "
                      "scale per 24x48 block"),
             std::string::npos)
       << err;
 }
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, QuantFp8BlockCheckpoint,
+                         ::testing::Values("llama", "deepseek_v3"));
 
 // The llama fixture packed as a GPTQ checkpoint (AutoGPTQ's v1 format: qweight I32 [in / 8, out]
 // with values in order along the inputs, qzeros I32 [in / g, out / 8] holding zero - 1, scales

@@ -608,8 +608,6 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
            {ck.fp8_block[0], ck.fp8_block[1]},
            row_transform(c, p, src[p].qkv_per_head, ck.dir.string(), src[p].interleaved),
            src[p].slice});
-      KILN_CHECK(parts.back().transform.identity() || src[p].block_scale.empty(), ck.dir.string(),
-                 ": ", src[p].hf, ": reordering or scaling a block-FP8 tensor is not supported");
       pt.shape = src[p].transpose ? Shape(s.rbegin(), s.rend()) : s;
     }
     pt.shape[0] = 0;
@@ -632,22 +630,25 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
           char* d = static_cast<char*>(dst) + size_t(a - row0) * row_elems * dtype_size(dt);
           const size_t es = dtype_size(t.dtype);
           if (!p.block_scale.empty()) {
-            // Block-wise FP8: each row's codes times its blocks' scale_inv, in FP32.
+            // Block-wise FP8: each row's codes times its blocks' scale_inv, in FP32 (rows
+            // reordered and scaled by the part's transform: DeepSeek V3's wkv_a).
             const Tensor sc = wset->get(p.block_scale);
+            const RowTransform& tr = p.transform;
             const int64_t C = int64_t(row_elems), bh = p.block[0], bw = p.block[1];
             const int64_t nb = (C + bw - 1) / bw;
             std::vector<float> row(static_cast<size_t>(C)), s(static_cast<size_t>(nb));
             for (int64_t r = a; r < b; ++r) {
-              to_f32(t.dtype, static_cast<const char*>(t.data) + size_t(r - first) * C, row.data(),
+              const int64_t sr = tr.perm.empty() ? r - first : tr.perm[size_t(r - first)];
+              to_f32(t.dtype, static_cast<const char*>(t.data) + size_t(sr) * C, row.data(),
                      row.size());
-              to_f32(sc.dtype,
-                     static_cast<const char*>(sc.data) +
-                         size_t((r - first) / bh * nb) * dtype_size(sc.dtype),
-                     s.data(), s.size());
-              for (int64_t c = 0; c < C; ++c) row[size_t(c)] *= s[size_t(c / bw)];
+              to_f32(
+                  sc.dtype,
+                  static_cast<const char*>(sc.data) + size_t(sr / bh * nb) * dtype_size(sc.dtype),
+                  s.data(), s.size());
+              for (int64_t c = 0; c < C; ++c) row[size_t(c)] *= s[size_t(c / bw)] * tr.scale;
               from_f32(dt, row.data(), d + size_t(r - a) * row_elems * dtype_size(dt), row.size());
             }
-            if (drop)
+            if (drop && tr.perm.empty())
               wset->drop_pages(p.hf, uint64_t(a - first) * row_elems,
                                uint64_t(b - first) * row_elems);
           } else if (!p.transform.identity() && !p.transpose) {
