@@ -114,6 +114,17 @@ TEST(ArchSpecs, BadSpecsAreRefusedNamingTheFileAndField) {
        "variant when {\"a\":1}"},
       {R"({"name": "X", "extends": "LlamaForCausalLM", "constants": {"hidden_size": 8}})",
        "'constants' can fix num_kv_heads"},
+      {R"({"name": "X", "extends": "LlamaForCausalLM", "tensors": [{"hf": "m.{layer}.e",
+           "canonical": "layers.{layer}.w_down", "stacked_experts": true}]})",
+       "stacked_experts needs {layer} in both names and {expert} in the canonical name only"},
+      {R"({"name": "X", "extends": "LlamaForCausalLM", "tensors": [{"hf": "m.{layer}.d",
+           "canonical": "layers.{layer}.w_down", "interleaved_gate_up": true}]})",
+       "interleaved_gate_up is for w_gate_up / b_gate_up"},
+      {R"({"name": "X", "extends": "LlamaForCausalLM", "tensors": [{"hf": "m.{layer}.d",
+           "canonical": "layers.{layer}.w_down", "stacked": true}]})",
+       "unknown tensor rule field 'stacked'"},
+      {R"({"name": "X", "extends": "LlamaForCausalLM", "knobs": {"routing": "sigmoid"}})",
+       "knob 'routing' must be one of"},
   };
   for (const auto& [text, want] : cases) {
     const std::string err = one_line_error([&] { add_arch_spec(text, "my_spec.json"); });

@@ -179,7 +179,8 @@ TEST_P(CudaParity, WeightOnlyQuantMatchesTheCpuEngine) {
     // fixtures, which share every quantized code path, stay within 1.5e-2). Their decode errors
     // are printed, their prefill is held to the tolerance.
     const nlohmann::json cfg = read_json(hf(arch) / "config.json");
-    const bool moe = cfg.contains("num_local_experts") || cfg.contains("num_experts");
+    const bool moe = cfg.contains("num_local_experts") || cfg.contains("num_experts") ||
+                     cfg.contains("n_routed_experts");
     double worst_prefill = 0, worst_decode = 0;
     for (size_t j = 0; j < ref.prompts.size(); ++j) {
       const auto& p = ref.prompts[j];
