@@ -288,14 +288,20 @@ TEST_P(CudaOps, HeadNorm) {
   for (int64_t hd : {16, 32, 128, 4096}) {
     for (int64_t heads : {1, 2, 4}) {
       const int64_t n = 3, ld = heads * hd + 24;  // q|k|v-like rows: only the first part normed
-      auto x = rnd(size_t(n * ld), 1.5f);
-      auto [wh, wd] = vec(hd, 1.0f, 0.2f);
-      auto want = x;
-      cpu->head_norm(want.data(), n, ld, heads, hd, wh, NormKind::RMS, 1e-6f);
-      void* xd = up(x);
-      gpu->head_norm(xd, n, ld, heads, hd, wd, NormKind::RMS, 1e-6f);
-      expect_close(down(xd, size_t(n * ld)), ld, want, ld, n, ld,
-                   cat("head_norm hd=", hd, " heads=", heads));
+      // Shared weights (RMS); per-head weights (Cohere's LayerNorm); a shared bias (Phi's).
+      for (int mode : {0, 1, 2}) {
+        if (mode == 1 && heads == 1) continue;
+        auto x = rnd(size_t(n * ld), 1.5f);
+        auto [wh, wd] = vec(mode == 1 ? heads * hd : hd, 1.0f, 0.2f);
+        auto [bh, bd] = vec(hd, 0.0f, 0.3f);
+        const NormKind kind = mode == 0 ? NormKind::RMS : NormKind::Layer;
+        auto want = x;
+        cpu->head_norm(want.data(), n, ld, heads, hd, wh, kind, 1e-6f, mode == 2 ? &bh : nullptr);
+        void* xd = up(x);
+        gpu->head_norm(xd, n, ld, heads, hd, wd, kind, 1e-6f, mode == 2 ? &bd : nullptr);
+        expect_close(down(xd, size_t(n * ld)), ld, want, ld, n, ld,
+                     cat("head_norm hd=", hd, " heads=", heads, " mode ", mode));
+      }
     }
   }
 }

@@ -25,11 +25,12 @@ int32_t argmax(const float* v, int64_t n) {
 }
 
 const char* const kFixtures[] = {
-    "llama",      "llama31_rope", "mistral_swa", "qwen2",       "qwen3",      "gemma",
-    "gemma2",     "gemma3_text",  "gpt2",        "mixtral",     "phi3",       "qwen2_moe",
-    "qwen3_moe",  "starcoder2",   "granite",     "phi",         "gpt_neox",   "gpt_neox_seq",
-    "cohere",     "olmo2",        "cohere2",     "olmo3",       "falcon_mq",  "falcon_new",
-    "falcon_seq", "smollm3",      "gpt_oss",     "deepseek_v2", "deepseek_v3"};
+    "llama",      "llama31_rope", "mistral_swa", "qwen2",       "qwen3",       "gemma",
+    "gemma2",     "gemma3_text",  "gpt2",        "mixtral",     "phi3",        "qwen2_moe",
+    "qwen3_moe",  "starcoder2",   "granite",     "phi",         "gpt_neox",    "gpt_neox_seq",
+    "cohere",     "olmo2",        "cohere2",     "olmo3",       "falcon_mq",   "falcon_new",
+    "falcon_seq", "smollm3",      "gpt_oss",     "deepseek_v2", "deepseek_v3", "cohere_qk",
+    "phi_qk"};
 
 // Teacher-forced greedy agreement with the reference continuations: {agreeing steps, steps}.
 std::pair<int, int> teacher_forced(Engine& e, const Reference& ref) {

@@ -59,7 +59,7 @@ INSTANTIATE_TEST_SUITE_P(Hf, Parity,
                                            "phi", "gpt_neox", "gpt_neox_seq", "cohere", "olmo2",
                                            "cohere2", "olmo3", "falcon_mq", "falcon_new",
                                            "falcon_seq", "smollm3", "gpt_oss", "deepseek_v2",
-                                           "deepseek_v3"));
+                                           "cohere_qk", "phi_qk", "deepseek_v3"));
 
 TEST(Engine, RoundTripIsBitIdentical) {
   TempDir tmp;

@@ -33,11 +33,14 @@ NLOHMANN_JSON_SERIALIZE_ENUM(Routing, {{Routing::None, "none"},
                                        {Routing::SigmoidTopK, "sigmoid_topk"}})
 
 // With defaults: engines written before a knob existed load with the knob's default.
-NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE_WITH_DEFAULT(
-    Knobs, norm, norm_bias, qkv_bias, o_bias, mlp_bias, gated_mlp, qk_norm, post_attn_norm,
-    post_ffn_norm, embed_scale_sqrt_hidden, learned_positions, rope, tied_embeddings_default,
-    routing, shared_expert, pre_norm, parallel_block, shared_block_norm, qk_norm_full, lm_head_bias,
-    rope_interleaved, rope_sliding_only, attn_sinks, router_bias, shared_expert_gated, mla)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE_WITH_DEFAULT(Knobs, norm, norm_bias, qkv_bias, o_bias, mlp_bias,
+                                                gated_mlp, qk_norm, post_attn_norm, post_ffn_norm,
+                                                embed_scale_sqrt_hidden, learned_positions, rope,
+                                                tied_embeddings_default, routing, shared_expert,
+                                                pre_norm, parallel_block, shared_block_norm,
+                                                qk_norm_full, lm_head_bias, rope_interleaved,
+                                                rope_sliding_only, attn_sinks, router_bias,
+                                                shared_expert_gated, mla, qk_norm_per_head)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LayerConfig, sliding_window, rope, moe)
 
 namespace {

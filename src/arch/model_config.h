@@ -50,6 +50,9 @@ struct Knobs {
   bool parallel_block = false;
   bool shared_block_norm = false;
   bool qk_norm_full = false;  // q/k norms over the whole projection, not per head (OLMo 2)
+  // q/k norms per head with weights of their own, [heads, head_dim] (Cohere's use_qk_norm); off:
+  // one [head_dim] weight shared by the heads. With norm_bias the q/k norms have biases too (Phi).
+  bool qk_norm_per_head = false;
   bool lm_head_bias = false;  // Phi
   // RoPE rotates adjacent pairs (2i, 2i + 1) instead of (i, i + rot / 2) (Cohere). The build
   // permutes q and k rows into the half-split order, so the graph's rope is unchanged (scores

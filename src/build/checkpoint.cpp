@@ -94,6 +94,7 @@ struct Source {
   bool qkv_per_head = false;     // TensorRule::qkv_per_head
   int64_t slice = -1;            // TensorRule::stacked_experts: this expert's slice of hf
   bool interleaved = false;      // TensorRule::interleaved_gate_up
+  bool flat = false;             // a [heads, head_dim] vector read flat
 };
 
 // Output rows are made in blocks of this many elements per thread: the float staging buffer.
@@ -131,11 +132,13 @@ struct Part {
   int64_t block[2] = {0, 0};  // its {bh, bw}
   RowTransform transform = {};
   int64_t slice = -1;  // >= 0: slice `slice` of a stacked [experts, ...] tensor
+  bool flat = false;   // Source::flat
 };
 
 // The source tensor of a part: hf itself, or its slice of a stacked tensor.
-Tensor part_tensor(const WeightSet& ws, const std::string& hf, int64_t slice) {
+Tensor part_tensor(const WeightSet& ws, const std::string& hf, int64_t slice, bool flat = false) {
   const Tensor t = ws.get(hf);
+  if (flat) return Tensor::view(t.dtype, {t.numel()}, t.storage, t.data);
   if (slice < 0) return t;
   const Shape s(t.shape.begin() + 1, t.shape.end());
   const size_t bytes = size_t(numel(s)) * dtype_size(t.dtype);
@@ -414,7 +417,9 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
     }
     if (rule->transpose) std::reverse(want.begin(), want.end());
     const TensorInfo& ti = ws.info(hf);
-    if (ti.shape != want) {
+    // A vector stored as a matrix (per-head q/k norm weights, [heads, head_dim]) is read flat.
+    const bool flat = want.size() == 1 && ti.shape.size() == 2 && numel(ti.shape) == want[0];
+    if (ti.shape != want && !flat) {
       bad_shape.push_back(cat(hf, " ", shape_str(ti.shape), " (expected ", shape_str(want), ")"));
       continue;
     }
@@ -472,6 +477,7 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
     src[canon] = {hf, rule->transpose};
     src[canon].qkv_per_head = rule->qkv_per_head;
     src[canon].interleaved = rule->interleaved_gate_up;
+    src[canon].flat = flat;
   }
 
   // Each engine tensor comes from itself or from the parts it fuses.
@@ -600,6 +606,7 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
     for (const auto& p : part_names) {
       Shape s = ws.info(src[p].hf).shape;
       if (src[p].slice >= 0) s.erase(s.begin());
+      if (src[p].flat) s = {numel(s)};
       parts.push_back(
           {src[p].hf,
            src[p].transpose,
@@ -607,15 +614,16 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
            src[p].block_scale,
            {ck.fp8_block[0], ck.fp8_block[1]},
            row_transform(c, p, src[p].qkv_per_head, ck.dir.string(), src[p].interleaved),
-           src[p].slice});
+           src[p].slice,
+           src[p].flat});
       pt.shape = src[p].transpose ? Shape(s.rbegin(), s.rend()) : s;
     }
     pt.shape[0] = 0;
     for (const auto& p : parts) pt.shape[0] += p.rows;
     if (parts.size() == 1 && !parts[0].transpose && parts[0].transform.identity() &&
         ws.info(parts[0].hf).dtype == pt.dtype)  // nothing to convert
-      pt.view = [wset, hf = parts[0].hf, sl = parts[0].slice] {
-        return part_tensor(*wset, hf, sl);
+      pt.view = [wset, hf = parts[0].hf, sl = parts[0].slice, fl = parts[0].flat] {
+        return part_tensor(*wset, hf, sl, fl);
       };
     const DType dt = pt.dtype;
     const size_t row_elems = size_t(numel(pt.shape) / std::max<int64_t>(pt.shape[0], 1));

@@ -67,8 +67,10 @@ RowTransform row_transform(const ModelConfig& c, const std::string& canon, bool 
     }
   }
   std::vector<int64_t> rope;  // engine row -> kiln row
-  const bool qk = base == "wq" || base == "wk" || base == "bq" || base == "bk" || fused ||
-                  base == "q_norm" || base == "k_norm";
+  const bool q_norm = canon.ends_with(".q_norm") || canon.ends_with(".q_norm.bias");
+  const bool k_norm = canon.ends_with(".k_norm") || canon.ends_with(".k_norm.bias");
+  const bool qk =
+      base == "wq" || base == "wk" || base == "bq" || base == "bk" || fused || q_norm || k_norm;
   if (c.knobs.rope_interleaved && qk) {
     const int64_t l = std::max<int64_t>(layer_of(canon), 0);
     const int64_t rot = c.rotary_dim(c.layers[size_t(l)].rope);
@@ -83,10 +85,11 @@ RowTransform row_transform(const ModelConfig& c, const std::string& canon, bool 
     KILN_CHECK(!c.knobs.qk_norm_full, file,
                ": interleaved rope with whole-projection q/k norms "
                "is not supported");
-    const int64_t rows = fused                          ? qd + 2 * kvd
-                         : base == "wq" || base == "bq" ? qd
-                         : base == "wk" || base == "bk" ? kvd
-                                                        : hd;
+    const bool per_head = c.knobs.qk_norm_per_head;
+    const int64_t rows = fused                                                  ? qd + 2 * kvd
+                         : base == "wq" || base == "bq" || (q_norm && per_head) ? qd
+                         : base == "wk" || base == "bk" || (k_norm && per_head) ? kvd
+                                                                                : hd;
     rope.resize(size_t(rows));
     for (int64_t i = 0; i < rows; ++i) rope[size_t(i)] = i;  // v rows stay
     if (fused) {

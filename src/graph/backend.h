@@ -130,9 +130,11 @@ class Backend {
   // residual += delta; y = norm(residual)
   virtual void add_norm(void* residual, const void* delta, int64_t rows, int64_t dim,
                         const Tensor& w, const Tensor* b, NormKind kind, float eps, void* y) = 0;
-  // In place over `heads` vectors of `head_dim` per row (q/k norms); rows are `ld` apart.
+  // In place over `heads` vectors of `head_dim` per row (q/k norms); rows are `ld` apart. w (and
+  // the bias b, F32, may be null) hold [head_dim], shared by the heads, or [heads * head_dim],
+  // one slice per head (Cohere's q/k norms).
   virtual void head_norm(void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim,
-                         const Tensor& w, NormKind kind, float eps) = 0;
+                         const Tensor& w, NormKind kind, float eps, const Tensor* b = nullptr) = 0;
   virtual void add(void* x, const void* y, int64_t count) = 0;  // x += y
   virtual void rope(void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim,
                     int64_t rot_dim, const float* cos, const float* sin) = 0;

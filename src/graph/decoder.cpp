@@ -133,9 +133,9 @@ void Decoder::build_attn(int64_t l, int64_t n) {
     // Per head, or (qk_norm_full) over all heads at once: one "head" of the whole width.
     const bool full = c_.knobs.qk_norm_full;
     be_.head_norm(qkv, n, ld, full ? 1 : c_.num_heads, full ? qd : hd, w_.at(p + "q_norm"),
-                  c_.knobs.norm, float(c_.norm_eps));
+                  c_.knobs.norm, float(c_.norm_eps), w_.find(p + "q_norm.bias"));
     be_.head_norm(k, n, ld, full ? 1 : c_.num_kv_heads, full ? kvd : hd, w_.at(p + "k_norm"),
-                  c_.knobs.norm, float(c_.norm_eps));
+                  c_.knobs.norm, float(c_.norm_eps), w_.find(p + "k_norm.bias"));
   }
   const LayerConfig& lc = c_.layers[size_t(l)];
   const int r = lc.rope;

@@ -70,9 +70,12 @@ std::vector<WeightSpec> plain_layout(const ModelConfig& c) {
       r.push_back({p + "wqkv", {qkv, H}, R::ColumnLinear});
       if (c.knobs.qkv_bias) r.push_back({p + "bqkv", {qkv}, R::Vector});
       if (c.knobs.qk_norm) {
-        const bool full = c.knobs.qk_norm_full;
-        r.push_back({p + "q_norm", {full ? c.q_dim() : hd}, R::Vector});
-        r.push_back({p + "k_norm", {full ? c.kv_dim() : hd}, R::Vector});
+        const bool wide = c.knobs.qk_norm_full || c.knobs.qk_norm_per_head;
+        for (const char* b : {"", ".bias"}) {
+          if (*b && !c.knobs.norm_bias) continue;
+          r.push_back({p + "q_norm" + b, {wide ? c.q_dim() : hd}, R::Vector});
+          r.push_back({p + "k_norm" + b, {wide ? c.kv_dim() : hd}, R::Vector});
+        }
       }
       if (c.knobs.attn_sinks) r.push_back({p + "sinks", {c.num_heads}, R::Vector});
       r.push_back({p + "wo", {H, c.q_dim()}, R::RowLinear});
@@ -180,8 +183,10 @@ Shape source_shape(const ModelConfig& c, const std::string& name) {
     if (base == "wkv_b") return {c.num_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank};
   }
   if (base == "bo" || base == "b_down") return {H};
-  if (base == "q_norm") return {c.knobs.qk_norm_full ? qd : hd};
-  if (base == "k_norm") return {c.knobs.qk_norm_full ? kvd : hd};
+  // Per-head q/k norm weights are [heads, head_dim] in checkpoints; the build reads them flat.
+  const bool wide = c.knobs.qk_norm_full || c.knobs.qk_norm_per_head;
+  if (base == "q_norm" || base == "q_norm.bias") return {wide ? qd : hd};
+  if (base == "k_norm" || base == "k_norm.bias") return {wide ? kvd : hd};
   if (base.find("norm") != std::string::npos) return {H};
   if (base == "w_gate" || base == "w_up") return {I, H};
   if (base == "b_gate" || base == "b_up") return {I};

@@ -81,10 +81,18 @@ class CpuBackend final : public Backend {
     cpu::add_norm(F(r), F(d), rows, dim, w.ptr<float>(), fptr(b), kind, eps, F(y));
   }
   void head_norm(void* x, int64_t n, int64_t ld, int64_t heads, int64_t hd, const Tensor& w,
-                 NormKind kind, float eps) override {
+                 NormKind kind, float eps, const Tensor* b) override {
+    const bool per_head = heads > 1 && w.numel() == heads * hd;
+    if (!per_head) {
+      for (int64_t i = 0; i < n; ++i)
+        cpu::norm(F(x) + i * ld, heads, hd, hd, w.ptr<float>(), fptr(b), kind, eps, F(x) + i * ld,
+                  hd);
+      return;
+    }
     for (int64_t i = 0; i < n; ++i)
-      cpu::norm(F(x) + i * ld, heads, hd, hd, w.ptr<float>(), nullptr, kind, eps, F(x) + i * ld,
-                hd);
+      for (int64_t h = 0; h < heads; ++h)
+        cpu::norm(F(x) + i * ld + h * hd, 1, hd, hd, w.ptr<float>() + h * hd,
+                  b ? fptr(b) + h * hd : nullptr, kind, eps, F(x) + i * ld + h * hd, hd);
   }
   void add(void* x, const void* y, int64_t count) override {
     for (int64_t i = 0; i < count; ++i) F(x)[i] += F(y)[i];

@@ -241,22 +241,25 @@ class CudaBackend final : public Backend {
                    true);
   }
   void head_norm(void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim, const Tensor& w,
-                 NormKind kind, float eps) override {
+                 NormKind kind, float eps, const Tensor* b) override {
     Prof prof(prof_.get(), "head_norm");
-    check_f32(w, nullptr);
+    check_f32(w, b);
+    const bool per_head = heads > 1 && w.numel() == heads * head_dim;
     Pending& p = pending_;
     if (p.kind == Pending::HeadNorm && x == p.next() && n == p.n && ld == p.ld &&
-        head_dim == p.head_dim && kind == p.norm && eps == p.eps) {
+        head_dim == p.head_dim && kind == p.norm && eps == p.eps && per_head == p.per_head &&
+        (b != nullptr) == (p.bias != nullptr)) {
       // The k heads right after the held-back q heads: one launch, two weight vectors.
       p.kind = Pending::None;
-      cuda::norm(act_, p.x, n, p.heads + heads, head_dim, ld, p.x, ld, p.w, nullptr, kind, eps,
-                 stream_, w.ptr<float>(), p.heads);
+      cuda::norm(act_, p.x, n, p.heads + heads, head_dim, ld, p.x, ld, p.w, p.bias, kind, eps,
+                 stream_, w.ptr<float>(), p.heads, false, fptr(b), per_head);
       return;
     }
     flush();
     p = Pending();
     p.kind = Pending::HeadNorm, p.x = x, p.n = n, p.ld = ld, p.heads = heads, p.head_dim = head_dim;
     p.w = w.ptr<float>(), p.norm = kind, p.eps = eps, p.es = dtype_size(act_);
+    p.bias = fptr(b), p.per_head = per_head;
   }
   void add(void* x, const void* y, int64_t count) override {
     Prof prof(prof_.get(), "add");
@@ -676,6 +679,7 @@ class CudaBackend final : public Backend {
     const float* w = nullptr;
     NormKind norm = NormKind::RMS;
     float eps = 0;
+    bool per_head = false;  // head_norm weights per head
     size_t es = 0;
     // GEMV y[n, out] = cx . W^T (+ bias)
     const void* cx = nullptr;
@@ -693,8 +697,8 @@ class CudaBackend final : public Backend {
     if (k == Pending::Rope)
       cuda::rope(act_, p.x, p.n, p.ld, p.heads, p.head_dim, p.rot_dim, p.cos, p.sin, stream_);
     else if (k == Pending::HeadNorm)
-      cuda::norm(act_, p.x, p.n, p.heads, p.head_dim, p.ld, p.x, p.ld, p.w, nullptr, p.norm, p.eps,
-                 stream_);
+      cuda::norm(act_, p.x, p.n, p.heads, p.head_dim, p.ld, p.x, p.ld, p.w, p.bias, p.norm, p.eps,
+                 stream_, nullptr, 0, false, nullptr, p.per_head);
     else if (k == Pending::Linear)
       cuda::gemv(act_, p.cx, p.n, p.ldx, p.wm, p.in, p.out, p.bias, p.y, p.ldy, stream_);
   }

@@ -78,6 +78,8 @@ struct NormWeights {
   const float* w2;
   int64_t w2_from;
   const float* b;
+  const float* b2 = nullptr;  // the bias of heads >= w2_from (b when null)
+  int64_t stride = 0;  // per-head weights and biases: `dim` (head h reads its own slice); 0: shared
 };
 
 // RMS / RMS(1+w) / LayerNorm over vectors of `dim` <= TPR * EPT; ADD first folds `delta` into
@@ -101,7 +103,10 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
   const int64_t r = live ? vi / heads : 0, h = live ? vi % heads : 0;
   X* xr = x + r * ldx + h * dim;
   T* yr = y + r * ldy + h * dim;
-  const float* __restrict__ w = h < nw.w2_from ? nw.w : nw.w2;
+  const bool second = h >= nw.w2_from;
+  const int64_t hw = (second ? h - nw.w2_from : h) * nw.stride;
+  const float* __restrict__ w = (second ? nw.w2 : nw.w) + hw;
+  const float* __restrict__ b = second && nw.b2 ? nw.b2 + hw : nw.b ? nw.b + hw : nullptr;
   const bool layer = kind == int(NormKind::Layer);
   const bool ident = kind == int(NormKind::None);  // y = x: no weight read
   const float off = kind == int(NormKind::RMSPlusOne) ? 1.0f : 0.0f;
@@ -111,7 +116,7 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
     const int i = t + k * TPR;
     v[k] = i < len ? to_f(xr[i]) : 0.0f;
     wv[k] = i < len ? (ident ? 1.0f : w[i] + off) : 0.0f;
-    bv[k] = i < len && nw.b && !ident ? nw.b[i] : 0.0f;
+    bv[k] = i < len && b && !ident ? b[i] : 0.0f;
   }
   if constexpr (ADD) {
     float d[EPT];
@@ -426,9 +431,9 @@ void add_rows(DType act, const void* table, DType tdt, int64_t dim, const int32_
 
 void norm(DType act, const void* x, int64_t rows, int64_t heads, int64_t dim, int64_t ldx, void* y,
           int64_t ldy, const float* w, const float* b, NormKind kind, float eps, cudaStream_t s,
-          const float* w2, int64_t w2_from, bool f32_x) {
+          const float* w2, int64_t w2_from, bool f32_x, const float* b2, bool per_head) {
   if (rows * heads == 0) return;
-  const NormWeights nw{w, w2 ? w2 : w, w2 ? w2_from : heads, b};
+  const NormWeights nw{w, w2 ? w2 : w, w2 ? w2_from : heads, b, b2, per_head ? dim : 0};
   if (f32_x && act != DType::F32) {
     KILN_DISPATCH_ACT(
         act, (launch_norm<float, T, false>(const_cast<float*>(static_cast<const float*>(x)),

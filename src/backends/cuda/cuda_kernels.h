@@ -25,10 +25,12 @@ void add_rows(DType act, const void* table, DType tdt, int64_t dim, const int32_
 // Normalises `rows * heads` vectors of `dim`: vector (r, h) is at x + r*ldx + h*dim and goes to
 // y + r*ldy + h*dim (y may alias x). w, b: F32 [dim] (b may be null); vectors with h >= w2_from
 // use w2 instead of w when w2 is given (q and k heads of one row in one launch).
-// f32_x: x is F32 (the residual stream; y stays `act`, so it cannot alias x).
+// f32_x: x is F32 (the residual stream; y stays `act`, so it cannot alias x). b2: the bias of
+// the w2 heads. per_head: w, w2, b, b2 hold one [dim] slice per head (Cohere's q/k norms).
 void norm(DType act, const void* x, int64_t rows, int64_t heads, int64_t dim, int64_t ldx, void* y,
           int64_t ldy, const float* w, const float* b, NormKind kind, float eps, cudaStream_t s,
-          const float* w2 = nullptr, int64_t w2_from = 0, bool f32_x = false);
+          const float* w2 = nullptr, int64_t w2_from = 0, bool f32_x = false,
+          const float* b2 = nullptr, bool per_head = false);
 // residual[rows, dim] += delta; y = norm(residual) (rows contiguous). The residual is F32 when
 // f32_residual, else `act`; delta and y are `act`.
 void add_norm(DType act, void* residual, const void* delta, int64_t rows, int64_t dim,
