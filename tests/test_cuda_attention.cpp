@@ -135,6 +135,10 @@ TEST_P(CudaAttention, Prefill) {
   run({8, 2, 256, 0, 0, 16, 0, 70});
   run({8, 8, 80, 0, 0, 4, 0, 19});   // head_dim 80, small blocks
   run({4, 2, 18, 0, 0, 16, 0, 21});  // head_dim not a multiple of 8: scalar K/V loads
+  // MLA's latent heads (DeepSeek V2/V3: 512 + 64 over one KV head): prefill, and a long decode
+  // (split-K).
+  run({16, 1, 576, 0, 0, 16, 0, 20});
+  run({16, 1, 576, 0, 0, 16, 300, 1});
 }
 
 TEST_P(CudaAttention, WindowAndSoftcap) {

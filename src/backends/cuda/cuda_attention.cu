@@ -39,7 +39,8 @@ constexpr int kThreads = 128;  // 4 warps
 constexpr int kWarpRows = 4;   // query rows per warp
 constexpr int kRows = 16;      // query rows per block
 constexpr int kBK = 32;        // keys per tile
-constexpr int kMaxHeadDim = 256;
+// 576: MLA's latent heads (DeepSeek: kv_lora_rank 512 + rope 64), which only this kernel takes.
+constexpr int kMaxHeadDim = 576;
 constexpr int kMaxSplits = 32;  // merge weights [kRows][splits] must fit where K/V tiles were
 // Split over keys until about this many blocks per SM: a block walks its tiles one after another
 // (load, sync, compute), so an SM needs several of them (up to 5 fit at D = 128) to hide that.
@@ -114,7 +115,8 @@ __global__ void __launch_bounds__(kThreads) attn_kernel(const Args a) {
   // the first use: latency once, not once per element.
   const T* q = static_cast<const T*>(a.q);
   if (a.vec_q) {
-    constexpr int E = kVec<T>, kIt = kRows * kMaxHeadDim / E / kThreads;
+    // Enough 16-byte loads per thread for kRows rows of DPL * 32 >= D elements.
+    constexpr int E = kVec<T>, kIt = (kRows * DPL * 32 / E + kThreads - 1) / kThreads;
     const int per_row = D / E, chunks = kRows * per_row;
     uint4 buf[kIt];
 #pragma unroll
@@ -466,7 +468,8 @@ void launch_dpl(const Args& args, dim3 grid, cudaStream_t s) {
   if (dpl <= 3) return launch<T, KV, 3>(args, grid, s);
   if (dpl <= 4) return launch<T, KV, 4>(args, grid, s);
   if (dpl <= 6) return launch<T, KV, 6>(args, grid, s);
-  return launch<T, KV, 8>(args, grid, s);
+  if (dpl <= 8) return launch<T, KV, 8>(args, grid, s);
+  return launch<T, KV, 18>(args, grid, s);  // MLA latent heads
 }
 
 template <typename T>
