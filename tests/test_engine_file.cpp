@@ -207,6 +207,16 @@ TEST(EngineFile, QuantizedCheckpointsAreRefusedByName) {
                      "supported yet"),
             std::string::npos)
       << err;
+  // GPT-OSS as OpenAI publishes it: MXFP4 experts (the gpt_oss fixture holds BF16 ones).
+  copy_dir(hf("gpt_oss"), tmp / "oss");
+  auto oss = read_json(tmp / "oss" / "config.json");
+  oss["quantization_config"] = {{"quant_method", "mxfp4"},
+                                {"modules_to_not_convert", {"model.layers.*.self_attn"}}};
+  write_json(tmp / "oss" / "config.json", oss);
+  err = error_of([&] { Engine::build_to(tmp / "oss", tmp / "e"); });
+  EXPECT_NE(err.find("quantized checkpoints ('mxfp4') are not supported yet"), std::string::npos)
+      << err;
+  EXPECT_FALSE(fs::exists(tmp / "e"));
   // AWQ loads, but only in the variant kiln runs: 4 bits, GEMM packing, zero points, a group.
   cfg["quantization_config"] = {{"quant_method", "awq"}, {"bits", 4}};
   write_json(tmp / "m" / "config.json", cfg);
