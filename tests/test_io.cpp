@@ -1,5 +1,6 @@
 // Safetensors validation, HF config parsing (transformers 4 and 5 styles) and bad-input errors.
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -203,6 +204,20 @@ TEST(Config, TransformersFourAndFiveStyles) {
   EXPECT_TRUE(q3.tie_word_embeddings);
   EXPECT_EQ(q3.ropes[0].theta, 1000000.0);
   EXPECT_EQ(q3.layers[5].sliding_window, 0);
+  // DeepSeek-V2-Lite (transformers 4 style, from ../shared/configs): MLA over one latent head of
+  // 512 + 64, no query LoRA, greedy routing (n_group ignored), yarn mscale in the attention scale.
+  ModelConfig dv2 = resolve(data("configs/deepseek-ai__DeepSeek-V2-Lite.json"));
+  EXPECT_TRUE(dv2.knobs.mla);
+  EXPECT_EQ(dv2.num_kv_heads, 1);
+  EXPECT_EQ(dv2.head_dim, 576);
+  EXPECT_EQ(dv2.q_lora_rank, 0);
+  EXPECT_EQ(dv2.moe_groups, 1);
+  EXPECT_EQ(dv2.shared_expert_intermediate_size, 2 * 1408);
+  EXPECT_FALSE(dv2.layers[0].moe);
+  EXPECT_TRUE(dv2.layers[1].moe);
+  EXPECT_EQ(dv2.ropes[0].type, RopeType::Yarn);
+  const double ms = 0.1 * 0.707 * std::log(40.0) + 1.0;
+  EXPECT_NEAR(dv2.attn_scale, ms * ms / std::sqrt(192.0), 1e-12);
   ModelConfig q25 = resolve(data("configs/Qwen__Qwen2.5-7B-Instruct.json"));
   EXPECT_TRUE(q25.knobs.qkv_bias);
   for (const auto& l : q25.layers) EXPECT_EQ(l.sliding_window, 0);  // use_sliding_window false
