@@ -65,6 +65,16 @@ void Decoder::build_norm(const std::string& name, const void* x, int64_t n, void
            c_.knobs.norm, float(c_.norm_eps), y, c_.hidden_size, residual_in);
 }
 
+// Layer l's cache as this step's attention sees it (rows of kv_dim, heads of head_dim).
+KVLayerView Decoder::cache_view(int64_t l, int64_t kv_dim, int64_t head_dim) const {
+  KVLayerView kv{cache_.k_pool(l), cache_.v_pool(l), d_blocks_, cache_.block_size(),
+                 kv_dim,           kv_len_,          d_seq_,    bt_stride_};
+  kv.seq_start = d_seq_start_;
+  kv.num_seqs = num_seqs_, kv.num_decode = num_decode_, kv.max_q = max_q_;
+  kv.k_scale = cache_.k_scales(l), kv.v_scale = cache_.v_scales(l), kv.head_dim = head_dim;
+  return kv;
+}
+
 // Multi-head latent attention (Knobs::mla) over the latent cache, queries absorbed:
 //   q = wq_b(q_a_norm(wq_a(h))) (or wq_b(h)), per head [nope | rope];
 //   Q_h = w_q_absorb_h . q_h = [q_rope_h | W_UK_h^T q_nope_h]   (the build's absorbed matrix);
@@ -103,11 +113,7 @@ void Decoder::build_attn_mla(int64_t l, int64_t n) {
     be_.rope(Q, n, heads * D, heads, D, R, d_cos_[size_t(r)], d_sin_[size_t(r)]);
     be_.rope(kv, n, D, 1, D, R, d_cos_[size_t(r)], d_sin_[size_t(r)]);
   }
-  KVLayerView cache{cache_.k_pool(l), cache_.v_pool(l), d_blocks_, cache_.block_size(), D,
-                    kv_len_,          d_seq_,           bt_stride_};
-  cache.seq_start = d_seq_start_;
-  cache.num_seqs = num_seqs_, cache.num_decode = num_decode_, cache.max_q = max_q_;
-  cache.k_scale = cache_.k_scales(l), cache.v_scale = cache_.v_scales(l), cache.head_dim = D;
+  const KVLayerView cache = cache_view(l, D, D);
   be_.kv_write(cache, kv, kv, D, d_pos_, n);
   void* att = buf("att", size_t(n * heads * D) * a);
   AttnParams ap{heads, 1, D, float(c_.attn_scale), float(c_.attn_softcap), lc.sliding_window};
@@ -144,11 +150,7 @@ void Decoder::build_attn(int64_t l, int64_t n) {
     be_.rope(qkv, n, ld, c_.num_heads, hd, rot, d_cos_[size_t(r)], d_sin_[size_t(r)]);
     be_.rope(k, n, ld, c_.num_kv_heads, hd, rot, d_cos_[size_t(r)], d_sin_[size_t(r)]);
   }
-  KVLayerView kv{cache_.k_pool(l), cache_.v_pool(l), d_blocks_, cache_.block_size(), kvd,
-                 kv_len_,          d_seq_,           bt_stride_};
-  kv.seq_start = d_seq_start_;
-  kv.num_seqs = num_seqs_, kv.num_decode = num_decode_, kv.max_q = max_q_;
-  kv.k_scale = cache_.k_scales(l), kv.v_scale = cache_.v_scales(l), kv.head_dim = hd;
+  const KVLayerView kv = cache_view(l, kvd, hd);
   be_.kv_write(kv, k, v, ld, d_pos_, n);
   void* att = buf("att", size_t(n * qd) * a);
   AttnParams ap{c_.num_heads,         c_.num_kv_heads,        hd,

@@ -76,6 +76,7 @@ class Decoder {
   void build_ffn(int64_t l, int64_t n, const void* in, void* out);
   void build_moe_ffn(int64_t l, int64_t n, const void* in, void* out);
   void build_attn_mla(int64_t l, int64_t n);
+  KVLayerView cache_view(int64_t l, int64_t kv_dim, int64_t head_dim) const;
   // residual += delta; y = the norm `name` of the residual ("": none, y = residual in the
   // activation dtype, for models without pre-norms, Knobs::pre_norm).
   void add_in_norm(void* residual, const void* delta, int64_t n, const std::string& name, void* y);
