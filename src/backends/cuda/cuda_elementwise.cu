@@ -309,10 +309,12 @@ template <typename T>
 __global__ void moe_route_kernel(const T* logits, MoeRouteArgs r, int32_t* sel_row,
                                  int32_t* sel_expert, float* weights) {
   pdl_begin();
-  extern __shared__ float prob[];  // [E] scores, then [E] choice values, then [groups]
+  // [E] scores, [E] choice values, [groups] group scores, [groups] chosen flags
+  extern __shared__ float prob[];
   const int64_t E = r.E, k = r.k;
   float* ch = prob + E;
   float* gs = ch + E;
+  float* keep = gs + r.groups;
   const int64_t i = blockIdx.x;
   const int lane = threadIdx.x;
   if (r.sigmoid) {
@@ -331,7 +333,8 @@ __global__ void moe_route_kernel(const T* logits, MoeRouteArgs r, int32_t* sel_r
   }
   for (int64_t e = lane; e < E; e += 32) ch[e] = prob[e] + (r.score_bias ? r.score_bias[e] : 0.0f);
   __syncwarp();
-  // Argmax over v[0, m) (ties to the lower index); every lane gets it.
+  // Argmax over v[0, m) (ties to the lower index); every lane gets it. Nothing above -inf (NaN
+  // logits): index 0, so no expert index is ever out of range (the NaN output is reported).
   auto argmax = [&](const float* v, int m) {
     float best = -INFINITY;
     int bi = m;
@@ -343,7 +346,7 @@ __global__ void moe_route_kernel(const T* logits, MoeRouteArgs r, int32_t* sel_r
       const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
       if (ob > best || (ob == best && oi < bi)) best = ob, bi = oi;
     }
-    return bi;
+    return bi < m ? bi : 0;
   };
   if (r.groups > 1) {
     const int per = int(E / r.groups);
@@ -357,16 +360,17 @@ __global__ void moe_route_kernel(const T* logits, MoeRouteArgs r, int32_t* sel_r
           b = v;
       }
       gs[g] = r.sigmoid && per > 1 ? a + b : a;
+      keep[g] = 0.0f;
     }
     __syncwarp();
     for (int t = 0; t < r.topk_groups; ++t) {
       const int g = argmax(gs, r.groups);
       __syncwarp();
-      if (lane == 0) gs[g] = INFINITY;  // chosen
+      if (lane == 0) gs[g] = -INFINITY, keep[g] = 1.0f;  // chosen: out of the next rounds
       __syncwarp();
     }
     for (int64_t e = lane; e < E; e += 32)
-      if (gs[e / per] != INFINITY) ch[e] = -INFINITY;
+      if (keep[e / per] == 0.0f) ch[e] = -INFINITY;
     __syncwarp();
   }
   float wsum = 0;
@@ -561,7 +565,7 @@ void moe_route(DType act, const void* logits, int64_t n, const MoeRouteArgs& r, 
                  r.topk_groups <= r.groups && r.topk_groups * (r.E / r.groups) >= r.k,
              "MoE: ", r.groups, " groups choosing ", r.topk_groups, " cannot route ", r.k, " of ",
              r.E, " experts");
-  const size_t smem = size_t(2 * r.E + r.groups) * 4;
+  const size_t smem = size_t(2 * r.E + 2 * r.groups) * 4;
   KILN_DISPATCH_ACT(act,
                     launch_kernel(moe_route_kernel<T>, unsigned(n), 32, smem, s,
                                   static_cast<const T*>(logits), r, sel_row, sel_expert, weights));
