@@ -93,7 +93,7 @@ class CudaBackend final : public Backend {
     }
     lt_.reset();
     for (auto& [k, p] : scratch_) cudaFree(p.first);
-    for (auto& [k, p] : expert_tables_) cudaFree(p);
+    for (auto& [k, t] : expert_tables_) cudaFree(t.first);
     for (cudaEvent_t e : chunk_done_) cudaEventDestroy(e);
     for (cudaEvent_t e : mark_events_) cudaEventDestroy(e);
     cudaFreeHost(pinned_);
@@ -588,11 +588,17 @@ class CudaBackend final : public Backend {
     if (n == 0) return;
     const size_t es = dtype_size(act_);
     const int64_t I = w.gate_up[0]->shape[0] / 2, nk = n * k;
-    void* logits = scratch("moe_logits", size_t(n * E) * es);
+    auto* logits = static_cast<float*>(scratch("moe_logits", size_t(n * E) * 4));
     auto* sel_row = static_cast<int32_t*>(scratch("moe_rows", size_t(nk) * 4));
     auto* sel_exp = static_cast<int32_t*>(scratch("moe_experts", size_t(nk) * 4));
     auto* weights = static_cast<float*>(scratch("moe_weights", size_t(nk) * 4));
-    linear_impl(x, n, H, *w.router, w.router_bias, logits, E, false);
+    // Router logits in F32, as the CPU reference routes: 16-bit logits would tie or swap experts
+    // whose scores differ past the third significant digit.
+    KILN_CHECK(w.router->quant == WeightQuant::None && w.router->dtype == act_,
+               "CUDA MoE: the router must be a plain matrix in the activation dtype");
+    lt_->run(act_, x, n, H, w.router->data, H, E, logits, E, true);
+    if (w.router_bias)
+      cuda::bias_add(DType::F32, logits, n, E, E, w.router_bias->ptr<float>(), stream_);
     const cuda::MoeRouteArgs ra{
         E,
         mp.top_k,
@@ -602,7 +608,7 @@ class CudaBackend final : public Backend {
         int(mp.groups),
         int(mp.topk_groups),
         mp.scaling};
-    cuda::moe_route(act_, logits, n, ra, sel_row, sel_exp, weights, stream_);
+    cuda::moe_route(DType::F32, logits, n, ra, sel_row, sel_exp, weights, stream_);
     const float* const* bgu = w.gate_up_bias ? bias_table(w.gate_up_bias, E) : nullptr;
     const float* const* bdn = w.down_bias ? bias_table(w.down_bias, E) : nullptr;
     // Routed experts: gathered GEMVs over (row, expert) assignments, reading only the chosen
@@ -763,17 +769,23 @@ class CudaBackend final : public Backend {
   const void* const* expert_table(const Tensor* const* ts, int64_t E) {
     return expert_table(ts, E, act_);
   }
+  // The table is rebuilt when the pointers differ from those it was made of (tensors freed and
+  // others allocated at the same address, as between tests), never during a capture (an engine
+  // calls every layer before it captures).
   const void* const* expert_table(const Tensor* const* ts, int64_t E, DType want) {
-    void*& d = expert_tables_[ts[0]->data];
-    if (!d) {
-      std::vector<const void*> h(static_cast<size_t>(E));
-      for (int64_t e = 0; e < E; ++e) {
-        KILN_CHECK(ts[e]->dtype == want && ts[e]->shape == ts[0]->shape,
-                   "CUDA MoE: experts must share one shape and dtype ", dtype_name(want));
-        h[size_t(e)] = ts[e]->data;
-      }
+    auto& [d, made] = expert_tables_[ts[0]->data];
+    std::vector<const void*> h(static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; ++e) {
+      KILN_CHECK(ts[e]->dtype == want && ts[e]->shape == ts[0]->shape,
+                 "CUDA MoE: experts must share one shape and dtype ", dtype_name(want));
+      h[size_t(e)] = ts[e]->data;
+    }
+    if (!d || made != h) {
+      KILN_CHECK(!capturing_, "CUDA MoE: expert table made during a graph capture");
+      if (d) release(d);
       d = alloc(h.size() * sizeof(void*));
       to_device(d, h.data(), h.size() * sizeof(void*));
+      made = std::move(h);
     }
     return static_cast<const void* const*>(d);
   }
@@ -787,7 +799,7 @@ class CudaBackend final : public Backend {
   void* pinned_ = nullptr;
   cudaEvent_t chunk_done_[kChunks] = {};
   std::map<std::string, std::pair<void*, size_t>> scratch_;
-  std::map<const void*, void*> expert_tables_;
+  std::map<const void*, std::pair<void*, std::vector<const void*>>> expert_tables_;
   std::unique_ptr<OpProfile> prof_;
   Pending pending_;
   bool capturing_ = false;
