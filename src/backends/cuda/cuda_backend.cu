@@ -596,7 +596,10 @@ class CudaBackend final : public Backend {
     // whose scores differ past the third significant digit.
     KILN_CHECK(w.router->quant == WeightQuant::None && w.router->dtype == act_,
                "CUDA MoE: the router must be a plain matrix in the activation dtype");
-    lt_->run(act_, x, n, H, w.router->data, H, E, logits, E, true);
+    // The LM head's calls (logits()): the F32-output GEMV for few rows, else cuBLASLt.
+    if (!gemv_ ||
+        !cuda::gemv(act_, x, n, H, w.router->data, H, E, nullptr, logits, E, stream_, true, false))
+      lt_->run(act_, x, n, H, w.router->data, H, E, logits, E, true);
     if (w.router_bias)
       cuda::bias_add(DType::F32, logits, n, E, E, w.router_bias->ptr<float>(), stream_);
     const cuda::MoeRouteArgs ra{
