@@ -636,3 +636,58 @@ INSTANTIATE_TEST_SUITE_P(Hf, QuantQuality,
 
 }  // namespace
 }  // namespace kiln::test
+
+namespace kiln::test {
+namespace {
+
+// The CPU reference's routing rules (Backend::MoeParams) on hand-made scores, so each rule is
+// checked by itself: group-limited softmax (a group scores its best), sigmoid with a correction
+// bias (a group scores its two best), and ties to the lower index.
+TEST(CpuMoeRoute, GroupsBiasAndTies) {
+  using P = Backend::MoeParams;
+  std::vector<int64_t> chosen;
+  // Softmax, 8 experts in 4 groups of 2, the best 2 groups, top 3. The global top 3 are 7, 0, 2
+  // (logits 5, 4.9, 4.8); the groups' bests are 4.9 (g0), 4.8 (g1), 1 (g2), 5 (g3): groups 3
+  // and 0 stay, so the third pick is expert 1 (4.7), not 2.
+  {
+    std::vector<float> l = {4.9f, 4.7f, 4.8f, 0.0f, 1.0f, 0.0f, 0.0f, 5.0f};
+    P p;
+    p.num_experts = 8, p.top_k = 3, p.groups = 4, p.topk_groups = 2;
+    cpu::moe_route(l.data(), 8, p, nullptr, chosen);
+    EXPECT_EQ(chosen, (std::vector<int64_t>{7, 0, 1}));
+    float sum = 0;
+    for (float v : l) sum += v;
+    EXPECT_NEAR(sum, 1.0f, 1e-6f);  // l became the softmax scores
+    p.groups = 1;                   // no limit: the global top 3
+    l = {4.9f, 4.7f, 4.8f, 0.0f, 1.0f, 0.0f, 0.0f, 5.0f};
+    cpu::moe_route(l.data(), 8, p, nullptr, chosen);
+    EXPECT_EQ(chosen, (std::vector<int64_t>{7, 0, 2}));
+  }
+  // Sigmoid with a correction bias: the bias decides the choice (expert 3 over expert 0), the
+  // scores stay unbiased; groups of 2 score their two best summed.
+  {
+    std::vector<float> l = {2.0f, -3.0f, -3.0f, 1.0f};
+    const std::vector<float> bias = {0.0f, 0.0f, 0.0f, 0.5f};
+    P p;
+    p.num_experts = 4, p.top_k = 1, p.scoring = Routing::SigmoidTopK;
+    cpu::moe_route(l.data(), 4, p, bias.data(), chosen);
+    EXPECT_EQ(chosen, (std::vector<int64_t>{3}));  // 0.731 + 0.5 > 0.881
+    EXPECT_NEAR(l[3], 1.0f / (1.0f + std::exp(-1.0f)), 1e-6f);
+    // Groups {0, 1} and {2, 3}: sums 0.881 + 0.047 against 0.047 + 1.231: group 1 wins.
+    l = {2.0f, -3.0f, -3.0f, 1.0f};
+    p.groups = 2, p.topk_groups = 1, p.top_k = 2;
+    cpu::moe_route(l.data(), 4, p, bias.data(), chosen);
+    EXPECT_EQ(chosen, (std::vector<int64_t>{3, 2}));
+  }
+  // Equal scores: the lower index first (torch.topk's order, and the CUDA kernel's).
+  {
+    std::vector<float> l = {1.0f, 3.0f, 3.0f, 3.0f};
+    P p;
+    p.num_experts = 4, p.top_k = 2;
+    cpu::moe_route(l.data(), 4, p, nullptr, chosen);
+    EXPECT_EQ(chosen, (std::vector<int64_t>{1, 2}));
+  }
+}
+
+}  // namespace
+}  // namespace kiln::test
