@@ -90,6 +90,10 @@ Knobs knobs_from_json(const nlohmann::json& j, const std::string& file);
 // names, placeholders, the default activation), naming `file`.
 void check_spec(const ArchSpec& a, const std::string& file);
 
+// The activation a config or spec names (`hidden_act` spellings: silu, gelu, gelu_new,
+// gelu_pytorch_tanh, relu, swiglu_oai, ...); unknown names throw kiln::Error naming `file`.
+Activation parse_activation(const std::string& name, const std::string& file);
+
 // Reads config.json (both transformers-4 and -5 styles) into a ModelConfig for `spec`. Missing
 // required fields throw kiln::Error naming `file` and the field. `used_keys`, when given,
 // receives every top-level config key the reading consulted (for matching an unregistered

@@ -8,6 +8,7 @@
 
 #include "build/awq.h"
 #include "build/infer_family.h"
+#include "build/mla_absorb.h"
 #include "build/quantize.h"
 #include "build/quantized_checkpoint.h"
 #include "build/row_transform.h"
@@ -143,59 +144,6 @@ Tensor part_tensor(const WeightSet& ws, const std::string& hf, int64_t slice, bo
   const Shape s(t.shape.begin() + 1, t.shape.end());
   const size_t bytes = size_t(numel(s)) * dtype_size(t.dtype);
   return Tensor::view(t.dtype, s, t.storage, static_cast<char*>(t.data) + size_t(slice) * bytes);
-}
-
-// MLA's absorbed per-head matrices (Knobs::mla), made at build from kv_b_proj
-// ([heads][nope + v rows][kv_lora_rank], block-FP8 dequantized as read):
-//   w_q_absorb [heads * D, nope + rope], D = rope + kv_lora_rank: maps a head's query
-//     [nope | rope] to [rope (de-interleaved when rope_interleaved) | W_UK^T nope];
-//   w_o_absorb [heads * v, D]: maps a head's attention output [. rope | latent] to W_UV latent.
-PlannedTensor plan_absorbed(const ModelConfig& c, const std::shared_ptr<WeightSet>& wset,
-                            const std::string& hf, const std::string& block_scale,
-                            std::array<int64_t, 2> block, const std::string& name, DType dt) {
-  const int64_t heads = c.num_heads, R = c.qk_rope_head_dim, L = c.kv_lora_rank;
-  const int64_t N = c.qk_nope_head_dim, V = c.v_head_dim, D = R + L, QK = N + R;
-  const bool q = name.ends_with("w_q_absorb");
-  PlannedTensor pt;
-  pt.name = name;
-  pt.dtype = dt;
-  pt.shape = q ? Shape{heads * D, QK} : Shape{heads * V, D};
-  const bool inter = c.knobs.rope_interleaved;
-  pt.fill = [=](int64_t row0, int64_t n, void* dst) {
-    const Tensor t = wset->get(hf);
-    const Tensor sc = block_scale.empty() ? Tensor{} : wset->get(block_scale);
-    const int64_t nb = block[1] > 0 ? (L + block[1] - 1) / block[1] : 0;
-    auto at = [&](int64_t r, int64_t col) {  // kv_b_proj[r][col] as F32
-      float v = 0, s = 1;
-      to_f32(t.dtype, static_cast<const char*>(t.data) + size_t(r * L + col) * dtype_size(t.dtype),
-             &v, 1);
-      if (!block_scale.empty())
-        to_f32(sc.dtype,
-               static_cast<const char*>(sc.data) +
-                   size_t(r / block[0] * nb + col / block[1]) * dtype_size(sc.dtype),
-               &s, 1);
-      return v * s;
-    };
-    const int64_t cols = pt.shape[1];
-    std::vector<float> row(static_cast<size_t>(cols));
-    for (int64_t r = row0; r < row0 + n; ++r) {
-      std::fill(row.begin(), row.end(), 0.0f);
-      if (q) {
-        const int64_t h = r / D, j = r % D;
-        if (j < R)  // rope part: the query's own rope dims, in the graph's half-split order
-          row[size_t(N + (!inter ? j : j < R / 2 ? 2 * j : 2 * (j - R / 2) + 1))] = 1.0f;
-        else
-          for (int64_t k = 0; k < N; ++k) row[size_t(k)] = at(h * (N + V) + k, j - R);
-      } else {
-        const int64_t h = r / V, o = r % V;
-        for (int64_t t2 = 0; t2 < L; ++t2) row[size_t(R + t2)] = at(h * (N + V) + N + o, t2);
-      }
-      from_f32(dt, row.data(), static_cast<char*>(dst) + size_t((r - row0) * cols) * dtype_size(dt),
-               row.size());
-    }
-  };
-  pt.release = [wset, hf] { wset->drop_pages(hf); };
-  return pt;
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 
 #include "backends/cpu/cpu_sample.h"
 #include "backends/cuda/cuda_common.h"
+#include "backends/cuda/cuda_expert_tables.h"
 #include "backends/cuda/cuda_fp8.h"
 #include "backends/cuda/cuda_gemm.h"
 #include "backends/cuda/cuda_kernels.h"
@@ -27,24 +28,6 @@
 #include "graph/backend.h"
 
 namespace kiln {
-
-namespace cuda {
-
-void throw_error(const char* file, int line, const char* expr, const char* what) {
-  cudaGetLastError();  // reset a non-sticky error so later launch checks do not repeat it
-  const char* base = std::strrchr(file, '/');
-  throw Error(cat("CUDA error at ", base ? base + 1 : file, ":", line, ": ", expr, ": ", what));
-}
-
-bool pdl_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("KILN_CUDA_PDL");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
-  return on;
-}
-
-}  // namespace cuda
 
 namespace {
 
@@ -93,7 +76,6 @@ class CudaBackend final : public Backend {
     }
     lt_.reset();
     for (auto& [k, p] : scratch_) cudaFree(p.first);
-    for (auto& [k, t] : expert_tables_) cudaFree(t.first);
     for (cudaEvent_t e : chunk_done_) cudaEventDestroy(e);
     for (cudaEvent_t e : mark_events_) cudaEventDestroy(e);
     cudaFreeHost(pinned_);
@@ -765,32 +747,16 @@ class CudaBackend final : public Backend {
   }
 
   // Device array of the experts' weight pointers, built on first use per layer.
-  // Device arrays of the experts' tensor pointers, made once per layer (keyed by expert 0's).
+  // Device arrays of the experts' tensor pointers (cuda_expert_tables.h).
   const float* const* bias_table(const Tensor* const* ts, int64_t E) {
     return reinterpret_cast<const float* const*>(expert_table(ts, E, DType::F32));
   }
   const void* const* expert_table(const Tensor* const* ts, int64_t E) {
     return expert_table(ts, E, act_);
   }
-  // The table is rebuilt when the pointers differ from those it was made of (tensors freed and
-  // others allocated at the same address, as between tests), never during a capture (an engine
-  // calls every layer before it captures).
   const void* const* expert_table(const Tensor* const* ts, int64_t E, DType want) {
-    auto& [d, made] = expert_tables_[ts[0]->data];
-    std::vector<const void*> h(static_cast<size_t>(E));
-    for (int64_t e = 0; e < E; ++e) {
-      KILN_CHECK(ts[e]->dtype == want && ts[e]->shape == ts[0]->shape,
-                 "CUDA MoE: experts must share one shape and dtype ", dtype_name(want));
-      h[size_t(e)] = ts[e]->data;
-    }
-    if (!d || made != h) {
-      KILN_CHECK(!capturing_, "CUDA MoE: expert table made during a graph capture");
-      if (d) release(d);
-      d = alloc(h.size() * sizeof(void*));
-      to_device(d, h.data(), h.size() * sizeof(void*));
-      made = std::move(h);
-    }
-    return static_cast<const void* const*>(d);
+    flush();
+    return expert_tables_.get(ts, E, want, capturing_, stream_);
   }
 
   DType act_;
@@ -802,7 +768,7 @@ class CudaBackend final : public Backend {
   void* pinned_ = nullptr;
   cudaEvent_t chunk_done_[kChunks] = {};
   std::map<std::string, std::pair<void*, size_t>> scratch_;
-  std::map<const void*, std::pair<void*, std::vector<const void*>>> expert_tables_;
+  cuda::ExpertTables expert_tables_;
   std::unique_ptr<OpProfile> prof_;
   Pending pending_;
   bool capturing_ = false;
@@ -813,21 +779,6 @@ class CudaBackend final : public Backend {
 };
 
 }  // namespace
-
-bool cuda_available() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-
-std::string cuda_versions() {
-  int rt = 0, drv = 0;
-  cudaRuntimeGetVersion(&rt);
-  cudaDriverGetVersion(&drv);  // 0 without a driver
-  const size_t lt = cublasLtGetVersion();
-  auto v = [](int x) { return cat(x / 1000, ".", x % 1000 / 10); };
-  return cat("CUDA runtime ", v(rt), ", driver ", drv ? v(drv) : std::string("none"), ", cuBLASLt ",
-             lt / 10000, ".", lt / 100 % 100, ".", lt % 100);
-}
 
 std::unique_ptr<Backend> make_cuda_backend(DType act) {
   if (!cuda_available()) return nullptr;
