@@ -479,8 +479,36 @@ TEST_P(CudaOps, EmbedAndAddRows) {
       gpu->add_rows(pd, idd, n, out);
       expect_close(down_f32(out, size_t(n * dim)), dim, want, dim, n, dim,
                    cat("add_rows dim=", dim), 1e-6);
+      // A tensor-parallel rank's slice of the vocabulary: tokens [20, 70); the others are zeros.
+      std::vector<float> slice(size_t(n * dim));
+      cpu->embed(th, ids.data(), n, scale, slice.data(), 20);
+      for (int64_t i = 0; i < n; ++i)
+        EXPECT_EQ(slice[size_t(i * dim)] == 0.0f && slice[size_t(i * dim + 1)] == 0.0f,
+                  ids[size_t(i)] < 20)
+            << "row " << i;
+      gpu->embed(td, idd, n, scale, out, 20);
+      expect_close(down_f32(out, size_t(n * dim)), dim, slice, dim, n, dim,
+                   cat("embed first=20 dim=", dim), 1e-6);
     }
   }
+}
+
+TEST_P(CudaOps, Copy2d) {
+  // Logit slices of 3 ranks (13 columns each, the last padded) into whole rows of 37.
+  const int64_t rows = 5, slice = 13, V = 37;
+  std::vector<float> parts(size_t(3 * rows * slice));
+  for (size_t i = 0; i < parts.size(); ++i) parts[i] = float(i);
+  std::vector<float> want(size_t(rows * V), kPoison);
+  auto copy_all = [&](Backend& be, float* dst, const float* src) {
+    for (int64_t r = 0; r < 3; ++r)
+      be.copy_2d(dst + r * slice, size_t(V) * 4, src + r * rows * slice, size_t(slice) * 4,
+                 size_t(std::min(slice, V - r * slice)) * 4, size_t(rows));
+  };
+  copy_all(*cpu, want.data(), parts.data());
+  EXPECT_EQ(want[size_t(V + 13)], float(rows * slice + slice));  // row 1, rank 1's first
+  float* out = up_raw(std::vector<float>(size_t(rows * V), kPoison));
+  copy_all(*gpu, out, up_raw(parts));
+  EXPECT_EQ(down_f32(out, size_t(rows * V)), want);
 }
 
 TEST_P(CudaOps, Rope) {

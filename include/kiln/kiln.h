@@ -63,6 +63,12 @@ struct RuntimeConfig {
   // chunked-prefill budget (0: 8192 on a GPU, 2048 on the CPU; at least max_num_seqs).
   int64_t max_num_seqs = 0;
   int64_t max_num_tokens = 0;
+  // Tensor- and pipeline-parallel ranks (weights sharded at start). On the CPU the ranks are
+  // threads of this process, the emulation of a multi-GPU node; on GPUs, one process per GPU.
+  int tp = 1, pp = 1;
+  // CUDA, one rank: issue the tensor-parallel collectives through NCCL anyway (a group of one,
+  // every all-reduce and all-gather real), so one GPU checks the NCCL path.
+  bool nccl = false;
 };
 
 // How far a streaming build (or a verify) is: weight bytes and tensors done of the totals.

@@ -116,10 +116,12 @@ class Backend {
   // The residual stream (embed's out, add_rows' x, add_norm's residual, norm's x when
   // residual_in) is F32 on every backend, whatever the activation dtype: 16-bit engines do not
   // round it between layers (as llama.cpp keeps it), so rounding does not pile up over depth.
-  // out[i] = table[ids[i]] * scale; an id outside the table gives a zero row (callers validate
-  // ids; kNonFiniteLogits from a pipelined decode step must not read out of bounds).
-  virtual void embed(const Tensor& table, const int32_t* ids, int64_t n, float scale,
-                     void* out) = 0;
+  // out[i] = table[ids[i] - first] * scale; an id outside the table gives a zero row (callers
+  // validate ids; kNonFiniteLogits from a pipelined decode step must not read out of bounds).
+  // `first`: the table holds tokens [first, first + rows), one tensor-parallel rank's slice of
+  // the vocabulary (the ranks' rows then sum to the whole lookup).
+  virtual void embed(const Tensor& table, const int32_t* ids, int64_t n, float scale, void* out,
+                     int64_t first = 0) = 0;
   virtual void add_rows(const Tensor& table, const int32_t* rows, int64_t n, void* x) = 0;
   // y[n, out] = x[n, in] . w^T (+ b)
   virtual void linear(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b,
@@ -136,6 +138,10 @@ class Backend {
   virtual void head_norm(void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim,
                          const Tensor& w, NormKind kind, float eps, const Tensor* b = nullptr) = 0;
   virtual void add(void* x, const void* y, int64_t count) = 0;  // x += y
+  // rows rows of width bytes, from src (rows spitch bytes apart) to dst (dpitch apart), device
+  // memory both (cudaMemcpy2D): vocabulary slices into whole logit rows, a head range of q.
+  virtual void copy_2d(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+                       size_t rows) = 0;
   virtual void rope(void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim,
                     int64_t rot_dim, const float* cos, const float* sin) = 0;
   virtual void kv_write(const KVLayerView& kv, const void* k, const void* v, int64_t ld,
@@ -182,6 +188,10 @@ class Backend {
   // most 16 markers may be outstanding.
   virtual uint64_t mark() { return 0; }
   virtual void wait(uint64_t marker) {}
+  // The native stream that work issued so far is ordered on (cudaStream_t; nullptr on the CPU,
+  // where every op has finished when it returns), with any deferred op issued first: where
+  // collectives (NCCL) go so that they follow the ops before them.
+  virtual void* stream() { return nullptr; }
   // Makes many host weights resident at once (default: upload() each). Device backends may
   // allocate once and overlap reading the mapped file with the copies (engine load time).
   virtual std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host) {

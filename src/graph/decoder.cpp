@@ -28,9 +28,12 @@ const Tensor* DeviceWeights::find(const std::string& name) const {
 }
 
 Decoder::Decoder(Backend& be, const ModelConfig& c, const DeviceWeights& w, KVCache& cache,
-                 int64_t max_seq_len)
+                 int64_t max_seq_len, const Parallel& par)
     : be_(be),
       c_(c),
+      par_(par),
+      first_layer_(stage_layers(c, par.shard).first),
+      last_layer_(stage_layers(c, par.shard).second),
       w_(w),
       cache_(cache),
       max_seq_len_(max_seq_len),
@@ -122,6 +125,7 @@ void Decoder::build_attn_mla(int64_t l, int64_t n) {
   be_.head_linear(att, n, heads * D, heads, w_.at(p + "w_o_absorb"), oh, heads * V);
   void* o = buf("o", size_t(n * H) * a);
   be_.linear(oh, n, heads * V, w_.at(p + "wo"), w_.find(p + "bo"), o, H);
+  all_reduce(o, n * H, be_.act_dtype());
   if (c_.knobs.post_attn_norm) build_norm(p + "post_attn_norm", o, n, o);
 }
 
@@ -135,7 +139,14 @@ void Decoder::build_attn(int64_t l, int64_t n) {
   be_.linear(h, n, c_.hidden_size, w_.at(p + "wqkv"), w_.find(p + "bqkv"), qkv, ld);
   void* k = at(qkv, qd);
   void* v = at(qkv, qd + kvd);
-  if (c_.knobs.qk_norm) {
+  if (c_.knobs.qk_norm && c_.knobs.qk_norm_full && par_.tp) {
+    // Over all heads at once, and the heads are spread over the ranks: the norms are whole
+    // (the model's KV heads: k_norm's width over head_dim; fewer than ranks are replicated).
+    const Tensor& kn = w_.at(p + "k_norm");
+    const int64_t kv_all = kn.numel() / hd, tp = par_.shard.tp;
+    gather_norm(qkv, n, ld, qd, 1, w_.at(p + "q_norm"), w_.find(p + "q_norm.bias"));
+    gather_norm(k, n, ld, kvd, kv_all < tp ? int(tp / kv_all) : 1, kn, w_.find(p + "k_norm.bias"));
+  } else if (c_.knobs.qk_norm) {
     // Per head, or (qk_norm_full) over all heads at once: one "head" of the whole width.
     const bool full = c_.knobs.qk_norm_full;
     be_.head_norm(qkv, n, ld, full ? 1 : c_.num_heads, full ? qd : hd, w_.at(p + "q_norm"),
@@ -159,6 +170,7 @@ void Decoder::build_attn(int64_t l, int64_t n) {
   be_.attention(qkv, ld, n, d_pos_, kv, ap, att, qd);
   void* o = buf("o", size_t(n * c_.hidden_size) * a);
   be_.linear(att, n, qd, w_.at(p + "wo"), w_.find(p + "bo"), o, c_.hidden_size);
+  all_reduce(o, n * c_.hidden_size, be_.act_dtype());
   if (c_.knobs.post_attn_norm) build_norm(p + "post_attn_norm", o, n, o);
 }
 
@@ -176,6 +188,7 @@ void Decoder::build_ffn(int64_t l, int64_t n, const void* h, void* f) {
     be_.act(act, n * I, c_.act);
   }
   be_.linear(act, n, I, w_.at(p + "w_down"), w_.find(p + "b_down"), f, H);
+  all_reduce(f, n * H, be_.act_dtype());
 }
 
 void Decoder::build_moe_ffn(int64_t l, int64_t n, const void* h, void* f) {
@@ -205,6 +218,49 @@ void Decoder::build_moe_ffn(int64_t l, int64_t n, const void* h, void* f) {
   mp.scoring = c_.knobs.routing, mp.groups = c_.moe_groups, mp.topk_groups = c_.moe_topk_groups;
   mp.scaling = float(c_.routed_scaling), mp.shared_gated = c_.knobs.shared_expert_gated;
   be_.moe_ffn(h, n, c_.hidden_size, mw, mp, c_.act, f);
+  all_reduce(f, n * c_.hidden_size, be_.act_dtype());
+}
+
+const float* Decoder::logits_out() {
+  // A stage before the last has no logits: its output went on to the next stage.
+  return par_.shard.last_stage() ? static_cast<const float*>(bufs_["logits"].first) : nullptr;
+}
+
+void Decoder::all_reduce(void* x, int64_t count, DType t) {
+  if (par_.tp) par_.tp->all_reduce_sum(x, count, t);
+}
+
+void Decoder::gather_norm(void* x, int64_t n, int64_t ld, int64_t local_w, int reps,
+                          const Tensor& w, const Tensor* b) {
+  const int tp = par_.tp->size(), r = par_.tp->rank();
+  const int64_t full_w = w.numel();
+  KILN_CHECK(full_w * reps == local_w * tp, "qk_norm over ", full_w, " features, ", tp,
+             " ranks of ", local_w);
+  const size_t a = dtype_size(be_.act_dtype()), row = size_t(local_w) * a;
+  void* part = buf("tp_part", size_t(n) * row);
+  be_.copy_2d(part, row, x, size_t(ld) * a, row, size_t(n));
+  void* all = buf("tp_all", size_t(tp * n) * row);
+  par_.tp->all_gather(part, all, size_t(n) * row);
+  void* whole = buf("tp_whole", size_t(n * full_w) * a);
+  for (int64_t j = 0; j * local_w < full_w; ++j)  // slice j: the first of the ranks holding it
+    be_.copy_2d(at(whole, j * local_w), size_t(full_w) * a, at(all, j * reps * n * local_w), row,
+                row, size_t(n));
+  be_.head_norm(whole, n, full_w, 1, full_w, w, c_.knobs.norm, float(c_.norm_eps), b);
+  be_.copy_2d(x, size_t(ld) * a, at(whole, (r / reps) * local_w), size_t(full_w) * a, row,
+              size_t(n));
+}
+
+void Decoder::gather_logits(const float* part, int64_t rows, float* out) {
+  const int tp = par_.tp->size();
+  const int64_t V = c_.vocab_size, Vs = vocab_slice(V, tp);
+  auto* all = static_cast<float*>(buf("logits_all", size_t(tp * rows * Vs) * 4));
+  par_.tp->all_gather(part, all, size_t(rows * Vs) * 4);
+  for (int64_t r = 0; r < tp; ++r) {
+    const int64_t width = std::min(Vs, V - r * Vs);  // the last slice's padding stays behind
+    if (width > 0)
+      be_.copy_2d(out + r * Vs, size_t(V) * 4, all + r * rows * Vs, size_t(Vs) * 4,
+                  size_t(width) * 4, size_t(rows));
+  }
 }
 
 void Decoder::add_in_norm(void* residual, const void* delta, int64_t n, const std::string& name,
@@ -223,20 +279,30 @@ void Decoder::build_forward(const int32_t* d_tok, int64_t n, int64_t first, int6
   const size_t a = dtype_size(be_.act_dtype());
   void* x = buf("x", size_t(n * H) * 4);  // the residual stream: F32 on every backend
   void* h = buf("h", size_t(n * H) * a);
-  const float escale =
-      float((c_.knobs.embed_scale_sqrt_hidden ? std::sqrt(double(H)) : 1.0) * c_.embed_multiplier);
-  be_.embed(w_.at("embed"), d_tok, n, escale, x);
-  if (c_.knobs.learned_positions) be_.add_rows(w_.at("pos_embed"), d_pos_, n, x);
+  const Shard& sh = par_.shard;
+  if (sh.first_stage()) {
+    const float escale = float((c_.knobs.embed_scale_sqrt_hidden ? std::sqrt(double(H)) : 1.0) *
+                               c_.embed_multiplier);
+    // Tensor parallel: each rank looks up its slice of the vocabulary (zeros elsewhere).
+    be_.embed(w_.at("embed"), d_tok, n, escale, x,
+              par_.tp ? sh.tp_rank * vocab_slice(V, sh.tp) : 0);
+    all_reduce(x, n * H, DType::F32);
+    if (c_.knobs.learned_positions) be_.add_rows(w_.at("pos_embed"), d_pos_, n, x);
+  } else {
+    par_.pp->recv(x, size_t(n * H) * 4, sh.pp_rank - 1);
+  }
   if (c_.knobs.pre_norm)
-    build_norm("layers.0.attn_norm", x, n, h, true);
+    build_norm("layers." + std::to_string(first_layer_) + ".attn_norm", x, n, h, true);
   else  // h = x in the activation dtype
     be_.norm(x, n, H, H, w_.at("final_norm"), nullptr, NormKind::None, float(c_.norm_eps), h, H,
              true);
-  for (int64_t l = 0; l < c_.num_layers; ++l) {
+  for (int64_t l = first_layer_; l < last_layer_; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
+    // The last layer of a stage before the last hands the residual on unnormed.
     const std::string next = l + 1 == c_.num_layers ? "final_norm"
-                             : c_.knobs.pre_norm ? "layers." + std::to_string(l + 1) + ".attn_norm"
-                                                 : "";
+                             : c_.knobs.pre_norm && l + 1 < last_layer_
+                                 ? "layers." + std::to_string(l + 1) + ".attn_norm"
+                                 : "";
     const bool moe = c_.layers[size_t(l)].moe;
     if (c_.knobs.parallel_block) {
       // x += attn(norm(x)) + ffn(norm'(x)); norm' is the same norm under shared_block_norm.
@@ -267,6 +333,10 @@ void Decoder::build_forward(const int32_t* d_tok, int64_t n, int64_t first, int6
     if (c_.knobs.post_ffn_norm) build_norm(p + "post_ffn_norm", f, n, f);
     add_in_norm(x, f, n, next, h);
   }
+  if (!sh.last_stage()) {
+    par_.pp->send(x, size_t(n * H) * 4, sh.pp_rank + 1);
+    return;
+  }
   // The LM head reads the final norm of the F32 residual in F32 (not the rounded h): for 16-bit
   // engines that is one rounding less right where it moves logits most.
   auto* hf = static_cast<float*>(buf("h_f32", size_t(rows * H) * 4));
@@ -280,8 +350,15 @@ void Decoder::build_forward(const int32_t* d_tok, int64_t n, int64_t first, int6
   be_.norm(xr, rows, H, H, w_.at("final_norm"), w_.find("final_norm.bias"), c_.knobs.norm,
            float(c_.norm_eps), hf, H, true, true);
   auto* logits = static_cast<float*>(buf("logits", size_t(rows * V) * 4));
-  be_.logits(hf, rows, H, c_.tie_word_embeddings ? w_.at("embed") : w_.at("lm_head"),
-             w_.find("lm_head.bias"), float(c_.final_softcap), logits, true);
+  const Tensor& head = c_.tie_word_embeddings ? w_.at("embed") : w_.at("lm_head");
+  if (!par_.tp) {
+    be_.logits(hf, rows, H, head, w_.find("lm_head.bias"), float(c_.final_softcap), logits, true);
+    return;
+  }
+  // Tensor parallel: each rank's vocabulary slice, then whole rows.
+  auto* part = static_cast<float*>(buf("logits_part", size_t(rows * head.shape[0]) * 4));
+  be_.logits(hf, rows, H, head, w_.find("lm_head.bias"), float(c_.final_softcap), part, true);
+  gather_logits(part, rows, logits);
 }
 
 namespace {
@@ -425,7 +502,7 @@ const float* Decoder::forward(const Batch& b, bool tokens_on_device) {
       stage_inputs(padded, Bp, Bp);
       be_.replay(*g->second.g);
       ++replays_;
-      return static_cast<const float*>(bufs_["logits"].first);
+      return logits_out();
     }
     if (g != graphs_by_batch_.end()) ++stale_;  // a buffer moved since capture: run eagerly
   }
@@ -450,7 +527,7 @@ const float* Decoder::forward(const Batch& b, bool tokens_on_device) {
   } else {
     build_forward(d_tok, n, run ? b.logit_rows.front() : 0, R, run ? nullptr : d_logit_rows_);
   }
-  return static_cast<const float*>(bufs_["logits"].first);
+  return logits_out();
 }
 
 void Decoder::prepare(int64_t max_tokens, int64_t max_seqs, int64_t max_logit_rows) {

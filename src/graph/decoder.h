@@ -10,9 +10,36 @@
 #include "arch/model_config.h"
 #include "graph/backend.h"
 #include "graph/batch.h"
+#include "graph/comm.h"
+#include "graph/shard.h"
 #include "runtime/kv_cache.h"
 
 namespace kiln {
+
+// Runs forward steps over mixed batches: one Decoder, or a model sharded over several ranks
+// (runtime/parallel.h). The engine and the scheduler drive either through this.
+class Executor {
+ public:
+  virtual ~Executor() = default;
+  // See Decoder::forward: F32 logits [b.logit_rows.size(), vocab] in the driving backend's
+  // memory, valid until the next call.
+  virtual const float* forward(const Batch& b, bool tokens_on_device = false) = 0;
+  virtual void prepare(int64_t max_tokens, int64_t max_seqs, int64_t max_logit_rows) = 0;
+  virtual int32_t* token_buffer() = 0;
+  virtual void set_graphs(bool on) = 0;
+  virtual bool graphs() const = 0;
+  virtual int64_t graphs_captured() const = 0;
+};
+
+// One rank's place in a tensor- / pipeline-parallel model. The Decoder of such a rank is given
+// rank_config(c, shard) and the weights shard_weights() made for it; it all-reduces the partial
+// sums of row-parallel products (attention output, FFN), gathers the vocabulary slices of the
+// logits and passes the residual stream between stages. Comms are null for a whole model.
+struct Parallel {
+  Shard shard;
+  Comm* tp = nullptr;  // this stage's ranks (size shard.tp): collectives run even when 1 rank
+  Comm* pp = nullptr;  // the stages of this tp_rank (size shard.pp, rank pp_rank)
+};
 
 // Engine weights resident on a backend, looked up by canonical name.
 class DeviceWeights {
@@ -27,11 +54,13 @@ class DeviceWeights {
   std::map<std::string, Tensor> t_;
 };
 
-class Decoder {
+class Decoder final : public Executor {
  public:
   // `cache` holds every sequence's K/V; its block 0 is reserved as the target of padding rows.
+  // `par`: this rank's shard (c is then the rank's config, w its weights); a stage that is not
+  // the last returns nullptr from forward (its output went to the next stage).
   Decoder(Backend& be, const ModelConfig& c, const DeviceWeights& w, KVCache& cache,
-          int64_t max_seq_len);
+          int64_t max_seq_len, const Parallel& par = {});
   ~Decoder();
   Decoder(const Decoder&) = delete;
   Decoder& operator=(const Decoder&) = delete;
@@ -44,25 +73,25 @@ class Decoder {
   // from its CUDA graph when graphs are on. tokens_on_device: a decode-only batch whose tokens
   // are already in token_buffer() in row order (sampled there by the previous step), so the step
   // can be queued before they are read back; b.tokens is then ignored.
-  const float* forward(const Batch& b, bool tokens_on_device = false);
+  const float* forward(const Batch& b, bool tokens_on_device = false) override;
 
   // Sizes every buffer for steps of up to max_tokens rows and max_seqs sequences, then (graphs
   // on) captures the decode graphs of batch sizes 1, 2, 4, ... up to max_seqs, so no buffer
   // grows and nothing is captured while serving. Uses block 0 only.
   // max_logit_rows: the most rows whose logits one step may ask for (>= max_seqs).
-  void prepare(int64_t max_tokens, int64_t max_seqs, int64_t max_logit_rows);
+  void prepare(int64_t max_tokens, int64_t max_seqs, int64_t max_logit_rows) override;
   int64_t max_graph_batch() const { return graph_sizes_.empty() ? 0 : graph_sizes_.back(); }
   int64_t graph_replays() const { return replays_; }
   int64_t graph_stale() const { return stale_; }
 
   // Device buffer a decode step reads its tokens from ([padded batch] int32): where the
   // sampler of the previous step writes, for forward(b, true).
-  int32_t* token_buffer() { return static_cast<int32_t*>(buf("decode_tok", 4)); }
+  int32_t* token_buffer() override { return static_cast<int32_t*>(buf("decode_tok", 4)); }
 
   // Graphs on (default when the backend has them) or off (every step issued eagerly).
-  void set_graphs(bool on) { graphs_ = on && be_.graphs(); }
-  bool graphs() const { return graphs_; }
-  int64_t graphs_captured() const { return captures_; }
+  void set_graphs(bool on) override { graphs_ = on && be_.graphs(); }
+  bool graphs() const override { return graphs_; }
+  int64_t graphs_captured() const override { return captures_; }
 
  private:
   struct Graph {
@@ -76,6 +105,16 @@ class Decoder {
   void build_ffn(int64_t l, int64_t n, const void* in, void* out);
   void build_moe_ffn(int64_t l, int64_t n, const void* in, void* out);
   void build_attn_mla(int64_t l, int64_t n);
+  // Tensor parallel: sums a row-parallel product's partial outputs over the stage's ranks.
+  void all_reduce(void* x, int64_t count, DType t);
+  // Tensor parallel, norms over a whole projection (Knobs::qk_norm_full): gathers the ranks'
+  // slices (local_w of each row, rows ld apart; `reps` ranks hold each slice), norms the whole
+  // width and keeps this rank's slice.
+  void gather_norm(void* x, int64_t n, int64_t ld, int64_t local_w, int reps, const Tensor& w,
+                   const Tensor* b);
+  // Tensor parallel: the vocabulary slices of every rank's logits into whole rows.
+  void gather_logits(const float* part, int64_t rows, float* out);
+  const float* logits_out();
   KVLayerView cache_view(int64_t l, int64_t kv_dim, int64_t head_dim) const;
   // residual += delta; y = the norm `name` of the residual ("": none, y = residual in the
   // activation dtype, for models without pre-norms, Knobs::pre_norm).
@@ -92,6 +131,8 @@ class Decoder {
 
   Backend& be_;
   const ModelConfig& c_;
+  Parallel par_;
+  int64_t first_layer_, last_layer_;
   const DeviceWeights& w_;
   KVCache& cache_;
   int64_t max_seq_len_, bt_stride_;

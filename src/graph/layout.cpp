@@ -6,6 +6,18 @@ namespace kiln {
 
 namespace {
 
+using Axis = TpSplit::Axis;
+TpSplit rows(std::vector<TpSplit::Part> parts) {
+  return {Axis::Rows, std::move(parts)};
+}
+TpSplit cols(std::vector<TpSplit::Part> parts) {
+  return {Axis::Cols, std::move(parts)};
+}
+TpSplit vocab(int64_t V) {
+  return {Axis::Rows, {{V, 1}}, true};
+}
+const TpSplit kRank0{Axis::None, {}, false, true};
+
 // FFN sub-block tensors with inner size I under `prefix` (dense MLP, one expert, shared expert).
 // `expert`: the matrices belong to a routed expert (gathered by the MoE op).
 void ffn_specs(const ModelConfig& c, const std::string& p, int64_t I, bool expert,
@@ -14,11 +26,13 @@ void ffn_specs(const ModelConfig& c, const std::string& p, int64_t I, bool exper
   const bool g = c.knobs.gated_mlp;
   const WeightRole col = expert ? WeightRole::Expert : WeightRole::ColumnLinear;
   const WeightRole row = expert ? WeightRole::Expert : WeightRole::RowLinear;
-  r.push_back({p + (g ? "w_gate_up" : "w_up"), {g ? 2 * I : I, H}, col});
+  // Tensor parallel: each rank takes a slice of the inner features (of gate and of up).
+  const TpSplit inner = g ? rows({{I, 1}, {I, 1}}) : rows({{I, 1}});
+  r.push_back({p + (g ? "w_gate_up" : "w_up"), {g ? 2 * I : I, H}, col, {}, inner});
   if (c.knobs.mlp_bias)
-    r.push_back({p + (g ? "b_gate_up" : "b_up"), {g ? 2 * I : I}, WeightRole::Vector});
-  r.push_back({p + "w_down", {H, I}, row});
-  if (c.knobs.mlp_bias) r.push_back({p + "b_down", {H}, WeightRole::Vector});
+    r.push_back({p + (g ? "b_gate_up" : "b_up"), {g ? 2 * I : I}, WeightRole::Vector, {}, inner});
+  r.push_back({p + "w_down", {H, I}, row, {}, cols({{I, 1}})});
+  if (c.knobs.mlp_bias) r.push_back({p + "b_down", {H}, WeightRole::Vector, {}, kRank0});
 }
 
 void norm_specs(const ModelConfig& c, const std::string& name, std::vector<WeightSpec>& r) {
@@ -43,7 +57,7 @@ std::vector<WeightSpec> plain_layout(const ModelConfig& c) {
   const int64_t qkv = c.q_dim() + 2 * c.kv_dim();
   std::vector<WeightSpec> r;
   using R = WeightRole;
-  r.push_back({"embed", {V, H}, R::Embedding});
+  r.push_back({"embed", {V, H}, R::Embedding, {}, vocab(V)});
   if (c.knobs.learned_positions)
     r.push_back({"pos_embed", {c.max_position_embeddings, H}, R::Embedding});
   for (int64_t l = 0; l < c.num_layers; ++l) {
@@ -57,29 +71,47 @@ std::vector<WeightSpec> plain_layout(const ModelConfig& c) {
         if (c.knobs.qkv_bias) r.push_back({p + "bq_a", {c.q_lora_rank}, R::Vector});
         r.push_back({p + "q_a_norm", {c.q_lora_rank}, R::Vector});
       }
-      r.push_back(
-          {p + "wq_b", {heads * QK, c.q_lora_rank > 0 ? c.q_lora_rank : H}, R::ColumnLinear});
-      r.push_back({p + "w_q_absorb", {heads * D, QK}, R::HeadLinear});
+      // Tensor parallel: heads split; the q and kv latents (one KV head) are replicated.
+      const int64_t Vh = c.v_head_dim;
+      r.push_back({p + "wq_b",
+                   {heads * QK, c.q_lora_rank > 0 ? c.q_lora_rank : H},
+                   R::ColumnLinear,
+                   {},
+                   rows({{heads, QK}})});
+      r.push_back({p + "w_q_absorb", {heads * D, QK}, R::HeadLinear, {}, rows({{heads, D}})});
       r.push_back({p + "wkv_a", {D, H}, R::ColumnLinear});
       if (c.knobs.qkv_bias) r.push_back({p + "bkv_a", {D}, R::Vector});
       r.push_back({p + "kv_a_norm", {c.kv_lora_rank}, R::Vector});
-      r.push_back({p + "w_o_absorb", {heads * c.v_head_dim, D}, R::HeadLinear});
-      r.push_back({p + "wo", {H, heads * c.v_head_dim}, R::RowLinear});
-      if (c.knobs.o_bias) r.push_back({p + "bo", {H}, R::Vector});
+      r.push_back({p + "w_o_absorb", {heads * Vh, D}, R::HeadLinear, {}, rows({{heads, Vh}})});
+      r.push_back({p + "wo", {H, heads * Vh}, R::RowLinear, {}, cols({{heads, Vh}})});
+      if (c.knobs.o_bias) r.push_back({p + "bo", {H}, R::Vector, {}, kRank0});
     } else {
-      r.push_back({p + "wqkv", {qkv, H}, R::ColumnLinear});
-      if (c.knobs.qkv_bias) r.push_back({p + "bqkv", {qkv}, R::Vector});
+      // Tensor parallel: query heads split, KV heads split or replicated.
+      const int64_t nh = c.num_heads, kv = c.num_kv_heads;
+      const TpSplit heads = rows({{nh, hd}, {kv, hd}, {kv, hd}});
+      r.push_back({p + "wqkv", {qkv, H}, R::ColumnLinear, {}, heads});
+      if (c.knobs.qkv_bias) r.push_back({p + "bqkv", {qkv}, R::Vector, {}, heads});
       if (c.knobs.qk_norm) {
         const bool wide = c.knobs.qk_norm_full || c.knobs.qk_norm_per_head;
+        // Norms over the whole projection (qk_norm_full) stay whole: the decoder gathers q, k.
+        const bool per_head = c.knobs.qk_norm_per_head;
         for (const char* b : {"", ".bias"}) {
           if (*b && !c.knobs.norm_bias) continue;
-          r.push_back({p + "q_norm" + b, {wide ? c.q_dim() : hd}, R::Vector});
-          r.push_back({p + "k_norm" + b, {wide ? c.kv_dim() : hd}, R::Vector});
+          r.push_back({p + "q_norm" + b,
+                       {wide ? c.q_dim() : hd},
+                       R::Vector,
+                       {},
+                       per_head ? rows({{nh, hd}}) : TpSplit{}});
+          r.push_back({p + "k_norm" + b,
+                       {wide ? c.kv_dim() : hd},
+                       R::Vector,
+                       {},
+                       per_head ? rows({{kv, hd}}) : TpSplit{}});
         }
       }
-      if (c.knobs.attn_sinks) r.push_back({p + "sinks", {c.num_heads}, R::Vector});
-      r.push_back({p + "wo", {H, c.q_dim()}, R::RowLinear});
-      if (c.knobs.o_bias) r.push_back({p + "bo", {H}, R::Vector});
+      if (c.knobs.attn_sinks) r.push_back({p + "sinks", {nh}, R::Vector, {}, rows({{nh, 1}})});
+      r.push_back({p + "wo", {H, c.q_dim()}, R::RowLinear, {}, cols({{nh, hd}})});
+      if (c.knobs.o_bias) r.push_back({p + "bo", {H}, R::Vector, {}, kRank0});
     }
     if (c.knobs.post_attn_norm) norm_specs(c, p + "post_attn_norm", r);
     if (has_ffn_norm(c)) norm_specs(c, p + "ffn_norm", r);
@@ -101,8 +133,8 @@ std::vector<WeightSpec> plain_layout(const ModelConfig& c) {
     if (c.knobs.post_ffn_norm) norm_specs(c, p + "post_ffn_norm", r);
   }
   norm_specs(c, "final_norm", r);
-  if (!c.tie_word_embeddings) r.push_back({"lm_head", {V, H}, R::LmHead});
-  if (c.knobs.lm_head_bias) r.push_back({"lm_head.bias", {V}, R::Vector});
+  if (!c.tie_word_embeddings) r.push_back({"lm_head", {V, H}, R::LmHead, {}, vocab(V)});
+  if (c.knobs.lm_head_bias) r.push_back({"lm_head.bias", {V}, R::Vector, {}, vocab(V)});
   return r;
 }
 
@@ -122,9 +154,12 @@ std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q, int64
     // FP8 tensor-core products take inputs in multiples of 16 (16-byte rows).
     KILN_CHECK(q != WeightQuant::Fp8 || cols % 16 == 0, "--quant fp8: ", s.name, " has ", cols,
                " input features, not a multiple of 16");
+    // Scale and zero slots split with their weight's rows; by input features only where they
+    // have groups (int4), a per-channel scale staying whole.
+    const TpSplit by_rows = s.split.axis == TpSplit::Axis::Rows ? s.split : TpSplit{};
     if (q == WeightQuant::Int8 || q == WeightQuant::Fp8) {  // one scale per output channel
       r.push_back(s);
-      r.push_back({s.name + ".scale", {rows}, WeightRole::Scale});
+      r.push_back({s.name + ".scale", {rows}, WeightRole::Scale, {}, by_rows});
       continue;
     }
     const int64_t g = group > 0 ? group : int4_group(cols);
@@ -133,8 +168,8 @@ std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q, int64
                group > 0 ? " (the checkpoint's group size)" : " (the smallest int4 group)");
     s.shape = {rows, cols / 2};
     r.push_back(s);
-    r.push_back({s.name + ".scale", {rows, cols / g}, WeightRole::Scale});
-    r.push_back({s.name + ".zero", {rows, cols / g}, WeightRole::Zero});
+    r.push_back({s.name + ".scale", {rows, cols / g}, WeightRole::Scale, {}, s.split});
+    r.push_back({s.name + ".zero", {rows, cols / g}, WeightRole::Zero, {}, s.split});
     if (act_order) r.push_back({s.name + ".perm", {cols}, WeightRole::Perm});
   }
   return r;

@@ -26,11 +26,29 @@ enum class WeightRole : uint8_t {
   Perm,          // act-order input order of the int4 weight named before ".perm" (I32)
 };
 
+// How a weight divides under tensor parallelism (graph/shard.h): along its rows (output
+// features, or a table's entries) or its columns (input features), as consecutive parts that
+// each split by whole units. wqkv's rows are three parts: q in heads of head_dim, then k and v
+// in KV heads. A part of fewer units than ranks is replicated, rank r taking unit
+// r * units / tp (the KV head of its query heads under GQA). The layout says it where it
+// declares the weight, beside its role, so sharding reads no names.
+struct TpSplit {
+  enum class Axis : uint8_t { None, Rows, Cols };
+  struct Part {
+    int64_t units, unit;
+  };
+  Axis axis = Axis::None;
+  std::vector<Part> parts;
+  bool pad = false;    // the vocabulary: ceil(units / tp) a rank, the last padded with zeros
+  bool rank0 = false;  // a bias added after a partial sum: rank 0 holds it, the others zeros
+};
+
 struct WeightSpec {
   std::string name;
   Shape shape;
   WeightRole role;
   WeightQuant quant = WeightQuant::None;  // how this weight is stored (None: engine dtype / F32)
+  TpSplit split = {};                     // None: every rank holds all of it
   bool matrix() const {
     return role != WeightRole::Vector && role != WeightRole::Scale && role != WeightRole::Zero &&
            role != WeightRole::Perm;

@@ -18,6 +18,7 @@
 #include "io/json.h"
 #include "kiln/kiln.h"
 #include "runtime/engine_impl.h"
+#include "runtime/parallel.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kiln {
@@ -95,6 +96,11 @@ void Engine::start(const RuntimeConfig& rc) {
              weight_quant_name(m.quant),
              " weights with f32 activations, which only the CPU computes; build it with --dtype "
              "bf16 or f16 to run it on a GPU");
+  const bool sharded = rc.tp * rc.pp > 1;
+  check_shardable(m.config, rc.tp, rc.pp);
+  KILN_CHECK(!sharded || rc.device == "cpu",
+             "--tp / --pp: ranks run as threads on the CPU (--device cpu); one process per GPU "
+             "is not built yet");
   if (rc.device == "cuda" || (rc.device == "auto" && !cpu_only && cuda_available())) {
     m.backend = make_cuda_backend(m.dtype);
     if (!m.backend) {
@@ -107,10 +113,12 @@ void Engine::start(const RuntimeConfig& rc) {
   } else {
     throw Error(cat("unknown device '", rc.device, "' (expected auto, cpu or cuda)"));
   }
-  std::vector<const Tensor*> host;
-  host.reserve(m.weights.size());
-  for (const auto& [n, t] : m.weights) host.push_back(&t);
-  m.dweights = std::make_unique<DeviceWeights>(m.weights, m.backend->upload_all(host));
+  if (!sharded) {
+    std::vector<const Tensor*> host;
+    host.reserve(m.weights.size());
+    for (const auto& [n, t] : m.weights) host.push_back(&t);
+    m.dweights = std::make_unique<DeviceWeights>(m.weights, m.backend->upload_all(host));
+  }
 
   // The KV cache: blocks of 16 tokens, block 0 reserved for padding rows.
   constexpr int64_t bs = 16;
@@ -152,7 +160,15 @@ void Engine::start(const RuntimeConfig& rc) {
         by_tokens ? "--kv-cache-tokens" : "--kv-cache-fraction",
         " or rebuild with a smaller --max-seq-len"));
   }
-  m.cache = std::make_unique<KVCache>(*m.backend, m.config, blocks, bs, m.kv_fp8);
+  std::unique_ptr<ThreadRanks> ranks;
+  if (sharded) {
+    ranks = std::make_unique<ThreadRanks>(m.config, m.weights, m.quant, m.quant_group, m.act_order,
+                                          rc.tp, rc.pp, blocks, bs, m.kv_fp8, m.max_seq_len);
+    m.cache = &ranks->cache();
+  } else {
+    m.own_cache = std::make_unique<KVCache>(*m.backend, m.config, blocks, bs, m.kv_fp8);
+    m.cache = m.own_cache.get();
+  }
   ri.kv_cache_tokens = m.cache->capacity_tokens();
   ri.kv_cache_bytes = int64_t(size_t(blocks) * block);
   const bool gpu = total > 0;
@@ -167,7 +183,21 @@ void Engine::start(const RuntimeConfig& rc) {
              "--max-num-tokens must be between --max-num-seqs (", m.max_num_seqs,
              ") and 1048576 (got ", m.max_num_tokens, ")");
   m.max_logit_rows = std::min(m.max_num_tokens, std::max<int64_t>(m.max_num_seqs, 512));
-  m.decoder = std::make_unique<Decoder>(*m.backend, m.config, *m.dweights, *m.cache, m.max_seq_len);
+  if (sharded) {
+    ri.device = cat(ri.device, ", ", rc.tp * rc.pp, " ranks (tp ", rc.tp, ", pp ", rc.pp, ")");
+    m.decoder = std::move(ranks);
+  } else {
+    Parallel par;
+    if (rc.nccl) {
+      KILN_CHECK(m.backend->device() == Device::CUDA,
+                 "--nccl runs collectives on a GPU; the device is ", m.backend->name());
+      m.tp_comm = make_nccl_comm(*m.backend, nccl_unique_id(), 0, 1);
+      par.tp = m.tp_comm.get();
+      ri.device = cat(ri.device, ", collectives through NCCL");
+    }
+    m.decoder =
+        std::make_unique<Decoder>(*m.backend, m.config, *m.dweights, *m.cache, m.max_seq_len, par);
+  }
   const char* g = std::getenv("KILN_CUDA_GRAPHS");
   m.decoder->set_graphs(rc.cuda_graphs && !(g && std::string(g) == "0"));
   m.decoder->prepare(m.max_num_tokens, m.max_num_seqs, m.max_logit_rows);

@@ -53,9 +53,14 @@ struct Engine::Impl {
   // Runtime, created by start(); destroyed in reverse order (the decoder's buffers and the
   // cache before the backend).
   std::unique_ptr<Backend> backend;
+  std::unique_ptr<Comm> tp_comm;  // RuntimeConfig::nccl: a group of one over `backend`
   std::unique_ptr<DeviceWeights> dweights;
-  std::unique_ptr<KVCache> cache;
-  std::unique_ptr<Decoder> decoder;
+  std::unique_ptr<KVCache> own_cache;
+  // The executor: one Decoder over `backend`, or (--tp / --pp) ranks that own their backends,
+  // weights and caches (runtime/parallel.h). `cache` is where blocks are taken from: own_cache,
+  // or rank 0's.
+  std::unique_ptr<Executor> decoder;
+  KVCache* cache = nullptr;
   RuntimeInfo rinfo;
   int64_t max_num_seqs = 0, max_num_tokens = 0, max_logit_rows = 0;
   // Pinned host buffers for two steps' sampled ids, and the device copy of a step's sampling

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "arch/model_config.h"
@@ -15,8 +16,10 @@ namespace kiln {
 
 class KVCache {
  public:
+  // `layers`: the pipeline stage's layers [first, last) that get pools (last < 0: all); the
+  // others' pools are null.
   KVCache(Backend& be, const ModelConfig& c, int64_t num_blocks, int64_t block_size = 16,
-          bool fp8 = false);
+          bool fp8 = false, std::pair<int64_t, int64_t> layers = {0, -1});
   ~KVCache();
   KVCache(const KVCache&) = delete;
   KVCache& operator=(const KVCache&) = delete;
@@ -26,7 +29,9 @@ class KVCache {
   int64_t free_blocks() const { return int64_t(free_.size()); }
   int64_t capacity_tokens() const { return (num_blocks_ - 1) * block_size_; }
   // Bytes of one block across all layers, K and V (and their scales with fp8).
-  static size_t block_bytes(const ModelConfig& c, int64_t block_size, DType act, bool fp8 = false);
+  // num_layers < 0: all of c's.
+  static size_t block_bytes(const ModelConfig& c, int64_t block_size, DType act, bool fp8 = false,
+                            int64_t num_layers = -1);
   void* k_pool(int64_t layer) const { return k_[size_t(layer)]; }
   // MLA (Knobs::mla): one pool per layer, the latent rows, which V reads too.
   void* v_pool(int64_t layer) const { return (shared_ ? k_ : v_)[size_t(layer)]; }

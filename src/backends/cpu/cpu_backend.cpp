@@ -60,8 +60,9 @@ class CpuBackend final : public Backend {
   void to_host(void* dst, const void* src, size_t n) override { std::memcpy(dst, src, n); }
   Tensor upload(const Tensor& host) override { return host; }
 
-  void embed(const Tensor& t, const int32_t* ids, int64_t n, float scale, void* out) override {
-    cpu::embed(t.data, t.dtype, t.shape[0], t.shape[1], ids, n, scale, F(out));
+  void embed(const Tensor& t, const int32_t* ids, int64_t n, float scale, void* out,
+             int64_t first) override {
+    cpu::embed(t.data, t.dtype, t.shape[0], t.shape[1], ids, n, scale, F(out), first);
   }
   void add_rows(const Tensor& t, const int32_t* rows, int64_t n, void* x) override {
     cpu::add_rows(t.data, t.dtype, t.shape[1], rows, n, F(x));
@@ -96,6 +97,12 @@ class CpuBackend final : public Backend {
   }
   void add(void* x, const void* y, int64_t count) override {
     for (int64_t i = 0; i < count; ++i) F(x)[i] += F(y)[i];
+  }
+  void copy_2d(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+               size_t rows) override {
+    for (size_t r = 0; r < rows; ++r)
+      std::memcpy(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch,
+                  width);
   }
   void rope(void* x, int64_t n, int64_t ld, int64_t heads, int64_t hd, int64_t rot,
             const float* cos, const float* sin) override {

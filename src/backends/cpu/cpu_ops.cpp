@@ -218,13 +218,14 @@ void add_norm(float* residual, const float* delta, int64_t rows, int64_t dim, co
 }
 
 void embed(const void* table, DType t, int64_t vocab, int64_t dim, const int32_t* ids, int64_t n,
-           float scale, float* out) {
+           float scale, float* out, int64_t first) {
   for (int64_t i = 0; i < n; ++i) {
-    if (ids[i] < 0 || ids[i] >= vocab) {  // a zero row, never a read out of bounds
+    const int64_t id = int64_t(ids[i]) - first;
+    if (id < 0 || id >= vocab) {  // a zero row, never a read out of bounds
       std::fill(out + i * dim, out + (i + 1) * dim, 0.0f);
       continue;
     }
-    to_f32(t, static_cast<const char*>(table) + size_t(ids[i]) * dim * dtype_size(t), out + i * dim,
+    to_f32(t, static_cast<const char*>(table) + size_t(id) * dim * dtype_size(t), out + i * dim,
            size_t(dim));
     if (scale != 1.0f)
       for (int64_t k = 0; k < dim; ++k) out[i * dim + k] *= scale;

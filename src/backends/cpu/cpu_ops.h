@@ -36,9 +36,9 @@ void norm(const float* x, int64_t rows, int64_t dim, int64_t ldx, const float* w
 void add_norm(float* residual, const float* delta, int64_t rows, int64_t dim, const float* w,
               const float* b, NormKind kind, float eps, float* y);
 
-// out[i] = table[ids[i]] * scale, table rows in dtype `t`.
+// out[i] = table[ids[i] - first] * scale, table rows in dtype `t` (zeros outside the table).
 void embed(const void* table, DType t, int64_t vocab, int64_t dim, const int32_t* ids, int64_t n,
-           float scale, float* out);
+           float scale, float* out, int64_t first = 0);
 
 // x[i] += table[pos[i]].
 void add_rows(const void* table, DType t, int64_t dim, const int32_t* pos, int64_t n, float* x);

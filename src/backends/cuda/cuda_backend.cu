@@ -184,11 +184,12 @@ class CudaBackend final : public Backend {
   }
   uint64_t generation() const override { return generation_; }
 
-  void embed(const Tensor& table, const int32_t* ids, int64_t n, float scale, void* out) override {
+  void embed(const Tensor& table, const int32_t* ids, int64_t n, float scale, void* out,
+             int64_t first) override {
     Prof prof(prof_.get(), "embed");
     flush();
     cuda::embed(act_, table.data, table.dtype, table.shape[0], table.shape[1], ids, n, scale, out,
-                stream_, true);
+                stream_, true, first);
   }
   void add_rows(const Tensor& table, const int32_t* rows, int64_t n, void* x) override {
     Prof prof(prof_.get(), "add_rows");
@@ -247,6 +248,17 @@ class CudaBackend final : public Backend {
     Prof prof(prof_.get(), "add");
     flush();
     cuda::add(act_, x, y, count, stream_);
+  }
+  void copy_2d(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
+               size_t rows) override {
+    flush();
+    if (width && rows)
+      KILN_CUDA_CHECK(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows,
+                                        cudaMemcpyDeviceToDevice, stream_));
+  }
+  void* stream() override {
+    flush();
+    return stream_;
   }
   void rope(void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim, int64_t rot_dim,
             const float* cos, const float* sin) override {

@@ -32,10 +32,10 @@ __device__ __forceinline__ float load_any(const void* p, int dt, int64_t i) {
 
 template <typename T>
 __global__ void embed_kernel(const void* table, int tdt, int64_t rows, int64_t dim,
-                             const int32_t* ids, int64_t n, float scale, T* out) {
+                             const int32_t* ids, int64_t n, float scale, T* out, int64_t first) {
   pdl_begin();
   GRID_STRIDE(e, n * dim) {
-    const int64_t i = e / dim, d = e % dim, id = ids[i];
+    const int64_t i = e / dim, d = e % dim, id = int64_t(ids[i]) - first;
     // An id outside the table (kNonFiniteLogits fed back by a pipelined decode step) reads
     // nothing and gives zeros; the host sees the marker and stops.
     out[e] = id >= 0 && id < rows ? from_f<T>(load_any(table, tdt, id * dim + d) * scale)
@@ -412,14 +412,15 @@ __global__ void moe_combine_kernel(const T* ye, const float* weights, int64_t n,
 }  // namespace
 
 void embed(DType act, const void* table, DType tdt, int64_t rows, int64_t dim, const int32_t* ids,
-           int64_t n, float scale, void* out, cudaStream_t s, bool f32_out) {
+           int64_t n, float scale, void* out, cudaStream_t s, bool f32_out, int64_t first) {
   if (f32_out || act == DType::F32) {
     launch_kernel(embed_kernel<float>, grid_for(n * dim), kThreads, 0, s, table, int(tdt), rows,
-                  dim, ids, n, scale, static_cast<float*>(out));
+                  dim, ids, n, scale, static_cast<float*>(out), first);
     return;
   }
-  KILN_DISPATCH_ACT(act, launch_kernel(embed_kernel<T>, grid_for(n * dim), kThreads, 0, s, table,
-                                       int(tdt), rows, dim, ids, n, scale, static_cast<T*>(out)));
+  KILN_DISPATCH_ACT(
+      act, launch_kernel(embed_kernel<T>, grid_for(n * dim), kThreads, 0, s, table, int(tdt), rows,
+                         dim, ids, n, scale, static_cast<T*>(out), first));
 }
 
 void add_rows(DType act, const void* table, DType tdt, int64_t dim, const int32_t* rows, int64_t n,

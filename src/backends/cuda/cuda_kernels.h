@@ -15,10 +15,12 @@ namespace kiln::cuda {
 
 // ---- elementwise / row ops (cuda_elementwise.cu) ----
 
-// out[i] = table[ids[i]] * scale; `rows` table rows of `dim` elements in dtype `tdt`; an id
-// outside [0, rows) gives a zero row. f32_out: out is F32 (the residual stream), else `act`.
+// out[i] = table[ids[i] - first] * scale; `rows` table rows of `dim` elements in dtype `tdt`; an
+// id outside [first, first + rows) gives a zero row. f32_out: out is F32 (the residual stream),
+// else `act`.
 void embed(DType act, const void* table, DType tdt, int64_t rows, int64_t dim, const int32_t* ids,
-           int64_t n, float scale, void* out, cudaStream_t s, bool f32_out = false);
+           int64_t n, float scale, void* out, cudaStream_t s, bool f32_out = false,
+           int64_t first = 0);
 // x[i] += table[rows[i]] (x F32 when f32_x).
 void add_rows(DType act, const void* table, DType tdt, int64_t dim, const int32_t* rows, int64_t n,
               void* x, cudaStream_t s, bool f32_x = false);

@@ -1,0 +1,50 @@
+// Tensor and pipeline parallelism: which part of the model one rank holds. Ranks are numbered
+// rank = pp_rank * tp + tp_rank (TensorRT-LLM's order: the ranks of one pipeline stage are
+// neighbours, so a stage's all-reduces stay inside one NVLink domain). A rank holds the layers
+// of its stage, and of each of them the slice its TpSplit (graph/layout.h) gives tp_rank.
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "arch/model_config.h"
+#include "core/quant.h"
+#include "core/tensor.h"
+
+namespace kiln {
+
+struct Shard {
+  int tp_rank = 0, tp = 1, pp_rank = 0, pp = 1;
+  int rank() const { return pp_rank * tp + tp_rank; }
+  int world() const { return tp * pp; }
+  bool first_stage() const { return pp_rank == 0; }
+  bool last_stage() const { return pp_rank == pp - 1; }
+  static Shard of(int rank, int tp, int pp) { return {rank % tp, tp, rank / tp, pp}; }
+};
+
+// Throws kiln::Error naming the first size that does not divide over tp ranks or pp stages
+// (query heads, KV heads, intermediate sizes, layers), or the sizes asked for.
+void check_shardable(const ModelConfig& c, int tp, int pp);
+
+// The model as one tensor-parallel rank computes it: query heads, KV heads (at least one: fewer
+// KV heads than ranks are replicated) and intermediate sizes divided by tp. The vocabulary stays
+// whole (vocab_slice says what a rank holds of it).
+ModelConfig rank_config(const ModelConfig& c, const Shard& s);
+
+// Layers [first, last) of the rank's pipeline stage: as even as the count allows.
+std::pair<int64_t, int64_t> stage_layers(const ModelConfig& c, const Shard& s);
+
+// Rows of the vocabulary one rank's embedding and LM head hold: ceil(vocab / tp); rank r holds
+// tokens [r * slice, (r + 1) * slice), the last rank's tail padded with zero rows.
+int64_t vocab_slice(int64_t vocab, int tp);
+
+// The weights a rank holds, in order, from engine host weights `full` (engine_layout(c, q, group,
+// act_order) order, quantized weights carrying their scales and zeros): its stage's layers and
+// tables, each sliced as its TpSplit says, scales and zeros with their weight. Throws naming a
+// weight that does not split (an int4 weight whose groups do not divide, act-order inputs).
+std::vector<std::pair<std::string, Tensor>> shard_weights(
+    const ModelConfig& c, const std::vector<std::pair<std::string, Tensor>>& full, WeightQuant q,
+    int64_t group, bool act_order, const Shard& s);
+
+}  // namespace kiln

@@ -1,0 +1,141 @@
+#include "runtime/parallel.h"
+
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+#include "core/error.h"
+
+namespace kiln {
+
+struct ThreadRanks::Rank {
+  Shard shard;
+  ModelConfig config;  // rank_config: its heads and intermediate sizes
+  std::unique_ptr<Backend> be;
+  std::vector<std::pair<std::string, Tensor>> host;
+  std::unique_ptr<DeviceWeights> w;
+  std::unique_ptr<KVCache> cache;
+  std::unique_ptr<Comm> tp, pp;
+  std::unique_ptr<Decoder> dec;
+};
+
+ThreadRanks::ThreadRanks(const ModelConfig& c,
+                         const std::vector<std::pair<std::string, Tensor>>& weights, WeightQuant q,
+                         int64_t group, bool act_order, int tp, int pp, int64_t num_blocks,
+                         int64_t block_size, bool kv_fp8, int64_t max_seq_len)
+    : config_(c), world_(std::make_unique<ThreadWorld>(tp * pp)) {
+  check_shardable(c, tp, pp);
+  for (int r = 0; r < tp * pp; ++r) {
+    auto k = std::make_unique<Rank>();
+    k->shard = Shard::of(r, tp, pp);
+    k->config = rank_config(c, k->shard);
+    k->be = make_cpu_backend();
+    k->host = shard_weights(c, weights, q, group, act_order, k->shard);
+    std::vector<const Tensor*> h;
+    for (const auto& [n, t] : k->host) h.push_back(&t);
+    k->w = std::make_unique<DeviceWeights>(k->host, k->be->upload_all(h));
+    k->cache = std::make_unique<KVCache>(*k->be, k->config, num_blocks, block_size, kv_fp8,
+                                         stage_layers(c, k->shard));
+    std::vector<int> stage, line;
+    for (int t = 0; t < tp; ++t) stage.push_back(k->shard.pp_rank * tp + t);
+    for (int p = 0; p < pp; ++p) line.push_back(p * tp + k->shard.tp_rank);
+    k->tp = world_->group(stage, r);
+    k->pp = world_->group(line, r);
+    k->dec = std::make_unique<Decoder>(*k->be, k->config, *k->w, *k->cache, max_seq_len,
+                                       Parallel{k->shard, k->tp.get(), k->pp.get()});
+    ranks_.push_back(std::move(k));
+  }
+}
+
+ThreadRanks::~ThreadRanks() {
+  // Decoders and caches before their backends.
+  for (auto& r : ranks_) {
+    r->dec.reset();
+    r->cache.reset();
+    r->w.reset();
+  }
+}
+
+KVCache& ThreadRanks::cache() {
+  return *ranks_[0]->cache;
+}
+
+int64_t ThreadRanks::weight_bytes() const {
+  int64_t b = 0;
+  for (const auto& r : ranks_)
+    for (const auto& [n, t] : r->host) b += int64_t(t.weight_bytes());
+  return b;
+}
+
+template <typename F>
+void ThreadRanks::on_all(F&& f) {
+  std::mutex m;
+  std::string first;
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < ranks_.size(); ++i)
+    threads.emplace_back([&, i] {
+      try {
+        f(*ranks_[i]);
+      } catch (const std::exception& e) {
+        world_->abort(int(i), e.what());  // the others stop waiting for this rank
+        std::lock_guard lk(m);
+        if (first.empty()) first = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  if (!first.empty()) throw Error(first);
+}
+
+const float* ThreadRanks::forward(const Batch& b, bool tokens_on_device) {
+  Batch own;
+  const Batch* in = &b;
+  if (tokens_on_device) {  // the sampled ids are in token_buffer(), host memory
+    own = b;
+    own.tokens.assign(tokens_.begin(), tokens_.begin() + int64_t(b.seqs.size()));
+    in = &own;
+  }
+  const int pp = ranks_.back()->shard.pp;
+  const std::vector<Batch> mbs = split_batch(*in, pp);
+  const int64_t V = config_.vocab_size;
+  logits_.resize(in->logit_rows.size() * size_t(V));
+  on_all([&](Rank& r) {
+    size_t row = 0;
+    for (const Batch& mb : mbs) {
+      const float* lg = r.dec->forward(mb);
+      const size_t R = mb.logit_rows.size();
+      if (r.shard.last_stage() && r.shard.tp_rank == 0 && R)
+        std::memcpy(logits_.data() + row * size_t(V), lg, R * size_t(V) * 4);
+      row += R;
+    }
+  });
+  return logits_.data();
+}
+
+void ThreadRanks::prepare(int64_t max_tokens, int64_t max_seqs, int64_t max_logit_rows) {
+  tokens_.assign(size_t(max_seqs), 0);
+  on_all([&](Rank& r) { r.dec->prepare(max_tokens, max_seqs, max_logit_rows); });
+}
+
+std::vector<Batch> split_batch(const Batch& b, int64_t parts) {
+  const int64_t S = int64_t(b.seqs.size());
+  parts = std::max<int64_t>(1, std::min(parts, S));
+  std::vector<Batch> out(static_cast<size_t>(parts));
+  int64_t row = 0;
+  size_t lr = 0;
+  for (int64_t p = 0, s = 0; p < parts; ++p) {
+    Batch& o = out[size_t(p)];
+    const int64_t end = S * (p + 1) / parts, first = row;
+    for (; s < end; ++s) {
+      const BatchSeq& q = b.seqs[size_t(s)];
+      o.seqs.push_back(q);
+      o.tokens.insert(o.tokens.end(), b.tokens.begin() + row, b.tokens.begin() + row + q.n);
+      row += q.n;
+    }
+    for (; lr < b.logit_rows.size() && b.logit_rows[lr] < row; ++lr)
+      o.logit_rows.push_back(int32_t(b.logit_rows[lr] - first));
+  }
+  return out;
+}
+
+}  // namespace kiln
