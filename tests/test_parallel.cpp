@@ -2,10 +2,15 @@
 // every fixture architecture's logits at TP=2, TP=4, PP=2 and TP=2 x PP=2 against one rank, in
 // prefill, one-token decode and batched decode (micro-batches through the pipeline), and the
 // serving scheduler on top; sharding by TpSplit; the thread collectives and their failures.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
+#include <fstream>
 #include <mutex>
+#include <sstream>
 #include <thread>
 
 #include "build/checkpoint.h"
@@ -26,7 +31,20 @@ constexpr double kTol = 1e-5;
 
 struct Layout {
   int tp, pp;
+  bool processes = false;  // ranks as kiln processes over the TCP mesh, not threads
 };
+
+RuntimeConfig runtime(Layout l) {
+  RuntimeConfig rc;
+  rc.device = "cpu";
+  rc.tp = l.tp;
+  rc.pp = l.pp;
+  if (l.processes) {
+    rc.dist_init = "127.0.0.1:0";
+    rc.rank_exe = KILN_CLI;
+  }
+  return rc;
+}
 
 // Logits of every prompt position (one prefill), of one-token decode steps, and of batched
 // decode steps over all prompts at once.
@@ -38,11 +56,7 @@ Logits run(const std::string& arch, const Reference& ref, Layout l) {
   BuildConfig bc;
   bc.dtype = "f32";
   Engine e = Engine::build(hf(arch), bc);
-  RuntimeConfig rc;
-  rc.device = "cpu";
-  rc.tp = l.tp;
-  rc.pp = l.pp;
-  e.start(rc);
+  e.start(runtime(l));
   Logits r;
   std::vector<Session> ss;
   for (const auto& p : ref.prompts) {
@@ -108,6 +122,61 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, Sharded,
                                            "cohere2", "olmo3", "falcon_mq", "falcon_new",
                                            "falcon_seq", "smollm3", "gpt_oss", "deepseek_v2",
                                            "cohere_qk", "phi_qk", "deepseek_v3"));
+
+TEST(Sharded, ProcessesMatchOneRank) {
+  // Ranks as processes (kiln binaries started by the engine, talking over TCP): the path GPUs
+  // take with NCCL, here with the CPU's collectives over the mesh.
+  for (const char* arch : {"llama", "qwen3_moe", "olmo2", "gemma2_tied", "deepseek_v2"}) {
+    const Reference ref = load_reference(arch);
+    const int64_t V = ref.logits[0].shape[1];
+    const Logits one = run(arch, ref, {1, 1});
+    for (Layout l : {Layout{2, 1, true}, Layout{1, 2, true}, Layout{2, 2, true}}) {
+      const Logits r = run(arch, ref, l);
+      const double p = worst(r.prefill, one.prefill, V), d = worst(r.decode, one.decode, V),
+                   b = worst(r.batched, one.batched, V);
+      std::printf("[sharded] %-14s tp %d pp %d processes: prefill %.2e decode %.2e batched %.2e\n",
+                  arch, l.tp, l.pp, p, d, b);
+      EXPECT_LE(std::max({p, d, b}), kTol) << arch << " tp " << l.tp << " pp " << l.pp;
+    }
+  }
+}
+
+// The pids of this process's children.
+std::vector<int> children() {
+  std::vector<int> r;
+  for (const auto& d : fs::directory_iterator("/proc")) {
+    const std::string n = d.path().filename();
+    if (n.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream f(d.path() / "stat");
+    std::string stat;
+    std::getline(f, stat);
+    const size_t close = stat.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(stat.substr(close + 2));
+    char state;
+    int ppid = 0;
+    rest >> state >> ppid;
+    if (ppid == getpid()) r.push_back(std::stoi(n));
+  }
+  return r;
+}
+
+TEST(Sharded, ARankThatDiesStopsTheEngine) {
+  BuildConfig bc;
+  bc.dtype = "f32";
+  Engine e = Engine::build(hf("llama"), bc);
+  e.start(runtime({2, 1, true}));
+  const std::vector<int32_t> p = {5, 17, 300, 2};
+  EXPECT_EQ(e.logits(p).size(), 4u * 512);
+  const auto kids = children();
+  ASSERT_EQ(kids.size(), 1u);
+  kill(kids[0], SIGKILL);
+  waitpid(kids[0], nullptr, 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string err = one_line_error([&] { e.logits(p); });
+  EXPECT_TRUE(contains_text(err, "rank 1 closed its connection (its process ended)")) << err;
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
+}
 
 // Collects the tokens of finished requests.
 struct Done {

@@ -69,7 +69,19 @@ struct RuntimeConfig {
   // CUDA, one rank: issue the tensor-parallel collectives through NCCL anyway (a group of one,
   // every all-reduce and all-gather real), so one GPU checks the NCCL path.
   bool nccl = false;
+  // Ranks as processes (always on GPUs: one per GPU; on CPUs when this is set): "host:port"
+  // where rank 0 (this process) listens for the others, port 0 for any free one. Unless this
+  // process was started by mpirun (which starts the others), kiln starts ranks 1 .. tp * pp - 1
+  // on this machine from rank_exe ("": this executable, which must be kiln). "": on CPUs the
+  // ranks are threads; on GPUs 127.0.0.1:0.
+  std::string dist_init;
+  std::string rank_exe;
 };
+
+// When this process was started as a rank > 0 of a multi-process engine (KILN_RANK, or mpirun's
+// OMPI_COMM_WORLD_RANK, in the environment with KILN_DIST_INIT): serves rank 0's steps until it
+// stops, then returns true (the process should exit). False for any other process.
+bool serve_as_rank();
 
 // How far a streaming build (or a verify) is: weight bytes and tensors done of the totals.
 struct BuildProgress {

@@ -267,6 +267,9 @@ std::unique_ptr<Backend> make_cpu_backend(LinearObserver observe = {});
 // without CUDA or no GPU is visible.
 std::unique_ptr<Backend> make_cuda_backend(DType act);
 bool cuda_available();
+// Makes GPU `local_rank` (modulo the GPUs visible) this thread's CUDA device, before its backend
+// is made: the GPU of one rank of a multi-process engine. No-op without CUDA.
+void cuda_use_device(int local_rank);
 // "CUDA runtime X.Y, driver X.Y, cuBLASLt X.Y.Z" for `kiln --version`; "" without CUDA.
 std::string cuda_versions();
 

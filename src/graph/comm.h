@@ -31,6 +31,9 @@ class Comm {
   // same size, in order.
   virtual void send(const void* buf, size_t bytes, int peer) = 0;
   virtual void recv(void* buf, size_t bytes, int peer) = 0;
+  // From another thread, when a peer is known to be gone: makes calls waiting on it fail rather
+  // than wait forever (ncclCommAbort). The comm is unusable afterwards.
+  virtual void abort() {}
 };
 
 // NCCL groups (CUDA builds; without CUDA both throw kiln::Error): the unique id one rank makes

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <thread>
 
 #include "build/checkpoint.h"
 #include "build/engine_file.h"
@@ -19,6 +20,7 @@
 #include "kiln/kiln.h"
 #include "runtime/engine_impl.h"
 #include "runtime/parallel.h"
+#include "runtime/process_ranks.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kiln {
@@ -98,9 +100,6 @@ void Engine::start(const RuntimeConfig& rc) {
              "bf16 or f16 to run it on a GPU");
   const bool sharded = rc.tp * rc.pp > 1;
   check_shardable(m.config, rc.tp, rc.pp);
-  KILN_CHECK(!sharded || rc.device == "cpu",
-             "--tp / --pp: ranks run as threads on the CPU (--device cpu); one process per GPU "
-             "is not built yet");
   if (rc.device == "cuda" || (rc.device == "auto" && !cpu_only && cuda_available())) {
     m.backend = make_cuda_backend(m.dtype);
     if (!m.backend) {
@@ -113,6 +112,11 @@ void Engine::start(const RuntimeConfig& rc) {
   } else {
     throw Error(cat("unknown device '", rc.device, "' (expected auto, cpu or cuda)"));
   }
+  // Ranks as processes: always on GPUs (one each), on CPUs when asked (--dist-init); under
+  // mpirun this process is rank 0 and the others come by themselves.
+  const std::optional<DistEnv> launched = dist_from_env();
+  const bool processes =
+      sharded && (m.backend->device() == Device::CUDA || !rc.dist_init.empty() || launched);
   if (!sharded) {
     std::vector<const Tensor*> host;
     host.reserve(m.weights.size());
@@ -120,52 +124,93 @@ void Engine::start(const RuntimeConfig& rc) {
     m.dweights = std::make_unique<DeviceWeights>(m.weights, m.backend->upload_all(host));
   }
 
-  // The KV cache: blocks of 16 tokens, block 0 reserved for padding rows.
+  // The KV cache: blocks of 16 tokens, block 0 reserved for padding rows; `block` bytes a
+  // block on this device (rank 0's share of the layers and heads when sharded).
   constexpr int64_t bs = 16;
-  const size_t block = KVCache::block_bytes(m.config, bs, m.backend->act_dtype(), m.kv_fp8);
+  const Shard me = Shard::of(0, rc.tp, rc.pp);
+  const auto [first_layer, last_layer] = stage_layers(m.config, me);
+  const size_t block = KVCache::block_bytes(rank_config(m.config, me), bs, m.backend->act_dtype(),
+                                            m.kv_fp8, last_layer - first_layer);
   const int64_t seq_blocks = (m.max_seq_len + bs - 1) / bs;
-  const auto [free, total] = m.backend->memory();
   RuntimeInfo& ri = m.rinfo;
   ri = RuntimeInfo{};
   ri.device = m.backend->name();
   for (const auto& [n, t] : m.weights) ri.weight_bytes += int64_t(t.weight_bytes());
-  ri.free_bytes_before_kv = int64_t(free);
   // A setting that would change nothing is refused rather than ignored.
   const bool fraction_set = rc.kv_cache_fraction != RuntimeConfig{}.kv_cache_fraction;
   KILN_CHECK(!(fraction_set && rc.kv_cache_tokens > 0),
              "--kv-cache-fraction and --kv-cache-tokens both size the KV cache; give one");
-  KILN_CHECK(!(fraction_set && total == 0), "--kv-cache-fraction sizes a GPU's KV cache; on ",
-             ri.device, " give --kv-cache-tokens (default: max_batch sequences of max_seq_len)");
+  // Blocks for the memory free once the weights are resident (free, total: 0 on the CPU).
+  const auto size_cache = [&](size_t free, size_t total) -> int64_t {
+    ri.free_bytes_before_kv = int64_t(free);
+    KILN_CHECK(!(fraction_set && total == 0), "--kv-cache-fraction sizes a GPU's KV cache; on ",
+               ri.device, " give --kv-cache-tokens (default: max_batch sequences of max_seq_len)");
+    int64_t blocks = 0;
+    if (rc.kv_cache_tokens > 0) {
+      blocks = (rc.kv_cache_tokens + bs - 1) / bs + 1;
+      if (total > 0 && size_t(blocks) * block > free)
+        throw Error(cat("--kv-cache-tokens ", rc.kv_cache_tokens, " needs ",
+                        size_t(blocks) * block >> 20, " MiB of KV cache but only ", free >> 20,
+                        " MiB of device memory are free"));
+    } else if (total > 0) {
+      ri.kv_cache_fraction = rc.kv_cache_fraction;
+      blocks = std::min<int64_t>(int64_t(double(free) * rc.kv_cache_fraction / double(block)),
+                                 256 * seq_blocks + 1);
+    } else {
+      blocks = std::max<int64_t>(m.max_batch, 1) * seq_blocks + 1;
+    }
+    if (blocks - 1 < seq_blocks) {
+      const bool by_tokens = rc.kv_cache_tokens > 0;
+      throw Error(cat(
+          "the KV cache holds ", std::max<int64_t>(blocks - 1, 0) * bs, " tokens (",
+          by_tokens ? cat(rc.kv_cache_tokens, " tokens asked for")
+                    : cat(rc.kv_cache_fraction, " of ", free >> 20, " MiB free after the weights"),
+          "), less than one sequence of max_seq_len ", m.max_seq_len, "; raise ",
+          by_tokens ? "--kv-cache-tokens" : "--kv-cache-fraction",
+          " or rebuild with a smaller --max-seq-len"));
+    }
+    return blocks;
+  };
+  std::unique_ptr<Executor> ranks;
   int64_t blocks = 0;
-  if (rc.kv_cache_tokens > 0) {
-    blocks = (rc.kv_cache_tokens + bs - 1) / bs + 1;
-    if (total > 0 && size_t(blocks) * block > free)
-      throw Error(cat("--kv-cache-tokens ", rc.kv_cache_tokens, " needs ",
-                      size_t(blocks) * block >> 20, " MiB of KV cache but only ", free >> 20,
-                      " MiB of device memory are free"));
-  } else if (total > 0) {
-    ri.kv_cache_fraction = rc.kv_cache_fraction;
-    blocks = std::min<int64_t>(int64_t(double(free) * rc.kv_cache_fraction / double(block)),
-                               256 * seq_blocks + 1);
+  size_t total = 0;
+  if (processes) {
+    RankSetup s;
+    s.config = m.config, s.dtype = m.dtype, s.quant = m.quant, s.quant_group = m.quant_group;
+    s.act_order = m.act_order, s.kv_fp8 = m.kv_fp8, s.tp = rc.tp, s.pp = rc.pp;
+    s.device = m.backend->device() == Device::CUDA ? "cuda" : "cpu";
+    s.threads = rc.threads, s.block_size = bs, s.max_seq_len = m.max_seq_len;
+    if (s.device == "cpu" && s.threads == 0) {
+      // CPU ranks on one machine share its cores: each gets its part (more threads than cores
+      // spin and wait on each other between collectives).
+      s.threads = std::max(1, int(std::thread::hardware_concurrency()) / (rc.tp * rc.pp));
+      omp_set_num_threads(s.threads);
+    }
+    DistEnv env;
+    if (launched) {
+      env = *launched;
+    } else {
+      parse_dist_init(rc.dist_init.empty() ? "127.0.0.1:0" : rc.dist_init, env);
+      env.world = rc.tp * rc.pp;
+    }
+    auto pr = std::make_unique<ProcessRanks>(*m.backend, s, m.weights, env, launched.has_value(),
+                                             rc.rank_exe, [&](size_t free, size_t tot) {
+                                               total = tot;
+                                               return blocks = size_cache(free, tot);
+                                             });
+    m.cache = &pr->cache();
+    ranks = std::move(pr);
+  } else if (sharded) {
+    blocks = size_cache(0, 0);
+    auto tr =
+        std::make_unique<ThreadRanks>(m.config, m.weights, m.quant, m.quant_group, m.act_order,
+                                      rc.tp, rc.pp, blocks, bs, m.kv_fp8, m.max_seq_len);
+    m.cache = &tr->cache();
+    ranks = std::move(tr);
   } else {
-    blocks = std::max<int64_t>(m.max_batch, 1) * seq_blocks + 1;
-  }
-  if (blocks - 1 < seq_blocks) {
-    const bool by_tokens = rc.kv_cache_tokens > 0;
-    throw Error(cat(
-        "the KV cache holds ", std::max<int64_t>(blocks - 1, 0) * bs, " tokens (",
-        by_tokens ? cat(rc.kv_cache_tokens, " tokens asked for")
-                  : cat(rc.kv_cache_fraction, " of ", free >> 20, " MiB free after the weights"),
-        "), less than one sequence of max_seq_len ", m.max_seq_len, "; raise ",
-        by_tokens ? "--kv-cache-tokens" : "--kv-cache-fraction",
-        " or rebuild with a smaller --max-seq-len"));
-  }
-  std::unique_ptr<ThreadRanks> ranks;
-  if (sharded) {
-    ranks = std::make_unique<ThreadRanks>(m.config, m.weights, m.quant, m.quant_group, m.act_order,
-                                          rc.tp, rc.pp, blocks, bs, m.kv_fp8, m.max_seq_len);
-    m.cache = &ranks->cache();
-  } else {
+    const auto mem = m.backend->memory();
+    total = mem.second;
+    blocks = size_cache(mem.first, mem.second);
     m.own_cache = std::make_unique<KVCache>(*m.backend, m.config, blocks, bs, m.kv_fp8);
     m.cache = m.own_cache.get();
   }
@@ -184,7 +229,8 @@ void Engine::start(const RuntimeConfig& rc) {
              ") and 1048576 (got ", m.max_num_tokens, ")");
   m.max_logit_rows = std::min(m.max_num_tokens, std::max<int64_t>(m.max_num_seqs, 512));
   if (sharded) {
-    ri.device = cat(ri.device, ", ", rc.tp * rc.pp, " ranks (tp ", rc.tp, ", pp ", rc.pp, ")");
+    ri.device = cat(ri.device, ", ", rc.tp * rc.pp, processes ? " processes" : " threads", " (tp ",
+                    rc.tp, ", pp ", rc.pp, ")");
     m.decoder = std::move(ranks);
   } else {
     Parallel par;
@@ -498,6 +544,17 @@ std::vector<int32_t> Engine::generate(std::span<const int32_t> prompt, const Sam
   m.decode_loop(std::span<Session* const>(&self, 1), std::span<const int32_t>(&first, 1),
                 budget - 1, [&](std::span<const int32_t> t) { return take(t[0]); });
   return out;
+}
+
+}  // namespace kiln
+
+namespace kiln {
+
+bool serve_as_rank() {
+  const std::optional<DistEnv> e = dist_from_env();
+  if (!e || e->rank == 0) return false;
+  serve_rank(*e);
+  return true;
 }
 
 }  // namespace kiln

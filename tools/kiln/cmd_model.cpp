@@ -165,6 +165,18 @@ void add_runtime_args(CLI::App* c, RuntimeConfig& rc) {
                 "GPU: share of the memory free after the weights given to the KV cache");
   c->add_option("--kv-cache-tokens", rc.kv_cache_tokens,
                 "KV cache size in tokens (0: from --kv-cache-fraction)");
+  c->add_option("--tp", rc.tp,
+                "tensor-parallel ranks (the weights are sharded at start; on the CPU the ranks "
+                "are threads, see docs/parallel.md)")
+      ->check(CLI::Range(1, 256));
+  c->add_option("--pp", rc.pp, "pipeline-parallel stages (layers split evenly)")
+      ->check(CLI::Range(1, 256));
+  c->add_option("--dist-init", rc.dist_init,
+                "ranks as processes: host:port where rank 0 (this process) listens; the others "
+                "are started here, or by mpirun (docs/parallel.md)");
+  c->add_flag("--nccl", rc.nccl,
+              "one GPU: issue the tensor-parallel collectives through NCCL anyway (a group of "
+              "one), to check the NCCL path");
 }
 
 void start_engine(Engine& e, const RuntimeConfig& rc) {

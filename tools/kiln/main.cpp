@@ -38,6 +38,9 @@ int main(int argc, char** argv) {
   kiln::cli::register_serve(app);
   kiln::cli::register_eval(app);
   try {
+    // A rank > 0 of a multi-process engine (started by kiln itself or by mpirun) takes its
+    // model and orders from rank 0, whatever its command line says.
+    if (kiln::serve_as_rank()) return 0;
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);

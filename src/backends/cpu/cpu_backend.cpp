@@ -225,6 +225,7 @@ std::unique_ptr<Backend> make_cuda_backend(DType) {
 bool cuda_available() {
   return false;
 }
+void cuda_use_device(int) {}
 std::string cuda_versions() {
   return "";
 }

@@ -32,6 +32,13 @@ bool cuda_available() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
+void cuda_use_device(int local_rank) {
+  int n = 0;
+  KILN_CUDA_CHECK(cudaGetDeviceCount(&n));
+  KILN_CHECK(n > 0, "no CUDA GPU visible");
+  KILN_CUDA_CHECK(cudaSetDevice(local_rank % n));
+}
+
 std::string cuda_versions() {
   int rt = 0, drv = 0;
   cudaRuntimeGetVersion(&rt);

@@ -49,20 +49,29 @@ class NcclComm final : public Comm {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   void all_reduce_sum(void* buf, int64_t count, DType t) override {
+    alive();
     check(ncclAllReduce(buf, buf, size_t(count), nccl_type(t), ncclSum, comm_, stream()),
           "all-reduce");
   }
   void all_gather(const void* send, void* recv, size_t bytes) override {
+    alive();
     check(ncclAllGather(send, recv, bytes, ncclChar, comm_, stream()), "all-gather");
   }
   void send(const void* buf, size_t bytes, int peer) override {
+    alive();
     check(ncclSend(buf, bytes, ncclChar, peer, comm_, stream()), "send");
   }
   void recv(void* buf, size_t bytes, int peer) override {
+    alive();
     check(ncclRecv(buf, bytes, ncclChar, peer, comm_, stream()), "recv");
+  }
+  void abort() override {
+    if (comm_) ncclCommAbort(comm_);
+    comm_ = nullptr;
   }
 
  private:
+  void alive() const { KILN_CHECK(comm_, "NCCL: the group was aborted (a rank ended)"); }
   // The backend's stream, with its deferred work issued first.
   cudaStream_t stream() { return static_cast<cudaStream_t>(be_.stream()); }
   Backend& be_;
