@@ -2,6 +2,7 @@
 // before them, so they need no synchronisation and can be captured in CUDA graphs.
 #include <nccl.h>
 
+#include <cstdlib>
 #include <cstring>
 
 #include "core/error.h"
@@ -41,6 +42,9 @@ class NcclComm final : public Comm {
     KILN_CHECK(rank >= 0 && rank < size, "NCCL rank ", rank, " of ", size);
     ncclUniqueId u;
     std::memcpy(&u, id.data(), sizeof u);
+    // NVLink multicast (NVLS) stays off unless asked for: it needs fabric support that lent
+    // machines do not all have, and kiln's all-reduces are small.
+    setenv("NCCL_NVLS_ENABLE", "0", 0);
     check(ncclCommInitRank(&comm_, size, u, rank), "init");
   }
   ~NcclComm() override {
