@@ -9,7 +9,7 @@
 #include "kiln/kiln.h"
 #include "test_util.h"
 
-namespace kiln::test {
+namespace kiln::test::cuda_parallel {
 namespace {
 
 class CudaNccl : public ::testing::TestWithParam<std::string> {};
@@ -70,4 +70,4 @@ INSTANTIATE_TEST_SUITE_P(Hf, CudaNccl,
                                            "gpt_oss", "deepseek_v3"));
 
 }  // namespace
-}  // namespace kiln::test
+}  // namespace kiln::test::cuda_parallel

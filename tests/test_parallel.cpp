@@ -22,7 +22,7 @@
 #include "runtime/parallel.h"
 #include "test_util.h"
 
-namespace kiln::test {
+namespace kiln::test::parallel {
 namespace {
 
 // FP32 tolerance, as the transformers parity tests: ||delta|| / ||ref|| per position. Ranks sum
@@ -470,4 +470,4 @@ TEST(ThreadWorld, AFailedRankStopsTheOthers) {
 }
 
 }  // namespace
-}  // namespace kiln::test
+}  // namespace kiln::test::parallel

@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -230,6 +231,9 @@ struct RankState {
   std::unique_ptr<KVCache> cache;
   std::unique_ptr<Comm> tp, pp, world;
   std::unique_ptr<Decoder> dec;
+  // Set while the rank works on rank 0's command: only then does a peer's end abort it (a rank
+  // 0 that closes after saying stop is not a failure).
+  std::atomic<bool> busy{false};
   float* out = nullptr;  // the last stage's tp rank 0: the step's logits [rows, vocab]
   size_t out_bytes = 0;
   bool own_out = false;
@@ -295,15 +299,23 @@ struct RankState {
   }
 };
 
-// Checks every 100 ms whether a peer's process ended; then aborts the collectives (a GPU rank
-// waiting in NCCL for a dead peer would wait forever) and, on a rank > 0, ends this process:
-// the job is lost either way. Lives as long as the rank.
+// Marks a rank busy for a scope.
+struct Busy {
+  explicit Busy(RankState& r) : r_(r) { r_.busy = true; }
+  ~Busy() { r_.busy = false; }
+  RankState& r_;
+};
+
+// While the rank is busy, checks every 100 ms whether a peer's process ended; then aborts the
+// collectives (a GPU rank waiting in NCCL for a dead peer would wait forever) and, on a rank > 0,
+// ends this process: the job is lost either way. Lives as long as the rank.
 class Watchdog {
  public:
   Watchdog(Mesh& m, RankState& r, std::vector<int> peers) : m_(m), r_(r), peers_(std::move(peers)) {
     t_ = std::thread([this] {
       std::unique_lock lk(mu_);
       while (!cv_.wait_for(lk, std::chrono::milliseconds(100), [this] { return done_; })) {
+        if (!r_.busy.load()) continue;
         for (int p : peers_)
           if (m_.closed(p)) {
             r_.abort();
@@ -471,6 +483,7 @@ const float* ProcessRanks::forward(const Batch& b, bool tokens_on_device) {
   }
   command(encode(kForward, in));
   me_->out = logits_;
+  Busy busy(*me_);
   me_->step(*in, V);
   if (setup_.pp > 1 && !in->logit_rows.empty())
     me_->world->recv(logits_, need, (setup_.pp - 1) * setup_.tp);
@@ -479,6 +492,7 @@ const float* ProcessRanks::forward(const Batch& b, bool tokens_on_device) {
 
 void ProcessRanks::prepare(int64_t max_tokens, int64_t max_seqs, int64_t max_logit_rows) {
   command(encode(kPrepare, nullptr, {max_tokens, max_seqs, max_logit_rows, graphs() ? 1 : 0}));
+  Busy busy(*me_);
   me_->dec->prepare(max_tokens, max_seqs, max_logit_rows);
 }
 
@@ -533,6 +547,7 @@ void serve_rank(const DistEnv& env) {
     std::vector<int64_t> args(static_cast<size_t>(rd.i64()));
     for (int64_t& a : args) a = rd.i64();
     if (op == kStop) return;
+    Busy busy(r);
     if (op == kPrepare) {
       KILN_CHECK(args.size() == 4, "a bad prepare message");
       r.dec->set_graphs(args[3] != 0);
