@@ -141,6 +141,71 @@ TEST(Sharded, ProcessesMatchOneRank) {
   }
 }
 
+TEST(Sharded, PerRankFilesGiveTheSameLogits) {
+  // kiln build --tp / --pp streams each rank's shard into its own file; loaded, the engine runs
+  // on those ranks with the very weights sharding at start gives: bit-identical logits.
+  struct Case {
+    std::string arch, quant;
+    Layout l;
+  };
+  TempDir tmp;
+  const std::vector<int32_t> p = {5, 17, 300, 2, 99, 42, 7};
+  for (const Case& k : {Case{"llama", "none", {2, 2}}, Case{"gpt2", "none", {2, 2}},
+                        Case{"gemma2_tied", "none", {4, 1}}, Case{"qwen3_moe", "none", {2, 2}},
+                        Case{"olmo2", "none", {2, 1}}, Case{"phi", "none", {1, 2}},
+                        Case{"deepseek_v2", "none", {2, 2}}, Case{"llama_ct_w4a16", "none", {2, 2}},
+                        Case{"llama", "int8-wo", {2, 2}}, Case{"qwen3_moe", "fp8", {2, 1}}}) {
+    BuildConfig bc;
+    bc.dtype = "f32";
+    bc.quant = k.quant;
+    const fs::path dir = tmp / (k.arch + "_" + k.quant);
+    BuildConfig sharded = bc;
+    sharded.tp = k.l.tp, sharded.pp = k.l.pp;
+    Engine::build_to(hf(k.arch), dir, sharded);
+    EXPECT_GT(Engine::verify(dir), 0u);
+    Engine disk = Engine::load(dir);
+    disk.start(runtime({1, 1}));  // the engine's own ranks
+    EXPECT_NE(disk.runtime_info().device.find(cat("tp ", k.l.tp, ", pp ", k.l.pp)),
+              std::string::npos)
+        << disk.runtime_info().device;
+    Engine mem = Engine::build(hf(k.arch), bc);
+    mem.start(runtime(k.l));
+    const auto a = disk.logits(p), b = mem.logits(p);
+    ASSERT_EQ(a.size(), b.size());
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << k.arch << " " << k.quant;
+    EXPECT_EQ(disk.info().num_params, mem.info().num_params) << k.arch;
+  }
+}
+
+TEST(Sharded, PerRankFilesAreChecked) {
+  TempDir tmp;
+  BuildConfig bc;
+  bc.dtype = "f32";
+  bc.tp = 2;
+  Engine::build_to(hf("llama"), tmp / "e", bc);
+  // Another rank count than the engine's.
+  Engine e = Engine::load(tmp / "e");
+  RuntimeConfig rc = runtime({4, 1});
+  EXPECT_EQ(one_line_error([&] { e.start(rc); }),
+            "the engine was built for --tp 2 --pp 1 (one weight file per rank), not --tp 4 --pp 1");
+  // A flipped byte in rank 1's file.
+  const fs::path f = tmp / "e" / "rank1-of-2.safetensors";
+  {
+    std::fstream io(f, std::ios::in | std::ios::out | std::ios::binary);
+    io.seekp(-5, std::ios::end);
+    io.put('\x7f');
+  }
+  EXPECT_TRUE(contains_text(one_line_error([&] { Engine::verify(tmp / "e"); }),
+                            "rank1-of-2.safetensors: 1 tensor do not match the manifest"));
+  // A missing one.
+  fs::remove(f);
+  EXPECT_TRUE(
+      contains_text(one_line_error([&] { Engine::load(tmp / "e"); }), "rank1-of-2.safetensors"));
+  // In memory there is nothing to write per rank.
+  EXPECT_TRUE(contains_text(one_line_error([&] { Engine::build(hf("llama"), bc); }),
+                            "--tp / --pp at build time write one weight file per rank"));
+}
+
 // The pids of this process's children.
 std::vector<int> children() {
   std::vector<int> r;

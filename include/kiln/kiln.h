@@ -47,6 +47,10 @@ struct BuildConfig {
   // checkpoint is read, each adding a family or replacing the one of the same name
   // (--arch-spec FILE).
   std::vector<std::string> arch_specs;
+  // kiln build --tp / --pp: the engine folder holds one weight file per rank, each with that
+  // rank's shard (as TensorRT-LLM's per-rank checkpoints), and runs with these ranks. Only for
+  // building to a folder (build_to, build_dummy_to).
+  int tp = 1, pp = 1;
 };
 
 // Run-time choices.

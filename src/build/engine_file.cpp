@@ -153,6 +153,12 @@ class FileWriter {
 }  // namespace
 
 void write_engine_folder(const fs::path& out, const WeightPlan& plan, EngineFolder folder) {
+  write_engine_folder(out, {{kEngineWeights, plan}}, std::move(folder));
+}
+
+void write_engine_folder(const fs::path& out,
+                         const std::vector<std::pair<std::string, WeightPlan>>& weight_files,
+                         EngineFolder folder) {
   if (fs::exists(out) && !fs::exists(out / kEngineManifest) &&
       !(fs::is_directory(out) && fs::is_empty(out)))
     throw Error(cat(out.string(), ": exists and is not a kiln engine; refusing to overwrite"));
@@ -161,17 +167,22 @@ void write_engine_folder(const fs::path& out, const WeightPlan& plan, EngineFold
   remove_stale_temporaries(parent, out.filename().string());
 
   // What will be written, and whether it fits.
-  std::vector<TensorEntry> entries;
-  size_t max_row = 0;
-  uint64_t weight_bytes = 0;
-  for (const auto& pt : plan) {
-    entries.push_back({pt.name, pt.dtype, pt.shape});
-    max_row = std::max(max_row, pt.row_bytes());
-    weight_bytes += pt.nbytes();
+  std::vector<std::string> headers;
+  size_t max_row = 0, tensors = 0;
+  uint64_t weight_bytes = 0, need_disk = 1 << 20;  // + manifest
+  for (const auto& [file, plan] : weight_files) {
+    std::vector<TensorEntry> entries;
+    for (const auto& pt : plan) {
+      entries.push_back({pt.name, pt.dtype, pt.shape});
+      max_row = std::max(max_row, pt.row_bytes());
+      weight_bytes += pt.nbytes();
+    }
+    headers.push_back(safetensors_header(entries, {{"format", "kiln"}}));
+    need_disk += headers.back().size();
+    tensors += plan.size();
   }
-  const std::string header = safetensors_header(entries, {{"format", "kiln"}});
+  need_disk += weight_bytes;
   std::vector<fs::path> copies;
-  uint64_t need_disk = header.size() + weight_bytes + (1 << 20);  // + manifest
   if (!folder.tokenizer_dir.empty() && fs::absolute(folder.tokenizer_dir) != fs::absolute(out))
     for (const auto& f : engine_tokenizer_files())
       if (fs::is_regular_file(folder.tokenizer_dir / f)) {
@@ -203,14 +214,18 @@ void write_engine_folder(const fs::path& out, const WeightPlan& plan, EngineFold
   try {
     fs::remove_all(tmp);
     fs::create_directory(tmp);
-    json checksums = json::object();
-    {
-      FileWriter w(tmp / kEngineWeights);
-      w.write(header.data(), header.size());
-      std::vector<char> buf(chunk);
-      BuildProgress pr;
-      pr.bytes_total = weight_bytes;
-      pr.tensors_total = plan.size();
+    json checksums = json::object(), files = json::array();
+    BuildProgress pr;
+    pr.bytes_total = weight_bytes;
+    pr.tensors_total = tensors;
+    std::vector<char> buf(chunk);
+    for (size_t f = 0; f < weight_files.size(); ++f) {
+      const auto& [file, plan] = weight_files[f];
+      json& sums = weight_files.size() == 1 ? checksums : checksums[file];
+      sums = json::object();
+      files.push_back(file);
+      FileWriter w(tmp / file);
+      w.write(headers[f].data(), headers[f].size());
       for (const auto& pt : plan) {
         XXH3_state_t st;
         XXH3_64bits_reset(&st);
@@ -226,20 +241,28 @@ void write_engine_folder(const fs::path& out, const WeightPlan& plan, EngineFold
           if (folder.progress) folder.progress(pr);
         }
         if (pt.release) pt.release();
-        checksums[pt.name] = hex64(XXH3_64bits_digest(&st));
+        sums[pt.name] = hex64(XXH3_64bits_digest(&st));
         ++pr.tensors_done;
       }
       w.close();
     }
     check_signal();
-    json files = json::array({kEngineWeights});
     for (const auto& f : copies) {
       fs::copy_file(f, tmp / f.filename(), fs::copy_options::overwrite_existing);
       files.push_back(f.filename().string());
     }
     files.push_back(kEngineManifest);
-    folder.manifest["weights"] = kEngineWeights;
-    folder.manifest["checksums"] = {{"algorithm", kChecksumAlgorithm}, {"tensors", checksums}};
+    // One file: "weights" names it and "tensors" holds its checksums; several (one per rank):
+    // "weights" lists them and "files" holds each one's checksums.
+    if (weight_files.size() == 1) {
+      folder.manifest["weights"] = weight_files[0].first;
+      folder.manifest["checksums"] = {{"algorithm", kChecksumAlgorithm}, {"tensors", checksums}};
+    } else {
+      json names = json::array();
+      for (const auto& [file, plan] : weight_files) names.push_back(file);
+      folder.manifest["weights"] = names;
+      folder.manifest["checksums"] = {{"algorithm", kChecksumAlgorithm}, {"files", checksums}};
+    }
     folder.manifest["files"] = files;
     {
       std::ofstream mo(tmp / kEngineManifest);
@@ -277,15 +300,29 @@ void write_engine_folder(const fs::path& out, const WeightPlan& plan, EngineFold
 uint64_t verify_checksums(const fs::path& dir, const json& manifest,
                           const std::function<void(const BuildProgress&)>& progress) {
   const std::string mf = (dir / kEngineManifest).string();
-  const json* sums = nullptr;
-  if (manifest.contains("checksums") && manifest["checksums"].is_object() &&
-      manifest["checksums"].value("algorithm", "") == kChecksumAlgorithm &&
-      manifest["checksums"].contains("tensors") && manifest["checksums"]["tensors"].is_object())
-    sums = &manifest["checksums"]["tensors"];
-  if (!sums)
+  const json& ck = manifest.contains("checksums") ? manifest["checksums"] : json();
+  const bool ok = ck.is_object() && ck.value("algorithm", "") == kChecksumAlgorithm;
+  if (ok && ck.contains("files") && ck["files"].is_object()) {  // one weight file per rank
+    uint64_t bytes = 0;
+    for (const auto& [file, sums] : ck["files"].items()) {
+      KILN_CHECK(fs::path(file).filename() == file, mf, ": weight file '", file,
+                 "' is not a file of the folder");
+      bytes += verify_file(dir, file, sums, progress);
+    }
+    return bytes;
+  }
+  if (!ok || !ck.contains("tensors") || !ck["tensors"].is_object())
     throw Error(cat(mf, ": no ", kChecksumAlgorithm,
                     " checksums (written by an older kiln?); rebuild the engine to verify it"));
-  auto file = SafetensorsFile::open(dir / kEngineWeights);
+  return verify_file(dir, kEngineWeights, ck["tensors"], progress);
+}
+
+uint64_t verify_file(const fs::path& dir, const std::string& weights, const json& tensor_sums,
+                     const std::function<void(const BuildProgress&)>& progress) {
+  const json* sums = &tensor_sums;
+  KILN_CHECK(sums->is_object(), (dir / kEngineManifest).string(), ": checksums of ", weights,
+             " are not an object");
+  auto file = SafetensorsFile::open(dir / weights);
   BuildProgress pr;
   for (const auto& [name, ti] : file->tensors()) pr.bytes_total += ti.end - ti.begin;
   pr.tensors_total = file->tensors().size();
@@ -311,7 +348,7 @@ uint64_t verify_checksums(const fs::path& dir, const json& manifest,
   for (const auto& [name, v] : sums->items())
     if (!file->contains(name)) bad.push_back(cat(name, " (in the manifest, not in the weights)"));
   if (!bad.empty()) {
-    throw Error(cat((dir / kEngineWeights).string(), ": ", bad.size(), " tensor",
+    throw Error(cat((dir / weights).string(), ": ", bad.size(), " tensor",
                     bad.size() == 1 ? "" : "s",
                     " do not match the manifest: ", join_limited(bad, 8, "; ")));
   }

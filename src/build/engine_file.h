@@ -47,11 +47,20 @@ struct EngineFolder {
 //   removes only files that engine's manifest says kiln wrote, never others.
 void write_engine_folder(const std::filesystem::path& out, const WeightPlan& plan,
                          EngineFolder folder);
+// The same with several weight files, each with its plan (a sharded engine: one per rank). The
+// manifest's "weights" then lists them and its checksums are per file.
+void write_engine_folder(const std::filesystem::path& out,
+                         const std::vector<std::pair<std::string, WeightPlan>>& weight_files,
+                         EngineFolder folder);
 
 // Re-hashes every tensor of the engine folder's weights file against its manifest's checksums.
 // Throws kiln::Error listing the tensors that differ (or that the manifest has no checksum for).
 // Returns the number of bytes checked.
 uint64_t verify_checksums(const std::filesystem::path& dir, const nlohmann::json& manifest,
                           const std::function<void(const BuildProgress&)>& progress = {});
+// One weight file of the folder against its tensors' checksums.
+uint64_t verify_file(const std::filesystem::path& dir, const std::string& weights,
+                     const nlohmann::json& tensor_sums,
+                     const std::function<void(const BuildProgress&)>& progress = {});
 
 }  // namespace kiln

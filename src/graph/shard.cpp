@@ -164,15 +164,65 @@ Tensor shard_tensor(const Tensor& t, const WeightSpec& spec, const Shard& s) {
   return o;
 }
 
-// Whether the rank's stage holds a weight outside the layers.
+}  // namespace
+
+std::vector<std::pair<int64_t, int64_t>> tp_ranges(const TpSplit& split, int64_t extent,
+                                                   int tp_rank, int tp, int64_t& total,
+                                                   const std::string& name) {
+  std::vector<std::pair<int64_t, int64_t>> r;
+  for (const Range& x : pick(split, extent, tp_rank, tp, total, name))
+    r.push_back({x.start, x.len});
+  return r;
+}
+
 bool stage_holds(const ModelConfig& c, const std::string& name, const Shard& s) {
-  if (name == "embed") return s.first_stage() || (s.last_stage() && c.tie_word_embeddings);
-  if (name == "pos_embed") return s.first_stage();
-  if (name.rfind("lm_head", 0) == 0) return s.last_stage();
+  if (name.rfind("layers.", 0) == 0) {
+    const auto [first, last] = stage_layers(c, s);
+    const int64_t l = std::stoll(name.substr(7));
+    return l >= first && l < last;
+  }
+  const std::string base = name.substr(0, name.find('.'));
+  if (base == "embed") return s.first_stage() || (s.last_stage() && c.tie_word_embeddings);
+  if (base == "pos_embed") return s.first_stage();
+  if (base == "lm_head") return s.last_stage();
   return true;  // final_norm: every stage (a stand-in for norms that read no weight)
 }
 
-}  // namespace
+std::vector<WeightSpec> sharded_layout(const ModelConfig& c, WeightQuant q, int64_t group,
+                                       bool act_order, const Shard& s) {
+  check_shardable(c, s.tp, s.pp);
+  const auto layout = engine_layout(c, q, group, act_order);
+  std::map<std::string, const WeightSpec*> by_name;
+  for (const WeightSpec& w : layout) by_name[w.name] = &w;
+  std::vector<WeightSpec> out;
+  for (const WeightSpec& w : layout) {
+    if (!stage_holds(c, w.name, s)) continue;
+    WeightSpec r = w;
+    const TpSplit& sp = w.split;
+    if (sp.axis == TpSplit::Axis::Rows && s.tp > 1) {
+      tp_ranges(sp, w.shape[0], s.tp_rank, s.tp, r.shape[0], w.name);
+    } else if (sp.axis == TpSplit::Axis::Cols && s.tp > 1) {
+      // Input features of the weight (of the weight a scale or zero slot belongs to).
+      const size_t dot = w.name.rfind('.');
+      const bool slot =
+          w.role == WeightRole::Scale || w.role == WeightRole::Zero || w.role == WeightRole::Perm;
+      const WeightSpec& parent = slot ? *by_name.at(w.name.substr(0, dot)) : w;
+      const int64_t in = parent.quant == WeightQuant::Int4 ? 2 * parent.shape[1] : parent.shape[1];
+      KILN_CHECK(w.role != WeightRole::Perm, parent.name,
+                 ": act-order int4 weights (an input order) do not split by input features "
+                 "under --tp");
+      int64_t total = 0;
+      tp_ranges(sp, in, s.tp_rank, s.tp, total, w.name);
+      KILN_CHECK(total * w.shape[1] % in == 0, parent.name, ": its int4 groups of ",
+                 in / std::max<int64_t>(1, w.shape[1]), " inputs do not divide over ", s.tp,
+                 " ranks of ", total, " input features; quantize with groups of at most ", total,
+                 " or use fewer ranks");
+      r.shape[1] = total * w.shape[1] / in;
+    }
+    out.push_back(r);
+  }
+  return out;
+}
 
 std::vector<std::pair<std::string, Tensor>> shard_weights(
     const ModelConfig& c, const std::vector<std::pair<std::string, Tensor>>& full, WeightQuant q,
@@ -181,17 +231,11 @@ std::vector<std::pair<std::string, Tensor>> shard_weights(
   std::map<std::string, const WeightSpec*> spec;
   const auto layout = engine_layout(c, q, group, act_order);
   for (const WeightSpec& w : layout) spec[w.name] = &w;
-  const auto [first, last] = stage_layers(c, s);
   std::vector<std::pair<std::string, Tensor>> out;
   for (const auto& [name, t] : full) {
     auto it = spec.find(name);
     KILN_CHECK(it != spec.end(), "shard: '", name, "' is not in the engine layout");
-    if (name.rfind("layers.", 0) == 0) {
-      const int64_t l = std::stoll(name.substr(7));
-      if (l < first || l >= last) continue;
-    } else if (!stage_holds(c, name, s)) {
-      continue;
-    }
+    if (!stage_holds(c, name, s)) continue;
     out.emplace_back(name, shard_tensor(t, *it->second, s));
   }
   return out;

@@ -11,6 +11,7 @@
 #include "arch/model_config.h"
 #include "core/quant.h"
 #include "core/tensor.h"
+#include "graph/layout.h"
 
 namespace kiln {
 
@@ -38,6 +39,22 @@ std::pair<int64_t, int64_t> stage_layers(const ModelConfig& c, const Shard& s);
 // Rows of the vocabulary one rank's embedding and LM head hold: ceil(vocab / tp); rank r holds
 // tokens [r * slice, (r + 1) * slice), the last rank's tail padded with zero rows.
 int64_t vocab_slice(int64_t vocab, int tp);
+
+// What rank `tp_rank` of `tp` takes along a split axis of `extent` elements (rows, or input
+// features): {start, length} ranges in order; `total` gets the slice's length, more than the
+// ranges cover where the vocabulary is padded. Throws naming `name` when the split does not
+// divide.
+std::vector<std::pair<int64_t, int64_t>> tp_ranges(const TpSplit& split, int64_t extent,
+                                                   int tp_rank, int tp, int64_t& total,
+                                                   const std::string& name);
+
+// Whether the rank's pipeline stage holds the weight (engine layout name, scale slots included).
+bool stage_holds(const ModelConfig& c, const std::string& name, const Shard& s);
+
+// engine_layout(c, q, group, act_order) as rank `s` holds it: its stage's weights, each with the
+// shape of its slice. The weights of a per-rank engine file (kiln build --tp / --pp).
+std::vector<WeightSpec> sharded_layout(const ModelConfig& c, WeightQuant q, int64_t group,
+                                       bool act_order, const Shard& s);
 
 // The weights a rank holds, in order, from engine host weights `full` (engine_layout(c, q, group,
 // act_order) order, quantized weights carrying their scales and zeros): its stage's layers and

@@ -77,6 +77,13 @@ ModelInfo Engine::info() const {
     i.num_params += t.quant == WeightQuant::Int4 ? 2 * t.numel() : t.numel();  // 2 codes a byte
     i.weight_bytes += int64_t(t.weight_bytes());
   }
+  if (!m.rank_weights.empty()) {  // a sharded engine: the model's parameters, the ranks' bytes
+    for (const WeightSpec& s : engine_layout(m.config))
+      if (s.role != WeightRole::Scale && s.role != WeightRole::Zero && s.role != WeightRole::Perm)
+        i.num_params += numel(s.shape);
+    for (const auto& r : m.rank_weights)
+      for (const auto& [n, t] : r) i.weight_bytes += int64_t(t.weight_bytes());
+  }
   return i;
 }
 
@@ -98,8 +105,15 @@ void Engine::start(const RuntimeConfig& rc) {
              weight_quant_name(m.quant),
              " weights with f32 activations, which only the CPU computes; build it with --dtype "
              "bf16 or f16 to run it on a GPU");
-  const bool sharded = rc.tp * rc.pp > 1;
-  check_shardable(m.config, rc.tp, rc.pp);
+  // A sharded engine runs on the ranks it was built for.
+  int tp = rc.tp, pp = rc.pp;
+  if (!m.rank_weights.empty()) {
+    KILN_CHECK((tp == 1 && pp == 1) || (tp == m.tp && pp == m.pp), "the engine was built for --tp ",
+               m.tp, " --pp ", m.pp, " (one weight file per rank), not --tp ", tp, " --pp ", pp);
+    tp = m.tp, pp = m.pp;
+  }
+  const bool sharded = tp * pp > 1;
+  check_shardable(m.config, tp, pp);
   if (rc.device == "cuda" || (rc.device == "auto" && !cpu_only && cuda_available())) {
     m.backend = make_cuda_backend(m.dtype);
     if (!m.backend) {
@@ -127,7 +141,7 @@ void Engine::start(const RuntimeConfig& rc) {
   // The KV cache: blocks of 16 tokens, block 0 reserved for padding rows; `block` bytes a
   // block on this device (rank 0's share of the layers and heads when sharded).
   constexpr int64_t bs = 16;
-  const Shard me = Shard::of(0, rc.tp, rc.pp);
+  const Shard me = Shard::of(0, tp, pp);
   const auto [first_layer, last_layer] = stage_layers(m.config, me);
   const size_t block = KVCache::block_bytes(rank_config(m.config, me), bs, m.backend->act_dtype(),
                                             m.kv_fp8, last_layer - first_layer);
@@ -172,18 +186,19 @@ void Engine::start(const RuntimeConfig& rc) {
     return blocks;
   };
   std::unique_ptr<Executor> ranks;
+  const WeightsOf weights_of = [&m](const Shard& sh) { return m.weights_of(sh); };
   int64_t blocks = 0;
   size_t total = 0;
   if (processes) {
     RankSetup s;
     s.config = m.config, s.dtype = m.dtype, s.quant = m.quant, s.quant_group = m.quant_group;
-    s.act_order = m.act_order, s.kv_fp8 = m.kv_fp8, s.tp = rc.tp, s.pp = rc.pp;
+    s.act_order = m.act_order, s.kv_fp8 = m.kv_fp8, s.tp = tp, s.pp = pp;
     s.device = m.backend->device() == Device::CUDA ? "cuda" : "cpu";
     s.threads = rc.threads, s.block_size = bs, s.max_seq_len = m.max_seq_len;
     if (s.device == "cpu" && s.threads == 0) {
       // CPU ranks on one machine share its cores: each gets its part (more threads than cores
       // spin and wait on each other between collectives).
-      s.threads = std::max(1, int(std::thread::hardware_concurrency()) / (rc.tp * rc.pp));
+      s.threads = std::max(1, int(std::thread::hardware_concurrency()) / (tp * pp));
       omp_set_num_threads(s.threads);
     }
     DistEnv env;
@@ -191,9 +206,9 @@ void Engine::start(const RuntimeConfig& rc) {
       env = *launched;
     } else {
       parse_dist_init(rc.dist_init.empty() ? "127.0.0.1:0" : rc.dist_init, env);
-      env.world = rc.tp * rc.pp;
+      env.world = tp * pp;
     }
-    auto pr = std::make_unique<ProcessRanks>(*m.backend, s, m.weights, env, launched.has_value(),
+    auto pr = std::make_unique<ProcessRanks>(*m.backend, s, weights_of, env, launched.has_value(),
                                              rc.rank_exe, [&](size_t free, size_t tot) {
                                                total = tot;
                                                return blocks = size_cache(free, tot);
@@ -202,9 +217,8 @@ void Engine::start(const RuntimeConfig& rc) {
     ranks = std::move(pr);
   } else if (sharded) {
     blocks = size_cache(0, 0);
-    auto tr =
-        std::make_unique<ThreadRanks>(m.config, m.weights, m.quant, m.quant_group, m.act_order,
-                                      rc.tp, rc.pp, blocks, bs, m.kv_fp8, m.max_seq_len);
+    auto tr = std::make_unique<ThreadRanks>(m.config, weights_of, tp, pp, blocks, bs, m.kv_fp8,
+                                            m.max_seq_len);
     m.cache = &tr->cache();
     ranks = std::move(tr);
   } else {
@@ -229,8 +243,8 @@ void Engine::start(const RuntimeConfig& rc) {
              ") and 1048576 (got ", m.max_num_tokens, ")");
   m.max_logit_rows = std::min(m.max_num_tokens, std::max<int64_t>(m.max_num_seqs, 512));
   if (sharded) {
-    ri.device = cat(ri.device, ", ", rc.tp * rc.pp, processes ? " processes" : " threads", " (tp ",
-                    rc.tp, ", pp ", rc.pp, ")");
+    ri.device = cat(ri.device, ", ", tp * pp, processes ? " processes" : " threads", " (tp ", tp,
+                    ", pp ", pp, ")");
     m.decoder = std::move(ranks);
   } else {
     Parallel par;

@@ -12,6 +12,7 @@
 #include "build/engine_file.h"
 #include "build/gguf_checkpoint.h"
 #include "build/quantize.h"
+#include "build/shard_plan.h"
 #include "core/error.h"
 #include "graph/layout.h"
 #include "io/gguf.h"
@@ -152,7 +153,13 @@ json manifest_of(const Engine::Impl& m) {
             {"max_batch", m.max_batch},
             {"max_seq_len", m.max_seq_len}}},
           {"source", m.source},
-          {"generation_defaults", m.generation_defaults}};
+          {"generation_defaults", m.generation_defaults},
+          {"parallel", {{"tp", m.tp}, {"pp", m.pp}}}};
+}
+
+// Rank r's weight file of a sharded engine.
+std::string rank_file(int r, int world) {
+  return cat("rank", r, "-of-", world, ".safetensors");
 }
 
 // A tokenizer or chat template shipped with the checkpoint must load at build time, not fail a
@@ -165,7 +172,17 @@ void check_tokenizer(const fs::path& dir) {
 
 ModelInfo write_plan(const Engine::Impl& m, const WeightPlan& plan, const fs::path& out,
                      const ProgressFn& progress) {
-  write_engine_folder(out, plan, {manifest_of(m), m.tokenizer_dir, progress, kWriteChunkBytes});
+  const EngineFolder folder{manifest_of(m), m.tokenizer_dir, progress, kWriteChunkBytes};
+  if (m.tp * m.pp == 1) {
+    write_engine_folder(out, plan, folder);
+  } else {  // one file per rank, each streamed from the same source rows
+    std::vector<std::pair<std::string, WeightPlan>> files;
+    for (int r = 0; r < m.tp * m.pp; ++r)
+      files.emplace_back(rank_file(r, m.tp * m.pp),
+                         shard_plan(plan, m.config, m.quant, m.quant_group, m.act_order,
+                                    Shard::of(r, m.tp, m.pp)));
+    write_engine_folder(out, files, folder);
+  }
   ModelInfo i = info_without_weights(m);
   for (const auto& pt : plan) {
     if (pt.name.ends_with(".scale") || pt.name.ends_with(".zero") ||
@@ -209,7 +226,18 @@ WeightPlan checkpoint_plan(const Checkpoint& ck, Engine::Impl& m) {
 
 }  // namespace
 
+namespace {
+
+void check_in_memory(const BuildConfig& bc) {
+  KILN_CHECK(bc.tp == 1 && bc.pp == 1,
+             "--tp / --pp at build time write one weight file per rank (kiln build -o DIR); to "
+             "run sharded from a Hugging Face folder, give --tp / --pp to run, chat or serve");
+}
+
+}  // namespace
+
 Engine Engine::build(const fs::path& hf_dir, const BuildConfig& bc) {
+  check_in_memory(bc);
   add_arch_specs(bc);
   BuildSource s = open_source(hf_dir);
   auto impl = prepare(s.ck, bc, s.tokenizer_dir, source_of(s.ck, hf_dir));
@@ -220,6 +248,7 @@ Engine Engine::build(const fs::path& hf_dir, const BuildConfig& bc) {
 }
 
 Engine Engine::build_dummy(const fs::path& config_json, const BuildConfig& bc, uint64_t seed) {
+  check_in_memory(bc);
   add_arch_specs(bc);
   Checkpoint ck = open_config(config_json);
   auto impl = prepare(ck, bc, config_json.parent_path(), dummy_source_of(ck, config_json, seed));
@@ -280,6 +309,8 @@ Engine Engine::open(const fs::path& dir, const BuildConfig& bc) {
 }
 
 void Engine::save(const fs::path& out) const {
+  KILN_CHECK(impl_->rank_weights.empty(),
+             "a sharded engine is written by kiln build --tp / --pp, not saved");
   write_plan(*impl_, plan_held(impl_->weights), out, {});
 }
 
@@ -329,35 +360,53 @@ Engine Engine::load(const fs::path& dir) {
     impl->max_seq_len = b.at("max_seq_len").get<int64_t>();
     impl->source = man.at("source");
     impl->generation_defaults = man.value("generation_defaults", json::object());
+    if (man.contains("parallel")) {
+      impl->tp = man["parallel"].at("tp").get<int>();
+      impl->pp = man["parallel"].at("pp").get<int>();
+    }
   } catch (const json::exception& e) {
     throw Error(cat(mf.string(), ": malformed manifest: ", e.what()));
   }
-  auto file = SafetensorsFile::open(dir / kWeights);
-  std::vector<std::string> problems;
-  const auto layout = engine_layout(impl->config, impl->quant, impl->quant_group, impl->act_order);
-  std::set<std::string> expected;
-  for (const auto& spec : layout) expected.insert(spec.name);
-  for (const auto& [name, ti] : file->tensors())
-    if (!expected.count(name)) problems.push_back("unexpected " + name);
-  for (const auto& spec : layout) {
-    if (!file->contains(spec.name)) {
-      problems.push_back("missing " + spec.name);
-      continue;
+  check_shardable(impl->config, impl->tp, impl->pp);
+  // Each weight file holds exactly its layout: the whole engine's, or one rank's shard.
+  auto read = [&](const fs::path& path, const std::vector<WeightSpec>& layout) {
+    auto file = SafetensorsFile::open(path);
+    std::vector<std::string> problems;
+    std::set<std::string> expected;
+    for (const auto& spec : layout) expected.insert(spec.name);
+    for (const auto& [name, ti] : file->tensors())
+      if (!expected.count(name)) problems.push_back("unexpected " + name);
+    std::vector<std::pair<std::string, Tensor>> w;
+    for (const auto& spec : layout) {
+      if (!file->contains(spec.name)) {
+        problems.push_back("missing " + spec.name);
+        continue;
+      }
+      Tensor t = file->get(spec.name);
+      const DType want = spec.dtype(impl->dtype);
+      if (t.shape != spec.shape || t.dtype != want) {
+        problems.push_back(cat(spec.name, " is ", dtype_name(t.dtype), shape_str(t.shape),
+                               " (expected ", dtype_name(want), shape_str(spec.shape), ")"));
+        continue;
+      }
+      w.push_back({spec.name, t});
     }
-    Tensor t = file->get(spec.name);
-    const DType want = spec.dtype(impl->dtype);
-    if (t.shape != spec.shape || t.dtype != want) {
-      problems.push_back(cat(spec.name, " is ", dtype_name(t.dtype), shape_str(t.shape),
-                             " (expected ", dtype_name(want), shape_str(spec.shape), ")"));
-      continue;
-    }
-    impl->weights.push_back({spec.name, t});
+    if (!problems.empty())
+      throw Error(
+          cat(path.string(), ": does not match its manifest: ", join_limited(problems, 8, "; ")));
+    return attach_scales(std::move(w), impl->quant);
+  };
+  const int world = impl->tp * impl->pp;
+  if (world == 1) {
+    impl->weights = read(dir / kWeights, engine_layout(impl->config, impl->quant, impl->quant_group,
+                                                       impl->act_order));
+  } else {
+    for (int r = 0; r < world; ++r)
+      impl->rank_weights.push_back(
+          read(dir / rank_file(r, world),
+               sharded_layout(impl->config, impl->quant, impl->quant_group, impl->act_order,
+                              Shard::of(r, impl->tp, impl->pp))));
   }
-  if (!problems.empty()) {
-    throw Error(cat((dir / kWeights).string(),
-                    ": does not match its manifest: ", join_limited(problems, 8, "; ")));
-  }
-  impl->weights = attach_scales(std::move(impl->weights), impl->quant);
   impl->tokenizer_dir = dir;
   return Engine(std::move(impl));
 }

@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "core/quant.h"
 #include "graph/decoder.h"
+#include "graph/shard.h"
 #include "kiln/kiln.h"
 #include "runtime/kv_cache.h"
 
@@ -49,6 +50,15 @@ struct Engine::Impl {
   std::string conversion;
   // Host weights in engine layout; a quantized weight carries its scales (no ".scale" entries).
   std::vector<std::pair<std::string, Tensor>> weights;
+  // A sharded engine (kiln build --tp / --pp): its ranks, and each rank's weights (rank order)
+  // instead of `weights`.
+  int tp = 1, pp = 1;
+  std::vector<std::vector<std::pair<std::string, Tensor>>> rank_weights;
+  // The weights rank s holds: its shard of `weights`, or its file's of a sharded engine.
+  std::vector<std::pair<std::string, Tensor>> weights_of(const Shard& s) const {
+    if (!rank_weights.empty()) return rank_weights[size_t(s.rank())];
+    return shard_weights(config, weights, quant, quant_group, act_order, s);
+  }
 
   // Runtime, created by start(); destroyed in reverse order (the decoder's buffers and the
   // cache before the backend).
@@ -121,6 +131,8 @@ struct Engine::Impl {
                "--kv-cache-dtype fp8 dequantizes into 16-bit attention; give --dtype bf16 or f16 "
                "(the engine dtype is f32)");
     KILN_CHECK(bc.max_batch >= 1, "max_batch must be >= 1 (got ", bc.max_batch, ")");
+    check_shardable(config, bc.tp, bc.pp);
+    tp = bc.tp, pp = bc.pp;
     max_batch = bc.max_batch;
     max_seq_len = bc.max_seq_len ? bc.max_seq_len : config.max_position_embeddings;
     KILN_CHECK(max_seq_len >= 1 && max_seq_len <= config.max_position_embeddings, "max_seq_len ",

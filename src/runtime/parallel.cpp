@@ -20,10 +20,8 @@ struct ThreadRanks::Rank {
   std::unique_ptr<Decoder> dec;
 };
 
-ThreadRanks::ThreadRanks(const ModelConfig& c,
-                         const std::vector<std::pair<std::string, Tensor>>& weights, WeightQuant q,
-                         int64_t group, bool act_order, int tp, int pp, int64_t num_blocks,
-                         int64_t block_size, bool kv_fp8, int64_t max_seq_len)
+ThreadRanks::ThreadRanks(const ModelConfig& c, const WeightsOf& weights_of, int tp, int pp,
+                         int64_t num_blocks, int64_t block_size, bool kv_fp8, int64_t max_seq_len)
     : config_(c), world_(std::make_unique<ThreadWorld>(tp * pp)) {
   check_shardable(c, tp, pp);
   for (int r = 0; r < tp * pp; ++r) {
@@ -31,7 +29,7 @@ ThreadRanks::ThreadRanks(const ModelConfig& c,
     k->shard = Shard::of(r, tp, pp);
     k->config = rank_config(c, k->shard);
     k->be = make_cpu_backend();
-    k->host = shard_weights(c, weights, q, group, act_order, k->shard);
+    k->host = weights_of(k->shard);
     std::vector<const Tensor*> h;
     for (const auto& [n, t] : k->host) h.push_back(&t);
     k->w = std::make_unique<DeviceWeights>(k->host, k->be->upload_all(h));

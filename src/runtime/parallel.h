@@ -2,6 +2,7 @@
 // which tests sharding on every commit and runs `kiln run --tp N --pp M --device cpu`.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -11,6 +12,8 @@
 
 namespace kiln {
 
+using WeightsOf = std::function<std::vector<std::pair<std::string, Tensor>>(const Shard&)>;
+
 // A model sharded over tp x pp ranks that are threads of this process, each with its own CPU
 // backend, weights (shard_weights), KV cache and decoder, talking through a ThreadWorld. Every
 // step runs on every rank at once. Pipeline stages take a batch as micro-batches (up to pp of
@@ -18,10 +21,10 @@ namespace kiln {
 // that fails fails the step on every rank, with its error.
 class ThreadRanks final : public Executor {
  public:
-  // `weights`: the engine's host weights (engine_layout(c, q, group, act_order) order). The KV
-  // caches get num_blocks blocks each, with the same block ids on every rank.
-  ThreadRanks(const ModelConfig& c, const std::vector<std::pair<std::string, Tensor>>& weights,
-              WeightQuant q, int64_t group, bool act_order, int tp, int pp, int64_t num_blocks,
+  // `weights_of(shard)`: the host weights a rank holds (shard_weights of the engine's, or its
+  // file's of a sharded engine). The KV caches get num_blocks blocks each, with the same block
+  // ids on every rank.
+  ThreadRanks(const ModelConfig& c, const WeightsOf& weights_of, int tp, int pp, int64_t num_blocks,
               int64_t block_size, bool kv_fp8, int64_t max_seq_len);
   ~ThreadRanks() override;
 

@@ -392,8 +392,7 @@ void reap(const std::vector<int>& pids) {
 
 }  // namespace
 
-ProcessRanks::ProcessRanks(Backend& be, const RankSetup& setup,
-                           const std::vector<std::pair<std::string, Tensor>>& weights,
+ProcessRanks::ProcessRanks(Backend& be, const RankSetup& setup, const WeightsOf& weights_of,
                            const DistEnv& env, bool launched, const std::string& rank_exe,
                            const std::function<int64_t(size_t, size_t)>& kv_blocks)
     : setup_(setup), be_(be) {
@@ -409,7 +408,7 @@ ProcessRanks::ProcessRanks(Backend& be, const RankSetup& setup,
     me_ = std::make_unique<RankState>();
     me_->shard = Shard::of(0, s.tp, s.pp);
     me_->be = &be_;
-    me_->host = shard_weights(s.config, weights, s.quant, s.quant_group, s.act_order, me_->shard);
+    me_->host = weights_of(me_->shard);
     me_->upload();
     const auto [free, total] = be_.memory();
     s.num_blocks = kv_blocks(free, total);
@@ -420,8 +419,7 @@ ProcessRanks::ProcessRanks(Backend& be, const RankSetup& setup,
     if (ids) hello["nccl"] = ids_json(*ids);
     for (int r = 1; r < env.world; ++r) {
       mesh_->send_msg(r, hello.dump());
-      const auto mine = shard_weights(s.config, weights, s.quant, s.quant_group, s.act_order,
-                                      Shard::of(r, s.tp, s.pp));
+      const auto mine = weights_of(Shard::of(r, s.tp, s.pp));
       Writer w;
       w.i64(int64_t(mine.size()));
       for (const auto& [n, t] : mine) {

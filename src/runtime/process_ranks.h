@@ -14,6 +14,7 @@
 
 #include "graph/decoder.h"
 #include "runtime/dist.h"
+#include "runtime/parallel.h"
 
 namespace kiln {
 
@@ -33,16 +34,15 @@ struct RankSetup {
 struct RankState;
 class Watchdog;
 
-// Rank 0's executor. `be`: rank 0's backend (the engine's); `weights`: the whole model's host
-// weights, sharded here for every rank. Ranks 1 .. world - 1 are launched on this node from
+// Rank 0's executor. `be`: rank 0's backend (the engine's); `weights_of(shard)`: the host
+// weights of each rank, which rank 0 sends it. Ranks 1 .. world - 1 are launched on this node from
 // `rank_exe` (a kiln binary; "": this executable) unless `launched` says they were started
 // already (mpirun), and connect to `env`'s host:port.
 class ProcessRanks final : public Executor {
  public:
   // `kv_blocks(free, total)`: the KV cache's blocks (s.num_blocks is ignored), given the memory
   // rank 0 has free once its weights are resident; every rank gets as many.
-  ProcessRanks(Backend& be, const RankSetup& s,
-               const std::vector<std::pair<std::string, Tensor>>& weights, const DistEnv& env,
+  ProcessRanks(Backend& be, const RankSetup& s, const WeightsOf& weights_of, const DistEnv& env,
                bool launched, const std::string& rank_exe,
                const std::function<int64_t(size_t free, size_t total)>& kv_blocks);
   ~ProcessRanks() override;

@@ -221,6 +221,12 @@ void register_model_commands(CLI::App& app) {
                   "token and KV head; with a 16-bit --dtype)")
         ->capture_default_str();
     add_arch_spec_arg(c, bc);
+    c->add_option("--tp", bc.tp,
+                  "tensor-parallel ranks: one weight file per rank, each holding its shard "
+                  "(docs/parallel.md)")
+        ->check(CLI::Range(1, 256));
+    c->add_option("--pp", bc.pp, "pipeline-parallel stages (with --tp: tp x pp weight files)")
+        ->check(CLI::Range(1, 256));
     c->add_flag("--dummy-weights", dummy, "seeded random weights of the shape --config describes");
     c->add_option("--config", config, "config.json for --dummy-weights");
     c->add_option("--seed", seed, "seed for --dummy-weights");
