@@ -1,5 +1,8 @@
 #include "runtime/parallel.h"
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -23,6 +26,7 @@ struct ThreadRanks::Rank {
 ThreadRanks::ThreadRanks(const ModelConfig& c, const WeightsOf& weights_of, int tp, int pp,
                          int64_t num_blocks, int64_t block_size, bool kv_fp8, int64_t max_seq_len)
     : config_(c), world_(std::make_unique<ThreadWorld>(tp * pp)) {
+  threads_per_rank_ = std::max(1, omp_get_max_threads() / (tp * pp));
   check_shardable(c, tp, pp);
   for (int r = 0; r < tp * pp; ++r) {
     auto k = std::make_unique<Rank>();
@@ -74,6 +78,9 @@ void ThreadRanks::on_all(F&& f) {
   for (size_t i = 0; i < ranks_.size(); ++i)
     threads.emplace_back([&, i] {
       try {
+        // The ranks share the cores: each its part (more threads than cores spin and wait on
+        // each other between collectives).
+        omp_set_num_threads(threads_per_rank_);
         f(*ranks_[i]);
       } catch (const std::exception& e) {
         world_->abort(int(i), e.what());  // the others stop waiting for this rank

@@ -49,6 +49,7 @@ class ThreadRanks final : public Executor {
   std::unique_ptr<ThreadWorld> world_;
   std::vector<std::unique_ptr<Rank>> ranks_;
   std::vector<int32_t> tokens_;
+  int threads_per_rank_ = 1;
   std::vector<float> logits_;
 };
 
