@@ -113,15 +113,7 @@ TEST_P(Sharded, MatchesOneRank) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, Sharded,
-                         ::testing::Values("llama", "llama31_rope", "mistral_swa", "qwen2", "qwen3",
-                                           "gemma", "gemma2", "gemma3_text", "phi3", "gpt2",
-                                           "mixtral", "qwen2_moe", "gemma_tied", "gemma2_tied",
-                                           "gemma3_tied", "qwen3_moe", "starcoder2", "granite",
-                                           "phi", "gpt_neox", "gpt_neox_seq", "cohere", "olmo2",
-                                           "cohere2", "olmo3", "falcon_mq", "falcon_new",
-                                           "falcon_seq", "smollm3", "gpt_oss", "deepseek_v2",
-                                           "cohere_qk", "phi_qk", "deepseek_v3"));
+INSTANTIATE_TEST_SUITE_P(Fixtures, Sharded, ::testing::ValuesIn(kHfParityFixtures));
 
 TEST(Sharded, ProcessesMatchOneRank) {
   // Ranks as processes (kiln binaries started by the engine, talking over TCP): the path GPUs

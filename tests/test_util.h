@@ -27,6 +27,16 @@ inline fs::path data(const std::string& rel) {
 inline fs::path demo() {
   return fs::path(KILN_TEST_DATA).parent_path().parent_path() / "models/demo";
 }
+// Every architecture fixture with transformers' reference logits (tests/fixtures/hf), as the
+// parity tests run them.
+inline const std::vector<std::string> kHfParityFixtures = {
+    "llama",       "llama31_rope", "mistral_swa",  "qwen2",      "qwen3",      "gemma",
+    "gemma2",      "gemma3_text",  "phi3",         "gpt2",       "mixtral",    "qwen2_moe",
+    "gemma_tied",  "gemma2_tied",  "gemma3_tied",  "qwen3_moe",  "starcoder2", "granite",
+    "phi",         "gpt_neox",     "gpt_neox_seq", "cohere",     "olmo2",      "cohere2",
+    "olmo3",       "falcon_mq",    "falcon_new",   "falcon_seq", "smollm3",    "gpt_oss",
+    "deepseek_v2", "cohere_qk",    "phi_qk",       "deepseek_v3"};
+
 inline fs::path hf(const std::string& arch) {
   return data("hf/" + arch);
 }
