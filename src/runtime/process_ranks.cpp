@@ -419,14 +419,15 @@ ProcessRanks::ProcessRanks(Backend& be, const RankSetup& setup, const WeightsOf&
     if (ids) hello["nccl"] = ids_json(*ids);
     for (int r = 1; r < env.world; ++r) {
       mesh_->send_msg(r, hello.dump());
+      // Its shard, a tensor a message (the shard is never copied whole).
       const auto mine = weights_of(Shard::of(r, s.tp, s.pp));
-      Writer w;
-      w.i64(int64_t(mine.size()));
+      mesh_->send_msg(r, std::to_string(mine.size()));
       for (const auto& [n, t] : mine) {
+        Writer w;
         w.str(n);
         w.tensor(t);
+        mesh_->send_msg(r, w.s);
       }
-      mesh_->send_msg(r, w.s);
     }
     me_->connect(*mesh_, s, ids.get());
     me_->build(s);
@@ -522,14 +523,12 @@ void serve_rank(const DistEnv& env) {
     r.own_be = make_cpu_backend();
   }
   r.be = r.own_be.get();
-  {
+  const int64_t n = std::stoll(mesh.recv_msg(0));
+  for (int64_t i = 0; i < n; ++i) {
     const std::string blob = mesh.recv_msg(0);
     Reader rd{blob};
-    const int64_t n = rd.i64();
-    for (int64_t i = 0; i < n; ++i) {
-      std::string name = rd.str();
-      r.host.emplace_back(std::move(name), rd.tensor());
-    }
+    std::string name = rd.str();
+    r.host.emplace_back(std::move(name), rd.tensor());
   }
   std::unique_ptr<NcclIds> ids;
   if (hello.contains("nccl")) ids = std::make_unique<NcclIds>(ids_from(hello["nccl"]));
