@@ -126,6 +126,14 @@ Tensor take_cols(const Tensor& t, const std::vector<Range>& ranges, int64_t tota
   return o;
 }
 
+// A split by input features keeps whole stored columns: int4 groups (or packed code bytes) of
+// in / cols inputs each must not straddle two ranks' slices of `total` inputs.
+void check_groups(const std::string& name, int64_t in, int64_t cols, int tp, int64_t total) {
+  KILN_CHECK(total * cols % in == 0, name, ": its int4 groups of ", in / std::max<int64_t>(1, cols),
+             " inputs do not divide over ", tp, " ranks of ", total,
+             " input features; quantize with groups of at most ", total, " or use fewer ranks");
+}
+
 Tensor shard_tensor(const Tensor& t, const WeightSpec& spec, const Shard& s) {
   const TpSplit& sp = spec.split;
   if (sp.rank0) return s.tp_rank == 0 ? t : Tensor::zeros(t.dtype, t.shape);
@@ -146,12 +154,8 @@ Tensor shard_tensor(const Tensor& t, const WeightSpec& spec, const Shard& s) {
   KILN_CHECK(!t.input_perm, spec.name,
              ": act-order int4 weights (an input order) do not split by input features under "
              "--tp; build it with --tp 1 or from a checkpoint without desc_act");
-  if (t.quant == WeightQuant::Int4 && t.scales && t.scales->shape.size() == 2) {
-    const int64_t g = in / t.scales->shape[1];
-    KILN_CHECK(total % g == 0, spec.name, ": its int4 groups of ", g, " inputs do not divide over ",
-               s.tp, " ranks of ", total, " input features; quantize with groups of at most ",
-               total, " or use fewer ranks");
-  }
+  if (t.quant == WeightQuant::Int4 && t.scales && t.scales->shape.size() == 2)
+    check_groups(spec.name, in, t.scales->shape[1], s.tp, total);
   Tensor o = take_cols(t, ranges, total, in, spec.name);
   o.quant = t.quant;
   if (t.scales)  // per-channel scales stay whole; int4 group scales split with their inputs
@@ -213,10 +217,7 @@ std::vector<WeightSpec> sharded_layout(const ModelConfig& c, WeightQuant q, int6
                  "under --tp");
       int64_t total = 0;
       tp_ranges(sp, in, s.tp_rank, s.tp, total, w.name);
-      KILN_CHECK(total * w.shape[1] % in == 0, parent.name, ": its int4 groups of ",
-                 in / std::max<int64_t>(1, w.shape[1]), " inputs do not divide over ", s.tp,
-                 " ranks of ", total, " input features; quantize with groups of at most ", total,
-                 " or use fewer ranks");
+      check_groups(parent.name, in, w.shape[1], s.tp, total);
       r.shape[1] = total * w.shape[1] / in;
     }
     out.push_back(r);
