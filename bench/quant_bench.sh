@@ -10,7 +10,7 @@
 # Results in $OUT: log, tests.txt.
 #
 #   bench/quant_bench.sh                        # everything
-#   STAGES="build tests" bench/quant_bench.sh   # subset of: build tests ceilings bench kv tg fp8
+#   STAGES="build tests" bench/quant_bench.sh   # subset of: build tests ceilings bench kv tg profile fp8
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/quant_bench}
@@ -96,6 +96,16 @@ if has tg; then
     stamp "tg128 8B $q (dummy weights in memory)"
     timeout 200 "$BUILD/kiln" bench --dummy-weights "bench/configs/$M/config.json" --dtype bf16 \
       --quant "$q" --max-seq-len 2048 --device cuda -p 0 -n 128 -b 1,8 -r "$REPS" 2>&1 | tail -n 3
+  done
+fi
+
+if has profile; then
+  # Per-op GPU time of one decode (graphs off, so each op is timed) for $TG_QUANTS.
+  for q in ${TG_QUANTS:-none int4-wo}; do
+    stamp "per-op GPU time, tg128 8B $q"
+    KILN_CUDA_PROFILE=1 timeout 200 "$BUILD/kiln" bench --dummy-weights \
+      "bench/configs/$M/config.json" --dtype bf16 --quant "$q" --max-seq-len 2048 --device cuda \
+      -p 0 -n 128 -b 1 -r 1 2>&1 | tail -n 20
   done
 fi
 

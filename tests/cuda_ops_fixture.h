@@ -114,7 +114,19 @@ class CudaOps : public ::testing::TestWithParam<DType> {
       for (int64_t c = cols; c < ld_got; ++c) clobbered += got[size_t(r * ld_got + c)] != kPoison;
     }
     const double err = std::sqrt(num / std::max(den, 1e-30));
-    EXPECT_LE(err, tol) << label(dt) << " " << what;
+    // On failure, each row's own error: one bad row (a routing choice, a tail) reads differently
+    // from a uniformly wrong result.
+    std::string rows_err;
+    if (!(err <= tol))
+      for (int64_t r = 0; r < rows && r < 32; ++r) {
+        double rn = 0, rd = 0;
+        for (int64_t c = 0; c < cols; ++c) {
+          const double a = got[size_t(r * ld_got + c)], b = want[size_t(r * ld_want + c)];
+          rn += (a - b) * (a - b), rd += b * b;
+        }
+        rows_err += cat(r ? " " : "; rows:", " ", std::sqrt(rn / std::max(rd, 1e-30)));
+      }
+    EXPECT_LE(err, tol) << label(dt) << " " << what << rows_err;
     EXPECT_EQ(clobbered, 0) << label(dt) << " " << what << ": wrote outside its columns";
   }
 

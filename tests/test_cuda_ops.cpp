@@ -652,10 +652,16 @@ TEST_P(CudaOps, MoE) {
             std::vector<float> want(size_t(n * H));
             cpu->moe_ffn(x.data(), n, H, wh, mp, act, want.data());
             void* out = up(std::vector<float>(size_t(n * H), kPoison));
-            gpu->moe_ffn(up(x), n, H, wd, mp, act, out);
-            expect_close(down(out, size_t(n * H)), H, want, H, n, H,
-                         cat("moe n=", n, " k=", k, renorm ? " renorm" : "",
-                             shared ? " shared" : "", " mode ", mode));
+            void* xd = up(x);
+            gpu->moe_ffn(xd, n, H, wd, mp, act, out);
+            const std::vector<float> got = down(out, size_t(n * H));
+            const std::string what = cat("moe n=", n, " k=", k, renorm ? " renorm" : "",
+                                         shared ? " shared" : "", " mode ", mode);
+            expect_close(got, H, want, H, n, H, what);
+            // The same call again gives the same bits (no race on the routing scratch).
+            void* again = up(std::vector<float>(size_t(n * H), kPoison));
+            gpu->moe_ffn(xd, n, H, wd, mp, act, again);
+            EXPECT_EQ(down(again, size_t(n * H)), got) << label(dt) << " " << what << ": rerun";
           }
         }
       }
