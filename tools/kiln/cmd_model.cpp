@@ -380,8 +380,12 @@ void register_model_commands(CLI::App& app) {
       start_engine(e, rc);
       std::mt19937 rng(1234);
       std::uniform_int_distribution<int32_t> tok(0, int32_t(info.vocab_size - 1));
-      const std::string backend = e.device_name();
-      const int threads = backend == "CPU" ? omp_get_max_threads() : 0;
+      const std::string device = e.device_name();
+      const int threads = device == "CPU" ? omp_get_max_threads() : 0;
+      // Ranks in the backend column, as llama-bench names its split: "CUDA tp2", "CPU tp2 pp2".
+      std::string backend = device;
+      if (rc.tp > 1) backend += " tp" + std::to_string(rc.tp);
+      if (rc.pp > 1) backend += " pp" + std::to_string(rc.pp);
       nlohmann::json rows = nlohmann::json::array();
       if (format == "md") {
         std::printf("| model | size | params | backend | threads | test | batch | t/s |\n");
@@ -408,7 +412,9 @@ void register_model_commands(CLI::App& app) {
                         {"kv_cache_dtype", info.kv_cache_dtype},
                         {"model_size", info.weight_bytes},
                         {"model_n_params", info.num_params},
-                        {"backend", backend},
+                        {"backend", device},
+                        {"tp", std::max(1, rc.tp)},
+                        {"pp", std::max(1, rc.pp)},
                         {"n_threads", threads},
                         {"test", test},
                         {"n_prompt", n_prompt},
