@@ -142,5 +142,24 @@ TEST(QuantAwq, BuildsCalibratedEngines) {
   EXPECT_NE(err.find("dummy weights have nothing to calibrate"), std::string::npos) << err;
 }
 
+// A GGUF file's float weights calibrate with the tokenizer the file carries (written beside the
+// temporary checkpoint), as a Hugging Face folder's do with its tokenizer files.
+TEST(QuantAwq, CalibratesGgufWithItsOwnTokenizer) {
+  BuildConfig bc;
+  bc.dtype = "f32";
+  bc.quant = "int4-awq";
+  Engine e = Engine::build(data("gguf/llama.gguf"), bc);
+  EXPECT_EQ(e.info().quant, "int4-wo");
+  EXPECT_NE(e.info().calibration.find("AWQ on 512 tokens of the built-in text: "),
+            std::string::npos)
+      << e.info().calibration;
+  bc.quant = "none";
+  Engine ref = Engine::build(data("gguf/llama.gguf"), bc);
+  e.start({.device = "cpu"});
+  ref.start({.device = "cpu"});
+  const std::vector<int32_t> p = {5, 17, 300, 2, 99, 42, 7, 1};
+  EXPECT_LT(nmse(e.logits(p), ref.logits(p)), 5e-2);  // QuantQuality's int4 bound
+}
+
 }  // namespace
 }  // namespace kiln::test

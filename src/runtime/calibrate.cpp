@@ -44,15 +44,16 @@ std::vector<float> cpu_forward(const ModelConfig& c,
   return out;
 }
 
-AwqCalibration calibrate_awq(const Checkpoint& ck, DType dtype, const std::string& text,
-                             const std::string& text_name, int64_t max_tokens) {
+AwqCalibration calibrate_awq(const Checkpoint& ck, const std::filesystem::path& tokenizer_dir,
+                             DType dtype, const std::string& text, const std::string& text_name,
+                             int64_t max_tokens) {
   const ModelConfig& c = ck.config;
   KILN_CHECK(ck.weights, "--quant int4-awq calibrates a checkpoint's own weights (not dummy ones)");
   KILN_CHECK(ck.quant == WeightQuant::None && ck.fp8_block[0] == 0, ck.dir.string(),
              ": --quant int4-awq calibrates float weights; this checkpoint is already quantized");
   Tokenizer tok = [&] {
     try {
-      return Tokenizer::from_dir(ck.dir);
+      return Tokenizer::from_dir(tokenizer_dir);
     } catch (const Error& e) {
       throw Error(
           cat("--quant int4-awq calibrates on text and needs the model's tokenizer: ", e.what()));

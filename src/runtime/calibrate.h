@@ -3,6 +3,7 @@
 // (build/awq.h). kiln calibrates itself: no other framework, and the same decoder that serves.
 #pragma once
 
+#include <filesystem>
 #include <span>
 #include <string>
 #include <utility>
@@ -30,10 +31,12 @@ struct AwqCalibration {
   double err = 0, err_rtn = 0;  // summed squared output errors of the sample, AWQ and plain int4
   int64_t scaled = 0;           // weights whose best alpha is not 0
 };
-// Tokenizes `text` with the checkpoint's tokenizer (at most `max_tokens` tokens, in chunks the
-// model's context allows), runs it through the checkpoint's weights in `dtype` and searches every
-// awq_weights() scale. Throws kiln::Error naming what is missing (a tokenizer, enough text).
-AwqCalibration calibrate_awq(const Checkpoint& ck, DType dtype, const std::string& text,
-                             const std::string& text_name, int64_t max_tokens = 512);
+// Tokenizes `text` with the model's tokenizer (the files in `tokenizer_dir`: the checkpoint's
+// folder, or where a GGUF file's tokenizer was written; at most `max_tokens` tokens, in chunks
+// the model's context allows), runs it through the checkpoint's weights in `dtype` and searches
+// every awq_weights() scale. Throws kiln::Error naming what is missing (a tokenizer, enough text).
+AwqCalibration calibrate_awq(const Checkpoint& ck, const std::filesystem::path& tokenizer_dir,
+                             DType dtype, const std::string& text, const std::string& text_name,
+                             int64_t max_tokens = 512);
 
 }  // namespace kiln

@@ -215,7 +215,7 @@ WeightPlan checkpoint_plan(const Checkpoint& ck, Engine::Impl& m) {
                ": larger than 64 MiB (kiln reads its first 512 tokens)");
     name = m.calib;
   }
-  const AwqCalibration cal = calibrate_awq(ck, m.dtype, text, name);
+  const AwqCalibration cal = calibrate_awq(ck, m.tokenizer_dir, m.dtype, text, name);
   m.awq_info = {{"text", m.calib.empty() ? "the built-in text" : m.calib},
                 {"tokens", cal.tokens},
                 {"linears", int64_t(cal.scales.size())},
