@@ -293,14 +293,15 @@ __global__ void __launch_bounds__(kWarps * 32)
 // while this one is multiplied, so 2 * kDirectU * 32 bytes per lane stay in flight. The
 // activations' codes sit in shared memory ([n][in], quantized there by the block when fused,
 // copied from xq otherwise).
-constexpr int64_t kDirectSmemMax = 40 * 1024;  // n * in codes in shared memory
+constexpr int64_t kDirectSmemMax = 48 * 1024;  // n * in codes in shared memory
 
 template <typename T, bool Fused, int kDirectU>
 __global__ void __launch_bounds__(kWarps * 32)
     gemv_fp8_direct_kernel(const void* __restrict__ xv, int64_t ldq,
-                           const float* __restrict__ sx_in, int n, const uint8_t* __restrict__ w,
-                           const float* __restrict__ sw, int in, int out,
-                           const float* __restrict__ bias, T* __restrict__ y, int64_t ldy) {
+                           const float* __restrict__ sx_in, int n,
+                           const uint8_t* __restrict__ w, const float* __restrict__ sw, int in,
+                           int out, const float* __restrict__ bias, T* __restrict__ y,
+                           int64_t ldy) {
   pdl_trigger();
   extern __shared__ __align__(16) uint8_t xs[];  // [n][in] activation codes
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
@@ -351,8 +352,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int j = 0; j < kDirectU; ++j) {
       const int st = s0 + j * kWarps;
       if (st < steps) {
-        const uint4 xq =
-            has_x ? *reinterpret_cast<const uint4*>(xg + 64 * st) : make_uint4(0u, 0u, 0u, 0u);
+        const uint4 xq = has_x ? *reinterpret_cast<const uint4*>(xg + 64 * st)
+                               : make_uint4(0u, 0u, 0u, 0u);
         mma_e4m3(c, ca[j].x, cb[j].x, ca[j].y, cb[j].y, xq.x, xq.y);
         mma_e4m3(c, ca[j].z, cb[j].z, ca[j].w, cb[j].w, xq.z, xq.w);
       }
@@ -363,126 +364,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   store_rows<T>(c, warp, g, t, row0, n, out, Fused ? scale : sx_in, sw, bias, y, ldy);
 }
 
-// CUDA-core form for n <= 2: no tensor cores, so no A fragment to fill. A block of 256 threads
-// owns kCoreRows rows; a thread takes 16-byte chunks (16 codes) of each row, all rows' chunks
-// loaded before any is used. E4M3 codes become F32 by bit moves alone: sign to bit 31, the 7
-// exponent-mantissa bits to bits 20..26, which is the code's value times 2^-120 (normal and
-// subnormal codes alike; kiln's codes are never NaN: quantization saturates). The activations'
-// codes sit in shared memory and are decoded the same way, times 2^112, so each product is the
-// exact w * x times 2^-8 in F32, undone in the epilogue with the scales.
-constexpr int kCoreRows = 8;
-constexpr int64_t kCoreSmemMax = 32 * 1024;  // n * in codes in shared memory
-
-// Code k (0..3) of word w as F32, times 2^-120.
-template <int K>
-__device__ __forceinline__ float e4m3_scaled(uint32_t w) {
-  const uint32_t t = K == 3 ? w : w << (24 - 8 * K);  // the code in bits 24..31
-  return __uint_as_float((t & 0x80000000u) | ((t >> 4) & 0x07F00000u));
-}
-
-__device__ __forceinline__ void e4m3x16_scaled(const uint4& u, float* f) {
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[4 * i] = e4m3_scaled<0>(w[i]);
-    f[4 * i + 1] = e4m3_scaled<1>(w[i]);
-    f[4 * i + 2] = e4m3_scaled<2>(w[i]);
-    f[4 * i + 3] = e4m3_scaled<3>(w[i]);
-  }
-}
-
-template <typename T, bool Fused, int N>
-__global__ void __launch_bounds__(256)
-    gemv_fp8_core_kernel(const void* __restrict__ xv, int64_t ldq, const float* __restrict__ sx_in,
-                         const uint8_t* __restrict__ w, const float* __restrict__ sw, int in,
-                         int out, const float* __restrict__ bias, T* __restrict__ y, int64_t ldy) {
-  pdl_trigger();
-  extern __shared__ __align__(16) uint8_t xs[];  // [N][in] activation codes
-  const int row0 = int(blockIdx.x) * kCoreRows, chunks = in / 16;
-  const uint4* wr[kCoreRows];
-#pragma unroll
-  for (int r = 0; r < kCoreRows; ++r)
-    wr[r] = reinterpret_cast<const uint4*>(w + int64_t(min(row0 + r, out - 1)) * in);
-  uint4 wv[kCoreRows];
-  int c = int(threadIdx.x);
-  if (c < chunks)
-#pragma unroll
-    for (int r = 0; r < kCoreRows; ++r) wv[r] = ld_stream(wr[r] + c);
-  pdl_wait();  // the weights do not depend on the previous kernel; the activations do
-
-  __shared__ float scale[8], inv[8];
-  const int vecs = N * in / 8;
-  if constexpr (Fused) {
-    const T* x = static_cast<const T*>(xv);
-    token_scales<T>(x, ldq, N, in, scale, inv);
-    for (int i = int(threadIdx.x); i < vecs; i += int(blockDim.x)) {
-      const int tok = i * 8 / in, k = i * 8 % in;
-      float f[8];
-      unpack_vec<T>(*reinterpret_cast<const uint4*>(x + tok * ldq + k), f);
-      *reinterpret_cast<uint2*>(xs + tok * in + k) = to_e4m3x8(f, inv[tok]);
-    }
-  } else {
-    const uint8_t* xq = static_cast<const uint8_t*>(xv);
-    for (int i = int(threadIdx.x); i < vecs; i += int(blockDim.x)) {
-      const int tok = i * 8 / in, k = i * 8 % in;
-      *reinterpret_cast<uint2*>(xs + tok * in + k) =
-          *reinterpret_cast<const uint2*>(xq + tok * ldq + k);
-    }
-  }
-  __syncthreads();
-  float acc[N][kCoreRows];
-#pragma unroll
-  for (int t = 0; t < N; ++t)
-#pragma unroll
-    for (int r = 0; r < kCoreRows; ++r) acc[t][r] = 0.0f;
-  while (c < chunks) {
-    float xf[N][16];
-#pragma unroll
-    for (int t = 0; t < N; ++t) {
-      e4m3x16_scaled(*reinterpret_cast<const uint4*>(xs + t * in + 16 * c), xf[t]);
-#pragma unroll
-      for (int e = 0; e < 16; ++e) xf[t][e] *= 0x1p112f;  // exact: 2^-8 overall per product
-    }
-#pragma unroll
-    for (int r = 0; r < kCoreRows; ++r) {
-      float wf[16];
-      e4m3x16_scaled(wv[r], wf);
-#pragma unroll
-      for (int t = 0; t < N; ++t)
-#pragma unroll
-        for (int e = 0; e < 16; ++e) acc[t][r] = fmaf(wf[e], xf[t][e], acc[t][r]);
-    }
-    c += int(blockDim.x);
-    if (c < chunks)
-#pragma unroll
-      for (int r = 0; r < kCoreRows; ++r) wv[r] = ld_stream(wr[r] + c);
-  }
-  __shared__ float red[8][N * kCoreRows];
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-#pragma unroll
-  for (int t = 0; t < N; ++t)
-#pragma unroll
-    for (int r = 0; r < kCoreRows; ++r) {
-      const float v = warp_sum(acc[t][r]);
-      if (lane == 0) red[warp][t * kCoreRows + r] = v;
-    }
-  __syncthreads();
-  if (threadIdx.x < N * kCoreRows) {
-    const int t = int(threadIdx.x) / kCoreRows, r = int(threadIdx.x) % kCoreRows, row = row0 + r;
-    float v = 0.0f;
-    for (int k = 0; k < int(blockDim.x) / 32; ++k) v += red[k][threadIdx.x];
-    const float st = Fused ? scale[t] : sx_in[t];
-    if (row < out)
-      y[t * ldy + row] = from_f<T>(v * 0x1p8f * st * sw[row] + (bias ? bias[row] : 0.0f));
-  }
-}
-
-bool core_fits(const GemvFp8Params& p) {
-  return p.variant == 3 && p.n <= 2 && p.in % 16 == 0 && p.n * p.in <= kCoreSmemMax;
-}
-
 bool direct_fits(const GemvFp8Params& p) {
-  return p.variant != 1 && p.in % 64 == 0 && p.n * p.in <= kDirectSmemMax;
+  return !p.staged && p.in % 64 == 0 && p.n * p.in <= kDirectSmemMax;
 }
 
 template <typename T>
@@ -491,21 +374,12 @@ void launch_gemv(const GemvFp8Params& p, cudaStream_t s) {
   const bool fused = p.xq == nullptr;
   const void* x = fused ? p.x : static_cast<const void*>(p.xq);
   const int64_t ld = fused ? p.ldx : p.ldq;
-  if (core_fits(p)) {
-    const size_t smem = size_t(p.n * p.in);
-    const auto k =
-        p.n == 1 ? (fused ? gemv_fp8_core_kernel<T, true, 1> : gemv_fp8_core_kernel<T, false, 1>)
-                 : (fused ? gemv_fp8_core_kernel<T, true, 2> : gemv_fp8_core_kernel<T, false, 2>);
-    launch_kernel(k, unsigned((p.out + kCoreRows - 1) / kCoreRows), 256, smem, s, x, ld, p.sx, p.w,
-                  p.sw, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy);
-    return;
-  }
   if (direct_fits(p)) {
     const size_t smem = size_t(p.n * p.in);
-    const auto k =
-        p.steps_ahead == 2
-            ? (fused ? gemv_fp8_direct_kernel<T, true, 2> : gemv_fp8_direct_kernel<T, false, 2>)
-            : (fused ? gemv_fp8_direct_kernel<T, true, 4> : gemv_fp8_direct_kernel<T, false, 4>);
+    const auto k = p.steps_ahead == 2 ? (fused ? gemv_fp8_direct_kernel<T, true, 2>
+                                               : gemv_fp8_direct_kernel<T, false, 2>)
+                                      : (fused ? gemv_fp8_direct_kernel<T, true, 4>
+                                               : gemv_fp8_direct_kernel<T, false, 4>);
     launch_kernel(k, blocks, kWarps * 32, smem, s, x, ld, p.sx, int(p.n), p.w, p.sw, int(p.in),
                   int(p.out), p.bias, static_cast<T*>(p.y), p.ldy);
     return;

@@ -69,7 +69,7 @@ struct GemvFp8Params {
   const float* bias = nullptr;  // may be null
   void* y = nullptr;
   int64_t ldy = 0;
-  int variant = 0;      // experiment: 1 staged, 3 CUDA-core (n <= 2), else direct where it fits
+  bool staged = false;  // the shared-memory-staged kernel even where the direct one fits
   int steps_ahead = 0;  // direct kernel: 64-input steps a warp loads at once (0: default)
 };
 constexpr int64_t kGemvFp8FusedMax = 16384;  // n * in up to which the GEMV quantizes x itself

@@ -293,9 +293,9 @@ void launch_gemv_tc(const GemvW4Params& p, cudaStream_t s) {
   const auto k = p.steps_ahead == 1   ? gemv_w4_tc_kernel<T, 1>
                  : p.steps_ahead == 3 ? gemv_w4_tc_kernel<T, 3>
                                       : gemv_w4_tc_kernel<T, 2>;
-  launch_kernel(k, blocks, kTcWarps * 32, 0, s, static_cast<const T*>(p.x), p.ldx, int(p.n), p.w,
-                p.scales, p.zeros, int(p.in), int(p.out), int(p.group), p.bias,
-                static_cast<T*>(p.y), p.ldy);
+  launch_kernel(k, blocks, kTcWarps * 32, 0, s, static_cast<const T*>(p.x),
+                p.ldx, int(p.n), p.w, p.scales, p.zeros, int(p.in), int(p.out), int(p.group),
+                p.bias, static_cast<T*>(p.y), p.ldy);
 }
 
 template <typename T, int N>
