@@ -236,17 +236,6 @@ __device__ __forceinline__ float apply_gated(float g, float u, int a) {
   return (u + 1.0f) * (g / (1.0f + expf(-1.702f * g)));
 }
 
-// A 16-byte weight load that streams past L1 (read once per step: it would only evict the
-// activations every block re-reads). Volatile: stays in program order with pdl_wait, so the
-// first weight loads of a kernel really go out before it waits on the previous kernel.
-__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -286,104 +286,12 @@ __global__ void __launch_bounds__(kWarps * 32)
   store_rows<T>(c, warp, g, t, row0, n, out, Fused ? scale : sx_in, sw, bias, y, ldy);
 }
 
-// Direct form: no shared-memory staging of the weights and no barrier per tile. The block owns
-// 16 output rows and its 8 warps split `in` into 64-input steps (warp w takes w, w + 8, ...); a
-// lane loads the 16 bytes of rows g and g + 8 at input 64 * step + 16 t straight into the mma's
-// A fragment (the k order of the staged kernel), kDirectU steps a batch, the next batch in flight
-// while this one is multiplied, so 2 * kDirectU * 32 bytes per lane stay in flight. The
-// activations' codes sit in shared memory ([n][in], quantized there by the block when fused,
-// copied from xq otherwise).
-constexpr int64_t kDirectSmemMax = 48 * 1024;  // n * in codes in shared memory
-
-template <typename T, bool Fused, int kDirectU>
-__global__ void __launch_bounds__(kWarps * 32)
-    gemv_fp8_direct_kernel(const void* __restrict__ xv, int64_t ldq,
-                           const float* __restrict__ sx_in, int n,
-                           const uint8_t* __restrict__ w, const float* __restrict__ sw, int in,
-                           int out, const float* __restrict__ bias, T* __restrict__ y,
-                           int64_t ldy) {
-  pdl_trigger();
-  extern __shared__ __align__(16) uint8_t xs[];  // [n][in] activation codes
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
-  const int row0 = int(blockIdx.x) * 16, steps = in / 64;
-  // Rows past the end read the last row and are never stored.
-  const uint4* pa = reinterpret_cast<const uint4*>(w + int64_t(min(row0 + g, out - 1)) * in) + t;
-  const uint4* pb =
-      reinterpret_cast<const uint4*>(w + int64_t(min(row0 + g + 8, out - 1)) * in) + t;
-  uint4 ca[kDirectU], cb[kDirectU];
-#pragma unroll
-  for (int j = 0; j < kDirectU; ++j) {
-    const int st = warp + j * kWarps;
-    if (st < steps) ca[j] = ld_stream(pa + 4 * st), cb[j] = ld_stream(pb + 4 * st);
-  }
-  pdl_wait();  // the weights do not depend on the previous kernel; the activations do
-
-  __shared__ float scale[8], inv[8];
-  const int vecs = n * in / 8;  // 8 codes at a time
-  if constexpr (Fused) {
-    const T* x = static_cast<const T*>(xv);
-    token_scales<T>(x, ldq, n, in, scale, inv);
-    for (int i = int(threadIdx.x); i < vecs; i += int(blockDim.x)) {
-      const int tok = i * 8 / in, c = i * 8 % in;
-      float f[8];
-      unpack_vec<T>(*reinterpret_cast<const uint4*>(x + tok * ldq + c), f);
-      *reinterpret_cast<uint2*>(xs + tok * in + c) = to_e4m3x8(f, inv[tok]);
-    }
-  } else {
-    const uint8_t* xq = static_cast<const uint8_t*>(xv);
-    for (int i = int(threadIdx.x); i < vecs; i += int(blockDim.x)) {
-      const int tok = i * 8 / in, c = i * 8 % in;
-      *reinterpret_cast<uint2*>(xs + tok * in + c) =
-          *reinterpret_cast<const uint2*>(xq + tok * ldq + c);
-    }
-  }
-  __syncthreads();
-  const bool has_x = g < n;
-  const uint8_t* xg = xs + (has_x ? g : 0) * in + 16 * t;
-  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int s0 = warp; s0 < steps; s0 += kDirectU * kWarps) {
-    uint4 na[kDirectU], nb[kDirectU];
-#pragma unroll
-    for (int j = 0; j < kDirectU; ++j) {
-      const int st = s0 + (kDirectU + j) * kWarps;
-      if (st < steps) na[j] = ld_stream(pa + 4 * st), nb[j] = ld_stream(pb + 4 * st);
-    }
-#pragma unroll
-    for (int j = 0; j < kDirectU; ++j) {
-      const int st = s0 + j * kWarps;
-      if (st < steps) {
-        const uint4 xq = has_x ? *reinterpret_cast<const uint4*>(xg + 64 * st)
-                               : make_uint4(0u, 0u, 0u, 0u);
-        mma_e4m3(c, ca[j].x, cb[j].x, ca[j].y, cb[j].y, xq.x, xq.y);
-        mma_e4m3(c, ca[j].z, cb[j].z, ca[j].w, cb[j].w, xq.z, xq.w);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kDirectU; ++j) ca[j] = na[j], cb[j] = nb[j];
-  }
-  store_rows<T>(c, warp, g, t, row0, n, out, Fused ? scale : sx_in, sw, bias, y, ldy);
-}
-
-bool direct_fits(const GemvFp8Params& p) {
-  return !p.staged && p.in % 64 == 0 && p.n * p.in <= kDirectSmemMax;
-}
-
 template <typename T>
 void launch_gemv(const GemvFp8Params& p, cudaStream_t s) {
   const unsigned blocks = unsigned((p.out + 15) / 16);
   const bool fused = p.xq == nullptr;
   const void* x = fused ? p.x : static_cast<const void*>(p.xq);
   const int64_t ld = fused ? p.ldx : p.ldq;
-  if (direct_fits(p)) {
-    const size_t smem = size_t(p.n * p.in);
-    const auto k = p.steps_ahead == 2 ? (fused ? gemv_fp8_direct_kernel<T, true, 2>
-                                               : gemv_fp8_direct_kernel<T, false, 2>)
-                                      : (fused ? gemv_fp8_direct_kernel<T, true, 4>
-                                               : gemv_fp8_direct_kernel<T, false, 4>);
-    launch_kernel(k, blocks, kWarps * 32, smem, s, x, ld, p.sx, int(p.n), p.w, p.sw, int(p.in),
-                  int(p.out), p.bias, static_cast<T*>(p.y), p.ldy);
-    return;
-  }
   if (fused)
     launch_kernel(gemv_fp8_kernel<T, true>, blocks, kWarps * 32, 0, s, x, ld, p.sx, int(p.n), p.w,
                   p.sw, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy);

@@ -69,8 +69,6 @@ struct GemvFp8Params {
   const float* bias = nullptr;  // may be null
   void* y = nullptr;
   int64_t ldy = 0;
-  bool staged = false;  // the shared-memory-staged kernel even where the direct one fits
-  int steps_ahead = 0;  // direct kernel: 64-input steps a warp loads at once (0: default)
 };
 constexpr int64_t kGemvFp8FusedMax = 16384;  // n * in up to which the GEMV quantizes x itself
 constexpr int64_t kGemvFp8MaxRows = 8;

@@ -15,6 +15,14 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kRows = 4;
 
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
 // The 8 codes of `w` (columns 0..7: byte k holds columns 2k and 2k + 1) minus the zero point, as
 // floats: each nibble becomes the low mantissa byte of 2^23 (0x4B000000) by a byte permute, and
 // one subtraction of `bias` = 2^23 + zero leaves code - zero, exactly.
@@ -197,7 +205,7 @@ __device__ __forceinline__ void pairs8(const uint32_t* xw, uint32_t (&r)[4]) {
   r[3] = __byte_perm(xw[1], xw[3], 0x7632);
 }
 
-template <typename T, int kTcU>  // kTcU: steps a warp loads at once
+template <typename T>
 __global__ void __launch_bounds__(kTcWarps * 32)
     gemv_w4_tc_kernel(const T* __restrict__ x, int64_t ldx, int n, const uint8_t* __restrict__ w,
                       const float* __restrict__ scales, const uint8_t* __restrict__ zeros, int in,
@@ -213,63 +221,41 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   const bool has_x = g < n;  // lane g supplies x row g as the B operand's column g
   const uint4* xr = reinterpret_cast<const uint4*>(x + int64_t(has_x ? g : 0) * ldx) + 4 * q;
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  // A batch: kTcU steps (s0 + j * kTcWarps) of both rows' codes and their groups' scales and
-  // zeros, loaded before the previous batch's math so 2 * kTcU * 16 bytes a lane are in flight.
-  struct Batch {
-    uint4 a[kTcU], b[kTcU];
-    float sa[kTcU], sb[kTcU];
-    uint32_t za[kTcU], zb[kTcU];
-  };
-  const auto load = [&](Batch& bt, int s0) {
-#pragma unroll
-    for (int j = 0; j < kTcU; ++j) {
-      const int st = s0 + j * kTcWarps;
-      if (st < steps) {
-        bt.a[j] = ld_stream(wa + 4 * st), bt.b[j] = ld_stream(wb + 4 * st);
-        const int gi = st / steps_per_group;
-        bt.sa[j] = __ldg(scales + int64_t(ra) * groups + gi);
-        bt.sb[j] = __ldg(scales + int64_t(rb) * groups + gi);
-        bt.za[j] = __ldg(zeros + int64_t(ra) * groups + gi);
-        bt.zb[j] = __ldg(zeros + int64_t(rb) * groups + gi);
-      }
-    }
-  };
-  Batch cur, nxt;
-  load(cur, warp);
+  int s = warp;
+  uint4 na, nb;  // the next step's codes (a step is 128 codes: 4 uint4 of a row, one a lane)
+  if (s < steps) na = ld_stream(wa + 4 * s), nb = ld_stream(wb + 4 * s);
   pdl_wait();  // weights do not depend on the previous kernel; x does
-  for (int s0 = warp; s0 < steps; s0 += kTcU * kTcWarps) {
-    load(nxt, s0 + kTcU * kTcWarps);
+  for (; s < steps; s += kTcWarps) {
+    const uint4 ca = na, cb = nb;
+    const int next = s + kTcWarps;
+    if (next < steps) na = ld_stream(wa + 4 * next), nb = ld_stream(wb + 4 * next);
+    uint4 xv[4];
 #pragma unroll
-    for (int j = 0; j < kTcU; ++j) {
-      const int st = s0 + j * kTcWarps;
-      if (st >= steps) break;
-      uint4 xv[4];
+    for (int v = 0; v < 4; ++v)
+      xv[v] = has_x ? __ldg(xr + int64_t(s) * 16 + v) : make_uint4(0, 0, 0, 0);
+    const int gi = s / steps_per_group;
+    const float sa = __ldg(scales + int64_t(ra) * groups + gi);
+    const float sb = __ldg(scales + int64_t(rb) * groups + gi);
+    const float fa = Magic<T>::value + float(__ldg(zeros + int64_t(ra) * groups + gi));
+    const float fb = Magic<T>::value + float(__ldg(zeros + int64_t(rb) * groups + gi));
+    const uint32_t za = pack2<T>(fa, fa), zb = pack2<T>(fb, fb);  // magic + zero, exact
+    const uint32_t aw[4] = {ca.x, ca.y, ca.z, ca.w}, bw[4] = {cb.x, cb.y, cb.z, cb.w};
+    const uint32_t* xw = reinterpret_cast<const uint32_t*>(xv);
+    float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-      for (int v = 0; v < 4; ++v)
-        xv[v] = has_x ? __ldg(xr + int64_t(st) * 16 + v) : make_uint4(0, 0, 0, 0);
-      const float fa = Magic<T>::value + float(cur.za[j]);
-      const float fb = Magic<T>::value + float(cur.zb[j]);
-      const uint32_t za = pack2<T>(fa, fa), zb = pack2<T>(fb, fb);  // magic + zero, exact
-      const uint32_t aw[4] = {cur.a[j].x, cur.a[j].y, cur.a[j].z, cur.a[j].w};
-      const uint32_t bw[4] = {cur.b[j].x, cur.b[j].y, cur.b[j].z, cur.b[j].w};
-      const uint32_t* xw = reinterpret_cast<const uint32_t*>(xv);
-      float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {  // word k: codes q * 32 + 8k .. + 8 of both rows
-        uint32_t A[4], B[4], X[4];
-        codes8<T>(aw[k], za, A);
-        codes8<T>(bw[k], zb, B);
-        pairs8(xw + 4 * k, X);
-        const uint32_t f0[4] = {A[0], B[0], A[1], B[1]}, f1[4] = {A[2], B[2], A[3], B[3]};
-        mma16816<T>(t, f0, X[0], X[1]);
-        mma16816<T>(t, f1, X[2], X[3]);
-      }
-      acc[0] = fmaf(t[0], cur.sa[j], acc[0]);
-      acc[1] = fmaf(t[1], cur.sa[j], acc[1]);
-      acc[2] = fmaf(t[2], cur.sb[j], acc[2]);
-      acc[3] = fmaf(t[3], cur.sb[j], acc[3]);
+    for (int k = 0; k < 4; ++k) {  // word k: codes q * 32 + 8k .. + 8 of both rows
+      uint32_t A[4], B[4], X[4];
+      codes8<T>(aw[k], za, A);
+      codes8<T>(bw[k], zb, B);
+      pairs8(xw + 4 * k, X);
+      const uint32_t f0[4] = {A[0], B[0], A[1], B[1]}, f1[4] = {A[2], B[2], A[3], B[3]};
+      mma16816<T>(t, f0, X[0], X[1]);
+      mma16816<T>(t, f1, X[2], X[3]);
     }
-    cur = nxt;
+    acc[0] = fmaf(t[0], sa, acc[0]);
+    acc[1] = fmaf(t[1], sa, acc[1]);
+    acc[2] = fmaf(t[2], sb, acc[2]);
+    acc[3] = fmaf(t[3], sb, acc[3]);
   }
   // acc: rows g (0, 1) and g + 8 (2, 3), x rows 2q and 2q + 1. Sum the warps' partial tiles.
   __shared__ float red[kTcWarps][32][4];
@@ -290,10 +276,7 @@ __global__ void __launch_bounds__(kTcWarps * 32)
 template <typename T>
 void launch_gemv_tc(const GemvW4Params& p, cudaStream_t s) {
   const unsigned blocks = unsigned((p.out + kTcRows - 1) / kTcRows);
-  const auto k = p.steps_ahead == 1   ? gemv_w4_tc_kernel<T, 1>
-                 : p.steps_ahead == 3 ? gemv_w4_tc_kernel<T, 3>
-                                      : gemv_w4_tc_kernel<T, 2>;
-  launch_kernel(k, blocks, kTcWarps * 32, 0, s, static_cast<const T*>(p.x),
+  launch_kernel(gemv_w4_tc_kernel<T>, blocks, kTcWarps * 32, 0, s, static_cast<const T*>(p.x),
                 p.ldx, int(p.n), p.w, p.scales, p.zeros, int(p.in), int(p.out), int(p.group),
                 p.bias, static_cast<T*>(p.y), p.ldy);
 }

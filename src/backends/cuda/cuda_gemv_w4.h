@@ -27,7 +27,6 @@ struct GemvW4Params {
   const float* bias = nullptr;  // may be null
   void* y = nullptr;
   int64_t ldy = 0;
-  int steps_ahead = 0;  // tensor-core kernel: 128-code steps a warp loads at once (0: default)
 };
 constexpr int64_t kGemvW4MaxRows = 8;
 // 1 <= n <= 8, in % 32 == 0, group % 32 == 0 dividing in, 16-byte aligned x and w rows.
