@@ -10,7 +10,7 @@
 # Results in $OUT: log, tests.txt.
 #
 #   bench/quant_bench.sh                        # everything
-#   STAGES="build tests" bench/quant_bench.sh   # subset of: build tests ceilings bench kv tg profile fp8
+#   STAGES="build tests" bench/quant_bench.sh   # subset of: build tests ceilings gemv bench kv tg profile fp8
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/quant_bench}
@@ -33,7 +33,7 @@ if has build; then
   stamp "build"
   cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DKILN_TESTS=ON >/tmp/cmake.log 2>&1 ||
     tail -n 30 /tmp/cmake.log
-  if ! cmake --build "$BUILD" -j16 --target kiln kiln_tests >/tmp/build.log 2>&1; then
+  if ! cmake --build "$BUILD" -j16 --target kiln kiln_tests bench_gemv_quant >/tmp/build.log 2>&1; then
     grep -E "error|Error" /tmp/build.log | head -n 40
     echo "BUILD FAILED"
     exit 1
@@ -56,6 +56,11 @@ if has ceilings; then
   stamp "ceilings"
   nvcc -O3 -gencode=arch=compute_90a,code=sm_90a bench/ceilings.cu -lcublasLt -o "$BUILD/ceilings" &&
     timeout 120 "$BUILD/ceilings"
+fi
+
+if has gemv; then
+  stamp "quantized GEMV micro-benchmark (bench/gemv_quant.cpp)"
+  timeout 150 "$BUILD/bench_gemv_quant"
 fi
 
 if has bench; then
