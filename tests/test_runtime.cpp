@@ -200,6 +200,22 @@ TEST(Runtime, BenchPrintsMarkdownAndJson) {
   EXPECT_EQ(j[0]["n_batch"], 2);
   EXPECT_EQ(j[0]["samples_ts"].size(), 2u);
   EXPECT_GT(j[0]["avg_ts"].get<double>(), 0.0);
+  EXPECT_EQ(j[0]["tp"], 1);
+  EXPECT_EQ(j[0]["pp"], 1);
+  // Ranks show in the backend column (and the JSON's tp / pp), as llama-bench shows its split.
+  ASSERT_EQ(run_cli("bench " + (tmp / "e").string() + " --device cpu -p 0 -n 4 -r 1 --tp 2", &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("| CPU tp2 |"), std::string::npos) << out;
+  ASSERT_EQ(run_cli("bench " + (tmp / "e").string() +
+                        " --device cpu -p 0 -n 4 -r 1 --tp 2 --pp 2 -o json",
+                    &out),
+            0)
+      << out;
+  j = nlohmann::json::parse(out);
+  EXPECT_EQ(j[0]["backend"], "CPU");
+  EXPECT_EQ(j[0]["tp"], 2);
+  EXPECT_EQ(j[0]["pp"], 2);
   EXPECT_EQ(run_cli("bench " + (tmp / "e").string() + " --device cpu -o xml", &out), 1);
   EXPECT_NE(out.find("-o: expected md or json"), std::string::npos) << out;
 }
