@@ -20,6 +20,7 @@
 #include "backends/cuda/cuda_gemm.h"
 #include "backends/cuda/cuda_gemv_w4.h"
 #include "backends/cuda/cuda_kernels.h"
+#include "gpu_timing.h"
 
 namespace {
 
@@ -71,9 +72,6 @@ int main() {
       {"qkv", 4096, 6144}, {"o", 4096, 4096}, {"gate_up", 4096, 28672}, {"down", 14336, 4096}};
   cudaStream_t s;
   KILN_CUDA_CHECK(cudaStreamCreate(&s));
-  cudaEvent_t a, b;
-  KILN_CUDA_CHECK(cudaEventCreate(&a));
-  KILN_CUDA_CHECK(cudaEventCreate(&b));
   std::mt19937 rng(7);
   std::printf("| shape | n | kernel | us | GB/s |\n");
   std::printf("| --- | ---: | --- | ---: | ---: |\n");
@@ -106,15 +104,7 @@ int main() {
       return r;
     };
     const auto time = [&](const std::function<void(int)>& call, int copies) {
-      for (int i = 0; i < 2 * copies; ++i) call(i);
-      const int reps = std::max(30, 3 * copies);
-      KILN_CUDA_CHECK(cudaEventRecord(a, s));
-      for (int i = 0; i < reps; ++i) call(i);
-      KILN_CUDA_CHECK(cudaEventRecord(b, s));
-      KILN_CUDA_CHECK(cudaEventSynchronize(b));
-      float ms;
-      KILN_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-      return double(ms) * 1e3 / reps;
+      return bench::gpu_us_per_call(call, copies, 30, s);
     };
     const auto row = [&](int64_t n, const std::string& k, double us, size_t bytes) {
       std::printf("| %s %lldx%lld | %lld | %s | %.1f | %.0f |\n", sh.name, (long long)in,

@@ -16,6 +16,7 @@
 #include "backends/cuda/cuda_gemm.h"
 #include "backends/cuda/cuda_kernels.h"
 #include "backends/cuda/cuda_sample.h"
+#include "gpu_timing.h"
 
 namespace {
 
@@ -62,15 +63,7 @@ int main() {
               !cuda::gemv(DType::BF16, x, n, sh.in, wi, sh.in, sh.out, nullptr, y, sh.out, s))
             lt.run(DType::BF16, x, n, sh.in, wi, sh.in, sh.out, y, sh.out);
         };
-        for (int i = 0; i < 2 * copies; ++i) call(i);
-        const int reps = std::max(20, 2 * copies);
-        KILN_CUDA_CHECK(cudaEventRecord(a, s));
-        for (int i = 0; i < reps; ++i) call(i);
-        KILN_CUDA_CHECK(cudaEventRecord(b, s));
-        KILN_CUDA_CHECK(cudaEventSynchronize(b));
-        float ms;
-        KILN_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-        return double(ms) * 1e3 / reps;  // us per call (back-to-back launches)
+        return bench::gpu_us_per_call(call, copies, 20, s);  // back-to-back launches
       };
       const double tg = time(true), tl = time(false);
       std::printf("| %s | %lld | %lld | %lld | %.1f | %.0f | %.1f | %.0f |\n", sh.name,
