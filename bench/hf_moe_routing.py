@@ -26,7 +26,7 @@ def load(d, dt):
     return m.cuda().eval()
 
 
-def routers(model, k):
+def routers(model):
     """(name, module) of each router: a module named *router / *gate inside an MLP whose output
     carries the expert choice (indices) or the logits over experts."""
     out = []
@@ -59,7 +59,7 @@ def choice(output, k, n_experts):
 def run(model, ids, k, n_experts):
     rec = {}
     hooks = []
-    for name, mod in routers(model, k):
+    for name, mod in routers(model):
         def hook(m, i, o, name=name):
             rec[name] = choice(o, k, n_experts)
         hooks.append(mod.register_forward_hook(hook))
@@ -100,7 +100,7 @@ def main():
                 if flipped[pos] or e > 2e-2:
                     print(f"  {name} prompt {j} pos {pos}: bf16 err {e:.2e}; flips: "
                           f"{', '.join(flipped[pos]) or 'none'}")
-        print(f"[hf routing] {name:12s} routers {len(routers(m64, k))} | positions with a BF16 "
+        print(f"[hf routing] {name:12s} routers {len(routers(m64))} | positions with a BF16 "
               f"routing flip {flips}, worst err there {worst_flip:.2e} | worst err elsewhere "
               f"{worst_kept:.2e}", flush=True)
 
