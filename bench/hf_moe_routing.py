@@ -6,6 +6,11 @@ position reports its BF16 logit error (||bf16 - f64|| / ||f64||, as tests/test_c
 measures kiln) beside the layers where BF16 chose a different expert set. It also prints the
 smallest float64 routing margin (k-th best minus (k+1)-th best score) at each flipped choice.
 
+Runs on the GPU when torch sees one, else on the CPU (a few seconds per fixture; the CPU's BF16
+matmuls round like the GPU's at these sizes, but the flips need not be the same ones).
+tests/fixtures/make_hf_fixtures.py now checks the same thing (and more) before it accepts a MoE
+fixture's seed.
+
 usage: python3 bench/hf_moe_routing.py [fixture ...]   (default: gpt_oss deepseek_v3 qwen3_moe)
 """
 import json
@@ -13,6 +18,9 @@ import sys
 
 import torch
 from transformers import AutoModelForCausalLM
+
+# The GPU if there is one: transformers' BF16 kernels there are the ones users run.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load(d, dt):
@@ -23,7 +31,7 @@ def load(d, dt):
         m = AutoModelForCausalLM.from_pretrained(d, dtype=dt, **kw)
     except TypeError:
         m = AutoModelForCausalLM.from_pretrained(d, torch_dtype=dt, **kw)
-    return m.cuda().eval()
+    return m.to(DEV).eval()
 
 
 def routers(model):
@@ -81,7 +89,7 @@ def main():
         m64, m16 = load(d, torch.float64), load(d, torch.bfloat16)
         worst_flip, worst_kept, flips = 0.0, 0.0, 0
         for j, p in enumerate(ref["prompts"]):
-            ids = torch.tensor([p], device="cuda")
+            ids = torch.tensor([p], device=DEV)
             l64, r64 = run(m64, ids, k, n_experts)
             l16, r16 = run(m16, ids, k, n_experts)
             err = ((l16 - l64).norm(dim=-1) / l64.norm(dim=-1)).tolist()

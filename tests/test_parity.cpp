@@ -51,6 +51,33 @@ TEST_P(Parity, PrefillDecodeAndGreedy) {
               arch.c_str(), worst_prefill, worst_decode, greedy_match, ref.prompts.size());
 }
 
+// A BF16 engine on the CPU (matrices rounded to BF16, arithmetic in F32) against the float64
+// reference, at the bound the GPU's BF16 engines are held to (CudaParity.Bf16StaysClose). This is
+// the part of the GPU's error that comes from the weights alone, so a fixture too sensitive to
+// BF16 rounding (a MoE token near a routing tie) fails here in CI, not only on the device:
+// the first GPT-OSS fixture routed a token differently with BF16 weights (0.42 at one position).
+// tests/fixtures/make_hf_fixtures.py holds MoE fixtures to 1.5e-2 here and to identical routing.
+TEST_P(Parity, Bf16WeightsStayClose) {
+  const std::string arch = GetParam();
+  Reference ref = load_reference(arch);
+  BuildConfig bc;
+  bc.dtype = "bf16";
+  Engine e = Engine::build(hf(arch), bc);
+  e.start({.device = "cpu"});
+  const int64_t V = e.info().vocab_size;
+  double worst = 0;
+  for (size_t j = 0; j < ref.prompts.size(); ++j) {
+    const auto& p = ref.prompts[j];
+    const std::vector<float> got = e.logits(p);
+    for (size_t i = 0; i < p.size(); ++i) {
+      const double err = rel_err(got.data() + i * V, ref.logits[j].ptr<float>() + i * V, V);
+      worst = std::max(worst, err);
+      EXPECT_LE(err, 2e-2) << arch << " prompt " << j << " position " << i;
+    }
+  }
+  std::printf("[parity bf16 weights] %-14s max rel err %.2e\n", arch.c_str(), worst);
+}
+
 INSTANTIATE_TEST_SUITE_P(Hf, Parity, ::testing::ValuesIn(kHfParityFixtures));
 
 TEST(Engine, RoundTripIsBitIdentical) {
