@@ -103,14 +103,13 @@ class CudaBackend final : public Backend {
   // their buffers at once; the copy stays ordered on the stream.
   void to_device(void* dst, const void* src, size_t bytes) override {
     flush();
-    if (bytes)
-      KILN_CUDA_CHECK(cuda::memcpy_async(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
+    if (bytes) KILN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
   }
   void to_host(void* dst, const void* src, size_t bytes) override {
     flush();
     if (!bytes) return;
     if (bytes >= kChunkBytes) return read_pinned(src, bytes, dst);
-    KILN_CUDA_CHECK(cuda::memcpy_async(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    KILN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
     KILN_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
   void synchronize() override {
@@ -136,7 +135,7 @@ class CudaBackend final : public Backend {
     std::shared_ptr<void> owner(p, [](void* q) { cudaFree(q); });
     // On the stream, so the kernels that read the weight are ordered after the copy.
     if (bytes)
-      KILN_CUDA_CHECK(cuda::memcpy_async(p, host.data, bytes, cudaMemcpyHostToDevice, stream_));
+      KILN_CUDA_CHECK(cudaMemcpyAsync(p, host.data, bytes, cudaMemcpyHostToDevice, stream_));
     Tensor t = Tensor::view(host.dtype, host.shape, owner, p);
     t.device = Device::CUDA;
     return t;
@@ -254,8 +253,8 @@ class CudaBackend final : public Backend {
                size_t rows) override {
     flush();
     if (width && rows)
-      KILN_CUDA_CHECK(cuda::memcpy_2d_async(dst, dpitch, src, spitch, width, rows,
-                                            cudaMemcpyDeviceToDevice, stream_));
+      KILN_CUDA_CHECK(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows,
+                                        cudaMemcpyDeviceToDevice, stream_));
   }
   void* stream() override {
     flush();
@@ -447,7 +446,7 @@ class CudaBackend final : public Backend {
     std::memcpy(host.data(), pen, pb);
     std::memcpy(host.data() + pb, edits, eb);
     char* d = static_cast<char*>(scratch("edit_logits", grown(pb + eb)));
-    KILN_CUDA_CHECK(cuda::memcpy_async(d, host.data(), pb + eb, cudaMemcpyHostToDevice, stream_));
+    KILN_CUDA_CHECK(cudaMemcpyAsync(d, host.data(), pb + eb, cudaMemcpyHostToDevice, stream_));
     cuda::edit_logits(logits, vocab, reinterpret_cast<const RowPenalty*>(d),
                       reinterpret_cast<const LogitEdit*>(d + pb), n, stream_);
   }
@@ -468,11 +467,11 @@ class CudaBackend final : public Backend {
     auto* d_top_ids = reinterpret_cast<int32_t*>(d + 2 * ib);
     auto* d_top_lp = reinterpret_cast<float*>(d + 2 * ib + tb);
     std::memcpy(pinned_, ids, ib);
-    KILN_CUDA_CHECK(cuda::memcpy_async(d, pinned_, ib, cudaMemcpyHostToDevice, stream_));
+    KILN_CUDA_CHECK(cudaMemcpyAsync(d, pinned_, ib, cudaMemcpyHostToDevice, stream_));
     cuda::logprobs(logits, rows, vocab, reinterpret_cast<const int32_t*>(d), k, d_lp, d_top_ids,
                    d_top_lp, stream_);
     char* back = static_cast<char*>(pinned_) + ib;
-    KILN_CUDA_CHECK(cuda::memcpy_async(back, d_lp, ob, cudaMemcpyDeviceToHost, stream_));
+    KILN_CUDA_CHECK(cudaMemcpyAsync(back, d_lp, ob, cudaMemcpyDeviceToHost, stream_));
     KILN_CUDA_CHECK(cudaStreamSynchronize(stream_));
     std::memcpy(lp, back, ib);
     if (k > 0) {
@@ -502,8 +501,7 @@ class CudaBackend final : public Backend {
   }
   void to_host_async(void* dst, const void* src, size_t bytes) override {
     flush();
-    if (bytes)
-      KILN_CUDA_CHECK(cuda::memcpy_async(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    if (bytes) KILN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
   }
   uint64_t mark() override {
     flush();
@@ -534,10 +532,10 @@ class CudaBackend final : public Backend {
     void* ws = wsb ? scratch("sample_ws", wsb) : nullptr;
     // Pinned staging both ways: an async copy from pageable memory is staged synchronously.
     std::memcpy(pinned_, params, pb);
-    KILN_CUDA_CHECK(cuda::memcpy_async(dp, pinned_, pb, cudaMemcpyHostToDevice, stream_));
+    KILN_CUDA_CHECK(cudaMemcpyAsync(dp, pinned_, pb, cudaMemcpyHostToDevice, stream_));
     cuda::sample(logits, rows, vocab, dp, di, ws, stream_);
     char* back = static_cast<char*>(pinned_) + pb;
-    KILN_CUDA_CHECK(cuda::memcpy_async(back, di, ib, cudaMemcpyDeviceToHost, stream_));
+    KILN_CUDA_CHECK(cudaMemcpyAsync(back, di, ib, cudaMemcpyDeviceToHost, stream_));
     KILN_CUDA_CHECK(cudaStreamSynchronize(stream_));
     std::memcpy(host_ids, back, ib);
     if (prof_) prof_->harvest(true);
@@ -563,8 +561,8 @@ class CudaBackend final : public Backend {
       const size_t chunks = (gb + kChunkBytes - 1) / kChunkBytes;
       for (size_t c = 0; c < chunks; ++c) {
         const size_t off = c * kChunkBytes, m = std::min(kChunkBytes, gb - off);
-        KILN_CUDA_CHECK(cuda::memcpy_async(static_cast<char*>(pinned_) + off, s + g + off, m,
-                                           cudaMemcpyDeviceToHost, stream_));
+        KILN_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(pinned_) + off, s + g + off, m,
+                                        cudaMemcpyDeviceToHost, stream_));
         KILN_CUDA_CHECK(cudaEventRecord(chunk_done_[c], stream_));
       }
       for (size_t c = 0; c < chunks; ++c) {
@@ -755,7 +753,7 @@ class CudaBackend final : public Backend {
       s.second = 0;
       s.first = alloc(bytes);
       s.second = bytes;
-      if (zeroed) KILN_CUDA_CHECK(cuda::memset_async(s.first, 0, bytes, stream_));
+      if (zeroed) KILN_CUDA_CHECK(cudaMemsetAsync(s.first, 0, bytes, stream_));
     }
     return s.first;
   }

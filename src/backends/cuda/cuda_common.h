@@ -27,22 +27,6 @@ namespace kiln::cuda {
 // On unless KILN_CUDA_PDL=0.
 bool pdl_enabled();
 
-// griddepcontrol.wait orders a kernel after the previous *kernel* on its stream, not after a
-// copy or memset between them: launched with programmatic serialization right after one, a
-// kernel was seen to read the copy's destination before it landed (CudaOps.MoE in F16 routed on
-// stale inputs and its expert tables, and quantized MoE prefills read stale token metadata, on
-// an H100; with KILN_CUDA_PDL=0 both passed). So every copy or memset the backend issues goes
-// through these, which mark the stream, and the next kernel launched on it (launch_kernel) is a
-// plain launch that waits for everything before it. The mark is per host thread: a stream's
-// work is issued from one thread (one backend per device and rank).
-cudaError_t memcpy_async(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
-                         cudaStream_t s);
-cudaError_t memcpy_2d_async(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
-                            size_t rows, cudaMemcpyKind kind, cudaStream_t s);
-cudaError_t memset_async(void* dst, int value, size_t bytes, cudaStream_t s);
-// True (once) when the last work issued on `s` from this thread was a copy or memset.
-bool take_copy_mark(cudaStream_t s);
-
 }  // namespace kiln::cuda
 
 #define KILN_CUDA_CHECK(expr)                                                            \
@@ -223,7 +207,7 @@ void launch_kernel(void (*kernel)(K...), dim3 grid, dim3 block, size_t smem, cud
   cfg.dynamicSmemBytes = smem;
   cfg.stream = s;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl_enabled() && !take_copy_mark(s) ? 1 : 0;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
   KILN_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
 }
 

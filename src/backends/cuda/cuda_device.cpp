@@ -1,10 +1,8 @@
 // Process-wide CUDA facts and helpers the backend and its kernels share: error reporting,
 // whether launches use programmatic dependent launch, whether a GPU is there and which
 // runtime, driver and cuBLASLt versions kiln runs on (`kiln --version`).
-#include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <vector>
 
 #include "backends/cuda/cuda_common.h"
 #include "graph/backend.h"
@@ -25,39 +23,6 @@ bool pdl_enabled() {
     return !(e && std::strcmp(e, "0") == 0);
   }();
   return on;
-}
-
-namespace {
-// Streams whose last work from this thread was a copy or memset (see memcpy_async); one or two.
-thread_local std::vector<cudaStream_t> copied_on;
-void mark(cudaStream_t s) {
-  if (std::find(copied_on.begin(), copied_on.end(), s) == copied_on.end()) copied_on.push_back(s);
-}
-}  // namespace
-
-cudaError_t memcpy_async(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
-                         cudaStream_t s) {
-  mark(s);
-  return cudaMemcpyAsync(dst, src, bytes, kind, s);
-}
-
-cudaError_t memcpy_2d_async(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
-                            size_t rows, cudaMemcpyKind kind, cudaStream_t s) {
-  mark(s);
-  return cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows, kind, s);
-}
-
-cudaError_t memset_async(void* dst, int value, size_t bytes, cudaStream_t s) {
-  mark(s);
-  return cudaMemsetAsync(dst, value, bytes, s);
-}
-
-bool take_copy_mark(cudaStream_t s) {
-  if (copied_on.empty()) return false;  // the common case: one load, no search
-  const auto it = std::find(copied_on.begin(), copied_on.end(), s);
-  if (it == copied_on.end()) return false;
-  copied_on.erase(it);
-  return true;
 }
 
 }  // namespace cuda

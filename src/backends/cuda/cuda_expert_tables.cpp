@@ -25,7 +25,8 @@ const void* const* ExpertTables::get(const Tensor* const* ts, int64_t E, DType w
       d = nullptr;
     }
     KILN_CUDA_CHECK(cudaMalloc(&d, h.size() * sizeof(void*)));
-    KILN_CUDA_CHECK(memcpy_async(d, h.data(), h.size() * sizeof(void*), cudaMemcpyHostToDevice, s));
+    KILN_CUDA_CHECK(
+        cudaMemcpyAsync(d, h.data(), h.size() * sizeof(void*), cudaMemcpyHostToDevice, s));
     made = std::move(h);
   }
   return static_cast<const void* const*>(d);

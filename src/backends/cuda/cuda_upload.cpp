@@ -500,7 +500,8 @@ std::vector<Tensor> upload_plain(const std::vector<const Tensor*>& host, cudaStr
             size_t q = p + 1;
             for (; q < p1 && items[pieces[q].item].dst + pieces[q].off == dst + len; ++q)
               len += pieces[q].len;
-            KILN_CUDA_CHECK(memcpy_async(base + dst, buf + stage, len, cudaMemcpyHostToDevice, s));
+            KILN_CUDA_CHECK(
+                cudaMemcpyAsync(base + dst, buf + stage, len, cudaMemcpyHostToDevice, s));
             p = q;
           }
           KILN_CUDA_CHECK(cudaEventRecord(st.done[size_t(b)], s));
