@@ -188,6 +188,33 @@ __device__ __forceinline__ void pdl_trigger() {
 __device__ __forceinline__ void pdl_wait() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 }
+// Loads of what an earlier kernel on the stream wrote (activations, router choices). Under
+// programmatic dependent launch a kernel starts while the one before it is still running, so such
+// data changes during the reader's lifetime, and PTX allows the non-coherent path (__ldg,
+// ld.global.nc, or what nvcc may emit for a const __restrict__ pointer) only for data that stays
+// unchanged for the whole kernel. These plain ld.global loads are ordered after pdl_wait (both
+// volatile) and see the writes it waited for; kernels that read such data through plain pointers
+// do not mark them const __restrict__. Weights, scales and tables fixed at load keep the
+// non-coherent path. Seen on an H100: CudaOps.MoE in F16 gave rows off by ~1, and a second call
+// unlike the first, with PDL on (it passed with KILN_CUDA_PDL=0, or with its dense GEMVs moved to
+// cuBLASLt); with these loads it passes three runs of three in every dtype.
+__device__ __forceinline__ uint4 ld_act(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p)
+               : "memory");
+  return r;
+}
+__device__ __forceinline__ float4 ld_act(const float4* p) {
+  float4 r;
+  asm volatile("ld.global.v4.f32 {%0,%1,%2,%3}, [%4];"
+               : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w)
+               : "l"(p)
+               : "memory");
+  return r;
+}
+
 // First statement of every kernel that has nothing to do before its inputs are ready.
 __device__ __forceinline__ void pdl_begin() {
   pdl_trigger();

@@ -91,8 +91,8 @@ struct NormWeights {
 // y may alias x: all reads happen before the first reduction's barrier, all writes after.
 template <typename X, typename T, int TPR, int EPT, bool ADD>
 __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
-    norm_kernel(X* x, const T* __restrict__ delta, int64_t nvec, int64_t heads, int dim,
-                int64_t ldx, T* y, int64_t ldy, NormWeights nw, int kind, float eps) {
+    norm_kernel(X* x, const T* delta, int64_t nvec, int64_t heads, int dim, int64_t ldx, T* y,
+                int64_t ldy, NormWeights nw, int kind, float eps) {
   pdl_begin();
   constexpr int kVecs = (TPR < 256 ? 256 : TPR) / TPR;
   __shared__ float red[TPR / 32];

@@ -30,8 +30,8 @@ __device__ __forceinline__ uint2 to_e4m3x8(const float* f, float inv) {
 // One block per row: the row's max |x|, then its codes. Vec: 8 elements (16 bytes) at a time.
 template <typename T, bool Vec>
 __global__ void __launch_bounds__(kQuantThreads)
-    quant_act_fp8_kernel(const T* __restrict__ x, int64_t ldx, int in, uint8_t* __restrict__ q,
-                         int64_t ldq, float* __restrict__ scales) {
+    quant_act_fp8_kernel(const T* x, int64_t ldx, int in, uint8_t* __restrict__ q, int64_t ldq,
+                         float* __restrict__ scales) {
   pdl_begin();
   const T* xr = x + int64_t(blockIdx.x) * ldx;
   uint8_t* qr = q + int64_t(blockIdx.x) * ldq;
@@ -131,8 +131,8 @@ __device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1
 // Every token's scale (max |x| / 448) and reciprocal (448 / max |x|), 0 for tiny rows, into
 // shared scale[] / inv[]: the block reads all n * in activations (vectors of 8).
 template <typename T>
-__device__ __forceinline__ void token_scales(const T* __restrict__ x, int64_t ld, int n, int in,
-                                             float* scale, float* inv) {
+__device__ __forceinline__ void token_scales(const T* x, int64_t ld, int n, int in, float* scale,
+                                             float* inv) {
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   float m[kGemvFp8MaxRows];
 #pragma unroll
@@ -211,9 +211,9 @@ static_assert(kTileK / 64 == kWarps, "one 64-input step per warp per tile");
 
 template <typename T, bool Fused>
 __global__ void __launch_bounds__(kWarps * 32)
-    gemv_fp8_kernel(const void* __restrict__ xv, int64_t ldq, const float* __restrict__ sx_in,
-                    int n, const uint8_t* __restrict__ w, const float* __restrict__ sw, int in,
-                    int out, const float* __restrict__ bias, T* __restrict__ y, int64_t ldy) {
+    gemv_fp8_kernel(const void* xv, int64_t ldq, const float* sx_in, int n,
+                    const uint8_t* __restrict__ w, const float* __restrict__ sw, int in, int out,
+                    const float* __restrict__ bias, T* __restrict__ y, int64_t ldy) {
   pdl_trigger();
   __shared__ __align__(16) uint8_t tile[kStages][16 * kPitch];
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
@@ -249,10 +249,10 @@ __global__ void __launch_bounds__(kWarps * 32)
     if constexpr (Fused) {
       const uint4* p =
           reinterpret_cast<const uint4*>(static_cast<const T*>(xv) + int64_t(g) * ldq + col);
-      return {__ldg(p), __ldg(p + 1)};
+      return {ld_act(p), ld_act(p + 1)};
     } else {
       return {
-          __ldg(reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(xv) + g * ldq + col)),
+          ld_act(reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(xv) + g * ldq + col)),
           zero};
     }
   };

@@ -76,12 +76,12 @@ __device__ __forceinline__ void gemv_chunk(float (&acc)[N][ROWS], const uint4 (&
   for (int t = 0; t < N; ++t) {
     float xf[E];
     if constexpr (std::is_same<X, T>::value) {
-      unpack_vec<T>(__ldg(reinterpret_cast<const uint4*>(x + t * ldx) + c), xf);
+      unpack_vec<T>(ld_act(reinterpret_cast<const uint4*>(x + t * ldx) + c), xf);
     } else {
       const float4* xp = reinterpret_cast<const float4*>(x + t * ldx + int64_t(c) * E);
 #pragma unroll
       for (int q = 0; q < E / 4; ++q) {
-        const float4 v = __ldg(xp + q);
+        const float4 v = ld_act(xp + q);
         xf[4 * q] = v.x, xf[4 * q + 1] = v.y, xf[4 * q + 2] = v.z, xf[4 * q + 3] = v.w;
       }
     }
@@ -148,8 +148,8 @@ __device__ __forceinline__ void gemv_tile(const X* __restrict__ x, int64_t ldx,
 
 // Any shape or alignment, one element at a time (MoE fallback for odd sizes).
 template <typename T, int ROWS>
-__device__ __forceinline__ void gemv_tile_scalar(const T* __restrict__ x, const T* __restrict__ w,
-                                                 int in, int out, int row0, T* __restrict__ y) {
+__device__ __forceinline__ void gemv_tile_scalar(const T* x, const T* __restrict__ w, int in,
+                                                 int out, int row0, T* __restrict__ y) {
   float acc[1][ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) acc[0][r] = 0.0f;
@@ -215,10 +215,12 @@ __global__ void __launch_bounds__(kGemvThreads)
 
 template <typename T, int ROWS, bool VEC>
 __global__ void __launch_bounds__(kGemvThreads)
-    gemv_gather_kernel(const T* __restrict__ x, int64_t ldx, const T* const* __restrict__ ws,
-                       const int32_t* __restrict__ rows, const int32_t* __restrict__ experts,
-                       int64_t a0, int in, int out, T* __restrict__ y) {
+    gemv_gather_kernel(const T* __restrict__ x, int64_t ldx, const T* const* ws,
+                       const int32_t* rows, const int32_t* experts, int64_t a0, int in, int out,
+                       T* __restrict__ y) {
   pdl_begin();
+  // rows and experts come from the router kernel before this one: plain (coherent) loads, not
+  // the non-coherent path const __restrict__ would allow (see ld_act).
   const int64_t a = a0 + blockIdx.y;
   const T* xr = x + (rows ? int64_t(rows[a]) : a) * ldx;
   const T* w = ws[experts[a]];

@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kThreads)
       const uint4* xp = reinterpret_cast<const uint4*>(x + t * ldx + int64_t(c) * 32);
       float xf[32];
 #pragma unroll
-      for (int v = 0; v < 4; ++v) unpack_vec<T>(__ldg(xp + v), xf + 8 * v);
+      for (int v = 0; v < 4; ++v) unpack_vec<T>(ld_act(xp + v), xf + 8 * v);
       float xs = 0.0f;
 #pragma unroll
       for (int e = 0; e < 32; ++e) xs += xf[e];
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(kTcWarps * 32)
     uint4 xv[4];
 #pragma unroll
     for (int v = 0; v < 4; ++v)
-      xv[v] = has_x ? __ldg(xr + int64_t(s) * 16 + v) : make_uint4(0, 0, 0, 0);
+      xv[v] = has_x ? ld_act(xr + int64_t(s) * 16 + v) : make_uint4(0, 0, 0, 0);
     const int gi = s / steps_per_group;
     const float sa = __ldg(scales + int64_t(ra) * groups + gi);
     const float sb = __ldg(scales + int64_t(rb) * groups + gi);

@@ -72,8 +72,8 @@ __global__ void __launch_bounds__(kThreads)
       // 16 activations: two 16-byte vectors of a 16-bit type.
       const uint4* xp = reinterpret_cast<const uint4*>(x + t * ldx + int64_t(c) * 16);
       float xf[16];
-      unpack_vec<T>(__ldg(xp), xf);
-      unpack_vec<T>(__ldg(xp + 1), xf + 8);
+      unpack_vec<T>(ld_act(xp), xf);
+      unpack_vec<T>(ld_act(xp + 1), xf + 8);
 #pragma unroll
       for (int r = 0; r < kRows; ++r)
 #pragma unroll

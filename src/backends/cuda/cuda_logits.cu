@@ -53,7 +53,7 @@ __device__ __forceinline__ u64 warp_max_u64(u64 v) {
 // (or four floats) at a time so one SM keeps enough bytes in flight. Any visiting order is fine
 // for the callers: maxima and top lists are order-free, the sum is in double.
 template <typename F>
-__device__ __forceinline__ void for_row(const float* __restrict__ row, int n, F&& f) {
+__device__ __forceinline__ void for_row(const float* row, int n, F&& f) {
   const int tid = threadIdx.x;
   if ((n & 3) == 0 && (reinterpret_cast<uintptr_t>(row) & 15) == 0) {
     const float4* r4 = reinterpret_cast<const float4*>(row);
@@ -92,9 +92,8 @@ __device__ __forceinline__ void for_row(const float* __restrict__ row, int n, F&
 // k rounds of a block maximum over the lists' heads. Pass 2: the sum of the softmax terms.
 template <int K>
 __global__ void __launch_bounds__(kLpThreads)
-    logprobs_kernel(const float* __restrict__ logits, int n, const int32_t* __restrict__ ids, int k,
-                    float* __restrict__ lp, int32_t* __restrict__ top_ids,
-                    float* __restrict__ top_lp) {
+    logprobs_kernel(const float* logits, int n, const int32_t* ids, int k, float* __restrict__ lp,
+                    int32_t* __restrict__ top_ids, float* __restrict__ top_lp) {
   __shared__ u64 red[kLpWarps];
   __shared__ double dred[kLpWarps];
   __shared__ u64 top[K > 0 ? K : 1];

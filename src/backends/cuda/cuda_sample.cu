@@ -165,7 +165,7 @@ __device__ void sort_keys_desc(Smem& sm) {
 // that matters). All 32 lanes of a warp call f for the same group, so f may use warp
 // collectives.
 template <typename F>
-__device__ __forceinline__ void for_groups(const float* __restrict__ row, int n, bool vec, F&& f) {
+__device__ __forceinline__ void for_groups(const float* row, int n, bool vec, F&& f) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int groups = (n + 127) >> 7;
   for (int g0 = warp; g0 < groups; g0 += kWarps * kUnroll) {
@@ -327,7 +327,7 @@ __device__ u64 descend(Smem& sm, int bits, Fill&& fill) {
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
-    sample_kernel(const float* __restrict__ logits, int n, const SampleParams* __restrict__ params,
+    sample_kernel(const float* logits, int n, const SampleParams* __restrict__ params,
                   int32_t* __restrict__ out) {
   __shared__ Smem sm;
   pdl_begin();
