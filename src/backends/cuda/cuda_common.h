@@ -207,12 +207,9 @@ __device__ __forceinline__ uint4 ld_act(const uint4* p) {
   return r;
 }
 __device__ __forceinline__ float4 ld_act(const float4* p) {
-  float4 r;
-  asm volatile("ld.global.v4.f32 {%0,%1,%2,%3}, [%4];"
-               : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w)
-               : "l"(p)
-               : "memory");
-  return r;
+  const uint4 u = ld_act(reinterpret_cast<const uint4*>(p));
+  return make_float4(__uint_as_float(u.x), __uint_as_float(u.y), __uint_as_float(u.z),
+                     __uint_as_float(u.w));
 }
 
 // First statement of every kernel that has nothing to do before its inputs are ready.
