@@ -212,6 +212,17 @@ __device__ __forceinline__ float4 ld_act(const float4* p) {
                      __uint_as_float(u.w));
 }
 
+// Weights (fixed for the engine's life) streamed once per step: the non-coherent path, not kept
+// in L1, so they do not evict the activations every block re-reads. Volatile: stays in program
+// order with pdl_wait, so a kernel's first weight loads really go out before it waits.
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
 // First statement of every kernel that has nothing to do before its inputs are ready.
 __device__ __forceinline__ void pdl_begin() {
   pdl_trigger();

@@ -30,15 +30,6 @@ namespace {
 
 constexpr int kGemvThreads = 256;  // most threads per block
 
-// Volatile: stays in program order with pdl_wait, so the first loads really go out before it.
-__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
-
 // acc[t][r] summed over the block; thread t*ROWS + r stores y[t, row0 + r] (Y: the activation
 // type, or float for F32 logits).
 template <typename Y, int N, int ROWS>

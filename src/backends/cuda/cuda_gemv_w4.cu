@@ -15,14 +15,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kRows = 4;
 
-__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
-
 // The 8 codes of `w` (columns 0..7: byte k holds columns 2k and 2k + 1) minus the zero point, as
 // floats: each nibble becomes the low mantissa byte of 2^23 (0x4B000000) by a byte permute, and
 // one subtraction of `bias` = 2^23 + zero leaves code - zero, exactly.

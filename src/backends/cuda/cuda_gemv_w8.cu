@@ -14,14 +14,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kRows = 4;
 
-__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
-
 // Four signed bytes of `w` as floats: flip the sign bit (x + 128, unsigned), place each byte as
 // the low mantissa byte of 2^23 (0x4B000000), subtract 2^23 + 128. Exact for every int8.
 __device__ __forceinline__ void unpack_i8x4(uint32_t w, float* f) {
