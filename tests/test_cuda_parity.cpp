@@ -173,15 +173,12 @@ TEST_P(CudaParity, WeightOnlyQuantMatchesTheCpuEngine) {
     constexpr double kTol = 2e-2;
     Reference ref = load_reference(arch);
     const int64_t V = gpu.info().vocab_size;
-    // MoE fixtures: the router's top-k is a discrete choice between near-tied experts of random
-    // weights, and the CPU (F32 activations) and the GPU (BF16) can pick differently at a
-    // position; that position and the ones attending to its K/V then differ by more than the
-    // tolerance (seen: one position per MoE fixture and scheme, in decode only, while the dense
-    // fixtures, which share every quantized code path, stay within 1.5e-2). Their decode errors
-    // are printed, their prefill is held to the tolerance.
-    const nlohmann::json cfg = read_json(hf(arch) / "config.json");
-    const bool moe = cfg.contains("num_local_experts") || cfg.contains("num_experts") ||
-                     cfg.contains("n_routed_experts");
+    // MoE fixtures: the router's top-k is a discrete choice, and where two experts score within
+    // BF16 rounding of each other the CPU (F32 activations) and the GPU (BF16) may pick
+    // differently; that position and those attending to it then differ by 0.1-1. The MoE
+    // fixtures' seeds are chosen so no choice is that close in either scheme (an emulation of
+    // both engines: tests/fixtures/make_hf_fixtures.py, bf16_conditioning), so every fixture is
+    // held to the tolerance in prefill and decode alike.
     double worst_prefill = 0, worst_decode = 0;
     for (size_t j = 0; j < ref.prompts.size(); ++j) {
       const auto& p = ref.prompts[j];
@@ -194,8 +191,7 @@ TEST_P(CudaParity, WeightOnlyQuantMatchesTheCpuEngine) {
         const std::vector<float> step = s.forward(std::span<const int32_t>(&p[i], 1));
         const double derr = rel_err(step.data(), want.data() + i * V, V);
         worst_decode = std::max(worst_decode, derr);
-        if (!moe)
-          EXPECT_LE(derr, kTol) << arch << " prompt " << j << " position " << i << " (decode)";
+        EXPECT_LE(derr, kTol) << arch << " prompt " << j << " position " << i << " (decode)";
       }
     }
     const auto [agree, steps] = teacher_forced(gpu, ref);
