@@ -450,13 +450,8 @@ size_t max_over_parts(const AttnLaunch& a, int num_sms, F core, G decode) {
 template <typename T, typename KV, int DPL>
 void launch(const Args& args, dim3 grid, cudaStream_t s) {
   const size_t smem = smem_bytes(args.D);
-  static bool raised = false;  // per instantiation; the limit is per kernel, not per launch
-  if (!raised) {
-    KILN_CUDA_CHECK(cudaFuncSetAttribute(attn_kernel<T, KV, DPL>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(smem_bytes(kMaxHeadDim))));
-    raised = true;
-  }
+  allow_dynamic_smem(reinterpret_cast<const void*>(attn_kernel<T, KV, DPL>),
+                     smem_bytes(kMaxHeadDim));
   launch_kernel(attn_kernel<T, KV, DPL>, grid, kThreads, smem, s, args);
 }
 

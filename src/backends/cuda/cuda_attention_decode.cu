@@ -473,12 +473,7 @@ int plan_splits(const AttnLaunch& a, int num_sms) {
 template <typename T, typename KV, int D>
 void launch(const DecArgs& g, int64_t kv_heads, cudaStream_t s) {
   constexpr size_t smem = smem_bytes<T, KV, D>();
-  static bool raised = false;  // per instantiation; the limit is per kernel, not per launch
-  if (!raised) {
-    KILN_CUDA_CHECK(cudaFuncSetAttribute(attn_decode_kernel<T, KV, D>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    raised = true;
-  }
+  allow_dynamic_smem(reinterpret_cast<const void*>(attn_decode_kernel<T, KV, D>), smem);
   const dim3 grid(unsigned(g.n), unsigned(kv_heads), unsigned(g.splits));
   launch_kernel(attn_decode_kernel<T, KV, D>, grid, dim3(kThreads), smem, s, g);
 }

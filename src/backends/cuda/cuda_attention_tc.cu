@@ -464,12 +464,7 @@ __global__ void __launch_bounds__(kThreads) attn_tc_kernel(const TcArgs a) {
 template <typename T, typename KV, int D, int BN, int MI, int ST>
 void launch(const TcArgs& g, int64_t total, int64_t kv_heads, cudaStream_t s) {
   constexpr size_t smem = smem_bytes<T, KV, D, BN, MI, ST>();
-  static bool raised = false;  // per instantiation; the limit is per kernel, not per launch
-  if (!raised) {
-    KILN_CUDA_CHECK(cudaFuncSetAttribute(attn_tc_kernel<T, KV, D, BN, MI, ST>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    raised = true;
-  }
+  allow_dynamic_smem(reinterpret_cast<const void*>(attn_tc_kernel<T, KV, D, BN, MI, ST>), smem);
   constexpr int64_t R = 64 * MI;
   int64_t gx = (total + R - 1) / R;
   if (g.seq_start) {

@@ -27,6 +27,10 @@ namespace kiln::cuda {
 // On unless KILN_CUDA_PDL=0.
 bool pdl_enabled();
 
+// Lets `kernel` take `bytes` of dynamic shared memory (past the default 48 KiB) on the current
+// device. Once per kernel and device: the attribute is per device, and ranks drive several.
+void allow_dynamic_smem(const void* kernel, size_t bytes);
+
 }  // namespace kiln::cuda
 
 #define KILN_CUDA_CHECK(expr)                                                            \

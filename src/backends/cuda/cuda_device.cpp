@@ -3,6 +3,9 @@
 // runtime, driver and cuBLASLt versions kiln runs on (`kiln --version`).
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <set>
+#include <utility>
 
 #include "backends/cuda/cuda_common.h"
 #include "graph/backend.h"
@@ -23,6 +26,19 @@ bool pdl_enabled() {
     return !(e && std::strcmp(e, "0") == 0);
   }();
   return on;
+}
+
+void allow_dynamic_smem(const void* kernel, size_t bytes) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  int dev = 0;
+  KILN_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  if (!done.insert({kernel, dev}).second) return;
+  const cudaError_t e =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (e != cudaSuccess) done.erase({kernel, dev});
+  KILN_CUDA_CHECK(e);
 }
 
 }  // namespace cuda

@@ -205,8 +205,12 @@ __device__ __forceinline__ void store_rows(const float (&c)[4], int warp, int g,
 //
 // Measured on the H100 (docs/perf.md): an earlier form that loaded each lane's 16 bytes straight
 // from global memory (64-byte pieces of 8 rows per warp load, 122 registers) read the weights at
-// half the copy bandwidth; this one decodes 1.26x faster at batch 1.
-constexpr int kTileK = 512, kStages = 4, kPitch = kTileK + 64;
+// half the copy bandwidth; this one decodes 1.26x faster at batch 1. Stages: with 4 (24 KiB of
+// weights in flight a block) the 4096-row products, 256 blocks, two an SM, read 1.6-1.9 TB/s
+// against 2.8 for the 28672-row one; 8 (56 KiB in flight, dynamic shared memory) keep more
+// bytes in flight where the grid is small.
+constexpr int kTileK = 512, kStages = 8, kPitch = kTileK + 64;
+constexpr size_t kTileBytes = size_t(16) * kPitch, kSmemBytes = kStages * kTileBytes;
 static_assert(kTileK / 64 == kWarps, "one 64-input step per warp per tile");
 
 template <typename T, bool Fused>
@@ -215,11 +219,11 @@ __global__ void __launch_bounds__(kWarps * 32)
                     const uint8_t* __restrict__ w, const float* __restrict__ sw, int in, int out,
                     const float* __restrict__ bias, T* __restrict__ y, int64_t ldy) {
   pdl_trigger();
-  __shared__ __align__(16) uint8_t tile[kStages][16 * kPitch];
+  extern __shared__ __align__(16) uint8_t stage_mem[];  // kStages tiles of 16 rows * kPitch bytes
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
   const int row0 = int(blockIdx.x) * 16, tiles = (in + kTileK - 1) / kTileK;
   const auto issue = [&](int kt) {
-    uint8_t* st = tile[kt % kStages];
+    uint8_t* st = stage_mem + (kt % kStages) * kTileBytes;
     for (int i = int(threadIdx.x); i < 16 * (kTileK / 16); i += kWarps * 32) {
       const int r = i / (kTileK / 16), c = (i % (kTileK / 16)) * 16, col = kt * kTileK + c;
       const bool ok = kt < tiles && col < in;
@@ -274,7 +278,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     __syncthreads();               // everyone's have; everyone is done with tile kt - 1
     issue(kt + kStages - 1);       // into tile kt - 1's slot
     const XRaw next = x_raw(kt + 1);
-    const uint8_t* st = tile[kt % kStages] + warp * 64 + t * 16;
+    const uint8_t* st = stage_mem + (kt % kStages) * kTileBytes + warp * 64 + t * 16;
     const uint4 a = *reinterpret_cast<const uint4*>(st + g * kPitch);
     const uint4 b = *reinterpret_cast<const uint4*>(st + (g + 8) * kPitch);
     const uint4 xq = x_codes(xr);
@@ -286,18 +290,20 @@ __global__ void __launch_bounds__(kWarps * 32)
   store_rows<T>(c, warp, g, t, row0, n, out, Fused ? scale : sx_in, sw, bias, y, ldy);
 }
 
+template <typename T, bool Fused>
+void launch_gemv(const GemvFp8Params& p, const void* x, int64_t ld, cudaStream_t s) {
+  allow_dynamic_smem(reinterpret_cast<const void*>(gemv_fp8_kernel<T, Fused>), kSmemBytes);
+  const unsigned blocks = unsigned((p.out + 15) / 16);
+  launch_kernel(gemv_fp8_kernel<T, Fused>, blocks, kWarps * 32, kSmemBytes, s, x, ld, p.sx,
+                int(p.n), p.w, p.sw, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy);
+}
+
 template <typename T>
 void launch_gemv(const GemvFp8Params& p, cudaStream_t s) {
-  const unsigned blocks = unsigned((p.out + 15) / 16);
-  const bool fused = p.xq == nullptr;
-  const void* x = fused ? p.x : static_cast<const void*>(p.xq);
-  const int64_t ld = fused ? p.ldx : p.ldq;
-  if (fused)
-    launch_kernel(gemv_fp8_kernel<T, true>, blocks, kWarps * 32, 0, s, x, ld, p.sx, int(p.n), p.w,
-                  p.sw, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy);
+  if (p.xq == nullptr)
+    launch_gemv<T, true>(p, p.x, p.ldx, s);
   else
-    launch_kernel(gemv_fp8_kernel<T, false>, blocks, kWarps * 32, 0, s, x, ld, p.sx, int(p.n), p.w,
-                  p.sw, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy);
+    launch_gemv<T, false>(p, p.xq, p.ldq, s);
 }
 
 }  // namespace
