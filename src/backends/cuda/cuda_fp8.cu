@@ -205,15 +205,21 @@ __device__ __forceinline__ void store_rows(const float (&c)[4], int warp, int g,
 //
 // Measured on the H100 (docs/perf.md): an earlier form that loaded each lane's 16 bytes straight
 // from global memory (64-byte pieces of 8 rows per warp load, 122 registers) read the weights at
-// half the copy bandwidth; this one decodes 1.26x faster at batch 1. Stages: with 4 (24 KiB of
-// weights in flight a block) the 4096-row products, 256 blocks, two an SM, read 1.6-1.9 TB/s
-// against 2.8 for the 28672-row one; 8 (56 KiB in flight, dynamic shared memory) keep more
-// bytes in flight where the grid is small.
-constexpr int kTileK = 512, kStages = 8, kPitch = kTileK + 64;
-constexpr size_t kTileBytes = size_t(16) * kPitch, kSmemBytes = kStages * kTileBytes;
+// half the copy bandwidth; this one decodes 1.26x faster at batch 1.
+//
+// Stages (tiles in flight + 1): the H100 (docs/perf.md, `3efe2a6`) read Llama-3.1-8B's down
+// projection (14336 inputs, 256 blocks, two an SM) at 1.9 TB/s with 4 and 2.5 TB/s with 8,
+// while 8 made the shorter or wider products slower (qkv 1.9 -> 1.45, gate_up 2.8 -> 2.0 TB/s:
+// fewer blocks fit an SM, each with a longer ramp). So 8 only where rows are long and the grid
+// small (stages_for), 4 elsewhere.
+constexpr int kTileK = 512, kPitch = kTileK + 64;
+constexpr size_t kTileBytes = size_t(16) * kPitch;
+constexpr size_t smem_bytes(int stages) {
+  return size_t(stages) * kTileBytes;
+}
 static_assert(kTileK / 64 == kWarps, "one 64-input step per warp per tile");
 
-template <typename T, bool Fused>
+template <typename T, bool Fused, int kStages>
 __global__ void __launch_bounds__(kWarps * 32)
     gemv_fp8_kernel(const void* xv, int64_t ldq, const float* sx_in, int n,
                     const uint8_t* __restrict__ w, const float* __restrict__ sw, int in, int out,
@@ -290,12 +296,28 @@ __global__ void __launch_bounds__(kWarps * 32)
   store_rows<T>(c, warp, g, t, row0, n, out, Fused ? scale : sx_in, sw, bias, y, ldy);
 }
 
+template <typename T, bool Fused, int Stages>
+void launch_gemv(const GemvFp8Params& p, const void* x, int64_t ld, cudaStream_t s) {
+  auto* kernel = gemv_fp8_kernel<T, Fused, Stages>;
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes(Stages));
+  const unsigned blocks = unsigned((p.out + 15) / 16);
+  launch_kernel(kernel, blocks, kWarps * 32, smem_bytes(Stages), s, x, ld, p.sx, int(p.n), p.w,
+                p.sw, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy);
+}
+
+// 8 stages for rows of 16 tiles or more on a grid of at most 4 blocks an SM, else 4 (above).
+int stages_for(const GemvFp8Params& p) {
+  int dev = 0, sms = 0;
+  KILN_CUDA_CHECK(cudaGetDevice(&dev));
+  KILN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t tiles = (p.in + kTileK - 1) / kTileK, blocks = (p.out + 15) / 16;
+  return tiles >= 16 && blocks <= 4 * int64_t(sms) ? 8 : 4;
+}
+
 template <typename T, bool Fused>
 void launch_gemv(const GemvFp8Params& p, const void* x, int64_t ld, cudaStream_t s) {
-  allow_dynamic_smem(reinterpret_cast<const void*>(gemv_fp8_kernel<T, Fused>), kSmemBytes);
-  const unsigned blocks = unsigned((p.out + 15) / 16);
-  launch_kernel(gemv_fp8_kernel<T, Fused>, blocks, kWarps * 32, kSmemBytes, s, x, ld, p.sx,
-                int(p.n), p.w, p.sw, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy);
+  if (stages_for(p) == 8) return launch_gemv<T, Fused, 8>(p, x, ld, s);
+  launch_gemv<T, Fused, 4>(p, x, ld, s);
 }
 
 template <typename T>
