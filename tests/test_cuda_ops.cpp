@@ -142,8 +142,7 @@ TEST_P(CudaOps, LinearFp8) {
 }
 
 // Int4 weight-only linears: the W4A16 GEMV (n <= 8) and dequantize + cuBLASLt against the CPU
-// reference over the dequantized weight; groups of 32, 64 and 128. The last two cases have more
-// 16-row blocks than two an SM, so the tensor-core GEMV runs one step ahead there, two elsewhere.
+// reference over the dequantized weight; groups of 32, 64 and 128.
 TEST_P(CudaOps, LinearInt4) {
   if (dt == DType::F32) GTEST_SKIP() << "int4 weights run in 16-bit engines";
   struct Case {
@@ -151,11 +150,10 @@ TEST_P(CudaOps, LinearInt4) {
     bool bias;
   };
   const Case cases[] = {
-      {1, 64, 33, 0, 0, false},   {1, 4096, 256, 0, 0, true},   {2, 1024, 3000, 0, 0, false},
-      {3, 96, 100, 8, 3, true},   {8, 256, 1000, 0, 0, false},  {5, 128, 17, 4, 0, false},
-      {17, 64, 130, 0, 5, true},  {130, 224, 96, 16, 0, false}, {1, 14336, 64, 0, 0, false},
-      {9, 512, 1, 0, 0, true},    {64, 4096, 512, 0, 0, false}, {1, 256, 4500, 0, 0, true},
-      {5, 512, 8200, 0, 2, false}};
+      {1, 64, 33, 0, 0, false},  {1, 4096, 256, 0, 0, true},   {2, 1024, 3000, 0, 0, false},
+      {3, 96, 100, 8, 3, true},  {8, 256, 1000, 0, 0, false},  {5, 128, 17, 4, 0, false},
+      {17, 64, 130, 0, 5, true}, {130, 224, 96, 16, 0, false}, {1, 14336, 64, 0, 0, false},
+      {9, 512, 1, 0, 0, true},   {64, 4096, 512, 0, 0, false}};
   std::mt19937 rng(3);
   // Each case also as an act-order weight (an input order the linear gathers x through first).
   for (const Case& c : cases)

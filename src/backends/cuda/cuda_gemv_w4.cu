@@ -137,11 +137,7 @@ __global__ void __launch_bounds__(kThreads)
 // pairs the mask trick yields: of each 32-bit word (8 codes c0..c7), (c0, c4), (c1, c5), (c2,
 // c6), (c3, c7); B takes x in the same pairs (byte permutes of x's words). A step lies in one
 // group, so its products are summed in a fresh tile and scaled once by each row's group scale.
-// The block's 8 warps split the steps; the next Ahead steps' loads are issued before this step's
-// math. Ahead 2 (more registers: fewer blocks an SM) read the 4096-row products faster on the
-// H100 (docs/perf.md, `e051394`: o 1.26 -> 1.49, down 1.54 -> 1.97 TB/s) and the others slower
-// (qkv 1.77 -> 1.26: 384 blocks then take two waves), so it is used only where the whole grid
-// fits at two blocks an SM (launch_gemv_tc).
+// The block's 8 warps split the steps; the next step's loads are issued before this step's math.
 constexpr int kTcWarps = 8;
 constexpr int kTcRows = 16;
 
@@ -201,7 +197,7 @@ __device__ __forceinline__ void pairs8(const uint32_t* xw, uint32_t (&r)[4]) {
   r[3] = __byte_perm(xw[1], xw[3], 0x7632);
 }
 
-template <typename T, int Ahead>
+template <typename T>
 __global__ void __launch_bounds__(kTcWarps * 32)
     gemv_w4_tc_kernel(const T* __restrict__ x, int64_t ldx, int n, const uint8_t* __restrict__ w,
                       const float* __restrict__ scales, const uint8_t* __restrict__ zeros, int in,
@@ -218,21 +214,13 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   const uint4* xr = reinterpret_cast<const uint4*>(x + int64_t(has_x ? g : 0) * ldx) + 4 * q;
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   int s = warp;
-  // The next Ahead steps' codes (a step is 128 codes: 4 uint4 of a row, one a lane).
-  uint4 na[Ahead], nb[Ahead];
-#pragma unroll
-  for (int i = 0; i < Ahead; ++i) {
-    const int st = s + i * kTcWarps;
-    if (st < steps) na[i] = ld_stream(wa + 4 * st), nb[i] = ld_stream(wb + 4 * st);
-  }
+  uint4 na, nb;  // the next step's codes (a step is 128 codes: 4 uint4 of a row, one a lane)
+  if (s < steps) na = ld_stream(wa + 4 * s), nb = ld_stream(wb + 4 * s);
   pdl_wait();  // weights do not depend on the previous kernel; x does
   for (; s < steps; s += kTcWarps) {
-    const uint4 ca = na[0], cb = nb[0];
-#pragma unroll
-    for (int i = 0; i + 1 < Ahead; ++i) na[i] = na[i + 1], nb[i] = nb[i + 1];
-    const int next = s + Ahead * kTcWarps;
-    if (next < steps)
-      na[Ahead - 1] = ld_stream(wa + 4 * next), nb[Ahead - 1] = ld_stream(wb + 4 * next);
+    const uint4 ca = na, cb = nb;
+    const int next = s + kTcWarps;
+    if (next < steps) na = ld_stream(wa + 4 * next), nb = ld_stream(wb + 4 * next);
     uint4 xv[4];
 #pragma unroll
     for (int v = 0; v < 4; ++v)
@@ -277,22 +265,12 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   }
 }
 
-template <typename T, int Ahead>
-void launch_gemv_tc(const GemvW4Params& p, unsigned blocks, cudaStream_t s) {
-  launch_kernel(gemv_w4_tc_kernel<T, Ahead>, blocks, kTcWarps * 32, 0, s,
-                static_cast<const T*>(p.x), p.ldx, int(p.n), p.w, p.scales, p.zeros, int(p.in),
-                int(p.out), int(p.group), p.bias, static_cast<T*>(p.y), p.ldy);
-}
-
-// 2 steps ahead where the grid fits at two blocks an SM, else 1 (above).
 template <typename T>
 void launch_gemv_tc(const GemvW4Params& p, cudaStream_t s) {
   const unsigned blocks = unsigned((p.out + kTcRows - 1) / kTcRows);
-  int dev = 0, sms = 0;
-  KILN_CUDA_CHECK(cudaGetDevice(&dev));
-  KILN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  if (int64_t(blocks) <= 2 * int64_t(sms)) return launch_gemv_tc<T, 2>(p, blocks, s);
-  launch_gemv_tc<T, 1>(p, blocks, s);
+  launch_kernel(gemv_w4_tc_kernel<T>, blocks, kTcWarps * 32, 0, s, static_cast<const T*>(p.x),
+                p.ldx, int(p.n), p.w, p.scales, p.zeros, int(p.in), int(p.out), int(p.group),
+                p.bias, static_cast<T*>(p.y), p.ldy);
 }
 
 template <typename T, int N>
