@@ -28,6 +28,13 @@ TEST(TextCli, RunPromptMatchesTokenizeGenerateDecode) {
             0)
       << got;
   EXPECT_EQ(got, want);
+  // llama.cpp's short forms, -p and -n, mean the same.
+  std::string short_form;
+  ASSERT_EQ(
+      run_cli("run " + demo().string() + " -p \"" + text + "\" -n 12 --temperature 0", &short_form),
+      0)
+      << short_form;
+  EXPECT_EQ(short_form, want);
 }
 
 TEST(TextCli, ChatRendersHistoryAndAnswersEachTurn) {

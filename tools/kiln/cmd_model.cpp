@@ -281,7 +281,7 @@ void register_model_commands(CLI::App& app) {
     static std::string text;
     auto* o_ids = c->add_option("--prompt-ids", ids, "comma-separated token ids");
     auto* o_text =
-        c->add_option("--prompt", text, "prompt text (tokenized with the model's tokenizer)");
+        c->add_option("-p,--prompt", text, "prompt text (tokenized with the model's tokenizer)");
     o_ids->excludes(o_text);
     add_generation_args(c, ga);
     c->callback([&] {

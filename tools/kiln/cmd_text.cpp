@@ -36,7 +36,8 @@ extern "C" void on_sigint(int) {
 }  // namespace
 
 void add_generation_args(CLI::App* c, GenerationArgs& a) {
-  c->add_option("--max-tokens", a.max_tokens, "tokens to generate (0: up to max_seq_len)");
+  c->add_option("-n,--max-tokens", a.max_tokens,
+                "tokens to generate (0: up to max_seq_len; -n as in llama.cpp)");
   c->add_flag("--ignore-eos", a.g.ignore_eos, "keep going past end-of-sequence tokens");
   c->add_option("--temperature", a.temperature, "0: greedy (default: generation_config.json)");
   c->add_option("--top-k", a.top_k, "0: off (default: generation_config.json)");
