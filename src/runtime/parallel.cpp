@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -21,6 +22,59 @@ struct ThreadRanks::Rank {
   std::unique_ptr<KVCache> cache;
   std::unique_ptr<Comm> tp, pp;
   std::unique_ptr<Decoder> dec;
+};
+
+// One thread per rank, started once. run() hands every thread the same job and returns when all
+// have finished it; a job must not throw (on_all catches for it).
+class ThreadRanks::Threads {
+ public:
+  Threads(int n, int omp_threads) {
+    for (int i = 0; i < n; ++i)
+      threads_.emplace_back([this, i, omp_threads] {
+        // The ranks share the cores: each its part (more threads than cores spin and wait on
+        // each other between collectives).
+        omp_set_num_threads(omp_threads);
+        uint64_t seen = 0;
+        for (;;) {
+          const std::function<void(int)>* job = nullptr;
+          {
+            std::unique_lock lk(mu_);
+            wake_.wait(lk, [&] { return stop_ || gen_ != seen; });
+            if (stop_) return;
+            seen = gen_;
+            job = job_;
+          }
+          (*job)(i);
+          std::lock_guard lk(mu_);
+          if (--pending_ == 0) done_.notify_one();
+        }
+      });
+  }
+  ~Threads() {
+    {
+      std::lock_guard lk(mu_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  void run(const std::function<void(int)>& job) {
+    std::unique_lock lk(mu_);
+    job_ = &job;
+    pending_ = int(threads_.size());
+    ++gen_;
+    wake_.notify_all();
+    done_.wait(lk, [&] { return pending_ == 0; });
+  }
+
+ private:
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int)>* job_ = nullptr;
+  uint64_t gen_ = 0;
+  int pending_ = 0;
+  bool stop_ = false;
 };
 
 ThreadRanks::ThreadRanks(const ModelConfig& c, const WeightsOf& weights_of, int tp, int pp,
@@ -48,9 +102,11 @@ ThreadRanks::ThreadRanks(const ModelConfig& c, const WeightsOf& weights_of, int 
                                        Parallel{k->shard, k->tp.get(), k->pp.get()});
     ranks_.push_back(std::move(k));
   }
+  threads_ = std::make_unique<Threads>(tp * pp, threads_per_rank_);
 }
 
 ThreadRanks::~ThreadRanks() {
+  threads_.reset();
   // Decoders and caches before their backends.
   for (auto& r : ranks_) {
     r->dec.reset();
@@ -70,25 +126,18 @@ int64_t ThreadRanks::weight_bytes() const {
   return b;
 }
 
-template <typename F>
-void ThreadRanks::on_all(F&& f) {
+void ThreadRanks::on_all(const std::function<void(Rank&)>& f) {
   std::mutex m;
   std::string first;
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < ranks_.size(); ++i)
-    threads.emplace_back([&, i] {
-      try {
-        // The ranks share the cores: each its part (more threads than cores spin and wait on
-        // each other between collectives).
-        omp_set_num_threads(threads_per_rank_);
-        f(*ranks_[i]);
-      } catch (const std::exception& e) {
-        world_->abort(int(i), e.what());  // the others stop waiting for this rank
-        std::lock_guard lk(m);
-        if (first.empty()) first = e.what();
-      }
-    });
-  for (auto& t : threads) t.join();
+  threads_->run([&](int i) {
+    try {
+      f(*ranks_[size_t(i)]);
+    } catch (const std::exception& e) {
+      world_->abort(i, e.what());  // the others stop waiting for this rank
+      std::lock_guard lk(m);
+      if (first.empty()) first = e.what();
+    }
+  });
   if (!first.empty()) throw Error(first);
 }
 

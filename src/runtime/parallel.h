@@ -18,7 +18,8 @@ using WeightsOf = std::function<std::vector<std::pair<std::string, Tensor>>(cons
 // backend, weights (shard_weights), KV cache and decoder, talking through a ThreadWorld. Every
 // step runs on every rank at once. Pipeline stages take a batch as micro-batches (up to pp of
 // them, by sequence), so stage s works on one while stage s + 1 works on the one before. A rank
-// that fails fails the step on every rank, with its error.
+// that fails fails the step on every rank, with its error. Each rank keeps one thread (and its
+// OpenMP team) for the executor's life: a step wakes them rather than starting threads.
 class ThreadRanks final : public Executor {
  public:
   // `weights_of(shard)`: the host weights a rank holds (shard_weights of the engine's, or its
@@ -42,8 +43,8 @@ class ThreadRanks final : public Executor {
 
  private:
   struct Rank;
-  template <typename F>
-  void on_all(F&& f);
+  class Threads;
+  void on_all(const std::function<void(Rank&)>& f);
 
   ModelConfig config_;
   std::unique_ptr<ThreadWorld> world_;
@@ -51,6 +52,7 @@ class ThreadRanks final : public Executor {
   std::vector<int32_t> tokens_;
   int threads_per_rank_ = 1;
   std::vector<float> logits_;
+  std::unique_ptr<Threads> threads_;  // last: stopped and joined before the ranks go
 };
 
 // Splits a batch into at most `parts` batches of whole sequences, in order (decodes stay first
