@@ -1,7 +1,8 @@
 // Quantized decode-GEMV microbenchmark: the FP8 and int4 GEMVs on the weight shapes of
 // Llama-3.1-8B, n = 1 and 8 rows of x, as weight bytes read per second, beside the BF16 GEMV.
 // Weights rotate over enough copies to exceed L2, so every call streams from HBM. A variant of a
-// kernel under study can be added as another row.
+// kernel under study can be added as another row. gate_up also runs with the gated activation
+// as the GEMV's epilogue (Backend::linear_gated_act), as the decoder issues it.
 // Built by CMake as bench_gemv_quant; prints a note and exits when built without CUDA.
 #ifdef KILN_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -80,6 +81,8 @@ int main() {
     const auto x_h = bf16_host(size_t(8 * in), rng);
     void* x = upload(x_h.data(), x_h.size() * 2);
     void* y = dev(size_t(8 * out) * 2);
+    void* act = dev(size_t(8 * out / 2) * 2);  // the gated activation (gate_up)
+    const bool gated = std::string(sh.name) == "gate_up";
     // Codes and scales of x for the non-fused FP8 path.
     auto* xq = static_cast<uint8_t*>(dev(size_t(8 * in)));
     auto* sx = static_cast<float*>(dev(8 * 4));
@@ -122,6 +125,15 @@ int main() {
             },
             wt.copies);
         row(n, "bf16 gemv", us, size_t(in * out) * 2);
+        if (gated) {
+          const double ug = time(
+              [&](int i) {
+                cuda::gemv_gated(DType::BF16, x, n, in, wt.w[size_t(i % wt.copies)], in, out / 2,
+                                 nullptr, y, act, Activation::SiLU, s);
+              },
+              wt.copies);
+          row(n, "bf16 gemv + gated act", ug, size_t(in * out) * 2);
+        }
       }
       for (auto* p : wt.w) cudaFree(p);
       for (auto* p : wt.sc) cudaFree(p);
@@ -129,7 +141,8 @@ int main() {
     {  // FP8
       Weights wt = make(size_t(in * out), true, size_t(out) * 4, 0);
       for (int64_t n : {1, 8}) {
-        {
+        for (const bool g_act : {false, true}) {
+          if (g_act && !gated) continue;
           const bool fused = n * in <= cuda::kGemvFp8FusedMax;
           const auto call = [&](int i) {
             cuda::GemvFp8Params g;
@@ -140,9 +153,11 @@ int main() {
               g.x = x, g.ldx = in;
             else
               g.xq = xq, g.ldq = in, g.sx = sx;
+            if (g_act) g.gated = act, g.gated_act = int(Activation::SiLU);
             cuda::gemv_fp8_launch(g, s);
           };
-          row(n, fused ? "fp8 (fused)" : "fp8", time(call, wt.copies), size_t(in * out));
+          row(n, std::string(fused ? "fp8 (fused)" : "fp8") + (g_act ? " + gated act" : ""),
+              time(call, wt.copies), size_t(in * out));
         }
       }
       for (auto* p : wt.w) cudaFree(p);
@@ -154,7 +169,8 @@ int main() {
           make(size_t(in * out / 2), false, size_t(out * groups) * 4, size_t(out * groups));
       const size_t bytes = size_t(in * out / 2) + size_t(out * groups) * 5;
       for (int64_t n : {1, 8}) {
-        {
+        for (const bool g_act : {false, true}) {
+          if (g_act && !gated) continue;
           const auto call = [&](int i) {
             cuda::GemvW4Params g;
             g.act = DType::BF16, g.x = x, g.n = n, g.ldx = in;
@@ -162,9 +178,11 @@ int main() {
             g.scales = static_cast<const float*>(wt.sc[size_t(i % wt.copies)]);
             g.zeros = static_cast<const uint8_t*>(wt.z[size_t(i % wt.copies)]);
             g.in = in, g.out = out, g.group = group, g.y = y, g.ldy = out;
+            if (g_act) g.gated = act, g.gated_act = int(Activation::SiLU);
             cuda::gemv_w4_launch(g, s);
           };
-          row(n, "int4 (group 128)", time(call, wt.copies), bytes);
+          row(n, g_act ? "int4 (group 128) + gated act" : "int4 (group 128)", time(call, wt.copies),
+              bytes);
         }
       }
       for (auto* p : wt.w) cudaFree(p);
@@ -173,6 +191,7 @@ int main() {
     }
     KILN_CUDA_CHECK(cudaFree(x));
     KILN_CUDA_CHECK(cudaFree(y));
+    KILN_CUDA_CHECK(cudaFree(act));
     KILN_CUDA_CHECK(cudaFree(xq));
     KILN_CUDA_CHECK(cudaFree(sx));
   }

@@ -344,27 +344,70 @@ TEST_P(CudaOps, QkNormAndRopePairs) {
   }
 }
 
-// Decoder sequences the backend may fuse: GEMV gate_up + gated_act; rope(q), rope(k),
-// kv_write(k, v); and a held-back GEMV followed by something else.
-TEST_P(CudaOps, FusedDecoderSequences) {
-  for (int64_t n : {1, 2}) {
-    for (int64_t inter : {3, 64, 1000}) {
-      for (bool bias : {false, true}) {
+// A host weight [rows, cols] in the given scheme (None: the engine dtype), as kiln's quantizer
+// writes it (core/quant.h).
+Tensor quantized_weight(const std::vector<float>& wf, int64_t rows, int64_t cols, WeightQuant q,
+                        DType dt) {
+  if (q == WeightQuant::None) {
+    Tensor h = Tensor::zeros(dt, {rows, cols});
+    from_f32(dt, wf.data(), h.data, wf.size());
+    return h;
+  }
+  const bool int4 = q == WeightQuant::Int4;
+  const int64_t group = int4 ? int4_group(cols) : 0, G = int4 ? cols / group : 0;
+  Tensor h = Tensor::zeros(quant_storage(q), {rows, int4 ? cols / 2 : cols});
+  Tensor sc = int4 ? Tensor::zeros(DType::F32, {rows, G}) : Tensor::zeros(DType::F32, {rows});
+  Tensor z = Tensor::zeros(DType::U8, {rows, std::max<int64_t>(G, 1)});
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* w = &wf[size_t(r * cols)];
+    const bool ok =
+        q == WeightQuant::Int8
+            ? quantize_int8_row(w, cols, h.ptr<int8_t>() + r * cols, sc.ptr<float>() + r)
+        : q == WeightQuant::Fp8
+            ? quantize_fp8_row(w, cols, h.ptr<uint8_t>() + r * cols, sc.ptr<float>() + r)
+            : quantize_int4_row(w, cols, group, h.ptr<uint8_t>() + r * cols / 2,
+                                sc.ptr<float>() + r * G, z.ptr<uint8_t>() + r * G);
+    KILN_CHECK(ok, "test weight: a row failed to quantize");
+  }
+  h.quant = q;
+  h.scales = std::make_shared<Tensor>(sc);
+  if (int4) h.zero_points = std::make_shared<Tensor>(z);
+  return h;
+}
+
+// linear_gated_act (gate_up GEMV with the activation as its epilogue on CUDA for decode-sized n,
+// over 16-bit, fp8 and int4 weights; the composition elsewhere) against the CPU's composition:
+// both gu and the activation.
+TEST_P(CudaOps, LinearGatedAct) {
+  std::vector<WeightQuant> schemes = {WeightQuant::None};
+  if (dt != DType::F32)
+    schemes.insert(schemes.end(), {WeightQuant::Fp8, WeightQuant::Int4, WeightQuant::Int8});
+  for (WeightQuant q : schemes) {
+    for (int64_t n : {1, 2, 5, 8, 12}) {
+      // in 2112: int4 groups of 64 (not the tensor-core kernel), fp8 at n = 8 past the fused
+      // quantization (kGemvFp8FusedMax).
+      const std::pair<int64_t, int64_t> shapes[] = {
+          {3, 256}, {64, 256}, {1000, 256}, {64, 2112}, {300, 2112}};
+      for (const auto [inter, in] : shapes) {
         for (Activation a : {Activation::SiLU, Activation::GeluTanh, Activation::SwiGLUOai}) {
-          const int64_t in = 256;
+          if (a != Activation::SiLU && inter != 64) continue;
+          const bool bias = (n + inter) % 2 == 1;
           auto x = rnd(size_t(n * in));
           // SwiGLUOai: pre-activations of a few units, some past its clamp at 7.
-          auto [wh, wd] = matrix(2 * inter, in, a == Activation::SwiGLUOai ? 0.5f : 0.0625f);
+          const float sd = a == Activation::SwiGLUOai ? 8.0f / std::sqrt(float(in))
+                                                      : 1.0f / std::sqrt(float(in));
+          const Tensor wh = quantized_weight(rnd(size_t(2 * inter * in), sd), 2 * inter, in, q, dt);
+          const Tensor wd = gpu->upload(wh);
           auto [bh, bd] = vec(2 * inter, 0.0f, 0.5f);
           std::vector<float> gu(size_t(n * 2 * inter)), want(size_t(n * inter));
-          cpu->linear(x.data(), n, in, wh, bias ? &bh : nullptr, gu.data(), 2 * inter);
-          cpu->gated_act(gu.data(), n, inter, a, want.data());
+          cpu->linear_gated_act(x.data(), n, in, wh, bias ? &bh : nullptr, gu.data(), inter, a,
+                                want.data());
           void* xd = up(x);
           void* gud = up(std::vector<float>(size_t(n * 2 * inter), kPoison));
           void* outd = up(std::vector<float>(size_t(n * inter), kPoison));
-          gpu->linear(xd, n, in, wd, bias ? &bd : nullptr, gud, 2 * inter);
-          gpu->gated_act(gud, n, inter, a, outd);
-          const std::string what = cat("gate_up+act n=", n, " inter=", inter, bias ? " bias" : "");
+          gpu->linear_gated_act(xd, n, in, wd, bias ? &bd : nullptr, gud, inter, a, outd);
+          const std::string what = cat("gate_up+act ", weight_quant_name(q), " n=", n, " in=", in,
+                                       " inter=", inter, " act ", int(a), bias ? " bias" : "");
           expect_close(down(outd, size_t(n * inter)), inter, want, inter, n, inter, what);
           expect_close(down(gud, size_t(n * 2 * inter)), 2 * inter, gu, 2 * inter, n, 2 * inter,
                        what + " gu");
@@ -372,7 +415,12 @@ TEST_P(CudaOps, FusedDecoderSequences) {
       }
     }
   }
-  {  // a held-back GEMV whose output is read by something else
+}
+
+// Decoder sequences the backend may fuse: rope(q), rope(k), kv_write(k, v); and a GEMV
+// followed by something else.
+TEST_P(CudaOps, FusedDecoderSequences) {
+  {  // a GEMV whose output is read by something else
     const int64_t n = 1, in = 128, out = 64;
     auto x = rnd(size_t(n * in)), r = rnd(size_t(n * out));
     auto [wh, wd] = matrix(out, in, 0.1f);

@@ -149,6 +149,15 @@ class Backend {
   virtual void attention(const void* q, int64_t ldq, int64_t n, const int32_t* pos,
                          const KVLayerView& kv, const AttnParams& p, void* out, int64_t ldo) = 0;
   virtual void gated_act(const void* gu, int64_t n, int64_t inter, Activation a, void* out) = 0;
+  // The gated MLP's first half as one op: gu[n, 2 * inter] = x . w^T (+ b) (gate rows, then up
+  // rows), out[n, inter] = gated_act(gu). Both outputs are written as the two calls would write
+  // them; a backend may run them as one kernel (CUDA does for decode-sized n: the activation is
+  // the GEMV's epilogue, one launch and no round trip of gu less per layer).
+  virtual void linear_gated_act(const void* x, int64_t n, int64_t ldx, const Tensor& w,
+                                const Tensor* b, void* gu, int64_t inter, Activation a, void* out) {
+    linear(x, n, ldx, w, b, gu, 2 * inter);
+    gated_act(gu, n, inter, a, out);
+  }
   virtual void act(void* x, int64_t count, Activation a) = 0;
   virtual void softcap(void* x, int64_t count, float cap) = 0;
   // Converts `count` activations to F32 (for logits read-back).

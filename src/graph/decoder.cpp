@@ -181,8 +181,8 @@ void Decoder::build_ffn(int64_t l, int64_t n, const void* h, void* f) {
   void* act = buf("act", size_t(n * I) * a);
   if (c_.knobs.gated_mlp) {
     void* gu = buf("gu", size_t(n * 2 * I) * a);
-    be_.linear(h, n, H, w_.at(p + "w_gate_up"), w_.find(p + "b_gate_up"), gu, 2 * I);
-    be_.gated_act(gu, n, I, c_.act, act);
+    be_.linear_gated_act(h, n, H, w_.at(p + "w_gate_up"), w_.find(p + "b_gate_up"), gu, I, c_.act,
+                         act);
   } else {
     be_.linear(h, n, H, w_.at(p + "w_up"), w_.find(p + "b_up"), act, I);
     be_.act(act, n * I, c_.act);

@@ -200,7 +200,35 @@ class CudaBackend final : public Backend {
   void linear(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
               int64_t ldy) override {
     Prof prof(prof_.get(), "linear");
-    linear_impl(x, n, ldx, w, b, y, ldy, true);
+    linear_impl(x, n, ldx, w, b, y, ldy);
+  }
+  void linear_gated_act(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b,
+                        void* gu, int64_t inter, Activation a, void* out) override {
+    Prof prof(prof_.get(), "linear_gated_act");
+    gated_impl(x, n, ldx, w, b, gu, inter, a, out);
+  }
+  void gated_impl(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* gu,
+                  int64_t inter, Activation a, void* out) {
+    flush();
+    KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
+    KILN_CHECK(w.shape.size() == 2 && w.shape[0] == 2 * inter,
+               "CUDA linear_gated_act: the weight "
+               "must hold 2 * ",
+               inter, " rows (gate, then up)");
+    if (n == 0 || inter == 0) return;
+    // Decode-sized batches: one GEMV launch with the activation as its epilogue.
+    if (w.quant != WeightQuant::None) {
+      if (cuda::quant_linear_gated(
+              quant_params(x, n, ldx, w, b, gu, 2 * inter), out, a,
+              [this](const char* name, size_t bytes) { return scratch(name, bytes); }, stream_))
+        return;
+    } else if (gemv_ && w.dtype == act_ &&
+               cuda::gemv_supported(act_, x, n, ldx, w.data, w.shape[1], 2 * inter)) {
+      cuda::gemv_gated(act_, x, n, ldx, w.data, w.shape[1], inter, fptr(b), gu, out, a, stream_);
+      return;
+    }
+    linear_impl(x, n, ldx, w, b, gu, 2 * inter);
+    cuda::gated_act(act_, gu, n, inter, a, out, stream_);
   }
 
   void norm(const void* x, int64_t rows, int64_t dim, int64_t ldx, const Tensor& w, const Tensor* b,
@@ -355,14 +383,6 @@ class CudaBackend final : public Backend {
 
   void gated_act(const void* gu, int64_t n, int64_t inter, Activation a, void* out) override {
     Prof prof(prof_.get(), "gated_act");
-    Pending& p = pending_;
-    if (p.kind == Pending::Linear && p.y == gu && n == p.n && p.out == 2 * inter &&
-        p.ldy == 2 * inter) {
-      // The gate_up GEMV just held back: one launch writes gu and the activation.
-      p.kind = Pending::None;
-      cuda::gemv_gated(act_, p.cx, n, p.ldx, p.wm, p.in, inter, p.bias, p.y, out, a, stream_);
-      return;
-    }
     flush();
     cuda::gated_act(act_, gu, n, inter, a, out, stream_);
   }
@@ -624,12 +644,11 @@ class CudaBackend final : public Backend {
       void* sgu = scratch("moe_sgu", size_t(n * 2 * Is) * es);
       void* sh = scratch("moe_sh", size_t(n * Is) * es);
       void* sy = scratch("moe_sy", size_t(n * H) * es);
-      linear_impl(x, n, H, *w.shared_gate_up, nullptr, sgu, 2 * Is, false);
-      cuda::gated_act(act_, sgu, n, Is, a, sh, stream_);
-      linear_impl(sh, n, Is, *w.shared_down, nullptr, sy, H, false);
+      gated_impl(x, n, H, *w.shared_gate_up, nullptr, sgu, Is, a, sh);
+      linear_impl(sh, n, Is, *w.shared_down, nullptr, sy, H);
       if (mp.shared_gated) {
         void* sg = scratch("moe_sg", size_t(n) * es);
-        linear_impl(x, n, H, *w.shared_gate, nullptr, sg, 1, false);
+        linear_impl(x, n, H, *w.shared_gate, nullptr, sg, 1);
         gate = sg;
       }
       ys = sy;
@@ -668,11 +687,10 @@ class CudaBackend final : public Backend {
   // One launch held back for one call, to be fused with what the Decoder issues next:
   //   head_norm(q heads), head_norm(k heads)       -> one norm launch (two weight vectors)
   //   rope(q heads), rope(k heads), kv_write(k, v) -> one rope + cache-write launch
-  //   GEMV gate_up, gated_act                       -> one GEMV with the activation epilogue
   // Every other entry point flushes it first, so the stream sees the same work in the same
   // order; a fused launch writes everything the separate ones would.
   struct Pending {
-    enum Kind { None, Rope, HeadNorm, Linear } kind = None;
+    enum Kind { None, Rope, HeadNorm } kind = None;
     // rope / head_norm over `heads` heads of rows x; a rope merged over q and k heads has
     // k_from = the number of q heads (0: not merged)
     void* x = nullptr;
@@ -684,12 +702,7 @@ class CudaBackend final : public Backend {
     float eps = 0;
     bool per_head = false;  // head_norm weights per head
     size_t es = 0;
-    // GEMV y[n, out] = cx . W^T (+ bias)
-    const void* cx = nullptr;
-    const void* wm = nullptr;
-    int64_t ldx = 0, in = 0, out = 0, ldy = 0;
-    const float* bias = nullptr;
-    void* y = nullptr;
+    const float* bias = nullptr;  // head_norm's
     // Where the heads right after these start.
     const void* next() const { return static_cast<const char*>(x) + size_t(heads * head_dim) * es; }
   };
@@ -702,18 +715,22 @@ class CudaBackend final : public Backend {
     else if (k == Pending::HeadNorm)
       cuda::norm(act_, p.x, p.n, p.heads, p.head_dim, p.ld, p.x, p.ld, p.w, p.bias, p.norm, p.eps,
                  stream_, nullptr, 0, false, nullptr, p.per_head);
-    else if (k == Pending::Linear)
-      cuda::gemv(act_, p.cx, p.n, p.ldx, p.wm, p.in, p.out, p.bias, p.y, p.ldy, stream_);
   }
 
-  // may_defer: a decode GEMV whose output could feed a gated activation is held back (above).
+  cuda::QuantLinearParams quant_params(const void* x, int64_t n, int64_t ldx, const Tensor& w,
+                                       const Tensor* b, void* y, int64_t ldy) const {
+    cuda::QuantLinearParams q;
+    q.act = act_, q.x = x, q.n = n, q.ldx = ldx, q.w = &w, q.bias = fptr(b), q.y = y, q.ldy = ldy;
+    q.gemv = gemv_, q.sms = sms_;
+    return q;
+  }
   void linear_impl(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
-                   int64_t ldy, bool may_defer) {
+                   int64_t ldy) {
     flush();
     if (w.quant != WeightQuant::None) {
       KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
       return cuda::quant_linear(
-          {act_, x, n, ldx, &w, fptr(b), y, ldy, gemv_}, *lt_,
+          quant_params(x, n, ldx, w, b, y, ldy), *lt_,
           [this](const char* name, size_t bytes) { return scratch(name, bytes); }, stream_);
     }
     KILN_CHECK(w.dtype == act_, "CUDA linear: weight dtype ", dtype_name(w.dtype),
@@ -722,13 +739,6 @@ class CudaBackend final : public Backend {
     const int64_t in = w.shape[1], out = w.shape[0];
     if (n == 0 || out == 0) return;
     if (gemv_ && cuda::gemv_supported(act_, x, n, ldx, w.data, in, out)) {
-      if (may_defer && out % 2 == 0 && ldy == out) {
-        Pending& p = pending_;
-        p = Pending();
-        p.kind = Pending::Linear, p.cx = x, p.n = n, p.ldx = ldx, p.wm = w.data, p.in = in;
-        p.out = out, p.bias = fptr(b), p.y = y, p.ldy = ldy;
-        return;
-      }
       cuda::gemv(act_, x, n, ldx, w.data, in, out, fptr(b), y, ldy, stream_);
       return;
     }

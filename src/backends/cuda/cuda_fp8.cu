@@ -167,19 +167,36 @@ __device__ __forceinline__ void token_scales(const T* x, int64_t ld, int n, int 
 }
 
 // Sums the warps' accumulators and writes y = sum * st[token] * sw[row] (+ bias). The mma's C
-// fragment: c0, c1 at (row g, tokens 2t, 2t + 1), c2, c3 at row g + 8.
+// fragment: c0, c1 at (row g, tokens 2t, 2t + 1), c2, c3 at row g + 8. Gated (inter > 0): tile
+// rows 0-7 are gate rows j0.., 8-15 the matching up rows inter + j0..; both go to y (gu) rounded
+// to T, and gated[token, j] = act(gate) * up from those rounded values, as gated_act would.
 template <typename T>
 __device__ __forceinline__ void store_rows(const float (&c)[4], int warp, int g, int t, int row0,
                                            int n, int out, const float* st,
                                            const float* __restrict__ sw,
                                            const float* __restrict__ bias, T* __restrict__ y,
-                                           int64_t ldy) {
+                                           int64_t ldy, int inter, T* __restrict__ gated, int act) {
   __shared__ float red_c[kWarps][16][8];
   red_c[warp][g][2 * t] = c[0];
   red_c[warp][g][2 * t + 1] = c[1];
   red_c[warp][g + 8][2 * t] = c[2];
   red_c[warp][g + 8][2 * t + 1] = c[3];
   __syncthreads();
+  if (inter > 0) {
+    for (int i = int(threadIdx.x); i < 8 * 8; i += int(blockDim.x)) {
+      const int r = i / 8, tok = i % 8, j = row0 + r;
+      if (tok >= n || j >= inter) continue;
+      float sg = 0.0f, su = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kWarps; ++k) sg += red_c[k][r][tok], su += red_c[k][r + 8][tok];
+      const T gt = from_f<T>(sg * st[tok] * sw[j] + (bias ? bias[j] : 0.0f));
+      const T ut = from_f<T>(su * st[tok] * sw[inter + j] + (bias ? bias[inter + j] : 0.0f));
+      y[tok * ldy + j] = gt;
+      y[tok * ldy + inter + j] = ut;
+      gated[int64_t(tok) * inter + j] = from_f<T>(apply_gated(to_f(gt), to_f(ut), act));
+    }
+    return;
+  }
   for (int i = int(threadIdx.x); i < 16 * 8; i += int(blockDim.x)) {
     const int r = i / 8, tok = i % 8, row = row0 + r;
     if (tok >= n || row >= out) continue;
@@ -207,6 +224,9 @@ __device__ __forceinline__ void store_rows(const float (&c)[4], int warp, int g,
 // from global memory (64-byte pieces of 8 rows per warp load, 122 registers) read the weights at
 // half the copy bandwidth; this one decodes 1.26x faster at batch 1.
 //
+// Gated (inter > 0, cuda_fp8.h): a block takes 8 gate rows and their 8 up rows, so one thread
+// ends up with both halves of an output and applies the activation in the store.
+//
 // Stages (tiles in flight + 1): the H100 (docs/perf.md, `3efe2a6`) read Llama-3.1-8B's down
 // projection (14336 inputs, 256 blocks, two an SM) at 1.9 TB/s with 4 and 2.5 TB/s with 8,
 // while 8 made the shorter or wider products slower (qkv 1.9 -> 1.45, gate_up 2.8 -> 2.0 TB/s:
@@ -223,18 +243,25 @@ template <typename T, bool Fused, int kStages>
 __global__ void __launch_bounds__(kWarps * 32)
     gemv_fp8_kernel(const void* xv, int64_t ldq, const float* sx_in, int n,
                     const uint8_t* __restrict__ w, const float* __restrict__ sw, int in, int out,
-                    const float* __restrict__ bias, T* __restrict__ y, int64_t ldy) {
+                    const float* __restrict__ bias, T* __restrict__ y, int64_t ldy, int inter,
+                    T* __restrict__ gated, int act) {
   pdl_trigger();
   extern __shared__ __align__(16) uint8_t stage_mem[];  // kStages tiles of 16 rows * kPitch bytes
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
-  const int row0 = int(blockIdx.x) * 16, tiles = (in + kTileK - 1) / kTileK;
+  const int row0 = int(blockIdx.x) * (inter > 0 ? 8 : 16), tiles = (in + kTileK - 1) / kTileK;
+  // The weight row behind tile row r; rows past the end read the last row and are never stored.
+  const auto tile_row = [&](int r) {
+    if (inter == 0) return min(row0 + r, out - 1);
+    const int j = min(row0 + (r & 7), inter - 1);
+    return r < 8 ? j : inter + j;
+  };
   const auto issue = [&](int kt) {
     uint8_t* st = stage_mem + (kt % kStages) * kTileBytes;
     for (int i = int(threadIdx.x); i < 16 * (kTileK / 16); i += kWarps * 32) {
       const int r = i / (kTileK / 16), c = (i % (kTileK / 16)) * 16, col = kt * kTileK + c;
       const bool ok = kt < tiles && col < in;
-      // Rows past the end read the last row and are never stored; past `in`, zeros.
-      const uint8_t* src = w + int64_t(min(row0 + r, out - 1)) * in + (ok ? col : 0);
+      // Past `in`: zeros.
+      const uint8_t* src = w + int64_t(tile_row(r)) * in + (ok ? col : 0);
       cp_async16(st + r * kPitch + c, src, ok);
     }
     cp_async_commit();
@@ -293,23 +320,29 @@ __global__ void __launch_bounds__(kWarps * 32)
     xr = next;
   }
   cp_async_wait<0>();
-  store_rows<T>(c, warp, g, t, row0, n, out, Fused ? scale : sx_in, sw, bias, y, ldy);
+  store_rows<T>(c, warp, g, t, row0, n, out, Fused ? scale : sx_in, sw, bias, y, ldy, inter, gated,
+                act);
 }
 
 template <typename T, bool Fused, int Stages>
 void launch_gemv(const GemvFp8Params& p, const void* x, int64_t ld, cudaStream_t s) {
   auto* kernel = gemv_fp8_kernel<T, Fused, Stages>;
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes(Stages));
-  const unsigned blocks = unsigned((p.out + 15) / 16);
+  const int inter = p.gated ? int(p.out / 2) : 0;
+  const unsigned blocks = unsigned(p.gated ? (inter + 7) / 8 : (p.out + 15) / 16);
   launch_kernel(kernel, blocks, kWarps * 32, smem_bytes(Stages), s, x, ld, p.sx, int(p.n), p.w,
-                p.sw, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy);
+                p.sw, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy, inter,
+                static_cast<T*>(p.gated), p.gated_act);
 }
 
 // 8 stages for rows of 16 tiles or more on a grid of at most 4 blocks an SM, else 4 (above).
 int stages_for(const GemvFp8Params& p) {
-  int dev = 0, sms = 0;
-  KILN_CUDA_CHECK(cudaGetDevice(&dev));
-  KILN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  int sms = p.sms;
+  if (sms <= 0) {
+    int dev = 0;
+    KILN_CUDA_CHECK(cudaGetDevice(&dev));
+    KILN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  }
   const int64_t tiles = (p.in + kTileK - 1) / kTileK, blocks = (p.out + 15) / 16;
   return tiles >= 16 && blocks <= 4 * int64_t(sms) ? 8 : 4;
 }
@@ -345,7 +378,7 @@ void quant_act_fp8_launch(const QuantActFp8Params& p, cudaStream_t s) {
 bool gemv_fp8_is_supported(const GemvFp8Params& p) {
   if (p.act != DType::F16 && p.act != DType::BF16) return false;
   if (p.n < 1 || p.n > kGemvFp8MaxRows || p.out < 1 || p.in < 16 || p.in > INT_MAX ||
-      p.out > INT_MAX || !p.sw)
+      p.out > INT_MAX || !p.sw || (p.gated && (p.out % 2 != 0 || p.ldy < p.out)))
     return false;
   const auto a16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   if (p.in % 16 != 0 || !a16(p.w)) return false;

@@ -69,6 +69,11 @@ struct GemvFp8Params {
   const float* bias = nullptr;  // may be null
   void* y = nullptr;
   int64_t ldy = 0;
+  // Gated (non-null): w holds gate rows then up rows (out even), y is gu, and gated[t, j] (rows
+  // out / 2 apart) = act(gate) * up from gu's rounded values, act an Activation.
+  void* gated = nullptr;
+  int gated_act = 0;
+  int sms = 0;  // the device's multiprocessors; 0: asked of the runtime
 };
 constexpr int64_t kGemvFp8FusedMax = 16384;  // n * in up to which the GEMV quantizes x itself
 constexpr int64_t kGemvFp8MaxRows = 8;

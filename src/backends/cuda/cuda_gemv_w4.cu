@@ -138,6 +138,8 @@ __global__ void __launch_bounds__(kThreads)
 // c6), (c3, c7); B takes x in the same pairs (byte permutes of x's words). A step lies in one
 // group, so its products are summed in a fresh tile and scaled once by each row's group scale.
 // The block's 8 warps split the steps; the next step's loads are issued before this step's math.
+// Gated (inter > 0): rows g are gate rows j0 + g and rows g + 8 their up rows inter + j0 + g, so
+// lane (g, q) holds both halves of its outputs and applies the activation in the store.
 constexpr int kTcWarps = 8;
 constexpr int kTcRows = 16;
 
@@ -202,11 +204,13 @@ __global__ void __launch_bounds__(kTcWarps * 32)
     gemv_w4_tc_kernel(const T* __restrict__ x, int64_t ldx, int n, const uint8_t* __restrict__ w,
                       const float* __restrict__ scales, const uint8_t* __restrict__ zeros, int in,
                       int out, int group, const float* __restrict__ bias, T* __restrict__ y,
-                      int64_t ldy) {
+                      int64_t ldy, int inter, T* __restrict__ gated, int act) {
   pdl_trigger();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-  const int row0 = int(blockIdx.x) * kTcRows;
-  const int ra = min(row0 + g, out - 1), rb = min(row0 + g + 8, out - 1);
+  const int row0 = int(blockIdx.x) * (inter > 0 ? kTcRows / 2 : kTcRows);
+  // Rows past the end read the last row and are never stored.
+  const int ra = inter > 0 ? min(row0 + g, inter - 1) : min(row0 + g, out - 1);
+  const int rb = inter > 0 ? inter + ra : min(row0 + g + 8, out - 1);
   const int steps = in / 128, groups = in / group, steps_per_group = group / 128;
   const uint4* wa = reinterpret_cast<const uint4*>(w + int64_t(ra) * (in / 2)) + q;
   const uint4* wb = reinterpret_cast<const uint4*>(w + int64_t(rb) * (in / 2)) + q;
@@ -255,22 +259,42 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   for (int i = 0; i < 4; ++i) red[warp][lane][i] = acc[i];
   __syncthreads();
   if (warp == 0) {
+    float v[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      float v = 0.0f;
-      for (int k = 0; k < kTcWarps; ++k) v += red[k][lane][i];
+      v[i] = 0.0f;
+      for (int k = 0; k < kTcWarps; ++k) v[i] += red[k][lane][i];
+    }
+    if (inter > 0) {
+      const int j = row0 + g;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int t = 2 * q + i;
+        if (j >= inter || t >= n) continue;
+        const T gt = from_f<T>(v[i] + (bias ? bias[j] : 0.0f));
+        const T ut = from_f<T>(v[i + 2] + (bias ? bias[inter + j] : 0.0f));
+        y[t * ldy + j] = gt;
+        y[t * ldy + inter + j] = ut;
+        gated[int64_t(t) * inter + j] = from_f<T>(apply_gated(to_f(gt), to_f(ut), act));
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
       const int row = row0 + g + (i >= 2 ? 8 : 0), t = 2 * q + (i & 1);
-      if (row < out && t < n) y[t * ldy + row] = from_f<T>(v + (bias ? bias[row] : 0.0f));
+      if (row < out && t < n) y[t * ldy + row] = from_f<T>(v[i] + (bias ? bias[row] : 0.0f));
     }
   }
 }
 
 template <typename T>
 void launch_gemv_tc(const GemvW4Params& p, cudaStream_t s) {
-  const unsigned blocks = unsigned((p.out + kTcRows - 1) / kTcRows);
+  const int inter = p.gated ? int(p.out / 2) : 0;
+  const unsigned blocks = unsigned(p.gated ? (inter + kTcRows / 2 - 1) / (kTcRows / 2)
+                                           : (p.out + kTcRows - 1) / kTcRows);
   launch_kernel(gemv_w4_tc_kernel<T>, blocks, kTcWarps * 32, 0, s, static_cast<const T*>(p.x),
                 p.ldx, int(p.n), p.w, p.scales, p.zeros, int(p.in), int(p.out), int(p.group),
-                p.bias, static_cast<T*>(p.y), p.ldy);
+                p.bias, static_cast<T*>(p.y), p.ldy, inter, static_cast<T*>(p.gated), p.gated_act);
 }
 
 template <typename T, int N>
@@ -364,6 +388,7 @@ bool gemv_w4_is_supported(const GemvW4Params& p) {
   if (p.n < 1 || p.n > kGemvW4MaxRows || p.out < 1 || p.in < 32 || p.in > INT_MAX ||
       p.out > INT_MAX)
     return false;
+  if (p.gated && (p.group % 128 != 0 || p.out % 2 != 0 || p.ldy < p.out)) return false;
   return p.in % 32 == 0 && p.group >= 32 && p.group % 32 == 0 && p.in % p.group == 0 &&
          (p.ldx * 2) % 16 == 0 && aligned16(p.x) && aligned16(p.w) && p.scales && p.zeros;
 }

@@ -27,6 +27,11 @@ struct GemvW4Params {
   const float* bias = nullptr;  // may be null
   void* y = nullptr;
   int64_t ldy = 0;
+  // Gated (non-null): w holds gate rows then up rows (out even), y is gu, and gated[t, j] (rows
+  // out / 2 apart) = act(gate) * up from gu's rounded values, act an Activation. Tensor-core
+  // kernel only (group % 128 == 0).
+  void* gated = nullptr;
+  int gated_act = 0;
 };
 constexpr int64_t kGemvW4MaxRows = 8;
 // 1 <= n <= 8, in % 32 == 0, group % 32 == 0 dividing in, 16-byte aligned x and w rows.

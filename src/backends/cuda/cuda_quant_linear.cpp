@@ -12,31 +12,51 @@ namespace kiln::cuda {
 
 namespace {
 
-// fp8: the fused GEMV (quantizing x itself) for small n * in; otherwise x quantized per token
-// into scratch, then the FP8 GEMV or cuBLASLt's FP8 GEMM (the GEMV over chunks of 8 tokens where
-// cuBLASLt has no algorithm for the shape).
-void fp8_linear(const QuantLinearParams& p, LtGemm& lt, const ScratchFn& scratch, cudaStream_t s) {
+void check_fp8(const QuantLinearParams& p) {
   const Tensor& w = *p.w;
   KILN_CHECK(p.act != DType::F32 && w.dtype == DType::F8_E4M3 && w.scales &&
                  w.scales->dtype == DType::F32 && w.in_features() % 16 == 0,
              "CUDA linear: an fp8 weight needs its scales, a multiple of 16 inputs and a 16-bit "
              "activation type");
+}
+
+GemvFp8Params fp8_gemv_params(const QuantLinearParams& p) {
+  const Tensor& w = *p.w;
+  GemvFp8Params g;
+  g.act = p.act, g.n = p.n, g.w = w.ptr<uint8_t>(), g.sw = w.scales->ptr<float>();
+  g.in = w.shape[1], g.out = w.shape[0], g.bias = p.bias, g.y = p.y, g.ldy = p.ldy, g.sms = p.sms;
+  return g;
+}
+
+// Scratch for x quantized per token: codes [n, in] (rows 16-byte aligned since in % 16 == 0),
+// then the n scales; g reads its activations from there.
+QuantActFp8Params fp8_codes(const QuantLinearParams& p, const ScratchFn& scratch,
+                            GemvFp8Params& g) {
+  const int64_t in = p.w->shape[1];
+  const size_t code_bytes = size_t(p.n * in + 255) / 256 * 256;
+  auto* buf = static_cast<uint8_t*>(scratch("fp8_act", code_bytes + size_t(p.n) * 4));
+  auto* sx = reinterpret_cast<float*>(buf + code_bytes);
+  g.x = nullptr, g.ldx = 0, g.xq = buf, g.ldq = in, g.sx = sx;
+  return {p.act, p.x, p.n, p.ldx, in, buf, in, sx};
+}
+
+// fp8: the fused GEMV (quantizing x itself) for small n * in; otherwise x quantized per token
+// into scratch, then the FP8 GEMV or cuBLASLt's FP8 GEMM (the GEMV over chunks of 8 tokens where
+// cuBLASLt has no algorithm for the shape).
+void fp8_linear(const QuantLinearParams& p, LtGemm& lt, const ScratchFn& scratch, cudaStream_t s) {
+  check_fp8(p);
+  const Tensor& w = *p.w;
   const int64_t in = w.shape[1], out = w.shape[0];
   if (p.n == 0 || out == 0) return;
   const float* sw = w.scales->ptr<float>();
-  GemvFp8Params g;
-  g.act = p.act, g.n = p.n, g.w = w.ptr<uint8_t>(), g.sw = sw, g.in = in, g.out = out;
-  g.bias = p.bias, g.y = p.y, g.ldy = p.ldy;
+  GemvFp8Params g = fp8_gemv_params(p);
   if (p.gemv && p.n <= kGemvFp8MaxRows && p.n * in <= kGemvFp8FusedMax) {
     g.x = p.x, g.ldx = p.ldx;
     if (gemv_fp8_is_supported(g)) return gemv_fp8_launch(g, s);
   }
-  // Codes [n, in] (rows 16-byte aligned since in % 16 == 0), then the n scales.
-  const size_t code_bytes = size_t(p.n * in + 255) / 256 * 256;
-  auto* buf = static_cast<uint8_t*>(scratch("fp8_act", code_bytes + size_t(p.n) * 4));
-  auto* sx = reinterpret_cast<float*>(buf + code_bytes);
-  quant_act_fp8_launch({p.act, p.x, p.n, p.ldx, in, buf, in, sx}, s);
-  g.x = nullptr, g.ldx = 0;
+  quant_act_fp8_launch(fp8_codes(p, scratch, g), s);
+  const uint8_t* buf = g.xq;
+  const float* sx = g.sx;
   const auto gemv = [&](int64_t t0, int64_t n) {
     GemvFp8Params c = g;
     c.xq = buf + t0 * in, c.ldq = in, c.sx = sx + t0, c.n = n;
@@ -53,6 +73,50 @@ void fp8_linear(const QuantLinearParams& p, LtGemm& lt, const ScratchFn& scratch
 }
 
 }  // namespace
+
+bool quant_linear_gated(const QuantLinearParams& p, void* out, Activation a,
+                        const ScratchFn& scratch, cudaStream_t s) {
+  const Tensor& w = *p.w;
+  if (!p.gemv || p.n < 1 || w.input_perm || w.shape.size() != 2 || w.shape[0] % 2 != 0)
+    return false;
+  if (w.quant == WeightQuant::Fp8) {
+    check_fp8(p);
+    if (p.n > kGemvFp8MaxRows) return false;
+    GemvFp8Params g = fp8_gemv_params(p);
+    g.gated = out, g.gated_act = int(a);
+    if (p.n * g.in <= kGemvFp8FusedMax) {
+      g.x = p.x, g.ldx = p.ldx;
+      if (gemv_fp8_is_supported(g)) return gemv_fp8_launch(g, s), true;
+      g.x = nullptr, g.ldx = 0;
+    }
+    const QuantActFp8Params q = fp8_codes(p, scratch, g);
+    if (!gemv_fp8_is_supported(g)) return false;
+    quant_act_fp8_launch(q, s);
+    gemv_fp8_launch(g, s);
+    return true;
+  }
+  if (w.quant == WeightQuant::Int4 && w.zero_points && w.scales && w.scales->shape.size() == 2) {
+    const int64_t in = w.in_features();
+    GemvW4Params g{p.act,
+                   p.x,
+                   p.n,
+                   p.ldx,
+                   w.ptr<uint8_t>(),
+                   w.scales->ptr<float>(),
+                   w.zero_points->ptr<uint8_t>(),
+                   in,
+                   w.shape[0],
+                   in / w.scales->shape[1],
+                   p.bias,
+                   p.y,
+                   p.ldy};
+    g.gated = out, g.gated_act = int(a);
+    if (!gemv_w4_is_supported(g)) return false;
+    gemv_w4_launch(g, s);
+    return true;
+  }
+  return false;
+}
 
 void quant_linear(const QuantLinearParams& p, LtGemm& lt, const ScratchFn& scratch,
                   cudaStream_t s) {

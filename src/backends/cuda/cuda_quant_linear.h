@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 
+#include "arch/model_config.h"
 #include "backends/cuda/cuda_gemm.h"
 #include "core/tensor.h"
 
@@ -25,6 +26,7 @@ struct QuantLinearParams {
   void* y = nullptr;
   int64_t ldy = 0;
   bool gemv = true;  // false: always dequantize + cuBLASLt (KILN_CUDA_GEMV=0)
+  int sms = 0;       // the device's multiprocessors (kernel shapes); 0: asked of the runtime
 };
 
 // y[n, out] = x[n, in] . W^T (+ bias). `scratch(name, bytes)` returns a device buffer of at
@@ -33,5 +35,12 @@ struct QuantLinearParams {
 // activation type.
 using ScratchFn = std::function<void*(const char* name, size_t bytes)>;
 void quant_linear(const QuantLinearParams& p, LtGemm& lt, const ScratchFn& scratch, cudaStream_t s);
+
+// The gate_up product with the gated activation as its epilogue, where a decode GEMV can take it
+// (fp8, and int4 groups of 128-code multiples, up to 8 tokens): y = gu [n, 2 * inter] (gate
+// rows, then up rows), out[n, inter] = act(gate) * up from gu's rounded values, as the separate
+// calls would write them. Returns false, launching nothing, where none applies.
+bool quant_linear_gated(const QuantLinearParams& p, void* out, Activation a,
+                        const ScratchFn& scratch, cudaStream_t s);
 
 }  // namespace kiln::cuda
