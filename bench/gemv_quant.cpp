@@ -141,9 +141,11 @@ int main() {
     {  // FP8
       Weights wt = make(size_t(in * out), true, size_t(out) * 4, 0);
       for (int64_t n : {1, 8}) {
-        for (const bool g_act : {false, true}) {
-          if (g_act && !gated) continue;
-          const bool fused = n * in <= cuda::kGemvFp8FusedMax;
+        // At n = 1 also from codes quantized beforehand: what the fused quantization costs.
+        for (const int mode : {0, 1, 2}) {
+          const bool g_act = mode == 1, from_codes = mode == 2;
+          if ((g_act && !gated) || (from_codes && n != 1)) continue;
+          const bool fused = n * in <= cuda::kGemvFp8FusedMax && !from_codes;
           const auto call = [&](int i) {
             cuda::GemvFp8Params g;
             g.act = DType::BF16, g.n = n, g.in = in, g.out = out, g.y = y, g.ldy = out;
