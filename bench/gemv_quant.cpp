@@ -141,10 +141,11 @@ int main() {
     {  // FP8
       Weights wt = make(size_t(in * out), true, size_t(out) * 4, 0);
       for (int64_t n : {1, 8}) {
-        // At n = 1 also from codes quantized beforehand: what the fused quantization costs.
-        for (const int mode : {0, 1, 2}) {
-          const bool g_act = mode == 1, from_codes = mode == 2;
-          if ((g_act && !gated) || (from_codes && n != 1)) continue;
+        // At n = 1 also from codes quantized beforehand (what the fused quantization costs) and
+        // on CUDA cores.
+        for (const int mode : {0, 1, 2, 3, 4}) {
+          const bool g_act = mode == 1 || mode == 4, from_codes = mode == 2, cc = mode >= 3;
+          if ((g_act && !gated) || ((from_codes || cc) && n != 1)) continue;
           const bool fused = n * in <= cuda::kGemvFp8FusedMax && !from_codes;
           const auto call = [&](int i) {
             cuda::GemvFp8Params g;
@@ -156,9 +157,14 @@ int main() {
             else
               g.xq = xq, g.ldq = in, g.sx = sx;
             if (g_act) g.gated = act, g.gated_act = int(Activation::SiLU);
+            g.cuda_cores = cc;
             cuda::gemv_fp8_launch(g, s);
           };
-          row(n, std::string(fused ? "fp8 (fused)" : "fp8") + (g_act ? " + gated act" : ""),
+          row(n,
+              std::string(cc      ? "fp8 CUDA cores"
+                          : fused ? "fp8 (fused)"
+                                  : "fp8") +
+                  (g_act ? " + gated act" : ""),
               time(call, wt.copies), size_t(in * out));
         }
       }

@@ -324,6 +324,138 @@ __global__ void __launch_bounds__(kWarps * 32)
                 act);
 }
 
+// CUDA-core GEMV for one token, shaped like the BF16 GEMV (cuda_gemv.cu): a block owns kCcRows
+// weight rows and sweeps `in` with 16-byte loads (16 codes), consecutive threads reading
+// consecutive pieces of a row; each thread issues its first two pieces of every row before
+// waiting for the previous kernel, so a small matrix is wholly in flight at once. x is quantized
+// to the same codes as quant_act_fp8 (the block finds max |x| itself); each code pair is decoded
+// exactly (cvt.rn.f16x2.e4m3x2) and the products summed in FP32. Gated (inter > 0): kCcRows / 2
+// gate rows and their up rows, as gemv_gated_kernel.
+constexpr int kCcRows = 4, kCcThreads = 256;
+
+template <typename T>
+__device__ __forceinline__ void cc_chunk(float (&acc)[kCcRows], const uint4 (&wv)[kCcRows],
+                                         const T* x, int c, float inv) {
+  float f[16];
+  const uint4* xp = reinterpret_cast<const uint4*>(x) + 2 * c;
+  unpack_vec<T>(ld_act(xp), f);
+  unpack_vec<T>(ld_act(xp + 1), f + 8);
+  const uint2 lo = to_e4m3x8(f, inv), hi = to_e4m3x8(f + 8, inv);
+  unpack_vec<E4M3>(make_uint4(lo.x, lo.y, hi.x, hi.y), f);  // the codes' values
+#pragma unroll
+  for (int r = 0; r < kCcRows; ++r) {
+    float wf[16];
+    unpack_vec<E4M3>(wv[r], wf);
+#pragma unroll
+    for (int e = 0; e < 16; ++e) acc[r] = fmaf(wf[e], f[e], acc[r]);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kCcThreads)
+    gemv_fp8_cc_kernel(const T* x, const uint8_t* __restrict__ w, const float* __restrict__ sw,
+                       int in, int out, const float* __restrict__ bias, T* __restrict__ y,
+                       int inter, T* __restrict__ gated, int act) {
+  pdl_trigger();
+  constexpr int R = kCcRows, H = kCcRows / 2;
+  const int row0 = int(blockIdx.x) * (inter > 0 ? H : R), chunks = in / 16, nt = blockDim.x;
+  const uint4* wr[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {  // rows past the end read the last row and are never stored
+    const int j = min(row0 + r % H, inter - 1);
+    const int row = inter > 0 ? (r < H ? j : inter + j) : min(row0 + r, out - 1);
+    wr[r] = reinterpret_cast<const uint4*>(w + int64_t(row) * in);
+  }
+  int c = int(threadIdx.x);
+  bool ha = c < chunks, hb = c + nt < chunks;
+  uint4 wa[R], wb[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    if (ha) wa[r] = ld_stream(wr[r] + c);
+    if (hb) wb[r] = ld_stream(wr[r] + c + nt);
+  }
+  pdl_wait();  // x is the previous kernel's output
+  __shared__ float red[kCcThreads / 32][R];
+  __shared__ float s_scale, s_inv;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, warps = nt / 32;
+  {  // max |x|: the token's scale, as quant_act_fp8_kernel
+    float m = 0.0f;
+    for (int i = int(threadIdx.x); i < in / 8; i += nt) {
+      float f[8];
+      unpack_vec<T>(ld_act(reinterpret_cast<const uint4*>(x) + i), f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(f[e]));
+    }
+    m = warp_max(m);
+    if (lane == 0) red[warp][0] = m;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float amax = 0.0f;
+      for (int k = 0; k < warps; ++k) amax = fmaxf(amax, red[k][0]);
+      const bool tiny = amax < kFp8TinyRow;
+      s_scale = tiny ? 0.0f : amax / kE4M3Max;
+      s_inv = tiny ? 0.0f : kE4M3Max / amax;
+    }
+    __syncthreads();
+  }
+  const float inv = s_inv;
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+  while (ha) {
+    cc_chunk<T>(acc, wa, x, c, inv);
+    if (hb) cc_chunk<T>(acc, wb, x, c + nt, inv);
+    c += 2 * nt;
+    ha = c < chunks, hb = c + nt < chunks;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (ha) wa[r] = ld_stream(wr[r] + c);
+      if (hb) wb[r] = ld_stream(wr[r] + c + nt);
+    }
+  }
+  __syncthreads();  // red[] is reused
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const float v = warp_sum(acc[r]);
+    if (lane == 0) red[warp][r] = v;
+  }
+  __syncthreads();
+  const float st = s_scale;
+  if (inter > 0) {
+    if (threadIdx.x < H) {
+      const int r = int(threadIdx.x), j = row0 + r;
+      float g = 0.0f, u = 0.0f;
+      for (int k = 0; k < warps; ++k) g += red[k][r], u += red[k][r + H];
+      if (j < inter) {
+        const T gt = from_f<T>(g * st * sw[j] + (bias ? bias[j] : 0.0f));
+        const T ut = from_f<T>(u * st * sw[inter + j] + (bias ? bias[inter + j] : 0.0f));
+        y[j] = gt;
+        y[inter + j] = ut;
+        gated[j] = from_f<T>(apply_gated(to_f(gt), to_f(ut), act));
+      }
+    }
+  } else if (threadIdx.x < R) {
+    const int r = int(threadIdx.x), row = row0 + r;
+    float v = 0.0f;
+    for (int k = 0; k < warps; ++k) v += red[k][r];
+    if (row < out) y[row] = from_f<T>(v * st * sw[row] + (bias ? bias[row] : 0.0f));
+  }
+}
+
+template <typename T>
+void launch_gemv_cc(const GemvFp8Params& p, cudaStream_t s) {
+  const int64_t chunks = p.in / 16;
+  // Two pieces of a row per thread in the first pass where `in` allows.
+  const unsigned threads =
+      unsigned(std::clamp<int64_t>((chunks / 2 + 31) / 32 * 32, 32, kCcThreads));
+  const int inter = p.gated ? int(p.out / 2) : 0;
+  const unsigned blocks = unsigned(p.gated ? (inter + kCcRows / 2 - 1) / (kCcRows / 2)
+                                           : (p.out + kCcRows - 1) / kCcRows);
+  launch_kernel(gemv_fp8_cc_kernel<T>, blocks, threads, 0, s, static_cast<const T*>(p.x), p.w, p.sw,
+                int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), inter,
+                static_cast<T*>(p.gated), p.gated_act);
+}
+
 template <typename T, bool Fused, int Stages>
 void launch_gemv(const GemvFp8Params& p, const void* x, int64_t ld, cudaStream_t s) {
   auto* kernel = gemv_fp8_kernel<T, Fused, Stages>;
@@ -355,6 +487,7 @@ void launch_gemv(const GemvFp8Params& p, const void* x, int64_t ld, cudaStream_t
 
 template <typename T>
 void launch_gemv(const GemvFp8Params& p, cudaStream_t s) {
+  if (p.cuda_cores && p.xq == nullptr && p.n == 1) return launch_gemv_cc<T>(p, s);
   if (p.xq == nullptr)
     launch_gemv<T, true>(p, p.x, p.ldx, s);
   else

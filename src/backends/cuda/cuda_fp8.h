@@ -74,6 +74,8 @@ struct GemvFp8Params {
   void* gated = nullptr;
   int gated_act = 0;
   int sms = 0;  // the device's multiprocessors; 0: asked of the runtime
+  // One token from x (fused): the CUDA-core kernel instead of the tensor-core one.
+  bool cuda_cores = false;
 };
 constexpr int64_t kGemvFp8FusedMax = 16384;  // n * in up to which the GEMV quantizes x itself
 constexpr int64_t kGemvFp8MaxRows = 8;
