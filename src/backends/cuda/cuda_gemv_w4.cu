@@ -140,7 +140,8 @@ __global__ void __launch_bounds__(kThreads)
 // The block's 8 warps split the steps; the next step's loads are issued before this step's math.
 // Gated (inter > 0): rows g are gate rows j0 + g and rows g + 8 their up rows inter + j0 + g, so
 // lane (g, q) holds both halves of its outputs and applies the activation in the store.
-constexpr int kTcWarps = 8;
+// W (warps a block) is 8, or 16 where few blocks would leave the SMs with too few bytes in
+// flight (GemvW4Params::warps).
 constexpr int kTcRows = 16;
 
 template <typename T>
@@ -199,7 +200,7 @@ __device__ __forceinline__ void pairs8(const uint32_t* xw, uint32_t (&r)[4]) {
   r[3] = __byte_perm(xw[1], xw[3], 0x7632);
 }
 
-template <typename T>
+template <typename T, int kTcWarps>
 __global__ void __launch_bounds__(kTcWarps * 32)
     gemv_w4_tc_kernel(const T* __restrict__ x, int64_t ldx, int n, const uint8_t* __restrict__ w,
                       const float* __restrict__ scales, const uint8_t* __restrict__ zeros, int in,
@@ -287,12 +288,13 @@ __global__ void __launch_bounds__(kTcWarps * 32)
   }
 }
 
-template <typename T>
+template <typename T, int W>
 void launch_gemv_tc(const GemvW4Params& p, cudaStream_t s) {
+  constexpr int kTcWarps = W;
   const int inter = p.gated ? int(p.out / 2) : 0;
   const unsigned blocks = unsigned(p.gated ? (inter + kTcRows / 2 - 1) / (kTcRows / 2)
                                            : (p.out + kTcRows - 1) / kTcRows);
-  launch_kernel(gemv_w4_tc_kernel<T>, blocks, kTcWarps * 32, 0, s, static_cast<const T*>(p.x),
+  launch_kernel(gemv_w4_tc_kernel<T, W>, blocks, kTcWarps * 32, 0, s, static_cast<const T*>(p.x),
                 p.ldx, int(p.n), p.w, p.scales, p.zeros, int(p.in), int(p.out), int(p.group),
                 p.bias, static_cast<T*>(p.y), p.ldy, inter, static_cast<T*>(p.gated), p.gated_act);
 }
@@ -388,6 +390,7 @@ bool gemv_w4_is_supported(const GemvW4Params& p) {
   if (p.n < 1 || p.n > kGemvW4MaxRows || p.out < 1 || p.in < 32 || p.in > INT_MAX ||
       p.out > INT_MAX)
     return false;
+  if (p.warps != 8 && p.warps != 16) return false;
   if (p.gated && (p.group % 128 != 0 || p.out % 2 != 0 || p.ldy < p.out)) return false;
   return p.in % 32 == 0 && p.group >= 32 && p.group % 32 == 0 && p.in % p.group == 0 &&
          (p.ldx * 2) % 16 == 0 && aligned16(p.x) && aligned16(p.w) && p.scales && p.zeros;
@@ -397,8 +400,12 @@ void gemv_w4_launch(const GemvW4Params& p, cudaStream_t s) {
   KILN_CHECK(gemv_w4_is_supported(p), "gemv_w4: unsupported shape or alignment (n ", p.n, ", in ",
              p.in, ", group ", p.group, ")");
   if (p.group % 128 == 0) {  // whole 128-code steps per group: the tensor-core kernel
-    if (p.act == DType::BF16) return launch_gemv_tc<__nv_bfloat16>(p, s);
-    return launch_gemv_tc<__half>(p, s);
+    if (p.warps == 16) {
+      if (p.act == DType::BF16) return launch_gemv_tc<__nv_bfloat16, 16>(p, s);
+      return launch_gemv_tc<__half, 16>(p, s);
+    }
+    if (p.act == DType::BF16) return launch_gemv_tc<__nv_bfloat16, 8>(p, s);
+    return launch_gemv_tc<__half, 8>(p, s);
   }
   if (p.act == DType::BF16)
     dispatch_n<__nv_bfloat16>(p, s);

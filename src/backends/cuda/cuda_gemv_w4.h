@@ -32,6 +32,7 @@ struct GemvW4Params {
   // kernel only (group % 128 == 0).
   void* gated = nullptr;
   int gated_act = 0;
+  int warps = 8;  // a block of the tensor-core kernel: 8 or 16 warps
 };
 constexpr int64_t kGemvW4MaxRows = 8;
 // 1 <= n <= 8, in % 32 == 0, group % 32 == 0 dividing in, 16-byte aligned x and w rows.

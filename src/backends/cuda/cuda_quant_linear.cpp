@@ -97,20 +97,11 @@ bool quant_linear_gated(const QuantLinearParams& p, void* out, Activation a,
   }
   if (w.quant == WeightQuant::Int4 && w.zero_points && w.scales && w.scales->shape.size() == 2) {
     const int64_t in = w.in_features();
-    GemvW4Params g{p.act,
-                   p.x,
-                   p.n,
-                   p.ldx,
-                   w.ptr<uint8_t>(),
-                   w.scales->ptr<float>(),
-                   w.zero_points->ptr<uint8_t>(),
-                   in,
-                   w.shape[0],
-                   in / w.scales->shape[1],
-                   p.bias,
-                   p.y,
-                   p.ldy};
-    g.gated = out, g.gated_act = int(a);
+    GemvW4Params g;
+    g.act = p.act, g.x = p.x, g.n = p.n, g.ldx = p.ldx, g.w = w.ptr<uint8_t>();
+    g.scales = w.scales->ptr<float>(), g.zeros = w.zero_points->ptr<uint8_t>();
+    g.in = in, g.out = w.shape[0], g.group = in / w.scales->shape[1], g.bias = p.bias, g.y = p.y;
+    g.ldy = p.ldy, g.gated = out, g.gated_act = int(a);
     if (!gemv_w4_is_supported(g)) return false;
     gemv_w4_launch(g, s);
     return true;
