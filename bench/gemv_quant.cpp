@@ -177,7 +177,9 @@ int main() {
           make(size_t(in * out / 2), false, size_t(out * groups) * 4, size_t(out * groups));
       const size_t bytes = size_t(in * out / 2) + size_t(out * groups) * 5;
       for (int64_t n : {1, 8}) {
-        for (const bool g_act : {false, true}) {
+        for (const int mode : {0, 1, 2}) {  // plain, gated, plain in 16-warp blocks
+          const bool g_act = mode == 1;
+          const int warps = mode == 2 ? 16 : 8;
           if (g_act && !gated) continue;
           const auto call = [&](int i) {
             cuda::GemvW4Params g;
@@ -187,10 +189,14 @@ int main() {
             g.zeros = static_cast<const uint8_t*>(wt.z[size_t(i % wt.copies)]);
             g.in = in, g.out = out, g.group = group, g.y = y, g.ldy = out;
             if (g_act) g.gated = act, g.gated_act = int(Activation::SiLU);
+            g.warps = warps;
             cuda::gemv_w4_launch(g, s);
           };
-          row(n, g_act ? "int4 (group 128) + gated act" : "int4 (group 128)", time(call, wt.copies),
-              bytes);
+          row(n,
+              g_act         ? "int4 (group 128) + gated act"
+              : warps == 16 ? "int4 (group 128), 16 warps"
+                            : "int4 (group 128)",
+              time(call, wt.copies), bytes);
         }
       }
       for (auto* p : wt.w) cudaFree(p);
