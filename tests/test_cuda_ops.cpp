@@ -308,39 +308,30 @@ TEST_P(CudaOps, HeadNorm) {
 
 // The Decoder's q/k pattern: head_norm and rope on the q heads, then on the k heads that follow
 // them in the same rows (the backend may merge each pair into one launch), then an unrelated op.
-TEST_P(CudaOps, QkNormAndRopePairs) {
+TEST_P(CudaOps, QkNormThenRope) {
   for (int64_t hd : {32, 128}) {
-    const int64_t n = 3, hq = 4, hk = 2, qd = hq * hd, ld = qd + 2 * hk * hd;  // q | k | v
-    const int64_t rot = hd == 32 ? 16 : hd, half = rot / 2;
-    auto x = rnd(size_t(n * ld), 1.5f);
-    auto [qwh, qwd] = vec(hd, 1.0f, 0.2f);
-    auto [kwh, kwd] = vec(hd, 1.0f, 0.2f);
-    std::vector<float> cs(size_t(n * half)), sn(cs.size());
-    for (size_t i = 0; i < cs.size(); ++i)
-      cs[i] = std::cos(0.3f * float(i)), sn[i] = std::sin(0.3f * float(i));
-    auto want = x;
-    cpu->head_norm(want.data(), n, ld, hq, hd, qwh, NormKind::RMS, 1e-6f);
-    cpu->head_norm(want.data() + qd, n, ld, hk, hd, kwh, NormKind::RMS, 1e-6f);
-    cpu->rope(want.data(), n, ld, hq, hd, rot, cs.data(), sn.data());
-    cpu->rope(want.data() + qd, n, ld, hk, hd, rot, cs.data(), sn.data());
-    cpu->add(want.data(), want.data() + ld, ld);  // row 0 += row 1
-    void* xd = up(x);
-    void* kd = static_cast<char*>(xd) + qd * dtype_size(dt);
-    const float* c = up_raw(cs);
-    const float* s2 = up_raw(sn);
-    gpu->head_norm(xd, n, ld, hq, hd, qwd, NormKind::RMS, 1e-6f);
-    gpu->head_norm(kd, n, ld, hk, hd, kwd, NormKind::RMS, 1e-6f);
-    gpu->rope(xd, n, ld, hq, hd, rot, c, s2);
-    gpu->rope(kd, n, ld, hk, hd, rot, c, s2);
-    gpu->add(xd, static_cast<char*>(xd) + ld * dtype_size(dt), ld);
-    expect_close(down(xd, size_t(n * ld)), ld, want, ld, n, ld, cat("q/k pairs hd=", hd));
-    // A lone rope (no k half follows) still runs before the next op reads its output.
-    auto want2 = want;
-    cpu->rope(want2.data(), n, ld, hq, hd, rot, cs.data(), sn.data());
-    cpu->act(want2.data(), n * ld, Activation::ReLU);
-    gpu->rope(xd, n, ld, hq, hd, rot, c, s2);
-    gpu->act(xd, n * ld, Activation::ReLU);
-    expect_close(down(xd, size_t(n * ld)), ld, want2, ld, n, ld, cat("lone rope hd=", hd));
+    for (const bool per_head : {false, true}) {  // shared [hd] weights, or one slice per head
+      const int64_t n = 3, hq = 4, hk = 2, qd = hq * hd, ld = qd + 2 * hk * hd;  // q | k | v
+      const int64_t rot = hd == 32 ? 16 : hd, half = rot / 2;
+      auto x = rnd(size_t(n * ld), 1.5f);
+      auto [qwh, qwd] = vec(per_head ? hq * hd : hd, 1.0f, 0.2f);
+      auto [kwh, kwd] = vec(per_head ? hk * hd : hd, 1.0f, 0.2f);
+      std::vector<float> cs(size_t(n * half)), sn(cs.size());
+      for (size_t i = 0; i < cs.size(); ++i)
+        cs[i] = std::cos(0.3f * float(i)), sn[i] = std::sin(0.3f * float(i));
+      auto want = x;
+      cpu->head_norm(want.data(), n, ld, hq, hd, qwh, NormKind::RMS, 1e-6f);
+      cpu->head_norm(want.data() + qd, n, ld, hk, hd, kwh, NormKind::RMS, 1e-6f);
+      cpu->rope(want.data(), n, ld, hq, hd, rot, cs.data(), sn.data());
+      cpu->rope(want.data() + qd, n, ld, hk, hd, rot, cs.data(), sn.data());
+      void* xd = up(x);
+      void* kd = static_cast<char*>(xd) + qd * dtype_size(dt);
+      gpu->qk_norm(xd, n, ld, hq, hk, hd, qwd, kwd, NormKind::RMS, 1e-6f);
+      gpu->rope(xd, n, ld, hq, hd, rot, up_raw(cs), up_raw(sn));
+      gpu->rope(kd, n, ld, hk, hd, rot, up_raw(cs), up_raw(sn));
+      expect_close(down(xd, size_t(n * ld)), ld, want, ld, n, ld,
+                   cat("qk_norm, rope hd=", hd, per_head ? " per-head weights" : ""));
+    }
   }
 }
 
@@ -417,8 +408,8 @@ TEST_P(CudaOps, LinearGatedAct) {
   }
 }
 
-// Decoder sequences the backend may fuse: rope(q), rope(k), kv_write(k, v); and a GEMV
-// followed by something else.
+// rope_kv_write (one launch on CUDA) against the CPU's rope(q), rope(k), kv_write(k, v); and a
+// GEMV followed by something else.
 TEST_P(CudaOps, FusedDecoderSequences) {
   {  // a GEMV whose output is read by something else
     const int64_t n = 1, in = 128, out = 64;
@@ -452,13 +443,9 @@ TEST_P(CudaOps, FusedDecoderSequences) {
     cpu->rope(want.data() + qd, n, ld, hk, hd, rot, cs.data(), sn.data());
     cpu->kv_write(kv_cpu, want.data() + qd, want.data() + qd + kvd, ld, pos.data(), n);
     void* xd = up(x);
-    const size_t es = dtype_size(dt);
     const float* c = up_raw(cs);
     const float* s2 = up_raw(sn);
-    gpu->rope(xd, n, ld, hq, hd, rot, c, s2);
-    gpu->rope(static_cast<char*>(xd) + qd * es, n, ld, hk, hd, rot, c, s2);
-    gpu->kv_write(kv_gpu, static_cast<char*>(xd) + qd * es,
-                  static_cast<char*>(xd) + (qd + kvd) * es, ld, up_raw(pos), n);
+    gpu->rope_kv_write(xd, n, ld, hq, hk, hd, rot, c, s2, kv_gpu, up_raw(pos));
     const std::string what = cat("rope+kv_write rot=", rot);
     expect_close(down(xd, size_t(n * ld)), ld, want, ld, n, ld, what);
     expect_close(down(kg, size_t(pool)), pool, kc, pool, 1, pool, what + " K cache");

@@ -137,6 +137,15 @@ class Backend {
   // one slice per head (Cohere's q/k norms).
   virtual void head_norm(void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim,
                          const Tensor& w, NormKind kind, float eps, const Tensor* b = nullptr) = 0;
+  // The q and k norms of an attention input: q_heads heads at x and the k_heads heads right after
+  // them, each set with its own weight (and bias) as head_norm takes them. CUDA: one launch.
+  virtual void qk_norm(void* x, int64_t n, int64_t ld, int64_t q_heads, int64_t k_heads,
+                       int64_t head_dim, const Tensor& wq, const Tensor& wk, NormKind kind,
+                       float eps, const Tensor* bq = nullptr, const Tensor* bk = nullptr) {
+    head_norm(x, n, ld, q_heads, head_dim, wq, kind, eps, bq);
+    head_norm(static_cast<char*>(x) + size_t(q_heads * head_dim) * dtype_size(act_dtype()), n, ld,
+              k_heads, head_dim, wk, kind, eps, bk);
+  }
   virtual void add(void* x, const void* y, int64_t count) = 0;  // x += y
   // rows rows of width bytes, from src (rows spitch bytes apart) to dst (dpitch apart), device
   // memory both (cudaMemcpy2D): vocabulary slices into whole logit rows, a head range of q.
@@ -146,6 +155,17 @@ class Backend {
                     int64_t rot_dim, const float* cos, const float* sin) = 0;
   virtual void kv_write(const KVLayerView& kv, const void* k, const void* v, int64_t ld,
                         const int32_t* pos, int64_t n) = 0;
+  // rope over the q_heads heads at x and the kv_heads k heads right after them, then kv_write of
+  // those k heads and the kv_heads v heads after them: an attention input row [q | k | v] (rows
+  // ld apart) made ready for attention. CUDA: one launch for a 16-bit cache.
+  virtual void rope_kv_write(void* x, int64_t n, int64_t ld, int64_t q_heads, int64_t kv_heads,
+                             int64_t head_dim, int64_t rot_dim, const float* cos, const float* sin,
+                             const KVLayerView& kv, const int32_t* pos) {
+    char* k = static_cast<char*>(x) + size_t(q_heads * head_dim) * dtype_size(act_dtype());
+    rope(x, n, ld, q_heads, head_dim, rot_dim, cos, sin);
+    rope(k, n, ld, kv_heads, head_dim, rot_dim, cos, sin);
+    kv_write(kv, k, k + size_t(kv_heads * head_dim) * dtype_size(act_dtype()), ld, pos, n);
+  }
   virtual void attention(const void* q, int64_t ldq, int64_t n, const int32_t* pos,
                          const KVLayerView& kv, const AttnParams& p, void* out, int64_t ldo) = 0;
   virtual void gated_act(const void* gu, int64_t n, int64_t inter, Activation a, void* out) = 0;

@@ -146,23 +146,24 @@ void Decoder::build_attn(int64_t l, int64_t n) {
     const int64_t kv_all = kn.numel() / hd, tp = par_.shard.tp;
     gather_norm(qkv, n, ld, qd, 1, w_.at(p + "q_norm"), w_.find(p + "q_norm.bias"));
     gather_norm(k, n, ld, kvd, kv_all < tp ? int(tp / kv_all) : 1, kn, w_.find(p + "k_norm.bias"));
+  } else if (c_.knobs.qk_norm && c_.knobs.qk_norm_full) {  // all heads at once: one "head"
+    be_.head_norm(qkv, n, ld, 1, qd, w_.at(p + "q_norm"), c_.knobs.norm, float(c_.norm_eps),
+                  w_.find(p + "q_norm.bias"));
+    be_.head_norm(k, n, ld, 1, kvd, w_.at(p + "k_norm"), c_.knobs.norm, float(c_.norm_eps),
+                  w_.find(p + "k_norm.bias"));
   } else if (c_.knobs.qk_norm) {
-    // Per head, or (qk_norm_full) over all heads at once: one "head" of the whole width.
-    const bool full = c_.knobs.qk_norm_full;
-    be_.head_norm(qkv, n, ld, full ? 1 : c_.num_heads, full ? qd : hd, w_.at(p + "q_norm"),
-                  c_.knobs.norm, float(c_.norm_eps), w_.find(p + "q_norm.bias"));
-    be_.head_norm(k, n, ld, full ? 1 : c_.num_kv_heads, full ? kvd : hd, w_.at(p + "k_norm"),
-                  c_.knobs.norm, float(c_.norm_eps), w_.find(p + "k_norm.bias"));
+    be_.qk_norm(qkv, n, ld, c_.num_heads, c_.num_kv_heads, hd, w_.at(p + "q_norm"),
+                w_.at(p + "k_norm"), c_.knobs.norm, float(c_.norm_eps), w_.find(p + "q_norm.bias"),
+                w_.find(p + "k_norm.bias"));
   }
   const LayerConfig& lc = c_.layers[size_t(l)];
   const int r = lc.rope;
-  if (c_.ropes[size_t(r)].type != RopeType::None) {
-    const int64_t rot = c_.rotary_dim(r);
-    be_.rope(qkv, n, ld, c_.num_heads, hd, rot, d_cos_[size_t(r)], d_sin_[size_t(r)]);
-    be_.rope(k, n, ld, c_.num_kv_heads, hd, rot, d_cos_[size_t(r)], d_sin_[size_t(r)]);
-  }
   const KVLayerView kv = cache_view(l, kvd, hd);
-  be_.kv_write(kv, k, v, ld, d_pos_, n);
+  if (c_.ropes[size_t(r)].type != RopeType::None)
+    be_.rope_kv_write(qkv, n, ld, c_.num_heads, c_.num_kv_heads, hd, c_.rotary_dim(r),
+                      d_cos_[size_t(r)], d_sin_[size_t(r)], kv, d_pos_);
+  else
+    be_.kv_write(kv, k, v, ld, d_pos_, n);
   void* att = buf("att", size_t(n * qd) * a);
   AttnParams ap{c_.num_heads,         c_.num_kv_heads,        hd,
                 float(c_.attn_scale), float(c_.attn_softcap), lc.sliding_window};

@@ -60,11 +60,7 @@ class CudaBackend final : public Backend {
   }
 
   ~CudaBackend() override {
-    // Nothing here may throw; pending work is drained first so frees are safe.
-    try {
-      flush();
-    } catch (const Error&) {
-    }
+    // Nothing here may throw; work in flight is drained first so frees are safe.
     cudaStreamSynchronize(stream_);
     if (prof_) {
       try {
@@ -93,29 +89,20 @@ class CudaBackend final : public Backend {
   }
   // Called from destructors (Decoder, KVCache): never throws.
   void release(void* p) override {
-    try {
-      flush();  // the held-back launch may read this buffer
-    } catch (const Error&) {
-    }
     if (p) cudaFree(p);
   }
   // Pageable sources are staged by the driver before the call returns, so callers may reuse
   // their buffers at once; the copy stays ordered on the stream.
   void to_device(void* dst, const void* src, size_t bytes) override {
-    flush();
     if (bytes) KILN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
   }
   void to_host(void* dst, const void* src, size_t bytes) override {
-    flush();
     if (!bytes) return;
     if (bytes >= kChunkBytes) return read_pinned(src, bytes, dst);
     KILN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
     KILN_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
-  void synchronize() override {
-    flush();
-    KILN_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  }
+  void synchronize() override { KILN_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
   Tensor upload(const Tensor& host) override {
     KILN_CHECK(host.device == Device::CPU, "upload: tensor is already on a device");
@@ -141,7 +128,6 @@ class CudaBackend final : public Backend {
     return t;
   }
   std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host) override {
-    flush();
     return cuda::upload_all(host, stream_);
   }
 
@@ -154,32 +140,22 @@ class CudaBackend final : public Backend {
   // CUDA graphs. Not while profiling: the profiler's events would be captured too.
   bool graphs() const override { return !prof_; }
   void capture_begin() override {
-    flush();
     KILN_CHECK(!capturing_, "CUDA graph capture already in progress");
     KILN_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     capturing_ = true;
   }
   std::unique_ptr<Graph> capture_end() override {
     KILN_CHECK(capturing_, "no CUDA graph capture in progress");
-    // Always end the capture, even when flushing fails, so the stream is usable again.
-    const char* err = nullptr;
-    try {
-      flush();
-    } catch (const Error&) {
-      err = "a launch failed while capturing";
-    }
     capturing_ = false;
     cudaGraph_t g = nullptr;
     const cudaError_t e = cudaStreamEndCapture(stream_, &g);
     auto out = std::make_unique<CudaGraph>();
     out->graph = g;
-    if (err) throw Error(cat("CUDA graph capture: ", err));
     KILN_CUDA_CHECK(e);
     KILN_CUDA_CHECK(cudaGraphInstantiate(&out->exec, g, 0));
     return out;
   }
   void replay(Graph& g) override {
-    flush();
     KILN_CUDA_CHECK(cudaGraphLaunch(static_cast<CudaGraph&>(g).exec, stream_));
   }
   uint64_t generation() const override { return generation_; }
@@ -187,13 +163,11 @@ class CudaBackend final : public Backend {
   void embed(const Tensor& table, const int32_t* ids, int64_t n, float scale, void* out,
              int64_t first) override {
     Prof prof(prof_.get(), "embed");
-    flush();
     cuda::embed(act_, table.data, table.dtype, table.shape[0], table.shape[1], ids, n, scale, out,
                 stream_, true, first);
   }
   void add_rows(const Tensor& table, const int32_t* rows, int64_t n, void* x) override {
     Prof prof(prof_.get(), "add_rows");
-    flush();
     cuda::add_rows(act_, table.data, table.dtype, table.shape[1], rows, n, x, stream_, true);
   }
 
@@ -209,7 +183,6 @@ class CudaBackend final : public Backend {
   }
   void gated_impl(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* gu,
                   int64_t inter, Activation a, void* out) {
-    flush();
     KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
     KILN_CHECK(w.shape.size() == 2 && w.shape[0] == 2 * inter,
                "CUDA linear_gated_act: the weight "
@@ -235,7 +208,6 @@ class CudaBackend final : public Backend {
             NormKind kind, float eps, void* y, int64_t ldy, bool residual_in,
             bool f32_out) override {
     Prof prof(prof_.get(), "norm");
-    flush();
     check_f32(w, b);
     KILN_CHECK(!f32_out || residual_in || act_ == DType::F32,
                "CUDA norm: an F32 output needs the F32 residual stream as input");
@@ -246,7 +218,6 @@ class CudaBackend final : public Backend {
   void add_norm(void* residual, const void* delta, int64_t rows, int64_t dim, const Tensor& w,
                 const Tensor* b, NormKind kind, float eps, void* y) override {
     Prof prof(prof_.get(), "add_norm");
-    flush();
     check_f32(w, b);
     cuda::add_norm(act_, residual, delta, rows, dim, w.ptr<float>(), fptr(b), kind, eps, y, stream_,
                    true);
@@ -255,90 +226,64 @@ class CudaBackend final : public Backend {
                  NormKind kind, float eps, const Tensor* b) override {
     Prof prof(prof_.get(), "head_norm");
     check_f32(w, b);
-    const bool per_head = heads > 1 && w.numel() == heads * head_dim;
-    Pending& p = pending_;
-    if (p.kind == Pending::HeadNorm && x == p.next() && n == p.n && ld == p.ld &&
-        head_dim == p.head_dim && kind == p.norm && eps == p.eps && per_head == p.per_head &&
-        (b != nullptr) == (p.bias != nullptr)) {
-      // The k heads right after the held-back q heads: one launch, two weight vectors.
-      p.kind = Pending::None;
-      cuda::norm(act_, p.x, n, p.heads + heads, head_dim, ld, p.x, ld, p.w, p.bias, kind, eps,
-                 stream_, w.ptr<float>(), p.heads, false, fptr(b), per_head);
-      return;
-    }
-    flush();
-    p = Pending();
-    p.kind = Pending::HeadNorm, p.x = x, p.n = n, p.ld = ld, p.heads = heads, p.head_dim = head_dim;
-    p.w = w.ptr<float>(), p.norm = kind, p.eps = eps, p.es = dtype_size(act_);
-    p.bias = fptr(b), p.per_head = per_head;
+    cuda::norm(act_, x, n, heads, head_dim, ld, x, ld, w.ptr<float>(), fptr(b), kind, eps, stream_,
+               nullptr, 0, false, nullptr, per_head(w, heads, head_dim));
+  }
+  // One launch over the q and the k heads, two weight vectors.
+  void qk_norm(void* x, int64_t n, int64_t ld, int64_t q_heads, int64_t k_heads, int64_t head_dim,
+               const Tensor& wq, const Tensor& wk, NormKind kind, float eps, const Tensor* bq,
+               const Tensor* bk) override {
+    Prof prof(prof_.get(), "head_norm");
+    check_f32(wq, bq);
+    check_f32(wk, bk);
+    const bool pq = per_head(wq, q_heads, head_dim);
+    if (pq != per_head(wk, k_heads, head_dim) || (bq != nullptr) != (bk != nullptr))
+      return Backend::qk_norm(x, n, ld, q_heads, k_heads, head_dim, wq, wk, kind, eps, bq, bk);
+    cuda::norm(act_, x, n, q_heads + k_heads, head_dim, ld, x, ld, wq.ptr<float>(), fptr(bq), kind,
+               eps, stream_, wk.ptr<float>(), q_heads, false, fptr(bk), pq);
   }
   void add(void* x, const void* y, int64_t count) override {
     Prof prof(prof_.get(), "add");
-    flush();
     cuda::add(act_, x, y, count, stream_);
   }
   void copy_2d(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
                size_t rows) override {
-    flush();
     if (width && rows)
       KILN_CUDA_CHECK(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows,
                                         cudaMemcpyDeviceToDevice, stream_));
   }
-  void* stream() override {
-    flush();
-    return stream_;
-  }
+  void* stream() override { return stream_; }
   void rope(void* x, int64_t n, int64_t ld, int64_t heads, int64_t head_dim, int64_t rot_dim,
             const float* cos, const float* sin) override {
     Prof prof(prof_.get(), "rope");
-    Pending& p = pending_;
-    if (p.kind == Pending::Rope && p.k_from == 0 && x == p.next() && n == p.n && ld == p.ld &&
-        head_dim == p.head_dim && rot_dim == p.rot_dim && cos == p.cos && sin == p.sin) {
-      // The k heads right after the held-back q heads: one rope over both, held back again in
-      // case the kv_write of these k heads follows.
-      p.k_from = p.heads;
-      p.heads += heads;
-      return;
-    }
-    flush();
-    p = Pending();
-    p.kind = Pending::Rope, p.x = x, p.n = n, p.ld = ld, p.heads = heads, p.head_dim = head_dim;
-    p.rot_dim = rot_dim, p.cos = cos, p.sin = sin, p.es = dtype_size(act_);
+    cuda::rope(act_, x, n, ld, heads, head_dim, rot_dim, cos, sin, stream_);
   }
   void kv_write(const KVLayerView& kv, const void* k, const void* v, int64_t ld, const int32_t* pos,
                 int64_t n) override {
     Prof prof(prof_.get(), "kv_write");
-    Pending& p = pending_;
-    if (kv.fp8()) {  // per-head amax first: its own kernel, after the rope
-      flush();
-      cuda::KvWriteFp8Params f;
-      f.act = act_, f.k = k, f.v = v, f.ld = ld, f.n = n, f.pos = pos;
-      f.kpool = static_cast<uint8_t*>(kv.k), f.vpool = static_cast<uint8_t*>(kv.v);
-      f.k_scale = kv.k_scale, f.v_scale = kv.v_scale, f.block_table = kv.block_table;
-      f.block_size = kv.block_size, f.kv_dim = kv.kv_dim, f.head_dim = kv.head_dim;
-      f.seq = kv.seq, f.bt_stride = kv.bt_stride;
-      cuda::kv_write_fp8_launch(f, stream_);
-      return;
+    kv_write_impl(kv, k, v, ld, pos, n);
+  }
+  // One launch for a 16-bit cache; an FP8 cache's per-head amax needs the roped k first, so
+  // there the rope (q and k at once) and the write are two.
+  void rope_kv_write(void* x, int64_t n, int64_t ld, int64_t q_heads, int64_t kv_heads,
+                     int64_t head_dim, int64_t rot_dim, const float* cos, const float* sin,
+                     const KVLayerView& kv, const int32_t* pos) override {
+    Prof prof(prof_.get(), "rope_kv_write");
+    const size_t es = dtype_size(act_);
+    char* k = static_cast<char*>(x) + size_t(q_heads * head_dim) * es;
+    const char* v = k + size_t(kv_heads * head_dim) * es;
+    if (kv.fp8() || kv.kv_dim != kv_heads * head_dim) {
+      cuda::rope(act_, x, n, ld, q_heads + kv_heads, head_dim, rot_dim, cos, sin, stream_);
+      return kv_write_impl(kv, k, v, ld, pos, n);
     }
-    if (p.kind == Pending::Rope && p.k_from > 0 && n == p.n && ld == p.ld &&
-        k == static_cast<const char*>(p.x) + size_t(p.k_from * p.head_dim) * p.es &&
-        kv.kv_dim == (p.heads - p.k_from) * p.head_dim) {
-      // rope(q), rope(k), kv_write(k, v): one launch.
-      p.kind = Pending::None;
-      cuda::rope_kv_write(act_, p.x, n, ld, p.heads, p.k_from, p.head_dim, p.rot_dim, p.cos, p.sin,
-                          kv.k, kv.v, kv.block_table, kv.block_size, kv.kv_dim, v, pos, stream_,
-                          kv.seq, kv.bt_stride);
-      return;
-    }
-    flush();
-    cuda::kv_write(act_, kv.k, kv.v, kv.block_table, kv.block_size, kv.kv_dim, k, v, ld, pos, n,
-                   stream_, kv.seq, kv.bt_stride);
+    cuda::rope_kv_write(act_, x, n, ld, q_heads + kv_heads, q_heads, head_dim, rot_dim, cos, sin,
+                        kv.k, kv.v, kv.block_table, kv.block_size, kv.kv_dim, v, pos, stream_,
+                        kv.seq, kv.bt_stride);
   }
 
   void attention(const void* q, int64_t ldq, int64_t n, const int32_t* pos, const KVLayerView& kv,
                  const AttnParams& p, void* out, int64_t ldo) override {
     Prof prof(prof_.get(), "attention");
-    flush();
     if (n == 0) return;
     int64_t len = kv.len;
     if (len <= 0) {  // caller did not say: read the positions back (a sync; the Decoder says)
@@ -383,23 +328,19 @@ class CudaBackend final : public Backend {
 
   void gated_act(const void* gu, int64_t n, int64_t inter, Activation a, void* out) override {
     Prof prof(prof_.get(), "gated_act");
-    flush();
     cuda::gated_act(act_, gu, n, inter, a, out, stream_);
   }
   void act(void* x, int64_t count, Activation a) override {
     Prof prof(prof_.get(), "act");
-    flush();
     cuda::act_inplace(act_, x, count, a, stream_);
   }
   void softcap(void* x, int64_t count, float cap) override {
     Prof prof(prof_.get(), "softcap");
-    flush();
     cuda::softcap(act_, x, count, cap, stream_);
   }
 
   void to_f32(const void* x, int64_t count, float* host_out) override {
     if (count <= 0) return;
-    flush();
     Prof prof(prof_.get(), "to_f32");
     const float* src = static_cast<const float*>(x);
     if (act_ != DType::F32) {
@@ -414,7 +355,6 @@ class CudaBackend final : public Backend {
   void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* bias, float cap,
               float* y, bool x_f32) override {
     Prof prof(prof_.get(), "logits");
-    flush();
     KILN_CHECK(!bias || bias->dtype == DType::F32, "CUDA logits: the LM head bias must be F32");
     KILN_CHECK(w.dtype == act_, "CUDA logits: weight dtype ", dtype_name(w.dtype),
                " differs from the activation dtype ", dtype_name(act_));
@@ -443,7 +383,6 @@ class CudaBackend final : public Backend {
   void sample_async(const float* logits, int64_t rows, int64_t vocab, const SampleParams* d_params,
                     int32_t* d_ids) override {
     Prof prof(prof_.get(), "sample");
-    flush();
     if (rows <= 0) return;
     const size_t wsb = cuda::sample_workspace(rows, vocab);
     cuda::sample(logits, rows, vocab, d_params, d_ids, wsb ? scratch("sample_ws", wsb) : nullptr,
@@ -455,7 +394,6 @@ class CudaBackend final : public Backend {
   void edit_logits(float* logits, int64_t rows, int64_t vocab, const RowPenalty* pen,
                    const LogitEdit* edits, int64_t n) override {
     Prof prof(prof_.get(), "edit_logits");
-    flush();
     if (n <= 0) return;
     KILN_CHECK(!capturing_, "edit_logits: not inside a graph capture (it copies host edits)");
     KILN_CHECK(pen && edits, "edit_logits: null penalties or edits");
@@ -474,7 +412,6 @@ class CudaBackend final : public Backend {
   void logprobs(const float* logits, int64_t rows, int64_t vocab, const int32_t* ids, int64_t k,
                 float* lp, int32_t* top_ids, float* top_lp) override {
     Prof prof(prof_.get(), "logprobs");
-    flush();
     if (rows <= 0) return;
     KILN_CHECK(!capturing_, "logprobs: not inside a graph capture (it reads results back)");
     for (int64_t r = 0; r < rows; ++r)
@@ -520,11 +457,9 @@ class CudaBackend final : public Backend {
     if (p) cudaFreeHost(p);
   }
   void to_host_async(void* dst, const void* src, size_t bytes) override {
-    flush();
     if (bytes) KILN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
   }
   uint64_t mark() override {
-    flush();
     const uint64_t m = marks_++;
     KILN_CUDA_CHECK(cudaEventRecord(mark_events_[m % kMarks], stream_));
     return m;
@@ -541,7 +476,6 @@ class CudaBackend final : public Backend {
   void sample(const float* logits, int64_t rows, int64_t vocab, const SampleParams* params,
               int32_t* host_ids) override {
     Prof prof(prof_.get(), "sample");
-    flush();
     if (rows <= 0) return;
     KILN_CHECK(!capturing_, "sample: not inside a graph capture (it reads results back)");
     const size_t pb = size_t(rows) * sizeof(SampleParams), ib = size_t(rows) * 4;
@@ -598,7 +532,6 @@ class CudaBackend final : public Backend {
                Activation a, void* out) override {
     const int64_t E = mp.num_experts, k = mp.top_k;
     Prof prof(prof_.get(), "moe_ffn");
-    flush();
     if (n == 0) return;
     const size_t es = dtype_size(act_);
     const int64_t I = w.gate_up[0]->shape[0] / 2, nk = n * k;
@@ -661,7 +594,6 @@ class CudaBackend final : public Backend {
   void head_linear(const void* x, int64_t n, int64_t ldx, int64_t heads, const Tensor& w, void* y,
                    int64_t ldy) override {
     Prof prof(prof_.get(), "head_linear");
-    flush();
     KILN_CHECK(w.quant == WeightQuant::None && w.dtype == act_ && w.shape.size() == 2 &&
                    heads > 0 && w.shape[0] % heads == 0,
                "CUDA head_linear: the weight must be a plain [heads * out, in] matrix in ",
@@ -684,37 +616,23 @@ class CudaBackend final : public Backend {
   static constexpr size_t kPinnedBytes = size_t(4) << 20, kChunkBytes = size_t(128) << 10;
   static constexpr size_t kChunks = kPinnedBytes / kChunkBytes;
 
-  // One launch held back for one call, to be fused with what the Decoder issues next:
-  //   head_norm(q heads), head_norm(k heads)       -> one norm launch (two weight vectors)
-  //   rope(q heads), rope(k heads), kv_write(k, v) -> one rope + cache-write launch
-  // Every other entry point flushes it first, so the stream sees the same work in the same
-  // order; a fused launch writes everything the separate ones would.
-  struct Pending {
-    enum Kind { None, Rope, HeadNorm } kind = None;
-    // rope / head_norm over `heads` heads of rows x; a rope merged over q and k heads has
-    // k_from = the number of q heads (0: not merged)
-    void* x = nullptr;
-    int64_t n = 0, ld = 0, heads = 0, head_dim = 0, rot_dim = 0, k_from = 0;
-    const float* cos = nullptr;
-    const float* sin = nullptr;
-    const float* w = nullptr;
-    NormKind norm = NormKind::RMS;
-    float eps = 0;
-    bool per_head = false;  // head_norm weights per head
-    size_t es = 0;
-    const float* bias = nullptr;  // head_norm's
-    // Where the heads right after these start.
-    const void* next() const { return static_cast<const char*>(x) + size_t(heads * head_dim) * es; }
-  };
-  void flush() {
-    Pending& p = pending_;
-    const Pending::Kind k = p.kind;
-    p.kind = Pending::None;
-    if (k == Pending::Rope)
-      cuda::rope(act_, p.x, p.n, p.ld, p.heads, p.head_dim, p.rot_dim, p.cos, p.sin, stream_);
-    else if (k == Pending::HeadNorm)
-      cuda::norm(act_, p.x, p.n, p.heads, p.head_dim, p.ld, p.x, p.ld, p.w, p.bias, p.norm, p.eps,
-                 stream_, nullptr, 0, false, nullptr, p.per_head);
+  // head_norm weights: one slice per head ([heads * head_dim]) or shared ([head_dim]).
+  static bool per_head(const Tensor& w, int64_t heads, int64_t head_dim) {
+    return heads > 1 && w.numel() == heads * head_dim;
+  }
+  void kv_write_impl(const KVLayerView& kv, const void* k, const void* v, int64_t ld,
+                     const int32_t* pos, int64_t n) {
+    if (kv.fp8()) {
+      cuda::KvWriteFp8Params f;
+      f.act = act_, f.k = k, f.v = v, f.ld = ld, f.n = n, f.pos = pos;
+      f.kpool = static_cast<uint8_t*>(kv.k), f.vpool = static_cast<uint8_t*>(kv.v);
+      f.k_scale = kv.k_scale, f.v_scale = kv.v_scale, f.block_table = kv.block_table;
+      f.block_size = kv.block_size, f.kv_dim = kv.kv_dim, f.head_dim = kv.head_dim;
+      f.seq = kv.seq, f.bt_stride = kv.bt_stride;
+      return cuda::kv_write_fp8_launch(f, stream_);
+    }
+    cuda::kv_write(act_, kv.k, kv.v, kv.block_table, kv.block_size, kv.kv_dim, k, v, ld, pos, n,
+                   stream_, kv.seq, kv.bt_stride);
   }
 
   cuda::QuantLinearParams quant_params(const void* x, int64_t n, int64_t ldx, const Tensor& w,
@@ -726,7 +644,6 @@ class CudaBackend final : public Backend {
   }
   void linear_impl(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
                    int64_t ldy) {
-    flush();
     if (w.quant != WeightQuant::None) {
       KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
       return cuda::quant_linear(
@@ -777,7 +694,6 @@ class CudaBackend final : public Backend {
     return expert_table(ts, E, act_);
   }
   const void* const* expert_table(const Tensor* const* ts, int64_t E, DType want) {
-    flush();
     return expert_tables_.get(ts, E, want, capturing_, stream_);
   }
 
@@ -792,7 +708,6 @@ class CudaBackend final : public Backend {
   std::map<std::string, std::pair<void*, size_t>> scratch_;
   cuda::ExpertTables expert_tables_;
   std::unique_ptr<OpProfile> prof_;
-  Pending pending_;
   bool capturing_ = false;
   uint64_t generation_ = 0;
   static constexpr uint64_t kMarks = 16;
