@@ -181,28 +181,6 @@ class CudaBackend final : public Backend {
     Prof prof(prof_.get(), "linear_gated_act");
     gated_impl(x, n, ldx, w, b, gu, inter, a, out);
   }
-  void gated_impl(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* gu,
-                  int64_t inter, Activation a, void* out) {
-    KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
-    KILN_CHECK(w.shape.size() == 2 && w.shape[0] == 2 * inter,
-               "CUDA linear_gated_act: the weight "
-               "must hold 2 * ",
-               inter, " rows (gate, then up)");
-    if (n == 0 || inter == 0) return;
-    // Decode-sized batches: one GEMV launch with the activation as its epilogue.
-    if (w.quant != WeightQuant::None) {
-      if (cuda::quant_linear_gated(
-              quant_params(x, n, ldx, w, b, gu, 2 * inter), out, a,
-              [this](const char* name, size_t bytes) { return scratch(name, bytes); }, stream_))
-        return;
-    } else if (gemv_ && w.dtype == act_ &&
-               cuda::gemv_supported(act_, x, n, ldx, w.data, w.shape[1], 2 * inter)) {
-      cuda::gemv_gated(act_, x, n, ldx, w.data, w.shape[1], inter, fptr(b), gu, out, a, stream_);
-      return;
-    }
-    linear_impl(x, n, ldx, w, b, gu, 2 * inter);
-    cuda::gated_act(act_, gu, n, inter, a, out, stream_);
-  }
 
   void norm(const void* x, int64_t rows, int64_t dim, int64_t ldx, const Tensor& w, const Tensor* b,
             NormKind kind, float eps, void* y, int64_t ldy, bool residual_in,
@@ -642,6 +620,30 @@ class CudaBackend final : public Backend {
     q.gemv = gemv_, q.sms = sms_;
     return q;
   }
+  // linear_gated_act, also used by the MoE shared expert (which must not be timed twice).
+  void gated_impl(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* gu,
+                  int64_t inter, Activation a, void* out) {
+    KILN_CHECK(!b || b->dtype == DType::F32, "CUDA linear: bias must be F32");
+    KILN_CHECK(w.shape.size() == 2 && w.shape[0] == 2 * inter,
+               "CUDA linear_gated_act: the weight "
+               "must hold 2 * ",
+               inter, " rows (gate, then up)");
+    if (n == 0 || inter == 0) return;
+    // Decode-sized batches: one GEMV launch with the activation as its epilogue.
+    if (w.quant != WeightQuant::None) {
+      if (cuda::quant_linear_gated(
+              quant_params(x, n, ldx, w, b, gu, 2 * inter), out, a,
+              [this](const char* name, size_t bytes) { return scratch(name, bytes); }, stream_))
+        return;
+    } else if (gemv_ && w.dtype == act_ &&
+               cuda::gemv_supported(act_, x, n, ldx, w.data, w.shape[1], 2 * inter)) {
+      cuda::gemv_gated(act_, x, n, ldx, w.data, w.shape[1], inter, fptr(b), gu, out, a, stream_);
+      return;
+    }
+    linear_impl(x, n, ldx, w, b, gu, 2 * inter);
+    cuda::gated_act(act_, gu, n, inter, a, out, stream_);
+  }
+
   void linear_impl(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* b, void* y,
                    int64_t ldy) {
     if (w.quant != WeightQuant::None) {
