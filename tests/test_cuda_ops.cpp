@@ -149,11 +149,14 @@ TEST_P(CudaOps, LinearInt4) {
     int64_t n, in, out, ldx_pad, ldy_pad;
     bool bias;
   };
+  // The last two: more than 4 blocks of 16 rows an SM on a 132-SM GPU, so 8-warp blocks
+  // (w4_warps); the others 16.
   const Case cases[] = {
-      {1, 64, 33, 0, 0, false},  {1, 4096, 256, 0, 0, true},   {2, 1024, 3000, 0, 0, false},
-      {3, 96, 100, 8, 3, true},  {8, 256, 1000, 0, 0, false},  {5, 128, 17, 4, 0, false},
-      {17, 64, 130, 0, 5, true}, {130, 224, 96, 16, 0, false}, {1, 14336, 64, 0, 0, false},
-      {9, 512, 1, 0, 0, true},   {64, 4096, 512, 0, 0, false}};
+      {1, 64, 33, 0, 0, false},   {1, 4096, 256, 0, 0, true},   {2, 1024, 3000, 0, 0, false},
+      {3, 96, 100, 8, 3, true},   {8, 256, 1000, 0, 0, false},  {5, 128, 17, 4, 0, false},
+      {17, 64, 130, 0, 5, true},  {130, 224, 96, 16, 0, false}, {1, 14336, 64, 0, 0, false},
+      {9, 512, 1, 0, 0, true},    {64, 4096, 512, 0, 0, false}, {1, 256, 8720, 0, 0, true},
+      {8, 128, 9000, 0, 0, false}};
   std::mt19937 rng(3);
   // Each case also as an act-order weight (an input order the linear gathers x through first).
   for (const Case& c : cases)
@@ -376,9 +379,9 @@ TEST_P(CudaOps, LinearGatedAct) {
   for (WeightQuant q : schemes) {
     for (int64_t n : {1, 2, 5, 8, 12}) {
       // in 2112: int4 groups of 64 (not the tensor-core kernel), fp8 at n = 8 past the fused
-      // quantization (kGemvFp8FusedMax).
-      const std::pair<int64_t, int64_t> shapes[] = {
-          {3, 256}, {64, 256}, {1000, 256}, {64, 2112}, {300, 2112}};
+      // quantization (kGemvFp8FusedMax). inter 4400: int4 in 8-warp blocks (w4_warps).
+      const std::pair<int64_t, int64_t> shapes[] = {{3, 256},    {64, 256},  {1000, 256},
+                                                    {4400, 256}, {64, 2112}, {300, 2112}};
       for (const auto [inter, in] : shapes) {
         for (Activation a : {Activation::SiLU, Activation::GeluTanh, Activation::SwiGLUOai}) {
           if (a != Activation::SiLU && inter != 64) continue;

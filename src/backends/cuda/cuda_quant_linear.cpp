@@ -25,7 +25,18 @@ GemvFp8Params fp8_gemv_params(const QuantLinearParams& p) {
   GemvFp8Params g;
   g.act = p.act, g.n = p.n, g.w = w.ptr<uint8_t>(), g.sw = w.scales->ptr<float>();
   g.in = w.shape[1], g.out = w.shape[0], g.bias = p.bias, g.y = p.y, g.ldy = p.ldy, g.sms = p.sms;
+  // One token: the CUDA-core kernel, whose small blocks put all of a small matrix in flight at
+  // once (tg128 of the 8B shape, H100: 221 -> 256 t/s; docs/perf.md).
+  g.cuda_cores = p.n == 1;
   return g;
+}
+
+// int4 tensor-core GEMV: blocks of 16 warps where the grid is small (at most 4 blocks of 16 rows
+// an SM: qkv, o and down of the 8B shape), so each block has more of its rows in flight; 8 warps
+// on larger grids (gate_up), where 16 were slower (H100: tg128 int4-wo 272 -> 314 t/s;
+// docs/perf.md).
+int w4_warps(int64_t out, int sms) {
+  return (out + 15) / 16 <= 4 * int64_t(sms) ? 16 : 8;
 }
 
 // Scratch for x quantized per token: codes [n, in] (rows 16-byte aligned since in % 16 == 0),
@@ -102,6 +113,7 @@ bool quant_linear_gated(const QuantLinearParams& p, void* out, Activation a,
     g.scales = w.scales->ptr<float>(), g.zeros = w.zero_points->ptr<uint8_t>();
     g.in = in, g.out = w.shape[0], g.group = in / w.scales->shape[1], g.bias = p.bias, g.y = p.y;
     g.ldy = p.ldy, g.gated = out, g.gated_act = int(a);
+    g.warps = w4_warps(g.out, p.sms);
     if (!gemv_w4_is_supported(g)) return false;
     gemv_w4_launch(g, s);
     return true;
@@ -145,8 +157,9 @@ void quant_linear(const QuantLinearParams& p, LtGemm& lt, const ScratchFn& scrat
   } else {
     const int64_t group = in / w.scales->shape[1];
     const uint8_t* z = w.zero_points->ptr<uint8_t>();
-    const GemvW4Params g{p.act, p.x,    p.n, p.ldx, w.ptr<uint8_t>(), sc, z, in, out,
-                         group, p.bias, p.y, p.ldy};
+    GemvW4Params g{p.act, p.x,    p.n, p.ldx, w.ptr<uint8_t>(), sc, z, in, out,
+                   group, p.bias, p.y, p.ldy};
+    g.warps = w4_warps(out, p.sms);
     if (p.gemv && gemv_w4_is_supported(g)) return gemv_w4_launch(g, s);
     deq = scratch("wq_dequant", size_t(in * out) * dtype_size(p.act));
     dequant_w4_launch({p.act, w.ptr<uint8_t>(), sc, z, out, in, group, deq}, s);
