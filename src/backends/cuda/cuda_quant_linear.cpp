@@ -39,6 +39,19 @@ int w4_warps(int64_t out, int sms) {
   return (out + 15) / 16 <= 4 * int64_t(sms) ? 16 : 8;
 }
 
+// The int4 GEMV of p (its weight has zeros and [out, groups] scales).
+GemvW4Params w4_gemv_params(const QuantLinearParams& p) {
+  const Tensor& w = *p.w;
+  const int64_t in = w.in_features(), out = w.shape[0];
+  GemvW4Params g;
+  g.act = p.act, g.x = p.x, g.n = p.n, g.ldx = p.ldx, g.w = w.ptr<uint8_t>();
+  g.scales = w.scales->ptr<float>(), g.zeros = w.zero_points->ptr<uint8_t>();
+  g.in = in, g.out = out, g.group = in / w.scales->shape[1], g.bias = p.bias, g.y = p.y;
+  g.ldy = p.ldy;
+  g.warps = w4_warps(out, p.sms);
+  return g;
+}
+
 // Scratch for x quantized per token: codes [n, in] (rows 16-byte aligned since in % 16 == 0),
 // then the n scales; g reads its activations from there.
 QuantActFp8Params fp8_codes(const QuantLinearParams& p, const ScratchFn& scratch,
@@ -107,13 +120,8 @@ bool quant_linear_gated(const QuantLinearParams& p, void* out, Activation a,
     return true;
   }
   if (w.quant == WeightQuant::Int4 && w.zero_points && w.scales && w.scales->shape.size() == 2) {
-    const int64_t in = w.in_features();
-    GemvW4Params g;
-    g.act = p.act, g.x = p.x, g.n = p.n, g.ldx = p.ldx, g.w = w.ptr<uint8_t>();
-    g.scales = w.scales->ptr<float>(), g.zeros = w.zero_points->ptr<uint8_t>();
-    g.in = in, g.out = w.shape[0], g.group = in / w.scales->shape[1], g.bias = p.bias, g.y = p.y;
-    g.ldy = p.ldy, g.gated = out, g.gated_act = int(a);
-    g.warps = w4_warps(g.out, p.sms);
+    GemvW4Params g = w4_gemv_params(p);
+    g.gated = out, g.gated_act = int(a);
     if (!gemv_w4_is_supported(g)) return false;
     gemv_w4_launch(g, s);
     return true;
@@ -155,14 +163,10 @@ void quant_linear(const QuantLinearParams& p, LtGemm& lt, const ScratchFn& scrat
     deq = scratch("wq_dequant", size_t(in * out) * dtype_size(p.act));
     dequant_w8_launch({p.act, w.ptr<int8_t>(), sc, out, in, deq}, s);
   } else {
-    const int64_t group = in / w.scales->shape[1];
-    const uint8_t* z = w.zero_points->ptr<uint8_t>();
-    GemvW4Params g{p.act, p.x,    p.n, p.ldx, w.ptr<uint8_t>(), sc, z, in, out,
-                   group, p.bias, p.y, p.ldy};
-    g.warps = w4_warps(out, p.sms);
+    const GemvW4Params g = w4_gemv_params(p);
     if (p.gemv && gemv_w4_is_supported(g)) return gemv_w4_launch(g, s);
     deq = scratch("wq_dequant", size_t(in * out) * dtype_size(p.act));
-    dequant_w4_launch({p.act, w.ptr<uint8_t>(), sc, z, out, in, group, deq}, s);
+    dequant_w4_launch({p.act, g.w, sc, g.zeros, out, in, g.group, deq}, s);
   }
   lt.run(p.act, p.x, p.n, p.ldx, deq, in, out, p.y, p.ldy);
   if (p.bias) bias_add(p.act, p.y, p.n, out, p.ldy, p.bias, s);
