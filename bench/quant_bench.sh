@@ -10,7 +10,7 @@
 # Results in $OUT: log, tests.txt.
 #
 #   bench/quant_bench.sh                        # everything
-#   STAGES="build tests" bench/quant_bench.sh   # subset of: build tests ceilings gemv bench kv tg profile fp8
+#   STAGES="build tests" bench/quant_bench.sh   # subset of: build tests ceilings gemv bench kv tg profile trace fp8
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/quant_bench}
@@ -111,6 +111,22 @@ if has profile; then
     KILN_CUDA_PROFILE=1 timeout 200 "$BUILD/kiln" bench --dummy-weights \
       "bench/configs/$M/config.json" --dtype bf16 --quant "$q" --max-seq-len 2048 --device cuda \
       -p 0 -n 128 -b 1 -r 1 2>&1 | tail -n 20
+  done
+fi
+
+if has trace; then
+  # Kernel timeline of the batch-1 decode step (CUDA graphs and PDL as in production), through
+  # the CUPTI tracer bench/cupti_trace.cpp; bench/trace_summary.py splits a step per kernel.
+  CUPTI_LIB=$(dirname "$(find /usr/local/cuda/ -name 'libcupti.so*' | head -n 1)")
+  g++ -O2 -shared -fPIC -I/usr/local/cuda/include bench/cupti_trace.cpp -L"$CUPTI_LIB" -lcupti \
+    -Wl,-rpath,"$CUPTI_LIB" -o "$BUILD/libkiln_trace.so" || echo "tracer build failed"
+  for q in ${TG_QUANTS:-none int4-wo}; do
+    stamp "kernel timeline, tg128 8B $q"
+    CUDA_INJECTION64_PATH="$BUILD/libkiln_trace.so" KILN_TRACE_OUT="$OUT/trace_$q.csv" \
+      timeout 200 "$BUILD/kiln" bench --dummy-weights "bench/configs/$M/config.json" --dtype bf16 \
+      --quant "$q" --max-seq-len 2048 --device cuda -p 0 -n 128 -b 1 -r 1 2>&1 | tail -n 3
+    python3 bench/trace_summary.py "$OUT/trace_$q.csv" --positions "${POSITIONS:-24}"
+    gzip -f "$OUT/trace_$q.csv"
   done
 fi
 
