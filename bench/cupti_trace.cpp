@@ -5,9 +5,8 @@
 // and writes them as CSV to $KILN_TRACE_OUT at exit; bench/trace_summary.py turns that into the
 // per-kernel time of one decode step. For measuring only; kiln never loads it.
 //
-//   g++ -O2 -shared -fPIC -I/usr/local/cuda/include bench/cupti_trace.cpp \
-//       -L/usr/local/cuda/lib64 -lcupti -o libkiln_trace.so
-//   CUDA_INJECTION64_PATH=$PWD/libkiln_trace.so KILN_TRACE_OUT=trace.csv kiln bench ...
+//   cmake --build build --target kiln_trace      # build/libkiln_trace.so (CMakeLists.txt)
+//   CUDA_INJECTION64_PATH=$PWD/build/libkiln_trace.so KILN_TRACE_OUT=trace.csv kiln bench ...
 #include <cupti.h>
 
 #include <cstdio>

@@ -117,9 +117,8 @@ fi
 if has trace; then
   # Kernel timeline of the batch-1 decode step (CUDA graphs and PDL as in production), through
   # the CUPTI tracer bench/cupti_trace.cpp; bench/trace_summary.py splits a step per kernel.
-  CUPTI_LIB=$(dirname "$(find /usr/local/cuda/ -name 'libcupti.so*' | head -n 1)")
-  g++ -O2 -shared -fPIC -I/usr/local/cuda/include bench/cupti_trace.cpp -L"$CUPTI_LIB" -lcupti \
-    -Wl,-rpath,"$CUPTI_LIB" -o "$BUILD/libkiln_trace.so" || echo "tracer build failed"
+  cmake --build "$BUILD" -j16 --target kiln_trace >/tmp/build_trace.log 2>&1 ||
+    tail -n 20 /tmp/build_trace.log
   for q in ${TG_QUANTS:-none int4-wo}; do
     stamp "kernel timeline, tg128 8B $q"
     CUDA_INJECTION64_PATH="$BUILD/libkiln_trace.so" KILN_TRACE_OUT="$OUT/trace_$q.csv" \
