@@ -124,7 +124,8 @@ if has trace; then
     CUDA_INJECTION64_PATH="$BUILD/libkiln_trace.so" KILN_TRACE_OUT="$OUT/trace_$q.csv" \
       timeout 200 "$BUILD/kiln" bench --dummy-weights "bench/configs/$M/config.json" --dtype bf16 \
       --quant "$q" --max-seq-len 2048 --device cuda -p 0 -n 128 -b 1 -r 1 2>&1 | tail -n 3
-    python3 bench/trace_summary.py "$OUT/trace_$q.csv" --positions "${POSITIONS:-24}"
+    python3 bench/trace_summary.py "$OUT/trace_$q.csv" --positions "${POSITIONS:-24}" \
+      --layers 32 --period 8 --offset 1  # the 8B shape: embed, then 8 kernels a layer
     gzip -f "$OUT/trace_$q.csv"
   done
 fi

@@ -7,9 +7,14 @@ step is the time from the previous kernel's end to its own end: under programmat
 launch a kernel starts early and waits, so its start-to-end span overlaps its predecessor, while
 the ends are ordered. Shares sum to the step. Printed: the step's median span and the gap between
 steps, shares summed by kernel and grid (median over steps), and the first `--positions` kernels
-of a step one by one (span, share).
+of a step one by one (span, share). With --layers N --period P (and --offset O: the kernels
+before the first layer), also one layer's shares: the kernel at position O + P l + k of a step is
+layer l's k-th, and each k gets the median over the steps and over layers 1 .. N - 2 (the first
+and last layers' neighbours differ), then the shares of everything after the N layers summed
+(final norm, LM head, sampling): the per-layer table of docs/perf.md.
 
   bench/trace_summary.py trace.csv [--positions 40] [--last 100] [--step-start embed_kernel]
+                                   [--layers 32 --period 8 --offset 1]
 """
 import argparse
 import collections
@@ -50,6 +55,9 @@ def main():
     ap.add_argument("--positions", type=int, default=40)
     ap.add_argument("--last", type=int, default=100, help="steps from the end to summarize")
     ap.add_argument("--step-start", default="embed_kernel", help="first kernel of a step")
+    ap.add_argument("--layers", type=int, default=0, help="decoder layers of the model")
+    ap.add_argument("--period", type=int, default=8, help="kernels a layer launches")
+    ap.add_argument("--offset", type=int, default=1, help="kernels of a step before layer 0")
     a = ap.parse_args()
     with open(a.csv) as f:
         rows = sorted(csv.DictReader(f), key=lambda r: int(r["start"]))
@@ -101,6 +109,31 @@ def main():
         rows = pos[i]
         print(f"| {i} | {rows[0][0]} | {rows[0][1]} | {rows[0][2]} | {rows[0][3]} | "
               f"{med(x[4] for x in rows):.1f} | {med(x[5] for x in rows):.1f} |")
+    if a.layers:
+        layer_table(pos, n, a.layers, a.period, a.offset, len(ids))
+
+
+def layer_table(pos, n, layers, period, offset, nsteps):
+    """Median share of each kernel of a layer over the steps and layers 1 .. layers - 2, and the
+    shares after the last layer summed (median over the steps)."""
+    med = statistics.median
+    after = offset + period * layers
+    if layers < 3 or after > n:
+        print(f"--layers {layers} --period {period} --offset {offset}: needs at least 3 layers "
+              f"and {after} kernels a step, the steps have {n}")
+        return
+    print(f"| kernel of a layer (layers 1-{layers - 2}) | share (us, median) |")
+    print("| --- | ---: |")
+    total = 0.0
+    for k in range(period):
+        ps = [offset + period * l + k for l in range(1, layers - 1)]
+        names = {pos[p][0][0] for p in ps}
+        v = med(x[5] for p in ps for x in pos[p])
+        total += v
+        print(f"| {' / '.join(sorted(names))} | {v:.1f} |")
+    print(f"| a layer | {total:.1f} |")
+    tail = [sum(pos[p][s][5] for p in range(after, n)) for s in range(nsteps)]
+    print(f"| after the {layers} layers ({n - after} kernels) | {med(tail):.1f} |")
 
 
 if __name__ == "__main__":
