@@ -6,7 +6,8 @@
 # quantized decodes; stage kv: BF16 engines with a BF16 and an FP8 KV cache, decoding at a
 # context depth of $DEPTH tokens (tg128 @ d$DEPTH, batches $KV_BATCHES); stage fp8: offline
 # 128/128 of the 8B shape in BF16 and fp8, and (H200) the 70B shape's fp8 batch-1 decode; stage
-# tg: tg128 at batch 1 and 8 of in-memory dummies in $TG_QUANTS.
+# tg: tg128 at batch 1 and 8 of in-memory dummies in $TG_QUANTS. A scheme named X+head in
+# $TG_QUANTS is --quant X --quant-lm-head.
 # Results in $OUT: log, tests.txt.
 #
 #   bench/quant_bench.sh                        # everything
@@ -22,6 +23,8 @@ ENGINES=${ENGINES:-/tmp/kiln-engines}
 REPS=${REPS:-3}
 M=meta-llama__Llama-3.1-8B-Instruct
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+# kiln's flags for a scheme of $TG_QUANTS: X+head is X with the LM head quantized too.
+quant_args() { if [[ $1 == *+head ]]; then echo "--quant ${1%+head} --quant-lm-head"; else echo "--quant $1"; fi; }
 stamp() { echo "=== $(date +%T) $*"; }
 source bench/carried_deps.sh
 
@@ -100,7 +103,7 @@ if has tg; then
   for q in ${TG_QUANTS:-none int4-wo}; do
     stamp "tg128 8B $q (dummy weights in memory)"
     timeout 200 "$BUILD/kiln" bench --dummy-weights "bench/configs/$M/config.json" --dtype bf16 \
-      --quant "$q" --max-seq-len 2048 --device cuda -p 0 -n 128 -b 1,8 -r "$REPS" 2>&1 | tail -n 3
+      $(quant_args "$q") --max-seq-len 2048 --device cuda -p 0 -n 128 -b 1,8 -r "$REPS" 2>&1 | tail -n 3
   done
 fi
 
@@ -109,7 +112,7 @@ if has profile; then
   for q in ${TG_QUANTS:-none int4-wo}; do
     stamp "per-op GPU time, tg128 8B $q"
     KILN_CUDA_PROFILE=1 timeout 200 "$BUILD/kiln" bench --dummy-weights \
-      "bench/configs/$M/config.json" --dtype bf16 --quant "$q" --max-seq-len 2048 --device cuda \
+      "bench/configs/$M/config.json" --dtype bf16 $(quant_args "$q") --max-seq-len 2048 --device cuda \
       -p 0 -n 128 -b 1 -r 1 2>&1 | tail -n 20
   done
 fi
@@ -123,7 +126,7 @@ if has trace; then
     stamp "kernel timeline, tg128 8B $q"
     CUDA_INJECTION64_PATH="$BUILD/libkiln_trace.so" KILN_TRACE_OUT="$OUT/trace_$q.csv" \
       timeout 200 "$BUILD/kiln" bench --dummy-weights "bench/configs/$M/config.json" --dtype bf16 \
-      --quant "$q" --max-seq-len 2048 --device cuda -p 0 -n 128 -b 1 -r 1 2>&1 | tail -n 3
+      $(quant_args "$q") --max-seq-len 2048 --device cuda -p 0 -n 128 -b 1 -r 1 2>&1 | tail -n 3
     python3 bench/trace_summary.py "$OUT/trace_$q.csv" --positions "${POSITIONS:-24}" \
       --layers 32 --period 8 --offset 1  # the 8B shape: embed, then 8 kernels a layer
     gzip -f "$OUT/trace_$q.csv"

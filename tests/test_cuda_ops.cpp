@@ -150,13 +150,15 @@ TEST_P(CudaOps, LinearInt4) {
     bool bias;
   };
   // The last two: more than 4 blocks of 16 rows an SM on a 132-SM GPU, so 8-warp blocks
-  // (w4_warps); the others 16.
+  // (w4_warps); the others 16. Weights with rows in 16s and groups of 128 are tiled on the GPU
+  // (w4_tiled): 4096 x 256, 14336 x 64, 4096 x 512 (at n = 8 past the x staging of one token,
+  // and at n = 64 dequantized for cuBLASLt), 256 x 8720; the others stay row-major.
   const Case cases[] = {
       {1, 64, 33, 0, 0, false},   {1, 4096, 256, 0, 0, true},   {2, 1024, 3000, 0, 0, false},
       {3, 96, 100, 8, 3, true},   {8, 256, 1000, 0, 0, false},  {5, 128, 17, 4, 0, false},
       {17, 64, 130, 0, 5, true},  {130, 224, 96, 16, 0, false}, {1, 14336, 64, 0, 0, false},
-      {9, 512, 1, 0, 0, true},    {64, 4096, 512, 0, 0, false}, {1, 256, 8720, 0, 0, true},
-      {8, 128, 9000, 0, 0, false}};
+      {9, 512, 1, 0, 0, true},    {64, 4096, 512, 0, 0, false}, {8, 4096, 512, 8, 8, true},
+      {1, 256, 8720, 0, 0, true}, {8, 128, 9000, 0, 0, false}};
   std::mt19937 rng(3);
   // Each case also as an act-order weight (an input order the linear gathers x through first).
   for (const Case& c : cases)
@@ -608,6 +610,75 @@ TEST_P(CudaOps, Logits) {
                    n <= 2 || dt == DType::F32 ? 1e-5 : tolerance(dt));
     }
   }
+}
+
+// A quantized LM head (--quant-lm-head): the linears' kernels writing F32 logits from the F32
+// hidden state rounded to the engine dtype: the GEMVs (n <= 8), dequantize + cuBLASLt (int4 and
+// int8 at n = 9, in slices of rows where the dequantized weight passes kDequantChunkBytes) and
+// cuBLASLt's FP8 GEMM. The hidden state is made of values the dtype holds exactly, so both
+// backends multiply the same numbers (fp8: the same activation codes); only the accumulation order
+// and, where the weight is dequantized into BF16 / F16, that one rounding differ.
+TEST_P(CudaOps, QuantizedLogits) {
+  if (dt == DType::F32) GTEST_SKIP() << "quantized weights run in 16-bit engines";
+  struct Case {
+    int64_t n, in, out;
+    float cap;
+    bool bias;
+  };
+  // The last: 33000 rows of 4096 inputs are 270 MB in BF16, so two slices of dequantized rows.
+  const Case cases[] = {{1, 256, 1001, 0.0f, true},
+                        {3, 512, 2048, 30.0f, false},
+                        {8, 128, 515, 0.0f, false},
+                        {9, 256, 1001, 0.0f, true},
+                        {9, 4096, 33000, 0.0f, false}};
+  for (const WeightQuant q : {WeightQuant::Int8, WeightQuant::Int4, WeightQuant::Fp8})
+    for (const Case& c : cases) {
+      if (c.out == 33000 && q == WeightQuant::Fp8) continue;  // no dequantized copy
+      const std::string what = cat(weight_quant_name(q), " logits n=", c.n, " in=", c.in,
+                                   " out=", c.out, " cap=", c.cap, c.bias ? " bias" : "");
+      const std::vector<float> wf = rnd(size_t(c.out * c.in), 2.0f / std::sqrt(float(c.in)));
+      Tensor wh;
+      if (q == WeightQuant::Int4) {
+        const int64_t group = int4_group(c.in), G = c.in / group;
+        wh = Tensor::zeros(DType::U8, {c.out, c.in / 2});
+        Tensor sh = Tensor::zeros(DType::F32, {c.out, G}),
+               zh = Tensor::zeros(DType::U8, {c.out, G});
+        for (int64_t r = 0; r < c.out; ++r)
+          ASSERT_TRUE(quantize_int4_row(&wf[size_t(r * c.in)], c.in, group,
+                                        wh.ptr<uint8_t>() + r * c.in / 2, sh.ptr<float>() + r * G,
+                                        zh.ptr<uint8_t>() + r * G));
+        wh.scales = std::make_shared<Tensor>(sh);
+        wh.zero_points = std::make_shared<Tensor>(zh);
+      } else {
+        wh = Tensor::zeros(q == WeightQuant::Int8 ? DType::I8 : DType::F8_E4M3, {c.out, c.in});
+        Tensor sh = Tensor::zeros(DType::F32, {c.out});
+        for (int64_t r = 0; r < c.out; ++r) {
+          const float* row = &wf[size_t(r * c.in)];
+          ASSERT_TRUE(
+              q == WeightQuant::Int8
+                  ? quantize_int8_row(row, c.in, wh.ptr<int8_t>() + r * c.in, sh.ptr<float>() + r)
+                  : quantize_fp8_row(row, c.in, wh.ptr<uint8_t>() + r * c.in, sh.ptr<float>() + r));
+        }
+        wh.scales = std::make_shared<Tensor>(sh);
+      }
+      wh.quant = q;
+      const Tensor wd = gpu->upload(wh);
+      auto [bh, bd] = vec(c.out, 0.0f, 1.0f);
+      const std::vector<float> x = rnd(size_t(c.n * c.in));
+      std::vector<float> want(size_t(c.n * c.out));
+      cpu->logits(x.data(), c.n, c.in, wh, c.bias ? &bh : nullptr, c.cap, want.data(), true);
+      auto* yd = static_cast<float*>(gpu->alloc(want.size() * 4));
+      allocs.push_back(yd);
+      gpu->logits(up_raw(x), c.n, c.in, wd, c.bias ? &bd : nullptr, c.cap, yd, true);
+      std::vector<float> got(want.size());
+      gpu->to_host(got.data(), yd, got.size() * 4);
+      for (float v : got) ASSERT_TRUE(std::isfinite(v)) << what;
+      // int8 / int4 GEMVs: F32 products of the same values. Dequantized weights: rounded once to
+      // the dtype. FP8 tensor cores keep about 14 bits of their running sums (DeepSeek-V3
+      // technical report, 3.3.2), so their F32 outputs are good to ~1e-4, not F32's 1e-7.
+      const double tol = q == WeightQuant::Fp8 ? 1e-3 : c.n > 8 ? tolerance(dt) : 1e-5;
+      expect_close(got, c.out, want, c.out, c.n, c.out, what, tol);
+    }
 }
 
 // Modes: 0 softmax top-k; 1 GPT-OSS's router and expert biases with its clamped SwiGLU (gate/up

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <optional>
 
+#include "build/checkpoint.h"
 #include "core/error.h"
 #include "graph/backend.h"
 #include "kiln/kiln.h"
@@ -31,6 +32,12 @@ const char* const kFixtures[] = {
     "cohere",     "olmo2",        "cohere2",     "olmo3",       "falcon_mq",   "falcon_new",
     "falcon_seq", "smollm3",      "gpt_oss",     "deepseek_v2", "deepseek_v3", "cohere_qk",
     "phi_qk"};
+
+// Whether the fixture has an LM head of its own (--quant-lm-head refuses a tied one). The folder
+// as a build opens it: an architecture outside kiln's tables is built as the family it matches.
+bool own_lm_head(const std::string& arch) {
+  return !open_checkpoint(hf(arch)).config.tie_word_embeddings;
+}
 
 // Teacher-forced greedy agreement with the reference continuations: {agreeing steps, steps}.
 std::pair<int, int> teacher_forced(Engine& e, const Reference& ref) {
@@ -159,14 +166,19 @@ TEST_P(CudaParity, Bf16StaysClose) {
 
 // Int8-wo and int4-wo BF16 engines on the GPU against the same engines on the CPU reference (which
 // computes with the dequantized weights in FP32): the W8A16 / W4A16 GEMVs in decode, dequantize +
-// cuBLASLt in prefill, within the BF16 tolerance; greedy agreement with HF is printed.
+// cuBLASLt in prefill, within the BF16 tolerance; greedy agreement with HF is printed. Each
+// scheme also with --quant-lm-head where the fixture has its own head: its GEMVs and
+// dequantize + cuBLASLt writing F32 logits.
 TEST_P(CudaParity, WeightOnlyQuantMatchesTheCpuEngine) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA GPU visible";
   const std::string arch = GetParam();
-  for (const char* scheme : {"int8-wo", "int4-wo"}) {
+  for (const char* name : {"int8-wo", "int4-wo", "int8-wo+head", "int4-wo+head"}) {
+    const std::string scheme = name;
     BuildConfig bc;
     bc.dtype = "bf16";
-    bc.quant = scheme;
+    bc.quant = scheme.substr(0, 7);
+    bc.quant_lm_head = scheme.ends_with("+head");
+    if (bc.quant_lm_head && !own_lm_head(arch)) continue;
     Engine gpu = Engine::build(hf(arch), bc), cpu = Engine::build(hf(arch), bc);
     gpu.start({.device = "cuda"});
     cpu.start({.device = "cpu"});
@@ -198,7 +210,7 @@ TEST_P(CudaParity, WeightOnlyQuantMatchesTheCpuEngine) {
     std::printf(
         "[cuda parity %s] %-14s vs the CPU engine: prefill max rel err %.2e | decode %.2e | "
         "greedy teacher-forced vs HF %d/%d\n",
-        scheme, arch.c_str(), worst_prefill, worst_decode, agree, steps);
+        scheme.c_str(), arch.c_str(), worst_prefill, worst_decode, agree, steps);
   }
 }
 
@@ -251,7 +263,8 @@ void expect_as_good_as_the_cpu(const std::string& arch, const BuildConfig& bc, d
       g_decode.add(step.data(), want + i * V, V);
     }
   }
-  const std::string what = bc.quant + (bc.kv_cache_dtype == "fp8" ? " kv-fp8" : "");
+  const std::string what =
+      bc.quant + (bc.quant_lm_head ? "+head" : "") + (bc.kv_cache_dtype == "fp8" ? " kv-fp8" : "");
   std::printf(
       "[cuda %s %s] NMSE vs HF: cpu %.2e (top-1 %lld/%lld) | gpu prefill %.2e (%lld) | "
       "decode %.2e (%lld) | gpu bf16 %.2e\n",
@@ -269,6 +282,19 @@ TEST_P(CudaParity, Fp8EngineIsAsGoodAsTheCpuFp8Engine) {
   bc.dtype = "bf16";
   bc.quant = "fp8";
   expect_as_good_as_the_cpu(GetParam(), bc, 0.7);  // QuantQuality's bound for fp8
+}
+
+// An fp8 engine with --quant-lm-head (fixtures with their own head) the same way: the head's FP8
+// GEMV and GEMM write F32 logits from FP8 codes of the final hidden state. Top-1 is held to the
+// bound QuantLmHead holds the CPU engines to (the head's noise lands on the logits directly).
+TEST_P(CudaParity, Fp8HeadEngineIsAsGoodAsTheCpuFp8HeadEngine) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA GPU visible";
+  if (!own_lm_head(GetParam())) GTEST_SKIP() << "the fixture ties its LM head to the embeddings";
+  BuildConfig bc;
+  bc.dtype = "bf16";
+  bc.quant = "fp8";
+  bc.quant_lm_head = true;
+  expect_as_good_as_the_cpu(GetParam(), bc, 0.6);
 }
 
 // The FP8 KV cache the same way (GPU prefill reads it on CUDA cores, decode on tensor cores),

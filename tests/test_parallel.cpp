@@ -333,7 +333,7 @@ TEST(Sharded, SplitsFollowTheLayout) {
   auto first_row = [&](const Tensor& t, int64_t r) { return int64_t(t.ptr<float>()[r * H] / H); };
   {
     // TP=4: one query head each; KV heads replicated (ranks 0, 1 hold head 0; 2, 3 head 1).
-    const auto w = shard_weights(c, full, WeightQuant::None, 0, false, Shard::of(2, 4, 1));
+    const auto w = shard_weights(c, full, WeightQuant::None, Shard::of(2, 4, 1));
     const Tensor& qkv = named(w, "layers.0.wqkv");
     ASSERT_EQ(qkv.shape, (Shape{48, H}));
     EXPECT_EQ(first_row(qkv, 0), 32);            // q head 2
@@ -357,8 +357,8 @@ TEST(Sharded, SplitsFollowTheLayout) {
   }
   {
     // PP=2: layers 0 on stage 0, 1 and 2 on stage 1; the LM head on the last stage only.
-    const auto s0 = shard_weights(c, full, WeightQuant::None, 0, false, Shard::of(0, 1, 2));
-    const auto s1 = shard_weights(c, full, WeightQuant::None, 0, false, Shard::of(1, 1, 2));
+    const auto s0 = shard_weights(c, full, WeightQuant::None, Shard::of(0, 1, 2));
+    const auto s1 = shard_weights(c, full, WeightQuant::None, Shard::of(1, 1, 2));
     EXPECT_TRUE(holds(s0, "embed") && holds(s0, "layers.0.wqkv") && !holds(s0, "layers.1.wqkv"));
     EXPECT_EQ(holds(s0, "lm_head"), false);
     EXPECT_TRUE(holds(s1, "layers.1.wqkv") && holds(s1, "layers.2.wqkv") && holds(s1, "lm_head"));
@@ -383,7 +383,7 @@ TEST(Sharded, VocabularyPadsOnTheLastRank) {
     std::vector<std::pair<std::string, Tensor>> full = numbered(c);
     for (auto& [n, x] : full)
       if (n == "embed") x = t;
-    const auto w = shard_weights(c, full, WeightQuant::None, 0, false, Shard::of(r, 3, 1));
+    const auto w = shard_weights(c, full, WeightQuant::None, Shard::of(r, 3, 1));
     const Tensor& e = named(w, "embed");
     ASSERT_EQ(e.shape, (Shape{171, 2}));
     EXPECT_EQ(e.ptr<float>()[0], float(2 * 171 * r));

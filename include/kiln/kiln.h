@@ -34,6 +34,11 @@ struct BuildConfig {
   // (int4-wo whose weight columns are first scaled by activation-aware scales that kiln
   // calibrates on text through the float model, AWQ; the engine is an int4-wo engine).
   std::string quant = "none";
+  // The LM head quantized too, with the same scheme (TensorRT-LLM's --quantize_lm_head; llama.cpp
+  // quantizes output.weight). Off by default: once the linears are quantized, the head is a
+  // large share of what decode reads (the 8B shape: 1.05 GB of 4.8 under int4-wo), but its
+  // rounding moves the logits directly. Needs a --quant and an untied head.
+  bool quant_lm_head = false;
   // --quant int4-awq: a UTF-8 text file to calibrate on (its first 512 tokens); empty: a
   // built-in text of prose, dialogue, code and numbers.
   std::string calib;
@@ -134,6 +139,7 @@ struct ModelInfo {
   std::string architecture;
   std::string dtype;
   std::string quant = "none";           // weight quantization (BuildConfig::quant)
+  bool quant_lm_head = false;           // the LM head quantized too (BuildConfig::quant_lm_head)
   std::string kv_cache_dtype = "auto";  // BuildConfig::kv_cache_dtype
   // int4-awq builds: what the scales were calibrated on and what they gained, e.g. "AWQ on 512
   // tokens of the built-in text: 20 of 24 linears scaled, sample output error 0.71x plain int4";

@@ -178,7 +178,7 @@ Checkpoint open_config(const fs::path& config_json) {
   return ck;
 }
 
-WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
+WeightPlan plan_weights(const Checkpoint& ck, DType dtype, const QuantScheme& qs,
                         const std::map<std::string, std::vector<float>>* awq_scales) {
   KILN_CHECK(ck.weights, ck.dir.string(), ": checkpoint has no weights");
   const ModelConfig& c = ck.config;
@@ -188,12 +188,17 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
   const bool ct = !ck.ct_format.empty();
   const bool awq = ck.quant == WeightQuant::Int4 || ct, fp8 = ck.quant == WeightQuant::Fp8;
   const char* packing = ct ? "compressed-tensors" : ck.gptq ? "GPTQ" : "AWQ";
+  WeightQuant q = qs.q;
   if (ck.quant != WeightQuant::None) {
     KILN_CHECK(q == WeightQuant::None || q == ck.quant, ck.dir.string(), ": the checkpoint is ",
                awq ? cat(packing, " ") : "", weight_quant_name(ck.quant), "; --quant ",
                weight_quant_name(q), " would requantize it (leave --quant out)");
+    KILN_CHECK(!qs.lm_head, ck.dir.string(), ": the checkpoint is quantized as published (",
+               weight_quant_name(ck.quant), "); --quant-lm-head is for models kiln quantizes");
     q = ck.quant;
   }
+  // The group and input order are the checkpoint's (0 / none for float checkpoints).
+  const QuantScheme scheme{q, ck.quant_group, ck.act_order, qs.lm_head};
   std::map<std::string, Source> src;  // canonical source name -> HF tensor
   std::vector<std::string> unexpected, missing, bad_shape;
   std::set<std::string> awq_parts;   // .qzeros / .scales tensors of AWQ modules that were mapped
@@ -489,7 +494,7 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
 
   std::map<std::string, DType> planned_dtype;  // quantized weights are planned in F32 first
   for (const auto& spec : engine_layout(c))
-    planned_dtype[spec.name] = quantizes(q, spec.role) ? DType::F32 : spec.dtype(dtype);
+    planned_dtype[spec.name] = quantizes(scheme, spec.role) ? DType::F32 : spec.dtype(dtype);
   std::map<std::string, WeightRole> role;
   for (const auto& spec : engine_layout(c)) role[spec.name] = spec.role;
   auto wset = std::make_shared<WeightSet>(ws);
@@ -517,7 +522,7 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
       size_t n_fp8 = 0;
       for (const auto& p : part_names) n_fp8 += src[p].fp8;
       if (n_fp8) {
-        const bool quantized = quantizes(q, role[name]);
+        const bool quantized = quantizes(scheme, role[name]);
         KILN_CHECK(quantized && n_fp8 == part_names.size(), ck.dir.string(), ": ", name,
                    quantized ? " is FP8 in part (kiln needs every part of a fused weight in FP8)"
                              : " is FP8 in the checkpoint, but kiln keeps this weight in the "
@@ -531,7 +536,7 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
     if (awq) {
       size_t n_packed = 0;
       for (const auto& p : part_names) n_packed += src[p].awq;
-      const bool quantized = quantizes(q, role[name]);
+      const bool quantized = quantizes(scheme, role[name]);
       KILN_CHECK(n_packed == (quantized ? part_names.size() : 0), ck.dir.string(), ": ", name,
                  quantized ? cat(" is not ", packing,
                                  "-quantized in full (kiln needs every dense linear packed)")
@@ -661,12 +666,11 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q,
                "AWQ scales apply to int4 builds of float checkpoints");
     out = apply_awq(std::move(out), c, *awq_scales);
   }
-  return q == WeightQuant::None
-             ? out
-             : quantize_plan(std::move(out), engine_layout(c, q, ck.quant_group, ck.act_order));
+  return q == WeightQuant::None ? out : quantize_plan(std::move(out), engine_layout(c, scheme));
 }
 
-WeightPlan plan_dummy_weights(const ModelConfig& c, DType dtype, uint64_t seed, WeightQuant q) {
+WeightPlan plan_dummy_weights(const ModelConfig& c, DType dtype, uint64_t seed,
+                              const QuantScheme& q) {
   WeightPlan out;
   const auto layout = engine_layout(c);
   for (size_t ti = 0; ti < layout.size(); ++ti) {
@@ -705,7 +709,7 @@ WeightPlan plan_dummy_weights(const ModelConfig& c, DType dtype, uint64_t seed, 
     };
     out.push_back(std::move(pt));
   }
-  return q == WeightQuant::None ? out : quantize_plan(std::move(out), engine_layout(c, q));
+  return q.q == WeightQuant::None ? out : quantize_plan(std::move(out), engine_layout(c, q));
 }
 
 WeightPlan plan_held(const std::vector<std::pair<std::string, Tensor>>& tensors) {

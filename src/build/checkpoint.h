@@ -13,6 +13,7 @@
 #include "arch/registry.h"
 #include "core/quant.h"
 #include "core/tensor.h"
+#include "graph/layout.h"
 #include "io/safetensors.h"
 
 namespace kiln {
@@ -100,13 +101,13 @@ using WeightPlan = std::vector<PlannedTensor>;
 // ck.quant_group), its codes, scales and zeros repacked as they stream (q must be None or
 // ck.quant: kiln does not requantize).
 // `awq_scales`: input scales of an int4 build (build/awq.h), applied and folded before quantizing.
-WeightPlan plan_weights(const Checkpoint& ck, DType dtype, WeightQuant q = WeightQuant::None,
+WeightPlan plan_weights(const Checkpoint& ck, DType dtype, const QuantScheme& q = {},
                         const std::map<std::string, std::vector<float>>* awq_scales = nullptr);
 
 // Seeded random weights in engine layout (matrices ~ U with std 0.02, norm weights ~ 1 + U/10);
 // any row range can be made on its own and gives the same bytes.
 WeightPlan plan_dummy_weights(const ModelConfig& c, DType dtype, uint64_t seed,
-                              WeightQuant q = WeightQuant::None);
+                              const QuantScheme& q = {});
 
 // Tensors already in memory, as a plan (for writing them); a quantized tensor's scales follow it
 // as "<name>.scale".

@@ -8,14 +8,14 @@
 
 namespace kiln {
 
-WeightPlan shard_plan(const WeightPlan& plan, const ModelConfig& c, WeightQuant q, int64_t group,
-                      bool act_order, const Shard& s) {
+WeightPlan shard_plan(const WeightPlan& plan, const ModelConfig& c, const QuantScheme& q,
+                      const Shard& s) {
   std::map<std::string, const PlannedTensor*> src;
   for (const PlannedTensor& pt : plan) src[pt.name] = &pt;
   std::map<std::string, WeightSpec> whole;
-  for (const WeightSpec& w : engine_layout(c, q, group, act_order)) whole[w.name] = w;
+  for (const WeightSpec& w : engine_layout(c, q)) whole[w.name] = w;
   WeightPlan out;
-  for (const WeightSpec& r : sharded_layout(c, q, group, act_order, s)) {
+  for (const WeightSpec& r : sharded_layout(c, q, s)) {
     auto it = src.find(r.name);
     KILN_CHECK(it != src.end(), "shard: the plan has no '", r.name, "'");
     const PlannedTensor& from = *it->second;

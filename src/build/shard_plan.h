@@ -7,11 +7,11 @@
 
 namespace kiln {
 
-// The plan of rank s's engine file from `plan` (the whole engine layout of engine_layout(c, q,
-// group, act_order), scale slots included): its stage's tensors in layout order, each sliced as
+// The plan of rank s's engine file from `plan` (the whole engine layout of engine_layout(c, q),
+// scale slots included): its stage's tensors in layout order, each sliced as
 // sharded_layout says. Rows are filled from the source plan's rows; a split by input features
 // fills whole source rows and keeps the rank's columns.
-WeightPlan shard_plan(const WeightPlan& plan, const ModelConfig& c, WeightQuant q, int64_t group,
-                      bool act_order, const Shard& s);
+WeightPlan shard_plan(const WeightPlan& plan, const ModelConfig& c, const QuantScheme& q,
+                      const Shard& s);
 
 }  // namespace kiln

@@ -39,6 +39,11 @@ struct KVLayerView {
   // sequences have one row each (decodes, rows [0, num_decode)); the others are prefill chunks
   // of at most max_q rows, their rows at consecutive positions. seq_start == nullptr: not
   // given (backends then rely on seq / pos alone, as for a plain decode step).
+  // With seq_start given, pos, seq, seq_start and block_table are copied from the host before
+  // the forward's kernels run, and every key before a decode row's own position was written by
+  // earlier forwards (no kernel of this forward writes it): a backend may read both before the
+  // forward's earlier kernels finish (the CUDA decode kernel loads those keys while the qkv GEMV
+  // and rope_kv_write drain).
   // Launch shapes may depend on n, num_seqs, num_decode, max_q and len, never on the device
   // contents of pos / seq_start (a captured decode graph replays with other positions).
   const int32_t* seq_start = nullptr;

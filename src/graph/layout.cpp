@@ -46,8 +46,9 @@ bool has_ffn_norm(const ModelConfig& c) {
   return c.knobs.pre_norm && !(c.knobs.parallel_block && c.knobs.shared_block_norm);
 }
 
-bool quantizes(WeightQuant q, WeightRole r) {
-  return q != WeightQuant::None && (r == WeightRole::ColumnLinear || r == WeightRole::RowLinear);
+bool quantizes(const QuantScheme& s, WeightRole r) {
+  return s.q != WeightQuant::None && (r == WeightRole::ColumnLinear || r == WeightRole::RowLinear ||
+                                      (s.lm_head && r == WeightRole::LmHead));
 }
 
 namespace {
@@ -140,12 +141,18 @@ std::vector<WeightSpec> plain_layout(const ModelConfig& c) {
 
 }  // namespace
 
-std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q, int64_t group,
-                                      bool act_order) {
-  KILN_CHECK(!act_order || q == WeightQuant::Int4, "act-order input order is for int4-wo only");
+std::vector<WeightSpec> engine_layout(const ModelConfig& c, const QuantScheme& qs) {
+  const WeightQuant q = qs.q;
+  const int64_t group = qs.group;
+  KILN_CHECK(!qs.act_order || q == WeightQuant::Int4, "act-order input order is for int4-wo only");
+  KILN_CHECK(!qs.lm_head || q != WeightQuant::None,
+             "--quant-lm-head quantizes the LM head with the linears' scheme: give --quant");
+  KILN_CHECK(!qs.lm_head || !c.tie_word_embeddings, "--quant-lm-head: ", c.architecture,
+             " ties its LM head to the token embeddings (tie_word_embeddings), which kiln keeps "
+             "in the engine dtype");
   std::vector<WeightSpec> r;
   for (WeightSpec& s : plain_layout(c)) {
-    if (!quantizes(q, s.role)) {
+    if (!quantizes(qs, s.role)) {
       r.push_back(s);
       continue;
     }
@@ -170,7 +177,7 @@ std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q, int64
     r.push_back(s);
     r.push_back({s.name + ".scale", {rows, cols / g}, WeightRole::Scale, {}, s.split});
     r.push_back({s.name + ".zero", {rows, cols / g}, WeightRole::Zero, {}, s.split});
-    if (act_order) r.push_back({s.name + ".perm", {cols}, WeightRole::Perm});
+    if (qs.act_order) r.push_back({s.name + ".perm", {cols}, WeightRole::Perm});
   }
   return r;
 }

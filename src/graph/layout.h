@@ -64,10 +64,27 @@ struct WeightSpec {
 
 // Whether the FFN reads its own norm, layers.L.ffn_norm (see Knobs::pre_norm, parallel_block).
 bool has_ffn_norm(const ModelConfig& c);
-// Whether scheme q rewrites weights of role r. Weight-only schemes take the dense linears,
-// where decode reads almost all of its bytes; embeddings, the LM head (F32 logits), routers and
-// experts (the MoE op gathers them in the engine dtype) keep the engine dtype.
-bool quantizes(WeightQuant q, WeightRole r);
+
+// How an engine's weights are quantized: everything engine_layout needs besides the config, as
+// the manifest records it. Converts from a bare scheme (default groups, no act order, plain head).
+struct QuantScheme {
+  WeightQuant q = WeightQuant::None;
+  int64_t group = 0;       // int4-wo: a checkpoint's own group size (0: int4_group's rule)
+  bool act_order = false;  // int4-wo weights carry an input order (GPTQ desc_act checkpoints)
+  // The LM head too (kiln build --quant-lm-head, TensorRT-LLM's --quantize_lm_head): at decode
+  // the head is a large share of the bytes left once the linears are quantized (the 8B shape's
+  // 1.05 GB of 4.8 under int4-wo). Off by default: its rounding moves logits directly.
+  bool lm_head = false;
+  QuantScheme() = default;
+  QuantScheme(WeightQuant q_, int64_t group_ = 0, bool act_order_ = false, bool lm_head_ = false)
+      : q(q_), group(group_), act_order(act_order_), lm_head(lm_head_) {}
+};
+
+// Whether scheme s rewrites weights of role r. Weight-only schemes take the dense linears,
+// where decode reads almost all of its bytes, and the LM head under s.lm_head; embeddings (read
+// a row at a time), routers and experts (the MoE op gathers them in the engine dtype) keep the
+// engine dtype.
+bool quantizes(const QuantScheme& s, WeightRole r);
 
 // Engine (runtime) layout: fused wqkv and w_gate_up, in the order they are stored. Under a
 // quantization scheme, each weight it rewrites has the shape of its stored codes and is followed
@@ -75,8 +92,7 @@ bool quantizes(WeightQuant q, WeightRole r);
 // "<name>.zero", and under `act_order` (int4-wo from an act-order checkpoint) "<name>.perm" [in].
 // Throws kiln::Error when a weight's input size does not suit the scheme (int4-wo: a multiple of
 // 32, or of `group` when given: a checkpoint's own group size), naming it.
-std::vector<WeightSpec> engine_layout(const ModelConfig& c, WeightQuant q = WeightQuant::None,
-                                      int64_t group = 0, bool act_order = false);
+std::vector<WeightSpec> engine_layout(const ModelConfig& c, const QuantScheme& s = {});
 
 // Shape a checkpoint's source tensor must have, for canonical source names such as
 // "layers.3.wq" or "layers.0.experts.2.w_gate"; empty if the builder has no use for it.

@@ -192,10 +192,9 @@ bool stage_holds(const ModelConfig& c, const std::string& name, const Shard& s) 
   return true;  // final_norm: every stage (a stand-in for norms that read no weight)
 }
 
-std::vector<WeightSpec> sharded_layout(const ModelConfig& c, WeightQuant q, int64_t group,
-                                       bool act_order, const Shard& s) {
+std::vector<WeightSpec> sharded_layout(const ModelConfig& c, const QuantScheme& q, const Shard& s) {
   check_shardable(c, s.tp, s.pp);
-  const auto layout = engine_layout(c, q, group, act_order);
+  const auto layout = engine_layout(c, q);
   std::map<std::string, const WeightSpec*> by_name;
   for (const WeightSpec& w : layout) by_name[w.name] = &w;
   std::vector<WeightSpec> out;
@@ -226,11 +225,11 @@ std::vector<WeightSpec> sharded_layout(const ModelConfig& c, WeightQuant q, int6
 }
 
 std::vector<std::pair<std::string, Tensor>> shard_weights(
-    const ModelConfig& c, const std::vector<std::pair<std::string, Tensor>>& full, WeightQuant q,
-    int64_t group, bool act_order, const Shard& s) {
+    const ModelConfig& c, const std::vector<std::pair<std::string, Tensor>>& full,
+    const QuantScheme& q, const Shard& s) {
   check_shardable(c, s.tp, s.pp);
   std::map<std::string, const WeightSpec*> spec;
-  const auto layout = engine_layout(c, q, group, act_order);
+  const auto layout = engine_layout(c, q);
   for (const WeightSpec& w : layout) spec[w.name] = &w;
   std::vector<std::pair<std::string, Tensor>> out;
   for (const auto& [name, t] : full) {

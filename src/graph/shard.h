@@ -51,17 +51,16 @@ std::vector<std::pair<int64_t, int64_t>> tp_ranges(const TpSplit& split, int64_t
 // Whether the rank's pipeline stage holds the weight (engine layout name, scale slots included).
 bool stage_holds(const ModelConfig& c, const std::string& name, const Shard& s);
 
-// engine_layout(c, q, group, act_order) as rank `s` holds it: its stage's weights, each with the
-// shape of its slice. The weights of a per-rank engine file (kiln build --tp / --pp).
-std::vector<WeightSpec> sharded_layout(const ModelConfig& c, WeightQuant q, int64_t group,
-                                       bool act_order, const Shard& s);
+// engine_layout(c, q) as rank `s` holds it: its stage's weights, each with the shape of its
+// slice. The weights of a per-rank engine file (kiln build --tp / --pp).
+std::vector<WeightSpec> sharded_layout(const ModelConfig& c, const QuantScheme& q, const Shard& s);
 
-// The weights a rank holds, in order, from engine host weights `full` (engine_layout(c, q, group,
-// act_order) order, quantized weights carrying their scales and zeros): its stage's layers and
-// tables, each sliced as its TpSplit says, scales and zeros with their weight. Throws naming a
-// weight that does not split (an int4 weight whose groups do not divide, act-order inputs).
+// The weights a rank holds, in order, from engine host weights `full` (engine_layout(c, q) order,
+// quantized weights carrying their scales and zeros): its stage's layers and tables, each sliced as
+// its TpSplit says, scales and zeros with their weight. Throws naming a weight that does not split
+// (an int4 weight whose groups do not divide, act-order inputs).
 std::vector<std::pair<std::string, Tensor>> shard_weights(
-    const ModelConfig& c, const std::vector<std::pair<std::string, Tensor>>& full, WeightQuant q,
-    int64_t group, bool act_order, const Shard& s);
+    const ModelConfig& c, const std::vector<std::pair<std::string, Tensor>>& full,
+    const QuantScheme& q, const Shard& s);
 
 }  // namespace kiln

@@ -57,6 +57,7 @@ ModelInfo info_without_weights(const Engine::Impl& m) {
   i.architecture = m.config.architecture;
   i.dtype = dtype_label(m.dtype);
   i.quant = std::string(weight_quant_name(m.quant));
+  i.quant_lm_head = m.quant_lm_head;
   i.kv_cache_dtype = m.kv_fp8 ? "fp8" : "auto";
   i.calibration = calibration_line(m.awq_info);
   i.conversion = m.conversion;

@@ -59,6 +59,9 @@ namespace {
 // What a build from `ck` (resolved with `bc`) records, without its weights.
 std::unique_ptr<Engine::Impl> prepare(const Checkpoint& ck, const BuildConfig& bc,
                                       const fs::path& tokenizer_dir, json source) {
+  KILN_CHECK(!bc.quant_lm_head || ck.quant == WeightQuant::None || !ck.weights, ck.dir.string(),
+             ": the checkpoint is quantized as published (", weight_quant_name(ck.quant),
+             "); --quant-lm-head is for models kiln quantizes");
   auto impl = std::make_unique<Engine::Impl>();
   impl->config = ck.config;
   impl->resolve_build(bc, ck.config_dtype);
@@ -148,6 +151,7 @@ json manifest_of(const Engine::Impl& m) {
             {"quant", weight_quant_name(m.quant)},
             {"quant_group", m.quant_group},
             {"act_order", m.act_order},
+            {"quant_lm_head", m.quant_lm_head},
             {"awq", m.awq_info},
             {"kv_cache_dtype", m.kv_fp8 ? "fp8" : "auto"},
             {"max_batch", m.max_batch},
@@ -179,8 +183,7 @@ ModelInfo write_plan(const Engine::Impl& m, const WeightPlan& plan, const fs::pa
     std::vector<std::pair<std::string, WeightPlan>> files;
     for (int r = 0; r < m.tp * m.pp; ++r)
       files.emplace_back(rank_file(r, m.tp * m.pp),
-                         shard_plan(plan, m.config, m.quant, m.quant_group, m.act_order,
-                                    Shard::of(r, m.tp, m.pp)));
+                         shard_plan(plan, m.config, m.scheme(), Shard::of(r, m.tp, m.pp)));
     write_engine_folder(out, files, folder);
   }
   ModelInfo i = info_without_weights(m);
@@ -205,7 +208,7 @@ namespace {
 // The weight plan of a checkpoint build: for int4-awq, the AWQ scales calibrated first
 // (runtime/calibrate.h) and recorded in m.awq_info.
 WeightPlan checkpoint_plan(const Checkpoint& ck, Engine::Impl& m) {
-  if (!m.awq) return plan_weights(ck, m.dtype, m.quant);
+  if (!m.awq) return plan_weights(ck, m.dtype, m.scheme());
   std::string text = kDefaultCalibText, name = "the built-in text";
   if (!m.calib.empty()) {
     std::ifstream in(m.calib, std::ios::binary);
@@ -221,7 +224,7 @@ WeightPlan checkpoint_plan(const Checkpoint& ck, Engine::Impl& m) {
                 {"linears", int64_t(cal.scales.size())},
                 {"scaled", cal.scaled},
                 {"sample_error_vs_int4", cal.err_rtn > 0 ? cal.err / cal.err_rtn : 1.0}};
-  return plan_weights(ck, m.dtype, m.quant, &cal.scales);
+  return plan_weights(ck, m.dtype, m.scheme(), &cal.scales);
 }
 
 }  // namespace
@@ -253,7 +256,7 @@ Engine Engine::build_dummy(const fs::path& config_json, const BuildConfig& bc, u
   Checkpoint ck = open_config(config_json);
   auto impl = prepare(ck, bc, config_json.parent_path(), dummy_source_of(ck, config_json, seed));
   impl->weights = attach_scales(
-      materialize(plan_dummy_weights(ck.config, impl->dtype, seed, impl->quant)), impl->quant);
+      materialize(plan_dummy_weights(ck.config, impl->dtype, seed, impl->scheme())), impl->quant);
   return Engine(std::move(impl));
 }
 
@@ -275,7 +278,7 @@ ModelInfo Engine::build_dummy_to(const fs::path& config_json, const fs::path& ou
   Checkpoint ck = open_config(config_json);
   auto impl = prepare(ck, bc, config_json.parent_path(), dummy_source_of(ck, config_json, seed));
   check_tokenizer(config_json.parent_path());
-  return write_plan(*impl, plan_dummy_weights(ck.config, impl->dtype, seed, impl->quant), out,
+  return write_plan(*impl, plan_dummy_weights(ck.config, impl->dtype, seed, impl->scheme()), out,
                     progress);
 }
 
@@ -291,6 +294,7 @@ Engine Engine::open(const fs::path& dir, const BuildConfig& bc) {
     for (auto [set, opt] : {std::pair{bc.dtype != none.dtype, "--dtype"},
                             std::pair{bc.max_seq_len != none.max_seq_len, "--max-seq-len"},
                             std::pair{bc.quant != none.quant, "--quant"},
+                            std::pair{bc.quant_lm_head, "--quant-lm-head"},
                             std::pair{bc.calib != none.calib, "--calib"},
                             std::pair{bc.kv_cache_dtype != none.kv_cache_dtype, "--kv-cache-dtype"},
                             std::pair{bc.max_batch != none.max_batch, "--max-batch"},
@@ -351,6 +355,9 @@ Engine Engine::load(const fs::path& dir) {
     if (b.contains("awq")) impl->awq_info = b["awq"];
     if (impl->act_order && impl->quant != WeightQuant::Int4)
       throw Error(cat(mf.string(), ": build.act_order is for int4-wo engines only"));
+    impl->quant_lm_head = b.value("quant_lm_head", false);
+    if (impl->quant_lm_head && (impl->quant == WeightQuant::None || impl->act_order))
+      throw Error(cat(mf.string(), ": build.quant_lm_head is for engines kiln quantized itself"));
     const std::string kvd = b.value("kv_cache_dtype", std::string("auto"));
     if (kvd != "auto" && kvd != "fp8")
       throw Error(cat(mf.string(), ": build.kv_cache_dtype '", kvd,
@@ -398,14 +405,12 @@ Engine Engine::load(const fs::path& dir) {
   };
   const int world = impl->tp * impl->pp;
   if (world == 1) {
-    impl->weights = read(dir / kWeights, engine_layout(impl->config, impl->quant, impl->quant_group,
-                                                       impl->act_order));
+    impl->weights = read(dir / kWeights, engine_layout(impl->config, impl->scheme()));
   } else {
     for (int r = 0; r < world; ++r)
       impl->rank_weights.push_back(
           read(dir / rank_file(r, world),
-               sharded_layout(impl->config, impl->quant, impl->quant_group, impl->act_order,
-                              Shard::of(r, impl->tp, impl->pp))));
+               sharded_layout(impl->config, impl->scheme(), Shard::of(r, impl->tp, impl->pp))));
   }
   impl->tokenizer_dir = dir;
   return Engine(std::move(impl));

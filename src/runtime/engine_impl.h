@@ -35,11 +35,12 @@ struct Engine::Impl {
   DType dtype = DType::F32;
   WeightQuant quant = WeightQuant::None;  // how the linear weights are stored (core/quant.h)
   int64_t quant_group = 0;                // int4 group size of a quantized checkpoint (0: rule)
-  bool act_order = false;   // int4 weights carry an input order (GPTQ desc_act checkpoints)
-  bool kv_fp8 = false;      // --kv-cache-dtype fp8
-  bool awq = false;         // --quant int4-awq: int4-wo after an AWQ scale search (build/awq.h)
-  std::string calib;        // its --calib file ("": the built-in text)
-  nlohmann::json awq_info;  // what calibration did (manifest build.awq), null without AWQ
+  bool act_order = false;      // int4 weights carry an input order (GPTQ desc_act checkpoints)
+  bool quant_lm_head = false;  // --quant-lm-head: the LM head is quantized with `quant`
+  bool kv_fp8 = false;         // --kv-cache-dtype fp8
+  bool awq = false;            // --quant int4-awq: int4-wo after an AWQ scale search (build/awq.h)
+  std::string calib;           // its --calib file ("": the built-in text)
+  nlohmann::json awq_info;     // what calibration did (manifest build.awq), null without AWQ
   int64_t max_batch = 1, max_seq_len = 0;
   nlohmann::json source;
   nlohmann::json generation_defaults = nlohmann::json::object();
@@ -54,10 +55,12 @@ struct Engine::Impl {
   // instead of `weights`.
   int tp = 1, pp = 1;
   std::vector<std::vector<std::pair<std::string, Tensor>>> rank_weights;
+  // What engine_layout needs to lay the weights out.
+  QuantScheme scheme() const { return {quant, quant_group, act_order, quant_lm_head}; }
   // The weights rank s holds: its shard of `weights`, or its file's of a sharded engine.
   std::vector<std::pair<std::string, Tensor>> weights_of(const Shard& s) const {
     if (!rank_weights.empty()) return rank_weights[size_t(s.rank())];
-    return shard_weights(config, weights, quant, quant_group, act_order, s);
+    return shard_weights(config, weights, scheme(), s);
   }
 
   // Runtime, created by start(); destroyed in reverse order (the decoder's buffers and the
@@ -124,6 +127,8 @@ struct Engine::Impl {
     KILN_CHECK(bc.calib.empty() || awq, "--calib is for --quant int4-awq (the quantization is ",
                bc.quant, ")");
     calib = bc.calib;
+    quant_lm_head = bc.quant_lm_head;
+    if (quant_lm_head) (void)engine_layout(config, scheme());  // its refusals, before any work
     KILN_CHECK(bc.kv_cache_dtype == "auto" || bc.kv_cache_dtype == "fp8", "--kv-cache-dtype '",
                bc.kv_cache_dtype, "' is not one of auto, fp8");
     kv_fp8 = bc.kv_cache_dtype == "fp8";

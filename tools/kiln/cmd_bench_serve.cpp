@@ -515,6 +515,8 @@ void register_bench_subcommands(CLI::App* bench) {
                   "when building from an HF folder (0: max_position_embeddings)");
     c->add_option("--quant", a.bc.quant,
                   "when building from an HF folder: none, int8-wo, int4-wo, int4-awq, fp8");
+    c->add_flag("--quant-lm-head", a.bc.quant_lm_head,
+                "with --quant: the LM head too (TensorRT-LLM's --quantize_lm_head)");
     c->add_option("--kv-cache-dtype", a.bc.kv_cache_dtype,
                   "when building from an HF folder: auto or fp8 (E4M3 KV cache)");
     c->add_option("--calib", a.bc.calib, "--quant int4-awq: text file to calibrate on");

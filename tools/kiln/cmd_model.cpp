@@ -26,6 +26,8 @@ void add_model_args(CLI::App* c, ModelArgs& a) {
                 "weight dtype when building from an HF folder or GGUF file: auto, f32, f16, bf16");
   c->add_option("--max-seq-len", a.bc.max_seq_len, "when building (0: max_position_embeddings)");
   c->add_option("--quant", a.bc.quant, "when building: none, int8-wo, int4-wo, int4-awq, fp8");
+  c->add_flag("--quant-lm-head", a.bc.quant_lm_head,
+              "with --quant: the LM head too (TensorRT-LLM's --quantize_lm_head)");
   c->add_option("--kv-cache-dtype", a.bc.kv_cache_dtype,
                 "when building: auto or fp8 (E4M3 KV cache)");
   c->add_option("--calib", a.bc.calib, "--quant int4-awq: text file to calibrate on");
@@ -213,6 +215,8 @@ void register_model_commands(CLI::App& app) {
                   "(int4-wo with activation-aware scales calibrated on text), fp8 (with a "
                   "16-bit --dtype)")
         ->capture_default_str();
+    c->add_flag("--quant-lm-head", bc.quant_lm_head,
+                "with --quant: the LM head too (TensorRT-LLM's --quantize_lm_head)");
     c->add_option("--calib", bc.calib,
                   "--quant int4-awq: UTF-8 text file to calibrate on, its first 512 tokens "
                   "(default: a built-in text of prose, dialogue, code and numbers)");
@@ -246,6 +250,7 @@ void register_model_commands(CLI::App& app) {
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const double p = double(i.num_params);
       std::string kind = i.quant == "none" ? i.dtype : i.dtype + ", " + i.quant;
+      if (i.quant_lm_head) kind += " with the LM head";
       if (i.kv_cache_dtype != "auto") kind += ", kv " + i.kv_cache_dtype;
       std::printf("built %s (%s, %.3f %s params, %s) -> %s in %.2f s\n", i.architecture.c_str(),
                   kind.c_str(), p >= 1e9 ? p / 1e9 : p / 1e6, p >= 1e9 ? "B" : "M",
@@ -395,6 +400,7 @@ void register_model_commands(CLI::App& app) {
                         const std::vector<double>& rates) {
         const double mean = mean_of(rates), sd = sd_of(rates);
         std::string kind = info.quant == "none" ? info.dtype : info.dtype + " " + info.quant;
+        if (info.quant_lm_head) kind += "+head";
         if (info.kv_cache_dtype != "auto") kind += " kv-" + info.kv_cache_dtype;
         if (format == "md") {
           const double np = double(info.num_params);
@@ -409,6 +415,7 @@ void register_model_commands(CLI::App& app) {
                         {"architecture", info.architecture},
                         {"dtype", info.dtype},
                         {"quant", info.quant},
+                        {"quant_lm_head", info.quant_lm_head},
                         {"kv_cache_dtype", info.kv_cache_dtype},
                         {"model_size", info.weight_bytes},
                         {"model_n_params", info.num_params},

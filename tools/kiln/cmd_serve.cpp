@@ -64,6 +64,8 @@ void register_serve(CLI::App& app) {
                 "when building from an HF folder (0: max_position_embeddings)");
   c->add_option("--quant", cfg.build.quant,
                 "when building from an HF folder: none, int8-wo, int4-wo, int4-awq, fp8");
+  c->add_flag("--quant-lm-head", cfg.build.quant_lm_head,
+              "with --quant: the LM head too (TensorRT-LLM's --quantize_lm_head)");
   c->add_option("--kv-cache-dtype", cfg.build.kv_cache_dtype,
                 "when building from an HF folder: auto or fp8 (E4M3 KV cache)");
   c->add_option("--calib", cfg.build.calib, "--quant int4-awq: text file to calibrate on");

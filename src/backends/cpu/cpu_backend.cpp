@@ -127,8 +127,8 @@ class CpuBackend final : public Backend {
   }
   void logits(const void* x, int64_t n, int64_t ldx, const Tensor& w, const Tensor* bias, float cap,
               float* y, bool) override {
-    cpu::linear(F(x), n, w.shape[1], ldx, w.data, w.dtype, w.shape[0],
-                bias ? F(bias->data) : nullptr, y, w.shape[0]);
+    cpu::linear(F(x), n, w.in_features(), ldx, w.data, w.dtype, w.shape[0],
+                bias ? F(bias->data) : nullptr, y, w.shape[0], scales(w));
     if (cap > 0) cpu::softcap(y, n * w.shape[0], cap);
   }
   void sample_async(const float* logits, int64_t rows, int64_t vocab, const SampleParams* params,

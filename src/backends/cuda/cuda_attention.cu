@@ -422,6 +422,7 @@ AttnLaunch core_part(const AttnLaunch& a, bool decode_only) {
   AttnLaunch c = a;
   c.seq_start = nullptr;
   if (decode_only) c.n = a.num_decode;
+  c.settled = a.seq_start && (decode_only || a.num_seqs == a.num_decode);
   return c;
 }
 

@@ -73,6 +73,7 @@ struct DecArgs {
   float* ws;           // [n * heads][splits][D + 4]: unnormalised output, (max, sum) in base 2, pad
   int* counters;       // [n * kv_heads], zero between launches (the merging block resets its own)
   const float* sinks;  // [heads] or nullptr (AttnLaunch::sinks; natural-log units)
+  bool settled;        // AttnLaunch::settled: the keys before a row's position load before the wait
 };
 
 // A sink's share of a row's normaliser, whose running max M is in base 2 (scores * log2 e).
@@ -133,7 +134,13 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
   __shared__ float s_m[kWarps][kRows], s_l[kWarps][kRows];
   __shared__ float s_w[kWarps][kRows], s_inv[kRows];
 
-  pdl_begin();
+  // Under programmatic dependent launch the block starts while the kernels ahead of it (the
+  // qkv GEMV, rope_kv_write) still run. With settled rows, positions and block tables came from
+  // the host and every key before a row's own position from earlier forwards, so the warps
+  // request those tiles first and wait only for Q and the current key: the cache bytes of a
+  // short context are then in flight while the step's earlier kernels drain.
+  pdl_trigger();
+  if (!a.settled) pdl_wait();
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int i = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
   const int group = a.group;
@@ -157,20 +164,12 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
   const int ntiles = (k1 - k0 + kTileKeys - 1) / kTileKeys;  // 0 for an unused split
   const int my_tiles = ntiles > warp ? (ntiles - warp + kWarps - 1) / kWarps : 0;
 
-  // Q rows: commit group 0 of every thread.
-  {
-    const T* q = static_cast<const T*>(a.q) + int64_t(i) * a.ldq + int64_t(kvh) * group * D;
-    for (int e = tid; e < kRows * CH; e += kThreads) {
-      const int r = e / CH, c = e % CH;
-      cp_async16(Qs + r * LDS + c * 8, q + (r < group ? r * D + c * 8 : 0), r < group);
-    }
-    cp_async_commit();
-  }
   const int32_t* bt = a.bt + (a.seq ? int64_t(a.seq[i]) * a.bt_stride : 0);
   const KV* kp = static_cast<const KV*>(a.kpool) + int64_t(kvh) * D;
   const KV* vp = static_cast<const KV*>(a.vpool) + int64_t(kvh) * D;
   // The warp's tile j (keys k0 + 16 (warp + 4 j) ...) into stage `st`; keys past k1 are zeros.
-  auto load_tile = [&](int st, int j) {
+  // Key `skip` is left alone (load_key brings it once it may be read).
+  auto load_tile = [&](int st, int j, int skip) {
     const int t0 = k0 + (warp + kWarps * j) * kTileKeys;
     if constexpr (kFp8) {
       constexpr int CH8 = D / 16;  // 16-byte chunks of codes per row
@@ -181,6 +180,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
       for (int e = lane; e < kTileKeys * CH8; e += 32) {
         const int jj = e / CH8, c = e % CH8, t = t0 + jj;
         const bool ok = t < k1;
+        if (t == skip) continue;
         int64_t off = 0;
         if (ok) off = (int64_t(__ldg(bt + t / a.bs)) * a.bs + t % a.bs) * a.kv_dim + c * 16;
         cp_async16(kd + jj * Sm::LD8 + c * 16, kp + off, ok);
@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
         const bool ok = t < k1;
         int64_t si = 0;
         if (ok) si = (int64_t(__ldg(bt + t / a.bs)) * a.bs + t % a.bs) * gridDim.y + kvh;
-        cp_async4(sd + lane, (lane < kTileKeys ? a.k_scale : a.v_scale) + si, ok);
+        if (t != skip) cp_async4(sd + lane, (lane < kTileKeys ? a.k_scale : a.v_scale) + si, ok);
       }
     } else {
       T* kd = ring + st * kStage;
@@ -200,6 +200,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
       for (int e = lane; e < kTileKeys * CH; e += 32) {
         const int jj = e / CH, c = e % CH, t = t0 + jj;
         const bool ok = t < k1;
+        if (t == skip) continue;
         int64_t off = 0;
         if (ok) off = (int64_t(__ldg(bt + t / a.bs)) * a.bs + t % a.bs) * a.kv_dim + c * 8;
         cp_async16(kd + jj * LDS + c * 8, kp + off, ok);
@@ -229,13 +230,59 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
       d[1] = pack_vec<T>(f + 8);
     }
   };
+  // The key at the row's own position, written by this forward (rope_kv_write), into stage st
+  // as row key - t0 of the tile that starts at t0: its K and V rows (FP8: and their scales).
+  auto load_key = [&](int st, int t0, int key) {
+    const int jj = key - t0;
+    const int64_t slot = int64_t(__ldg(bt + key / a.bs)) * a.bs + key % a.bs;
+    if constexpr (kFp8) {
+      constexpr int CH8 = D / 16;
+      uint8_t* kd = ring8 + st * Sm::kStage8;
+      uint8_t* vd = kd + kTileKeys * Sm::LD8;
+      float* sd = reinterpret_cast<float*>(vd + kTileKeys * Sm::LD8);
+      for (int e = lane; e < 2 * CH8; e += 32) {
+        const int c = e % CH8;
+        cp_async16((e < CH8 ? kd : vd) + jj * Sm::LD8 + c * 16,
+                   (e < CH8 ? kp : vp) + slot * a.kv_dim + c * 16, true);
+      }
+      if (lane < 2)
+        cp_async4(sd + lane * kTileKeys + jj,
+                  (lane == 0 ? a.k_scale : a.v_scale) + slot * gridDim.y + kvh, true);
+    } else {
+      T* kd = ring + st * kStage;
+      T* vd = kd + kTileKeys * LDS;
+      for (int e = lane; e < 2 * CH; e += 32) {
+        const int c = e % CH;
+        cp_async16((e < CH ? kd : vd) + jj * LDS + c * 8,
+                   (e < CH ? kp : vp) + slot * a.kv_dim + c * 8, true);
+      }
+    }
+  };
+  // The first ST - 1 tiles, one commit group each; settled rows leave out their current key.
+  const int early_skip = a.settled ? hi : INT_MIN;
 #pragma unroll
   for (int st = 0; st < ST - 1; ++st) {
-    if (st < my_tiles) load_tile(st, st);
+    if (st < my_tiles) load_tile(st, st, early_skip);
     cp_async_commit();
   }
-  cp_async_wait<ST - 1>();  // this thread's Q chunks
-  __syncthreads();          // everyone's
+  if (a.settled) pdl_wait();
+  // Q rows (written by the step's earlier kernels) and, where a settled row's current key fell
+  // in those tiles, that key: one more group, and the block waits for all of them.
+  {
+    const T* q = static_cast<const T*>(a.q) + int64_t(i) * a.ldq + int64_t(kvh) * group * D;
+    for (int e = tid; e < kRows * CH; e += kThreads) {
+      const int r = e / CH, c = e % CH;
+      cp_async16(Qs + r * LDS + c * 8, q + (r < group ? r * D + c * 8 : 0), r < group);
+    }
+    if (a.settled) {
+      const int j = (hi - k0) / kTileKeys;  // the tile of the key, if this split holds it
+      if (hi >= k0 && hi < k1 && j % kWarps == warp && j / kWarps < ST - 1)
+        load_key(j / kWarps, k0 + j * kTileKeys, hi);
+    }
+    cp_async_commit();
+  }
+  cp_async_wait<0>();  // this thread's Q chunks and first tiles
+  __syncthreads();     // everyone's
 
   float o[DT][4];
 #pragma unroll
@@ -253,7 +300,7 @@ __global__ void __launch_bounds__(kThreads) attn_decode_kernel(const DecArgs a) 
     __syncwarp();  // tile j visible to the warp; the stage refilled next is no longer read
     {
       const int nx = j + ST - 1;
-      if (nx < my_tiles) load_tile(nx % ST, nx);
+      if (nx < my_tiles) load_tile(nx % ST, nx, INT_MIN);
       cp_async_commit();
     }
     const T* Kb = ring + (j % ST) * kStage;
@@ -552,7 +599,8 @@ void attention_decode(DType act, const AttnLaunch& a, float* ws, int* counters, 
                   a.ldo,
                   ws,
                   counters,
-                  a.sinks};
+                  a.sinks,
+                  a.settled};
   if (a.k_scale) {
     if (act == DType::BF16) return launch_d<__nv_bfloat16, E4M3>(a.head_dim, g, a.kv_heads, s);
     return launch_d<__half, E4M3>(a.head_dim, g, a.kv_heads, s);

@@ -115,6 +115,7 @@ class CudaBackend final : public Backend {
       if (host.scales) t.scales = std::make_shared<Tensor>(upload(*host.scales));
       if (host.zero_points) t.zero_points = std::make_shared<Tensor>(upload(*host.zero_points));
       if (host.input_perm) t.input_perm = std::make_shared<Tensor>(upload(*host.input_perm));
+      cuda::relayout_quant_weight(t, stream_);
       return t;
     }
     const size_t bytes = host.nbytes();
@@ -334,28 +335,45 @@ class CudaBackend final : public Backend {
               float* y, bool x_f32) override {
     Prof prof(prof_.get(), "logits");
     KILN_CHECK(!bias || bias->dtype == DType::F32, "CUDA logits: the LM head bias must be F32");
-    KILN_CHECK(w.dtype == act_, "CUDA logits: weight dtype ", dtype_name(w.dtype),
+    const bool quant = w.quant != WeightQuant::None;
+    KILN_CHECK(quant || w.dtype == act_, "CUDA logits: weight dtype ", dtype_name(w.dtype),
                " differs from the activation dtype ", dtype_name(act_));
-    const int64_t in = w.shape[1], out = w.shape[0];
+    const int64_t in = w.in_features(), out = w.shape[0];
     if (n == 0 || out == 0) return;
     x_f32 = x_f32 && act_ != DType::F32;
+    if (quant) {  // --quant-lm-head: the linears' kernels with F32 outputs, on 16-bit inputs
+      if (x_f32) x = round_rows(x, n, ldx, in), ldx = in;
+      cuda::QuantLinearParams q = quant_params(x, n, ldx, w, bias, y, out);
+      q.y_f32 = true;
+      cuda::quant_linear(
+          q, *lt_, [this](const char* name, size_t bytes) { return scratch(name, bytes); },
+          stream_);
+      if (cap > 0) cuda::softcap_f32(y, n * out, cap, stream_);
+      return;
+    }
     if (gemv_ &&
         cuda::gemv(act_, x, n, ldx, w.data, in, out, nullptr, y, out, stream_, true, x_f32)) {
       if (bias) cuda::bias_add(DType::F32, y, n, out, out, bias->ptr<float>(), stream_);
       if (cap > 0) cuda::softcap_f32(y, n * out, cap, stream_);
       return;
     }
-    if (x_f32) {  // cuBLASLt multiplies like types: round the hidden state for it
-      const size_t es = dtype_size(act_);
-      void* xr = scratch("logits_x", size_t(n * in) * es);
-      for (int64_t i = 0; i < n; ++i)
-        cuda::from_f32(act_, static_cast<const float*>(x) + i * ldx, in,
-                       static_cast<char*>(xr) + size_t(i * in) * es, stream_);
-      x = xr, ldx = in;
-    }
+    if (x_f32) x = round_rows(x, n, ldx, in), ldx = in;  // cuBLASLt multiplies like types
     lt_->run(act_, x, n, ldx, w.data, in, out, y, out, true);
     if (bias) cuda::bias_add(DType::F32, y, n, out, out, bias->ptr<float>(), stream_);
     if (cap > 0) cuda::softcap_f32(y, n * out, cap, stream_);
+  }
+  // F32 rows x[n, in] (ldx apart) rounded to the activation type, in scratch [n, in].
+  void* round_rows(const void* x, int64_t n, int64_t ldx, int64_t in) {
+    const size_t es = dtype_size(act_);
+    void* xr = scratch("logits_x", size_t(n * in) * es);
+    if (ldx == in) {  // contiguous rows (the decoder's): one launch
+      cuda::from_f32(act_, static_cast<const float*>(x), n * in, xr, stream_);
+      return xr;
+    }
+    for (int64_t i = 0; i < n; ++i)
+      cuda::from_f32(act_, static_cast<const float*>(x) + i * ldx, in,
+                     static_cast<char*>(xr) + size_t(i * in) * es, stream_);
+    return xr;
   }
 
   void sample_async(const float* logits, int64_t rows, int64_t vocab, const SampleParams* d_params,

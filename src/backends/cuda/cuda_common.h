@@ -100,6 +100,17 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// Stores output v at element i of y: rounded to T, or as F32 where y_f32 (then y points at F32
+// memory; the LM head's logits, which are kept in F32 so 16-bit engines do not round them
+// before sampling).
+template <typename T>
+__device__ __forceinline__ void store_y(T* y, int64_t i, float v, bool y_f32) {
+  if (y_f32)
+    reinterpret_cast<float*>(y)[i] = v;
+  else
+    y[i] = from_f<T>(v);
+}
+
 // Rounds through T and back: the value a T activation store would keep.
 template <typename T>
 __device__ __forceinline__ float round_to(float v) {

@@ -175,7 +175,8 @@ __device__ __forceinline__ void store_rows(const float (&c)[4], int warp, int g,
                                            int n, int out, const float* st,
                                            const float* __restrict__ sw,
                                            const float* __restrict__ bias, T* __restrict__ y,
-                                           int64_t ldy, int inter, T* __restrict__ gated, int act) {
+                                           int64_t ldy, int inter, T* __restrict__ gated, int act,
+                                           bool y_f32) {
   __shared__ float red_c[kWarps][16][8];
   red_c[warp][g][2 * t] = c[0];
   red_c[warp][g][2 * t + 1] = c[1];
@@ -203,7 +204,7 @@ __device__ __forceinline__ void store_rows(const float (&c)[4], int warp, int g,
     float s = 0.0f;
 #pragma unroll
     for (int k = 0; k < kWarps; ++k) s += red_c[k][r][tok];
-    y[tok * ldy + row] = from_f<T>(s * st[tok] * sw[row] + (bias ? bias[row] : 0.0f));
+    store_y(y, tok * ldy + row, s * st[tok] * sw[row] + (bias ? bias[row] : 0.0f), y_f32);
   }
 }
 
@@ -244,7 +245,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     gemv_fp8_kernel(const void* xv, int64_t ldq, const float* sx_in, int n,
                     const uint8_t* __restrict__ w, const float* __restrict__ sw, int in, int out,
                     const float* __restrict__ bias, T* __restrict__ y, int64_t ldy, int inter,
-                    T* __restrict__ gated, int act) {
+                    T* __restrict__ gated, int act, bool y_f32) {
   pdl_trigger();
   extern __shared__ __align__(16) uint8_t stage_mem[];  // kStages tiles of 16 rows * kPitch bytes
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
@@ -321,7 +322,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   cp_async_wait<0>();
   store_rows<T>(c, warp, g, t, row0, n, out, Fused ? scale : sx_in, sw, bias, y, ldy, inter, gated,
-                act);
+                act, y_f32);
 }
 
 // CUDA-core GEMV for one token, shaped like the BF16 GEMV (cuda_gemv.cu): a block owns kCcRows
@@ -355,7 +356,7 @@ template <typename T>
 __global__ void __launch_bounds__(kCcThreads)
     gemv_fp8_cc_kernel(const T* x, const uint8_t* __restrict__ w, const float* __restrict__ sw,
                        int in, int out, const float* __restrict__ bias, T* __restrict__ y,
-                       int inter, T* __restrict__ gated, int act) {
+                       int inter, T* __restrict__ gated, int act, bool y_f32) {
   pdl_trigger();
   constexpr int R = kCcRows, H = kCcRows / 2;
   const int row0 = int(blockIdx.x) * (inter > 0 ? H : R), chunks = in / 16, nt = blockDim.x;
@@ -453,7 +454,7 @@ __global__ void __launch_bounds__(kCcThreads)
     const int r = int(threadIdx.x), row = row0 + r;
     float v = 0.0f;
     for (int k = 0; k < warps; ++k) v += red[k][r];
-    if (row < out) y[row] = from_f<T>(v * st * f0 + b0);
+    if (row < out) store_y(y, row, v * st * f0 + b0, y_f32);
   }
 }
 
@@ -468,7 +469,7 @@ void launch_gemv_cc(const GemvFp8Params& p, cudaStream_t s) {
                                            : (p.out + kCcRows - 1) / kCcRows);
   launch_kernel(gemv_fp8_cc_kernel<T>, blocks, threads, 0, s, static_cast<const T*>(p.x), p.w, p.sw,
                 int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), inter,
-                static_cast<T*>(p.gated), p.gated_act);
+                static_cast<T*>(p.gated), p.gated_act, p.y_f32);
 }
 
 template <typename T, bool Fused, int Stages>
@@ -479,7 +480,7 @@ void launch_gemv(const GemvFp8Params& p, const void* x, int64_t ld, cudaStream_t
   const unsigned blocks = unsigned(p.gated ? (inter + 7) / 8 : (p.out + 15) / 16);
   launch_kernel(kernel, blocks, kWarps * 32, smem_bytes(Stages), s, x, ld, p.sx, int(p.n), p.w,
                 p.sw, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy, inter,
-                static_cast<T*>(p.gated), p.gated_act);
+                static_cast<T*>(p.gated), p.gated_act, p.y_f32);
 }
 
 // 8 stages for rows of 16 tiles or more on a grid of at most 4 blocks an SM, else 4 (above).
@@ -526,7 +527,7 @@ void quant_act_fp8_launch(const QuantActFp8Params& p, cudaStream_t s) {
 bool gemv_fp8_is_supported(const GemvFp8Params& p) {
   if (p.act != DType::F16 && p.act != DType::BF16) return false;
   if (p.n < 1 || p.n > kGemvFp8MaxRows || p.out < 1 || p.in < 16 || p.in > INT_MAX ||
-      p.out > INT_MAX || !p.sw || (p.gated && (p.out % 2 != 0 || p.ldy < p.out)))
+      p.out > INT_MAX || !p.sw || (p.gated && (p.out % 2 != 0 || p.ldy < p.out || p.y_f32)))
     return false;
   const auto a16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   if (p.in % 16 != 0 || !a16(p.w)) return false;

@@ -69,6 +69,7 @@ struct GemvFp8Params {
   const float* bias = nullptr;  // may be null
   void* y = nullptr;
   int64_t ldy = 0;
+  bool y_f32 = false;  // y is F32 (the LM head's logits), not act; not with `gated`
   // Gated (non-null): w holds gate rows then up rows (out even), y is gu, and gated[t, j] (rows
   // out / 2 apart) = act(gate) * up from gu's rounded values, act an Activation.
   void* gated = nullptr;

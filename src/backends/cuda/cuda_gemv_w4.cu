@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(kThreads)
     gemv_w4_kernel(const T* __restrict__ x, int64_t ldx, const uint8_t* __restrict__ w,
                    const float* __restrict__ scales, const uint8_t* __restrict__ zeros, int in,
                    int out, int group, const float* __restrict__ bias, T* __restrict__ y,
-                   int64_t ldy) {
+                   int64_t ldy, bool y_f32) {
   pdl_trigger();
   const int row0 = int(blockIdx.x) * kRows, chunks = in / 32, groups = in / group;
   const int chunks_per_group = group / 32;
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kThreads)
     const int t = threadIdx.x / kRows, r = threadIdx.x % kRows, row = row0 + r;
     float s = 0;
     for (int k = 0; k < warps; ++k) s += red[k][threadIdx.x];
-    if (row < out) y[t * ldy + row] = from_f<T>(s + (bias ? bias[row] : 0.0f));
+    if (row < out) store_y(y, t * ldy + row, s + (bias ? bias[row] : 0.0f), y_f32);
   }
 }
 
@@ -210,12 +210,12 @@ __device__ __forceinline__ void pairs8(const uint32_t* xw, uint32_t (&r)[4]) {
 // keep 2048 threads an SM (the factors ahead alone spilled 32 bytes and lost 7%; with x in shared
 // memory nothing spills). Tensor-core GEMVs at one token, H100, tg128 of the 8B shape: int4-wo
 // 312.3 -> 324.0 t/s (docs/perf.md).
-template <typename T, int kTcWarps, bool XS>
+template <typename T, int kTcWarps, bool XS, bool TL>
 __global__ void __launch_bounds__(kTcWarps * 32, XS ? 1024 / (kTcWarps * 32) : 0)
     gemv_w4_tc_kernel(const T* __restrict__ x, int64_t ldx, int n, const uint8_t* __restrict__ w,
                       const float* __restrict__ scales, const uint8_t* __restrict__ zeros, int in,
                       int out, int group, const float* __restrict__ bias, T* __restrict__ y,
-                      int64_t ldy, int inter, T* __restrict__ gated, int act) {
+                      int64_t ldy, int inter, T* __restrict__ gated, int act, bool y_f32) {
   pdl_trigger();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   const int row0 = int(blockIdx.x) * (inter > 0 ? kTcRows / 2 : kTcRows);
@@ -223,8 +223,16 @@ __global__ void __launch_bounds__(kTcWarps * 32, XS ? 1024 / (kTcWarps * 32) : 0
   const int ra = inter > 0 ? min(row0 + g, inter - 1) : min(row0 + g, out - 1);
   const int rb = inter > 0 ? inter + ra : min(row0 + g + 8, out - 1);
   const int steps = in / 128, groups = in / group, steps_per_group = group / 128;
-  const uint4* wa = reinterpret_cast<const uint4*>(w + int64_t(ra) * (in / 2)) + q;
-  const uint4* wb = reinterpret_cast<const uint4*>(w + int64_t(rb) * (in / 2)) + q;
+  // TL: tiled codes (w4_tiled; rows in 16s, so row0 + g and rb are real rows): lane (g, q) reads
+  // chunk q of its row in the row's 8-row tile, a warp load 512 contiguous bytes; a step is one
+  // tile further (32 uint4). Row-major: 4 uint4 further.
+  const uint4* wa =
+      TL ? reinterpret_cast<const uint4*>(w) + (int64_t(ra / 8) * steps) * 32 + (ra % 8) * 4 + q
+         : reinterpret_cast<const uint4*>(w + int64_t(ra) * (in / 2)) + q;
+  const uint4* wb =
+      TL ? reinterpret_cast<const uint4*>(w) + (int64_t(rb / 8) * steps) * 32 + (rb % 8) * 4 + q
+         : reinterpret_cast<const uint4*>(w + int64_t(rb) * (in / 2)) + q;
+  constexpr int WS = TL ? 32 : 4;
   const bool has_x = g < n;  // lane g supplies x row g as the B operand's column g
   const uint4* xr = reinterpret_cast<const uint4*>(x + int64_t(has_x ? g : 0) * ldx) + 4 * q;
   extern __shared__ uint4 xs[];  // XS: x, [n][in / 8]
@@ -241,7 +249,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, XS ? 1024 / (kTcWarps * 32) : 0
     fb = Magic<T>::value + float(__ldg(zeros + int64_t(rb) * groups + gi));
   };
   if (s < steps) {
-    na = ld_stream(wa + 4 * s), nb = ld_stream(wb + 4 * s);
+    na = ld_stream(wa + WS * s), nb = ld_stream(wb + WS * s);
     if (XS) factors(s, nsa, nsb, nfa, nfb);
   }
   pdl_wait();  // weights do not depend on the previous kernel; x does
@@ -261,7 +269,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, XS ? 1024 / (kTcWarps * 32) : 0
     float sa = nsa, sb = nsb, fa = nfa, fb = nfb;
     const int next = s + kTcWarps;
     if (next < steps) {
-      na = ld_stream(wa + 4 * next), nb = ld_stream(wb + 4 * next);
+      na = ld_stream(wa + WS * next), nb = ld_stream(wb + WS * next);
       if (XS) factors(next, nsa, nsb, nfa, nfb);
     }
     uint4 xv[4];
@@ -323,7 +331,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, XS ? 1024 / (kTcWarps * 32) : 0
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int row = row0 + g + (i >= 2 ? 8 : 0), t = 2 * q + (i & 1);
-      if (row < out && t < n) y[t * ldy + row] = from_f<T>(v[i] + (bias ? bias[row] : 0.0f));
+      if (row < out && t < n) store_y(y, t * ldy + row, v[i] + (bias ? bias[row] : 0.0f), y_f32);
     }
   }
 }
@@ -336,10 +344,14 @@ void launch_gemv_tc(const GemvW4Params& p, cudaStream_t s) {
                                            : (p.out + kTcRows - 1) / kTcRows);
   const size_t xs_bytes = size_t(p.n * p.in) * 2;
   const bool xs = xs_bytes <= kW4XsMax;
-  auto* kernel = xs ? gemv_w4_tc_kernel<T, W, true> : gemv_w4_tc_kernel<T, W, false>;
+  const bool tl = w4_tiled(p.in, p.out, p.group);
+  auto* kernel =
+      xs ? (tl ? gemv_w4_tc_kernel<T, W, true, true> : gemv_w4_tc_kernel<T, W, true, false>)
+         : (tl ? gemv_w4_tc_kernel<T, W, false, true> : gemv_w4_tc_kernel<T, W, false, false>);
   launch_kernel(kernel, blocks, kTcWarps * 32, xs ? xs_bytes : 0, s, static_cast<const T*>(p.x),
                 p.ldx, int(p.n), p.w, p.scales, p.zeros, int(p.in), int(p.out), int(p.group),
-                p.bias, static_cast<T*>(p.y), p.ldy, inter, static_cast<T*>(p.gated), p.gated_act);
+                p.bias, static_cast<T*>(p.y), p.ldy, inter, static_cast<T*>(p.gated), p.gated_act,
+                p.y_f32);
 }
 
 template <typename T, int N>
@@ -349,7 +361,7 @@ void launch_gemv(const GemvW4Params& p, cudaStream_t s) {
   const unsigned blocks = unsigned((p.out + kRows - 1) / kRows);
   launch_kernel(gemv_w4_kernel<T, N>, blocks, threads, 0, s, static_cast<const T*>(p.x), p.ldx, p.w,
                 p.scales, p.zeros, int(p.in), int(p.out), int(p.group), p.bias,
-                static_cast<T*>(p.y), p.ldy);
+                static_cast<T*>(p.y), p.ldy, p.y_f32);
 }
 
 template <typename T>
@@ -374,22 +386,38 @@ void dispatch_n(const GemvW4Params& p, cudaStream_t s) {
   }
 }
 
+// Where 16-byte chunk i of the device codes (32 codes) sits in the row-major matrix: its row and
+// first column. Tiled (w4_tiled): 32 chunks a tile of 8 rows x 128 columns, chunk q of row g of
+// the tile at g * 4 + q, tiles in (row block, step) order.
+__device__ __forceinline__ void w4_chunk_at(int64_t i, int64_t cols, bool tiled, int64_t& row,
+                                            int64_t& col) {
+  if (!tiled) {
+    row = i / (cols / 32), col = i % (cols / 32) * 32;
+    return;
+  }
+  const int64_t tile = i / 32, steps = cols / 128;
+  const int k = int(i % 32);
+  row = tile / steps * 8 + k / 4, col = tile % steps * 128 + k % 4 * 32;
+}
+
 // 32 codes per thread: one 16-byte load, four 16-byte stores.
 template <typename T>
 __global__ void dequant_w4_kernel(const uint8_t* __restrict__ w, const float* __restrict__ scales,
                                   const uint8_t* __restrict__ zeros, int64_t cols, int64_t group,
-                                  int64_t chunks, T* __restrict__ out) {
+                                  int64_t chunks, bool tiled, T* __restrict__ out) {
   pdl_begin();
-  const int64_t per_row = cols / 32, groups = cols / group;
+  const int64_t groups = cols / group;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < chunks;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row = i / per_row, g = (i % per_row) * 32 / group;
+    int64_t row, col;
+    w4_chunk_at(i, cols, tiled, row, col);
+    const int64_t g = col / group;
     const float sc = scales[row * groups + g], z = float(zeros[row * groups + g]);
     float f[32];
     unpack_u4x32(__ldg(reinterpret_cast<const uint4*>(w) + i), z, f);
 #pragma unroll
     for (int e = 0; e < 32; ++e) f[e] *= sc;
-    uint4* o = reinterpret_cast<uint4*>(out) + 4 * i;
+    uint4* o = reinterpret_cast<uint4*>(out + row * cols + col);
 #pragma unroll
     for (int v = 0; v < 4; ++v) o[v] = pack_vec<T>(f + 8 * v);
   }
@@ -400,12 +428,42 @@ void launch_dequant(const DequantW4Params& p, cudaStream_t s) {
   const int64_t chunks = p.rows * p.cols / 32;
   const unsigned blocks = unsigned(std::min<int64_t>((chunks + 255) / 256, 65535));
   launch_kernel(dequant_w4_kernel<T>, blocks, 256, 0, s, p.w, p.scales, p.zeros, p.cols, p.group,
-                chunks, static_cast<T*>(p.out));
+                chunks, p.tiled, static_cast<T*>(p.out));
+}
+
+// One thread per 16-byte chunk of the tiled copy, read from its row-major place (once, at upload).
+__global__ void tile_w4_kernel(const uint4* __restrict__ src, uint4* __restrict__ dst, int64_t cols,
+                               int64_t chunks) {
+  pdl_begin();
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < chunks;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t row, col;
+    w4_chunk_at(i, cols, true, row, col);
+    dst[i] = src[(row * cols + col) / 32];
+  }
 }
 
 bool aligned16(const void* q) {
   return reinterpret_cast<uintptr_t>(q) % 16 == 0;
 }
+
+}  // namespace
+
+bool w4_tiled(int64_t in, int64_t out, int64_t group) {
+  return group > 0 && group % 128 == 0 && in % group == 0 && out % 16 == 0;
+}
+
+void tile_w4_launch(const uint8_t* src, uint8_t* dst, int64_t rows, int64_t cols, cudaStream_t s) {
+  KILN_CHECK(rows % 16 == 0 && cols % 128 == 0 && aligned16(src) && aligned16(dst),
+             "tile_w4: unsupported shape or alignment (rows ", rows, ", cols ", cols, ")");
+  const int64_t chunks = rows * cols / 32;
+  if (chunks == 0) return;
+  const unsigned blocks = unsigned(std::min<int64_t>((chunks + 255) / 256, 65535));
+  launch_kernel(tile_w4_kernel, blocks, 256, 0, s, reinterpret_cast<const uint4*>(src),
+                reinterpret_cast<uint4*>(dst), cols, chunks);
+}
+
+namespace {
 
 // One thread per output element; rows of x are L2-resident (at most a few KiB).
 __global__ void gather_cols_kernel(const uint16_t* __restrict__ x, int64_t ldx,
@@ -434,7 +492,7 @@ bool gemv_w4_is_supported(const GemvW4Params& p) {
       p.out > INT_MAX)
     return false;
   if (p.warps != 8 && p.warps != 16) return false;
-  if (p.gated && (p.group % 128 != 0 || p.out % 2 != 0 || p.ldy < p.out)) return false;
+  if (p.gated && (p.group % 128 != 0 || p.out % 2 != 0 || p.ldy < p.out || p.y_f32)) return false;
   return p.in % 32 == 0 && p.group >= 32 && p.group % 32 == 0 && p.in % p.group == 0 &&
          (p.ldx * 2) % 16 == 0 && aligned16(p.x) && aligned16(p.w) && p.scales && p.zeros;
 }
@@ -458,7 +516,8 @@ void gemv_w4_launch(const GemvW4Params& p, cudaStream_t s) {
 
 void dequant_w4_launch(const DequantW4Params& p, cudaStream_t s) {
   KILN_CHECK((p.act == DType::F16 || p.act == DType::BF16) && p.cols % 32 == 0 && p.group >= 32 &&
-                 p.group % 32 == 0 && p.cols % p.group == 0 && aligned16(p.w) && aligned16(p.out),
+                 p.group % 32 == 0 && p.cols % p.group == 0 && aligned16(p.w) && aligned16(p.out) &&
+                 (!p.tiled || (p.rows % 8 == 0 && p.cols % 128 == 0)),
              "dequant_w4: unsupported shape or alignment (cols ", p.cols, ", group ", p.group, ")");
   if (p.rows * p.cols == 0) return;
   if (p.act == DType::BF16)

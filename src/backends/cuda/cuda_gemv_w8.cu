@@ -28,7 +28,7 @@ template <typename T, int N>
 __global__ void __launch_bounds__(kThreads)
     gemv_w8_kernel(const T* __restrict__ x, int64_t ldx, const int8_t* __restrict__ w,
                    const float* __restrict__ scales, int in, int out,
-                   const float* __restrict__ bias, T* __restrict__ y, int64_t ldy) {
+                   const float* __restrict__ bias, T* __restrict__ y, int64_t ldy, bool y_f32) {
   pdl_trigger();
   const int row0 = int(blockIdx.x) * kRows, chunks = in / 16;
   float acc[N][kRows];
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads)
     const int t = threadIdx.x / kRows, r = threadIdx.x % kRows, row = row0 + r;
     float s = 0;
     for (int k = 0; k < warps; ++k) s += red[k][threadIdx.x];
-    if (row < out) y[t * ldy + row] = from_f<T>(s * scales[row] + (bias ? bias[row] : 0.0f));
+    if (row < out) store_y(y, t * ldy + row, s * scales[row] + (bias ? bias[row] : 0.0f), y_f32);
   }
 }
 
@@ -97,7 +97,7 @@ void launch_gemv(const GemvW8Params& p, cudaStream_t s) {
   const unsigned threads = unsigned(std::clamp<int64_t>((chunks + 31) / 32 * 32, 32, kThreads));
   const unsigned blocks = unsigned((p.out + kRows - 1) / kRows);
   launch_kernel(gemv_w8_kernel<T, N>, blocks, threads, 0, s, static_cast<const T*>(p.x), p.ldx, p.w,
-                p.scales, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy);
+                p.scales, int(p.in), int(p.out), p.bias, static_cast<T*>(p.y), p.ldy, p.y_f32);
 }
 
 template <typename T>

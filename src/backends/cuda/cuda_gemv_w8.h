@@ -24,6 +24,7 @@ struct GemvW8Params {
   const float* bias = nullptr;  // may be null
   void* y = nullptr;
   int64_t ldy = 0;
+  bool y_f32 = false;  // y is F32 (the LM head's logits), not act
 };
 constexpr int64_t kGemvW8MaxRows = 8;
 // Shapes and alignment the kernel takes: 1 <= n <= 8, in % 16 == 0, 16-byte aligned x and w rows.

@@ -148,6 +148,12 @@ struct AttnLaunch {
   // (slot, KV head); nullptr: the pools hold the activation type. F16 / BF16 engines only.
   const float* k_scale = nullptr;
   const float* v_scale = nullptr;
+  // Every row is a one-token decode whose positions and block table came from the host and whose
+  // earlier keys were all written by earlier forwards (KVLayerView's mixed-batch contract): the
+  // decode kernel then loads those keys before waiting for the kernels ahead of it (H100, tg128
+  // of the 8B shape at one token: BF16 +0.9%, fp8 +1.0%, int4-wo +1.6%; docs/perf.md). Set by
+  // attention() for a mixed batch's decode rows; false: it waits before touching memory.
+  bool settled = false;
 };
 // Bytes of FP32 workspace, and the number of int counters (zero-initialised once; the kernel
 // leaves them zero), that attention() needs for this launch (0: none).

@@ -1,7 +1,9 @@
 #include "backends/cuda/cuda_quant_linear.h"
 
 #include <algorithm>
+#include <memory>
 
+#include "backends/cuda/cuda_common.h"
 #include "backends/cuda/cuda_fp8.h"
 #include "backends/cuda/cuda_gemv_w4.h"
 #include "backends/cuda/cuda_gemv_w8.h"
@@ -25,6 +27,7 @@ GemvFp8Params fp8_gemv_params(const QuantLinearParams& p) {
   GemvFp8Params g;
   g.act = p.act, g.n = p.n, g.w = w.ptr<uint8_t>(), g.sw = w.scales->ptr<float>();
   g.in = w.shape[1], g.out = w.shape[0], g.bias = p.bias, g.y = p.y, g.ldy = p.ldy, g.sms = p.sms;
+  g.y_f32 = p.y_f32;
   // One token: the CUDA-core kernel, whose small blocks put all of a small matrix in flight at
   // once (tg128 of the 8B shape, H100: 221 -> 256 t/s; docs/perf.md).
   g.cuda_cores = p.n == 1;
@@ -47,9 +50,13 @@ GemvW4Params w4_gemv_params(const QuantLinearParams& p) {
   g.act = p.act, g.x = p.x, g.n = p.n, g.ldx = p.ldx, g.w = w.ptr<uint8_t>();
   g.scales = w.scales->ptr<float>(), g.zeros = w.zero_points->ptr<uint8_t>();
   g.in = in, g.out = out, g.group = in / w.scales->shape[1], g.bias = p.bias, g.y = p.y;
-  g.ldy = p.ldy;
+  g.ldy = p.ldy, g.y_f32 = p.y_f32;
   g.warps = w4_warps(out, p.sms);
   return g;
+}
+
+DType out_dtype(const QuantLinearParams& p) {
+  return p.y_f32 ? DType::F32 : p.act;
 }
 
 // Scratch for x quantized per token: codes [n, in] (rows 16-byte aligned since in % 16 == 0),
@@ -84,12 +91,12 @@ void fp8_linear(const QuantLinearParams& p, LtGemm& lt, const ScratchFn& scratch
   const auto gemv = [&](int64_t t0, int64_t n) {
     GemvFp8Params c = g;
     c.xq = buf + t0 * in, c.ldq = in, c.sx = sx + t0, c.n = n;
-    c.y = static_cast<char*>(p.y) + size_t(t0 * p.ldy) * dtype_size(p.act);
+    c.y = static_cast<char*>(p.y) + size_t(t0 * p.ldy) * dtype_size(out_dtype(p));
     gemv_fp8_launch(c, s);
   };
   if (p.gemv && p.n <= kGemvFp8MaxRows) return gemv(0, p.n);
-  if (lt.run_fp8(buf, p.n, in, sx, w.data, sw, in, out, p.act, p.y, p.ldy)) {
-    if (p.bias) bias_add(p.act, p.y, p.n, out, p.ldy, p.bias, s);
+  if (lt.run_fp8(buf, p.n, in, sx, w.data, sw, in, out, out_dtype(p), p.y, p.ldy)) {
+    if (p.bias) bias_add(out_dtype(p), p.y, p.n, out, p.ldy, p.bias, s);
     return;
   }
   for (int64_t t0 = 0; t0 < p.n; t0 += kGemvFp8MaxRows)
@@ -101,7 +108,7 @@ void fp8_linear(const QuantLinearParams& p, LtGemm& lt, const ScratchFn& scratch
 bool quant_linear_gated(const QuantLinearParams& p, void* out, Activation a,
                         const ScratchFn& scratch, cudaStream_t s) {
   const Tensor& w = *p.w;
-  if (!p.gemv || p.n < 1 || w.input_perm || w.shape.size() != 2 || w.shape[0] % 2 != 0)
+  if (!p.gemv || p.y_f32 || p.n < 1 || w.input_perm || w.shape.size() != 2 || w.shape[0] % 2 != 0)
     return false;
   if (w.quant == WeightQuant::Fp8) {
     check_fp8(p);
@@ -127,6 +134,22 @@ bool quant_linear_gated(const QuantLinearParams& p, void* out, Activation a,
     return true;
   }
   return false;
+}
+
+void relayout_quant_weight(Tensor& t, cudaStream_t s) {
+  if (t.quant != WeightQuant::Int4 || t.dtype != DType::U8 || t.shape.size() != 2 || !t.scales ||
+      t.scales->shape.size() != 2 || t.scales->shape[1] <= 0)
+    return;
+  const int64_t in = t.in_features(), out = t.shape[0], groups = t.scales->shape[1];
+  if (in % groups != 0 || !w4_tiled(in, out, in / groups)) return;
+  // A plain allocation freed after the copy, not the stream-ordered pool: the KV cache is sized
+  // from the memory free after the weights, which memory the pool keeps would shrink.
+  void* tmp = nullptr;
+  KILN_CUDA_CHECK(cudaMalloc(&tmp, t.nbytes()));
+  std::unique_ptr<void, decltype(&cudaFree)> hold(tmp, &cudaFree);
+  KILN_CUDA_CHECK(cudaMemcpyAsync(tmp, t.data, t.nbytes(), cudaMemcpyDeviceToDevice, s));
+  tile_w4_launch(static_cast<const uint8_t*>(tmp), t.ptr<uint8_t>(), out, in, s);
+  KILN_CUDA_CHECK(cudaStreamSynchronize(s));
 }
 
 void quant_linear(const QuantLinearParams& p, LtGemm& lt, const ScratchFn& scratch,
@@ -156,20 +179,35 @@ void quant_linear(const QuantLinearParams& p, LtGemm& lt, const ScratchFn& scrat
     return quant_linear(q, lt, scratch, s);
   }
   const float* sc = w.scales->ptr<float>();
-  void* deq = nullptr;
+  const GemvW4Params g4 = int8 ? GemvW4Params{} : w4_gemv_params(p);
   if (int8) {
-    const GemvW8Params g{p.act, p.x, p.n, p.ldx, w.ptr<int8_t>(), sc, in, out, p.bias, p.y, p.ldy};
+    GemvW8Params g{p.act, p.x, p.n, p.ldx, w.ptr<int8_t>(), sc, in, out, p.bias, p.y, p.ldy};
+    g.y_f32 = p.y_f32;
     if (p.gemv && gemv_w8_is_supported(g)) return gemv_w8_launch(g, s);
-    deq = scratch("wq_dequant", size_t(in * out) * dtype_size(p.act));
-    dequant_w8_launch({p.act, w.ptr<int8_t>(), sc, out, in, deq}, s);
-  } else {
-    const GemvW4Params g = w4_gemv_params(p);
-    if (p.gemv && gemv_w4_is_supported(g)) return gemv_w4_launch(g, s);
-    deq = scratch("wq_dequant", size_t(in * out) * dtype_size(p.act));
-    dequant_w4_launch({p.act, g.w, sc, g.zeros, out, in, g.group, deq}, s);
+  } else if (p.gemv && gemv_w4_is_supported(g4)) {
+    return gemv_w4_launch(g4, s);
   }
-  lt.run(p.act, p.x, p.n, p.ldx, deq, in, out, p.y, p.ldy);
-  if (p.bias) bias_add(p.act, p.y, p.n, out, p.ldy, p.bias, s);
+  // Dequantized into scratch a slice of rows at a time (whole groups of 256 rows, keeping the
+  // slices' outputs aligned), each slice then a cuBLASLt product into its columns of y.
+  const size_t es = dtype_size(p.act), row_bytes = size_t(in) * es;
+  const int64_t rows =
+      std::min(out, std::max<int64_t>(256, int64_t(kDequantChunkBytes / row_bytes) / 256 * 256));
+  void* deq = scratch("wq_dequant", size_t(rows) * row_bytes);
+  const DType yt = out_dtype(p);
+  for (int64_t r0 = 0; r0 < out; r0 += rows) {
+    const int64_t m = std::min(rows, out - r0);
+    if (int8) {
+      dequant_w8_launch({p.act, w.ptr<int8_t>() + r0 * in, sc + r0, m, in, deq}, s);
+    } else {
+      const int64_t groups = w.scales->shape[1];
+      dequant_w4_launch({p.act, g4.w + r0 * (in / 2), sc + r0 * groups, g4.zeros + r0 * groups, m,
+                         in, g4.group, deq, w4_tiled(in, out, g4.group)},
+                        s);
+    }
+    lt.run(p.act, p.x, p.n, p.ldx, deq, in, m,
+           static_cast<char*>(p.y) + size_t(r0) * dtype_size(yt), p.ldy, p.y_f32);
+  }
+  if (p.bias) bias_add(yt, p.y, p.n, out, p.ldy, p.bias, s);
 }
 
 }  // namespace kiln::cuda

@@ -25,16 +25,25 @@ struct QuantLinearParams {
   const float* bias = nullptr;  // may be null
   void* y = nullptr;
   int64_t ldy = 0;
-  bool gemv = true;  // false: always dequantize + cuBLASLt (KILN_CUDA_GEMV=0)
-  int sms = 0;       // the device's multiprocessors (kernel shapes); 0: asked of the runtime
+  bool y_f32 = false;  // y is F32, not act: the LM head's logits (quant_linear only)
+  bool gemv = true;    // false: always dequantize + cuBLASLt (KILN_CUDA_GEMV=0)
+  int sms = 0;         // the device's multiprocessors (kernel shapes); 0: asked of the runtime
 };
 
 // y[n, out] = x[n, in] . W^T (+ bias). `scratch(name, bytes)` returns a device buffer of at
-// least that size, one per name ("wq_dequant": a dequantized weight; "fp8_act": quantized
-// activations). Throws kiln::Error for a weight without its scales (and zeros) or an F32
-// activation type.
+// least that size, one per name ("wq_dequant": a dequantized weight, at most
+// kDequantChunkBytes of it at a time; "fp8_act": quantized activations). Throws kiln::Error for a
+// weight without its scales (and zeros) or an F32 activation type.
 using ScratchFn = std::function<void*(const char* name, size_t bytes)>;
+// Weights larger than this are dequantized and multiplied a slice of rows at a time, so the
+// scratch stays bounded (an int4 LM head of a 128K vocabulary would be 1 GB in BF16 at once).
+constexpr size_t kDequantChunkBytes = size_t(256) << 20;
 void quant_linear(const QuantLinearParams& p, LtGemm& lt, const ScratchFn& scratch, cudaStream_t s);
+
+// Puts an uploaded quantized weight's codes into the device layout the kernels read: int4
+// weights that w4_tiled takes are tiled (cuda_gemv_w4.h), on the stream, through a temporary copy;
+// every other weight is left as uploaded. Called once per weight by the uploads.
+void relayout_quant_weight(Tensor& t, cudaStream_t s);
 
 // The gate_up product with the gated activation as its epilogue, where a decode GEMV can take it
 // (fp8, and int4 groups of 128-code multiples, up to 8 tokens): y = gu [n, 2 * inter] (gate

@@ -31,6 +31,7 @@
 #include <thread>
 
 #include "backends/cuda/cuda_common.h"
+#include "backends/cuda/cuda_quant_linear.h"
 #include "core/error.h"
 
 namespace kiln::cuda {
@@ -574,6 +575,7 @@ std::vector<Tensor> upload_all(const std::vector<const Tensor*>& host, cudaStrea
     if (e.scales) t.scales = std::make_shared<Tensor>(dev[e.scales]);
     if (e.zeros) t.zero_points = std::make_shared<Tensor>(dev[e.zeros]);
     if (e.perm) t.input_perm = std::make_shared<Tensor>(dev[e.perm]);
+    relayout_quant_weight(t, s);
   }
   dev.resize(host.size());
   return dev;
