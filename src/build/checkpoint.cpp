@@ -193,8 +193,6 @@ WeightPlan plan_weights(const Checkpoint& ck, DType dtype, const QuantScheme& qs
     KILN_CHECK(q == WeightQuant::None || q == ck.quant, ck.dir.string(), ": the checkpoint is ",
                awq ? cat(packing, " ") : "", weight_quant_name(ck.quant), "; --quant ",
                weight_quant_name(q), " would requantize it (leave --quant out)");
-    KILN_CHECK(!qs.lm_head, ck.dir.string(), ": the checkpoint is quantized as published (",
-               weight_quant_name(ck.quant), "); --quant-lm-head is for models kiln quantizes");
     q = ck.quant;
   }
   // The group and input order are the checkpoint's (0 / none for float checkpoints).
