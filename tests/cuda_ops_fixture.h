@@ -1,5 +1,7 @@
-// The fixture of the CUDA op tests (test_cuda_ops.cpp, test_cuda_attention.cpp): a CUDA and a
-// CPU backend, inputs rounded to the engine dtype, per-dtype tolerances. Skips without a GPU.
+// The fixture of the CUDA op tests (test_cuda_ops.cpp, test_cuda_ops_quant.cpp,
+// test_cuda_attention.cpp): a CUDA and a CPU backend, inputs rounded to the engine dtype,
+// per-dtype tolerances. Skips without a GPU. Not in an anonymous namespace: CudaOps is one
+// fixture type for its tests in every file (instantiated once, in test_cuda_ops.cpp).
 #pragma once
 
 #include <algorithm>
@@ -11,17 +13,17 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/quant.h"
 #include "graph/backend.h"
 #include "test_util.h"
 
 namespace kiln::test {
-namespace {
 
-double tolerance(DType t) {
+inline double tolerance(DType t) {
   return t == DType::F32 ? 1e-5 : t == DType::F16 ? 2e-3 : 1e-2;
 }
 
-const char* label(DType t) {
+inline const char* label(DType t) {
   return t == DType::F32 ? "f32" : t == DType::F16 ? "f16" : "bf16";
 }
 
@@ -137,13 +139,43 @@ class CudaOps : public ::testing::TestWithParam<DType> {
 };
 
 // Rows of `width` values at stride `ld`, gap columns poisoned.
-std::vector<float> strided(const std::vector<float>& dense, int64_t rows, int64_t width,
-                           int64_t ld) {
+inline std::vector<float> strided(const std::vector<float>& dense, int64_t rows, int64_t width,
+                                  int64_t ld) {
   std::vector<float> r(size_t(rows * ld), kPoison);
   for (int64_t i = 0; i < rows; ++i)
     std::copy_n(dense.begin() + i * width, width, r.begin() + i * ld);
   return r;
 }
 
-}  // namespace
+// A host weight [rows, cols] in the given scheme (None: the engine dtype), as kiln's quantizer
+// writes it (core/quant.h).
+inline Tensor quantized_weight(const std::vector<float>& wf, int64_t rows, int64_t cols,
+                               WeightQuant q, DType dt) {
+  if (q == WeightQuant::None) {
+    Tensor h = Tensor::zeros(dt, {rows, cols});
+    from_f32(dt, wf.data(), h.data, wf.size());
+    return h;
+  }
+  const bool int4 = q == WeightQuant::Int4;
+  const int64_t group = int4 ? int4_group(cols) : 0, G = int4 ? cols / group : 0;
+  Tensor h = Tensor::zeros(quant_storage(q), {rows, int4 ? cols / 2 : cols});
+  Tensor sc = int4 ? Tensor::zeros(DType::F32, {rows, G}) : Tensor::zeros(DType::F32, {rows});
+  Tensor z = Tensor::zeros(DType::U8, {rows, std::max<int64_t>(G, 1)});
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* w = &wf[size_t(r * cols)];
+    const bool ok =
+        q == WeightQuant::Int8
+            ? quantize_int8_row(w, cols, h.ptr<int8_t>() + r * cols, sc.ptr<float>() + r)
+        : q == WeightQuant::Fp8
+            ? quantize_fp8_row(w, cols, h.ptr<uint8_t>() + r * cols, sc.ptr<float>() + r)
+            : quantize_int4_row(w, cols, group, h.ptr<uint8_t>() + r * cols / 2,
+                                sc.ptr<float>() + r * G, z.ptr<uint8_t>() + r * G);
+    KILN_CHECK(ok, "test weight: a row failed to quantize");
+  }
+  h.quant = q;
+  h.scales = std::make_shared<Tensor>(sc);
+  if (int4) h.zero_points = std::make_shared<Tensor>(z);
+  return h;
+}
+
 }  // namespace kiln::test
