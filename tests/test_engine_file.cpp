@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <fstream>
+#include <functional>
 
 #include "build/checkpoint.h"
 #include "build/engine_file.h"
@@ -13,6 +15,8 @@
 
 namespace kiln::test {
 namespace {
+
+using json = nlohmann::json;
 
 std::vector<std::string> entries(const fs::path& dir) {
   std::vector<std::string> r;
@@ -164,6 +168,60 @@ TEST(EngineFile, TemporariesOfKilledBuildsAreRemoved) {
   Engine::build_to(hf("llama"), tmp / "e");
   EXPECT_EQ(entries(tmp.path),
             (std::vector<std::string>{cat(".e.tmp-", getppid()), ".other.tmp-1", "e"}));
+}
+
+// A manifest edited by hand: what the decoder indexes by (a layer entry per layer, each naming a
+// rope of the table) and the sampling defaults are checked when the engine loads, each a one-line
+// error naming the file and the field (these crashed or ran silently wrong before).
+TEST(EngineFile, EditedManifestsAreNamedErrors) {
+  TempDir tmp;
+  const fs::path e = tmp / "e";
+  Engine::build_to(hf("llama"), e);
+  const json good = read_json(e / kEngineManifest);
+  const auto load_with = [&](const std::function<void(json&)>& edit) {
+    json m = good;
+    edit(m);
+    write_json(e / kEngineManifest, m);
+    return error_of([&] { Engine::load(e); });
+  };
+  std::string err = load_with([](json& m) { m["model"]["ropes"] = json::array(); });
+  EXPECT_NE(err.find("kiln-engine.json: model.layers[0].rope is 0, not one of the 0 entries"),
+            std::string::npos)
+      << err;
+  err = load_with([](json& m) { m["model"]["layers"][0]["rope"] = 5; });
+  EXPECT_NE(err.find("model.layers[0].rope is 5"), std::string::npos) << err;
+  err = load_with([](json& m) { m["model"]["layers"].erase(m["model"]["layers"].size() - 1); });
+  EXPECT_NE(err.find("model.layers has"), std::string::npos) << err;
+  err = load_with([](json& m) { m["generation_defaults"] = {{"temperature", "hot"}}; });
+  EXPECT_NE(err.find("kiln-engine.json: generation_defaults: temperature must be a number"),
+            std::string::npos)
+      << err;
+  err = load_with([](json& m) { m["generation_defaults"] = json::array({1}); });
+  EXPECT_NE(err.find("generation_defaults: not a JSON object"), std::string::npos) << err;
+  EXPECT_EQ(load_with([](json&) {}), "");  // the manifest as written still loads
+}
+
+// generation_config.json's sampling defaults and eos ids are checked at build time, by name.
+TEST(EngineFile, BadGenerationConfigFailsTheBuild) {
+  const std::pair<const char*, const char*> cases[] = {
+      {R"({"do_sample": true, "temperature": "hot"})", "temperature must be a number"},
+      {R"({"do_sample": "yes"})", "do_sample must be true or false"},
+      {R"({"top_p": 2.0})", "top_p must be a number above 0 and at most 1"},
+      {R"({"top_k": -5})", "top_k must be a non-negative integer"},
+      {R"({"min_p": "x"})", "min_p must be a number"},
+      {R"({"repetition_penalty": 0})", "repetition_penalty must be a number above 0"},
+      {R"({"temperature": -1})", "temperature must be a number of at least 0"},
+      {R"({"eos_token_id": ["a"]})", "eos_token_id \"a\" is not a token id"},
+      {R"({"eos_token_id": -3})", "eos_token_id -3 is not a token id"}};
+  for (const auto& [text, want] : cases) {
+    TempDir tmp;
+    copy_dir(hf("llama"), tmp / "m");
+    std::ofstream(tmp / "m" / "generation_config.json") << text;
+    const std::string err = error_of([&] { Engine::build_to(tmp / "m", tmp / "e"); });
+    EXPECT_NE(err.find("generation_config.json: "), std::string::npos) << text << ": " << err;
+    EXPECT_NE(err.find(want), std::string::npos) << text << ": " << err;
+    EXPECT_FALSE(fs::exists(tmp / "e")) << text;
+  }
 }
 
 TEST(EngineFile, BrokenTokenizerFailsTheBuild) {

@@ -613,16 +613,46 @@ ModelConfig resolve_config(const ArchSpec& spec, const json& c, const std::strin
   }
 }
 
+void check_generation_defaults(const json& d, const std::string& where) {
+  if (!d.is_object()) throw Error(cat(where, ": not a JSON object"));
+  const auto number = [&](const char* k, double lo, bool lo_open, double hi) {
+    if (!d.contains(k)) return;
+    const json& v = d[k];
+    const double x = v.is_number() ? v.get<double>() : std::nan("");
+    if (!(std::isfinite(x) && (lo_open ? x > lo : x >= lo) && x <= hi))
+      throw Error(cat(where, ": ", k, " must be a number ", lo_open ? "above " : "of at least ", lo,
+                      hi < 1e300 ? cat(" and at most ", hi) : std::string(), ", not ", v.dump()));
+  };
+  if (d.contains("do_sample") && !d["do_sample"].is_boolean())
+    throw Error(cat(where, ": do_sample must be true or false, not ", d["do_sample"].dump()));
+  number("temperature", 0.0, false, 1e308);
+  number("top_p", 0.0, true, 1.0);
+  number("min_p", 0.0, false, 1.0);
+  number("repetition_penalty", 0.0, true, 1e308);
+  if (d.contains("top_k") && !(d["top_k"].is_number_integer() && d["top_k"].get<int64_t>() >= 0 &&
+                               d["top_k"].get<int64_t>() <= INT32_MAX))
+    throw Error(cat(where, ": top_k must be a non-negative integer, not ", d["top_k"].dump()));
+}
+
 json apply_generation_config(ModelConfig& m, const json& g, const std::string& file) {
   if (!g.is_object()) throw Error(cat(file, ": not a JSON object"));
   if (g.contains("eos_token_id")) {
     const json& v = g["eos_token_id"];
-    if (v.is_number_integer())
-      m.eos_token_ids = {v.get<int64_t>()};
-    else if (v.is_array())
-      m.eos_token_ids = v.get<std::vector<int64_t>>();
-    else if (!v.is_null())
+    // Ids past the vocabulary are kept, as HF keeps them (tiny test checkpoints carry their
+    // family's eos): they never come up.
+    const auto id = [&](const json& e) {
+      if (!e.is_number_integer() || e.get<int64_t>() < 0 || e.get<int64_t>() > INT32_MAX)
+        throw Error(cat(file, ": eos_token_id ", e.dump(), " is not a token id"));
+      return e.get<int64_t>();
+    };
+    if (v.is_number_integer()) {
+      m.eos_token_ids = {id(v)};
+    } else if (v.is_array()) {
+      m.eos_token_ids.clear();
+      for (const json& e : v) m.eos_token_ids.push_back(id(e));
+    } else if (!v.is_null()) {
       throw Error(cat(file, ": eos_token_id must be an integer or a list"));
+    }
   }
   if (g.contains("bos_token_id") && g["bos_token_id"].is_number_integer())
     m.bos_token_id = g["bos_token_id"].get<int64_t>();
@@ -630,6 +660,7 @@ json apply_generation_config(ModelConfig& m, const json& g, const std::string& f
   for (const char* k :
        {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "do_sample"})
     if (g.contains(k) && !g[k].is_null()) d[k] = g[k];
+  check_generation_defaults(d, file);
   return d;
 }
 
@@ -715,6 +746,14 @@ ModelConfig model_config_from_json(const json& j) {
   m.v_head_dim = j.value("v_head_dim", int64_t{0});
   j.at("eos_token_ids").get_to(m.eos_token_ids);
   get_opt(j, "bos_token_id", m.bos_token_id);
+  // What the decoder indexes by: a layer entry per layer, each naming a rope of the table.
+  if (m.num_layers < 1 || int64_t(m.layers.size()) != m.num_layers)
+    throw Error(
+        cat("model.layers has ", m.layers.size(), " entries for num_layers ", m.num_layers));
+  for (size_t l = 0; l < m.layers.size(); ++l)
+    if (m.layers[l].rope < 0 || size_t(m.layers[l].rope) >= m.ropes.size())
+      throw Error(cat("model.layers[", l, "].rope is ", m.layers[l].rope, ", not one of the ",
+                      m.ropes.size(), " entries of model.ropes"));
   return m;
 }
 

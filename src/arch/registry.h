@@ -105,5 +105,10 @@ ModelConfig resolve_config(const ArchSpec& spec, const nlohmann::json& config,
 // defaults it names (temperature, top_k, top_p, do_sample) as JSON.
 nlohmann::json apply_generation_config(ModelConfig& c, const nlohmann::json& gen,
                                        const std::string& file);
+// Throws a one-line kiln::Error naming `where` and the key unless the sampling defaults (what
+// apply_generation_config returns, or an engine manifest's generation_defaults) have HF's types
+// and ranges: do_sample a boolean, temperature >= 0, 0 < top_p <= 1, 0 <= min_p <= 1,
+// repetition_penalty > 0 (all finite numbers), top_k a non-negative integer.
+void check_generation_defaults(const nlohmann::json& d, const std::string& where);
 
 }  // namespace kiln

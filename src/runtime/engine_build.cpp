@@ -342,7 +342,11 @@ Engine Engine::load(const fs::path& dir) {
                     "); rebuild the engine"));
   auto impl = std::make_unique<Impl>();
   try {
-    impl->config = model_config_from_json(man.at("model"));
+    try {
+      impl->config = model_config_from_json(man.at("model"));
+    } catch (const Error& e) {
+      throw Error(cat(mf.string(), ": ", e.what()));
+    }
     const json& b = man.at("build");
     impl->dtype = parse_float_dtype(b.at("dtype").get<std::string>(), mf.string());
     const std::string quant = b.value("quant", std::string("none"));
@@ -367,6 +371,7 @@ Engine Engine::load(const fs::path& dir) {
     impl->max_seq_len = b.at("max_seq_len").get<int64_t>();
     impl->source = man.at("source");
     impl->generation_defaults = man.value("generation_defaults", json::object());
+    check_generation_defaults(impl->generation_defaults, mf.string() + ": generation_defaults");
     if (man.contains("parallel")) {
       impl->tp = man["parallel"].at("tp").get<int>();
       impl->pp = man["parallel"].at("pp").get<int>();

@@ -329,7 +329,12 @@ void register_model_commands(CLI::App& app) {
       check_ids(e, prompt);
       start_engine(e, a.rc);
       std::vector<float> lg = e.logits(prompt);
-      Tensor t = Tensor::zeros(DType::F32, {int64_t(prompt.size()), e.info().vocab_size});
+      const int64_t V = e.info().vocab_size;
+      for (size_t i = 0; i < lg.size(); ++i)  // NaN logits are an error, not a file of NaNs
+        if (!std::isfinite(lg[i]))
+          throw Error(cat("the model produced non-finite logits (NaN or inf) at prompt position ",
+                          int64_t(i) / V, "; its weights or config are broken"));
+      Tensor t = Tensor::zeros(DType::F32, {int64_t(prompt.size()), V});
       std::copy(lg.begin(), lg.end(), t.ptr<float>());
       write_safetensors(out, {{"logits", t}});
     });
