@@ -618,6 +618,26 @@ class Errors(unittest.TestCase):
             self.assert_error(status, r, 400)
             self.assertIn("only text content parts are supported", r["error"]["message"])
 
+    def test_unhonoured_requests_are_refused(self):
+        # Structured output and forced tool calls need guided decoding, which kiln lacks: a 400
+        # naming the field, not an unconstrained answer.
+        chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        tool = {"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}
+        for bad, param in [({"response_format": {"type": "json_schema", "json_schema": {}}},
+                            "response_format"),
+                           ({"response_format": {"type": "json_object"}}, "response_format"),
+                           ({"response_format": "json"}, "response_format"),
+                           ({"guided_json": {"type": "object"}}, "guided_json"),
+                           ({"tools": 5}, "tools"), ({"tools": [{"type": "x"}]}, "tools"),
+                           ({"tools": [tool], "tool_choice": "required"}, "tool_choice")]:
+            status, r = self.s.post("/v1/chat/completions", dict(chat, **bad))
+            self.assert_error(status, r, 400)
+            self.assertEqual(r["error"]["param"], param, (bad, r))
+        for ok in [{"response_format": {"type": "text"}}, {"tools": [tool]},
+                   {"tools": [tool], "tool_choice": "auto"}]:
+            status, r = self.s.post("/v1/chat/completions", dict(chat, **ok))
+            self.assertEqual(status, 200, (ok, r))
+
     def test_unknown_route(self):
         self.assert_error(*self.s.request("GET", "/v1/nothing"), 404)
 

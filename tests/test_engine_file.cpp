@@ -92,6 +92,34 @@ TEST(EngineFile, VerifyChecksEveryTensor) {
   EXPECT_NE(err.find(victim + " (checksum differs)"), std::string::npos) << err;
 }
 
+// The tokenizer and template files a build copies are checked by verify: present, unchanged.
+TEST(EngineFile, VerifyChecksTheTokenizerFiles) {
+  TempDir tmp;
+  const fs::path e = tmp / "e";
+  Engine::build_to(demo(), e);
+  ASSERT_TRUE(fs::exists(e / "tokenizer.json"));
+  EXPECT_GT(Engine::verify(e), 0u);
+  const fs::path t = e / "tokenizer.json";
+  std::string text;
+  {
+    std::ifstream in(t, std::ios::binary);
+    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  std::ofstream(t, std::ios::binary) << text << " ";  // still valid JSON, but not as built
+  std::string err = error_of([&] { Engine::verify(e); });
+  EXPECT_NE(err.find("tokenizer.json: checksum differs from the manifest's"), std::string::npos)
+      << err;
+  std::ofstream(t, std::ios::binary) << text.substr(0, text.size() / 2);  // truncated
+  err = error_of([&] { Engine::verify(e); });
+  EXPECT_NE(err.find("tokenizer.json"), std::string::npos) << err;
+  fs::remove(t);
+  err = error_of([&] { Engine::verify(e); });
+  EXPECT_NE(err.find("tokenizer.json: missing (the engine's manifest lists it)"), std::string::npos)
+      << err;
+  std::ofstream(t, std::ios::binary) << text;  // restored: verifies again
+  EXPECT_GT(Engine::verify(e), 0u);
+}
+
 TEST(EngineFile, ExtraOrMissingTensorsAreErrors) {
   TempDir tmp;
   const fs::path e = tmp / "e";
@@ -198,6 +226,35 @@ TEST(EngineFile, EditedManifestsAreNamedErrors) {
       << err;
   err = load_with([](json& m) { m["generation_defaults"] = json::array({1}); });
   EXPECT_NE(err.find("generation_defaults: not a JSON object"), std::string::npos) << err;
+  // An unknown enum name is not read as the enum's first value.
+  const std::pair<std::function<void(json&)>, const char*> unknown[] = {
+      {[](json& m) { m["model"]["act"] = "mish"; }, "model.act is not a value this kiln reads"},
+      {[](json& m) { m["model"]["ropes"][0]["type"] = "ntk"; }, "model.ropes[0].type is not"},
+      {[](json& m) { m["model"]["knobs"]["norm"] = "batch"; }, "model.knobs.norm is not"},
+      {[](json& m) { m["model"]["knobs"]["flash"] = true; }, "model.knobs.flash is not"}};
+  for (const auto& [edit, want] : unknown) {
+    err = load_with(edit);
+    EXPECT_NE(err.find(cat("kiln-engine.json: ", want)), std::string::npos) << err;
+  }
+  // What a build refuses, a load refuses.
+  err = load_with([](json& m) { m["model"]["num_kv_heads"] = 3; });
+  EXPECT_NE(err.find("must be a multiple of num_key_value_heads (3)"), std::string::npos) << err;
+  err = load_with([](json& m) { m["model"]["hidden_size"] = -64; });
+  EXPECT_NE(err.find("model: hidden_size = -64 must be > 0"), std::string::npos) << err;
+  err = load_with([](json& m) { m["model"]["norm_eps"] = 0; });
+  EXPECT_NE(err.find("rms_norm_eps / layer_norm_eps must be a finite number > 0"),
+            std::string::npos)
+      << err;
+  err = load_with([](json& m) { m["build"]["max_seq_len"] = 0; });
+  EXPECT_NE(err.find("build.max_batch 1 and build.max_seq_len 0 must be >= 1"), std::string::npos)
+      << err;
+  // The manifest's frame: a list, or a version of another type.
+  err = load_with([](json& m) { m = json::array(); });
+  EXPECT_NE(err.find("kiln-engine.json: not a kiln engine manifest"), std::string::npos) << err;
+  err = load_with([](json& m) { m["version"] = "1"; });
+  EXPECT_NE(err.find("kiln-engine.json: engine format version \"1\" is not supported"),
+            std::string::npos)
+      << err;
   EXPECT_EQ(load_with([](json&) {}), "");  // the manifest as written still loads
 }
 

@@ -100,6 +100,10 @@ TEST(Safetensors, HeaderValidation) {
        "bytes 0..4 of the data area belong to no tensor"},
       {R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 12,
        "the tensors end at byte 8 of the data area but the file has 12 bytes"},
+      // A name with a NUL and a newline: escaped, so the message is whole and one line.
+      {std::string(R"({"a\u0000b\nc":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)") +
+           R"("a\u0000b\nc":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
+       16, "duplicate tensor name 'a\\x00b\\nc'"},
   };
   for (const auto& c : cases) {
     write_raw(p, c.header, c.data);
@@ -342,11 +346,19 @@ TEST(Config, WrongTypesNameTheField) {
        "field 'short_factor' must be a list of numbers"},
       {{{"rope_scaling", {{"rope_type", "yarn"}, {"factor", 2}, {"mscale", "x"}}}},
        "field 'mscale' must be a number"},
+      {{{"rope_scaling", "yarn"}}, "field 'rope_scaling' must be an object, not string"},
+      {{{"rope_parameters", 10000}}, "field 'rope_parameters' must be an object, not number"},
+      // One factor per rotated pair (the fixture's head_dim is 16: 8 pairs).
+      {{{"rope_scaling",
+         {{"rope_type", "longrope"}, {"short_factor", {1, 1}}, {"long_factor", {1, 1}}}}},
+       "longrope short_factor and long_factor have 2 and 2 entries; the rotary dimension 16 "
+       "needs 8 each"},
   };
   for (const auto& [edit, want] : cases) {
     json j = base;
     j.update(edit);
     if (edit.contains("rope_scaling")) j.erase("rope_parameters");
+    if (edit.contains("rope_parameters")) j.erase("rope_scaling");
     const std::string m =
         one_line_error([&] { resolve_config(find_arch(j["architectures"][0]), j, "cfg.json"); });
     EXPECT_TRUE(contains_text(m, "cfg.json: " + want)) << "expected '" << want << "' in: " << m;

@@ -496,6 +496,24 @@ TEST(Scheduler, StopTokensMinTokensAndLogitBias) {
   EXPECT_EQ(mo.ids[8], 77);
 }
 
+// gpt2's fixture keeps its family's eos (50256) past its 512-token vocabulary, as HF does:
+// min_tokens bans only ids that can come up, and the reply is the unbanned one.
+TEST(Scheduler, MinTokensWithAnEosPastTheVocabulary) {
+  Engine e = fixture_engine("gpt2", 64);
+  ASSERT_GT(e.info().eos_token_ids.at(0), e.info().vocab_size);
+  Scheduler s(e, cpu_config());
+  const std::vector<int32_t> p = {1, 2, 3, 4};
+  Collector c;
+  const uint64_t a = s.submit(p, greedy(6), c.cb());
+  GenerationParams g = greedy(6);
+  g.min_tokens = 4;
+  const uint64_t b = s.submit(p, g, c.cb());
+  c.wait(2);
+  EXPECT_EQ(c.get(b).error, "");
+  EXPECT_EQ(c.get(b).finish, FinishReason::Length);
+  EXPECT_EQ(c.get(b).ids, c.get(a).ids);
+}
+
 // generation_config.json's repetition_penalty applies unless a request sets its own.
 TEST(Scheduler, RepetitionPenaltyDefaultsFromGenerationConfig) {
   TempDir tmp;

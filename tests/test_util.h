@@ -81,7 +81,6 @@ inline void copy_dir(const fs::path& src, const fs::path& dst) {
     fs::copy_file(e.path(), dst / e.path().filename(), fs::copy_options::overwrite_existing);
 }
 
-// The message of the kiln::Error that f throws; "" when it throws none.
 // The message of the kiln::Error f throws, which must be one line; a failure if it throws none.
 inline std::string one_line_error(const std::function<void()>& f) {
   try {

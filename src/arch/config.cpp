@@ -216,6 +216,32 @@ void check_sizes(const ModelConfig& m, const std::string& file) {
   auto limit = [&](int64_t v, int64_t most, const char* field) {
     if (v > most) fail(field, cat("= ", v, " is beyond kiln's limit of ", most));
   };
+  // The build's reader refuses these first; an edited manifest reaches here unchecked.
+  for (const auto& [v, field] :
+       {std::pair{m.vocab_size, "vocab_size"}, std::pair{m.hidden_size, "hidden_size"},
+        std::pair{m.num_layers, "num_hidden_layers"}, std::pair{m.num_heads, "num_attention_heads"},
+        std::pair{m.num_kv_heads, "num_key_value_heads"}, std::pair{m.head_dim, "head_dim"},
+        std::pair{m.max_position_embeddings, "max_position_embeddings"}})
+    if (v < 1) fail(field, cat("= ", v, " must be > 0"));
+  for (const auto& [v, field] :
+       {std::pair{m.intermediate_size, "intermediate_size"},
+        std::pair{m.moe_intermediate_size, "moe_intermediate_size"},
+        std::pair{m.shared_expert_intermediate_size, "shared_expert_intermediate_size"},
+        std::pair{m.num_experts, "num_experts"},
+        std::pair{m.experts_per_token, "experts_per_token"}})
+    if (v < 0) fail(field, cat("= ", v, " must not be negative"));
+  if (m.num_heads % m.num_kv_heads != 0)
+    fail("num_attention_heads",
+         cat("(", m.num_heads, ") must be a multiple of num_key_value_heads (", m.num_kv_heads,
+             ")"));
+  if (m.knobs.routing != Routing::None &&
+      (m.experts_per_token < 1 || m.experts_per_token > m.num_experts || m.moe_groups < 1 ||
+       m.num_experts % m.moe_groups != 0 || m.moe_topk_groups < 1 ||
+       m.moe_topk_groups > m.moe_groups))
+    fail("num_experts_per_tok", cat("(", m.experts_per_token, " of ", m.num_experts, " experts in ",
+                                    m.moe_groups, " groups, choosing ", m.moe_topk_groups,
+                                    ") must be 1 to the number of experts, in "
+                                    "groups that divide the experts"));
   limit(m.vocab_size, (int64_t(1) << 31) - 1, "vocab_size");  // token ids are int32
   limit(m.hidden_size, int64_t(1) << 20, "hidden_size");
   limit(m.num_layers, int64_t(1) << 14, "num_hidden_layers");
@@ -447,6 +473,9 @@ static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std
   const int64_t orig_max =
       rd.integer({"original_max_position_embeddings"}, m.max_position_embeddings);
   std::vector<std::string> rope_types;  // layer type per rope entry, when keyed by layer type
+  for (const char* k : {"rope_parameters", "rope_scaling"})
+    if (c.contains(k) && !c[k].is_null() && !c[k].is_object())
+      throw Error(cat(file, ": field '", k, "' must be an object, not ", c[k].type_name()));
   if (c.contains("rope_parameters") && c["rope_parameters"].is_object()) {
     const json& rp = c["rope_parameters"];
     bool keyed = !rp.empty();
@@ -597,10 +626,18 @@ static ModelConfig resolve_fields(const ArchSpec& spec, const json& c, const std
     throw Error(cat(file, ": a logit scale with ",
                     m.final_softcap > 0 ? "final_logit_softcapping" : "(1 + w) norms",
                     " is not supported"));
-  for (size_t i = 0; i < m.ropes.size(); ++i)
-    if (m.ropes[i].type != RopeType::None &&
-        (m.rotary_dim(int(i)) <= 0 || m.rotary_dim(int(i)) > m.head_dim))
+  for (size_t i = 0; i < m.ropes.size(); ++i) {
+    const RopeConfig& r = m.ropes[i];
+    const int64_t dim = m.rotary_dim(int(i));
+    if (r.type != RopeType::None && (dim <= 0 || dim > m.head_dim))
       throw Error(cat(file, ": partial_rotary_factor gives an invalid rotary dimension"));
+    // One factor per rotated pair, as transformers divides inv_freq by them elementwise.
+    if (r.type == RopeType::LongRope &&
+        (int64_t(r.short_factor.size()) != dim / 2 || int64_t(r.long_factor.size()) != dim / 2))
+      throw Error(cat(file, ": longrope short_factor and long_factor have ", r.short_factor.size(),
+                      " and ", r.long_factor.size(), " entries; the rotary dimension ", dim,
+                      " needs ", dim / 2, " each"));
+  }
   return m;
 }
 
@@ -706,7 +743,35 @@ json to_json(const ModelConfig& m) {
   return j;
 }
 
+namespace {
+
+// Where `written` (a manifest's) and `read` (what kiln makes of it, written back) differ: a key
+// path, or "" where every value reads back as written. Keys absent from `read` are old engines'
+// optional fields; a null is an absent optional.
+std::string first_difference(const json& written, const json& read, const std::string& at) {
+  if (written.is_object() && read.is_object()) {
+    for (const auto& [k, v] : written.items()) {
+      if (!read.contains(k)) {
+        if (v.is_null()) continue;
+        return cat(at, ".", k);
+      }
+      if (std::string d = first_difference(v, read[k], cat(at, ".", k)); !d.empty()) return d;
+    }
+    return "";
+  }
+  if (written.is_array() && read.is_array() && written.size() == read.size()) {
+    for (size_t i = 0; i < written.size(); ++i)
+      if (std::string d = first_difference(written[i], read[i], cat(at, "[", i, "]")); !d.empty())
+        return d;
+    return "";
+  }
+  return written == read ? "" : at;  // numbers compare by value (1 == 1.0)
+}
+
+}  // namespace
+
 ModelConfig model_config_from_json(const json& j) {
+  if (!j.is_object()) throw Error("model is not a JSON object");
   ModelConfig m;
   j.at("architecture").get_to(m.architecture);
   j.at("knobs").get_to(m.knobs);
@@ -754,6 +819,13 @@ ModelConfig model_config_from_json(const json& j) {
     if (m.layers[l].rope < 0 || size_t(m.layers[l].rope) >= m.ropes.size())
       throw Error(cat("model.layers[", l, "].rope is ", m.layers[l].rope, ", not one of the ",
                       m.ropes.size(), " entries of model.ropes"));
+  // nlohmann reads an unknown enum name (a rope type, an activation, a norm) as the enum's first
+  // value: every field must read back as it was written.
+  if (const std::string d = first_difference(j, to_json(m), "model"); !d.empty())
+    throw Error(cat(d, " is not a value this kiln reads"));
+  // What a build refuses, a load refuses too (an edited manifest is a config never checked).
+  check_sizes(m, "model");
+  check_values(m, "model");
   return m;
 }
 

@@ -29,6 +29,22 @@ namespace {
 
 constexpr const char* kChecksumAlgorithm = "xxh3-64";
 
+// The XXH3 of a whole (small: tokenizer, template) file, streamed.
+std::string hash_file(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  if (!in) throw Error(cat(p.string(), ": cannot open"));
+  XXH3_state_t st;
+  XXH3_64bits_reset(&st);
+  std::vector<char> buf(1 << 20);
+  while (in) {
+    in.read(buf.data(), std::streamsize(buf.size()));
+    XXH3_64bits_update(&st, buf.data(), size_t(in.gcount()));
+  }
+  char out[17];
+  std::snprintf(out, sizeof out, "%016llx", (unsigned long long)XXH3_64bits_digest(&st));
+  return out;
+}
+
 std::string hex64(uint64_t v) {
   char b[17];
   std::snprintf(b, sizeof b, "%016llx", static_cast<unsigned long long>(v));
@@ -247,9 +263,11 @@ void write_engine_folder(const fs::path& out,
       w.close();
     }
     check_signal();
+    json copied = json::object();  // the tokenizer and template files, checksummed too
     for (const auto& f : copies) {
       fs::copy_file(f, tmp / f.filename(), fs::copy_options::overwrite_existing);
       files.push_back(f.filename().string());
+      copied[f.filename().string()] = hash_file(tmp / f.filename());
     }
     files.push_back(kEngineManifest);
     // One file: "weights" names it and "tensors" holds its checksums; several (one per rank):
@@ -263,6 +281,7 @@ void write_engine_folder(const fs::path& out,
       folder.manifest["weights"] = names;
       folder.manifest["checksums"] = {{"algorithm", kChecksumAlgorithm}, {"files", checksums}};
     }
+    folder.manifest["checksums"]["copies"] = copied;
     folder.manifest["files"] = files;
     {
       std::ofstream mo(tmp / kEngineManifest);
@@ -302,6 +321,17 @@ uint64_t verify_checksums(const fs::path& dir, const json& manifest,
   const std::string mf = (dir / kEngineManifest).string();
   const json& ck = manifest.contains("checksums") ? manifest["checksums"] : json();
   const bool ok = ck.is_object() && ck.value("algorithm", "") == kChecksumAlgorithm;
+  // The tokenizer and template files the build copied: present, and (engines since the copies
+  // were checksummed) unchanged.
+  if (ok && ck.contains("copies") && ck["copies"].is_object())
+    for (const auto& [file, sum] : ck["copies"].items()) {
+      KILN_CHECK(fs::path(file).filename() == file, mf, ": copied file '", file,
+                 "' is not a file of the folder");
+      const fs::path p = dir / file;
+      KILN_CHECK(fs::is_regular_file(p), p.string(), ": missing (the engine's manifest lists it)");
+      KILN_CHECK(sum.is_string() && sum.get<std::string>() == hash_file(p), p.string(),
+                 ": checksum differs from the manifest's (the file was changed after the build)");
+    }
   if (ok && ck.contains("files") && ck["files"].is_object()) {  // one weight file per rank
     uint64_t bytes = 0;
     for (const auto& [file, sums] : ck["files"].items()) {

@@ -53,8 +53,9 @@ void write_engine_folder(const std::filesystem::path& out,
                          const std::vector<std::pair<std::string, WeightPlan>>& weight_files,
                          EngineFolder folder);
 
-// Re-hashes every tensor of the engine folder's weights file against its manifest's checksums.
-// Throws kiln::Error listing the tensors that differ (or that the manifest has no checksum for).
+// Re-hashes every tensor of the engine folder's weights file against its manifest's checksums,
+// and the tokenizer and template files the build copied. Throws kiln::Error listing the tensors
+// that differ (or that the manifest has no checksum for), or naming the copied file.
 // Returns the number of bytes checked.
 uint64_t verify_checksums(const std::filesystem::path& dir, const nlohmann::json& manifest,
                           const std::function<void(const BuildProgress&)>& progress = {});

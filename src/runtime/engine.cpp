@@ -95,6 +95,7 @@ fs::path Engine::tokenizer_dir() const {
 void Engine::start(const RuntimeConfig& rc) {
   Impl& m = *impl_;
   if (m.decoder) return;
+  KILN_CHECK(rc.threads >= 0, "--threads must be >= 0 (0: all cores; got ", rc.threads, ")");
   if (rc.threads > 0) omp_set_num_threads(rc.threads);
   KILN_CHECK(rc.kv_cache_fraction > 0 && rc.kv_cache_fraction <= 1,
              "--kv-cache-fraction must be in (0, 1] (got ", rc.kv_cache_fraction, ")");

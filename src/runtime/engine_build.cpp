@@ -334,10 +334,11 @@ json read_manifest(const fs::path& dir) {
 Engine Engine::load(const fs::path& dir) {
   const fs::path mf = dir / kManifest;
   const json man = read_manifest(dir);
-  if (man.value("format", "") != "kiln-engine")
+  if (!man.is_object() || !man.contains("format") || man["format"] != "kiln-engine")
     throw Error(cat(mf.string(), ": not a kiln engine manifest"));
-  if (man.value("version", 0) != kEngineFormatVersion)
-    throw Error(cat(mf.string(), ": engine format version ", man.value("version", 0),
+  if (!man.contains("version") || man["version"] != kEngineFormatVersion)
+    throw Error(cat(mf.string(), ": engine format version ",
+                    man.contains("version") ? man["version"].dump() : "(none)",
                     " is not supported (this kiln reads version ", kEngineFormatVersion,
                     "); rebuild the engine"));
   auto impl = std::make_unique<Impl>();
@@ -369,6 +370,11 @@ Engine Engine::load(const fs::path& dir) {
     impl->kv_fp8 = kvd == "fp8";
     impl->max_batch = b.at("max_batch").get<int64_t>();
     impl->max_seq_len = b.at("max_seq_len").get<int64_t>();
+    if (impl->max_batch < 1 || impl->max_seq_len < 1 ||
+        impl->max_seq_len > impl->config.max_position_embeddings)
+      throw Error(cat(mf.string(), ": build.max_batch ", impl->max_batch, " and build.max_seq_len ",
+                      impl->max_seq_len, " must be >= 1, max_seq_len at most the model's ",
+                      impl->config.max_position_embeddings, " positions"));
     impl->source = man.at("source");
     impl->generation_defaults = man.value("generation_defaults", json::object());
     check_generation_defaults(impl->generation_defaults, mf.string() + ": generation_defaults");
@@ -422,7 +428,8 @@ Engine Engine::load(const fs::path& dir) {
 }
 
 uint64_t Engine::verify(const fs::path& dir, const ProgressFn& progress) {
-  (void)load(dir);  // manifest, and names, dtypes and shapes exactly as the layout says
+  (void)load(dir);       // manifest, and names, dtypes and shapes exactly as the layout says
+  check_tokenizer(dir);  // parses (engines from before the copies were checksummed too)
   return verify_checksums(dir, read_manifest(dir), progress);
 }
 

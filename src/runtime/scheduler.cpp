@@ -624,7 +624,8 @@ void Scheduler::Impl::step() {
     for (const auto& [id, bias] : s->req->p.logit_bias) at(id).bias += bias;
     if (s->generated() < s->req->p.min_tokens) {
       if (!s->req->p.ignore_eos)
-        for (int32_t id : eos) at(id).bias = -INFINITY;
+        for (int32_t id : eos)
+          if (id < V) at(id).bias = -INFINITY;  // an eos past the vocabulary never comes up
       for (int32_t id : s->req->p.stop_token_ids) at(id).bias = -INFINITY;
     }
     if (s->pen.frequency != 0 || s->pen.presence != 0 || s->pen.repetition != 1)

@@ -109,6 +109,29 @@ json chat_messages(const json& body) {
   return messages;
 }
 
+json chat_tools(const json& body) {
+  auto it = body.find("tools");
+  if (it == body.end() || it->is_null()) return nullptr;
+  if (!it->is_array()) bad_type("tools", "a list of tools", *it);
+  for (const json& t : *it)
+    if (!t.is_object() || t.value("type", json()) != "function" || !t.contains("function") ||
+        !t["function"].is_object() || !t["function"].contains("name") ||
+        !t["function"]["name"].is_string())
+      throw HttpError(400,
+                      cat("each tool must be {\"type\": \"function\", \"function\": {\"name\": "
+                          "...}}, got ",
+                          dump(t)),
+                      "tools");
+  if (auto c = body.find("tool_choice");
+      c != body.end() && !c->is_null() && !(c->is_string() && (*c == "auto" || *c == "none")))
+    throw HttpError(400,
+                    cat("'tool_choice' ", dump(*c),
+                        " is not supported: kiln does not constrain decoding to a tool call (use "
+                        "\"auto\" or \"none\")"),
+                    "tool_choice");
+  return *it;
+}
+
 std::optional<int64_t> get_int(const json& body, const char* key) {
   auto it = body.find(key);
   if (it == body.end() || it->is_null()) return std::nullopt;
@@ -186,6 +209,19 @@ GenerationParams parse_common_params(const json& body) {
     throw HttpError(400, "'best_of' other than n is not supported", "best_of");
   if (auto v = get_bool(body, "skip_special_tokens")) p.skip_special_tokens = *v;
   if (auto v = get_bool(body, "include_stop_str_in_output")) p.include_stop_str_in_output = *v;
+  if (auto it = body.find("response_format"); it != body.end() && !it->is_null()) {
+    if (!it->is_object() || !it->contains("type") || !(*it)["type"].is_string())
+      bad_type("response_format", "an object with a string 'type'", *it);
+    if ((*it)["type"] != "text")
+      throw HttpError(400,
+                      cat("'response_format' of type '", (*it)["type"].get<std::string>(),
+                          "' is not supported: kiln has no structured (guided) decoding"),
+                      "response_format");
+  }
+  for (const char* k :
+       {"guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"})
+    if (auto it = body.find(k); it != body.end() && !it->is_null())
+      throw HttpError(400, cat("'", k, "' is not supported: kiln has no guided decoding"), k);
   return p;
 }
 

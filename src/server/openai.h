@@ -37,11 +37,17 @@ json error_body(int status, const std::string& message, const std::string& param
 // Serializes with invalid UTF-8 replaced (token strings of partial characters), never throwing.
 std::string dump(const json& j);
 
-// Reads `key` of `body` (absent or null: nullopt); a value of the wrong type is a 400 naming it.
 // The request's "messages", checked, with text-part lists joined into one string (templates of
-// text-only models expect strings). Throws HttpError 400 naming "messages".
+// text-only models expect strings). Throws HttpError 400 naming "messages". Roles are any string,
+// as vLLM allows (templates define their own, e.g. Llama 3.1's "ipython").
 json chat_messages(const json& body);
 
+// The request's "tools" for the chat template (null when absent), each checked to be a function
+// tool with a name. kiln puts tools in the prompt but does not constrain decoding, so a
+// "tool_choice" that would force a call ("required" or a named function) is refused.
+json chat_tools(const json& body);
+
+// Reads `key` of `body` (absent or null: nullopt); a value of the wrong type is a 400 naming it.
 std::optional<int64_t> get_int(const json& body, const char* key);
 std::optional<double> get_number(const json& body, const char* key);
 std::optional<bool> get_bool(const json& body, const char* key);
@@ -50,6 +56,8 @@ std::optional<std::string> get_string(const json& body, const char* key);
 // The sampling fields both endpoints share (temperature, top_p, top_k, min_p, seed, penalties,
 // logit_bias, stop, stop_token_ids, ignore_eos, min_tokens, n, skip_special_tokens,
 // include_stop_str_in_output). max_tokens and logprobs differ per endpoint and are read there.
+// Fields asking for structured output (response_format other than "text", vLLM's guided_*)
+// are refused: kiln has no guided decoding, and answering as if they were honoured is wrong.
 GenerationParams parse_common_params(const json& body);
 
 // A completions prompt: string, list of strings, token id list or list of id lists. Strings are

@@ -520,8 +520,8 @@ void Server::Impl::routes() {
                                   "chat_template_kwargs");
                 extra = *it;
               }
-              if (auto it = body.find("tools"); it != body.end() && !it->is_null())
-                extra["tools"] = *it;
+              if (json tools = server::chat_tools(body); !tools.is_null())
+                extra["tools"] = std::move(tools);
               const bool add_gen = server::get_bool(body, "add_generation_prompt").value_or(true);
               std::string rendered;
               try {

@@ -87,7 +87,7 @@ void register_eval(CLI::App& app) {
                 "choice's log-likelihood (lm-eval's multiple_choice)");
   c->add_option("--ctx", a.ppl.ctx, "tokens per perplexity chunk");
   c->add_option("--batch", a.ppl.batch, "tokens per forward call within a chunk");
-  c->add_option("--chunks", a.ppl.chunks, "at most this many chunks (0: all)");
+  c->add_option("--chunks", a.ppl.chunks, "at most this many chunks (0: all)")->check(at_least(0));
   c->add_flag("-q,--quiet", a.quiet, "no progress on stderr");
   c->callback([] { run_eval(a); });
 }

@@ -356,13 +356,13 @@ void register_model_commands(CLI::App& app) {
     // the callback, so the positional does not demand a value there.
     c->get_option("model")->required(false);
     register_bench_subcommands(c);
-    c->add_option("-p,--n-prompt", pp, "prompt tokens (0: skip)");
-    c->add_option("-n,--n-gen", tg, "generated tokens per sequence (0: skip)");
+    c->add_option("-p,--n-prompt", pp, "prompt tokens (0: skip)")->check(at_least(0));
+    c->add_option("-n,--n-gen", tg, "generated tokens per sequence (0: skip)")->check(at_least(0));
     c->add_option("-b,--batch", batches, "sequences decoding together, e.g. 1,8,32 (tg only)");
     c->add_option("-d,--n-depth", depth,
                   "tokens in each sequence's KV cache before tg starts (llama-bench's depth; "
                   "prefilled untimed)")
-        ->check(CLI::NonNegativeNumber);
+        ->check(at_least(0));
     c->add_option("-r,--repetitions", reps, "timed repetitions after one warm-up");
     c->add_option("-o,--output", format, "md or json");
     c->callback([c] {

@@ -49,16 +49,16 @@ void register_serve(CLI::App& app) {
   c->add_option("--served-model-name", cfg.served_model_name,
                 "model name clients send (default: the model path)");
   c->add_option("--max-queue", cfg.serve.max_queue, "waiting requests before 503")
-      ->check(CLI::PositiveNumber);
+      ->check(at_least(1));
   c->add_option("--max-num-seqs", cfg.serve.max_num_seqs,
                 "sequences per engine step (0: 256 on a GPU, 16 on the CPU)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(at_least(0));
   c->add_option("--max-num-tokens", cfg.serve.max_num_tokens,
                 "tokens per engine step, the chunked-prefill budget (0: 8192 / 2048)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(at_least(0));
   c->add_flag("--no-prefix-cache", no_prefix_cache, "do not share prompt blocks between requests");
   c->add_option("--max-request-bytes", cfg.max_request_bytes, "larger request bodies get 413")
-      ->check(CLI::PositiveNumber);
+      ->check(at_least(1));
   c->add_option("--dtype", cfg.build.dtype, "weight dtype when building from an HF folder");
   c->add_option("--max-seq-len", cfg.build.max_seq_len,
                 "when building from an HF folder (0: max_position_embeddings)");

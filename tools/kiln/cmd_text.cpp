@@ -36,8 +36,10 @@ extern "C" void on_sigint(int) {
 }  // namespace
 
 void add_generation_args(CLI::App* c, GenerationArgs& a) {
+  // llama.cpp's -n -1 (no limit) and -2 (until the context is full) both mean max_seq_len here.
   c->add_option("-n,--max-tokens", a.max_tokens,
-                "tokens to generate (0: up to max_seq_len; -n as in llama.cpp)");
+                "tokens to generate (0, -1 or -2: up to max_seq_len, as llama.cpp's -n)")
+      ->check(at_least(-2));
   c->add_flag("--ignore-eos", a.g.ignore_eos, "keep going past end-of-sequence tokens");
   c->add_option("--temperature", a.temperature, "0: greedy (default: generation_config.json)");
   c->add_option("--top-k", a.top_k, "0: off (default: generation_config.json)");

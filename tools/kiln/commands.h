@@ -2,6 +2,7 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <cstdint>
 #include <functional>
 #include <optional>
 #include <string>
@@ -11,6 +12,18 @@
 #include "kiln/serving.h"
 
 namespace kiln::cli {
+
+// An integer option's lower bound, said plainly (CLI11's NonNegativeNumber prints the largest
+// double as its upper end).
+inline CLI::Validator at_least(int64_t lo) {
+  return CLI::Validator(
+      [lo](std::string& s) -> std::string {
+        int64_t v = 0;
+        if (!CLI::detail::lexical_cast(s, v)) return "'" + s + "' is not an integer";
+        return v < lo ? "must be >= " + std::to_string(lo) + " (got " + s + ")" : std::string();
+      },
+      ">= " + std::to_string(lo));
+}
 
 void register_model_commands(CLI::App& app);  // build, run, logits, bench (cmd_model.cpp)
 void register_tokenize(CLI::App& app);        // tokenize (cmd_tokenize.cpp)
