@@ -101,6 +101,13 @@ Activation parse_activation(const std::string& name, const std::string& file);
 ModelConfig resolve_config(const ArchSpec& spec, const nlohmann::json& config,
                            const std::string& file, std::set<std::string>* used_keys = nullptr);
 
+// A resolved config's sizes (positive where they must be, within kiln's limits, the whole model
+// under 2^41 parameters) and values (finite, non-degenerate norm eps, scales, soft-caps, rope
+// parameters): kiln::Error naming `file` and the field. The build runs them on config.json, the
+// load on the manifest's model.
+void check_sizes(const ModelConfig& m, const std::string& file);
+void check_values(const ModelConfig& m, const std::string& file);
+
 // Folds generation_config.json into `c` (eos as int or list, bos) and returns the sampling
 // defaults it names (temperature, top_k, top_p, do_sample) as JSON.
 nlohmann::json apply_generation_config(ModelConfig& c, const nlohmann::json& gen,
