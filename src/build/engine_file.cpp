@@ -29,6 +29,12 @@ namespace {
 
 constexpr const char* kChecksumAlgorithm = "xxh3-64";
 
+std::string hex64(uint64_t v) {
+  char b[17];
+  std::snprintf(b, sizeof b, "%016llx", static_cast<unsigned long long>(v));
+  return b;
+}
+
 // The XXH3 of a whole (small: tokenizer, template) file, streamed.
 std::string hash_file(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
@@ -40,15 +46,7 @@ std::string hash_file(const fs::path& p) {
     in.read(buf.data(), std::streamsize(buf.size()));
     XXH3_64bits_update(&st, buf.data(), size_t(in.gcount()));
   }
-  char out[17];
-  std::snprintf(out, sizeof out, "%016llx", (unsigned long long)XXH3_64bits_digest(&st));
-  return out;
-}
-
-std::string hex64(uint64_t v) {
-  char b[17];
-  std::snprintf(b, sizeof b, "%016llx", static_cast<unsigned long long>(v));
-  return b;
+  return hex64(XXH3_64bits_digest(&st));
 }
 
 std::string gib(double b) {
